@@ -1,0 +1,57 @@
+"""Types and small helpers shared by the backends."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class ForwardResult(NamedTuple):
+    """What a backend's forward returns.
+
+    out:  ``(..., o)`` in the input dtype.
+    norm: ``(...)`` row norms ``||t||`` before clamping, fp32 (fp64 for fp64 inputs);
+          ``None`` when ``normalize=False``.
+    a, c: the projections ``(..., factor*o)``, only when ``save_projections=True``.
+    """
+
+    out: Tensor
+    norm: Optional[Tensor]
+    a: Optional[Tensor]
+    c: Optional[Tensor]
+
+
+class BackwardResult(NamedTuple):
+    """Gradients, each shaped like its input; bias gradients are ``None`` without bias."""
+
+    dx: Tensor
+    dy: Tensor
+    dweight_x: Tensor
+    dweight_y: Tensor
+    dbias_x: Optional[Tensor]
+    dbias_y: Optional[Tensor]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 stays fp64, everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def flatten_rows(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, torch.Size]:
+    """Broadcast the leading dimensions and view both inputs as ``(rows, width)``.
+
+    ``reshape`` copies only when a view is impossible (a broadcast input or strides
+    that do not collapse); kernels then read rows with an explicit row stride.
+    """
+    batch = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    x2 = x.expand(*batch, x.shape[-1]).reshape(-1, x.shape[-1])
+    y2 = y.expand(*batch, y.shape[-1]).reshape(-1, y.shape[-1])
+    return x2, y2, batch
+
+
+def unflatten_grad(d2: Tensor, batch: torch.Size, like: Tensor) -> Tensor:
+    """Undo :func:`flatten_rows` for a gradient: sum over broadcast dimensions."""
+    d = d2.view(*batch, like.shape[-1])
+    return d if d.shape == like.shape else d.sum_to_size(like.shape)

@@ -1,0 +1,128 @@
+"""Backend ``torch``: FBP in plain PyTorch with a hand-written, memory-lean backward.
+
+Runs on any device; it is the CPU path and the fallback everywhere.
+
+Memory contract (the reason this backend exists): for backward it keeps only the
+inputs, the parameters, the output ``z (..., o)`` and the row norm ``||t|| (...)``.
+Autograd on the reference keeps the two projections, ``2 * rows * factor * o``
+values; here they are recomputed in backward (two extra GEMMs) unless
+``save_projections=True`` trades that memory back for speed.  Recomputing is the
+default because the projections are ``factor`` times wider than everything else
+the layer keeps (5x at the MFB default), and activation memory is what limits
+batch size in training.
+
+Backward, per row, given ``g = dL/dz`` (SPEC.md)::
+
+    r  = max(||t||, delta)
+    dt = (g - z <z, g>) / r          if ||t|| > delta, else g / delta
+    t  = z * r                       exact in both branches, so s is never needed:
+    ds = dt * 0.5 / (|t| + sqrt(eps))   (= dt * t'(s) for the zero-safe t)
+    dp = repeat(ds, factor) * mask / (1 - rate)
+    da = dp * c ;  dc = dp * a ;  dx = da W_x ;  dW_x = da^T x ;  db_x = sum da
+
+Broadcasting is native: ``a`` keeps ``x``'s leading shape and ``c`` keeps ``y``'s,
+so a VQA question vector is projected once, not once per region; gradients are
+summed back to each input's own shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..reference import NORM_DELTA
+from ._common import BackwardResult, ForwardResult, acc_dtype
+
+NAME = "torch"
+
+
+def unsupported_reason(device: torch.device) -> Optional[str]:
+    """Every device PyTorch runs on is supported."""
+    return None
+
+
+def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
+    """The keep-mask (bool, ``shape``) this backend draws for ``seed``.
+
+    A private ``torch.Generator`` seeded with ``seed`` makes the mask a pure function
+    of the seed, so backward regenerates it instead of storing it.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device) >= rate
+
+
+def _projections(x, y, weight_x, weight_y, bias_x, bias_y):
+    return F.linear(x, weight_x, bias_x), F.linear(y, weight_y, bias_y)
+
+
+def _pooled(a: Tensor, c: Tensor, factor: int, dropout: float, seed: Optional[int]) -> Tensor:
+    p = a * c  # (*batch, k*o), broadcast
+    if seed is not None:
+        p.mul_(dropout_mask(seed, p.shape, dropout, p.device)).mul_(1.0 / (1.0 - dropout))
+    return p.view(*p.shape[:-1], p.shape[-1] // factor, factor).sum(-1)
+
+
+def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
+            seed: Optional[int], normalize: bool, eps: float,
+            save_projections: bool) -> ForwardResult:
+    a, c = _projections(x, y, weight_x, weight_y, bias_x, bias_y)
+    s = _pooled(a, c, factor, dropout, seed)
+    if not save_projections:
+        a = c = None
+    if not normalize:
+        return ForwardResult(s, None, a, c)
+    # Power and L2 normalisation on (rows, o) only: done in fp32 for half inputs.
+    sf = s.to(acc_dtype(s.dtype))
+    t = sf / (torch.sqrt(sf.abs() + eps) + math.sqrt(eps))  # zero-safe signed sqrt
+    norm = torch.linalg.vector_norm(t, dim=-1)
+    z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
+    return ForwardResult(z.to(s.dtype), norm, a, c)
+
+
+def grad_pooled(grad: Tensor, out: Tensor, norm: Optional[Tensor], *, normalize: bool,
+                eps: float) -> Tensor:
+    """``ds = dL/ds (..., o)`` from the output gradient, the output and the row norm.
+
+    Shared by every backend whose backward starts from ``(g, z, ||t||)``.
+    """
+    if not normalize:
+        return grad
+    g = grad.to(norm.dtype)
+    z = out.to(norm.dtype)
+    r = norm.clamp_min(NORM_DELTA).unsqueeze(-1)
+    proj = (g - z * (z * g).sum(-1, keepdim=True)) / r
+    dt = torch.where(norm.unsqueeze(-1) > NORM_DELTA, proj, g / NORM_DELTA)
+    t = z * r
+    return dt * (0.5 / (t.abs() + math.sqrt(eps)))
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    return t if t.shape == shape else t.sum_to_size(shape)
+
+
+def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
+             factor: int, dropout: float, seed: Optional[int], normalize: bool,
+             eps: float) -> BackwardResult:
+    ds = grad_pooled(grad, out, norm, normalize=normalize, eps=eps).to(x.dtype)
+    if a is None:
+        a, c = _projections(x, y, weight_x, weight_y, bias_x, bias_y)
+    ko = weight_x.shape[0]
+    # Expand each pooled gradient over its `factor` consecutive columns.
+    dp = ds.unsqueeze(-1).expand(*ds.shape, factor).reshape(*ds.shape[:-1], ko)
+    if seed is not None:
+        dp = dp * dropout_mask(seed, dp.shape, dropout, dp.device) * (1.0 / (1.0 - dropout))
+    da = _sum_to(dp * c, (*x.shape[:-1], ko))
+    dc = _sum_to(dp * a, (*y.shape[:-1], ko))
+    da2, dc2 = da.reshape(-1, ko), dc.reshape(-1, ko)
+    dx = (da2 @ weight_x).view(x.shape)
+    dy = (dc2 @ weight_y).view(y.shape)
+    dwx = da2.t() @ x.reshape(-1, x.shape[-1])
+    dwy = dc2.t() @ y.reshape(-1, y.shape[-1])
+    dbx = da2.sum(0) if bias_x is not None else None
+    dby = dc2.sum(0) if bias_y is not None else None
+    return BackwardResult(dx, dy, dwx, dwy, dbx, dby)

@@ -1,0 +1,153 @@
+"""``fbp()``: argument checks, autocast, dropout seeding and backend choice."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, ops
+from .reference import DEFAULT_EPS
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, "
+                        f"float32, float64")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if ndim is None and t.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension (..., features), "
+                         f"got a 0-D tensor")
+
+
+def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps) -> torch.Size:
+    """Validate ``fbp`` arguments; returns the broadcast leading shape.
+
+    Raises TypeError for wrong types or dtypes and ValueError for shapes, devices
+    and out-of-range options, each naming the offending argument.
+    """
+    _check_tensor("x", x)
+    _check_tensor("y", y)
+    _check_tensor("weight_x", weight_x, 2)
+    _check_tensor("weight_y", weight_y, 2)
+    if isinstance(factor, bool) or not isinstance(factor, int):
+        raise TypeError(f"factor must be an int, got {type(factor).__name__}")
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    ko = weight_x.shape[0]
+    if ko == 0 or ko % factor != 0:
+        raise ValueError(f"weight_x.shape[0] (= factor * out_features) must be a positive "
+                         f"multiple of factor={factor}, got {ko}")
+    if weight_y.shape[0] != ko:
+        raise ValueError(f"weight_x and weight_y must have the same number of rows "
+                         f"(factor * out_features), got {ko} and {weight_y.shape[0]}")
+    if weight_x.shape[1] != x.shape[-1]:
+        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but weight_x "
+                         f"expects {weight_x.shape[1]} (shape {tuple(weight_x.shape)})")
+    if weight_y.shape[1] != y.shape[-1]:
+        raise ValueError(f"y has {y.shape[-1]} features (shape {tuple(y.shape)}) but weight_y "
+                         f"expects {weight_y.shape[1]} (shape {tuple(weight_y.shape)})")
+    named = [("x", x), ("y", y), ("weight_x", weight_x), ("weight_y", weight_y)]
+    for name, b in (("bias_x", bias_x), ("bias_y", bias_y)):
+        if b is not None:
+            _check_tensor(name, b, 1)
+            if b.shape[0] != ko:
+                raise ValueError(f"{name} must have shape ({ko},), got {tuple(b.shape)}")
+            named.append((name, b))
+    dtypes = {t.dtype for _, t in named}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{n}={t.dtype}" for n, t in named)
+        raise TypeError(f"all tensors must share one dtype (cast them, or use torch.autocast), "
+                        f"got {desc}")
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        desc = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+            or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float > 0 (the smoothing of the signed "
+                         f"square root), got {eps!r}")
+    try:
+        return torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"the leading dimensions of x {tuple(x.shape[:-1])} and y "
+                         f"{tuple(y.shape[:-1])} do not broadcast") from None
+
+
+def _autocast(device_type: str, tensors):
+    """Cast like ``nn.Linear`` under autocast: every operand to the autocast dtype."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def fbp(
+    x: Tensor,
+    y: Tensor,
+    weight_x: Tensor,
+    weight_y: Tensor,
+    bias_x: Optional[Tensor] = None,
+    bias_y: Optional[Tensor] = None,
+    *,
+    factor: int,
+    dropout: float = 0.0,
+    training: bool = False,
+    normalize: bool = True,
+    eps: float = DEFAULT_EPS,
+    backend: str = "auto",
+    save_projections: bool = False,
+) -> Tensor:
+    """Factorized bilinear pooling (MFB), fused.
+
+    Args:
+        x: ``(..., m)``; y: ``(..., n)``. Leading dimensions broadcast against each
+            other, e.g. regions ``(B, R, m)`` with a question ``(B, 1, n)``.
+        weight_x: ``(factor*o, m)``, weight_y: ``(factor*o, n)`` (``nn.Linear`` layout).
+        bias_x, bias_y: ``(factor*o,)`` or ``None``.
+        factor: ``k``, the number of consecutive projected columns summed into each
+            output (column ``j*k + i`` feeds output ``j``).
+        dropout: rate applied to the expanded product before pooling, when
+            ``training`` is true.
+        normalize: apply the zero-safe signed square root and L2 normalisation;
+            ``False`` returns the raw sum-pooled values.
+        eps: smoothing of the signed square root, ``sign(s)(sqrt(|s|+eps)-sqrt(eps))``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        save_projections: keep the two ``(..., factor*o)`` projections for backward
+            instead of recomputing them (faster backward, ``factor`` times more
+            activation memory). Default ``False``.
+
+    Returns:
+        ``(..., o)`` with ``o = weight_x.shape[0] // factor``, in the inputs' dtype
+        (the autocast dtype under ``torch.autocast``).
+
+    Non-finite inputs propagate as they do through ``nn.Linear``: a NaN or Inf in a
+    row gives NaN in that row's output; other rows are unaffected.
+    """
+    check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
+    device = x.device
+    x, y, weight_x, weight_y, bias_x, bias_y = _autocast(
+        device.type, [x, y, weight_x, weight_y, bias_x, bias_y])
+    impl = backends.resolve(backend, device)  # raises a clear error if unusable
+    seed = None
+    if training and dropout > 0:
+        # Drawn from PyTorch's CPU generator: torch.manual_seed makes runs
+        # reproducible, and a CPU scalar never synchronises the GPU.
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    else:
+        dropout = 0.0
+    with torch.autocast(device.type, enabled=False):
+        out, *_ = ops.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor,
+                                  float(dropout), bool(normalize), float(eps),
+                                  bool(save_projections), impl.NAME)
+    return out

@@ -1,0 +1,75 @@
+"""``nn.Module`` wrappers: hold the parameters and the options, call :func:`fbp`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .functional import fbp
+from .reference import DEFAULT_EPS
+
+
+class FactorizedBilinearPooling(nn.Module):
+    """Factorized bilinear pooling (MFB) as a drop-in fusion layer.
+
+    ``proj_x = nn.Linear(x_features, factor*out_features)`` and ``proj_y`` likewise;
+    ``forward(x (..., x_features), y (..., y_features)) -> (..., out_features)``,
+    leading dimensions broadcast.  Dropout acts on the expanded product while the
+    module is in training mode.  See :func:`fbp_kernels.fbp` for the semantics.
+    """
+
+    def __init__(self, x_features: int, y_features: int, out_features: int, factor: int = 5,
+                 bias: bool = True, dropout: float = 0.0, normalize: bool = True,
+                 eps: float = DEFAULT_EPS, backend: str = "auto",
+                 save_projections: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+        if out_features < 1:
+            raise ValueError(f"out_features must be >= 1, got {out_features}")
+        kw = {"device": device, "dtype": dtype}
+        self.proj_x = nn.Linear(x_features, factor * out_features, bias=bias, **kw)
+        self.proj_y = nn.Linear(y_features, factor * out_features, bias=bias, **kw)
+        self._set_options(factor, dropout, normalize, eps, backend, save_projections)
+
+    def _set_options(self, factor, dropout, normalize, eps, backend, save_projections):
+        self.factor = factor
+        self.dropout = dropout
+        self.normalize = normalize
+        self.eps = eps
+        self.backend = backend
+        self.save_projections = save_projections
+
+    @classmethod
+    def from_linear(cls, proj_x: nn.Linear, proj_y: nn.Linear, factor: int, *,
+                    dropout: float = 0.0, normalize: bool = True, eps: float = DEFAULT_EPS,
+                    backend: str = "auto",
+                    save_projections: bool = False) -> "FactorizedBilinearPooling":
+        """Wrap two existing ``nn.Linear`` layers; parameters are shared, not copied."""
+        if proj_x.out_features != proj_y.out_features:
+            raise ValueError(f"proj_x and proj_y must have the same out_features, got "
+                             f"{proj_x.out_features} and {proj_y.out_features}")
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 \
+                or proj_x.out_features % factor:
+            raise ValueError(f"factor must be an int >= 1 dividing out_features="
+                             f"{proj_x.out_features}, got {factor!r}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.proj_x, self.proj_y = proj_x, proj_y
+        self._set_options(factor, dropout, normalize, eps, backend, save_projections)
+        return self
+
+    @property
+    def out_features(self) -> int:
+        return self.proj_x.out_features // self.factor
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return fbp(x, y, self.proj_x.weight, self.proj_y.weight, self.proj_x.bias,
+                   self.proj_y.bias, factor=self.factor, dropout=self.dropout,
+                   training=self.training, normalize=self.normalize, eps=self.eps,
+                   backend=self.backend, save_projections=self.save_projections)
+
+    def extra_repr(self) -> str:
+        return (f"x_features={self.proj_x.in_features}, y_features={self.proj_y.in_features}, "
+                f"out_features={self.out_features}, factor={self.factor}, "
+                f"dropout={self.dropout}, normalize={self.normalize}, eps={self.eps}, "
+                f"backend={self.backend!r}")

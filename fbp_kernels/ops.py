@@ -1,0 +1,127 @@
+"""FBP as registered PyTorch operators: ``torch.ops.fbp_kernels.fbp_forward`` and
+``torch.ops.fbp_kernels.fbp_backward``.
+
+Registering the forward and the backward as ``torch.library.custom_op`` (with fake
+kernels for shape propagation and ``register_autograd`` tying them together) lets
+``torch.compile(fullgraph=True)`` trace a model that uses the layer without graph
+breaks, whatever backend runs underneath: the compiler sees two opaque operators
+with known output shapes.  In eager mode the pair behaves like a
+``torch.autograd.Function`` whose backward is the backend's fused backward.
+
+Operator outputs must be tensors, so "absent" (no bias gradient, projections not
+kept, no row norm) travels as an empty tensor and is turned back into ``None`` here.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+_EMPTY_SHAPE = (0,)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY_SHAPE)
+
+
+def _none_if_marker(t: Optional[Tensor]) -> Optional[Tensor]:
+    # Real projections are (..., factor*o) with factor*o > 0, so shape (0,) is unambiguous.
+    return None if t is None or tuple(t.shape) == _EMPTY_SHAPE else t
+
+
+def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
+    # The seed lives on the CPU, so .item() never synchronises a GPU stream.
+    return None if seed is None else int(seed.item())
+
+
+@torch.library.custom_op("fbp_kernels::fbp_forward", mutates_args=())
+def fbp_forward(
+    x: Tensor, y: Tensor, weight_x: Tensor, weight_y: Tensor,
+    bias_x: Optional[Tensor], bias_y: Optional[Tensor], seed: Optional[Tensor],
+    factor: int, dropout: float, normalize: bool, eps: float,
+    save_projections: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(out, norm, a, c)``; ``norm``, ``a``, ``c`` are empty when unused."""
+    impl = backends.resolve(backend, x.device)
+    res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
+                       dropout=dropout, seed=_seed_value(seed), normalize=normalize,
+                       eps=eps, save_projections=save_projections)
+    # Outputs of a custom op may not alias its inputs or each other.
+    return (res.out, _or_empty(res.norm, x), _or_empty(res.a, x), _or_empty(res.c, x))
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return _empty(like) if t is None else t
+
+
+def _batch(x: Tensor, y: Tensor) -> torch.Size:
+    return torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+
+
+@fbp_forward.register_fake
+def _(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize, eps,
+      save_projections, backend):
+    batch = _batch(x, y)
+    ko = weight_x.shape[0]
+    out = x.new_empty((*batch, ko // factor))
+    norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norm = x.new_empty(batch, dtype=norm_dtype) if normalize else _empty(x)
+    if save_projections:
+        a, c = x.new_empty((*x.shape[:-1], ko)), y.new_empty((*y.shape[:-1], ko))
+    else:
+        a, c = _empty(x), _empty(x)
+    return out, norm, a, c
+
+
+@torch.library.custom_op("fbp_kernels::fbp_backward", mutates_args=())
+def fbp_backward(
+    grad: Tensor, x: Tensor, y: Tensor, weight_x: Tensor, weight_y: Tensor,
+    bias_x: Optional[Tensor], bias_y: Optional[Tensor], out: Tensor, norm: Tensor,
+    a: Tensor, c: Tensor, seed: Optional[Tensor],
+    factor: int, dropout: float, normalize: bool, eps: float, backend: str,
+) -> List[Tensor]:
+    """Returns ``[dx, dy, dweight_x, dweight_y, dbias_x, dbias_y]`` (empty bias grads
+    when there is no bias)."""
+    impl = backends.resolve(backend, x.device)
+    res = impl.backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out,
+                        norm if normalize else None, _none_if_marker(a), _none_if_marker(c),
+                        factor=factor, dropout=dropout, seed=_seed_value(seed),
+                        normalize=normalize, eps=eps)
+    return [res.dx, res.dy, res.dweight_x, res.dweight_y,
+            _or_empty(res.dbias_x, x), _or_empty(res.dbias_y, x)]
+
+
+@fbp_backward.register_fake
+def _(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed, factor,
+      dropout, normalize, eps, backend):
+    return [torch.empty_like(x), torch.empty_like(y), torch.empty_like(weight_x),
+            torch.empty_like(weight_y),
+            torch.empty_like(bias_x) if bias_x is not None else _empty(x),
+            torch.empty_like(bias_y) if bias_y is not None else _empty(x)]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize, eps,
+     _save_projections, backend) = inputs
+    out, norm, a, c = output
+    ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed)
+    ctx.config = (factor, dropout, normalize, eps, backend)
+    ctx.mark_non_differentiable(norm, a, c)
+
+
+def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
+    x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed = ctx.saved_tensors
+    factor, dropout, normalize, eps, backend = ctx.config
+    dx, dy, dwx, dwy, dbx, dby = fbp_backward(
+        grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c,
+        seed, factor, dropout, normalize, eps, backend)
+    return (dx, dy, dwx, dwy,
+            dbx if bias_x is not None else None, dby if bias_y is not None else None,
+            None, None, None, None, None, None, None)
+
+
+fbp_forward.register_autograd(_backward, setup_context=_setup_context)

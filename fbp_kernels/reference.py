@@ -1,0 +1,136 @@
+"""The naive eager implementation of factorized bilinear pooling: the specification.
+
+Written the way public MFB code writes it (two ``F.linear`` calls, ``*``, dropout,
+``view(..., o, k).sum(-1)``, signed square root, ``F.normalize``), with one
+deliberate difference: the power normalisation is the zero-safe one below, so the
+gradient is finite everywhere and is the true derivative of the forward.
+
+Every backend is tested against :func:`fbp` and every benchmark uses it as the
+baseline.  It keeps the autograd graph of plain PyTorch, so it saves two
+``(rows, factor*o)`` tensors (the projections) for backward.
+
+Zero-safe power normalisation (``eps > 0``)::
+
+    t(s)  = sign(s) * (sqrt(|s| + eps) - sqrt(eps))  =  s / (sqrt(|s| + eps) + sqrt(eps))
+    t'(s) = 0.5 / sqrt(|s| + eps)            (at most 0.5 / sqrt(eps), at s = 0)
+
+It is computed in the second form: no cancellation for small ``|s|``, and autograd
+then gets the derivative right at exactly ``s = 0`` (``sign(s) * f(|s|)`` would give
+0 there, because autograd differentiates ``sign`` as 0 and ``sign(0) = 0``).
+
+``t`` is odd, continuously differentiable and within ``sqrt(eps)`` of the textbook
+``sign(s) * sqrt(|s|)`` everywhere.  A useful consequence used by the fused
+backward: ``t'(s) = 0.5 / (|t| + sqrt(eps))``, so it never needs ``s`` again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Default smoothing of the power normalisation.  Each pooled value moves by at most
+#: ``sqrt(eps) = 1e-3`` from the textbook signed square root; gradients are bounded
+#: by ``0.5 / sqrt(eps) = 500`` per element.
+DEFAULT_EPS = 1e-6
+
+#: Lower bound on the row norm in the L2 normalisation, as in ``F.normalize``.
+NORM_DELTA = 1e-12
+
+
+def signed_sqrt(s: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """Zero-safe signed square root ``sign(s) * (sqrt(|s| + eps) - sqrt(eps))``."""
+    return s / (torch.sqrt(s.abs() + eps) + eps**0.5)
+
+
+def signed_sqrt_grad(s: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """Derivative of :func:`signed_sqrt`: ``0.5 / sqrt(|s| + eps)``."""
+    return 0.5 * torch.rsqrt(s.abs() + eps)
+
+
+def textbook_signed_sqrt(s: Tensor) -> Tensor:
+    """``sign(s) * sqrt(|s|)`` as public MFB code writes it (NaN gradient at 0)."""
+    return torch.sign(s) * torch.sqrt(s.abs())
+
+
+def fbp(
+    x: Tensor,
+    y: Tensor,
+    weight_x: Tensor,
+    weight_y: Tensor,
+    bias_x: Optional[Tensor] = None,
+    bias_y: Optional[Tensor] = None,
+    *,
+    factor: int,
+    dropout: float = 0.0,
+    training: bool = False,
+    normalize: bool = True,
+    eps: float = DEFAULT_EPS,
+    dropout_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Reference FBP/MFB forward.
+
+    Shapes: ``x (..., m)``, ``y (..., n)`` with broadcastable leading dimensions,
+    ``weight_x (factor*o, m)``, ``weight_y (factor*o, n)``, biases ``(factor*o,)``.
+    Returns ``(..., o)``.
+
+    ``dropout_mask`` (bool, broadcastable to ``(..., factor*o)``) replaces the random
+    mask when given, so tests can feed a backend's own mask to the reference.
+    """
+    a = F.linear(x, weight_x, bias_x)  # (..., k*o)
+    c = F.linear(y, weight_y, bias_y)  # (..., k*o)
+    p = a * c
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout)
+    elif training and dropout > 0:
+        p = F.dropout(p, dropout, training=True)
+    o = p.shape[-1] // factor
+    s = p.view(*p.shape[:-1], o, factor).sum(-1)  # k consecutive columns per output
+    if not normalize:
+        return s
+    t = signed_sqrt(s, eps)
+    return F.normalize(t, p=2.0, dim=-1, eps=NORM_DELTA)
+
+
+def mfh(
+    x: Tensor,
+    y: Tensor,
+    weights_x: Sequence[Tensor],
+    weights_y: Sequence[Tensor],
+    biases_x: Optional[Sequence[Optional[Tensor]]] = None,
+    biases_y: Optional[Sequence[Optional[Tensor]]] = None,
+    *,
+    factor: int,
+    dropout: float = 0.0,
+    training: bool = False,
+    normalize: bool = True,
+    eps: float = DEFAULT_EPS,
+    dropout_masks: Optional[Sequence[Tensor]] = None,
+) -> Tensor:
+    """Reference MFH (order ``p = len(weights_x)``): cascaded FBP blocks.
+
+    ``p_1 = drop(a_1 * c_1)``, ``p_l = drop(a_l * c_l * p_{l-1})``; each block is
+    sum-pooled and normalised on its own; outputs are concatenated to ``(..., p*o)``.
+    """
+    order = len(weights_x)
+    biases_x = list(biases_x) if biases_x is not None else [None] * order
+    biases_y = list(biases_y) if biases_y is not None else [None] * order
+    outs = []
+    prev = None
+    for l in range(order):
+        p = F.linear(x, weights_x[l], biases_x[l]) * F.linear(y, weights_y[l], biases_y[l])
+        if prev is not None:
+            p = p * prev
+        if dropout_masks is not None:
+            p = p * dropout_masks[l].to(p.dtype) / (1.0 - dropout)
+        elif training and dropout > 0:
+            p = F.dropout(p, dropout, training=True)
+        prev = p
+        o = p.shape[-1] // factor
+        s = p.view(*p.shape[:-1], o, factor).sum(-1)
+        if normalize:
+            s = F.normalize(signed_sqrt(s, eps), p=2.0, dim=-1, eps=NORM_DELTA)
+        outs.append(s)
+    return torch.cat(outs, dim=-1)
