@@ -1,0 +1,466 @@
+"""Triton kernels for fused factorized bilinear pooling, and their launchers.
+
+Layout: the projected column ``j*K + i`` (``K = factor``) feeds output ``j``.  A
+program owns a tile of ``BLOCK_M`` rows x ``BLOCK_O`` outputs and walks the factor
+groups ``i = 0..K-1``: for each it computes the two projection tiles
+``A_i = x W_x[cols_i]^T`` and ``C_i = y W_y[cols_i]^T`` (``cols_i = j*K + i``) with
+``tl.dot`` in fp32, adds the biases, multiplies, applies dropout and accumulates
+``s += A_i * C_i``.  Only the ``(BLOCK_M, BLOCK_O)`` pooled tile ever exists;
+the ``(rows, K*o)`` projections and product never reach global memory.  Three fp32
+accumulators live at once (A_i, C_i, s).
+
+Row norm ("last program finishes", one launch).  The L2 norm of a row spans every
+output tile, i.e. several programs.  Each program writes its tile of
+``t = signed_sqrt(s)`` (fp32 scratch) and its partial ``sum(t^2)`` per row, then
+takes a ticket from a per-row-block counter (``atomic_add``, acq_rel, after a CTA
+barrier so the whole tile is published).  The program that draws the last ticket
+sums the partials in tile order (deterministic), writes ``||t||`` and rescales the
+row block's ``t`` into the output, then resets the counter to 0 so the cached
+counter buffer is ready for the next launch.  Cost: an extra read and write of
+``rows x o`` fp32 (``8*o`` bytes per row, against ``2*K*o*(m+n)`` FLOPs per row of
+GEMM work) and a serial tail of ``o/BLOCK_O`` tiny tile copies per row block.  The
+alternatives are worse at one end: a program owning whole rows leaves most SMs idle
+at small batch (1..64 rows), and a separate finishing kernel costs a second launch.
+
+Backward (memory-lean, "recompute"): from ``(g, z, ||t||)`` it needs neither ``s``
+nor the projections saved: ``t = z * max(||t||, delta)`` and
+``t'(s) = 0.5 / (|t| + sqrt(eps))``.  ``_row_dot_kernel`` first reduces ``<z, g>``
+per row (``rows`` fp32).  ``_fbp_bwd_kernel`` then recomputes ``A_i, C_i`` tile by
+tile exactly as the forward does, forms ``dp = ds * mask/(1-p)`` and writes
+``dA = dp * C`` and ``dC = dp * A`` (two transient ``(rows, K*o)`` buffers in the
+input dtype, freed before backward returns).  The four gradient GEMMs
+(``dx = dA W_x``, ``dW_x = dA^T x``, and the same for y) and the bias sums are left
+to cuBLAS: they are plain GEMMs that it runs at peak.  No atomics: deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NORM_DELTA = 1e-12
+_NORM_DELTA = tl.constexpr(NORM_DELTA)  # usable inside kernels
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _keep_mask(seed, rows_i64, cols_i64, KO, drop_p):
+    """Dropout keep-mask for elements (row, col) of the (rows, K*o) product: Philox
+    keyed by the seed and the element's linear index (int64, so no wrap past 2^32)."""
+    r = tl.rand(seed, rows_i64[:, None] * KO + cols_i64[None, :])
+    return r >= drop_p
+
+
+@triton.jit
+def _projection_tile(in_ptr, w_ptr, offs_m, cols, rows, width, stride_ir, stride_ik,
+                     stride_wr, stride_wk, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """``in[offs_m, :] @ w[cols, :]^T`` as a (BLOCK_M, BLOCK_O) fp32 (or fp64) tile."""
+    acc_dtype = tl.float64 if in_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=acc_dtype)
+    m_mask = offs_m < rows
+    c_ok = cols >= 0  # caller passes cols = -1 for out-of-range outputs
+    for k0 in range(0, width, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < width
+        a = tl.load(in_ptr + offs_m[:, None] * stride_ir + offs_k[None, :] * stride_ik,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        # Load the weight tile already transposed, (BLOCK_K, BLOCK_O): tl.dot wants K x N.
+        b = tl.load(w_ptr + cols[None, :] * stride_wr + offs_k[:, None] * stride_wk,
+                    mask=c_ok[None, :] & k_mask[:, None], other=0.0)
+        if DOT_FP32:
+            # The interpreter cannot multiply bf16 operands (it uses their raw bits).
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+    return acc
+
+
+@triton.jit
+def _factor_group(x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, offs_m, cols, rows, M, N,
+                  stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk,
+                  stride_wyr, stride_wyk, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """The two projection tiles (A_i, C_i) for projected columns ``cols``."""
+    a = _projection_tile(x_ptr, wx_ptr, offs_m, cols, rows, M, stride_xr, stride_xk,
+                         stride_wxr, stride_wxk, BLOCK_M, BLOCK_O, BLOCK_K, DOT_FP32, PRECISION)
+    c = _projection_tile(y_ptr, wy_ptr, offs_m, cols, rows, N, stride_yr, stride_yk,
+                         stride_wyr, stride_wyk, BLOCK_M, BLOCK_O, BLOCK_K, DOT_FP32, PRECISION)
+    if HAS_BIAS:
+        c_ok = cols >= 0
+        a += tl.load(bx_ptr + cols, mask=c_ok, other=0.0).to(a.dtype)[None, :]
+        c += tl.load(by_ptr + cols, mask=c_ok, other=0.0).to(c.dtype)[None, :]
+    return a, c
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fbp_fwd_kernel(
+    # pointers
+    x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, out_ptr, t_ptr, partial_ptr, norm_ptr,
+    counter_ptr, a_ptr, c_ptr,
+    # sizes
+    rows, M, N, O,
+    # strides
+    stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
+    stride_or, stride_tr,
+    # scalars
+    seed, drop_p, keep_scale, eps, sqrt_eps,
+    # meta-parameters
+    FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    NORMALIZE: tl.constexpr, STORE_AC: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    # int64 before any offset arithmetic: rows * K*o can pass 2^31.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_mask = offs_m < rows
+    o_mask = offs_o < O
+    tile_mask = m_mask[:, None] & o_mask[None, :]
+    KO = O * FACTOR
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+
+    s = tl.zeros((BLOCK_M, BLOCK_O), dtype=acc_dtype)
+    for i in range(FACTOR):
+        cols = tl.where(o_mask, offs_o * FACTOR + i, -1)
+        a, c = _factor_group(x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, offs_m, cols, rows,
+                             M, N, stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr,
+                             stride_wxk, stride_wyr, stride_wyk, HAS_BIAS, BLOCK_M, BLOCK_O,
+                             BLOCK_K, DOT_FP32, PRECISION)
+        if STORE_AC:
+            ac_offs = offs_m[:, None] * KO + cols[None, :]
+            tl.store(a_ptr + ac_offs, a.to(a_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(c_ptr + ac_offs, c.to(c_ptr.dtype.element_ty), mask=tile_mask)
+        p = a * c
+        if DROPOUT:
+            keep = _keep_mask(seed, offs_m, offs_o * FACTOR + i, KO, drop_p)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        s += p
+
+    if NORMALIZE:
+        _finish_normalised(s, offs_m, offs_o, m_mask, tile_mask, pid_m, pid_o, rows, O,
+                           out_ptr, t_ptr, partial_ptr, norm_ptr, counter_ptr, stride_or,
+                           stride_tr, eps, sqrt_eps, BLOCK_M, BLOCK_O)
+    else:
+        tl.store(out_ptr + offs_m[:, None] * stride_or + offs_o[None, :],
+                 s.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _finish_normalised(s, offs_m, offs_o, m_mask, tile_mask, pid_m, pid_o, rows, O, out_ptr,
+                       t_ptr, partial_ptr, norm_ptr, counter_ptr, stride_or, stride_tr, eps,
+                       sqrt_eps, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Signed sqrt of the pooled tile, then the "last program finishes" row norm."""
+    # Zero-safe signed sqrt in the cancellation-free form s / (sqrt(|s|+eps) + sqrt(eps)).
+    t = s / (tl.sqrt(tl.abs(s) + eps) + sqrt_eps)
+    t = tl.where(tile_mask, t, 0.0)
+    rows64 = tl.cast(rows, tl.int64)
+    tl.store(t_ptr + offs_m[:, None] * stride_tr + offs_o[None, :], t, mask=tile_mask)
+    tl.store(partial_ptr + pid_o * rows64 + offs_m, tl.sum(t * t, axis=1), mask=m_mask)
+    n_tiles = tl.num_programs(1)
+    # Publish the whole tile (every thread's stores) before the release of the ticket.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_tiles - 1:
+        # Last program of this row block: finish the norm (partials summed in tile
+        # order: deterministic) and rescale the row block's t into the output.
+        sumsq = tl.zeros((BLOCK_M,), dtype=t.dtype)
+        for j in range(0, n_tiles):
+            sumsq += tl.load(partial_ptr + j * rows64 + offs_m, mask=m_mask, other=0.0,
+                             cache_modifier=".cg")
+        norm = tl.sqrt(sumsq)
+        tl.store(norm_ptr + offs_m, norm, mask=m_mask)
+        inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
+        for j in range(0, n_tiles):
+            cols_o = j * BLOCK_O + tl.arange(0, BLOCK_O)
+            msk = m_mask[:, None] & (cols_o < O)[None, :]
+            tt = tl.load(t_ptr + offs_m[:, None] * stride_tr + cols_o[None, :], mask=msk,
+                         other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs_m[:, None] * stride_or + cols_o[None, :],
+                     (tt * inv[:, None]).to(out_ptr.dtype.element_ty), mask=msk)
+        # Leave the counter clean for the next launch (the buffer is cached).
+        tl.atomic_xchg(counter_ptr + pid_m, 0, sem="relaxed", scope="gpu")
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _row_dot_kernel(z_ptr, g_ptr, out_ptr, rows, O, stride_zr, stride_gr,
+                    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr):
+    """``out[r] = <z[r], g[r]>`` in fp32 (fp64 for fp64 inputs)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < rows
+    acc_dtype = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    for o0 in range(0, O, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        msk = m_mask[:, None] & (offs_o < O)[None, :]
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zr + offs_o[None, :], mask=msk, other=0.0)
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gr + offs_o[None, :], mask=msk, other=0.0)
+        acc += tl.sum(z.to(acc_dtype) * g.to(acc_dtype), axis=1)
+    tl.store(out_ptr + offs_m, acc, mask=m_mask)
+
+
+@triton.jit
+def _fbp_bwd_kernel(
+    # pointers
+    x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, g_ptr, z_ptr, norm_ptr, zg_ptr,
+    a_ptr, c_ptr, da_ptr, dc_ptr,
+    # sizes
+    rows, M, N, O,
+    # strides
+    stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
+    stride_gr, stride_zr,
+    # scalars
+    seed, drop_p, keep_scale, sqrt_eps,
+    # meta-parameters
+    FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    NORMALIZE: tl.constexpr, LOAD_AC: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_mask = offs_m < rows
+    o_mask = offs_o < O
+    tile_mask = m_mask[:, None] & o_mask[None, :]
+    KO = O * FACTOR
+    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+
+    g = tl.load(g_ptr + offs_m[:, None] * stride_gr + offs_o[None, :], mask=tile_mask,
+                other=0.0).to(acc_dtype)
+    if NORMALIZE:
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zr + offs_o[None, :], mask=tile_mask,
+                    other=0.0).to(acc_dtype)
+        norm = tl.load(norm_ptr + offs_m, mask=m_mask, other=1.0)
+        zg = tl.load(zg_ptr + offs_m, mask=m_mask, other=0.0)
+        r = tl.maximum(norm, _NORM_DELTA)
+        # d z / d t: project out z and divide by r; below delta the clamp makes it 1/delta.
+        dt = tl.where((norm > _NORM_DELTA)[:, None], (g - z * zg[:, None]) / r[:, None],
+                      g / _NORM_DELTA)
+        t = z * r[:, None]
+        ds = dt * (0.5 / (tl.abs(t) + sqrt_eps))
+    else:
+        ds = g
+
+    for i in range(FACTOR):
+        cols = tl.where(o_mask, offs_o * FACTOR + i, -1)
+        ac_offs = offs_m[:, None] * KO + cols[None, :]
+        if LOAD_AC:
+            a = tl.load(a_ptr + ac_offs, mask=tile_mask, other=0.0).to(acc_dtype)
+            c = tl.load(c_ptr + ac_offs, mask=tile_mask, other=0.0).to(acc_dtype)
+        else:
+            a, c = _factor_group(x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, offs_m, cols,
+                                 rows, M, N, stride_xr, stride_xk, stride_yr, stride_yk,
+                                 stride_wxr, stride_wxk, stride_wyr, stride_wyk, HAS_BIAS,
+                                 BLOCK_M, BLOCK_O, BLOCK_K, DOT_FP32, PRECISION)
+        dp = ds
+        if DROPOUT:
+            keep = _keep_mask(seed, offs_m, offs_o * FACTOR + i, KO, drop_p)
+            dp = tl.where(keep, ds * keep_scale, 0.0)
+        tl.store(da_ptr + ac_offs, (dp * c).to(da_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(dc_ptr + ac_offs, (dp * a).to(dc_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(mask_ptr, seed, rows, KO, drop_p, BLOCK_M: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """Materialise the keep-mask the fused kernels use (for tests and debugging)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    msk = (offs_m < rows)[:, None] & (offs_c < KO)[None, :]
+    keep = _keep_mask(seed, offs_m, offs_c, KO, drop_p)
+    tl.store(mask_ptr + offs_m[:, None] * KO + offs_c[None, :], keep.to(tl.int8), mask=msk)
+
+
+# ----------------------------------------------------------------------------- launch settings
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch settings of one kernel launch."""
+
+    block_m: int
+    block_o: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+#: The configurations the heuristic below can pick (all compiled in CI for sm_80/sm_90).
+CONFIGS = {
+    # Inference (rows <= 32): a thin row tile; parallelism comes from the output
+    # tiles, the kernel streams the weights once.
+    "small": TileConfig(block_m=16, block_o=64, block_k=64, num_warps=4, num_stages=3),
+    # Medium batch: more row reuse per weight tile.
+    "medium": TileConfig(block_m=32, block_o=64, block_k=64, num_warps=4, num_stages=3),
+    # Training batch: square tile; 8 warps keep the three fp32 accumulators
+    # (A_i, C_i, s: 3 x 64 x 64) in registers without spilling.
+    "large": TileConfig(block_m=64, block_o=64, block_k=32, num_warps=8, num_stages=3),
+}
+#: Tiny tiles for the CPU interpreter: it runs programs one after another.
+INTERPRETER_CONFIG = TileConfig(block_m=16, block_o=16, block_k=16, num_warps=1, num_stages=1)
+
+
+def pick_config(rows: int) -> TileConfig:
+    """Heuristic tile choice by batch size (the interpreter always gets tiny tiles)."""
+    if INTERPRET:
+        return INTERPRETER_CONFIG
+    if rows <= 32:
+        return CONFIGS["small"]
+    if rows <= 256:
+        return CONFIGS["medium"]
+    return CONFIGS["large"]
+
+
+def dot_settings(dtype: torch.dtype):
+    """(upcast operands to fp32 before tl.dot?, tl.dot input_precision)."""
+    dot_fp32 = INTERPRET and dtype == torch.bfloat16
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+        return dot_fp32, "tf32"  # honour PyTorch's matmul precision setting
+    return dot_fp32, "ieee"
+
+
+# ----------------------------------------------------------------------------- counters
+
+
+_COUNTERS: dict = {}
+
+
+def _row_block_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 tickets, one per row block, cached per (device, stream).
+
+    The finishing program resets its counter to 0, so the buffer is clean after
+    every launch and needs no memset; separate streams get separate buffers so
+    concurrent launches cannot share tickets.
+    """
+    if device.type != "cuda":
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _bias_args(bias_x, bias_y, like):
+    if bias_x is None:
+        return like, like, False  # never read: HAS_BIAS=False
+    return bias_x, bias_y, True
+
+
+def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
+                  save_projections):
+    """Launch the fused forward on ``(rows, m)`` / ``(rows, n)`` matrices.
+
+    Returns ``(out (rows, o), norm (rows,) or None, a or None, c or None)``.
+    """
+    rows, m = x2.shape
+    n = y2.shape[1]
+    ko = wx.shape[0]
+    o = ko // factor
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    out = torch.empty((rows, o), dtype=x2.dtype, device=x2.device)
+    a = c = None
+    if save_projections:
+        a = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+        c = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+    if rows == 0:
+        return out, (torch.empty(0, dtype=acc, device=x2.device) if normalize else None), a, c
+    cfg = pick_config(rows)
+    grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
+    if normalize:
+        t = torch.empty((rows, o), dtype=acc, device=x2.device)
+        partial = torch.empty((grid[1], rows), dtype=acc, device=x2.device)
+        norm = torch.empty((rows,), dtype=acc, device=x2.device)
+        counters = _row_block_counters(grid[0], x2.device)
+    else:
+        t = partial = norm = counters = out  # never touched
+    bx_, by_, has_bias = _bias_args(bx, by, wx)
+    dot_fp32, precision = dot_settings(x2.dtype)
+    _fbp_fwd_kernel[grid](
+        x2, y2, wx, wy, bx_, by_, out, t, partial, norm, counters,
+        a if a is not None else out, c if c is not None else out,
+        rows, m, n, o,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1),
+        out.stride(0), t.stride(0) if normalize else 0,
+        seed if seed is not None else 0, float(dropout),
+        1.0 / (1.0 - dropout), float(eps), math.sqrt(eps),
+        FACTOR=factor, HAS_BIAS=has_bias, DROPOUT=seed is not None, NORMALIZE=normalize,
+        STORE_AC=save_projections, DOT_FP32=dot_fp32, PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, (norm if normalize else None), a, c
+
+
+def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, factor, dropout,
+                            seed, normalize, eps):
+    """Launch the backward elementwise kernels: returns ``(dA, dC)``, each (rows, K*o)."""
+    rows = x2.shape[0]
+    ko = wx.shape[0]
+    o = ko // factor
+    da = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+    dc = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+    if rows == 0:
+        return da, dc
+    cfg = pick_config(rows)
+    grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    if normalize:
+        zg = torch.empty((rows,), dtype=acc, device=x2.device)
+        _row_dot_kernel[(grid[0],)](out, grad, zg, rows, o, out.stride(0), grad.stride(0),
+                                    BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o,
+                                    num_warps=cfg.num_warps)
+    else:
+        zg = norm = grad  # never read
+    bx_, by_, has_bias = _bias_args(bx, by, wx)
+    dot_fp32, precision = dot_settings(x2.dtype)
+    _fbp_bwd_kernel[grid](
+        x2, y2, wx, wy, bx_, by_, grad, out, norm, zg,
+        a if a is not None else da, c if c is not None else dc, da, dc,
+        rows, x2.shape[1], y2.shape[1], o,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1),
+        grad.stride(0), out.stride(0),
+        seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
+        math.sqrt(eps),
+        FACTOR=factor, HAS_BIAS=has_bias, DROPOUT=seed is not None, NORMALIZE=normalize,
+        LOAD_AC=a is not None, DOT_FP32=dot_fp32, PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return da, dc
+
+
+def dropout_keep_mask(seed: int, rows: int, ko: int, rate: float, device) -> torch.Tensor:
+    """The (rows, K*o) bool keep-mask the kernels draw for ``seed``."""
+    mask = torch.empty((rows, ko), dtype=torch.int8, device=device)
+    if rows and ko:
+        bm, bc = (16, 16) if INTERPRET else (32, 128)
+        _dropout_mask_kernel[(triton.cdiv(rows, bm), triton.cdiv(ko, bc))](
+            mask, seed, rows, ko, float(rate), BLOCK_M=bm, BLOCK_C=bc)
+    return mask.bool()
