@@ -1,0 +1,317 @@
+"""Checkpoint converters: openvqa-style and block.bootstrap-style MFB weights.
+
+Each source's forward is re-written inline below (from its published semantics), a
+random instance is converted, and the outputs are compared.  Everything runs in
+float64 so that the only differences left are the documented ones: the zero-safe
+signed square root (bounded by 2 sqrt(o eps / sum|s|) per row) and openvqa's joint
+normalisation over regions.
+"""
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fbp_kernels import FactorizedBilinearPooling
+from fbp_kernels.convert import (BlockMFB, block_state_dict, from_block_mfb,
+                                 from_openvqa_mfb, openvqa_state_dict)
+
+DT = torch.float64
+
+
+def textbook_sqrt(s):
+    return torch.sqrt(F.relu(s)) - torch.sqrt(F.relu(-s))
+
+
+class OpenVQAMFB(nn.Module):
+    """openvqa's MFB: proj_i/proj_q, dropout on the product, AvgPool1d(k)*k, textbook
+    signed sqrt, L2 over the C*o values of each sample; returns (z, product)."""
+
+    def __init__(self, img_size, ques_size, k, o, dropout=0.1, is_first=True):
+        super().__init__()
+        self.k, self.o, self.is_first = k, o, is_first
+        self.proj_i = nn.Linear(img_size, k * o)
+        self.proj_q = nn.Linear(ques_size, k * o)
+        self.dropout = nn.Dropout(dropout)
+        self.pool = nn.AvgPool1d(k, stride=k)
+
+    def forward(self, img, ques, exp_in=1):
+        n = img.shape[0]
+        exp_out = self.proj_i(img) * self.proj_q(ques)
+        exp_out = self.dropout(exp_out if self.is_first else exp_out * exp_in)
+        z = self.pool(exp_out) * self.k
+        z = textbook_sqrt(z)
+        z = F.normalize(z.view(n, -1))
+        return z.view(n, -1, self.o), exp_out
+
+
+class BlockMFBSource(nn.Module):
+    """block.bootstrap's MFB: linear0/linear1 (mm_dim*factor), input activations and
+    dropout, product dropout, view(B, mm_dim, factor).sum(2), optional textbook
+    normalisation, linear_out, output activation and dropout."""
+
+    def __init__(self, input_dims, output_dim, mm_dim=6, factor=2, activ_input="relu",
+                 activ_output="relu", normalize=False, dropout_input=0.0,
+                 dropout_pre_norm=0.0, dropout_output=0.0):
+        super().__init__()
+        self.mm_dim, self.factor = mm_dim, factor
+        self.activ_input, self.activ_output, self.normalize = activ_input, activ_output, normalize
+        self.dropout_input, self.dropout_pre_norm = dropout_input, dropout_pre_norm
+        self.dropout_output = dropout_output
+        self.linear0 = nn.Linear(input_dims[0], mm_dim * factor)
+        self.linear1 = nn.Linear(input_dims[1], mm_dim * factor)
+        self.linear_out = nn.Linear(mm_dim, output_dim)
+
+    def forward(self, x):
+        x0, x1 = self.linear0(x[0]), self.linear1(x[1])
+        if self.activ_input:
+            x0, x1 = getattr(F, self.activ_input)(x0), getattr(F, self.activ_input)(x1)
+        if self.dropout_input > 0:
+            x0 = F.dropout(x0, p=self.dropout_input, training=self.training)
+            x1 = F.dropout(x1, p=self.dropout_input, training=self.training)
+        z = x0 * x1
+        if self.dropout_pre_norm > 0:
+            z = F.dropout(z, p=self.dropout_pre_norm, training=self.training)
+        z = z.view(z.size(0), self.mm_dim, self.factor).sum(2)
+        self.pooled = z  # kept so the test can evaluate the documented bound
+        if self.normalize:
+            z = F.normalize(textbook_sqrt(z), p=2)
+        z = self.linear_out(z)
+        if self.activ_output:
+            z = getattr(F, self.activ_output)(z)
+        if self.dropout_output > 0:
+            z = F.dropout(z, p=self.dropout_output, training=self.training)
+        return z
+
+
+def sqrt_bound(s, eps):
+    """The documented per-row bound ||z_textbook - z|| <= 2 sqrt(o eps / sum|s|)."""
+    o = s.shape[-1]
+    return 2 * torch.sqrt(o * eps / s.abs().sum(-1))
+
+
+# ------------------------------------------------------------------------- openvqa
+
+def openvqa_pooled(src, img, ques):
+    return (src.proj_i(img) * src.proj_q(ques)).view(*torch.broadcast_shapes(
+        img.shape[:-1], ques.shape[:-1]), src.o, src.k).sum(-1)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-14])
+def test_openvqa_matches_final_fusion(eps):
+    # CoAtt's final MFB: (N, 1, m) x (N, 1, n): one row per sample, so per-row and
+    # per-sample normalisation coincide and only the signed sqrt differs.
+    src = OpenVQAMFB(7, 5, k=5, o=4).to(DT).eval()
+    img, ques = torch.randn(6, 1, 7, dtype=DT), torch.randn(6, 1, 5, dtype=DT)
+    want, _ = src(img, ques)
+    layer = from_openvqa_mfb(src, eps=eps)
+    assert (layer.factor, layer.out_features, layer.dropout) == (5, 4, 0.1)
+    got = layer.eval()(img, ques)
+    assert got.shape == want.shape == (6, 1, 4)
+    diff = (got - want).norm(dim=-1)
+    bound = sqrt_bound(openvqa_pooled(src, img, ques), eps)
+    assert (diff <= bound).all(), (diff, bound)
+    if eps == 1e-14:  # tiny smoothing: the textbook forward up to ~1e-6
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    else:  # the default smoothing is visible, i.e. the bound is not vacuous
+        assert diff.max() > 1e-6
+
+
+def test_openvqa_from_state_dict_needs_factor():
+    src = OpenVQAMFB(4, 3, k=2, o=3).to(DT)
+    sd = {"mfb." + k: v for k, v in src.state_dict().items()}
+    with pytest.raises(ValueError, match="factor"):
+        from_openvqa_mfb(sd, prefix="mfb.")
+    layer = from_openvqa_mfb(sd, 2, prefix="mfb.", eps=1e-14)
+    img, ques = torch.randn(3, 4, dtype=DT), torch.randn(3, 3, dtype=DT)
+    want, _ = src.eval()(img, ques)
+    torch.testing.assert_close(layer.eval()(img, ques), want.view(3, 3), atol=1e-5, rtol=0)
+    assert layer.dropout == 0.1  # openvqa's default rate when the state dict cannot say
+
+
+def test_openvqa_region_wise_recipe():
+    # IAtt's MFB: C regions normalised jointly per sample.  The per-row layer differs,
+    # and the documented recipe (normalize=False + openvqa's two lines) reproduces it.
+    src = OpenVQAMFB(6, 4, k=3, o=2).to(DT).eval()
+    img, ques = torch.randn(2, 5, 6, dtype=DT), torch.randn(2, 1, 4, dtype=DT)
+    want, _ = src(img, ques)
+    per_row = from_openvqa_mfb(src).eval()(img, ques)
+    assert (per_row - want).abs().max() > 0.1  # really different semantics
+    raw = from_openvqa_mfb(src).eval()
+    raw.normalize = False
+    s = raw(img, ques)
+    got = F.normalize(textbook_sqrt(s).flatten(1)).view_as(want)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_openvqa_refuses_mfh_stage_and_contradictions():
+    with pytest.raises(ValueError, match="is_first"):
+        from_openvqa_mfb(OpenVQAMFB(4, 3, k=2, o=3, is_first=False))
+    src = OpenVQAMFB(4, 3, k=2, o=3)
+    with pytest.raises(ValueError, match="factor=3 contradicts"):
+        from_openvqa_mfb(src, 3)
+    with pytest.raises(ValueError, match="dropout=0.5 contradicts"):
+        from_openvqa_mfb(src, dropout=0.5)
+
+
+def test_openvqa_copies_weights_and_keeps_dtype():
+    src = OpenVQAMFB(4, 3, k=2, o=3)
+    layer = from_openvqa_mfb(src)
+    assert layer.proj_x.weight.dtype == torch.float32
+    assert torch.equal(layer.proj_x.weight, src.proj_i.weight)
+    assert torch.equal(layer.proj_y.bias, src.proj_q.bias)
+    # A copy, not an alias: training the converted layer leaves the source alone.
+    assert layer.proj_x.weight.data_ptr() != src.proj_i.weight.data_ptr()
+
+
+def test_openvqa_state_dict_loads_into_existing_layer():
+    src = OpenVQAMFB(4, 3, k=2, o=3)
+    layer = FactorizedBilinearPooling(4, 3, 3, factor=2)
+    layer.load_state_dict(openvqa_state_dict(src))
+    assert torch.equal(layer.proj_y.weight, src.proj_q.weight)
+
+
+def test_openvqa_training_dropout_is_on_the_product():
+    # Same rate, same place: with dropout 0.5 the layer's training output differs from
+    # its eval output, and keep-probability scaling keeps E[s] unchanged (checked on
+    # normalize=False output averaged over many draws).
+    src = OpenVQAMFB(3, 3, k=2, o=2, dropout=0.5).to(DT)
+    layer = from_openvqa_mfb(src).train()
+    layer.normalize = False
+    img, ques = torch.randn(1, 3, dtype=DT), torch.randn(1, 3, dtype=DT)
+    draws = torch.stack([layer(img, ques) for _ in range(4000)])
+    exact = openvqa_pooled(src, img, ques)
+    assert not torch.equal(draws[0], draws[1])
+    # Each pooled value is a sum of 2 terms kept w.p. 1/2 and doubled: the std of one
+    # draw is sqrt(sum p_i^2); the mean of 4000 draws is within 5 standard errors.
+    stderr = (src.proj_i(img) * src.proj_q(ques)).view(2, 2).pow(2).sum(-1).sqrt() / math.sqrt(4000)
+    assert ((draws.mean(0) - exact).abs() <= 5 * stderr + 1e-12).all()
+
+
+# ------------------------------------------------------------------------- block
+
+def test_block_unnormalised_is_exact():
+    src = BlockMFBSource([5, 4], 3, mm_dim=6, factor=2, activ_input=None).to(DT).eval()
+    x0, x1 = torch.randn(7, 5, dtype=DT), torch.randn(7, 4, dtype=DT)
+    src([x0, x1])
+    layer = from_block_mfb(src)
+    assert (layer.factor, layer.out_features, layer.normalize) == (2, 6, False)
+    torch.testing.assert_close(layer.eval()(x0, x1), src.pooled, atol=1e-13, rtol=1e-12)
+
+
+@pytest.mark.parametrize("activ_output", ["relu", None])
+def test_block_whole_module_with_normalisation(activ_output):
+    src = BlockMFBSource([5, 4], 3, mm_dim=6, factor=3, activ_input=None,
+                         activ_output=activ_output, normalize=True).to(DT).eval()
+    x0, x1 = torch.randn(7, 5, dtype=DT), torch.randn(7, 4, dtype=DT)
+    want = src([x0, x1])
+    for eps, tol in ((1e-6, None), (1e-14, 1e-5)):
+        drop_in = BlockMFB.from_block(src, eps=eps).eval()
+        got = drop_in([x0, x1])
+        assert got.shape == want.shape == (7, 3)
+        if tol is not None:
+            torch.testing.assert_close(got, want, atol=tol, rtol=0)
+        # The fusion alone obeys the documented bound against the textbook form.
+        z_ref = F.normalize(textbook_sqrt(src.pooled), p=2)
+        diff = (drop_in.fusion(x0, x1) - z_ref).norm(dim=-1)
+        assert (diff <= sqrt_bound(src.pooled, eps)).all()
+
+
+def test_block_state_dict_options():
+    src = BlockMFBSource([5, 4], 3, mm_dim=6, factor=2, activ_input=None).to(DT)
+    sd = src.state_dict()
+    # A bare state dict takes block's defaults, whose activ_input='relu' cannot convert.
+    with pytest.raises(ValueError, match="activ_input='relu'"):
+        from_block_mfb(sd)
+    layer = from_block_mfb(sd, activ_input=None)  # factor inferred from linear_out
+    assert (layer.factor, layer.out_features) == (2, 6)
+    del sd["linear_out.weight"], sd["linear_out.bias"]
+    with pytest.raises(ValueError, match="factor is required"):
+        from_block_mfb(sd, activ_input=None)
+    assert from_block_mfb(sd, 4, activ_input=None).out_features == 3
+    with pytest.raises(ValueError, match="mm_dim=5 and factor=2"):
+        from_block_mfb(sd, 2, mm_dim=5, activ_input=None)
+
+
+def test_block_refusals():
+    with pytest.raises(ValueError, match="activ_input='relu'"):
+        from_block_mfb(BlockMFBSource([3, 3], 2))  # block's default activation
+    with pytest.raises(ValueError, match="activ_input='tanh'"):
+        from_block_mfb(BlockMFBSource([3, 3], 2, activ_input="tanh"))
+    src = BlockMFBSource([3, 3], 2, activ_input=None, dropout_input=0.1)
+    with pytest.raises(ValueError, match="strict=False"):
+        from_block_mfb(src)
+    with pytest.warns(UserWarning, match="dropout_input"):
+        layer = from_block_mfb(src, strict=False)
+    x0, x1 = torch.randn(4, 3), torch.randn(4, 3)
+    src.eval()([x0, x1])
+    torch.testing.assert_close(layer.eval()(x0, x1), src.pooled)  # eval is unaffected
+    with pytest.raises(ValueError, match="normalize=True contradicts"):
+        from_block_mfb(BlockMFBSource([3, 3], 2, activ_input=None), normalize=True)
+
+
+def test_block_dropout_pre_norm_maps_to_dropout():
+    src = BlockMFBSource([3, 3], 2, activ_input=None, dropout_pre_norm=0.2)
+    assert from_block_mfb(src).dropout == 0.2
+
+
+def test_block_mfh_checkpoint_is_rejected_by_name():
+    sd = {"linear0_0.weight": torch.zeros(4, 3), "linear1_0.weight": torch.zeros(4, 3)}
+    with pytest.raises(ValueError, match="no 'linear0.weight'.*linear0_0.weight"):
+        from_block_mfb(sd, 2, activ_input=None)
+
+
+def test_source_type_errors():
+    with pytest.raises(TypeError, match="source"):
+        from_block_mfb([torch.zeros(2, 2)], 1)
+    with pytest.raises(TypeError, match="factor"):
+        from_openvqa_mfb(OpenVQAMFB(3, 3, 2, 2).state_dict(), 2.0)
+    with pytest.raises(ValueError, match="factor"):
+        from_openvqa_mfb(OpenVQAMFB(3, 3, 2, 3).state_dict(), 4)
+    sd = OpenVQAMFB(3, 3, 2, 2).state_dict()
+    sd["proj_q.weight"], sd["proj_q.bias"] = torch.zeros(6, 3), torch.zeros(6)
+    with pytest.raises(ValueError, match="proj_i and proj_q"):
+        from_openvqa_mfb(sd, 2)
+    with pytest.raises(ValueError, match="eps"):
+        from_openvqa_mfb(OpenVQAMFB(3, 3, 2, 2), eps=0.0)
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fusion = FactorizedBilinearPooling(5, 4, 3, factor=2)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x, y):
+        return self.head(self.fusion(x, y))
+
+
+def test_state_dict_round_trip_through_torch_save():
+    model, other = Model().eval(), Model().eval()
+    x, y = torch.randn(3, 5), torch.randn(3, 4)
+    assert not torch.equal(model(x, y), other(x, y))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert set(model.state_dict()) == {"fusion.proj_x.weight", "fusion.proj_x.bias",
+                                       "fusion.proj_y.weight", "fusion.proj_y.bias",
+                                       "head.weight", "head.bias"}
+    assert torch.equal(model(x, y), other(x, y))
+
+
+def test_block_drop_in_state_dict_round_trip():
+    src = BlockMFBSource([5, 4], 3, activ_input=None).eval()
+    a = BlockMFB.from_block(src).eval()
+    b = BlockMFB.from_block(BlockMFBSource([5, 4], 3, activ_input=None)).eval()
+    b.load_state_dict(a.state_dict())
+    x = [torch.randn(2, 5), torch.randn(2, 4)]
+    assert torch.equal(a(x), b(x))
+    with pytest.raises(TypeError, match="sequence"):
+        a(x[0])
