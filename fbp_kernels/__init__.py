@@ -7,6 +7,7 @@ Public API: :func:`fbp`, :class:`FactorizedBilinearPooling`,
 from . import reference
 from .backends import BackendUnavailableError, available_backends
 from .functional import fbp
+from .mfh import MFH, MultimodalFactorizedHighOrderPooling, mfh
 from .modules import FactorizedBilinearPooling
 from .reference import DEFAULT_EPS
 
@@ -15,6 +16,9 @@ __version__ = "0.1.0"
 __all__ = [
     "fbp",
     "FactorizedBilinearPooling",
+    "mfh",
+    "MultimodalFactorizedHighOrderPooling",
+    "MFH",
     "available_backends",
     "BackendUnavailableError",
     "reference",

@@ -1,0 +1,168 @@
+"""MFH as registered PyTorch operators: ``torch.ops.fbp_kernels.mfh_forward`` and
+``torch.ops.fbp_kernels.mfh_backward``.
+
+The same design as :mod:`fbp_kernels.ops` (read that first): a custom-op pair with
+fake kernels and ``register_autograd``, so ``torch.compile(fullgraph=True)`` sees two
+opaque operators with known output shapes whatever backend runs underneath.
+
+The per-block parameters travel as ``Tensor[]`` lists.  A missing bias is an empty
+``(0,)`` tensor in its list, not ``None``: ``Tensor?[]`` passes schema inference,
+but the autograd wrapper then fails to match the structure of the gradients it gets
+back against the inputs (a ``None`` inside a list is an empty pytree node, not a
+leaf).  Real biases are ``(factor*o,)`` with ``factor*o > 0``, so the marker is
+unambiguous.
+
+Backend choice for MFH: ``"auto"`` takes the fused Triton MFH on CUDA tensors when
+it exists and Triton can run there, and the plain-PyTorch one otherwise.  A named
+backend without an MFH implementation raises :class:`BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import BackendUnavailableError
+
+#: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
+_MFH_MODULES = {
+    "torch": "fbp_kernels.backends.torch_mfh",
+}
+_AUTO_ON_CUDA: Tuple[str, ...] = ()
+
+_EMPTY_SHAPE = (0,)
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(_MFH_MODULES[name])
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The MFH implementation for backend ``name`` on ``device``."""
+    if name == "auto":
+        if device.type == "cuda":
+            for cand in _AUTO_ON_CUDA:
+                if backends.unsupported_reason(cand, device) is None:
+                    try:
+                        return _load(cand)
+                    except ImportError:
+                        continue
+        return _load("torch")
+    backends.resolve(name, device)  # unknown name -> ValueError, unusable -> clear error
+    if name not in _MFH_MODULES:
+        raise BackendUnavailableError(
+            f"backend {name!r} has no MFH implementation; MFH runs on "
+            f"{sorted(_MFH_MODULES)} (or backend='auto')")
+    return _load(name)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY_SHAPE)
+
+
+def _is_marker(t: Tensor) -> bool:
+    return tuple(t.shape) == _EMPTY_SHAPE
+
+
+def to_marker_list(biases: Sequence[Optional[Tensor]], like: Tensor) -> List[Tensor]:
+    """``None`` entries become empty ``(0,)`` markers (see the module docstring)."""
+    return [_empty(like) if b is None else b for b in biases]
+
+
+def _from_markers(biases: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    return [None if _is_marker(b) else b for b in biases]
+
+
+def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
+    # The seed lives on the CPU, so .item() never synchronises a GPU stream.
+    return None if seed is None else int(seed.item())
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fbp_kernels::mfh_forward", mutates_args=())
+def mfh_forward(
+    x: Tensor, y: Tensor, weights_x: List[Tensor], weights_y: List[Tensor],
+    biases_x: List[Tensor], biases_y: List[Tensor], seed: Optional[Tensor],
+    factor: int, dropout: float, normalize: bool, eps: float, backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Returns ``(out (..., P*o), norms (..., P))``; ``norms`` is empty when
+    ``normalize`` is false."""
+    impl = resolve(backend, x.device)
+    res = impl.forward(x, y, list(weights_x), list(weights_y), _from_markers(biases_x),
+                       _from_markers(biases_y), factor=factor, dropout=dropout,
+                       seed=_seed_value(seed), normalize=normalize, eps=eps)
+    return res.out, _empty(x) if res.norms is None else res.norms
+
+
+@mfh_forward.register_fake
+def _(x, y, weights_x, weights_y, biases_x, biases_y, seed, factor, dropout, normalize, eps,
+      backend):
+    batch = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    order = len(weights_x)
+    o = weights_x[0].shape[0] // factor
+    out = x.new_empty((*batch, order * o))
+    norms = x.new_empty((*batch, order), dtype=_acc_dtype(x.dtype)) if normalize \
+        else _empty(x)
+    return out, norms
+
+
+@torch.library.custom_op("fbp_kernels::mfh_backward", mutates_args=())
+def mfh_backward(
+    grad: Tensor, x: Tensor, y: Tensor, weights_x: List[Tensor], weights_y: List[Tensor],
+    biases_x: List[Tensor], biases_y: List[Tensor], out: Tensor, norms: Tensor,
+    seed: Optional[Tensor], factor: int, dropout: float, normalize: bool, eps: float,
+    backend: str,
+) -> List[Tensor]:
+    """Returns ``[dx, dy, *dweights_x, *dweights_y, *dbiases_x, *dbiases_y]``, a bias
+    gradient being an empty marker where the bias is one."""
+    impl = resolve(backend, x.device)
+    res = impl.backward(grad, x, y, list(weights_x), list(weights_y),
+                        _from_markers(biases_x), _from_markers(biases_y), out,
+                        norms if normalize else None, factor=factor, dropout=dropout,
+                        seed=_seed_value(seed), normalize=normalize, eps=eps)
+    return [res.dx, res.dy, *res.dweights_x, *res.dweights_y,
+            *to_marker_list(res.dbiases_x, x), *to_marker_list(res.dbiases_y, x)]
+
+
+@mfh_backward.register_fake
+def _(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, seed, factor, dropout,
+      normalize, eps, backend):
+    return [torch.empty_like(x), torch.empty_like(y),
+            *[torch.empty_like(w) for w in weights_x], *[torch.empty_like(w) for w in weights_y],
+            *[torch.empty_like(b) for b in biases_x], *[torch.empty_like(b) for b in biases_y]]
+
+
+def _setup_context(ctx, inputs, output):
+    (x, y, weights_x, weights_y, biases_x, biases_y, seed, factor, dropout, normalize, eps,
+     backend) = inputs
+    out, norms = output
+    ctx.order = len(weights_x)
+    ctx.save_for_backward(x, y, *weights_x, *weights_y, *biases_x, *biases_y, out, norms, seed)
+    ctx.config = (factor, dropout, normalize, eps, backend)
+    ctx.mark_non_differentiable(norms)
+
+
+def _backward(ctx, grad_out, _grad_norms):
+    P = ctx.order
+    x, y, *rest = ctx.saved_tensors
+    wx, wy, bx, by = rest[:P], rest[P:2 * P], rest[2 * P:3 * P], rest[3 * P:4 * P]
+    out, norms, seed = rest[4 * P:]
+    factor, dropout, normalize, eps, backend = ctx.config
+    g = mfh_backward(grad_out.contiguous(), x, y, wx, wy, bx, by, out, norms, seed, factor,
+                     dropout, normalize, eps, backend)
+    dx, dy, dg = g[0], g[1], g[2:]
+    # A marker input gets its (empty) marker gradient back: same shape, so autograd
+    # accepts it, and the marker never requires grad, so it goes nowhere.
+    return (dx, dy, dg[:P], dg[P:2 * P], dg[2 * P:3 * P], dg[3 * P:4 * P],
+            None, None, None, None, None, None)
+
+
+mfh_forward.register_autograd(_backward, setup_context=_setup_context)
