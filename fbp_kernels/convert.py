@@ -272,6 +272,9 @@ def _block_options(source: Source, prefix: str, factor, mm_dim, activ_input, nor
     inferred_mm = out_w.shape[1] if isinstance(out_w, Tensor) and out_w.dim() == 2 else _UNSET
     mm_dim = _option("mm_dim", _UNSET if mm_dim is None else mm_dim, module, "mm_dim",
                      inferred_mm)
+    if inferred_mm is not _UNSET and mm_dim != inferred_mm:
+        raise ValueError(f"mm_dim={mm_dim!r} contradicts linear_out, which takes "
+                         f"{inferred_mm} features")
     factor = _option("factor", _UNSET if factor is None else factor, module, "factor",
                      _UNSET)
     if factor is _UNSET:
