@@ -1,0 +1,254 @@
+"""Clip feature files, split lists, padding collate and the synthetic task.
+
+Clip format (one ``<clip_id>.pt`` per clip, a dict saved with ``torch.save``):
+
+=============== ============================ =========================================
+key             type / shape                 meaning
+=============== ============================ =========================================
+``format``      str                          ``"aver-clip-v1"``
+``clip_id``     str                          unique id; the file stem
+``label``       int                          class index into ``classes``; -1 = unknown
+``label_name``  str                          class name ("" when unknown)
+``audio``       float32 ``(Ta, Da)``         audio frames (log-mel: Da = n_mels)
+``video``       float32 ``(Tv, Dv)``         video frames (CNN embedding per frame)
+``audio_fps``   float                        audio frames per second
+``video_fps``   float                        video frames per second after sampling
+``face_found``  bool ``(Tv,)``               per video frame: detector found a face
+                                             (False: centre-crop fallback)
+``meta``        dict                         free-form provenance (paths, settings)
+=============== ============================ =========================================
+
+A feature directory holds the ``.pt`` files, ``classes.json`` (the ordered list
+of class names; the AFEW emotions when absent) and ``splits/{train,val,test}.txt``
+with one clip id per line (blank lines and ``#`` comments ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+FORMAT = "aver-clip-v1"
+EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------- files and splits
+
+def validate_clip(clip: dict, where: str = "clip") -> dict:
+    """Check a clip dict against the format; returns it, or raises ValueError."""
+    missing = {"clip_id", "label", "audio", "video"} - set(clip)
+    if missing:
+        raise ValueError(f"{where}: missing keys {sorted(missing)}")
+    for key in ("audio", "video"):
+        x = clip[key]
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{where}: {key} must be a (T>=1, D) tensor, got {shape}")
+    return clip
+
+
+def save_clip(clip: dict, directory: Path) -> Path:
+    """Write one clip as ``<directory>/<clip_id>.pt``."""
+    validate_clip(clip)
+    path = Path(directory) / f"{clip['clip_id']}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, **clip}, path)
+    return path
+
+
+def load_clip(path: Path) -> dict:
+    clip = torch.load(path, map_location="cpu", weights_only=True)
+    if clip.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {clip.get('format')!r}, expected {FORMAT!r}")
+    return validate_clip(clip, str(path))
+
+
+def read_split(path: Path) -> List[str]:
+    """Clip ids of a split file: one per line, blank lines and ``#`` comments skipped."""
+    ids = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            ids.append(line)
+    return ids
+
+
+def write_split(path: Path, ids: Sequence[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{i}\n" for i in ids))
+
+
+def read_classes(feature_dir: Path) -> List[str]:
+    path = Path(feature_dir) / "classes.json"
+    return json.loads(path.read_text()) if path.exists() else list(EMOTIONS)
+
+
+class ClipDataset(Dataset):
+    """The clips of one split, loaded lazily from a feature directory.
+
+    ``ClipDataset(feature_dir, "train")`` reads ``feature_dir/splits/train.txt``
+    (or ``splits_dir/train.txt``). Missing clip files fail at construction with
+    the list of what is missing, not halfway through an epoch.
+    """
+
+    def __init__(self, feature_dir: Path, split: str, splits_dir: Optional[Path] = None,
+                 preload: bool = False) -> None:
+        self.dir = Path(feature_dir)
+        split_file = Path(splits_dir or self.dir / "splits") / f"{split}.txt"
+        if not split_file.exists():
+            raise FileNotFoundError(f"split file {split_file} not found (one clip id per line)")
+        self.ids = read_split(split_file)
+        if not self.ids:
+            raise ValueError(f"split file {split_file} lists no clips")
+        self.paths = [self.dir / f"{i}.pt" for i in self.ids]
+        missing = [p.name for p in self.paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} clips of {split_file} have no feature file "
+                                    f"in {self.dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        self.classes = read_classes(self.dir)
+        self._cache = [load_clip(p) for p in self.paths] if preload else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._cache[i] if self._cache is not None else load_clip(self.paths[i])
+
+
+class InMemoryDataset(Dataset):
+    """A list of clip dicts (the synthetic set, or clips already in memory)."""
+
+    def __init__(self, clips: List[dict], classes: Sequence[str]) -> None:
+        self.clips = [validate_clip(c) for c in clips]
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.clips[i]
+
+
+def _pad(seqs: List[Tensor]):
+    lengths = torch.tensor([s.shape[0] for s in seqs])
+    out = torch.zeros(len(seqs), int(lengths.max()), seqs[0].shape[1], dtype=torch.float32)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    mask = torch.arange(out.shape[1])[None, :] < lengths[:, None]
+    return out, mask
+
+
+def collate_clips(clips: List[dict]) -> Dict[str, object]:
+    """Pad a list of clips into a batch.
+
+    Returns ``audio (B, Ta, Da)``, ``audio_mask (B, Ta)`` bool, ``video (B, Tv, Dv)``,
+    ``video_mask (B, Tv)`` bool (True = real frame; padding is zeros), ``label (B,)``
+    int64, ``clip_id`` (list of B str) and ``meta`` (list of B dicts, may be None).
+    """
+    audio, audio_mask = _pad([c["audio"] for c in clips])
+    video, video_mask = _pad([c["video"] for c in clips])
+    return {"audio": audio, "audio_mask": audio_mask, "video": video, "video_mask": video_mask,
+            "label": torch.tensor([int(c["label"]) for c in clips], dtype=torch.int64),
+            "clip_id": [str(c["clip_id"]) for c in clips],
+            "meta": [c.get("meta") for c in clips]}
+
+
+# ------------------------------------------------------------------ synthetic task
+
+class SyntheticTask:
+    """A task where the label is an audio-video interaction carried by a few frames.
+
+    Each clip draws an audio token ``a`` and a video token ``v`` (each uniform in
+    ``0..classes-1``) and gets the label ``(a + v) mod classes``. Either token alone
+    says nothing about the label (its marginal is uniform whatever ``a`` is), so
+    one modality alone sits at chance and the model must combine both.
+
+    Frames are Gaussian noise; ``salient`` frames per modality (random positions)
+    carry the clip's token prototype plus a shared "salience" direction, and each
+    other frame carries a random distractor token with probability
+    ``distractor_prob`` (without the salience direction). Averaging all frames
+    mixes the true token with the distractors, so mean pooling sees a weak
+    signal; attention can find the salient frames and read their token.
+    """
+
+    def __init__(self, audio_dim: int = 40, video_dim: int = 64, classes: int = 7,
+                 audio_frames=(24, 48), video_frames=(8, 16), salient: int = 3,
+                 distractor_prob: float = 0.5, noise: float = 0.6, seed: int = 1234) -> None:
+        if salient < 1 or salient > min(audio_frames[0], video_frames[0]):
+            raise ValueError(f"salient must be in [1, shortest clip], got {salient}")
+        self.audio_dim, self.video_dim, self.classes = audio_dim, video_dim, classes
+        self.audio_frames, self.video_frames = audio_frames, video_frames
+        self.salient, self.distractor_prob, self.noise = salient, distractor_prob, noise
+        # The prototypes define the task: a fixed seed, independent of the sample seed,
+        # so train, val and test sets drawn with different seeds share them.
+        g = torch.Generator().manual_seed(seed)
+        self.protos = {"audio": self._unit(torch.randn(classes, audio_dim, generator=g)),
+                       "video": self._unit(torch.randn(classes, video_dim, generator=g))}
+        self.marker = {"audio": self._unit(torch.randn(1, audio_dim, generator=g))[0],
+                       "video": self._unit(torch.randn(1, video_dim, generator=g))[0]}
+
+    @staticmethod
+    def _unit(x: Tensor) -> Tensor:
+        return x / x.norm(dim=-1, keepdim=True) * math.sqrt(x.shape[-1]) * 0.5
+
+    def _stream(self, modality: str, token: int, frames, g: torch.Generator):
+        dim = self.protos[modality].shape[1]
+        t = int(torch.randint(frames[0], frames[1] + 1, (1,), generator=g))
+        x = self.noise * torch.randn(t, dim, generator=g)
+        salient = torch.randperm(t, generator=g)[: self.salient]
+        is_salient = torch.zeros(t, dtype=torch.bool)
+        is_salient[salient] = True
+        distract = (torch.rand(t, generator=g) < self.distractor_prob) & ~is_salient
+        tokens = torch.randint(0, self.classes, (t,), generator=g)
+        x[distract] += self.protos[modality][tokens[distract]]
+        x[is_salient] += self.protos[modality][token] + self.marker[modality]
+        return x, is_salient
+
+    def sample(self, n: int, seed: int, prefix: str = "syn") -> List[dict]:
+        """``n`` clips in the clip format; the same ``seed`` gives the same clips."""
+        g = torch.Generator().manual_seed(seed)
+        clips = []
+        for i in range(n):
+            a, v = (int(t) for t in torch.randint(0, self.classes, (2,), generator=g))
+            audio, audio_salient = self._stream("audio", a, self.audio_frames, g)
+            video, video_salient = self._stream("video", v, self.video_frames, g)
+            label = (a + v) % self.classes
+            clips.append({
+                "format": FORMAT, "clip_id": f"{prefix}{seed}_{i:05d}", "label": label,
+                "label_name": EMOTIONS[label] if self.classes == len(EMOTIONS) else str(label),
+                "audio": audio, "video": video, "audio_fps": 25.0, "video_fps": 5.0,
+                "face_found": torch.ones(video.shape[0], dtype=torch.bool),
+                "meta": {"synthetic": True, "audio_token": a, "video_token": v,
+                         "audio_salient": audio_salient, "video_salient": video_salient}})
+        return clips
+
+    def class_names(self) -> List[str]:
+        return list(EMOTIONS) if self.classes == len(EMOTIONS) else [str(i) for i in range(self.classes)]
+
+
+def synthetic_splits(sizes=(2000, 500, 500), seed: int = 0, **task_kwargs):
+    """``{"train": ds, "val": ds, "test": ds}`` of the synthetic task, disjoint seeds."""
+    task = SyntheticTask(**task_kwargs)
+    return {name: InMemoryDataset(task.sample(n, seed=seed * 10 + k, prefix=f"{name}-"),
+                                  task.class_names())
+            for k, (name, n) in enumerate(zip(SPLITS, sizes))}, task
+
+
+def write_synthetic(out_dir: Path, sizes=(2000, 500, 500), seed: int = 0, **task_kwargs) -> Path:
+    """Write the synthetic set as a feature directory (clip files, classes, splits)."""
+    out_dir = Path(out_dir)
+    splits, task = synthetic_splits(sizes, seed, **task_kwargs)
+    for name, ds in splits.items():
+        for clip in ds.clips:
+            save_clip(clip, out_dir)
+        write_split(out_dir / "splits" / f"{name}.txt", [c["clip_id"] for c in ds.clips])
+    (out_dir / "classes.json").write_text(json.dumps(task.class_names()))
+    return out_dir
