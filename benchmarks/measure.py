@@ -1,0 +1,156 @@
+"""How things are measured: time percentiles, GPU peak memory, saved activations.
+
+Time on a GPU uses CUDA events around each call, with the L2 cache flushed before
+every call (by writing a buffer larger than any L2), so repeated calls on the same
+inputs do not measure the cache; on the CPU ``torch.utils.benchmark`` with all of
+torch's threads.  Both report the median and the 20th/80th percentiles: a wide
+p20-p80 band says the number is noisy (on a shared machine, expect that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+
+# Several times the L2 cache of current data-centre GPUs (H100 and H200: 50 MB).
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median and 20th/80th percentiles over ``samples``."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples: int
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default) of sorted values."""
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(times_ms: Iterable[float]) -> Timing:
+    values = sorted(times_ms)
+    if not values:
+        raise ValueError("no timing samples")
+    return Timing(_percentile(values, 50), _percentile(values, 20), _percentile(values, 80),
+                  len(values))
+
+
+def time_cpu(fn: Callable[[], object], min_run_time: float = 0.2,
+             min_samples: int = 5) -> Timing:
+    """Time ``fn`` on the CPU with ``torch.utils.benchmark.Timer``.
+
+    At least ``min_samples`` samples and ``min_run_time`` seconds; each sample times
+    a block of calls sized so that the samples share the run time.  (Timer's own
+    ``blocked_autorange`` can return a single block for a slow call, and then the
+    percentiles say nothing.)  ``num_threads`` is torch's current thread count: the
+    Timer's default of one thread would understate what a user gets from the BLAS.
+    """
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                                  num_threads=torch.get_num_threads())
+    one_call = max(timer.timeit(1).mean, 1e-7)
+    number = max(1, int(min_run_time / min_samples / one_call))
+    samples, total = [], 0.0
+    while len(samples) < min_samples or total < min_run_time:
+        mean = timer.timeit(number).mean  # seconds per call in this block
+        samples.append(mean * 1e3)
+        total += mean * number
+    return summarize(samples)
+
+
+def time_cuda(fn: Callable[[], object], device: torch.device, warmup_ms: float = 10.0,
+              rep_ms: float = 50.0, max_reps: int = 1000) -> Timing:
+    """Time ``fn`` on a CUDA device with events, flushing L2 before each call.
+
+    The number of warm-up and measured calls comes from a first estimate, as in
+    ``triton.testing.do_bench``: about ``warmup_ms`` and ``rep_ms`` of work.
+    """
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    stream = torch.cuda.current_stream(device)
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(5):
+        flush.zero_()
+        fn()
+    end.record(stream)
+    torch.cuda.synchronize(device)
+    # The estimate includes the flushes; that only makes the repeat counts smaller.
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    n_warmup = max(1, int(warmup_ms / estimate_ms))
+    n_reps = min(max_reps, max(10, int(rep_ms / estimate_ms)))
+    for _ in range(n_warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record(stream)
+        fn()
+        e.record(stream)
+    torch.cuda.synchronize(device)
+    del flush
+    return summarize(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, min_run_time: float = 0.2,
+            min_samples: int = 5, warmup_ms: float = 10.0, rep_ms: float = 50.0) -> Timing:
+    """Time on whatever device the problem lives on."""
+    if device.type == "cuda":
+        return time_cuda(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return time_cpu(fn, min_run_time=min_run_time, min_samples=min_samples)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak CUDA memory ``fn`` allocates above what was allocated before it ran.
+
+    What was live before (inputs, parameters, a retained graph) is not counted, so
+    the number is the extra memory one call of this mode needs.
+    """
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return peak - base
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def saved_activation_bytes(forward: Callable[[], torch.Tensor],
+                           exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward after one forward, beyond ``exclude``.
+
+    Every tensor saved for backward (by autograd's own formulas, a custom
+    ``autograd.Function`` or a compiled graph) passes through the pack hook of
+    ``saved_tensors_hooks``.  Tensors sharing storage with ``exclude`` (the inputs
+    and parameters, which live anyway) are not counted; each other storage is
+    counted once, whole, however many views of it are saved.
+    """
+    excluded = {_storage_key(t) for t in exclude}
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in excluded and key not in saved:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(saved.values())

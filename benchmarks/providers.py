@@ -1,0 +1,236 @@
+"""What the benchmark measures: the providers of one operation (FBP or MFH).
+
+A provider turns a problem's tensors into one callable per mode:
+
+- ``forward``:          inference, under ``torch.no_grad()``;
+- ``backward``:         ``torch.autograd.grad`` through a graph built once beforehand
+                        (``retain_graph=True``), gradients for x, y, weights, biases;
+- ``forward+backward``: a training step of the layer: forward with autograd, then
+                        the same gradients.
+
+Providers: ``reference`` (the eager specification, the baseline), ``compile``
+(``torch.compile`` of the reference: what a user would try instead), each backend
+``<name>`` (memory-lean, recomputes the projections in backward) and
+``<name>+saved`` (``save_projections=True``), and ``floor``: only the matrix
+products the operation cannot avoid (2 per block forward, 4 per block backward,
+6 per block for both), so every other time also reads as "times the floor".
+Bias gradients and the epilogue are deliberately not in the floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fbp_kernels
+from fbp_kernels import reference
+
+from .problems import Problem
+
+MODES = ("forward", "backward", "forward+backward")
+
+ModeFn = Callable[[], object]
+
+
+@dataclass
+class Inputs:
+    """One problem's tensors; every one requires grad (x and y come from upstream
+    networks in a real model, so their gradients are part of the cost).
+
+    ``x (rows, m)``, ``y (rows, n)``; per block ``weights_x (k*o, m)``,
+    ``weights_y (k*o, n)``, biases ``(k*o,)``; ``grad_out (rows, order*o)``.
+    """
+
+    x: Tensor
+    y: Tensor
+    weights_x: List[Tensor]
+    weights_y: List[Tensor]
+    biases_x: List[Tensor]
+    biases_y: List[Tensor]
+    grad_out: Tensor
+
+    @property
+    def params(self) -> List[Tensor]:
+        return [*self.weights_x, *self.weights_y, *self.biases_x, *self.biases_y]
+
+    @property
+    def leaves(self) -> List[Tensor]:
+        return [self.x, self.y, *self.params]
+
+    def min_bytes(self) -> int:
+        """Bytes a forward must move at least: read inputs and parameters once, write
+        the output once.  Over the forward time this is its achieved bandwidth,
+        the number that matters at small ``rows`` where reading the weights dominates."""
+        tensors = [*self.leaves, self.grad_out]  # grad_out is shaped like the output
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_inputs(problem: Problem, device: torch.device, seed: int = 0) -> Inputs:
+    """Random inputs (never zeros: they can run faster than real data), weights
+    scaled like ``nn.Linear``'s initialisation so the pooled values are O(1)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dtype, ko = problem.torch_dtype, problem.factor * problem.o
+
+    def rand(*shape, std=1.0):
+        t = torch.randn(*shape, generator=gen) * std
+        return t.to(device=device, dtype=dtype).requires_grad_(True)
+
+    blocks = range(problem.order)
+    return Inputs(
+        x=rand(problem.rows, problem.m),
+        y=rand(problem.rows, problem.n),
+        weights_x=[rand(ko, problem.m, std=problem.m ** -0.5) for _ in blocks],
+        weights_y=[rand(ko, problem.n, std=problem.n ** -0.5) for _ in blocks],
+        biases_x=[rand(ko, std=0.1) for _ in blocks],
+        biases_y=[rand(ko, std=0.1) for _ in blocks],
+        grad_out=torch.randn(problem.rows, problem.order * problem.o, generator=gen)
+        .to(device=device, dtype=dtype),
+    )
+
+
+@dataclass
+class Provider:
+    """A named way to compute the operation.
+
+    ``build(problem, inputs)`` returns ``{mode: zero-argument callable}``; it may
+    raise, and the runner records the error instead of crashing.  ``forward``
+    (when not None) is the plain forward used to count saved activations.
+    """
+
+    name: str
+    kind: str  # "baseline", "compile", "backend", "floor"
+    build: Callable[[Problem, Inputs], Dict[str, ModeFn]]
+    forward: Optional[Callable[[Problem, Inputs], Callable[[], Tensor]]] = None
+
+
+def autograd_modes(fwd: Callable[[], Tensor], inputs: Inputs) -> Dict[str, ModeFn]:
+    """The three mode callables of a differentiable forward."""
+    leaves, g = inputs.leaves, inputs.grad_out
+
+    def forward():
+        with torch.no_grad():
+            return fwd()
+
+    graph = {}
+
+    def backward():
+        # Built lazily, on the first call (the runner's warm-up), so building the
+        # graph of one mode never costs memory while another mode is measured.
+        if "out" not in graph:
+            graph["out"] = fwd()
+        return torch.autograd.grad(graph["out"], leaves, g, retain_graph=True)
+
+    def forward_backward():
+        return torch.autograd.grad(fwd(), leaves, g)
+
+    return {"forward": forward, "backward": backward, "forward+backward": forward_backward}
+
+
+# ----------------------------------------------------------------------------------
+# The forwards of each operation.
+
+def _reference_forward(op: str):
+    def make(problem: Problem, inp: Inputs) -> Callable[[], Tensor]:
+        if op == "fbp":
+            args = (inp.x, inp.y, inp.weights_x[0], inp.weights_y[0], inp.biases_x[0],
+                    inp.biases_y[0])
+            return lambda: reference.fbp(*args, factor=problem.factor)
+        return lambda: reference.mfh(inp.x, inp.y, inp.weights_x, inp.weights_y,
+                                     inp.biases_x, inp.biases_y, factor=problem.factor)
+    return make
+
+
+def _compiled_forward(op: str, compile_backend: str):
+    def make(problem: Problem, inp: Inputs) -> Callable[[], Tensor]:
+        # A fresh compilation per problem: dynamo's cache would otherwise switch to
+        # dynamic shapes after the first shape change (or fall back to eager after
+        # its recompile limit), and the result would not be a per-shape compile.
+        torch._dynamo.reset()
+        factor = problem.factor
+        if op == "fbp":
+            fn = torch.compile(lambda x, y, wx, wy, bx, by:
+                               reference.fbp(x, y, wx, wy, bx, by, factor=factor),
+                               backend=compile_backend, dynamic=False)
+            args = (inp.x, inp.y, inp.weights_x[0], inp.weights_y[0], inp.biases_x[0],
+                    inp.biases_y[0])
+        else:
+            fn = torch.compile(lambda x, y, wx, wy, bx, by:
+                               reference.mfh(x, y, wx, wy, bx, by, factor=factor),
+                               backend=compile_backend, dynamic=False)
+            args = (inp.x, inp.y, inp.weights_x, inp.weights_y, inp.biases_x, inp.biases_y)
+        return lambda: fn(*args)
+    return make
+
+
+def _backend_forward(op: str, backend: str, save_projections: bool):
+    def make(problem: Problem, inp: Inputs) -> Callable[[], Tensor]:
+        kw = dict(factor=problem.factor, backend=backend, save_projections=save_projections)
+        if op == "fbp":
+            args = (inp.x, inp.y, inp.weights_x[0], inp.weights_y[0], inp.biases_x[0],
+                    inp.biases_y[0])
+            return lambda: fbp_kernels.fbp(*args, **kw)
+        mfh = getattr(fbp_kernels, "mfh", None)
+        if mfh is None:
+            raise NotImplementedError("fbp_kernels.mfh does not exist in this version")
+        return lambda: mfh(inp.x, inp.y, inp.weights_x, inp.weights_y, inp.biases_x,
+                           inp.biases_y, **kw)
+    return make
+
+
+def _floor_modes(problem: Problem, inp: Inputs) -> Dict[str, ModeFn]:
+    """Only the unavoidable matrix products, on the same operands and shapes.
+
+    Backward: ``dx = da W_x``, ``dW_x = da^T x`` and the same for y, per block, with
+    random stand-ins for ``da``, ``dc (rows, k*o)``.  No autograd, no epilogue.
+    """
+    x, y = inp.x.detach(), inp.y.detach()
+    blocks = list(zip([w.detach() for w in inp.weights_x], [w.detach() for w in inp.weights_y],
+                      [b.detach() for b in inp.biases_x], [b.detach() for b in inp.biases_y]))
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ko = problem.factor * problem.o
+    da = torch.randn(problem.rows, ko, generator=gen).to(x.device, x.dtype)
+    dc = torch.randn(problem.rows, ko, generator=gen).to(x.device, x.dtype)
+
+    def forward():
+        return [(F.linear(x, wx, bx), F.linear(y, wy, by)) for wx, wy, bx, by in blocks]
+
+    def backward():
+        return [(da @ wx, dc @ wy, da.t() @ x, dc.t() @ y) for wx, wy, _, _ in blocks]
+
+    def forward_backward():
+        return forward(), backward()
+
+    return {"forward": forward, "backward": backward, "forward+backward": forward_backward}
+
+
+def _with_autograd(make_forward):
+    def build(problem: Problem, inp: Inputs) -> Dict[str, ModeFn]:
+        return autograd_modes(make_forward(problem, inp), inp)
+    return build
+
+
+def providers_for(op: str, backend_names: List[str], include_compile: bool = True,
+                  compile_backend: str = "inductor") -> List[Provider]:
+    """The providers of ``op`` ("fbp" or "mfh") in table order, baseline first.
+
+    ``backend_names`` are the fbp_kernels backends to measure (each also with
+    ``+saved``); the caller decides which are available on the device.
+    """
+    if op not in ("fbp", "mfh"):
+        raise ValueError(f"op must be 'fbp' or 'mfh', got {op!r}")
+    ref = _reference_forward(op)
+    out = [Provider("reference", "baseline", _with_autograd(ref), ref)]
+    if include_compile:
+        comp = _compiled_forward(op, compile_backend)
+        out.append(Provider("compile", "compile", _with_autograd(comp), comp))
+    for name in backend_names:
+        for saved in (False, True):
+            fwd = _backend_forward(op, name, saved)
+            out.append(Provider(name + ("+saved" if saved else ""), "backend",
+                                _with_autograd(fwd), fwd))
+    out.append(Provider("floor", "floor", _floor_modes))
+    return out

@@ -1,0 +1,224 @@
+"""The main benchmark job (``make bench``): every provider, mode and sweep, then the
+terminal table, results.csv/json, summary.md and PNG plots in one results folder.
+
+    python benchmarks/run.py                      # GPU if present, else a CPU run
+    python benchmarks/run.py --sweep rows,factor  # only some sweeps
+    python benchmarks/run.py --smoke --out /tmp/b # seconds: tiny shapes (CI)
+    python benchmarks/run.py --op mfh --order 2   # MFH instead of FBP
+
+See benchmarks/README.md for what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import fbp_kernels  # noqa: E402
+from benchmarks import environment, plots, results, summary  # noqa: E402
+from benchmarks.harness import Settings, run_problems  # noqa: E402
+from benchmarks.problems import (CPU_PLAN, DEFAULT_SWEEPS, GPU_PLAN, SMOKE_PLAN,  # noqa: E402
+                                 sweep_problems)
+from benchmarks.providers import providers_for  # noqa: E402
+from benchmarks.table import ResultIndex  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+#: Seconds after which a GPU run starts no new problem: a lent GPU allows 10 minutes
+#: per command, and the outputs must be written before that.
+GPU_TIME_BUDGET_S = 420.0
+
+
+def _csv_list(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda[:i]")
+    ap.add_argument("--op", default="fbp", choices=("fbp", "mfh"))
+    ap.add_argument("--order", type=int, default=2, help="MFH order (with --op mfh)")
+    ap.add_argument("--sweep", type=_csv_list, default=None,
+                    help="comma-separated sweeps: rows, m, n (or width), factor, o, dtype, "
+                         "aver, all (default: all on GPU; rows,factor,aver on CPU)")
+    ap.add_argument("--dtypes", type=_csv_list, default=None,
+                    help="dtypes of the sweeps (default bf16 on GPU, fp32 on CPU); "
+                         "the dtype sweep always covers fp32, fp16, bf16 on GPU")
+    ap.add_argument("--providers", type=_csv_list, default=None,
+                    help="only these providers (reference and floor are always kept)")
+    ap.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the 'compile' provider")
+    ap.add_argument("--smoke", "--quick", dest="smoke", action="store_true",
+                    help="tiny shapes and short timings: a seconds-long check of the harness")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default benchmarks/out/<device>-<date>/)")
+    ap.add_argument("--append", action="store_true",
+                    help="merge with results.csv already in --out (split a GPU run into calls)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help=f"seconds after which no new problem starts (GPU default "
+                         f"{GPU_TIME_BUDGET_S:.0f}, CPU none)")
+    ap.add_argument("--min-run-time", type=float, default=None,
+                    help="CPU seconds per measurement (default 0.2; smoke 0.01)")
+    ap.add_argument("--rep-ms", type=float, default=None,
+                    help="GPU milliseconds of timed calls per measurement (default 50)")
+    ap.add_argument("--peak-bandwidth", type=float, default=None,
+                    help="device peak memory bandwidth in GB/s (known GPUs: looked up)")
+    ap.add_argument("--compile-report", action="store_true",
+                    help="also ask the Triton backend for its compile report on CPU runs")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; smoke: 1, since tiny "
+                         "shapes only pay threading overhead)")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    if args.op == "mfh" and args.order < 2:
+        ap.error("--op mfh needs --order >= 2 (order 1 is FBP)")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    return device
+
+
+def backend_names(op: str, device: torch.device) -> List[str]:
+    """Backends to measure: on CPU only ``torch`` (the Triton interpreter is a testing
+    tool, not something to time); on a GPU every backend that can run there."""
+    if op == "mfh" and not hasattr(fbp_kernels, "mfh"):
+        print("fbp_kernels.mfh does not exist yet: measuring reference, compile and floor only")
+        return []
+    if device.type != "cuda":
+        return ["torch"]
+    names = fbp_kernels.available_backends(device)
+    for name in fbp_kernels.backends.NAMES if hasattr(fbp_kernels, "backends") else ():
+        if name not in names:
+            reason = fbp_kernels.backends.unsupported_reason(name, device)
+            print(f"backend {name!r} not measured: {reason}")
+    return names
+
+
+def compile_report(device: torch.device, wanted: bool) -> Optional[List[dict]]:
+    """Rows of ``triton_backend.compile_report()`` when it exists (registers, spills,
+    shared memory per kernel); None otherwise.  Never fails the run."""
+    if not wanted:
+        return None
+    try:
+        from fbp_kernels.backends import triton_backend
+        fn = getattr(triton_backend, "compile_report", None)
+        if fn is None:
+            return None
+        out = []
+        for r in fn():
+            if isinstance(r, dict):
+                out.append(dict(r))
+            elif hasattr(r, "_asdict"):
+                out.append(dict(r._asdict()))
+            else:
+                out.append(dict(vars(r)))
+        return out or None
+    except Exception as exc:  # optional section: say why it is missing, go on
+        print(f"compile report unavailable: {type(exc).__name__}: {exc}")
+        return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    threads = args.threads or (1 if args.smoke else None)
+    if threads:
+        torch.set_num_threads(threads)
+    gpu = device.type == "cuda"
+    plan = SMOKE_PLAN if args.smoke else (GPU_PLAN if gpu else CPU_PLAN)
+    sweeps = args.sweep or DEFAULT_SWEEPS["smoke" if args.smoke else device.type]
+    dtypes = args.dtypes or [plan.centre.dtype]
+    order = args.order if args.op == "mfh" else 1
+    problems = sweep_problems(plan, sweeps, dtypes, order=order, smoke=args.smoke)
+
+    providers = providers_for(args.op, backend_names(args.op, device),
+                              include_compile=not args.no_compile,
+                              compile_backend=args.compile_backend)
+    if args.providers:
+        keep = set(args.providers) | {"reference", "floor"}
+        providers = [p for p in providers if p.name in keep]
+
+    settings = Settings(
+        min_run_time=args.min_run_time or (0.01 if args.smoke else 0.2),
+        min_samples=3 if args.smoke else 5,
+        rep_ms=args.rep_ms or (5.0 if args.smoke else 50.0),
+        warmup_ms=2.0 if args.smoke else 10.0,
+        warmup_calls=1 if args.smoke else 2,
+    )
+    budget = args.time_budget if args.time_budget is not None else \
+        (GPU_TIME_BUDGET_S if gpu else None)
+
+    env = environment.describe(device)
+    out_dir = args.out or environment.default_out_dir(HERE / "out", device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in
+                                                     (argv if argv is not None else sys.argv[1:]))
+
+    print(("GPU run" if gpu else "CPU run (no GPU: CPU providers only, smaller shapes)")
+          + (", smoke sizes" if args.smoke else ""))
+    for k, v in env.items():
+        print(f"  {k}: {v}")
+    print(f"  op: {args.op}{f' order {order}' if order > 1 else ''}; sweeps: {','.join(sweeps)}; "
+          f"dtypes: {','.join(dtypes)}; {len(problems)} problems")
+    print(f"  providers: {', '.join(p.name for p in providers)}")
+    print(f"  centre: {plan.centre.label()}")
+    print(f"  results: {out_dir}")
+    print(summary.LEGEND, flush=True)
+
+    old_rows: List[results.Row] = []
+    if args.append and (out_dir / "results.csv").exists():
+        old_rows = results.read_csv(out_dir / "results.csv")
+    new_rows: List[results.Row] = []
+
+    def merged() -> List[results.Row]:
+        def key(r):
+            return (r.op, r.sweep, r.problem().shape_key(), r.provider, r.mode, r.metric)
+        fresh = {key(r) for r in new_rows}
+        return [r for r in old_rows if key(r) not in fresh] + new_rows
+
+    def on_problem(problem, rows):
+        new_rows.extend(rows)
+        print(summary.terminal_table(problem, rows), flush=True)
+        results.write_csv(out_dir / "results.csv", merged())  # partial results survive a kill
+
+    start = time.monotonic()
+    run_problems(args.op, problems, providers, device, settings, env, on_problem=on_problem,
+                 deadline=start + budget if budget is not None else None)
+    elapsed = time.monotonic() - start
+    env["wall_time_s"] = round(elapsed, 1)
+    measured = len({r.problem().shape_key() for r in new_rows})
+    if measured < len({p.shape_key() for p in problems}):
+        env["note"] = "time budget reached: some problems were not measured"
+
+    rows = merged()
+    report = compile_report(device, gpu or args.compile_report)
+    results.write_csv(out_dir / "results.csv", rows)
+    results.write_json(out_dir / "results.json", rows, env, command)
+    (out_dir / "summary.md").write_text(
+        summary.markdown(rows, env, command, report, args.peak_bandwidth))
+    written = ["results.csv", "results.json", "summary.md"]
+    if not args.no_plots:
+        title = f"{args.op} on {env['device']}"
+        written += [p.name for p in plots.plot_sweeps(ResultIndex(rows), out_dir, title)]
+    print(f"\nwall time {elapsed:.1f} s; wrote {', '.join(written)} to {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
