@@ -152,7 +152,11 @@ def mfh(
     x, y = cast[0], cast[1]
     weights_x, weights_y = cast[2:2 + n], cast[2 + n:2 + 2 * n]
     biases_x, biases_y = cast[2 + 2 * n:2 + 3 * n], cast[2 + 3 * n:]
-    mfh_ops.resolve(backend, device)  # a clear error here rather than inside the op
+    if not torch.compiler.is_compiling():
+        # A clear error here rather than from inside the op.  Skipped while tracing:
+        # resolving imports modules, which Dynamo refuses to trace; the op resolves
+        # again when it runs, so a bad backend still fails there.
+        mfh_ops.resolve(backend, device)
     seed = None
     if training and dropout > 0:
         # As in fbp(): CPU generator (reproducible, never synchronises the GPU).
