@@ -1,0 +1,197 @@
+"""The benchmark harness (benchmarks/): a CI-sized run produces its files with sane
+contents, and the measuring pieces count what they claim to count.
+
+Timing *values* are never asserted (a shared CI machine makes them noise); what is
+asserted is structure, consistency (p20 <= median <= p80) and the byte counts,
+which are exact.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import measure, summary  # noqa: E402
+from benchmarks.harness import Settings, run_problems  # noqa: E402
+from benchmarks.problems import SMOKE_PLAN, Problem, sweep_problems  # noqa: E402
+from benchmarks.providers import Provider, make_inputs, providers_for  # noqa: E402
+from benchmarks.results import ERROR, SAVED_BYTES, TIME_MEDIAN, make_row  # noqa: E402
+from benchmarks.table import ResultIndex  # noqa: E402
+
+MODES = {"forward", "backward", "forward+backward"}
+TINY = Problem(rows=4, m=6, n=5, factor=3, o=4)
+FAST = Settings(min_run_time=0.001, min_samples=2, warmup_ms=1.0, rep_ms=2.0, warmup_calls=1)
+ENV = {"date": "2026-01-01T00:00:00Z", "device": "test", "device_type": "cpu",
+       "torch": torch.__version__, "triton": None, "cuda": None}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One `run.py --smoke` in a subprocess, as `make bench BENCH_ARGS=--smoke` runs it.
+
+    torch.compile goes through its "eager" backend here: it still exercises dynamo's
+    tracing of the reference, without inductor's C++ compile (tens of seconds).
+    """
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out),
+         "--compile-backend", "eager"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"run.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out, proc.stdout
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+    out, stdout = smoke_run
+    for name in ("results.csv", "results.json", "summary.md", "plot-rows-fp32.png",
+                 "plot-factor-fp32.png"):
+        assert (out / name).is_file(), f"{name} missing; got {sorted(os.listdir(out))}"
+    for png in out.glob("*.png"):
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    # The terminal table names the device and the providers.
+    assert "CPU run" in stdout or "GPU run" in stdout
+    assert "torch+saved" in stdout and "floor" in stdout
+
+
+def test_smoke_rows_are_complete_and_consistent(smoke_run):
+    out, _ = smoke_run
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    errors = [r for r in rows if r["metric"] == ERROR]
+    assert not errors, f"providers failed: {[(r['provider'], r['note']) for r in errors]}"
+    providers = {r["provider"] for r in rows}
+    assert {"reference", "compile", "torch", "torch+saved", "floor"} <= providers
+    for key in ("device", "torch", "date", "dtype", "rows", "m", "n", "factor", "o"):
+        assert all(r[key] for r in rows), f"empty {key} in some row"
+
+    times = {}
+    for r in rows:
+        times[(r["sweep"], r["rows"], r["factor"], r["provider"], r["mode"], r["metric"])] = \
+            float(r["value"])
+    medians = [(k, v) for k, v in times.items() if k[-1] == TIME_MEDIAN]
+    # 2 sweeps x 2 points x 5 providers x 3 modes.
+    assert len(medians) == 2 * 2 * 5 * 3
+    assert {k[4] for k, _ in medians} == MODES
+    for k, med in medians:
+        p20, p80 = times[k[:-1] + ("time_p20_ms",)], times[k[:-1] + ("time_p80_ms",)]
+        assert 0 < p20 <= med <= p80 and math.isfinite(p80), (k, p20, med, p80)
+
+    saved = {(r["rows"], r["factor"], r["provider"]): int(float(r["value"]))
+             for r in rows if r["metric"] == SAVED_BYTES}
+    for (nrows, factor, prov), value in saved.items():
+        if prov == "torch":  # lean: only the output (rows, o) and the row norm (rows,)
+            o = SMOKE_PLAN.centre.o
+            assert value == int(nrows) * (o + 1) * 4, (nrows, factor, value)
+        assert value < saved[(nrows, factor, "reference")] or prov in ("reference", "compile")
+
+
+def test_smoke_json_and_markdown(smoke_run):
+    out, _ = smoke_run
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["environment"]["torch"] == torch.__version__
+    assert doc["environment"]["device"]
+    with open(out / "results.csv", newline="") as f:
+        assert len(doc["rows"]) == sum(1 for _ in csv.DictReader(f))
+    md = (out / "summary.md").read_text()
+    if not torch.cuda.is_available():
+        assert "**CPU run.**" in md
+    assert "## Sweep `rows` (fp32)" in md and "## Sweep `factor` (fp32)" in md
+    assert "## Targets (issue 5)" in md
+    assert "| torch forward / reference |" in md or torch.cuda.is_available()
+
+
+def test_saved_activation_bytes_are_exact():
+    """Lean backend keeps (rows, o) + (rows,); +saved adds both projections; the
+    reference keeps at least the projections; inputs and parameters never count."""
+    p = TINY
+    inp = make_inputs(p, torch.device("cpu"))
+    provs = {q.name: q for q in providers_for("fbp", ["torch"], include_compile=False)}
+    count = {name: measure.saved_activation_bytes(provs[name].forward(p, inp), inp.leaves)
+             for name in ("reference", "torch", "torch+saved")}
+    ko, el = p.factor * p.o, 4
+    assert count["torch"] == p.rows * (p.o + 1) * el
+    assert count["torch+saved"] == count["torch"] + 2 * p.rows * ko * el
+    assert count["reference"] >= 2 * p.rows * ko * el
+    # A forward that saves nothing but its inputs counts zero.
+    assert measure.saved_activation_bytes(lambda: inp.x * inp.y[:, :1], inp.leaves) == 0
+
+
+def test_timing_summary_percentiles():
+    t = measure.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.samples) == (3.0, 1.8, 4.2, 5)
+    with pytest.raises(ValueError):
+        measure.summarize([])
+    cpu = measure.time_cpu(lambda: torch.ones(8).sum(), min_run_time=0.005, min_samples=3)
+    assert cpu.samples >= 3 and 0 < cpu.p20_ms <= cpu.median_ms <= cpu.p80_ms
+
+
+def test_sweeps_vary_one_dimension_around_the_centre():
+    problems = sweep_problems(SMOKE_PLAN, ["rows", "width"], ["fp32"])
+    centre = SMOKE_PLAN.centre
+    assert [p.sweep for p in problems] == ["rows"] * 2 + ["m"] * 2 + ["n"] * 2
+    for p in problems:
+        diffs = [f for f in ("rows", "m", "n", "factor", "o") if getattr(p, f) != getattr(centre, f)]
+        assert set(diffs) <= {p.swept}
+    with pytest.raises(ValueError, match="unknown sweep"):
+        sweep_problems(SMOKE_PLAN, ["nope"], ["fp32"])
+    with pytest.raises(ValueError, match="unknown dtype"):
+        sweep_problems(SMOKE_PLAN, ["rows"], ["fp8"])
+
+
+def test_a_failing_provider_is_recorded_not_fatal():
+    def broken_build(problem, inputs):
+        raise RuntimeError("no compiler here")
+
+    def half_broken(problem, inputs):
+        ok = lambda: inputs.x + 1  # noqa: E731
+        def bad():
+            raise NotImplementedError("backward missing")
+        return {"forward": ok, "backward": bad, "forward+backward": bad}
+
+    provs = providers_for("fbp", [], include_compile=False)
+    provs += [Provider("broken", "compile", broken_build), Provider("half", "backend", half_broken)]
+    rows = run_problems("fbp", [TINY], provs, torch.device("cpu"), FAST, ENV)
+    idx = ResultIndex(rows)
+    assert all("no compiler here" in (idx.error(TINY, "broken", m) or "") for m in MODES)
+    assert idx.time(TINY, "half", "forward") is not None
+    assert "backward missing" in idx.error(TINY, "half", "backward")
+    assert idx.time(TINY, "reference", "forward+backward") is not None
+    assert "half failed: NotImplementedError" in summary.terminal_table(TINY, rows)
+
+
+def test_targets_pass_and_fail_on_the_worst_point():
+    """The targets table reports the worst problem and fails on it."""
+    def rows_for(p, ratio):
+        out = []
+        for prov, t in (("reference", 1.0), ("torch", ratio), ("floor", 0.5)):
+            out.append(make_row(ENV, "fbp", p, prov, "forward", TIME_MEDIAN, t))
+        return out
+
+    a = Problem(rows=8, m=4, n=4, factor=2, o=3, sweep="rows", swept="rows")
+    b = Problem(rows=16, m=4, n=4, factor=2, o=3, sweep="rows", swept="rows")
+    md = summary.markdown(rows_for(a, 1.0) + rows_for(b, 1.02), ENV, "cmd")
+    assert "| torch forward / reference | <= 1.05 | 1.020 (rows=16" in md and "| pass |" in md
+    md = summary.markdown(rows_for(a, 1.3) + rows_for(b, 1.02), ENV, "cmd")
+    assert "1.300 (rows=8" in md and "**FAIL**" in md
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_timing_and_peak_memory():
+    dev = torch.device("cuda")
+    a = torch.randn(512, 512, device=dev)
+    t = measure.time_cuda(lambda: a @ a, dev, warmup_ms=1, rep_ms=5)
+    assert t.samples >= 10 and 0 < t.p20_ms <= t.median_ms <= t.p80_ms
+    mib = 2**20
+    peak = measure.peak_memory_bytes(lambda: torch.empty(mib, dtype=torch.int8, device=dev), dev)
+    assert mib <= peak < 4 * mib
