@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", type=Path, help="checkpoint to continue from (e.g. OUT/last.pt)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: this model's ops are too small to "
+                        "gain from more, and lose a lot on a busy machine; 0 = torch's choice)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -144,6 +146,9 @@ def epoch_loader(dataset, args, epoch: int) -> DataLoader:
 
 def train_step(model, batch, optimizer, scheduler, device) -> float:
     model.train()
+    if (batch["label"] < 0).any():
+        raise ValueError(f"unlabelled clips (label -1) in the training split: "
+                         f"{[i for i, y in zip(batch['clip_id'], batch['label']) if y < 0][:5]}")
     logits = model(batch["audio"].to(device), batch["audio_mask"].to(device),
                    batch["video"].to(device), batch["video_mask"].to(device))
     loss = torch.nn.functional.cross_entropy(logits, batch["label"].to(device))
