@@ -28,6 +28,17 @@ NVCC_THREADS = os.environ.get("NVCC_THREADS", "2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _cuda_build_module():
+    """fbp_kernels/backends/cuda_build.py loaded by path (the package is not importable
+    while it is being built; that file needs only torch)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_fbp_cuda_build", os.path.join(HERE, "fbp_kernels", "backends", "cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_extension():
     """The extension to build, or None (with a warning saying why)."""
     if SKIP_CUDA_BUILD:
@@ -37,28 +48,38 @@ def cuda_extension():
         return None
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils import cpp_extension
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError:
         warnings.warn("torch is not importable at build time: skipping the CUDA extension "
                       "(install with --no-build-isolation to build it)")
         return None
     if not (torch.cuda.is_available() or FORCE_CUDA):
         return None
-    if CUDA_HOME is None or torch.version.cuda is None:
+    # The same toolkit discovery as the just-in-time build (follows an nvcc wrapper
+    # script; torch alone may guess /usr/local and fail to link -lcudart).
+    cuda_home = _cuda_build_module().find_cuda_home() or cpp_extension.CUDA_HOME
+    if cuda_home is None or torch.version.cuda is None:
         warnings.warn("nvcc/CUDA_HOME or a CUDA build of torch not found: skipping the CUDA "
                       "extension; the package installs without it")
         return None
+    os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    nvidia_include = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
+    # The pip CUDA wheels' headers (cublas_v2.h, cusparse.h), which torch's CUDA headers
+    # include and a bare toolkit may lack.
+    nvidia_includes = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "..",
+                                                    "nvidia", "cu*", "include")))
     ext = CUDAExtension(
         name="fbp_kernels._C",
         sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")] + ([os.path.abspath(nvidia_include)]
-                                                     if os.path.isdir(nvidia_include) else []),
+        include_dirs=[os.path.join(HERE, "csrc")] + [os.path.abspath(d) for d in nvidia_includes],
+        # No -std (torch picks c++17 or c++20 to match its headers) and no
+        # --use_fast_math (the signed sqrt and the normalisation must match the
+        # reference); -Xptxas=-v prints each kernel's registers, spills and smem.
+        # Keep these in step with fbp_kernels/backends/cuda_build.py.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                     "-Xptxas=-v", f"--threads={NVCC_THREADS}"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", f"--threads={NVCC_THREADS}"],
         },
     )
     return ext, BuildExtension

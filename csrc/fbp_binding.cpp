@@ -1,0 +1,281 @@
+// Operator registration for the CUDA backend: schemas, argument checks, Meta
+// (shape-only) kernels for torch.compile/FakeTensor, and the CUDA kernels.
+//
+//   torch.ops.fbp_kernels_cuda.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y,
+//       factor, dropout, seed, normalize, eps) -> (out (rows, o), norm (rows) or (0,))
+//   torch.ops.fbp_kernels_cuda.fbp_backward(grad, x, y, weight_x, weight_y, bias_x,
+//       bias_y, out, norm, factor, dropout, seed, normalize, eps)
+//       -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,))
+//   torch.ops.fbp_kernels_cuda.dropout_keep(index, seed, rate) -> bool mask
+//   torch.ops.fbp_kernels_cuda.philox4x32_10(counter (N, 4), key) -> (N, 4)  [CPU, tests]
+//
+// x and y are 2-D (rows, m) / (rows, n): the Python glue flattens and broadcasts
+// leading dimensions (backends/_common.flatten_rows).  Any strides are accepted
+// for x, y and the weights; biases are made contiguous (K values, cheap).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include "fbp_launch.h"
+#include "fbp_math.cuh"
+
+namespace fbp {
+namespace {
+
+using at::Tensor;
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_float(const Tensor& t, const char* name) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kHalf || d == at::kBFloat16 || d == at::kFloat || d == at::kDouble,
+              "fbp: ", name, " has dtype ", d, "; supported: float16, bfloat16, float32, float64");
+}
+
+// The same rules as fbp_kernels.functional.check_inputs, for the 2-D operator form.
+void check_forward_args(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
+                        const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
+                        int64_t factor, double dropout, double eps) {
+  TORCH_CHECK(x.dim() == 2, "fbp: x must be 2-D (rows, m), got shape ", x.sizes());
+  TORCH_CHECK(y.dim() == 2, "fbp: y must be 2-D (rows, n), got shape ", y.sizes());
+  TORCH_CHECK(x.size(0) == y.size(0), "fbp: x and y must have the same number of rows, got ",
+              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(wx.dim() == 2 && wy.dim() == 2, "fbp: weight_x and weight_y must be 2-D, got ",
+              wx.sizes(), " and ", wy.sizes());
+  TORCH_CHECK(factor >= 1, "fbp: factor must be >= 1, got ", factor);
+  const int64_t K = wx.size(0);
+  TORCH_CHECK(K > 0 && K % factor == 0, "fbp: weight_x.shape[0] (= factor * out_features) must "
+              "be a positive multiple of factor=", factor, ", got ", K);
+  TORCH_CHECK(wy.size(0) == K, "fbp: weight_x and weight_y must have the same number of rows, "
+              "got ", wx.sizes(), " and ", wy.sizes());
+  TORCH_CHECK(wx.size(1) == x.size(1), "fbp: x has ", x.size(1), " features (shape ", x.sizes(),
+              ") but weight_x expects ", wx.size(1), " (shape ", wx.sizes(), ")");
+  TORCH_CHECK(wy.size(1) == y.size(1), "fbp: y has ", y.size(1), " features (shape ", y.sizes(),
+              ") but weight_y expects ", wy.size(1), " (shape ", wy.sizes(), ")");
+  check_float(x, "x");
+  const Tensor* named[] = {&y, &wx, &wy};
+  const char* names[] = {"y", "weight_x", "weight_y"};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(named[i]->scalar_type() == x.scalar_type(), "fbp: all tensors must share one "
+                "dtype, got x=", x.scalar_type(), " and ", names[i], "=", named[i]->scalar_type());
+    TORCH_CHECK(named[i]->device() == x.device(), "fbp: all tensors must be on one device, got x "
+                "on ", x.device(), " and ", names[i], " on ", named[i]->device());
+  }
+  for (const auto& [b, name] : {std::make_pair(&bx, "bias_x"), std::make_pair(&by, "bias_y")}) {
+    if (!b->has_value()) continue;
+    const Tensor& t = **b;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == K, "fbp: ", name, " must have shape (", K,
+                ",), got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fbp: ", name, " has dtype ",
+                t.scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), "fbp: ", name, " is on ", t.device(),
+                " but x is on ", x.device());
+  }
+  TORCH_CHECK(dropout >= 0.0 && dropout < 1.0, "fbp: dropout must be in [0, 1), got ", dropout);
+  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "fbp: eps must be a finite float > 0, got ", eps);
+}
+
+void check_backward_args(const Tensor& grad, const Tensor& x, const Tensor& wx,
+                         const Tensor& out, const Tensor& norm, int64_t factor,
+                         bool normalize) {
+  const int64_t rows = x.size(0), o = wx.size(0) / factor;
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == rows && grad.size(1) == o,
+              "fbp: grad must have shape (", rows, ", ", o, "), got ", grad.sizes());
+  TORCH_CHECK(out.sizes() == grad.sizes(), "fbp: out must have shape ", grad.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "fbp: grad and out must have x's dtype ", x.scalar_type(), ", got ",
+              grad.scalar_type(), " and ", out.scalar_type());
+  if (normalize) {
+    TORCH_CHECK(norm.dim() == 1 && norm.size(0) == rows, "fbp: norm must have shape (", rows,
+                ",) when normalize=True, got ", norm.sizes());
+    TORCH_CHECK(norm.scalar_type() == acc_type(x.scalar_type()), "fbp: norm must be ",
+                acc_type(x.scalar_type()), " for ", x.scalar_type(), " inputs, got ",
+                norm.scalar_type());
+  }
+}
+
+Tensor maybe_contiguous(const std::optional<Tensor>& b) {
+  return b.has_value() ? b->contiguous() : Tensor();
+}
+
+Tensor empty_marker(const Tensor& like) { return at::empty({0}, like.options()); }
+
+// ------------------------------------------------------------------ forward
+std::tuple<Tensor, Tensor> forward_meta(const Tensor& x, const Tensor& y, const Tensor& wx,
+                                        const Tensor& wy, const std::optional<Tensor>& bx,
+                                        const std::optional<Tensor>& by, int64_t factor,
+                                        double dropout, std::optional<int64_t> seed,
+                                        bool normalize, double eps) {
+  check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
+  const int64_t rows = x.size(0), o = wx.size(0) / factor;
+  Tensor out = at::empty({rows, o}, x.options());
+  Tensor norm = normalize ? at::empty({rows}, x.options().dtype(acc_type(x.scalar_type())))
+                          : empty_marker(x);
+  return {out, norm};
+}
+
+std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx,
+                                        const Tensor& wy, const std::optional<Tensor>& bx,
+                                        const std::optional<Tensor>& by, int64_t factor,
+                                        double dropout, std::optional<int64_t> seed,
+                                        bool normalize, double eps) {
+  auto [out, norm] = forward_meta(x, y, wx, wy, bx, by, factor, dropout, seed, normalize, eps);
+  TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
+  if (x.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(at::cuda::getDeviceProperties(x.get_device())->major >= 8,
+                "fbp cuda: bfloat16 needs compute capability >= 8.0 (tensor-core bf16)");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.size(0) == 0) return {out, norm};
+  forward_cuda(x, y, wx, wy, maybe_contiguous(bx), maybe_contiguous(by), factor, dropout, seed,
+               normalize, eps, out, norm);
+  return {out, norm};
+}
+
+// ------------------------------------------------------------------ backward
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Grads backward_meta(const Tensor& grad, const Tensor& x, const Tensor& y, const Tensor& wx,
+                    const Tensor& wy, const std::optional<Tensor>& bx,
+                    const std::optional<Tensor>& by, const Tensor& out, const Tensor& norm,
+                    int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
+                    double eps) {
+  check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
+  check_backward_args(grad, x, wx, out, norm, factor, normalize);
+  return {at::empty_like(x, at::MemoryFormat::Contiguous),
+          at::empty_like(y, at::MemoryFormat::Contiguous),
+          at::empty_like(wx, at::MemoryFormat::Contiguous),
+          at::empty_like(wy, at::MemoryFormat::Contiguous),
+          bx.has_value() ? at::empty_like(*bx) : empty_marker(x),
+          by.has_value() ? at::empty_like(*by) : empty_marker(x)};
+}
+
+Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const Tensor& wx,
+                    const Tensor& wy, const std::optional<Tensor>& bx,
+                    const std::optional<Tensor>& by, const Tensor& out, const Tensor& norm,
+                    int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
+                    double eps) {
+  check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
+  check_backward_args(grad, x, wx, out, norm, factor, normalize);
+  TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_type(x.scalar_type());
+  // dL/ds (rows, o) in the accumulation dtype.
+  Tensor ds = normalize ? grad_pooled_cuda(grad, out, norm, eps) : grad.to(acc).contiguous();
+  const int64_t rows = x.size(0), K = wx.size(0);
+  Tensor da = at::empty({rows, K}, x.options());
+  Tensor dc = at::empty({rows, K}, x.options());
+  projection_grads_cuda(ds, x, y, wx, wy, maybe_contiguous(bx), maybe_contiguous(by), factor,
+                        dropout, seed, da, dc);
+  ds.reset();  // the transient buffers go as soon as the GEMMs have consumed them
+  Tensor dx = at::mm(da, wx);
+  Tensor dwx = at::mm(da.t(), x);
+  Tensor dbx = bx.has_value() ? da.sum(0) : empty_marker(x);
+  da.reset();
+  Tensor dy = at::mm(dc, wy);
+  Tensor dwy = at::mm(dc.t(), y);
+  Tensor dby = by.has_value() ? dc.sum(0) : empty_marker(x);
+  return {dx, dy, dwx, dwy, dbx, dby};
+}
+
+// ------------------------------------------------------------------ dropout mask
+Tensor dropout_keep_meta(const Tensor& index, int64_t seed, double rate) {
+  return at::empty(index.sizes(), index.options().dtype(at::kBool));
+}
+
+void check_keep_args(const Tensor& index, double rate) {
+  TORCH_CHECK(index.scalar_type() == at::kLong, "fbp: index must be int64, got ",
+              index.scalar_type());
+  TORCH_CHECK(rate >= 0.0 && rate < 1.0, "fbp: dropout rate must be in [0, 1), got ", rate);
+}
+
+Tensor dropout_keep_cpu(const Tensor& index, int64_t seed, double rate) {
+  check_keep_args(index, rate);
+  auto idx = index.contiguous();
+  auto keep = at::empty(idx.sizes(), idx.options().dtype(at::kBool));
+  const int64_t* src = idx.data_ptr<int64_t>();
+  bool* dst = keep.data_ptr<bool>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    dst[i] = dropout_keep(static_cast<uint64_t>(seed), static_cast<uint64_t>(src[i]),
+                          static_cast<float>(rate));
+  return keep;
+}
+
+Tensor dropout_keep_gpu(const Tensor& index, int64_t seed, double rate) {
+  check_keep_args(index, rate);
+  const c10::cuda::CUDAGuard guard(index.device());
+  return dropout_keep_cuda(index, seed, rate);
+}
+
+// Raw Philox4x32-10 on the CPU: counter words and output words as int64 in [0, 2^32).
+Tensor philox_cpu(const Tensor& counter, int64_t key) {
+  TORCH_CHECK(counter.scalar_type() == at::kLong && counter.dim() == 2 && counter.size(1) == 4,
+              "fbp: counter must be an int64 (N, 4) tensor, got ", counter.scalar_type(), " ",
+              counter.sizes());
+  auto ctr = counter.contiguous();
+  auto result = at::empty_like(ctr);
+  const int64_t* c = ctr.data_ptr<int64_t>();
+  int64_t* r = result.data_ptr<int64_t>();
+  const auto k = static_cast<uint64_t>(key);
+  for (int64_t i = 0; i < ctr.size(0); ++i) {
+    const Philox4 out = philox4x32_10(
+        Philox4{static_cast<uint32_t>(c[4 * i]), static_cast<uint32_t>(c[4 * i + 1]),
+                static_cast<uint32_t>(c[4 * i + 2]), static_cast<uint32_t>(c[4 * i + 3])},
+        static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32));
+    r[4 * i] = out.x;
+    r[4 * i + 1] = out.y;
+    r[4 * i + 2] = out.z;
+    r[4 * i + 3] = out.w;
+  }
+  return result;
+}
+
+}  // namespace
+}  // namespace fbp
+
+TORCH_LIBRARY(fbp_kernels_cuda, m) {
+  m.def("fbp_forward(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, Tensor? bias_x, "
+        "Tensor? bias_y, int factor, float dropout, int? seed, bool normalize, float eps) "
+        "-> (Tensor out, Tensor norm)");
+  m.def("fbp_backward(Tensor grad, Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, "
+        "Tensor? bias_x, Tensor? bias_y, Tensor out, Tensor norm, int factor, float dropout, "
+        "int? seed, bool normalize, float eps) "
+        "-> (Tensor dx, Tensor dy, Tensor dweight_x, Tensor dweight_y, Tensor dbias_x, "
+        "Tensor dbias_y)");
+  m.def("dropout_keep(Tensor index, int seed, float rate) -> Tensor");
+  m.def("philox4x32_10(Tensor counter, int key) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CUDA, m) {
+  m.impl("fbp_forward", &fbp::forward_impl);
+  m.impl("fbp_backward", &fbp::backward_impl);
+  m.impl("dropout_keep", &fbp::dropout_keep_gpu);
+}
+
+TORCH_LIBRARY_IMPL(fbp_kernels_cuda, Meta, m) {
+  m.impl("fbp_forward", &fbp::forward_meta);
+  m.impl("fbp_backward", &fbp::backward_meta);
+  m.impl("dropout_keep", &fbp::dropout_keep_meta);
+}
+
+TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CPU, m) {
+  m.impl("dropout_keep", &fbp::dropout_keep_cpu);
+  m.impl("philox4x32_10", &fbp::philox_cpu);
+}
+
+// Lets `import fbp_kernels._C` (the ahead-of-time build) load the library and so
+// register the operators above; the just-in-time build loads it with
+// torch.ops.load_library instead and never calls this.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

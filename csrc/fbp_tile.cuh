@@ -1,0 +1,239 @@
+// Shared-memory GEMM tiles used by both the forward and the backward kernel.
+//
+// Each engine computes, for one thread block,
+//     out[r][c] = sum_k A[row0 + r, k] * W[col0 + c, k]     r < BM, c < BN
+// i.e. one (BM, BN) tile of the projection A W^T (nn.Linear layout, W is
+// (K, kdim)), accumulated in Acc and written to a shared-memory tile with leading
+// dimension kLdOut.  Rows/columns outside the matrices read as zero.  Inputs are
+// read through explicit strides, so non-contiguous x, y and weights need no copy.
+//
+//   FmaEngine<T, Acc, BM, BN>: CUDA-core FMA, 256 threads, each thread owns a
+//     (BM/16, BN/16) register micro-tile; float and double.
+//   WmmaEngine<T>: tensor cores through nvcuda::wmma (16x16x16, fp32 accumulate),
+//     128 threads = 2x2 warps of 32x32; half and bfloat16.
+//
+// The caller provides `in_smem` (kInputBytes) for the staged input tiles; the
+// output tile may alias it (the K loop ends with a barrier before the store).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace fbp {
+
+// ----------------------------------------------------------------- conversions
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc to_acc(T v) { return static_cast<Acc>(v); }
+template <>
+__device__ __forceinline__ float to_acc<float, __half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T, typename Acc>
+__device__ __forceinline__ T from_acc(Acc v) { return static_cast<T>(v); }
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Accumulation type: fp64 stays fp64, everything else accumulates in fp32.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// A 2-D operand read through strides (elements, not bytes); int64 offsets.
+template <typename T>
+struct Matrix {
+  const T* ptr;
+  int64_t rows;
+  int64_t cols;
+  int64_t stride_row;
+  int64_t stride_col;
+  __device__ __forceinline__ T at(int64_t r, int64_t c) const {
+    return ptr[r * stride_row + c * stride_col];
+  }
+};
+
+// Host side: a (rows, cols) tensor as a strided Matrix view; an optional pointer.
+template <typename T>
+Matrix<T> matrix(const at::Tensor& t) {
+  return Matrix<T>{reinterpret_cast<const T*>(t.data_ptr()), t.size(0), t.size(1), t.stride(0),
+                   t.stride(1)};
+}
+
+template <typename T>
+const T* optional_ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
+}
+
+constexpr int round_up(int v, int to) { return (v + to - 1) / to * to; }
+
+// ----------------------------------------------------------------- FMA engine
+template <typename T, typename AccT, int BM_, int BN_>
+struct FmaEngine {
+  using Acc = AccT;
+  static constexpr int BM = BM_, BN = BN_, BK = 16;
+  static constexpr int kThreads = 256;  // 16 x 16 threads
+  static constexpr int TM = BM / 16, TN = BN / 16;
+  static constexpr int kLdOut = BN + 1;  // +1: no bank conflicts on column reads
+  static constexpr int kInputBytes = (BK * BM + BK * BN) * int(sizeof(Acc));
+  static_assert(BM % 16 == 0 && BN % 16 == 0, "tile sides must be multiples of 16");
+
+  // out = A[row0:row0+BM, :] @ W[col0:col0+BN, :]^T, over the shared inner size.
+  __device__ static void gemm(const Matrix<T>& A, int64_t row0, const Matrix<T>& W,
+                              int64_t col0, unsigned char* in_smem, Acc* out) {
+    Acc* As = reinterpret_cast<Acc*>(in_smem);  // [BK][BM], k-major: row reads broadcast
+    Acc* Ws = As + BK * BM;                     // [BK][BN]
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int64_t kdim = A.cols;
+    Acc acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
+
+    for (int64_t k0 = 0; k0 < kdim; k0 += BK) {
+      // Consecutive threads walk k, the contiguous direction of x and W.
+      for (int e = tid; e < BM * BK; e += kThreads) {
+        const int r = e / BK, kk = e % BK;
+        const int64_t gr = row0 + r, gk = k0 + kk;
+        As[kk * BM + r] = (gr < A.rows && gk < kdim) ? to_acc<Acc>(A.at(gr, gk)) : Acc(0);
+      }
+      for (int e = tid; e < BN * BK; e += kThreads) {
+        const int c = e / BK, kk = e % BK;
+        const int64_t gc = col0 + c, gk = k0 + kk;
+        Ws[kk * BN + c] = (gc < W.rows && gk < kdim) ? to_acc<Acc>(W.at(gc, gk)) : Acc(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        Acc av[TM], wv[TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) av[i] = As[kk * BM + ty + 16 * i];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) wv[j] = Ws[kk * BN + tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+          for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], wv[j], acc[i][j]);
+      }
+      __syncthreads();  // before the next stage (or the aliasing store) overwrites
+    }
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) out[(ty + 16 * i) * kLdOut + tx + 16 * j] = acc[i][j];
+  }
+};
+
+// ----------------------------------------------------------------- WMMA engine
+// bfloat16 WMMA needs sm_80, half needs sm_70; the host refuses to launch on
+// older GPUs, and the body compiles to a trap for such architectures.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#define FBP_WMMA_HALF 0
+#else
+#define FBP_WMMA_HALF 1
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FBP_WMMA_BF16 0
+#else
+#define FBP_WMMA_BF16 1
+#endif
+
+template <typename T> struct WmmaSupported { static constexpr bool value = FBP_WMMA_HALF; };
+template <> struct WmmaSupported<__nv_bfloat16> { static constexpr bool value = FBP_WMMA_BF16; };
+
+template <typename T>
+struct WmmaEngine {
+  using Acc = float;
+  static constexpr int BM = 64, BN = 64, BK = 32;
+  static constexpr int kThreads = 128;  // 4 warps, 2 x 2, each 32 x 32
+  static constexpr int kLdIn = BK + 8;   // multiple of 8 halves (wmma), staggers banks
+  static constexpr int kLdOut = BN + 4;  // multiple of 4 floats (wmma store)
+  static constexpr int kInputBytes = (BM + BN) * kLdIn * int(sizeof(T));
+
+  __device__ static void gemm(const Matrix<T>& A, int64_t row0, const Matrix<T>& W,
+                              int64_t col0, unsigned char* in_smem, Acc* out) {
+    if constexpr (!WmmaSupported<T>::value) {
+      __trap();
+    } else {
+      using namespace nvcuda;
+      T* As = reinterpret_cast<T*>(in_smem);  // [BM][kLdIn], row-major A tile
+      T* Ws = As + BM * kLdIn;                // [BN][kLdIn]: B = W^T, column-major
+      const int tid = threadIdx.x, warp = tid / 32;
+      const int wr = warp / 2, wc = warp % 2;
+      const int64_t kdim = A.cols;
+      const T zero = from_acc<T>(0.0f);
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+      for (int64_t k0 = 0; k0 < kdim; k0 += BK) {
+        for (int e = tid; e < BM * BK; e += kThreads) {
+          const int r = e / BK, kk = e % BK;
+          const int64_t gr = row0 + r, gk = k0 + kk;
+          As[r * kLdIn + kk] = (gr < A.rows && gk < kdim) ? A.at(gr, gk) : zero;
+        }
+        for (int e = tid; e < BN * BK; e += kThreads) {
+          const int c = e / BK, kk = e % BK;
+          const int64_t gc = col0 + c, gk = k0 + kk;
+          Ws[c * kLdIn + kk] = (gc < W.rows && gk < kdim) ? W.at(gc, gk) : zero;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            wmma::load_matrix_sync(fa[i], As + (wr * 32 + i * 16) * kLdIn + kk, kLdIn);
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            wmma::load_matrix_sync(fb[j], Ws + (wc * 32 + j * 16) * kLdIn + kk, kLdIn);
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          wmma::store_matrix_sync(out + (wr * 32 + i * 16) * kLdOut + wc * 32 + j * 16,
+                                  acc[i][j], kLdOut, wmma::mem_row_major);
+    }
+  }
+};
+
+// Shared memory of a fused kernel: the staged inputs, aliased by the c tile (used
+// only after the last K stage), then the a tile.  128-byte aligned for wmma.
+template <class E>
+struct TileSmem {
+  using Acc = typename E::Acc;
+  static constexpr int kTileBytes = E::BM * E::kLdOut * int(sizeof(Acc));
+  static constexpr int kUnionBytes =
+      round_up(E::kInputBytes > kTileBytes ? E::kInputBytes : kTileBytes, 128);
+  static constexpr int kBytes = kUnionBytes + round_up(kTileBytes, 128);
+  static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
+};
+
+// The engine each input dtype uses (the only instantiations the library builds).
+template <typename T> struct EngineFor;
+template <> struct EngineFor<__half> { using type = WmmaEngine<__half>; };
+template <> struct EngineFor<__nv_bfloat16> { using type = WmmaEngine<__nv_bfloat16>; };
+template <> struct EngineFor<float> { using type = FmaEngine<float, float, 64, 64>; };
+template <> struct EngineFor<double> { using type = FmaEngine<double, double, 32, 64>; };
+
+}  // namespace fbp

@@ -1,0 +1,97 @@
+"""Backend ``cuda``: fused CUDA C++ kernels from ``csrc/`` (see docs/cuda.md).
+
+The compiled operators (``torch.ops.fbp_kernels_cuda.*``) take 2-D ``(rows, width)``
+inputs; this module broadcasts and flattens the leading dimensions
+(:func:`._common.flatten_rows`) and sums gradients back to each input's shape.
+
+Forward: one fused kernel per (64-row, output) tile computes both projections
+(tensor cores for fp16/bf16, FMA for fp32/fp64), the product, dropout, the sum
+over ``factor`` consecutive columns and the signed square root; a one-warp-per-row
+kernel finishes ``||t||`` and the L2 normalisation.  No ``(rows, factor*o)``
+tensor is written.
+
+Backward: ``ds`` from ``(g, z, ||t||)``, then a kernel that recomputes the
+projections tile by tile and writes ``da = dp*c`` and ``dc = dp*a`` as transient
+``(rows, factor*o)`` buffers in the input dtype, then cuBLAS for ``dx, dW, db``.
+
+``save_projections=True`` is accepted and falls back to recomputation (``a`` and
+``c`` are not returned): the fused forward never materialises them.
+
+Dropout: Philox4x32-10 keyed by ``(seed, row * factor*o + column)``;
+:func:`dropout_mask` returns the same mask for tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import cuda_build
+from ._common import BackwardResult, ForwardResult, flatten_rows, unflatten_grad
+
+NAME = "cuda"
+
+
+def unsupported_reason(device: torch.device) -> Optional[str]:
+    """Why the CUDA kernels cannot run on ``device`` (None when they can).
+
+    Never starts a build: a missing toolchain is reported from what is installed,
+    a failed earlier build by its error.
+    """
+    if device.type != "cuda":
+        return f"the cuda backend needs a CUDA device, got {device.type!r}"
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    if cuda_build.loaded_library() is not None:
+        return None
+    if cuda_build.build_failure() is not None:
+        return f"the extension failed to build: {cuda_build.build_failure().splitlines()[0]}"
+    if cuda_build._try_aot() is not None:
+        return None
+    missing = cuda_build.missing_requirements()
+    if missing:
+        return ("the extension is not built and cannot be built just in time; missing: "
+                + "; ".join(missing))
+    return None
+
+
+def _ops():
+    return cuda_build.ops()
+
+
+def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
+    """The keep-mask (bool, ``shape``) the kernels apply for ``seed``: element ``i`` of
+    the contiguous ``(..., factor*o)`` product is kept when its Philox uniform >= rate."""
+    shape = torch.Size(shape)
+    index = torch.arange(shape.numel(), device=device, dtype=torch.int64).view(shape)
+    return _ops().dropout_keep(index, int(seed), float(rate))
+
+
+def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
+            seed: Optional[int], normalize: bool, eps: float,
+            save_projections: bool) -> ForwardResult:
+    x2, y2, batch = flatten_rows(x, y)
+    out, norm = _ops().fbp_forward(x2, y2, weight_x, weight_y, bias_x, bias_y, factor,
+                                   float(dropout), seed, bool(normalize), float(eps))
+    o = weight_x.shape[0] // factor
+    return ForwardResult(out.view(*batch, o), norm.view(batch) if normalize else None,
+                         None, None)
+
+
+def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
+             factor: int, dropout: float, seed: Optional[int], normalize: bool,
+             eps: float) -> BackwardResult:
+    # a and c are never saved by this backend's forward: the kernel recomputes them.
+    x2, y2, batch = flatten_rows(x, y)
+    o = weight_x.shape[0] // factor
+    g2 = grad.reshape(-1, o)
+    out2 = out.reshape(-1, o)
+    norm2 = norm.reshape(-1) if normalize else out2.new_empty(0)
+    dx, dy, dwx, dwy, dbx, dby = _ops().fbp_backward(
+        g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor, float(dropout),
+        seed, bool(normalize), float(eps))
+    return BackwardResult(unflatten_grad(dx, batch, x), unflatten_grad(dy, batch, y), dwx, dwy,
+                          dbx if bias_x is not None else None,
+                          dby if bias_y is not None else None)

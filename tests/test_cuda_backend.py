@@ -1,0 +1,307 @@
+"""The CUDA C++ backend: build, registration, shapes, checks, resources, and (on a GPU)
+correctness.
+
+Without nvcc the build tests skip with the missing tool named.  With nvcc but no GPU
+(CI) the extension is compiled, linked and imported here, so a compile error in
+``csrc/`` fails this file; the kernels themselves run only on a GPU, where
+``test_correctness.py`` also runs its whole suite for backend ``cuda``.
+"""
+
+import stat
+
+import pytest
+import torch
+
+import fbp_kernels
+from fbp_kernels.backends import cuda_backend, cuda_build
+from helpers import CASES, Case, assert_close, detached64, grads, make_inputs, reference_fbp
+from test_correctness import compare
+
+MISSING = cuda_build.missing_requirements()
+needs_toolchain = pytest.mark.skipif(
+    bool(MISSING), reason="cannot build the CUDA extension here: " + "; ".join(MISSING))
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The compiled operators; building them is part of the test (a compile error fails)."""
+    if MISSING:
+        pytest.skip("cannot build the CUDA extension here: " + "; ".join(MISSING))
+    cuda_build.load()
+    return torch.ops.fbp_kernels_cuda
+
+
+# ------------------------------------------------------------------ without the toolchain
+
+def test_cpu_device_is_refused_with_a_reason():
+    reason = cuda_backend.unsupported_reason(torch.device("cpu"))
+    assert reason is not None and "CUDA device" in reason
+    with pytest.raises(fbp_kernels.backends.BackendUnavailableError, match="cuda"):
+        fbp_kernels.backends.resolve("cuda", torch.device("cpu"))
+
+
+def test_missing_toolchain_is_named_with_a_fix(monkeypatch):
+    monkeypatch.setattr(cuda_build, "find_cuda_home", lambda: None)
+    monkeypatch.setattr("torch.utils.cpp_extension.is_ninja_available", lambda: False)
+    missing = " ".join(cuda_build.missing_requirements())
+    assert "nvcc" in missing and "CUDA_HOME" in missing and "ninja" in missing
+    with pytest.raises(cuda_build.CudaBuildError, match="missing: .*nvcc"):
+        cuda_build.compile_extension("never_built", [], cuda_build.cache_root() / "unused")
+
+
+def _fake_toolkit(root):
+    home = root / "cuda-99.9"
+    (home / "bin").mkdir(parents=True)
+    (home / "lib64").mkdir()
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (home / "lib64" / "libcudart.so").write_text("")
+    return home
+
+
+def test_cuda_home_found_behind_an_exec_wrapper(tmp_path, monkeypatch):
+    """Like /usr/local/bin/nvcc on the CI machine: a shell script that execs the real
+    nvcc.  torch would guess /usr/local and fail to link -lcudart."""
+    home = _fake_toolkit(tmp_path)
+    wrapper = tmp_path / "wrapper" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper.parent))
+    assert cuda_build.find_cuda_home() == str(home)
+    monkeypatch.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "other")))
+    assert cuda_build.find_cuda_home() == str(tmp_path / "other" / "cuda-99.9")
+
+
+def test_cache_key_tracks_sources_and_architectures(tmp_path, monkeypatch):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "k.cu").write_text("__global__ void k() {}\n")
+    monkeypatch.setattr(cuda_build, "CSRC", src)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    key = cuda_build.build_key()
+    assert key == cuda_build.build_key()
+    (src / "k.cu").write_text("__global__ void k() { }\n")
+    edited = cuda_build.build_key()
+    assert edited != key
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert cuda_build.build_key() != edited
+    monkeypatch.setenv("FBP_CUDA_CACHE", str(tmp_path / "cache"))
+    assert cuda_build.build_dir() == tmp_path / "cache" / cuda_build.build_key()
+
+
+def test_resource_usage_parser():
+    text = """
+Fatbin elf code:
+================
+arch = sm_80
+code version = [1,7]
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z3fooPf:
+  REG:40 STACK:0 SHARED:33280 LOCAL:0 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z3barv:
+  REG:255 STACK:336 SHARED:0 LOCAL:0 CONSTANT[0]:360 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_90
+ Function _Z3fooPf:
+  REG:38 STACK:0 SHARED:33280 LOCAL:0 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    rows = cuda_build.parse_resource_usage(text)
+    assert [(r.arch, r.registers, r.stack, r.shared, r.spills) for r in rows] == [
+        ("sm_80", 40, 0, 33280, False), ("sm_80", 255, 336, 0, True),
+        ("sm_90", 38, 0, 33280, False)]
+    assert rows[0].kernel.startswith("foo")  # demangled (or mangled without c++filt)
+
+
+# ------------------------------------------------------------------ the build (CI: no GPU)
+
+@needs_toolchain
+def test_a_compile_error_fails_the_build(tmp_path):
+    """What makes a broken kernel fail CI: the build raises with nvcc's message."""
+    bad = tmp_path / "broken.cu"
+    bad.write_text("__global__ void broken(float* p) { p[0] = undeclared_name; }\n")
+    with pytest.raises(cuda_build.CudaBuildError, match="undeclared_name"):
+        cuda_build.compile_extension("fbp_broken_probe", [str(bad)], tmp_path / "build")
+
+
+def test_extension_builds_and_registers_its_operators(ops):
+    for name in ("fbp_forward", "fbp_backward", "dropout_keep", "philox4x32_10"):
+        assert hasattr(ops, name), name
+    # The operator namespace is the extension's own, not the Python custom ops'.
+    assert torch.ops.fbp_kernels_cuda.fbp_forward.default.name().startswith("fbp_kernels_cuda::")
+
+
+@pytest.mark.parametrize("dtype,norm_dtype", [
+    (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float32), (torch.float64, torch.float64)], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_meta_kernels_give_shapes(ops, dtype, norm_dtype, normalize):
+    rows, m, n, factor, o = 7, 6, 5, 3, 4
+    meta = dict(device="meta", dtype=dtype)
+    x, y = torch.empty(rows, m, **meta), torch.empty(rows, n, **meta)
+    wx, wy = torch.empty(factor * o, m, **meta), torch.empty(factor * o, n, **meta)
+    bx = torch.empty(factor * o, **meta)
+    out, norm = ops.fbp_forward(x, y, wx, wy, bx, None, factor, 0.1, 5, normalize, 1e-6)
+    assert out.shape == (rows, o) and out.dtype == dtype and out.device.type == "meta"
+    assert norm.shape == ((rows,) if normalize else (0,))
+    if normalize:
+        assert norm.dtype == norm_dtype
+    grad = torch.empty(rows, o, **meta)
+    dx, dy, dwx, dwy, dbx, dby = ops.fbp_backward(grad, x, y, wx, wy, bx, None, out, norm,
+                                                  factor, 0.1, 5, normalize, 1e-6)
+    assert (dx.shape, dy.shape, dwx.shape, dwy.shape) == (x.shape, y.shape, wx.shape, wy.shape)
+    assert dbx.shape == (factor * o,) and dby.shape == (0,)
+    assert all(t.dtype == dtype for t in (dx, dy, dwx, dwy, dbx))
+
+
+def _meta_args(rows=4, m=6, n=5, ko=6, dtype=torch.float32):
+    meta = dict(device="meta", dtype=dtype)
+    return [torch.empty(rows, m, **meta), torch.empty(rows, n, **meta),
+            torch.empty(ko, m, **meta), torch.empty(ko, n, **meta), None, None]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.__setitem__(0, torch.empty(4, 7, device="meta")), r"x has 7 features"),
+    (lambda a: a.__setitem__(1, torch.empty(3, 5, device="meta")), r"same number of rows"),
+    (lambda a: a.__setitem__(3, torch.empty(9, 5, device="meta")), r"same number of rows"),
+    (lambda a: a.__setitem__(4, torch.empty(5, device="meta")), r"bias_x must have shape \(6,\)"),
+    (lambda a: a.__setitem__(1, torch.empty(4, 5, device="meta", dtype=torch.float64)),
+     r"one dtype"),
+    (lambda a: a.__setitem__(0, torch.empty(2, 2, 6, device="meta")), r"x must be 2-D"),
+], ids=["features", "rows", "weight-rows", "bias", "dtype", "ndim"])
+def test_cpp_checks_name_the_offending_shapes(ops, change, message):
+    args = _meta_args()
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6)
+
+
+@pytest.mark.parametrize("factor,dropout,eps,message", [
+    (4, 0.0, 1e-6, "positive multiple of factor=4"),
+    (0, 0.0, 1e-6, "factor must be >= 1"),
+    (3, 1.0, 1e-6, r"dropout must be in \[0, 1\)"),
+    (3, 0.0, 0.0, "eps must be a finite float > 0"),
+])
+def test_cpp_checks_options(ops, factor, dropout, eps, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.fbp_forward(*_meta_args(), factor, dropout, None, True, eps)
+
+
+def test_philox_known_answers(ops):
+    """Random123's known-answer vectors for Philox4x32-10 (kat_vectors)."""
+    counters = torch.tensor([[0, 0, 0, 0], [0xFFFFFFFF] * 4,
+                             [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]])
+    keys = [0, -1, 0x299F31D0A4093822]  # (k0, k1) = (low, high) 32 bits
+    expected = [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8],
+                [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
+                [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]]
+    for ctr, key, exp in zip(counters, keys, expected):
+        got = ops.philox4x32_10(ctr.view(1, 4), key)[0].tolist()
+        assert got == exp, [hex(v) for v in got]
+
+
+def test_dropout_keep_is_a_function_of_seed_and_index(ops):
+    index = torch.arange(20000, dtype=torch.int64)
+    keep = ops.dropout_keep(index, 1234, 0.25)
+    assert keep.dtype == torch.bool and keep.shape == index.shape
+    assert abs(keep.float().mean().item() - 0.75) < 0.02
+    assert torch.equal(keep, ops.dropout_keep(index, 1234, 0.25))
+    assert torch.equal(keep[777:9000], ops.dropout_keep(index[777:9000], 1234, 0.25))
+    assert not torch.equal(keep, ops.dropout_keep(index, 1235, 0.25))
+    assert ops.dropout_keep(index, 1234, 0.0).all()
+
+
+def test_default_kernels_do_not_spill(ops):
+    """ptxas resource usage of every kernel, per architecture (printed with -s)."""
+    rows = cuda_build.resource_usage()
+    print("\n" + cuda_build.format_resource_usage(rows))
+    archs = {r.arch for r in rows}
+    wanted = {"sm_" + a.replace(".", "").replace("+PTX", "")
+              for a in cuda_build.arch_list().split(";")}
+    assert wanted <= archs, f"built for {sorted(archs)}, expected {sorted(wanted)}"
+    fused = [r for r in rows if "fused_forward_kernel" in r.kernel
+             or "projection_grads_kernel" in r.kernel]
+    assert len(fused) == 8 * len(wanted), "expected 4 dtypes x 2 fused kernels per arch"
+    spilling = [r for r in rows if r.spills]
+    assert not spilling, "kernels spill:\n" + cuda_build.format_resource_usage(spilling)
+    assert all(r.shared <= 48 * 1024 for r in rows)
+
+
+# ------------------------------------------------------------------ on a GPU
+
+gpu = pytest.mark.usefixtures("ops")
+
+# Beyond the shared suite: several row and output tiles, factor > one 64-column
+# chunk, and a wide factor*o with o not a multiple of the tile.
+LARGE_CASES = [Case((130,), (130,), 40, 24, 5, 70), Case((3, 5), (3, 1), 9, 11, 70, 2),
+               Case((67,), (1,), 33, 65, 1, 129, bias=False)]
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("case", LARGE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+def test_matches_reference_on_larger_tiles(case, dtype):
+    compare(case, dtype, "cuda", torch.device("cuda"))
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("case", [CASES[2], LARGE_CASES[0]], ids=str)
+def test_dropout_matches_reference_with_the_same_mask(case):
+    device = torch.device("cuda")
+    rate = 0.3
+    tensors = make_inputs(case, torch.float64, device)
+    torch.manual_seed(99)
+    out = fbp_kernels.fbp(*tensors, factor=case.factor, dropout=rate, training=True,
+                          backend="cuda")
+    torch.manual_seed(99)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # what fbp() drew
+    mask = cuda_backend.dropout_mask(seed, (*out.shape[:-1], case.factor * case.o), rate,
+                                     device)
+    assert 0.5 < mask.float().mean().item() < 0.9 or mask.numel() < 50
+    g = torch.randn_like(out)
+    got = [out] + grads(out, tensors, g)
+    exact_in = detached64(tensors)
+    exact_out = reference_fbp(exact_in, case, dropout=rate, dropout_mask=mask)
+    exact = [exact_out] + grads(exact_out, exact_in, g)
+    for name, a, e in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], got, exact):
+        if e is not None:
+            assert_close(a, e, atol=1e-10, rtol=1e-8, name=name)
+
+
+@cuda_only
+@gpu
+def test_gpu_mask_equals_cpu_mask(ops):
+    index = torch.arange(5000, dtype=torch.int64)
+    assert torch.equal(ops.dropout_keep(index.cuda(), 77, 0.4).cpu(),
+                       ops.dropout_keep(index, 77, 0.4))
+
+
+@cuda_only
+@gpu
+def test_forward_is_deterministic():
+    case = LARGE_CASES[0]
+    tensors = make_inputs(case, torch.float32, "cuda", requires_grad=False)
+    a = fbp_kernels.fbp(*tensors, factor=case.factor, backend="cuda")
+    b = fbp_kernels.fbp(*tensors, factor=case.factor, backend="cuda")
+    assert torch.equal(a, b)
+
+
+@cuda_only
+@gpu
+def test_compiled_module_uses_the_cuda_backend():
+    layer = fbp_kernels.FactorizedBilinearPooling(12, 10, 6, factor=4, backend="cuda").cuda()
+    x, y = torch.randn(5, 12, device="cuda"), torch.randn(5, 10, device="cuda")
+    eager = layer(x, y)
+    compiled = torch.compile(layer, fullgraph=True)(x, y)
+    assert_close(compiled, eager, atol=1e-6, rtol=1e-5, name="compiled")
+
