@@ -80,6 +80,8 @@ def describe(device: torch.device) -> Dict[str, object]:
         info["capability"] = f"{props.major}.{props.minor}"
         info["sm_count"] = props.multi_processor_count
         info["memory_gib"] = round(props.total_memory / 2**30, 1)
+        # Whether fp32 matmuls of the baseline may use TF32 (PyTorch's default: no).
+        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
 
 

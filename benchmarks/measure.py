@@ -3,21 +3,50 @@
 Time on a GPU uses CUDA events around each call, with the L2 cache flushed before
 every call (by writing a buffer larger than any L2), so repeated calls on the same
 inputs do not measure the cache; on the CPU ``torch.utils.benchmark`` with all of
-torch's threads.  Both report the median and the 20th/80th percentiles: a wide
+torch's threads (the backward alone, which needs a fresh graph before each call,
+with ``time.perf_counter`` around single calls).  Both report the median and the 20th/80th percentiles: a wide
 p20-p80 band says the number is noisy (on a shared machine, expect that).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.utils.benchmark as torch_benchmark
 
 # Several times the L2 cache of current data-centre GPUs (H100 and H200: 50 MB).
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one measured call runs: ``setup`` (not timed, optional), then ``run``.
+
+    The backward mode needs it: each backward consumes a graph that its setup (a
+    forward) builds.  Keeping one graph alive with ``retain_graph=True`` instead
+    would fail for torch.compile, whose compiled backward donates buffers.
+    """
+
+    run: Callable[[], object]
+    setup: Optional[Callable[[], object]] = None
+
+
+Callish = Union[Call, Callable[[], object]]
+
+
+def as_call(fn: Callish) -> Call:
+    return fn if isinstance(fn, Call) else Call(fn)
+
+
+def call_once(fn: Callish):
+    c = as_call(fn)
+    if c.setup is not None:
+        c.setup()
+    return c.run()
 
 
 @dataclass(frozen=True)
@@ -45,65 +74,80 @@ def summarize(times_ms: Iterable[float]) -> Timing:
                   len(values))
 
 
-def time_cpu(fn: Callable[[], object], min_run_time: float = 0.2,
-             min_samples: int = 5) -> Timing:
-    """Time ``fn`` on the CPU with ``torch.utils.benchmark.Timer``.
+def time_cpu(fn: Callish, min_run_time: float = 0.2, min_samples: int = 5) -> Timing:
+    """Time ``fn`` on the CPU: at least ``min_samples`` samples and ``min_run_time`` s.
 
-    At least ``min_samples`` samples and ``min_run_time`` seconds; each sample times
-    a block of calls sized so that the samples share the run time.  (Timer's own
+    Without a setup: ``torch.utils.benchmark.Timer``, each sample a block of calls
+    sized so that the samples share the run time (Timer's own
     ``blocked_autorange`` can return a single block for a slow call, and then the
-    percentiles say nothing.)  ``num_threads`` is torch's current thread count: the
+    percentiles say nothing).  ``num_threads`` is torch's current thread count: the
     Timer's default of one thread would understate what a user gets from the BLAS.
+
+    With a setup, each sample is one call after its own setup, timed with
+    ``time.perf_counter`` (Timer runs its setup once per block and warms up with
+    extra calls, which would reuse a consumed graph).
     """
-    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn},
+    call = as_call(fn)
+    samples = []
+    start = time.perf_counter()
+    if call.setup is not None:
+        while len(samples) < min_samples or time.perf_counter() - start < min_run_time:
+            call.setup()
+            t0 = time.perf_counter()
+            call.run()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return summarize(samples)
+    timer = torch_benchmark.Timer(stmt="run()", globals={"run": call.run},
                                   num_threads=torch.get_num_threads())
     one_call = max(timer.timeit(1).mean, 1e-7)
     number = max(1, int(min_run_time / min_samples / one_call))
-    samples, total = [], 0.0
-    while len(samples) < min_samples or total < min_run_time:
-        mean = timer.timeit(number).mean  # seconds per call in this block
-        samples.append(mean * 1e3)
-        total += mean * number
+    while len(samples) < min_samples or time.perf_counter() - start < min_run_time:
+        samples.append(timer.timeit(number).mean * 1e3)  # ms per call in this block
     return summarize(samples)
 
 
-def time_cuda(fn: Callable[[], object], device: torch.device, warmup_ms: float = 10.0,
+def time_cuda(fn: Callish, device: torch.device, warmup_ms: float = 10.0,
               rep_ms: float = 50.0, max_reps: int = 1000) -> Timing:
     """Time ``fn`` on a CUDA device with events, flushing L2 before each call.
 
     The number of warm-up and measured calls comes from a first estimate, as in
-    ``triton.testing.do_bench``: about ``warmup_ms`` and ``rep_ms`` of work.
+    ``triton.testing.do_bench``: about ``warmup_ms`` and ``rep_ms`` of work.  Events
+    are recorded on the stream after the setup's and the flush's work, so neither
+    is inside the timed interval.
     """
+    call = as_call(fn)
+    setup = call.setup or (lambda: None)
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
     stream = torch.cuda.current_stream(device)
-    fn()
+    call_once(call)
     torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record(stream)
-    for _ in range(5):
-        flush.zero_()
-        fn()
-    end.record(stream)
+    est = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+           for _ in range(5)]
+    for s, e in est:
+        setup()
+        s.record(stream)
+        call.run()
+        e.record(stream)
     torch.cuda.synchronize(device)
-    # The estimate includes the flushes; that only makes the repeat counts smaller.
-    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    estimate_ms = max(sum(s.elapsed_time(e) for s, e in est) / len(est), 1e-3)
     n_warmup = max(1, int(warmup_ms / estimate_ms))
     n_reps = min(max_reps, max(10, int(rep_ms / estimate_ms)))
     for _ in range(n_warmup):
-        fn()
+        call_once(call)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
     for s, e in zip(starts, ends):
+        setup()
         flush.zero_()
         s.record(stream)
-        fn()
+        call.run()
         e.record(stream)
     torch.cuda.synchronize(device)
     del flush
     return summarize(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, min_run_time: float = 0.2,
+def time_fn(fn: Callish, device: torch.device, *, min_run_time: float = 0.2,
             min_samples: int = 5, warmup_ms: float = 10.0, rep_ms: float = 50.0) -> Timing:
     """Time on whatever device the problem lives on."""
     if device.type == "cuda":
@@ -111,16 +155,19 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, min_run_time: flo
     return time_cpu(fn, min_run_time=min_run_time, min_samples=min_samples)
 
 
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+def peak_memory_bytes(fn: Callish, device: torch.device) -> int:
     """Peak CUDA memory ``fn`` allocates above what was allocated before it ran.
 
-    What was live before (inputs, parameters, a retained graph) is not counted, so
-    the number is the extra memory one call of this mode needs.
+    What was live before (inputs, parameters, the graph a backward's setup built)
+    is not counted, so the number is the extra memory one call of this mode needs.
     """
+    call = as_call(fn)
+    if call.setup is not None:
+        call.setup()
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    result = fn()
+    result = call.run()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del result

@@ -3,8 +3,8 @@
 A provider turns a problem's tensors into one callable per mode:
 
 - ``forward``:          inference, under ``torch.no_grad()``;
-- ``backward``:         ``torch.autograd.grad`` through a graph built once beforehand
-                        (``retain_graph=True``), gradients for x, y, weights, biases;
+- ``backward``:         ``torch.autograd.grad`` through a graph that an untimed
+                        forward built just before; gradients of x, y, weights, biases;
 - ``forward+backward``: a training step of the layer: forward with autograd, then
                         the same gradients.
 
@@ -19,8 +19,9 @@ Bias gradients and the epilogue are deliberately not in the floor.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,13 @@ from torch import Tensor
 import fbp_kernels
 from fbp_kernels import reference
 
+from .measure import Call
 from .problems import Problem
 
 MODES = ("forward", "backward", "forward+backward")
 
-ModeFn = Callable[[], object]
+#: A mode's work: a zero-argument callable, or a Call with an untimed setup.
+ModeFn = Union[Call, Callable[[], object]]
 
 
 @dataclass
@@ -117,17 +120,18 @@ def autograd_modes(fwd: Callable[[], Tensor], inputs: Inputs) -> Dict[str, ModeF
 
     graph = {}
 
+    def build_graph():
+        graph["out"] = fwd()
+
     def backward():
-        # Built lazily, on the first call (the runner's warm-up), so building the
-        # graph of one mode never costs memory while another mode is measured.
-        if "out" not in graph:
-            graph["out"] = fwd()
-        return torch.autograd.grad(graph["out"], leaves, g, retain_graph=True)
+        # pop: the graph is freed by this backward, as in training.
+        return torch.autograd.grad(graph.pop("out"), leaves, g)
 
     def forward_backward():
         return torch.autograd.grad(fwd(), leaves, g)
 
-    return {"forward": forward, "backward": backward, "forward+backward": forward_backward}
+    return {"forward": forward, "backward": Call(backward, setup=build_graph),
+            "forward+backward": forward_backward}
 
 
 # ----------------------------------------------------------------------------------
@@ -168,7 +172,9 @@ def _compiled_forward(op: str, compile_backend: str):
 
 def _backend_forward(op: str, backend: str, save_projections: bool):
     def make(problem: Problem, inp: Inputs) -> Callable[[], Tensor]:
-        kw = dict(factor=problem.factor, backend=backend, save_projections=save_projections)
+        kw = dict(factor=problem.factor, backend=backend)
+        if save_projections:
+            kw["save_projections"] = True
         if op == "fbp":
             args = (inp.x, inp.y, inp.weights_x[0], inp.weights_y[0], inp.biases_x[0],
                     inp.biases_y[0])
@@ -213,22 +219,29 @@ def _with_autograd(make_forward):
     return build
 
 
+def _accepts_save_projections(op: str) -> bool:
+    fn = fbp_kernels.fbp if op == "fbp" else getattr(fbp_kernels, "mfh", None)
+    return fn is not None and "save_projections" in inspect.signature(fn).parameters
+
+
 def providers_for(op: str, backend_names: List[str], include_compile: bool = True,
                   compile_backend: str = "inductor") -> List[Provider]:
     """The providers of ``op`` ("fbp" or "mfh") in table order, baseline first.
 
-    ``backend_names`` are the fbp_kernels backends to measure (each also with
-    ``+saved``); the caller decides which are available on the device.
+    ``backend_names`` are the fbp_kernels backends to measure, each also as
+    ``+saved`` when the op has ``save_projections``; the caller decides which are
+    available on the device.
     """
     if op not in ("fbp", "mfh"):
         raise ValueError(f"op must be 'fbp' or 'mfh', got {op!r}")
+    variants = (False, True) if _accepts_save_projections(op) else (False,)
     ref = _reference_forward(op)
     out = [Provider("reference", "baseline", _with_autograd(ref), ref)]
     if include_compile:
         comp = _compiled_forward(op, compile_backend)
         out.append(Provider("compile", "compile", _with_autograd(comp), comp))
     for name in backend_names:
-        for saved in (False, True):
+        for saved in variants:
             fwd = _backend_forward(op, name, saved)
             out.append(Provider(name + ("+saved" if saved else ""), "backend",
                                 _with_autograd(fwd), fwd))

@@ -12,8 +12,13 @@ See benchmarks/README.md for what the numbers mean.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -24,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 import torch  # noqa: E402
 
 import fbp_kernels  # noqa: E402
+from fbp_kernels import backends  # noqa: E402
 from benchmarks import environment, plots, results, summary  # noqa: E402
 from benchmarks.harness import Settings, run_problems  # noqa: E402
 from benchmarks.problems import (CPU_PLAN, DEFAULT_SWEEPS, GPU_PLAN, SMOKE_PLAN,  # noqa: E402
@@ -103,32 +109,46 @@ def backend_names(op: str, device: torch.device) -> List[str]:
     if device.type != "cuda":
         return ["torch"]
     names = fbp_kernels.available_backends(device)
-    for name in fbp_kernels.backends.NAMES if hasattr(fbp_kernels, "backends") else ():
+    for name in backends.NAMES:
         if name not in names:
-            reason = fbp_kernels.backends.unsupported_reason(name, device)
-            print(f"backend {name!r} not measured: {reason}")
+            print(f"backend {name!r} not measured: {backends.unsupported_reason(name, device)}")
     return names
 
 
-def compile_report(device: torch.device, wanted: bool) -> Optional[List[dict]]:
-    """Rows of ``triton_backend.compile_report()`` when it exists (registers, spills,
-    shared memory per kernel); None otherwise.  Never fails the run."""
+def _as_dict(row) -> dict:
+    if isinstance(row, dict):
+        return dict(row)
+    if hasattr(row, "_asdict"):
+        return dict(row._asdict())
+    return dict(vars(row))
+
+
+def compile_report(wanted: bool, timeout_s: float = 240.0) -> Optional[List[dict]]:
+    """Registers, spills and shared memory of the Triton kernels, or None.
+
+    ``triton_backend.compile_report()`` when the backend offers it; otherwise the
+    ``fbp_kernels.backends.triton_compile`` tool, in a subprocess because it needs
+    ``TRITON_INTERPRET`` unset.  Optional: a failure is printed, never fatal.
+    """
     if not wanted:
         return None
     try:
         from fbp_kernels.backends import triton_backend
         fn = getattr(triton_backend, "compile_report", None)
-        if fn is None:
+        if fn is not None:
+            return [_as_dict(r) for r in fn()] or None
+        if importlib.util.find_spec("fbp_kernels.backends.triton_compile") is None:
             return None
-        out = []
-        for r in fn():
-            if isinstance(r, dict):
-                out.append(dict(r))
-            elif hasattr(r, "_asdict"):
-                out.append(dict(r._asdict()))
-            else:
-                out.append(dict(vars(r)))
-        return out or None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "report.json"
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            proc = subprocess.run([sys.executable, "-m", "fbp_kernels.backends.triton_compile",
+                                   "--json", str(path)], env=env, capture_output=True,
+                                  text=True, timeout=timeout_s)
+            if not path.exists():  # a non-zero exit with the file means spills: still a report
+                print(f"compile report unavailable: {proc.stderr.strip()[-500:]}")
+                return None
+            return json.loads(path.read_text()) or None
     except Exception as exc:  # optional section: say why it is missing, go on
         print(f"compile report unavailable: {type(exc).__name__}: {exc}")
         return None
@@ -207,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         env["note"] = "time budget reached: some problems were not measured"
 
     rows = merged()
-    report = compile_report(device, gpu or args.compile_report)
+    report = compile_report(gpu or args.compile_report)
     results.write_csv(out_dir / "results.csv", rows)
     results.write_json(out_dir / "results.json", rows, env, command)
     (out_dir / "summary.md").write_text(
