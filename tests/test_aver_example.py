@@ -156,6 +156,23 @@ def test_collate_pads_with_zeros_and_masks(tmp_path):
         data.ClipDataset(tmp_path, "bad")
 
 
+def test_carve_split_is_stratified_and_disjoint(tmp_path):
+    data.write_synthetic(tmp_path, sizes=(70, 7, 7), seed=1)
+    train_ids = set(data.read_split(tmp_path / "splits" / "train.txt"))
+    counts = data.carve_split(tmp_path, "train", "holdout", fraction=0.2, seed=0)
+    kept = set(data.read_split(tmp_path / "splits" / "train.txt"))
+    moved = set(data.read_split(tmp_path / "splits" / "holdout.txt"))
+    assert kept | moved == train_ids and not kept & moved
+    assert counts == {"train": len(kept), "holdout": len(moved)}
+    labels = [data.load_clip(tmp_path / f"{i}.pt")["label"] for i in sorted(train_ids)]
+    per_class = np.bincount(labels, minlength=7)
+    moved_per_class = np.bincount([data.load_clip(tmp_path / f"{i}.pt")["label"]
+                                   for i in moved], minlength=7)
+    assert (moved_per_class == np.round(0.2 * per_class)).all()
+    with pytest.raises(FileExistsError):
+        data.carve_split(tmp_path, "train", "holdout")
+
+
 # ------------------------------------------------------------------------ training
 
 def tiny_args(tmp_path, *extra):

@@ -252,3 +252,59 @@ def write_synthetic(out_dir: Path, sizes=(2000, 500, 500), seed: int = 0, **task
         write_split(out_dir / "splits" / f"{name}.txt", [c["clip_id"] for c in ds.clips])
     (out_dir / "classes.json").write_text(json.dumps(task.class_names()))
     return out_dir
+
+
+# ------------------------------------------------------------------ split tools
+
+def carve_split(feature_dir: Path, source: str = "train", target: str = "val",
+                fraction: float = 0.1, seed: int = 0) -> Dict[str, int]:
+    """Move a stratified ``fraction`` of ``splits/<source>.txt`` into ``splits/<target>.txt``.
+
+    AFEW has labelled Train and Val sets and an unlabelled Test set: extract Train
+    as ``train`` and Val as ``test``, then carve a validation set out of ``train``
+    for model selection. Refuses to overwrite an existing target split.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    split_dir = Path(feature_dir) / "splits"
+    target_path = split_dir / f"{target}.txt"
+    if target_path.exists():
+        raise FileExistsError(f"{target_path} exists; remove it first")
+    ids = read_split(split_dir / f"{source}.txt")
+    by_label: Dict[int, List[str]] = {}
+    for i in ids:
+        by_label.setdefault(int(load_clip(Path(feature_dir) / f"{i}.pt")["label"]), []).append(i)
+    g = torch.Generator().manual_seed(seed)
+    moved = set()
+    for label_ids in by_label.values():
+        k = int(round(fraction * len(label_ids)))
+        moved.update(label_ids[j] for j in torch.randperm(len(label_ids), generator=g)[:k].tolist())
+    write_split(target_path, [i for i in ids if i in moved])
+    write_split(split_dir / f"{source}.txt", [i for i in ids if i not in moved])
+    return {source: len(ids) - len(moved), target: len(moved)}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Split-file and synthetic-data tools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("carve", help="move a stratified fraction of one split into a new one")
+    c.add_argument("feature_dir", type=Path)
+    c.add_argument("--source", default="train")
+    c.add_argument("--target", default="val")
+    c.add_argument("--fraction", type=float, default=0.1)
+    c.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("synthetic", help="write the synthetic task as a feature directory")
+    s.add_argument("out", type=Path)
+    s.add_argument("--sizes", type=int, nargs=3, default=(2000, 500, 500))
+    s.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.cmd == "carve":
+        print(carve_split(args.feature_dir, args.source, args.target, args.fraction, args.seed))
+    else:
+        print(f"wrote {write_synthetic(args.out, tuple(args.sizes), args.seed)}")
+
+
+if __name__ == "__main__":
+    main()
