@@ -94,6 +94,11 @@ def test_padded_frames_get_zero_weight_and_cannot_change_the_output(pooling):
             x.shape[-1])[: x.shape[-1]]
         poisoned[name] = x
     assert torch.equal(run(m, poisoned), logits)
+    # ... nor the gradients, in training mode.
+    m.train()
+    run(m, poisoned).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    m.eval()
     # A clip alone (no padding) gives the same logits as inside the padded batch.
     for i, clip in enumerate(clips):
         alone = data.collate_clips([clip])

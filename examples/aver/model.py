@@ -100,6 +100,9 @@ class FrameEncoder(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        # Zero padded inputs first: otherwise a NaN there would still reach the
+        # LayerNorm weight gradient (0 * NaN) even though it never reaches the output.
+        x = _masked_fill_zero(x, mask)
         h = self.drop(F.gelu(self.proj(self.norm(x))))
         h = _masked_fill_zero(h, mask)
         h = h + self.drop(F.gelu(self.conv(h.transpose(1, 2)).transpose(1, 2)))
