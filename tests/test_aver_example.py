@@ -20,8 +20,8 @@ if str(EXAMPLES) not in sys.path:
 cv2 = pytest.importorskip("cv2", reason="the example's video reader needs opencv")
 pytest.importorskip("torchvision", reason="the example's frame embeddings need torchvision")
 
-from aver import audio, data, metrics, model, train, video  # noqa: E402
-from aver.extract_features import ClipExtractor, ClipSource, ExtractConfig, extract_all, find_clips  # noqa: E402
+from aver import audio, data, evaluate, metrics, model, train, video  # noqa: E402
+from aver.extract_features import ClipExtractor, ExtractConfig, extract_all, find_clips  # noqa: E402
 
 import fbp_kernels  # noqa: E402
 
@@ -213,6 +213,12 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     results = json.loads((tmp_path / "full" / "test_results.json").read_text())
     assert {"accuracy", "macro_f1", "per_class_accuracy", "confusion_matrix"} <= set(results)
     assert (tmp_path / "full" / "test_confusion.png").stat().st_size > 1000
+    # evaluate.py on best.pt reproduces the validation accuracy recorded for that epoch.
+    best = full["history"][full["best"]["epoch"]]
+    again = evaluate.main(["--checkpoint", str(tmp_path / "full" / "best.pt"), "--synthetic",
+                           "--split", "val", "--out", str(tmp_path / "eval")])
+    assert again["accuracy"] == best["val_accuracy"]
+    assert (tmp_path / "eval" / "val_results.json").exists()
 
 
 def test_metrics_on_a_known_confusion():

@@ -74,7 +74,7 @@ def run_variant(name: str, extra: List[str], seeds, common: List[str], out: Path
     return runs
 
 
-def table(results: Dict[str, List[dict]], seeds) -> str:
+def table(results: Dict[str, List[dict]]) -> str:
     lines = [f"| variant | test accuracy | test macro F1 | pooling weight on salient frames "
              f"(audio / video) | s per run |",
              "| --- | --- | --- | --- | --- |"]
@@ -132,7 +132,7 @@ def main(argv=None) -> Dict[str, List[dict]]:
         f"FBP/MFH out {defaults.fbp_out} per order, factor {defaults.factor}, AdamW lr "
         f"{defaults.lr}, batch {defaults.batch_size}, CPU, 1 thread.",
         "",
-        table(results, args.seeds),
+        table(results),
         "",
         "The label is (audio token + video token) mod 7, and each token is carried by 3 "
         "frames of its stream among 24-48 (audio) or 8-16 (video) frames, half of the others "

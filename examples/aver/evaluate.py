@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from aver.data import ClipDataset, collate_clips
+from aver.data import collate_clips
 from aver.metrics import confusion_matrix, plot_confusion, summarize
 
 
