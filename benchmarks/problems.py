@@ -100,7 +100,7 @@ GPU_PLAN = Plan(
 CPU_PLAN = Plan(
     centre=Problem(rows=128, m=2048, n=1024, factor=5, o=1000, dtype="fp32"),
     values={
-        "rows": (1, 16, 128, 512),
+        "rows": (1, 16, 128, 256),
         "m": (512, 2048, 4096),
         "n": (512, 1024, 4096),
         "factor": (1, 5, 10),

@@ -118,7 +118,10 @@ def markdown(rows: Sequence[Row], env: Dict[str, object], command: str,
              peak_gbps: Optional[float] = None) -> str:
     idx = ResultIndex(rows)
     gpu = env.get("device_type") == "cuda"
-    lines = [f"# FBP benchmark: {env['device']}", ""]
+    ops = sorted({r.op for r in rows}) or ["fbp"]
+    order = max((r.order for r in rows), default=1)
+    name = "/".join(o.upper() for o in ops) + (f" (order {order})" if order > 1 else "")
+    lines = [f"# {name} benchmark: {env['device']}", ""]
     if not gpu:
         lines += ["> **CPU run.** No GPU was used: these numbers compare the CPU path "
                   "(backend `torch`) with eager PyTorch and `torch.compile`; they say "

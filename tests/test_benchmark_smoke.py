@@ -195,3 +195,22 @@ def test_cuda_timing_and_peak_memory():
     mib = 2**20
     peak = measure.peak_memory_bytes(lambda: torch.empty(mib, dtype=torch.int8, device=dev), dev)
     assert mib <= peak < 4 * mib
+
+
+def test_append_merges_runs_into_one_folder(tmp_path):
+    """Two calls with --append (a GPU run split across device calls) give one set of
+    results covering both sweeps."""
+    from benchmarks import run
+
+    threads = torch.get_num_threads()
+    common = ["--smoke", "--no-compile", "--no-plots", "--device", "cpu", "--out", str(tmp_path)]
+    try:
+        assert run.main(common + ["--sweep", "rows"]) == 0
+        assert run.main(common + ["--sweep", "factor", "--append"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --smoke runs single-threaded
+    with open(tmp_path / "results.csv", newline="") as f:
+        sweeps = {r["sweep"] for r in csv.DictReader(f)}
+    assert sweeps == {"rows", "factor"}
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Sweep `rows`" in md and "## Sweep `factor`" in md
