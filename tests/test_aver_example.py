@@ -361,3 +361,26 @@ def test_feature_extraction_from_media_files(tmp_path):
     # Re-running skips what exists instead of redoing it.
     again = extract_all(sources, tmp_path / "feats", extractor, classes, progress=False)
     assert sorted(again["existing"]) == ["clip1", "clip2"] and not again["written"]
+
+
+def test_extraction_cli_with_a_manifest(tmp_path, capsys):
+    from aver import extract_features
+
+    write_avi(tmp_path / "v.avi", [face_frame()] * 4, fps=10)
+    audio.write_wav(tmp_path / "a.wav", np.zeros(4000), 16000)
+    (tmp_path / "clips.csv").write_text("clip_id,label,video,audio\n"
+                                        "x1,b,v.avi,a.wav\n"
+                                        "x2,,v.avi,a.wav\n"
+                                        "x3,zebra,v.avi,a.wav\n")
+    with pytest.warns(UserWarning, match="random weights"):
+        report = extract_features.main(
+            ["--manifest", str(tmp_path / "clips.csv"), str(tmp_path / "out"), "--classes",
+             "a,b", "--face-detector", "none", "--image-size", "32", "--max-frames", "2",
+             "--no-progress", "--split", "test"])
+    assert sorted(report["written"]) == ["x1", "x2"]
+    assert "zebra" in report["failed"]["x3"]
+    assert "skipped x3" in capsys.readouterr().out
+    assert data.load_clip(tmp_path / "out" / "x1.pt")["label"] == 1
+    assert data.load_clip(tmp_path / "out" / "x2.pt")["label"] == -1  # unlabelled
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["a", "b"]
+    assert data.read_split(tmp_path / "out" / "splits" / "test.txt") == ["x1", "x2"]
