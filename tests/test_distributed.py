@@ -56,9 +56,9 @@ def make_problem():
     """The model's initial state and the data: identical on every process."""
     torch.manual_seed(1234)
     model = Model().double()
-    x = torch.randn(STEPS, BATCH, M, dtype=torch.float64)
-    y = torch.randn(STEPS, BATCH, 1, N, dtype=torch.float64)  # broadcast over a dim
-    x = x.unsqueeze(2).expand(STEPS, BATCH, 2, M).contiguous()  # (B, 2, M) rows
+    # Per step: x (B, 2, M) fused with y (B, 1, N), broadcast over the second dim.
+    x = torch.randn(STEPS, BATCH, 2, M, dtype=torch.float64)
+    y = torch.randn(STEPS, BATCH, 1, N, dtype=torch.float64)
     target = torch.randint(0, CLASSES, (STEPS, BATCH, 2))
     return model, x, y, target
 
