@@ -71,7 +71,7 @@ def measure_provider(op: str, problem: Problem, provider: Provider, inputs, devi
         rows.append(make_row(env, op, problem, provider.name, mode, metric, value, note))
 
     try:
-        fns = provider.build(problem, inputs)
+        fns, forward = provider.build(problem, inputs)
     except Exception as exc:  # a provider that cannot even start: record, go on
         for mode in MEASURE_ORDER:
             add(mode, ERROR, float("nan"), _short(exc))
@@ -107,10 +107,9 @@ def measure_provider(op: str, problem: Problem, provider: Provider, inputs, devi
     del fns
     _free(device)
 
-    if provider.forward is not None and failed_note is None:
+    if forward is not None and failed_note is None:
         try:
-            fwd = provider.forward(problem, inputs)
-            add(SAVED_MODE, SAVED_BYTES, measure.saved_activation_bytes(fwd, inputs.leaves))
+            add(SAVED_MODE, SAVED_BYTES, measure.saved_activation_bytes(forward, inputs.leaves))
         except Exception as exc:
             add(SAVED_MODE, ERROR, float("nan"), "saved bytes: " + _short(exc))
         _free(device)

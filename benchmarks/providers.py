@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -99,15 +99,25 @@ def make_inputs(problem: Problem, device: torch.device, seed: int = 0) -> Inputs
 class Provider:
     """A named way to compute the operation.
 
-    ``build(problem, inputs)`` returns ``{mode: zero-argument callable}``; it may
-    raise, and the runner records the error instead of crashing.  ``forward``
-    (when not None) is the plain forward used to count saved activations.
+    Either ``make_forward(problem, inputs)`` returns a differentiable forward (the
+    modes then come from :func:`autograd_modes`, and the same forward counts the
+    saved activations), or ``make_modes(problem, inputs)`` returns the mode
+    callables directly (the floor).  Either may raise; the runner records it.
     """
 
     name: str
     kind: str  # "baseline", "compile", "backend", "floor"
-    build: Callable[[Problem, Inputs], Dict[str, ModeFn]]
-    forward: Optional[Callable[[Problem, Inputs], Callable[[], Tensor]]] = None
+    make_forward: Optional[Callable[[Problem, Inputs], Callable[[], Tensor]]] = None
+    make_modes: Optional[Callable[[Problem, Inputs], Dict[str, ModeFn]]] = None
+
+    def build(self, problem: Problem,
+              inputs: Inputs) -> Tuple[Dict[str, ModeFn], Optional[Callable[[], Tensor]]]:
+        """``({mode: work}, forward or None)``; built once per problem, so that
+        torch.compile compiles once for the timings and the saved-bytes count."""
+        if self.make_forward is not None:
+            fwd = self.make_forward(problem, inputs)
+            return autograd_modes(fwd, inputs), fwd
+        return self.make_modes(problem, inputs), None
 
 
 def autograd_modes(fwd: Callable[[], Tensor], inputs: Inputs) -> Dict[str, ModeFn]:
@@ -213,12 +223,6 @@ def _floor_modes(problem: Problem, inp: Inputs) -> Dict[str, ModeFn]:
     return {"forward": forward, "backward": backward, "forward+backward": forward_backward}
 
 
-def _with_autograd(make_forward):
-    def build(problem: Problem, inp: Inputs) -> Dict[str, ModeFn]:
-        return autograd_modes(make_forward(problem, inp), inp)
-    return build
-
-
 def _accepts_save_projections(op: str) -> bool:
     fn = fbp_kernels.fbp if op == "fbp" else getattr(fbp_kernels, "mfh", None)
     return fn is not None and "save_projections" in inspect.signature(fn).parameters
@@ -235,15 +239,13 @@ def providers_for(op: str, backend_names: List[str], include_compile: bool = Tru
     if op not in ("fbp", "mfh"):
         raise ValueError(f"op must be 'fbp' or 'mfh', got {op!r}")
     variants = (False, True) if _accepts_save_projections(op) else (False,)
-    ref = _reference_forward(op)
-    out = [Provider("reference", "baseline", _with_autograd(ref), ref)]
+    out = [Provider("reference", "baseline", make_forward=_reference_forward(op))]
     if include_compile:
-        comp = _compiled_forward(op, compile_backend)
-        out.append(Provider("compile", "compile", _with_autograd(comp), comp))
+        out.append(Provider("compile", "compile",
+                            make_forward=_compiled_forward(op, compile_backend)))
     for name in backend_names:
         for saved in variants:
-            fwd = _backend_forward(op, name, saved)
             out.append(Provider(name + ("+saved" if saved else ""), "backend",
-                                _with_autograd(fwd), fwd))
-    out.append(Provider("floor", "floor", _floor_modes))
+                                make_forward=_backend_forward(op, name, saved)))
+    out.append(Provider("floor", "floor", make_modes=_floor_modes))
     return out

@@ -117,7 +117,7 @@ def test_saved_activation_bytes_are_exact():
     p = TINY
     inp = make_inputs(p, torch.device("cpu"))
     provs = {q.name: q for q in providers_for("fbp", ["torch"], include_compile=False)}
-    count = {name: measure.saved_activation_bytes(provs[name].forward(p, inp), inp.leaves)
+    count = {name: measure.saved_activation_bytes(provs[name].make_forward(p, inp), inp.leaves)
              for name in ("reference", "torch", "torch+saved")}
     ko, el = p.factor * p.o, 4
     assert count["torch"] == p.rows * (p.o + 1) * el
@@ -160,7 +160,8 @@ def test_a_failing_provider_is_recorded_not_fatal():
         return {"forward": ok, "backward": bad, "forward+backward": bad}
 
     provs = providers_for("fbp", [], include_compile=False)
-    provs += [Provider("broken", "compile", broken_build), Provider("half", "backend", half_broken)]
+    provs += [Provider("broken", "compile", make_modes=broken_build),
+              Provider("half", "backend", make_modes=half_broken)]
     rows = run_problems("fbp", [TINY], provs, torch.device("cpu"), FAST, ENV)
     idx = ResultIndex(rows)
     assert all("no compiler here" in (idx.error(TINY, "broken", m) or "") for m in MODES)
