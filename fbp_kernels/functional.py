@@ -138,7 +138,7 @@ def fbp(
     device = x.device
     x, y, weight_x, weight_y, bias_x, bias_y = _autocast(
         device.type, [x, y, weight_x, weight_y, bias_x, bias_y])
-    impl = backends.resolve(backend, device)  # raises a clear error if unusable
+    backend_name = backends.resolve_name(backend, str(device))  # clear error if unusable
     seed = None
     if training and dropout > 0:
         # Drawn from PyTorch's CPU generator: torch.manual_seed makes runs
@@ -149,5 +149,5 @@ def fbp(
     with torch.autocast(device.type, enabled=False):
         out, *_ = ops.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor,
                                   float(dropout), bool(normalize), float(eps),
-                                  bool(save_projections), impl.NAME)
+                                  bool(save_projections), backend_name)
     return out

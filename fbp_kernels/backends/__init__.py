@@ -71,3 +71,10 @@ def resolve(name: str, device: torch.device) -> ModuleType:
             f"Available here: {available_backends(device)}"
         )
     return _load(name)
+
+
+@torch.compiler.assume_constant_result
+def resolve_name(name: str, device: str) -> str:
+    """Name of the backend :func:`resolve` picks; ``torch.compile`` evaluates it once at
+    trace time and keeps the string as a constant (importing modules cannot be traced)."""
+    return resolve(name, torch.device(device)).NAME

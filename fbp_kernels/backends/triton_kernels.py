@@ -59,47 +59,55 @@ def _keep_mask(seed, rows_i64, cols_i64, KO, drop_p):
     return r >= drop_p
 
 
+# Addressing: every program turns its tile origin into int64 *scalar* base pointers
+# (row0 * row_stride can pass 2^31) and keeps per-element offsets inside the tile in
+# int32 (the host checks they fit).  int64 per-element offsets would double the
+# registers spent on addresses and make the kernels spill.
+
+
 @triton.jit
-def _projection_tile(in_ptr, w_ptr, offs_m, cols, rows, width, stride_ir, stride_ik,
+def _projection_tile(in_base, w_base, rm, m_mask, lc, c_ok, width, stride_ir, stride_ik,
                      stride_wr, stride_wk, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
                      BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
                      PRECISION: tl.constexpr):
-    """``in[offs_m, :] @ w[cols, :]^T`` as a (BLOCK_M, BLOCK_O) fp32 (or fp64) tile."""
-    acc_dtype = tl.float64 if in_ptr.dtype.element_ty == tl.float64 else tl.float32
+    """``in[rm, :] @ w[lc, :]^T`` as a (BLOCK_M, BLOCK_O) fp32 (fp64 for fp64) tile.
+
+    ``rm``/``lc`` are tile-local row and weight-row indices relative to the bases.
+    """
+    acc_dtype = tl.float64 if in_base.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=acc_dtype)
-    m_mask = offs_m < rows
-    c_ok = cols >= 0  # caller passes cols = -1 for out-of-range outputs
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = in_base + rm[:, None] * stride_ir + rk[None, :] * stride_ik
+    # The weight tile is loaded already transposed, (BLOCK_K, BLOCK_O): tl.dot wants K x N.
+    b_ptrs = w_base + lc[None, :] * stride_wr + rk[:, None] * stride_wk
     for k0 in range(0, width, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < width
-        a = tl.load(in_ptr + offs_m[:, None] * stride_ir + offs_k[None, :] * stride_ik,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        # Load the weight tile already transposed, (BLOCK_K, BLOCK_O): tl.dot wants K x N.
-        b = tl.load(w_ptr + cols[None, :] * stride_wr + offs_k[:, None] * stride_wk,
-                    mask=c_ok[None, :] & k_mask[:, None], other=0.0)
+        k_mask = rk < width - k0
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=c_ok[None, :] & k_mask[:, None], other=0.0)
         if DOT_FP32:
             # The interpreter cannot multiply bf16 operands (it uses their raw bits).
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+        a_ptrs += BLOCK_K * stride_ik
+        b_ptrs += BLOCK_K * stride_wk
     return acc
 
 
 @triton.jit
-def _factor_group(x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, offs_m, cols, rows, M, N,
-                  stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk,
+def _factor_group(x_base, y_base, wx_base, wy_base, bx_base, by_base, rm, m_mask, lc, c_ok,
+                  M, N, stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk,
                   stride_wyr, stride_wyk, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """The two projection tiles (A_i, C_i) for projected columns ``cols``."""
-    a = _projection_tile(x_ptr, wx_ptr, offs_m, cols, rows, M, stride_xr, stride_xk,
+    """The two projection tiles (A_i, C_i) for the tile-local weight rows ``lc``."""
+    a = _projection_tile(x_base, wx_base, rm, m_mask, lc, c_ok, M, stride_xr, stride_xk,
                          stride_wxr, stride_wxk, BLOCK_M, BLOCK_O, BLOCK_K, DOT_FP32, PRECISION)
-    c = _projection_tile(y_ptr, wy_ptr, offs_m, cols, rows, N, stride_yr, stride_yk,
+    c = _projection_tile(y_base, wy_base, rm, m_mask, lc, c_ok, N, stride_yr, stride_yk,
                          stride_wyr, stride_wyk, BLOCK_M, BLOCK_O, BLOCK_K, DOT_FP32, PRECISION)
     if HAS_BIAS:
-        c_ok = cols >= 0
-        a += tl.load(bx_ptr + cols, mask=c_ok, other=0.0).to(a.dtype)[None, :]
-        c += tl.load(by_ptr + cols, mask=c_ok, other=0.0).to(c.dtype)[None, :]
+        a += tl.load(bx_base + lc, mask=c_ok, other=0.0).to(a.dtype)[None, :]
+        c += tl.load(by_base + lc, mask=c_ok, other=0.0).to(c.dtype)[None, :]
     return a, c
 
 
@@ -126,43 +134,50 @@ def _fbp_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
-    # int64 before any offset arithmetic: rows * K*o can pass 2^31.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    m_mask = offs_m < rows
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    col0 = (pid_o * BLOCK_O * FACTOR).to(tl.int64)  # first projected column of the tile
+    rm = tl.arange(0, BLOCK_M)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_mask = rm < rows - row0
     o_mask = offs_o < O
     tile_mask = m_mask[:, None] & o_mask[None, :]
     KO = O * FACTOR
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    x_base = x_ptr + row0 * stride_xr
+    y_base = y_ptr + row0 * stride_yr
+    wx_base = wx_ptr + col0 * stride_wxr
+    wy_base = wy_ptr + col0 * stride_wyr
 
     s = tl.zeros((BLOCK_M, BLOCK_O), dtype=acc_dtype)
     for i in range(FACTOR):
-        cols = tl.where(o_mask, offs_o * FACTOR + i, -1)
-        a, c = _factor_group(x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, offs_m, cols, rows,
-                             M, N, stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr,
-                             stride_wxk, stride_wyr, stride_wyk, HAS_BIAS, BLOCK_M, BLOCK_O,
-                             BLOCK_K, DOT_FP32, PRECISION)
+        lc = tl.arange(0, BLOCK_O) * FACTOR + i  # tile-local projected columns
+        a, c = _factor_group(x_base, y_base, wx_base, wy_base, bx_ptr + col0, by_ptr + col0,
+                             rm, m_mask, lc, o_mask, M, N, stride_xr, stride_xk, stride_yr,
+                             stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
+                             HAS_BIAS, BLOCK_M, BLOCK_O, BLOCK_K, DOT_FP32, PRECISION)
         if STORE_AC:
-            ac_offs = offs_m[:, None] * KO + cols[None, :]
-            tl.store(a_ptr + ac_offs, a.to(a_ptr.dtype.element_ty), mask=tile_mask)
-            tl.store(c_ptr + ac_offs, c.to(c_ptr.dtype.element_ty), mask=tile_mask)
+            ac_offs = rm[:, None] * KO + lc[None, :]
+            tl.store(a_ptr + row0 * KO + col0 + ac_offs, a.to(a_ptr.dtype.element_ty),
+                     mask=tile_mask)
+            tl.store(c_ptr + row0 * KO + col0 + ac_offs, c.to(c_ptr.dtype.element_ty),
+                     mask=tile_mask)
         p = a * c
         if DROPOUT:
-            keep = _keep_mask(seed, offs_m, offs_o * FACTOR + i, KO, drop_p)
+            keep = _keep_mask(seed, row0 + rm, col0 + lc, KO, drop_p)
             p = tl.where(keep, p * keep_scale, 0.0)
         s += p
 
     if NORMALIZE:
-        _finish_normalised(s, offs_m, offs_o, m_mask, tile_mask, pid_m, pid_o, rows, O,
+        _finish_normalised(s, rm, offs_o, m_mask, tile_mask, pid_m, pid_o, row0, rows, O,
                            out_ptr, t_ptr, partial_ptr, norm_ptr, counter_ptr, stride_or,
                            stride_tr, eps, sqrt_eps, BLOCK_M, BLOCK_O)
     else:
-        tl.store(out_ptr + offs_m[:, None] * stride_or + offs_o[None, :],
+        tl.store(out_ptr + row0 * stride_or + rm[:, None] * stride_or + offs_o[None, :],
                  s.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
-def _finish_normalised(s, offs_m, offs_o, m_mask, tile_mask, pid_m, pid_o, rows, O, out_ptr,
+def _finish_normalised(s, rm, offs_o, m_mask, tile_mask, pid_m, pid_o, row0, rows, O, out_ptr,
                        t_ptr, partial_ptr, norm_ptr, counter_ptr, stride_or, stride_tr, eps,
                        sqrt_eps, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr):
     """Signed sqrt of the pooled tile, then the "last program finishes" row norm."""
@@ -170,8 +185,10 @@ def _finish_normalised(s, offs_m, offs_o, m_mask, tile_mask, pid_m, pid_o, rows,
     t = s / (tl.sqrt(tl.abs(s) + eps) + sqrt_eps)
     t = tl.where(tile_mask, t, 0.0)
     rows64 = tl.cast(rows, tl.int64)
-    tl.store(t_ptr + offs_m[:, None] * stride_tr + offs_o[None, :], t, mask=tile_mask)
-    tl.store(partial_ptr + pid_o * rows64 + offs_m, tl.sum(t * t, axis=1), mask=m_mask)
+    t_base = t_ptr + row0 * stride_tr
+    out_base = out_ptr + row0 * stride_or
+    tl.store(t_base + rm[:, None] * stride_tr + offs_o[None, :], t, mask=tile_mask)
+    tl.store(partial_ptr + pid_o * rows64 + row0 + rm, tl.sum(t * t, axis=1), mask=m_mask)
     n_tiles = tl.num_programs(1)
     # Publish the whole tile (every thread's stores) before the release of the ticket.
     tl.debug_barrier()
@@ -181,17 +198,17 @@ def _finish_normalised(s, offs_m, offs_o, m_mask, tile_mask, pid_m, pid_o, rows,
         # order: deterministic) and rescale the row block's t into the output.
         sumsq = tl.zeros((BLOCK_M,), dtype=t.dtype)
         for j in range(0, n_tiles):
-            sumsq += tl.load(partial_ptr + j * rows64 + offs_m, mask=m_mask, other=0.0,
+            sumsq += tl.load(partial_ptr + j * rows64 + row0 + rm, mask=m_mask, other=0.0,
                              cache_modifier=".cg")
         norm = tl.sqrt(sumsq)
-        tl.store(norm_ptr + offs_m, norm, mask=m_mask)
+        tl.store(norm_ptr + row0 + rm, norm, mask=m_mask)
         inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
         for j in range(0, n_tiles):
             cols_o = j * BLOCK_O + tl.arange(0, BLOCK_O)
             msk = m_mask[:, None] & (cols_o < O)[None, :]
-            tt = tl.load(t_ptr + offs_m[:, None] * stride_tr + cols_o[None, :], mask=msk,
+            tt = tl.load(t_base + rm[:, None] * stride_tr + cols_o[None, :], mask=msk,
                          other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + offs_m[:, None] * stride_or + cols_o[None, :],
+            tl.store(out_base + rm[:, None] * stride_or + cols_o[None, :],
                      (tt * inv[:, None]).to(out_ptr.dtype.element_ty), mask=msk)
         # Leave the counter clean for the next launch (the buffer is cached).
         tl.atomic_xchg(counter_ptr + pid_m, 0, sem="relaxed", scope="gpu")
@@ -204,17 +221,20 @@ def _finish_normalised(s, offs_m, offs_o, m_mask, tile_mask, pid_m, pid_o, rows,
 def _row_dot_kernel(z_ptr, g_ptr, out_ptr, rows, O, stride_zr, stride_gr,
                     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr):
     """``out[r] = <z[r], g[r]>`` in fp32 (fp64 for fp64 inputs)."""
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < rows
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rm = tl.arange(0, BLOCK_M)
+    m_mask = rm < rows - row0
     acc_dtype = tl.float64 if z_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M,), dtype=acc_dtype)
+    z_base = z_ptr + row0 * stride_zr
+    g_base = g_ptr + row0 * stride_gr
     for o0 in range(0, O, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
         msk = m_mask[:, None] & (offs_o < O)[None, :]
-        z = tl.load(z_ptr + offs_m[:, None] * stride_zr + offs_o[None, :], mask=msk, other=0.0)
-        g = tl.load(g_ptr + offs_m[:, None] * stride_gr + offs_o[None, :], mask=msk, other=0.0)
+        z = tl.load(z_base + rm[:, None] * stride_zr + offs_o[None, :], mask=msk, other=0.0)
+        g = tl.load(g_base + rm[:, None] * stride_gr + offs_o[None, :], mask=msk, other=0.0)
         acc += tl.sum(z.to(acc_dtype) * g.to(acc_dtype), axis=1)
-    tl.store(out_ptr + offs_m, acc, mask=m_mask)
+    tl.store(out_ptr + row0 + rm, acc, mask=m_mask)
 
 
 @triton.jit
@@ -237,21 +257,23 @@ def _fbp_bwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    m_mask = offs_m < rows
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    col0 = (pid_o * BLOCK_O * FACTOR).to(tl.int64)
+    rm = tl.arange(0, BLOCK_M)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_mask = rm < rows - row0
     o_mask = offs_o < O
     tile_mask = m_mask[:, None] & o_mask[None, :]
     KO = O * FACTOR
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
 
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gr + offs_o[None, :], mask=tile_mask,
-                other=0.0).to(acc_dtype)
+    g = tl.load(g_ptr + row0 * stride_gr + rm[:, None] * stride_gr + offs_o[None, :],
+                mask=tile_mask, other=0.0).to(acc_dtype)
     if NORMALIZE:
-        z = tl.load(z_ptr + offs_m[:, None] * stride_zr + offs_o[None, :], mask=tile_mask,
-                    other=0.0).to(acc_dtype)
-        norm = tl.load(norm_ptr + offs_m, mask=m_mask, other=1.0)
-        zg = tl.load(zg_ptr + offs_m, mask=m_mask, other=0.0)
+        z = tl.load(z_ptr + row0 * stride_zr + rm[:, None] * stride_zr + offs_o[None, :],
+                    mask=tile_mask, other=0.0).to(acc_dtype)
+        norm = tl.load(norm_ptr + row0 + rm, mask=m_mask, other=1.0)
+        zg = tl.load(zg_ptr + row0 + rm, mask=m_mask, other=0.0)
         r = tl.maximum(norm, _NORM_DELTA)
         # d z / d t: project out z and divide by r; below delta the clamp makes it 1/delta.
         dt = tl.where((norm > _NORM_DELTA)[:, None], (g - z * zg[:, None]) / r[:, None],
@@ -261,23 +283,30 @@ def _fbp_bwd_kernel(
     else:
         ds = g
 
+    x_base = x_ptr + row0 * stride_xr
+    y_base = y_ptr + row0 * stride_yr
+    wx_base = wx_ptr + col0 * stride_wxr
+    wy_base = wy_ptr + col0 * stride_wyr
+    ac_base = row0 * KO + col0  # (rows, K*o) buffers are contiguous
     for i in range(FACTOR):
-        cols = tl.where(o_mask, offs_o * FACTOR + i, -1)
-        ac_offs = offs_m[:, None] * KO + cols[None, :]
+        lc = tl.arange(0, BLOCK_O) * FACTOR + i
+        ac_offs = rm[:, None] * KO + lc[None, :]
         if LOAD_AC:
-            a = tl.load(a_ptr + ac_offs, mask=tile_mask, other=0.0).to(acc_dtype)
-            c = tl.load(c_ptr + ac_offs, mask=tile_mask, other=0.0).to(acc_dtype)
+            a = tl.load(a_ptr + ac_base + ac_offs, mask=tile_mask, other=0.0).to(acc_dtype)
+            c = tl.load(c_ptr + ac_base + ac_offs, mask=tile_mask, other=0.0).to(acc_dtype)
         else:
-            a, c = _factor_group(x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, offs_m, cols,
-                                 rows, M, N, stride_xr, stride_xk, stride_yr, stride_yk,
-                                 stride_wxr, stride_wxk, stride_wyr, stride_wyk, HAS_BIAS,
-                                 BLOCK_M, BLOCK_O, BLOCK_K, DOT_FP32, PRECISION)
+            a, c = _factor_group(x_base, y_base, wx_base, wy_base, bx_ptr + col0, by_ptr + col0,
+                                 rm, m_mask, lc, o_mask, M, N, stride_xr, stride_xk, stride_yr,
+                                 stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
+                                 HAS_BIAS, BLOCK_M, BLOCK_O, BLOCK_K, DOT_FP32, PRECISION)
         dp = ds
         if DROPOUT:
-            keep = _keep_mask(seed, offs_m, offs_o * FACTOR + i, KO, drop_p)
+            keep = _keep_mask(seed, row0 + rm, col0 + lc, KO, drop_p)
             dp = tl.where(keep, ds * keep_scale, 0.0)
-        tl.store(da_ptr + ac_offs, (dp * c).to(da_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(dc_ptr + ac_offs, (dp * a).to(dc_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(da_ptr + ac_base + ac_offs, (dp * c).to(da_ptr.dtype.element_ty),
+                 mask=tile_mask)
+        tl.store(dc_ptr + ac_base + ac_offs, (dp * a).to(dc_ptr.dtype.element_ty),
+                 mask=tile_mask)
 
 
 @triton.jit
@@ -285,7 +314,7 @@ def _dropout_mask_kernel(mask_ptr, seed, rows, KO, drop_p, BLOCK_M: tl.constexpr
                          BLOCK_C: tl.constexpr):
     """Materialise the keep-mask the fused kernels use (for tests and debugging)."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     msk = (offs_m < rows)[:, None] & (offs_c < KO)[None, :]
     keep = _keep_mask(seed, offs_m, offs_c, KO, drop_p)
     tl.store(mask_ptr + offs_m[:, None] * KO + offs_c[None, :], keep.to(tl.int8), mask=msk)
@@ -305,30 +334,48 @@ class TileConfig:
     num_stages: int
 
 
-#: The configurations the heuristic below can pick (all compiled in CI for sm_80/sm_90).
+#: The configurations the heuristic below can pick, per operand family (all compiled
+#: for sm_80 and sm_90 in CI, see triton_compile.py).  Half precision feeds tensor
+#: cores; fp32 (IEEE, PyTorch's default) runs tl.dot on FMA units with operands in
+#: registers, so its tiles are smaller to stay clear of register spills.
 CONFIGS = {
-    # Inference (rows <= 32): a thin row tile; parallelism comes from the output
-    # tiles, the kernel streams the weights once.
-    "small": TileConfig(block_m=16, block_o=64, block_k=64, num_warps=4, num_stages=3),
-    # Medium batch: more row reuse per weight tile.
-    "medium": TileConfig(block_m=32, block_o=64, block_k=64, num_warps=4, num_stages=3),
-    # Training batch: square tile; 8 warps keep the three fp32 accumulators
-    # (A_i, C_i, s: 3 x 64 x 64) in registers without spilling.
-    "large": TileConfig(block_m=64, block_o=64, block_k=32, num_warps=8, num_stages=3),
+    "half": {
+        # Inference (rows <= 32): a thin row tile; parallelism comes from the output
+        # tiles and the kernel streams the weights once.
+        "small": TileConfig(block_m=16, block_o=64, block_k=64, num_warps=4, num_stages=3),
+        # Medium batch: more row reuse per weight tile.
+        "medium": TileConfig(block_m=32, block_o=64, block_k=64, num_warps=4, num_stages=3),
+        # Training batch: square tile, 8 warps for the three fp32 accumulators
+        # (A_i, C_i, s); wgmma on Hopper.
+        "large": TileConfig(block_m=64, block_o=64, block_k=32, num_warps=8, num_stages=3),
+    },
+    "fp32": {
+        "small": TileConfig(block_m=16, block_o=32, block_k=32, num_warps=4, num_stages=3),
+        "medium": TileConfig(block_m=32, block_o=32, block_k=32, num_warps=4, num_stages=3),
+        "large": TileConfig(block_m=64, block_o=64, block_k=16, num_warps=8, num_stages=3),
+    },
 }
 #: Tiny tiles for the CPU interpreter: it runs programs one after another.
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_o=16, block_k=16, num_warps=1, num_stages=1)
 
 
-def pick_config(rows: int) -> TileConfig:
-    """Heuristic tile choice by batch size (the interpreter always gets tiny tiles)."""
+def config_family(dtype: torch.dtype) -> str:
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
+def pick_config(rows: int, dtype: torch.dtype) -> TileConfig:
+    """Heuristic tile choice by batch size and dtype (the interpreter gets tiny tiles).
+
+    fp64 (gradcheck) uses the fp32 family's tiles.
+    """
     if INTERPRET:
         return INTERPRETER_CONFIG
+    family = CONFIGS[config_family(dtype)]
     if rows <= 32:
-        return CONFIGS["small"]
+        return family["small"]
     if rows <= 256:
-        return CONFIGS["medium"]
-    return CONFIGS["large"]
+        return family["medium"]
+    return family["large"]
 
 
 def dot_settings(dtype: torch.dtype):
@@ -389,7 +436,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
         c = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
     if rows == 0:
         return out, (torch.empty(0, dtype=acc, device=x2.device) if normalize else None), a, c
-    cfg = pick_config(rows)
+    cfg = pick_config(rows, x2.dtype)
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
     if normalize:
         t = torch.empty((rows, o), dtype=acc, device=x2.device)
@@ -427,7 +474,7 @@ def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, fa
     dc = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
     if rows == 0:
         return da, dc
-    cfg = pick_config(rows)
+    cfg = pick_config(rows, x2.dtype)
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if normalize:
