@@ -103,3 +103,24 @@ def write_json(path: Path, rows: Iterable[Row], env: Dict[str, object],
                      for k, v in asdict(r).items()} for r in rows]}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
+
+
+def _key(r: Row):
+    return (r.op, r.sweep, r.problem().shape_key(), r.provider, r.mode, r.metric)
+
+
+def merge_rows(old: Iterable[Row], new: Iterable[Row]) -> List[Row]:
+    """``old`` then ``new``; where both have a row for the same (op, sweep, shape,
+    provider, mode, metric), the new one wins."""
+    new = list(new)
+    fresh = {_key(r) for r in new}
+    return [r for r in old if _key(r) not in fresh] + new
+
+
+def read_environment(csv_path: Path) -> Optional[Dict[str, object]]:
+    """The environment stored in the ``results.json`` beside ``csv_path``, if any."""
+    path = Path(csv_path).with_name("results.json")
+    try:
+        return json.loads(path.read_text())["environment"]
+    except (OSError, ValueError, KeyError):
+        return None

@@ -70,6 +70,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="results folder (default benchmarks/out/<device>-<date>/)")
     ap.add_argument("--append", action="store_true",
                     help="merge with results.csv already in --out (split a GPU run into calls)")
+    ap.add_argument("--from", dest="from_csv", type=Path, nargs="+", default=None,
+                    metavar="CSV", help="measure nothing: rebuild summary and plots in --out "
+                                        "from these results.csv files (later files win)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help=f"seconds after which no new problem starts (GPU default "
                          f"{GPU_TIME_BUDGET_S:.0f}, CPU none)")
@@ -154,8 +157,46 @@ def compile_report(wanted: bool, timeout_s: float = 240.0) -> Optional[List[dict
         return None
 
 
+def write_outputs(rows: List[results.Row], env: dict, command: str, out_dir: Path,
+                  report: Optional[List[dict]], peak_gbps: Optional[float],
+                  with_plots: bool) -> List[str]:
+    """results.csv/json, summary.md and the plots; returns the file names."""
+    results.write_csv(out_dir / "results.csv", rows)
+    results.write_json(out_dir / "results.json", rows, env, command)
+    (out_dir / "summary.md").write_text(summary.markdown(rows, env, command, report, peak_gbps))
+    written = ["results.csv", "results.json", "summary.md"]
+    if with_plots and rows:
+        title = f"{rows[0].op} on {env['device']}"
+        written += [p.name for p in plots.plot_sweeps(ResultIndex(rows), out_dir, title)]
+    return written
+
+
+def rebuild(args, command: str) -> int:
+    """``--from``: merge existing results.csv files and rewrite the reports."""
+    if args.out is None:
+        raise SystemExit("--from needs --out (the folder to write the merged results to)")
+    rows: List[results.Row] = []
+    for path in args.from_csv:
+        rows = results.merge_rows(rows, results.read_csv(path))
+    if not rows:
+        raise SystemExit(f"no result rows in {[str(p) for p in args.from_csv]}")
+    env = results.read_environment(args.from_csv[0]) or {
+        k: getattr(rows[0], k) for k in ("date", "device", "device_type", "torch", "triton",
+                                         "cuda")}
+    env["merged_from"] = ", ".join(str(p) for p in args.from_csv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = write_outputs(rows, env, command, args.out, None, args.peak_bandwidth,
+                            not args.no_plots)
+    print(f"wrote {', '.join(written)} to {args.out} ({len(rows)} rows)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in
+                                                     (argv if argv is not None else sys.argv[1:]))
+    if args.from_csv:
+        return rebuild(args, command)
     device = pick_device(args.device)
     threads = args.threads or (1 if args.smoke else None)
     if threads:
@@ -187,8 +228,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = environment.describe(device)
     out_dir = args.out or environment.default_out_dir(HERE / "out", device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in
-                                                     (argv if argv is not None else sys.argv[1:]))
 
     print(("GPU run" if gpu else "CPU run (no GPU: CPU providers only, smaller shapes)")
           + (", smoke sizes" if args.smoke else ""))
@@ -206,16 +245,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         old_rows = results.read_csv(out_dir / "results.csv")
     new_rows: List[results.Row] = []
 
-    def merged() -> List[results.Row]:
-        def key(r):
-            return (r.op, r.sweep, r.problem().shape_key(), r.provider, r.mode, r.metric)
-        fresh = {key(r) for r in new_rows}
-        return [r for r in old_rows if key(r) not in fresh] + new_rows
-
     def on_problem(problem, rows):
         new_rows.extend(rows)
         print(summary.terminal_table(problem, rows), flush=True)
-        results.write_csv(out_dir / "results.csv", merged())  # partial results survive a kill
+        # Partial results survive a killed run.
+        results.write_csv(out_dir / "results.csv", results.merge_rows(old_rows, new_rows))
 
     start = time.monotonic()
     run_problems(args.op, problems, providers, device, settings, env, on_problem=on_problem,
@@ -226,16 +260,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if measured < len({p.shape_key() for p in problems}):
         env["note"] = "time budget reached: some problems were not measured"
 
-    rows = merged()
     report = compile_report(gpu or args.compile_report)
-    results.write_csv(out_dir / "results.csv", rows)
-    results.write_json(out_dir / "results.json", rows, env, command)
-    (out_dir / "summary.md").write_text(
-        summary.markdown(rows, env, command, report, args.peak_bandwidth))
-    written = ["results.csv", "results.json", "summary.md"]
-    if not args.no_plots:
-        title = f"{args.op} on {env['device']}"
-        written += [p.name for p in plots.plot_sweeps(ResultIndex(rows), out_dir, title)]
+    written = write_outputs(results.merge_rows(old_rows, new_rows), env, command, out_dir,
+                            report, args.peak_bandwidth, not args.no_plots)
     print(f"\nwall time {elapsed:.1f} s; wrote {', '.join(written)} to {out_dir}")
     return 0
 

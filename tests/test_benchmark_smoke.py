@@ -215,3 +215,8 @@ def test_append_merges_runs_into_one_folder(tmp_path):
     assert sweeps == {"rows", "factor"}
     md = (tmp_path / "summary.md").read_text()
     assert "## Sweep `rows`" in md and "## Sweep `factor`" in md
+    # --from rebuilds the reports from saved rows without measuring anything.
+    rebuilt = tmp_path / "rebuilt"
+    assert run.main(["--from", str(tmp_path / "results.csv"), "--out", str(rebuilt)]) == 0
+    assert (rebuilt / "summary.md").read_text().count("## Sweep") == 2
+    assert (rebuilt / "plot-rows-fp32.png").is_file()
