@@ -68,7 +68,7 @@ def cuda_extension():
     # The pip CUDA wheels' headers (cublas_v2.h, cusparse.h), which torch's CUDA headers
     # include and a bare toolkit may lack.
     nvidia_includes = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "..",
-                                                    "nvidia", "cu*", "include")))
+                                                    "nvidia", "cu[0-9]*", "include")))
     ext = CUDAExtension(
         name="fbp_kernels._C",
         sources=sources,

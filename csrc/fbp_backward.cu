@@ -61,7 +61,8 @@ struct ProjectionGradParams {
 };
 
 template <typename T, class E>
-__global__ void __launch_bounds__(E::kThreads)
+// minBlocks = 1: without it ptxas (CUDA 13) capped registers and spilled.
+__global__ void __launch_bounds__(E::kThreads, 1)
 projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;

@@ -45,7 +45,8 @@ struct ForwardParams {
 };
 
 template <typename T, class E>
-__global__ void __launch_bounds__(E::kThreads)
+// minBlocks = 1: without it ptxas (CUDA 13) capped registers and spilled.
+__global__ void __launch_bounds__(E::kThreads, 1)
 fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;
@@ -61,17 +62,20 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   const int64_t j_end = j0 + bo < p.o ? j0 + bo : p.o;
   const int64_t K = p.o * p.factor;
 
-  // s for the (row, output) pairs idx = tid + q * kThreads, r = idx / bo, jo = idx % bo.
+  // Pairs (row, output) of this block: idx = tid + q * kThreads, r = idx / bo, jo = idx % bo.
+  // s[] lives only within one chunk's epilogue (not across the GEMMs, which need the
+  // registers).  More than one chunk happens only when factor > BN, and then bo == 1:
+  // thread tid owns row tid (q = 0) in every chunk and carries its running sum.
   Acc s[kPairsPerThread];
-#pragma unroll
-  for (int q = 0; q < kPairsPerThread; ++q) s[q] = Acc(0);
-
-  for (int64_t cbeg = j0 * p.factor; cbeg < j_end * p.factor; cbeg += E::BN) {
+  Acc carry = Acc(0);
+  const int64_t col_end = j_end * p.factor;
+  for (int64_t cbeg = j0 * p.factor;; cbeg += E::BN) {
     E::gemm(p.x, row0, p.wx, cbeg, smem, pa);
     E::gemm(p.y, row0, p.wy, cbeg, smem, pc);
     __syncthreads();
 #pragma unroll
     for (int q = 0; q < kPairsPerThread; ++q) {
+      s[q] = Acc(0);
       const int idx = threadIdx.x + q * E::kThreads;
       const int r = idx / bo, jo = idx % bo;
       const int64_t row = row0 + r, j = j0 + jo;
@@ -90,9 +94,14 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
                      ? prod * p.scale : Acc(0);
         sum += prod;
       }
-      s[q] += sum;
+      if (bo == 1) {
+        sum += carry;
+        carry = sum;
+      }
+      s[q] = sum;
     }
-    __syncthreads();  // the next chunk overwrites pa and pc
+    __syncthreads();  // pa and pc are overwritten next (next chunk, or t^2 below)
+    if (cbeg + E::BN >= col_end) break;
   }
 
   if (!p.normalize) {  // block-uniform

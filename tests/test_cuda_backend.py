@@ -8,6 +8,9 @@ Without nvcc the build tests skip with the missing tool named.  With nvcc but no
 """
 
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -90,6 +93,24 @@ def test_cache_key_tracks_sources_and_architectures(tmp_path, monkeypatch):
     assert cuda_build.build_key() != edited
     monkeypatch.setenv("FBP_CUDA_CACHE", str(tmp_path / "cache"))
     assert cuda_build.build_dir() == tmp_path / "cache" / cuda_build.build_key()
+
+
+def test_build_lock_waits_for_another_process(tmp_path):
+    """Two processes building into one cache directory: the second waits (flock)."""
+    lock = tmp_path / ".fbp-build.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import fcntl, time\nf = open({str(lock)!r}, 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+         f"print('held', flush=True)\ntime.sleep(1.0)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with cuda_build._file_lock(lock):
+            waited = time.monotonic() - start
+    finally:
+        holder.wait(timeout=30)
+    assert waited > 0.5, f"acquired the lock after {waited:.2f} s while another process held it"
 
 
 def test_resource_usage_parser():

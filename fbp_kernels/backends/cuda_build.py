@@ -155,7 +155,7 @@ def _include_dirs() -> List[str]:
     the toolkit that builds; torch's CUDA headers include them)."""
     dirs = [str(CSRC)]
     site = Path(torch.__file__).resolve().parent.parent
-    dirs += sorted(str(p) for p in site.glob("nvidia/cu*/include") if p.is_dir())
+    dirs += sorted(str(p) for p in site.glob("nvidia/cu[0-9]*/include") if p.is_dir())
     return dirs
 
 
