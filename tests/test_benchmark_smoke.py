@@ -220,3 +220,36 @@ def test_append_merges_runs_into_one_folder(tmp_path):
     assert run.main(["--from", str(tmp_path / "results.csv"), "--out", str(rebuilt)]) == 0
     assert (rebuilt / "summary.md").read_text().count("## Sweep") == 2
     assert (rebuilt / "plot-rows-fp32.png").is_file()
+
+
+def test_gpu_report_renders_from_synthetic_rows(tmp_path):
+    """The GPU-only parts of the report (peak memory, bandwidth at small rows, the
+    GPU targets) cannot run here; render them from made-up GPU rows."""
+    from benchmarks import plots
+    from benchmarks.problems import GPU_PLAN
+    from benchmarks.results import BANDWIDTH, PEAK_MEMORY
+
+    env = dict(ENV, device="NVIDIA H100 80GB HBM3", device_type="cuda")
+    centre = GPU_PLAN.centre
+    small = Problem(rows=8, m=centre.m, n=centre.n, factor=5, o=1000, dtype="bf16")
+    timing = {"reference": 3.0, "compile": 2.0, "triton": 1.1, "triton+saved": 1.05,
+              "floor": 1.0}
+    rows = []
+    for p in (Problem(**{**centre.__dict__, "sweep": "rows", "swept": "rows"}),
+              Problem(**{**small.__dict__, "sweep": "rows", "swept": "rows"})):
+        for prov, t in timing.items():
+            for mode in MODES:
+                rows.append(make_row(env, "fbp", p, prov, mode, TIME_MEDIAN, t))
+                rows.append(make_row(env, "fbp", p, prov, mode, PEAK_MEMORY, 1e6 * t))
+            rows.append(make_row(env, "fbp", p, prov, "forward", BANDWIDTH, 2500.0))
+            if prov != "floor":
+                rows.append(make_row(env, "fbp", p, prov, "forward+backward", SAVED_BYTES,
+                                     1e6 if prov in ("triton",) else 1e7))
+    md = summary.markdown(rows, env, "cmd")
+    assert "CPU run" not in md
+    assert "## Inference (rows <= 16): forward bandwidth" in md and "| 75% |" in md
+    assert "| triton forward / floor | <= 1.15 | 1.100" in md
+    assert "| triton (lean) forward+backward / floor | <= 1.45 | 1.100" in md
+    assert "| triton saved activations / reference | <= 0.125 | 0.100" in md
+    assert "peak 2.9 MiB (1.00)" in md  # the reference's own peak, ratio 1
+    assert plots.plot_sweeps(ResultIndex(rows), tmp_path, "synthetic")
