@@ -412,6 +412,34 @@ def _row_block_counters(n: int, device: torch.device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _tile_offsets_fit(cfg: TileConfig, x2, y2, wx, wy, factor: int) -> bool:
+    """Whether every per-element offset *inside a tile* fits int32 (tile origins are
+    int64 scalars in the kernels, so only these spans matter)."""
+    ko = wx.shape[0]
+    spans = [
+        cfg.block_m * abs(x2.stride(0)) + x2.shape[1] * abs(x2.stride(1)),
+        cfg.block_m * abs(y2.stride(0)) + y2.shape[1] * abs(y2.stride(1)),
+        cfg.block_o * factor * abs(wx.stride(0)) + wx.shape[1] * abs(wx.stride(1)),
+        cfg.block_o * factor * abs(wy.stride(0)) + wy.shape[1] * abs(wy.stride(1)),
+        cfg.block_m * ko,  # (rows, K*o) buffers: saved projections, dA, dC
+    ]
+    return max(spans) <= _INT32_MAX
+
+
+def _int32_safe(cfg, x2, y2, wx, wy, factor):
+    """Copy exotic strided inputs so in-tile offsets fit int32; refuse sizes that can't."""
+    if not _tile_offsets_fit(cfg, x2, y2, wx, wy, factor):
+        x2, y2, wx, wy = (t.contiguous() for t in (x2, y2, wx, wy))
+        if not _tile_offsets_fit(cfg, x2, y2, wx, wy, factor):
+            raise ValueError(f"problem too large for the Triton kernels' int32 in-tile "
+                             f"offsets: widths {x2.shape[1]}, {y2.shape[1]}, factor*o={wx.shape[0]}; "
+                             f"use backend='torch'")
+    return x2, y2, wx, wy
+
+
 def _bias_args(bias_x, bias_y, like):
     if bias_x is None:
         return like, like, False  # never read: HAS_BIAS=False
@@ -437,6 +465,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
     if rows == 0:
         return out, (torch.empty(0, dtype=acc, device=x2.device) if normalize else None), a, c
     cfg = pick_config(rows, x2.dtype)
+    x2, y2, wx, wy = _int32_safe(cfg, x2, y2, wx, wy, factor)
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
     if normalize:
         t = torch.empty((rows, o), dtype=acc, device=x2.device)
@@ -475,6 +504,7 @@ def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, fa
     if rows == 0:
         return da, dc
     cfg = pick_config(rows, x2.dtype)
+    x2, y2, wx, wy = _int32_safe(cfg, x2, y2, wx, wy, factor)
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if normalize:
