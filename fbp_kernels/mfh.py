@@ -156,7 +156,7 @@ def mfh(
         # A clear error here rather than from inside the op.  Skipped while tracing:
         # resolving imports modules, which Dynamo refuses to trace; the op resolves
         # again when it runs, so a bad backend still fails there.
-        mfh_ops.resolve(backend, device)
+        mfh_ops.resolve(backend, device, n)
     seed = None
     if training and dropout > 0:
         # As in fbp(): CPU generator (reproducible, never synchronises the GPU).

@@ -31,9 +31,10 @@ from .backends import BackendUnavailableError
 
 #: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
 _MFH_MODULES = {
+    "triton": "fbp_kernels.backends.triton_mfh",
     "torch": "fbp_kernels.backends.torch_mfh",
 }
-_AUTO_ON_CUDA: Tuple[str, ...] = ()
+_AUTO_ON_CUDA: Tuple[str, ...] = ("triton",)
 
 _EMPTY_SHAPE = (0,)
 
@@ -42,22 +43,45 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(_MFH_MODULES[name])
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The MFH implementation for backend ``name`` on ``device``."""
+def unsupported_reason(name: str, device: torch.device,
+                       order: Optional[int] = None) -> Optional[str]:
+    """Why backend ``name`` cannot run MFH (of ``order``, if given) on ``device``, or
+    ``None`` when it can."""
+    if name not in _MFH_MODULES:
+        return (f"backend {name!r} has no MFH implementation; MFH runs on "
+                f"{sorted(_MFH_MODULES)} (or backend='auto')")
+    try:
+        module = _load(name)
+    except ImportError as exc:  # optional dependency (Triton) missing
+        return f"backend {name!r} cannot be imported: {exc}"
+    reason = module.unsupported_reason(torch.device(device))
+    max_order = getattr(module, "MAX_ORDER", None)
+    if reason is None and order is not None and max_order is not None and order > max_order:
+        reason = f"its MFH kernels support order <= {max_order}, got order {order}"
+    return reason
+
+
+def resolve(name: str, device: torch.device, order: Optional[int] = None) -> ModuleType:
+    """The MFH implementation for backend ``name`` on ``device``.
+
+    ``"auto"`` takes the first of ``_AUTO_ON_CUDA`` that can run on a CUDA device,
+    else the plain-PyTorch one (on CPU the interpreter is a testing tool, never an
+    automatic choice).  A named backend that cannot run raises
+    :class:`BackendUnavailableError` with the reason.
+    """
     if name == "auto":
         if device.type == "cuda":
             for cand in _AUTO_ON_CUDA:
-                if backends.unsupported_reason(cand, device) is None:
-                    try:
-                        return _load(cand)
-                    except ImportError:
-                        continue
+                if unsupported_reason(cand, device, order) is None:
+                    return _load(cand)
         return _load("torch")
-    backends.resolve(name, device)  # unknown name -> ValueError, unusable -> clear error
-    if name not in _MFH_MODULES:
-        raise BackendUnavailableError(
-            f"backend {name!r} has no MFH implementation; MFH runs on "
-            f"{sorted(_MFH_MODULES)} (or backend='auto')")
+    if name not in backends.NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(backends.NAMES)}, "
+                         f"got {name!r}")
+    reason = unsupported_reason(name, device, order)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run MFH on device {device}: "
+                                      f"{reason}")
     return _load(name)
 
 
@@ -95,7 +119,7 @@ def mfh_forward(
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``(out (..., P*o), norms (..., P))``; ``norms`` is empty when
     ``normalize`` is false."""
-    impl = resolve(backend, x.device)
+    impl = resolve(backend, x.device, len(weights_x))
     res = impl.forward(x, y, list(weights_x), list(weights_y), _from_markers(biases_x),
                        _from_markers(biases_y), factor=factor, dropout=dropout,
                        seed=_seed_value(seed), normalize=normalize, eps=eps)
@@ -123,7 +147,7 @@ def mfh_backward(
 ) -> List[Tensor]:
     """Returns ``[dx, dy, *dweights_x, *dweights_y, *dbiases_x, *dbiases_y]``, a bias
     gradient being an empty marker where the bias is one."""
-    impl = resolve(backend, x.device)
+    impl = resolve(backend, x.device, len(weights_x))
     res = impl.backward(grad, x, y, list(weights_x), list(weights_y),
                         _from_markers(biases_x), _from_markers(biases_y), out,
                         norms if normalize else None, factor=factor, dropout=dropout,

@@ -25,7 +25,7 @@ from conftest import DEVICE
 
 
 def _mfh_backend_param(name):
-    reason = backends.unsupported_reason(name, DEVICE)
+    reason = mfh_ops.unsupported_reason(name, DEVICE)
     marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable on {DEVICE}: {reason}")] \
         if reason else []
     return pytest.param(name, marks=marks, id=name)
@@ -205,12 +205,21 @@ def test_gradcheck_float64(mfh_backend):
         return fbp_kernels.mfh(x, y, wx, wy, bx, by, factor=2, dropout=0.25, training=True,
                                backend=mfh_backend)
 
-    assert torch.autograd.gradcheck(fn, live, eps=1e-6, atol=1e-6, rtol=1e-5)
+    # The interpreter takes ~0.2-0.4 s per launch here, so the Triton kernels get
+    # gradcheck's fast mode (random directional derivatives: a few dozen launches
+    # instead of one per input element); the torch backend gets the full Jacobian.
+    fast = mfh_backend != "torch"
+    assert torch.autograd.gradcheck(fn, live, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]], ids=str)
-def test_order_one_equals_fbp_exactly(case, dropout, mfh_backend):
+def test_order_one_equals_fbp(case, dropout, mfh_backend):
+    """Order 1 is FBP.  The torch backends run the same operations in the same order,
+    so they agree bitwise.  The Triton MFH finishes the row norm in PyTorch where the
+    FBP kernel finishes it in-kernel, so they agree to an ulp or two (fp32); both draw
+    block 0's dropout mask from the same seed (a different mask would show as an O(1)
+    difference)."""
     inp = make_mfh_inputs(case, 1, torch.float32)
     kw = dict(factor=case.factor, dropout=dropout, training=True, backend=mfh_backend)
     torch.manual_seed(7)
@@ -221,17 +230,32 @@ def test_order_one_equals_fbp_exactly(case, dropout, mfh_backend):
     want = [out] + grads(out, flat, g.to(out.dtype))
     for name, a, e in zip(names, got, want):
         assert (a is None) == (e is None), name
-        if a is not None:
+        if a is None:
+            continue
+        if mfh_backend == "torch":
             assert torch.equal(a, e), f"{name}: order-1 MFH differs from FBP " \
                                       f"by {(a - e).abs().max().item():.3g}"
+        else:
+            assert_close(a, e, atol=1e-6 * max(e.abs().max().item(), 1.0), rtol=1e-5,
+                         name=name)
 
 
-def _regenerated_masks(seed_state, shape, rate, order):
+def test_block_zero_mask_is_fbps_mask(mfh_backend):
+    impl = mfh_ops.resolve(mfh_backend, DEVICE)
+    fbp_impl = backends.resolve(mfh_backend, DEVICE)
+    shape = (5, 3, 20)
+    mfh_masks = impl.block_masks(2**40 + 3, shape, 0.3, 2, DEVICE)
+    assert torch.equal(mfh_masks[0], fbp_impl.dropout_mask(2**40 + 3, shape, 0.3, DEVICE))
+    assert not torch.equal(mfh_masks[1], mfh_masks[0])
+
+
+def _regenerated_masks(seed_state, shape, rate, order, backend):
     """The masks an MFH call made after ``torch.manual_seed(seed_state)`` must use:
-    the op seed is the first draw of the CPU generator, then ``block_seed``."""
+    the op seed is the first draw of the CPU generator, then the backend's
+    ``block_masks`` (``block_seed`` per block, the backend's own generator)."""
     torch.manual_seed(seed_state)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    return torch_mfh.block_masks(seed, shape, rate, order, DEVICE)
+    return mfh_ops.resolve(backend, DEVICE).block_masks(seed, shape, rate, order, DEVICE)
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -244,14 +268,14 @@ def test_dropout_masks_match_reference(order, mfh_backend):
     torch.manual_seed(99)
     got, names, g = run(fbp_kernels.mfh, inp, factor=3, dropout=rate, training=True,
                         backend=mfh_backend)
-    masks = _regenerated_masks(99, (2, 3, case.factor * case.o), rate, order)
+    masks = _regenerated_masks(99, (2, 3, case.factor * case.o), rate, order, mfh_backend)
     exact, _, _ = run(reference.mfh, inp.detached64(), g, factor=3, dropout=rate,
                       dropout_masks=masks)
     assert_all_close(got, exact, names, atol=TOL64[0], rtol=TOL64[1])
     # The test can fail: without masks (or with the masks of another seed) it differs.
     no_drop = fbp_kernels.mfh(*inp.args(), factor=3, backend=mfh_backend)
     assert not torch.allclose(got[0], no_drop)
-    other = _regenerated_masks(100, masks[0].shape, rate, order)
+    other = _regenerated_masks(100, masks[0].shape, rate, order, mfh_backend)
     assert not torch.allclose(reference.mfh(*inp.detached64().args(), factor=3, dropout=rate,
                                             dropout_masks=other), exact[0])
 
@@ -482,7 +506,7 @@ def test_bad_options_raise_clear_error(kw, exc, match):
 def test_backend_without_mfh_or_device_is_refused():
     inp = make_mfh_inputs(Case((3,), (3,), 4, 5, 2, 3), 2, requires_grad=False)
     for name in backends.NAMES:
-        if name in mfh_ops._MFH_MODULES and backends.unsupported_reason(name, DEVICE) is None:
+        if mfh_ops.unsupported_reason(name, DEVICE) is None:
             continue
         with pytest.raises(backends.BackendUnavailableError, match=repr(name)):
             fbp_kernels.mfh(*inp.args(), factor=2, backend=name)
