@@ -77,20 +77,20 @@ def summarize(times_ms: Iterable[float]) -> Timing:
 def time_cpu(fn: Callish, min_run_time: float = 0.2, min_samples: int = 5) -> Timing:
     """Time ``fn`` on the CPU: at least ``min_samples`` samples and ``min_run_time`` s.
 
-    Without a setup: ``torch.utils.benchmark.Timer``, each sample a block of calls
-    sized so that the samples share the run time (Timer's own
-    ``blocked_autorange`` can return a single block for a slow call, and then the
-    percentiles say nothing).  ``num_threads`` is torch's current thread count: the
-    Timer's default of one thread would understate what a user gets from the BLAS.
+    Without a setup: ``torch.utils.benchmark.Timer.blocked_autorange``, each sample
+    the mean of one block of calls.  Its run time is stretched to ``min_samples``
+    calls when one call is slow, else a slow call would give one block and
+    percentiles that say nothing.  ``num_threads`` is torch's current thread count:
+    the Timer's default of one thread would understate what a user gets from BLAS.
 
     With a setup, each sample is one call after its own setup, timed with
     ``time.perf_counter`` (Timer runs its setup once per block and warms up with
     extra calls, which would reuse a consumed graph).
     """
     call = as_call(fn)
-    samples = []
-    start = time.perf_counter()
     if call.setup is not None:
+        samples = []
+        start = time.perf_counter()
         while len(samples) < min_samples or time.perf_counter() - start < min_run_time:
             call.setup()
             t0 = time.perf_counter()
@@ -99,11 +99,12 @@ def time_cpu(fn: Callish, min_run_time: float = 0.2, min_samples: int = 5) -> Ti
         return summarize(samples)
     timer = torch_benchmark.Timer(stmt="run()", globals={"run": call.run},
                                   num_threads=torch.get_num_threads())
-    one_call = max(timer.timeit(1).mean, 1e-7)
-    number = max(1, int(min_run_time / min_samples / one_call))
-    while len(samples) < min_samples or time.perf_counter() - start < min_run_time:
-        samples.append(timer.timeit(number).mean * 1e3)  # ms per call in this block
-    return summarize(samples)
+    t0 = time.perf_counter()
+    call.run()
+    one_call = time.perf_counter() - t0
+    measurement = timer.blocked_autorange(
+        min_run_time=max(min_run_time, 1.05 * min_samples * one_call))
+    return summarize(t * 1e3 for t in measurement.times)  # seconds per call, per block
 
 
 def time_cuda(fn: Callish, device: torch.device, warmup_ms: float = 10.0,
@@ -130,7 +131,7 @@ def time_cuda(fn: Callish, device: torch.device, warmup_ms: float = 10.0,
         e.record(stream)
     torch.cuda.synchronize(device)
     estimate_ms = max(sum(s.elapsed_time(e) for s, e in est) / len(est), 1e-3)
-    n_warmup = max(1, int(warmup_ms / estimate_ms))
+    n_warmup = min(max_reps, max(1, int(warmup_ms / estimate_ms)))
     n_reps = min(max_reps, max(10, int(rep_ms / estimate_ms)))
     for _ in range(n_warmup):
         call_once(call)
