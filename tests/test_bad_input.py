@@ -9,8 +9,8 @@ Two kinds of rows:
   large as the projection (one output) and meta tensors give a defined answer,
   checked on every backend that runs here.
 
-The entry points are :func:`fbp_kernels.fbp`, ``FactorizedBilinearPooling`` (its
-constructor and its forward), ``FactorizedBilinearPooling.from_linear`` and the
+The entry points are :func:`fbp_kernels.fbp`, :func:`fbp_kernels.mfh`, the modules
+(constructors and forward), ``FactorizedBilinearPooling.from_linear`` and the
 checkpoint converters of :mod:`fbp_kernels.convert`.  The meta device stands in for
 a second device on a machine without a GPU.
 """
@@ -359,3 +359,58 @@ test_meta_tensors_give_shapes_without_data = pytest.mark.xfail(
     reason="functional.fbp calls torch.is_autocast_enabled('meta') and "
            "torch.autocast('meta'), which raise 'unknown device type for autocast'",
 )(test_meta_tensors_give_shapes_without_data)
+
+
+# ------------------------------------------------------------------ MFH entry points
+
+def _mfh_args():
+    """A valid mfh() call: order 2, x (3, 5), y (3, 4), k=2, o=3."""
+    return dict(x=torch.randn(ROWS, M), y=torch.randn(ROWS, N),
+                weights_x=[torch.randn(KO, M) for _ in range(2)],
+                weights_y=[torch.randn(KO, N) for _ in range(2)], factor=FACTOR)
+
+
+def _call_mfh(kw):
+    return fbp_kernels.mfh(kw.pop("x"), kw.pop("y"), kw.pop("weights_x"), kw.pop("weights_y"),
+                           **kw)
+
+
+MFH_REFUSED = [
+    ("x-int", {"x": lambda t: t.long()}, TypeError, r"\bx has dtype"),
+    ("weights_x-tensor", {"weights_x": lambda w: w[0]}, TypeError, r"weights_x must be a list"),
+    ("order-mismatch", {"weights_y": lambda w: w[:1]}, ValueError, r"weights_x and weights_y"),
+    ("no-blocks", {"weights_x": [], "weights_y": []}, ValueError, r"weights_x is empty"),
+    ("block-width", {"weights_x": lambda w: [w[0], torch.randn(KO, M + 1)]}, ValueError,
+     r"weights_x\[1\] expects 6"),
+    ("factor-0", {"factor": 0}, ValueError, r"factor must be >= 1"),
+    ("factor-not-dividing", {"factor": 4}, ValueError, r"factor=4"),
+    ("dropout-one", {"dropout": 1.0}, ValueError, r"dropout"),
+    ("eps-0", {"eps": 0.0}, ValueError, r"eps"),
+    ("y-meta", {"y": lambda t: t.to("meta")}, ValueError, r"\by on meta"),
+    ("leading-dims", {"y": lambda t: t[:2]}, ValueError, r"leading dimensions"),
+]
+
+
+@pytest.mark.parametrize("changes,exc,match", [pytest.param(c, e, m, id=i)
+                                               for i, c, e, m in MFH_REFUSED])
+def test_mfh_refuses(changes, exc, match):
+    with pytest.raises(exc, match=match):
+        _call_mfh(_apply(_mfh_args(), changes))
+
+
+@pytest.mark.xfail(strict=True, reason="MultimodalFactorizedHighOrderPooling does not validate "
+                                       "dropout at construction (fails only at forward)")
+def test_mfh_module_init_refuses_dropout():
+    with pytest.raises(ValueError, match="dropout"):
+        fbp_kernels.MFH(M, N, O, factor=FACTOR, dropout=1.5)
+
+
+def test_mfh_nan_row_and_empty_batch():
+    kw = _mfh_args()
+    kw["x"][1, 0] = math.nan
+    out = _call_mfh(dict(kw))
+    assert out.shape == (ROWS, 2 * O)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    kw = _mfh_args()
+    kw["x"], kw["y"] = kw["x"][:0], kw["y"][:0]
+    assert _call_mfh(kw).shape == (0, 2 * O)
