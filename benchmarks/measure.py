@@ -2,9 +2,8 @@
 
 Time on a GPU uses CUDA events around each call, with the L2 cache flushed before
 every call (by writing a buffer larger than any L2), so repeated calls on the same
-inputs do not measure the cache; on the CPU ``torch.utils.benchmark`` with all of
-torch's threads (the backward alone, which needs a fresh graph before each call,
-with ``time.perf_counter`` around single calls).  Both report the median and the 20th/80th percentiles: a wide
+inputs do not measure the cache; on the CPU blocks of calls timed with
+``time.perf_counter`` (see :func:`time_cpu` for why not ``torch.utils.benchmark``).  Both report the median and the 20th/80th percentiles: a wide
 p20-p80 band says the number is noisy (on a shared machine, expect that).
 """
 
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.utils.benchmark as torch_benchmark
 
 # Several times the L2 cache of current data-centre GPUs (H100 and H200: 50 MB).
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
@@ -77,34 +75,35 @@ def summarize(times_ms: Iterable[float]) -> Timing:
 def time_cpu(fn: Callish, min_run_time: float = 0.2, min_samples: int = 5) -> Timing:
     """Time ``fn`` on the CPU: at least ``min_samples`` samples and ``min_run_time`` s.
 
-    Without a setup: ``torch.utils.benchmark.Timer.blocked_autorange``, each sample
-    the mean of one block of calls.  Its run time is stretched to ``min_samples``
-    calls when one call is slow, else a slow call would give one block and
-    percentiles that say nothing.  ``num_threads`` is torch's current thread count:
-    the Timer's default of one thread would understate what a user gets from BLAS.
-
-    With a setup, each sample is one call after its own setup, timed with
-    ``time.perf_counter`` (Timer runs its setup once per block and warms up with
-    extra calls, which would reuse a consumed graph).
+    Each sample is the mean of a block of calls, the block sized so that
+    ``min_samples`` blocks fill ``min_run_time`` (one call per block when calls are
+    slow); with a setup, each sample is one call after its own setup.  Timed with
+    ``time.perf_counter`` at torch's current thread count.  Not with
+    ``torch.utils.benchmark.Timer``, which was tried: its ``timeit`` adds two
+    warm-up calls to every sample (tripling the cost of a slow call), its
+    ``blocked_autorange`` sizes blocks in powers of ten and can return one block
+    (then percentiles say nothing), and its setup runs once per block (a backward
+    would reuse a consumed graph).
     """
     call = as_call(fn)
-    if call.setup is not None:
-        samples = []
-        start = time.perf_counter()
-        while len(samples) < min_samples or time.perf_counter() - start < min_run_time:
-            call.setup()
-            t0 = time.perf_counter()
+    setup = call.setup
+    if setup is None:
+        t0 = time.perf_counter()
+        call.run()
+        one_call = time.perf_counter() - t0
+        number = max(1, int(min_run_time / min_samples / max(one_call, 1e-7)))
+    else:
+        number = 1
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < min_samples or time.perf_counter() - start < min_run_time:
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        for _ in range(number):
             call.run()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return summarize(samples)
-    timer = torch_benchmark.Timer(stmt="run()", globals={"run": call.run},
-                                  num_threads=torch.get_num_threads())
-    t0 = time.perf_counter()
-    call.run()
-    one_call = time.perf_counter() - t0
-    measurement = timer.blocked_autorange(
-        min_run_time=max(min_run_time, 1.05 * min_samples * one_call))
-    return summarize(t * 1e3 for t in measurement.times)  # seconds per call, per block
+        samples.append((time.perf_counter() - t0) / number * 1e3)
+    return summarize(samples)
 
 
 def time_cuda(fn: Callish, device: torch.device, warmup_ms: float = 10.0,
