@@ -33,7 +33,7 @@ from fbp_kernels import backends  # noqa: E402
 from benchmarks import environment, plots, results, summary  # noqa: E402
 from benchmarks.harness import Settings, run_problems  # noqa: E402
 from benchmarks.problems import (CPU_PLAN, DEFAULT_SWEEPS, GPU_PLAN, SMOKE_PLAN,  # noqa: E402
-                                 sweep_problems)
+                                 expand_sweep_names, sweep_problems)
 from benchmarks.providers import providers_for  # noqa: E402
 from benchmarks.table import ResultIndex  # noqa: E402
 
@@ -91,6 +91,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.op == "mfh" and args.order < 2:
         ap.error("--op mfh needs --order >= 2 (order 1 is FBP)")
+    try:
+        expand_sweep_names(args.sweep or [])
+        sweep_problems(SMOKE_PLAN, [], args.dtypes or [])  # validates the dtype names
+    except ValueError as exc:
+        ap.error(str(exc))
     return args
 
 

@@ -147,6 +147,12 @@ def test_sweeps_vary_one_dimension_around_the_centre():
         sweep_problems(SMOKE_PLAN, ["nope"], ["fp32"])
     with pytest.raises(ValueError, match="unknown dtype"):
         sweep_problems(SMOKE_PLAN, ["rows"], ["fp8"])
+    # The command line rejects them before measuring anything (usage error, exit 2).
+    from benchmarks import run
+    for bad in (["--sweep", "rowz"], ["--dtypes", "fp8"], ["--op", "mfh", "--order", "1"]):
+        with pytest.raises(SystemExit) as info:
+            run.parse_args(bad)
+        assert info.value.code == 2, bad
 
 
 def test_a_failing_provider_is_recorded_not_fatal():
