@@ -414,3 +414,47 @@ def test_mfh_nan_row_and_empty_batch():
     kw = _mfh_args()
     kw["x"], kw["y"] = kw["x"][:0], kw["y"][:0]
     assert _call_mfh(kw).shape == (0, 2 * O)
+
+
+# ------------------------------------------------------------------ magnitudes
+
+@pytest.mark.parametrize("dtype,scale", [
+    (torch.float32, 1e15), (torch.float32, 1e-5), (torch.float32, 1e-15),
+    (torch.float64, 1e120), (torch.float64, 1e-5), (torch.float64, 1e-120),
+], ids=["fp32-huge", "fp32-below-eps", "fp32-below-delta", "fp64-huge", "fp64-below-eps",
+        "fp64-below-delta"])
+def test_extreme_but_representable_magnitudes(dtype, scale, backend, device):
+    # Inputs scaled so that the products a*c (~scale^2 * k) stay inside the dtype's
+    # range, in the three regimes of the normalisation: |s| >> eps (textbook signed
+    # sqrt), |s| << eps (linear, t = s / 2 sqrt(eps)) and ||t|| below F.normalize's
+    # delta = 1e-12 (output t / delta, close to 0).  Output and input gradients
+    # must be finite and match the float64 reference.
+    kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in valid_args(dtype).items()}
+    kw["bias_x"] = kw["bias_y"] = None  # a bias would not scale with the inputs
+    kw["x"], kw["y"] = kw["x"] * scale, kw["y"] * scale
+    x, y = kw["x"].requires_grad_(), kw["y"].requires_grad_()
+    out = _run(backend, **kw)
+    assert torch.isfinite(out).all()
+    ref = reference.fbp(x.detach().double(), y.detach().double(), kw["weight_x"].double(),
+                        kw["weight_y"].double(), factor=FACTOR)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    for g in torch.autograd.grad(out, (x, y), torch.ones_like(out)):
+        assert torch.isfinite(g).all()
+
+
+def test_fp16_product_overflow_is_never_silently_wrong(backend, device):
+    # |a|, |c| ~ 400 make a*c ~ 1.6e5 > 65504 (fp16 max).  A backend may keep the
+    # product in fp32 (then the result is right) or overflow as eager PyTorch does
+    # (then the row is NaN/Inf): what it must not do is return finite garbage.
+    if device.type == "cpu" and backend == "triton":
+        pytest.skip("the Triton interpreter computes fp16 products through numpy: no "
+                    "GPU overflow behaviour to test")
+    x = torch.full((2, M), 400.0 / M ** 0.5, device=device)
+    y = torch.full((2, N), 400.0 / N ** 0.5, device=device)
+    wx = torch.full((KO, M), M ** -0.5, device=device)
+    wy = torch.full((KO, N), N ** -0.5, device=device)
+    exact = fbp_kernels.fbp(x, y, wx, wy, factor=FACTOR, backend=backend)
+    out = fbp_kernels.fbp(x.half(), y.half(), wx.half(), wy.half(), factor=FACTOR,
+                          backend=backend)
+    finite = torch.isfinite(out).all(-1)
+    torch.testing.assert_close(out[finite].float(), exact[finite], atol=2e-3, rtol=2e-3)
