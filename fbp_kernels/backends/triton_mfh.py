@@ -355,21 +355,28 @@ class TileConfig:
     num_stages: int
 
 
-#: GPU tiles, untuned (no GPU was available when this was written): 32 x 32 keeps
-#: the backward's 3P-1 live tiles (A_l, C_l, p_l) plus the gradient tiles in
-#: registers at order 4; ``python -m fbp_kernels.backends.triton_mfh`` checks spills.
+#: GPU tiles by order, untuned for speed (no GPU was lent while this was written)
+#: but checked for register spills by compiling for sm_90 (fp32, dropout on, K=5):
+#: software pipelining (num_stages=2) pushed every variant to 255 registers and
+#: spilled, so these use one stage; the backward holds 3P-1 live tiles (A_l, C_l,
+#: p_l) per factor group, hence the thinner row tile from order 3.
+#: ``python -m fbp_kernels.backends.triton_mfh`` re-checks all of them.
 CONFIGS = {
-    "small": TileConfig(block_m=16, block_o=32, block_k=64, num_warps=4, num_stages=3),
-    "large": TileConfig(block_m=32, block_o=32, block_k=32, num_warps=4, num_stages=3),
+    "order<=2": TileConfig(block_m=32, block_o=32, block_k=32, num_warps=4, num_stages=1),
+    "order>=3": TileConfig(block_m=16, block_o=32, block_k=32, num_warps=4, num_stages=1),
 }
 #: Tiny tiles for the CPU interpreter (it runs programs one after another).
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_o=16, block_k=16, num_warps=1, num_stages=1)
 
 
-def pick_config(rows: int) -> TileConfig:
+def config_name(order: int) -> str:
+    return "order<=2" if order <= 2 else "order>=3"
+
+
+def pick_config(order: int) -> TileConfig:
     if INTERPRET:
         return INTERPRETER_CONFIG
-    return CONFIGS["small"] if rows <= 32 else CONFIGS["large"]
+    return CONFIGS[config_name(order)]
 
 
 def _dot_settings(dtype: torch.dtype):
@@ -426,7 +433,7 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
     acc = acc_dtype(x.dtype)
     t = torch.empty((rows, order * o), dtype=acc, device=x.device)
     if rows:
-        cfg = pick_config(rows)
+        cfg = pick_config(order)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
         dot_fp32, precision = _dot_settings(x.dtype)
         _mfh_fwd_kernel[grid](
@@ -475,7 +482,7 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
     da = torch.empty((order, rows, ko), dtype=x.dtype, device=x.device)
     dc = torch.empty((order, rows, ko), dtype=x.dtype, device=x.device)
     if rows:
-        cfg = pick_config(rows)
+        cfg = pick_config(order)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
         dot_fp32, precision = _dot_settings(x.dtype)
         _mfh_bwd_kernel[grid](
@@ -522,98 +529,113 @@ def block_masks(seed: int, shape, rate: float, order: int, device) -> List[torch
 # ----------------------------------------------------------------------------- GPU compile check
 
 
-def compile_report(archs=(80, 90), dtypes=("fp32", "fp16", "bf16"), orders=(2, 4)) -> List[dict]:
-    """Compile both kernels for real GPU targets (no GPU needed) and read registers
-    and spill stack off each cubin.  Needs ``TRITON_INTERPRET`` unset."""
+def _kernel_source(kernel: str, dtype: str, order: int, cfg: TileConfig, dropout: bool):
+    """``ASTSource`` of one kernel with the argument types and hints a real launch sees."""
+    from triton.compiler import ASTSource
+
+    fn = _mfh_fwd_kernel if kernel == "fwd" else _mfh_bwd_kernel
+    per_block = [f"{k}{l}" for k in ("wx", "wy", "bx", "by") for l in range(MAX_ORDER)]
+    sig = {k: f"*{dtype}" for k in ["x_ptr", "y_ptr"] + per_block}
+    if kernel == "fwd":
+        sig["t_ptr"] = "*fp32"
+    else:
+        sig.update({"ds_ptr": "*fp32", "da_ptr": f"*{dtype}", "dc_ptr": f"*{dtype}"})
+    for k in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
+              "stride_tr" if kernel == "fwd" else "stride_dr"):
+        sig[k] = "i32"
+    for k in ("seed0", "seed1", "seed2", "seed3"):
+        sig[k] = "i64"
+    for k in ("drop_p", "keep_scale") + (("eps", "sqrt_eps") if kernel == "fwd" else ()):
+        sig[k] = "fp32"
+    consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
+              "ORDER": order, "FACTOR": 5, "BX_MASK": (1 << order) - 1,
+              "BY_MASK": (1 << order) - 1, "DROPOUT": dropout, "DOT_FP32": False,
+              "PRECISION": "ieee", "BLOCK_M": cfg.block_m, "BLOCK_O": cfg.block_o,
+              "BLOCK_K": cfg.block_k}
+    if kernel == "fwd":
+        consts["NORMALIZE"] = True
+    for k in consts:
+        sig[k] = "constexpr"
+    # Pointers and the widths/strides real MFB shapes have are multiples of 16: Triton
+    # specialises on that (vectorised loads), so the check must see the same hints.
+    aligned = {"M", "N", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr"}
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
+             for k, v in sig.items() if v.startswith("*") or k in aligned}
+    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+
+
+def _resources(cubin: bytes) -> dict:
     import re
     import subprocess
     import tempfile
 
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    grab = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", text)) else -1  # noqa: E731
+    return {"registers": grab("REG"), "stack_bytes": grab("STACK")}
+
+
+def compile_report(archs=(80, 90), dtypes=("fp32", "bf16"), orders=(2, 4),
+                   dropout: bool = True) -> List[dict]:
+    """Compile both kernels, with the configuration each order launches with, for
+    real GPU targets (no GPU needed), and read registers and spill stack off each
+    cubin.  Needs ``TRITON_INTERPRET`` unset."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     if INTERPRET:
         raise RuntimeError("run with TRITON_INTERPRET unset: triton.compile needs JIT kernels")
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
-    per_block = [f"{k}{l}" for k in ("wx", "wy", "bx", "by") for l in range(MAX_ORDER)]
-    rows_out = []
+    report = []
     for arch in archs:
         for dtype in dtypes:
             for order in orders:
-                for cfg_name, cfg in CONFIGS.items():
-                    for kernel in ("fwd", "bwd"):
-                        fn = _mfh_fwd_kernel if kernel == "fwd" else _mfh_bwd_kernel
-                        sig = {k: f"*{dtype}" for k in ["x_ptr", "y_ptr"] + per_block}
-                        if kernel == "fwd":
-                            sig["t_ptr"] = "*fp32"
-                        else:
-                            sig.update({"ds_ptr": "*fp32", "da_ptr": f"*{dtype}",
-                                        "dc_ptr": f"*{dtype}"})
-                        for k in ("rows", "M", "N", "O", "stride_xr", "stride_yr",
-                                  "stride_wxr", "stride_wyr",
-                                  "stride_tr" if kernel == "fwd" else "stride_dr"):
-                            sig[k] = "i32"
-                        for k in ("seed0", "seed1", "seed2", "seed3"):
-                            sig[k] = "i64"
-                        for k in ("drop_p", "keep_scale") + (("eps", "sqrt_eps")
-                                                             if kernel == "fwd" else ()):
-                            sig[k] = "fp32"
-                        consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1,
-                                  "stride_wyk": 1, "ORDER": order, "FACTOR": 5,
-                                  "BX_MASK": (1 << order) - 1, "BY_MASK": (1 << order) - 1,
-                                  "DROPOUT": True, "DOT_FP32": False, "PRECISION": "ieee",
-                                  "BLOCK_M": cfg.block_m, "BLOCK_O": cfg.block_o,
-                                  "BLOCK_K": cfg.block_k}
-                        if kernel == "fwd":
-                            consts["NORMALIZE"] = True
-                        for k in consts:
-                            sig[k] = "constexpr"
-                        aligned = {"M", "N", "stride_xr", "stride_yr", "stride_wxr",
-                                   "stride_wyr"}
-                        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-                                 for k, v in sig.items() if v.startswith("*") or k in aligned}
-                        row = {"kernel": f"mfh_{kernel}", "arch": arch, "dtype": dtype,
-                               "order": order, "config": cfg_name, "ok": False,
-                               "registers": -1, "stack_bytes": -1, "error": ""}
-                        try:
-                            compiled = triton.compile(
-                                ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": cfg.num_warps,
-                                         "num_stages": cfg.num_stages})
-                            with tempfile.NamedTemporaryFile(suffix=".cubin",
-                                                             delete=False) as f:
-                                f.write(compiled.asm["cubin"])
-                            try:
-                                text = subprocess.run(
-                                    [cuobjdump, "--dump-resource-usage", f.name], check=True,
-                                    capture_output=True, text=True).stdout
-                            finally:
-                                os.unlink(f.name)
-                            reg = re.search(r"REG:(\d+)", text)
-                            stack = re.search(r"STACK:(\d+)", text)
-                            row.update(ok=True, registers=int(reg.group(1)) if reg else -1,
-                                       stack_bytes=int(stack.group(1)) if stack else -1)
-                        except Exception as exc:  # report every failure, not the first
-                            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                        rows_out.append(row)
-    return rows_out
+                cfg_name = config_name(order)
+                cfg = CONFIGS[cfg_name]
+                for kernel in ("fwd", "bwd"):
+                    row = {"kernel": f"mfh_{kernel}", "arch": arch, "dtype": dtype,
+                           "order": order, "config": cfg_name, "ok": False,
+                           "registers": -1, "stack_bytes": -1, "error": ""}
+                    try:
+                        compiled = triton.compile(
+                            _kernel_source(kernel, dtype, order, cfg, dropout),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": cfg.num_warps,
+                                     "num_stages": cfg.num_stages})
+                        row.update(ok=True, **_resources(compiled.asm["cubin"]))
+                    except Exception as exc:  # report every failure, not just the first
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    report.append(row)
+    return report
 
 
 def main(argv=None) -> int:
+    import argparse
     import json
 
-    rows = compile_report()
+    parser = argparse.ArgumentParser(description="Compile the MFH kernels for GPU targets.")
+    parser.add_argument("--archs", default="80,90")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--orders", default="2,4")
+    parser.add_argument("--json", help="write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    rows = compile_report(tuple(int(a) for a in args.archs.split(",")),
+                          tuple(args.dtypes.split(",")),
+                          tuple(int(o) for o in args.orders.split(",")))
     for r in rows:
         print(f"{r['kernel']:8} sm_{r['arch']} {r['dtype']:4} order {r['order']} "
-              f"{r['config']:5} regs {r['registers']:>4} stack {r['stack_bytes']:>5} "
+              f"{r['config']:8} regs {r['registers']:>4} stack {r['stack_bytes']:>5} "
               f"{'ok' if r['ok'] else 'FAILED ' + r['error']}")
-    if argv and argv[0] == "--json":
-        with open(argv[1], "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
