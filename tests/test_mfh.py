@@ -358,26 +358,26 @@ def test_saves_nothing_of_width_factor_times_o(mfh_backend):
     assert any(t.shape[-1:] == (12,) and t.dim() == 3 for t in ref_saved)
 
 
-def test_opcheck():
+def test_opcheck(mfh_backend):
     case = Case((3,), (1,), 4, 5, 2, 3)
     inp = make_mfh_inputs(case, 2, torch.float64)
     bx = mfh_ops.to_marker_list(inp.bx, inp.x)
     by = mfh_ops.to_marker_list([None, None], inp.x)  # absent biases as markers
     seed = torch.tensor(42, dtype=torch.int64)
-    fwd_args = (inp.x, inp.y, inp.wx, inp.wy, bx, by, seed, 2, 0.2, True, 1e-6, "torch")
+    fwd_args = (inp.x, inp.y, inp.wx, inp.wy, bx, by, seed, 2, 0.2, True, 1e-6, mfh_backend)
     torch.library.opcheck(torch.ops.fbp_kernels.mfh_forward.default, fwd_args)
     out, norms = torch.ops.fbp_kernels.mfh_forward(*fwd_args)
     assert norms.shape == (3, 2) and norms.dtype == torch.float64
     grad = torch.randn_like(out)
     bwd_args = (grad, inp.x.detach(), inp.y.detach(), [w.detach() for w in inp.wx],
                 [w.detach() for w in inp.wy], [b.detach() for b in bx], by, out.detach(),
-                norms, seed, 2, 0.2, True, 1e-6, "torch")
+                norms, seed, 2, 0.2, True, 1e-6, mfh_backend)
     torch.library.opcheck(torch.ops.fbp_kernels.mfh_backward.default, bwd_args)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(mfh_backend):
     mod = fbp_kernels.MultimodalFactorizedHighOrderPooling(6, 5, 4, factor=3, order=3,
-                                                          backend="torch").double()
+                                                          backend=mfh_backend).double()
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 1, 5, dtype=torch.float64, requires_grad=True)
     compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
@@ -397,6 +397,29 @@ def test_autocast_casts_like_linear():
         out = mod(x, y)
     assert out.dtype == torch.bfloat16
     assert error_vs(out, mod(x, y)) < 5e-2
+
+
+def test_noncontiguous_inputs_and_weights(mfh_backend):
+    case = Case((5,), (5,), 7, 6, 3, 4)
+    inp = make_mfh_inputs(case, 2, torch.float64, requires_grad=False)
+    # Same values, strided storage: transposed allocations viewed back.
+    strided = inp.map(lambda t: t.t().contiguous().t() if t.dim() == 2 else t)
+    strided = strided.map(lambda t: t.requires_grad_(True))
+    assert not strided.x.is_contiguous() and not strided.wx[1].is_contiguous()
+    got, names, g = run(fbp_kernels.mfh, strided, factor=3, backend=mfh_backend)
+    exact, _, _ = run(reference.mfh, strided.detached64(), g, factor=3)
+    assert_all_close(got, exact, names, atol=TOL64[0], rtol=TOL64[1])
+
+
+def test_orders_beyond_the_triton_kernels_fall_back_or_refuse():
+    inp = make_mfh_inputs(Case((3,), (3,), 4, 5, 2, 3), 5, torch.float64)
+    assert mfh_ops.resolve("auto", torch.device("cuda"), 5).NAME == "torch"
+    got, names, g = run(fbp_kernels.mfh, inp, factor=2)  # auto: torch, any order
+    exact, _, _ = run(reference.mfh, inp.detached64(), g, factor=2)
+    assert_all_close(got, exact, names, atol=TOL64[0], rtol=TOL64[1])
+    if mfh_ops.unsupported_reason("triton", DEVICE) is None:
+        with pytest.raises(backends.BackendUnavailableError, match="order <= 4"):
+            fbp_kernels.mfh(*inp.args(), factor=2, backend="triton")
 
 
 # ---------------------------------------------------------------- module
