@@ -16,6 +16,7 @@ backend can then be built just in time on first use (see fbp_kernels/backends/cu
 
 import glob
 import os
+import sys
 import warnings
 
 from setuptools import setup
@@ -35,6 +36,7 @@ def _cuda_build_module():
     spec = importlib.util.spec_from_file_location(
         "_fbp_cuda_build", os.path.join(HERE, "fbp_kernels", "backends", "cuda_build.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
