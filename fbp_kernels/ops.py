@@ -70,7 +70,10 @@ def _(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize
     out = x.new_empty((*batch, ko // factor))
     norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     norm = x.new_empty(batch, dtype=norm_dtype) if normalize else _empty(x)
-    if save_projections and backend == "torch":
+    if save_projections and backend == "cuda":
+        # The CUDA kernels never form the projections; they recompute them instead.
+        a, c = _empty(x), _empty(x)
+    elif save_projections and backend == "torch":
         # Plain PyTorch projects each input at its own leading shape (no broadcast copy).
         a, c = x.new_empty((*x.shape[:-1], ko)), y.new_empty((*y.shape[:-1], ko))
     elif save_projections:

@@ -13,6 +13,7 @@ is saved between forward and backward unless ``save_projections=True``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -35,22 +36,29 @@ def unsupported_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def dropout_mask(seed: int, shape, rate: float, device) -> torch.Tensor:
     ko = shape[-1]
     rows = 1
     for d in shape[:-1]:
         rows *= d
-    return K.dropout_keep_mask(seed, rows, ko, rate, device).view(shape)
+    with _device_guard(torch.device(device)):
+        return K.dropout_keep_mask(seed, rows, ko, rate, device).view(shape)
 
 
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float,
             save_projections: bool) -> ForwardResult:
     x2, y2, batch = flatten_rows(x, y)
-    out, norm, a, c = K.fused_forward(x2, y2, weight_x, weight_y, bias_x, bias_y,
-                                      factor=factor, dropout=dropout, seed=seed,
-                                      normalize=normalize, eps=eps,
-                                      save_projections=save_projections)
+    with _device_guard(x.device):
+        out, norm, a, c = K.fused_forward(x2, y2, weight_x, weight_y, bias_x, bias_y,
+                                          factor=factor, dropout=dropout, seed=seed,
+                                          normalize=normalize, eps=eps,
+                                          save_projections=save_projections)
     ko = weight_x.shape[0]
     return ForwardResult(out.view(*batch, out.shape[-1]),
                          norm.view(batch) if norm is not None else None,
@@ -62,17 +70,13 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
              eps: float) -> BackwardResult:
     x2, y2, batch = flatten_rows(x, y)
-    o = out.shape[-1]
-    ko = weight_x.shape[0]
-    g2 = grad.reshape(-1, o)
+    g2 = grad.reshape(-1, out.shape[-1])
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
-    da, dc = K.fused_backward_products(
-        g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out.reshape(-1, o),
-        norm.reshape(-1) if norm is not None else None,
-        a.reshape(-1, ko) if a is not None else None,
-        c.reshape(-1, ko) if c is not None else None,
-        factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps)
+    with _device_guard(x.device):
+        da, dc = _products(g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out, norm, a, c,
+                           factor=factor, dropout=dropout, seed=seed, normalize=normalize,
+                           eps=eps)
     # The four gradient GEMMs are plain GEMMs: cuBLAS (or CPU BLAS) runs them at peak.
     dx = unflatten_grad(da @ weight_x, batch, x)
     dy = unflatten_grad(dc @ weight_y, batch, y)
@@ -81,3 +85,15 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     dbx = da.sum(0) if bias_x is not None else None
     dby = dc.sum(0) if bias_y is not None else None
     return BackwardResult(dx, dy, dwx, dwy, dbx, dby)
+
+
+def _products(g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *, factor,
+              dropout, seed, normalize, eps):
+    o = out.shape[-1]
+    ko = weight_x.shape[0]
+    return K.fused_backward_products(
+        g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out.reshape(-1, o),
+        norm.reshape(-1) if norm is not None else None,
+        a.reshape(-1, ko) if a is not None else None,
+        c.reshape(-1, ko) if c is not None else None,
+        factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps)

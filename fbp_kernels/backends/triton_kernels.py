@@ -340,6 +340,11 @@ class TileConfig:
 #: registers, so its tiles are smaller to stay clear of register spills.
 CONFIGS = {
     "half": {
+        # Inference when even "small" would leave SMs idle (rows=1, o=1000 gives only
+        # 16 programs of 64 outputs): 16 outputs per program, 4x the programs, each
+        # streaming a quarter of the weights.  No split along m/n: the product a*c
+        # needs complete projections, so a split-K would need a second pass.
+        "tiny": TileConfig(block_m=16, block_o=16, block_k=128, num_warps=4, num_stages=3),
         # Inference (rows <= 32): a thin row tile; parallelism comes from the output
         # tiles and the kernel streams the weights once.
         "small": TileConfig(block_m=16, block_o=64, block_k=64, num_warps=4, num_stages=3),
@@ -350,9 +355,12 @@ CONFIGS = {
         "large": TileConfig(block_m=64, block_o=64, block_k=32, num_warps=8, num_stages=3),
     },
     "fp32": {
+        "tiny": TileConfig(block_m=16, block_o=16, block_k=64, num_warps=4, num_stages=3),
         "small": TileConfig(block_m=16, block_o=32, block_k=32, num_warps=4, num_stages=3),
         "medium": TileConfig(block_m=32, block_o=32, block_k=32, num_warps=4, num_stages=3),
-        "large": TileConfig(block_m=64, block_o=64, block_k=16, num_warps=8, num_stages=3),
+        # 64x64 with 8 warps spills in the backward on sm_90 (FMA dot operands live in
+        # registers); 32x64 does not.
+        "large": TileConfig(block_m=32, block_o=64, block_k=16, num_warps=8, num_stages=3),
     },
 }
 #: Tiny tiles for the CPU interpreter: it runs programs one after another.
@@ -363,16 +371,20 @@ def config_family(dtype: torch.dtype) -> str:
     return "half" if dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
-def pick_config(rows: int, dtype: torch.dtype) -> TileConfig:
-    """Heuristic tile choice by batch size and dtype (the interpreter gets tiny tiles).
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
-    fp64 (gradcheck) uses the fp32 family's tiles.
-    """
+
+def pick_config(rows: int, o: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """Heuristic tile choice by batch size, width and dtype (the interpreter gets tiny
+    tiles).  fp64 (gradcheck) uses the fp32 family's tiles."""
     if INTERPRET:
         return INTERPRETER_CONFIG
     family = CONFIGS[config_family(dtype)]
     if rows <= 32:
-        return family["small"]
+        small = family["small"]
+        programs = triton.cdiv(rows, small.block_m) * triton.cdiv(o, small.block_o)
+        return family["tiny"] if programs < _sm_count(device) else small
     if rows <= 256:
         return family["medium"]
     return family["large"]
@@ -464,7 +476,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
         c = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
     if rows == 0:
         return out, (torch.empty(0, dtype=acc, device=x2.device) if normalize else None), a, c
-    cfg = pick_config(rows, x2.dtype)
+    cfg = pick_config(rows, o, x2.dtype, x2.device)
     x2, y2, wx, wy = _int32_safe(cfg, x2, y2, wx, wy, factor)
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
     if normalize:
@@ -503,7 +515,7 @@ def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, fa
     dc = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
     if rows == 0:
         return da, dc
-    cfg = pick_config(rows, x2.dtype)
+    cfg = pick_config(rows, o, x2.dtype, x2.device)
     x2, y2, wx, wy = _int32_safe(cfg, x2, y2, wx, wy, factor)
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
