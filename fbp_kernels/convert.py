@@ -75,8 +75,11 @@ def _linear(sd: Dict[str, Tensor], name: str, source_kind: str) -> Tuple[Tensor,
     """``(weight, bias)`` of the linear layer ``name`` in ``sd``, checked."""
     key = f"{name}.weight"
     if key not in sd:
-        found = ", ".join(sorted(sd)) or "nothing"
-        raise ValueError(f"source has no {key!r}, so it is not a {source_kind} MFB state dict "
+        keys = sorted(sd)
+        # A whole model's checkpoint has thousands of keys: show the first few.
+        found = ", ".join(keys[:12]) + (f", ... ({len(keys)} keys)" if len(keys) > 12 else "") \
+            if keys else "nothing"
+        raise ValueError(f"source has no {key!r}, so it is not an MFB state dict of {source_kind} "
                          f"(wrong prefix?); found: {found}")
     w, b = sd[key], sd.get(f"{name}.bias")
     if not isinstance(w, Tensor) or w.dim() != 2:
