@@ -16,7 +16,7 @@ Order 1 is exactly :func:`fbp_kernels.fbp`.
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn

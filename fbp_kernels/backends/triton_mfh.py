@@ -578,8 +578,9 @@ def _resources(cubin: bytes) -> dict:
                               capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
-    grab = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", text)) else -1  # noqa: E731
-    return {"registers": grab("REG"), "stack_bytes": grab("STACK")}
+    found = {key: re.search(rf"{key}:(\d+)", text) for key in ("REG", "STACK")}
+    return {"registers": int(found["REG"].group(1)) if found["REG"] else -1,
+            "stack_bytes": int(found["STACK"].group(1)) if found["STACK"] else -1}
 
 
 def compile_report(archs=(80, 90), dtypes=("fp32", "bf16"), orders=(2, 4),
