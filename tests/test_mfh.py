@@ -422,6 +422,24 @@ def test_orders_beyond_the_triton_kernels_fall_back_or_refuse():
             fbp_kernels.mfh(*inp.args(), factor=2, backend="triton")
 
 
+def test_triton_host_guards_int32_tile_offsets(monkeypatch):
+    """A strided view whose row stride overflows the int32 in-tile offsets gets a
+    compact copy; a width that overflows them is refused with a clear error.  (Tiny
+    tensors and a pretend row tile of 2^27 rows stand in for huge ones.)"""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from fbp_kernels.backends import triton_mfh
+
+    big = triton_mfh.TileConfig(block_m=2**27, block_o=16, block_k=16, num_warps=1,
+                                num_stages=1)
+    monkeypatch.setattr(triton_mfh, "pick_config", lambda order: big)
+    wide = torch.randn(3, 40)[:, :8]  # row stride 40: 2^27 * 40 >= 2^31
+    x2, y2, _ = triton_mfh._rows_for_kernels(wide, torch.randn(3, 8), ko=8, order=2, o=4)
+    assert x2.stride(0) == 8 and torch.equal(x2, wide)
+    with pytest.raises(ValueError, match="too large for the Triton MFH"):
+        triton_mfh._rows_for_kernels(torch.randn(3, 4), torch.randn(3, 4), ko=16, order=2,
+                                     o=8)
+
+
 # ---------------------------------------------------------------- module
 
 

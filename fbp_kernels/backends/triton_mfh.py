@@ -419,17 +419,36 @@ def _contiguous_weights(weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [w if w.is_contiguous() else w.contiguous() for w in weights]
 
 
+def _rows_for_kernels(x, y, ko: int, order: int, o: int):
+    """Flatten to ``(rows, width)`` and make sure in-tile offsets fit the kernels' int32.
+
+    Programs add int32 offsets ``row_in_tile * stride`` to int64 tile bases: a row
+    stride (of a strided view) too large for that is fixed by a compact copy; a
+    ``factor*o`` that large (dA/dC rows) cannot be, so it is refused.
+    """
+    x2, y2, batch = flatten_rows(x, y)
+    block_m = pick_config(order).block_m
+    if block_m * x2.stride(0) >= 2**31:
+        x2 = x2.contiguous()
+    if block_m * y2.stride(0) >= 2**31:
+        y2 = y2.contiguous()
+    if block_m * max(ko, order * o, x2.shape[1], y2.shape[1]) >= 2**31:
+        raise ValueError(f"factor*o={ko} (or a width) is too large for the Triton MFH "
+                         f"kernels' int32 in-tile offsets; use backend='torch'")
+    return x2, y2, batch
+
+
 def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float) -> MFHForwardResult:
     order = len(weights_x)
     _check_order(order)
-    x2, y2, batch = flatten_rows(x, y)
-    rows, m = x2.shape
-    n = y2.shape[1]
     wx = _contiguous_weights(weights_x)
     wy = _contiguous_weights(weights_y)
     ko = wx[0].shape[0]
     o = ko // factor
+    x2, y2, batch = _rows_for_kernels(x, y, ko, order, o)
+    rows, m = x2.shape
+    n = y2.shape[1]
     acc = acc_dtype(x.dtype)
     t = torch.empty((rows, order * o), dtype=acc, device=x.device)
     if rows:
@@ -463,13 +482,13 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
              eps: float) -> MFHBackwardResult:
     order = len(weights_x)
     _check_order(order)
-    x2, y2, batch = flatten_rows(x, y)
-    rows, m = x2.shape
-    n = y2.shape[1]
     wx = _contiguous_weights(weights_x)
     wy = _contiguous_weights(weights_y)
     ko = wx[0].shape[0]
     o = ko // factor
+    x2, y2, batch = _rows_for_kernels(x, y, ko, order, o)
+    rows, m = x2.shape
+    n = y2.shape[1]
     acc = acc_dtype(x.dtype)
     # dL/ds for every block, (rows, P*o), from (g, z, ||t_l||): small, done by PyTorch.
     g2 = grad.reshape(rows, order, o)
