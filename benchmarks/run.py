@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,10 @@ def compile_report(wanted: bool, timeout_s: float = 240.0) -> Optional[List[dict
         return None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def write_outputs(rows: List[results.Row], env: dict, command: str, out_dir: Path,
                   report: Optional[List[dict]], peak_gbps: Optional[float],
                   with_plots: bool) -> List[str]:
@@ -257,12 +262,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         results.write_csv(out_dir / "results.csv", results.merge_rows(old_rows, new_rows))
 
     start = time.monotonic()
-    run_problems(args.op, problems, providers, device, settings, env, on_problem=on_problem,
-                 deadline=start + budget if budget is not None else None)
+    # A `timeout` (as on the lent GPU machine) sends SIGTERM: stop measuring, but
+    # still write the summary and plots of what was measured.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_problems(args.op, problems, providers, device, settings, env,
+                     on_problem=on_problem,
+                     deadline=start + budget if budget is not None else None)
+    except KeyboardInterrupt:
+        print("interrupted: writing what was measured", flush=True)
+        env["note"] = "interrupted: some problems were not measured"
     elapsed = time.monotonic() - start
     env["wall_time_s"] = round(elapsed, 1)
     measured = len({r.problem().shape_key() for r in new_rows})
-    if measured < len({p.shape_key() for p in problems}):
+    if measured < len({p.shape_key() for p in problems}) and "note" not in env:
         env["note"] = "time budget reached: some problems were not measured"
 
     report = compile_report(gpu or args.compile_report)
