@@ -9,7 +9,9 @@ CPU run (including torch.compile's compilations) fits in a few minutes on 2 core
 The ``aver`` sweep is the audio-video emotion model's fusion layer
 (examples/aver): attention-pooled audio and video vectors per clip, so rows are the
 batch (32 to 256 clips); audio m = 1582 (the openSMILE IS10 paralinguistic feature
-set), video n = 2048 (a ResNet-50-sized pooled face feature), o = 256, factor 5.
+set), video n = 2048 (a ResNet-50-sized pooled face feature), o = 256, factor 5:
+fusion at feature scale.  (examples/aver's default model fuses 64-wide encoded
+vectors into 64 outputs, a launch-bound size not worth a sweep.)
 """
 
 from __future__ import annotations
