@@ -458,3 +458,26 @@ def test_fp16_product_overflow_is_never_silently_wrong(backend, device):
                           backend=backend)
     finite = torch.isfinite(out).all(-1)
     torch.testing.assert_close(out[finite].float(), exact[finite], atol=2e-3, rtol=2e-3)
+
+
+def test_mfh_strided_and_single_biases(backend, device, request):
+    # A bias may be a strided view (a slice of a packed buffer) and may be missing in
+    # some blocks; MFH must read it by its strides like nn.Linear does.
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "triton_mfh passes strided biases to kernels that read them with unit "
+            "stride: wrong output (fix: .contiguous() each bias before _padded)")))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(ROWS, M, generator=gen, dtype=torch.float64).to(device)
+    y = torch.randn(ROWS, N, generator=gen, dtype=torch.float64).to(device)
+    wx = [torch.randn(KO, M, generator=gen, dtype=torch.float64).to(device) for _ in range(2)]
+    wy = [torch.randn(KO, N, generator=gen, dtype=torch.float64).to(device) for _ in range(2)]
+    bx = [torch.randn(2 * KO, generator=gen, dtype=torch.float64).to(device)[::2], None]
+    by = [torch.randn(KO, generator=gen, dtype=torch.float64).to(device),
+          torch.randn(3 * KO, generator=gen, dtype=torch.float64).to(device)[1::3]]
+    try:
+        out = fbp_kernels.mfh(x, y, wx, wy, bx, by, factor=FACTOR, backend=backend)
+    except BackendUnavailableError as exc:
+        pytest.skip(f"backend {backend!r} has no MFH here: {exc}")
+    ref = reference.mfh(x, y, wx, wy, bx, by, factor=FACTOR)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
