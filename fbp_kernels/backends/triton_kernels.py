@@ -455,7 +455,8 @@ def _int32_safe(cfg, x2, y2, wx, wy, factor):
 def _bias_args(bias_x, bias_y, like):
     if bias_x is None:
         return like, like, False  # never read: HAS_BIAS=False
-    return bias_x, bias_y, True
+    # The kernels index biases with unit stride; a strided bias view is copied (tiny).
+    return bias_x.contiguous(), bias_y.contiguous(), True
 
 
 def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
