@@ -12,8 +12,7 @@
 //    then forms dx = da W_x, dW_x = da^T x, db_x = sum_rows da (same for y) with
 //    cuBLAS and frees them.  Peak extra memory: 2 * rows * K input-dtype values plus
 //    rows * o of ds.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
+#include <cmath>
 
 #include "fbp_launch.h"
 #include "fbp_math.cuh"
@@ -94,95 +93,71 @@ projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
   }
 }
 
-template <typename T>
-void launch_grad_pooled(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& norm,
-                        double eps, at::Tensor& ds) {
-  using Acc = typename AccOf<T>::type;
-  const int64_t rows = grad.size(0), o = grad.size(1);
-  constexpr int kRowsPerBlock = 8;
-  grad_pooled_kernel<T, Acc><<<static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                               kRowsPerBlock * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(grad.data_ptr()), reinterpret_cast<const T*>(out.data_ptr()),
-      reinterpret_cast<const Acc*>(norm.data_ptr()), reinterpret_cast<Acc*>(ds.data_ptr()), rows,
-      o, static_cast<Acc>(std::sqrt(eps)));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+template <class E>
+Grid grid_for(int64_t rows, int64_t K) {
+  return Grid{(rows + E::BM - 1) / E::BM, (K + E::BN - 1) / E::BN};
 }
 
 template <typename T>
-void launch_projection_grads(const at::Tensor& ds, const at::Tensor& x, const at::Tensor& y,
-                             const at::Tensor& wx, const at::Tensor& wy, const at::Tensor& bx,
-                             const at::Tensor& by, int64_t factor, double dropout,
-                             std::optional<int64_t> seed, at::Tensor& da, at::Tensor& dc) {
+cudaError_t grad_pooled_typed(const GradPooledArgs& a, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  constexpr int kRowsPerBlock = 8;
+  grad_pooled_kernel<T, Acc><<<static_cast<unsigned>((a.rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                               kRowsPerBlock * 32, 0, stream>>>(
+      static_cast<const T*>(a.grad), static_cast<const T*>(a.out),
+      static_cast<const Acc*>(a.norm), static_cast<Acc*>(a.ds), a.rows, a.o,
+      static_cast<Acc>(std::sqrt(a.eps)));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t projection_grads_typed(const ProjectionGradArgs& a, cudaStream_t stream) {
   using E = typename EngineFor<T>::type;
   using Acc = typename E::Acc;
-  const int64_t rows = x.size(0), K = wx.size(0);
-  const int64_t row_tiles = (rows + E::BM - 1) / E::BM, col_tiles = (K + E::BN - 1) / E::BN;
-  TORCH_CHECK(col_tiles <= 65535, "fbp cuda: factor * out_features = ", K,
-              " is too large for the backward grid");
-  TORCH_CHECK(row_tiles <= INT32_MAX, "fbp cuda: too many rows (", rows, ")");
+  const Grid grid = grid_for<E>(a.rows, a.o * a.factor);
   ProjectionGradParams<T, Acc> p;
-  p.x = matrix<T>(x);
-  p.y = matrix<T>(y);
-  p.wx = matrix<T>(wx);
-  p.wy = matrix<T>(wy);
-  p.bias_x = optional_ptr<T>(bx);
-  p.bias_y = optional_ptr<T>(by);
-  p.ds = reinterpret_cast<const Acc*>(ds.data_ptr());
-  p.da = reinterpret_cast<T*>(da.data_ptr());
-  p.dc = reinterpret_cast<T*>(dc.data_ptr());
-  p.rows = rows;
-  p.o = K / factor;
-  p.factor = factor;
-  p.dropout = seed.has_value() && dropout > 0.0;
-  p.rate = static_cast<float>(dropout);
-  p.scale = static_cast<Acc>(1.0 / (1.0 - dropout));
-  p.seed = static_cast<uint64_t>(seed.value_or(0));
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
-  projection_grads_kernel<T, E><<<grid, E::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.x = as_matrix<T>(a.x);
+  p.y = as_matrix<T>(a.y);
+  p.wx = as_matrix<T>(a.weight_x);
+  p.wy = as_matrix<T>(a.weight_y);
+  p.bias_x = static_cast<const T*>(a.bias_x);
+  p.bias_y = static_cast<const T*>(a.bias_y);
+  p.ds = static_cast<const Acc*>(a.ds);
+  p.da = static_cast<T*>(a.da);
+  p.dc = static_cast<T*>(a.dc);
+  p.rows = a.rows;
+  p.o = a.o;
+  p.factor = a.factor;
+  p.dropout = a.dropout.enabled;
+  p.rate = static_cast<float>(a.dropout.rate);
+  p.scale = static_cast<Acc>(1.0 / (1.0 - a.dropout.rate));
+  p.seed = a.dropout.seed;
+  projection_grads_kernel<T, E><<<dim3(static_cast<unsigned>(grid.x),
+                                       static_cast<unsigned>(grid.y)),
+                                  E::kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-at::Tensor grad_pooled_cuda(const at::Tensor& grad, const at::Tensor& out,
-                            const at::Tensor& norm, double eps) {
-  auto g = grad.contiguous();
-  auto z = out.contiguous();
-  auto nrm = norm.contiguous();
-  auto ds = at::empty(g.sizes(), nrm.options());
-  if (g.numel() == 0) return ds;
-  switch (g.scalar_type()) {
-    case at::kHalf: launch_grad_pooled<__half>(g, z, nrm, eps, ds); break;
-    case at::kBFloat16: launch_grad_pooled<__nv_bfloat16>(g, z, nrm, eps, ds); break;
-    case at::kFloat: launch_grad_pooled<float>(g, z, nrm, eps, ds); break;
-    case at::kDouble: launch_grad_pooled<double>(g, z, nrm, eps, ds); break;
-    default: TORCH_CHECK(false, "fbp cuda: unsupported dtype ", g.scalar_type());
-  }
-  return ds;
+Grid projection_grads_grid(DType dtype, int64_t rows, int64_t K) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return grid_for<typename EngineFor<typename decltype(tag)::type>::type>(rows, K);
+  });
 }
 
-void projection_grads_cuda(const at::Tensor& ds, const at::Tensor& x, const at::Tensor& y,
-                           const at::Tensor& weight_x, const at::Tensor& weight_y,
-                           const at::Tensor& bias_x, const at::Tensor& bias_y,
-                           int64_t factor, double dropout, std::optional<int64_t> seed,
-                           at::Tensor& da, at::Tensor& dc) {
-  if (x.size(0) == 0) return;
-  switch (x.scalar_type()) {
-    case at::kHalf:
-      return launch_projection_grads<__half>(ds, x, y, weight_x, weight_y, bias_x, bias_y,
-                                             factor, dropout, seed, da, dc);
-    case at::kBFloat16:
-      return launch_projection_grads<__nv_bfloat16>(ds, x, y, weight_x, weight_y, bias_x,
-                                                    bias_y, factor, dropout, seed, da, dc);
-    case at::kFloat:
-      return launch_projection_grads<float>(ds, x, y, weight_x, weight_y, bias_x, bias_y,
-                                            factor, dropout, seed, da, dc);
-    case at::kDouble:
-      return launch_projection_grads<double>(ds, x, y, weight_x, weight_y, bias_x, bias_y,
-                                             factor, dropout, seed, da, dc);
-    default:
-      TORCH_CHECK(false, "fbp cuda: unsupported dtype ", x.scalar_type());
-  }
+cudaError_t launch_grad_pooled(const GradPooledArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  return dispatch_dtype(args.dtype, [&](auto tag) {
+    return grad_pooled_typed<typename decltype(tag)::type>(args, stream);
+  });
+}
+
+cudaError_t launch_projection_grads(const ProjectionGradArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  return dispatch_dtype(args.dtype, [&](auto tag) {
+    return projection_grads_typed<typename decltype(tag)::type>(args, stream);
+  });
 }
 
 }  // namespace fbp

@@ -15,9 +15,11 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <Python.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -103,6 +105,31 @@ void check_backward_args(const Tensor& grad, const Tensor& x, const Tensor& wx,
   }
 }
 
+DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat;
+    default: return DType::kDouble;  // check_float() admitted nothing else
+  }
+}
+
+MatrixArg matrix_arg(const Tensor& t) {
+  return MatrixArg{t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+}
+
+DropoutArg dropout_arg(double rate, std::optional<int64_t> seed) {
+  return DropoutArg{seed.has_value() && rate > 0.0, static_cast<uint64_t>(seed.value_or(0)), rate};
+}
+
+const void* optional_ptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+void check_grid(const Grid& grid, const char* what, int64_t size) {
+  TORCH_CHECK(grid.y <= 65535, "fbp cuda: ", what, " = ", size, " needs ", grid.y,
+              " tiles, more than the grid's 65535");
+  TORCH_CHECK(grid.x <= INT_MAX, "fbp cuda: too many rows for the grid (", grid.x, " tiles)");
+}
+
 Tensor maybe_contiguous(const std::optional<Tensor>& b) {
   return b.has_value() ? b->contiguous() : Tensor();
 }
@@ -135,9 +162,39 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
                 "fbp cuda: bfloat16 needs compute capability >= 8.0 (tensor-core bf16)");
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  if (x.size(0) == 0) return {out, norm};
-  forward_cuda(x, y, wx, wy, maybe_contiguous(bx), maybe_contiguous(by), factor, dropout, seed,
-               normalize, eps, out, norm);
+  const int64_t rows = x.size(0), o = wx.size(0) / factor;
+  if (rows == 0) return {out, norm};
+  const DType dtype = kernel_dtype(x.scalar_type());
+  const Grid grid = forward_grid(dtype, rows, o, factor);
+  check_grid(grid, "out_features", o);
+  const Tensor bias_x = maybe_contiguous(bx), bias_y = maybe_contiguous(by);
+  // Scratch, freed on return (stream-ordered by the caching allocator): per-tile
+  // partial sums of t^2, and for fp16/bf16 the fp32 t itself.
+  const auto acc_opts = x.options().dtype(acc_type(x.scalar_type()));
+  Tensor partial, t_scratch;
+  if (normalize) {
+    partial = at::empty({rows, grid.y}, acc_opts);
+    if (acc_type(x.scalar_type()) != x.scalar_type()) t_scratch = at::empty({rows, o}, acc_opts);
+  }
+  ForwardArgs args{};
+  args.dtype = dtype;
+  args.x = matrix_arg(x);
+  args.y = matrix_arg(y);
+  args.weight_x = matrix_arg(wx);
+  args.weight_y = matrix_arg(wy);
+  args.bias_x = optional_ptr(bias_x);
+  args.bias_y = optional_ptr(bias_y);
+  args.out = out.data_ptr();
+  args.norm = normalize ? norm.data_ptr() : nullptr;
+  args.t_scratch = t_scratch.defined() ? t_scratch.data_ptr() : nullptr;
+  args.partial = partial.defined() ? partial.data_ptr() : nullptr;
+  args.rows = rows;
+  args.o = o;
+  args.factor = factor;
+  args.dropout = dropout_arg(dropout, seed);
+  args.normalize = normalize;
+  args.eps = eps;
+  C10_CUDA_CHECK(launch_forward(args, at::cuda::getCurrentCUDAStream()));
   return {out, norm};
 }
 
@@ -169,13 +226,41 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x.scalar_type());
+  const DType dtype = kernel_dtype(x.scalar_type());
+  const int64_t rows = x.size(0), K = wx.size(0), o = K / factor;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Grid grid = projection_grads_grid(dtype, rows, K);
+  check_grid(grid, "factor * out_features", K);
   // dL/ds (rows, o) in the accumulation dtype.
-  Tensor ds = normalize ? grad_pooled_cuda(grad, out, norm, eps) : grad.to(acc).contiguous();
-  const int64_t rows = x.size(0), K = wx.size(0);
+  Tensor ds;
+  if (normalize) {
+    const Tensor g = grad.contiguous(), z = out.contiguous(), nrm = norm.contiguous();
+    ds = at::empty({rows, o}, x.options().dtype(acc));
+    GradPooledArgs pooled{dtype, g.data_ptr(), z.data_ptr(), nrm.data_ptr(), ds.data_ptr(),
+                          rows, o, eps};
+    C10_CUDA_CHECK(launch_grad_pooled(pooled, stream));
+  } else {
+    ds = grad.to(acc).contiguous();
+  }
   Tensor da = at::empty({rows, K}, x.options());
   Tensor dc = at::empty({rows, K}, x.options());
-  projection_grads_cuda(ds, x, y, wx, wy, maybe_contiguous(bx), maybe_contiguous(by), factor,
-                        dropout, seed, da, dc);
+  const Tensor bias_x = maybe_contiguous(bx), bias_y = maybe_contiguous(by);
+  ProjectionGradArgs args{};
+  args.dtype = dtype;
+  args.x = matrix_arg(x);
+  args.y = matrix_arg(y);
+  args.weight_x = matrix_arg(wx);
+  args.weight_y = matrix_arg(wy);
+  args.bias_x = optional_ptr(bias_x);
+  args.bias_y = optional_ptr(bias_y);
+  args.ds = ds.data_ptr();
+  args.da = da.data_ptr();
+  args.dc = dc.data_ptr();
+  args.rows = rows;
+  args.o = o;
+  args.factor = factor;
+  args.dropout = dropout_arg(dropout, seed);
+  C10_CUDA_CHECK(launch_projection_grads(args, stream));
   ds.reset();  // the transient buffers go as soon as the GEMMs have consumed them
   Tensor dx = at::mm(da, wx);
   Tensor dwx = at::mm(da.t(), x);
@@ -213,7 +298,12 @@ Tensor dropout_keep_cpu(const Tensor& index, int64_t seed, double rate) {
 Tensor dropout_keep_gpu(const Tensor& index, int64_t seed, double rate) {
   check_keep_args(index, rate);
   const c10::cuda::CUDAGuard guard(index.device());
-  return dropout_keep_cuda(index, seed, rate);
+  const Tensor idx = index.contiguous();
+  Tensor keep = at::empty(idx.sizes(), idx.options().dtype(at::kBool));
+  C10_CUDA_CHECK(launch_dropout_keep(idx.data_ptr<int64_t>(), keep.data_ptr<bool>(), idx.numel(),
+                                     static_cast<uint64_t>(seed), rate,
+                                     at::cuda::getCurrentCUDAStream()));
+  return keep;
 }
 
 // Raw Philox4x32-10 on the CPU: counter words and output words as int64 in [0, 2^32).

@@ -14,10 +14,9 @@
 // (rows, output tiles) buffer; a small finishing kernel (one warp per row) sums the
 // partials in a fixed order (deterministic), writes ||t|| and scales the row.
 // Extra global memory: (rows, n_tiles) partials, plus (rows, o) fp32 for fp16/bf16.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 
 #include "fbp_launch.h"
 #include "fbp_math.cuh"
@@ -153,65 +152,57 @@ __global__ void finish_norm_kernel(const Acc* t_buf, const Acc* partial, T* out,
   for (int64_t j = lane; j < o; j += 32) out[row * o + j] = from_acc<T>(t_buf[row * o + j] / denom);
 }
 
+template <class E>
+Grid grid_for(int64_t rows, int64_t o, int64_t factor) {
+  const int64_t bo = std::max<int64_t>(1, E::BN / factor);
+  return Grid{(rows + E::BM - 1) / E::BM, (o + bo - 1) / bo};
+}
+
 template <typename T>
-void launch_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& wx,
-                    const at::Tensor& wy, const at::Tensor& bx, const at::Tensor& by,
-                    int64_t factor, double dropout, std::optional<int64_t> seed,
-                    bool normalize, double eps, at::Tensor& out, at::Tensor& norm) {
+cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
   using E = typename EngineFor<T>::type;
   using Acc = typename E::Acc;
-  const int64_t rows = x.size(0), K = wx.size(0), o = K / factor;
-  const int bo = static_cast<int>(std::max<int64_t>(1, E::BN / factor));
-  const int64_t n_tiles = (o + bo - 1) / bo;
-  const int64_t row_tiles = (rows + E::BM - 1) / E::BM;
-  TORCH_CHECK(n_tiles <= 65535, "fbp cuda: too many output tiles (", n_tiles,
-              ") for the grid; out_features=", o, ", factor=", factor);
-  TORCH_CHECK(row_tiles <= INT32_MAX, "fbp cuda: too many rows (", rows, ")");
-  auto acc_opts = x.options().dtype(std::is_same<Acc, double>::value ? at::kDouble : at::kFloat);
-
+  const Grid grid = grid_for<E>(a.rows, a.o, a.factor);
   ForwardParams<T, Acc> p;
-  p.x = matrix<T>(x);
-  p.y = matrix<T>(y);
-  p.wx = matrix<T>(wx);
-  p.wy = matrix<T>(wy);
-  p.bias_x = optional_ptr<T>(bx);
-  p.bias_y = optional_ptr<T>(by);
-  p.out = reinterpret_cast<T*>(out.data_ptr());
-  at::Tensor t_buf, partial;
-  if (normalize) {
-    // fp32/fp64: t goes straight into out and is scaled in place by the finisher.
-    t_buf = std::is_same<T, Acc>::value ? out : at::empty({rows, o}, acc_opts);
-    partial = at::empty({rows, n_tiles}, acc_opts);
-    p.t_buf = reinterpret_cast<Acc*>(t_buf.data_ptr());
-    p.partial = reinterpret_cast<Acc*>(partial.data_ptr());
-  } else {
-    p.t_buf = nullptr;
-    p.partial = nullptr;
+  p.x = as_matrix<T>(a.x);
+  p.y = as_matrix<T>(a.y);
+  p.wx = as_matrix<T>(a.weight_x);
+  p.wy = as_matrix<T>(a.weight_y);
+  p.bias_x = static_cast<const T*>(a.bias_x);
+  p.bias_y = static_cast<const T*>(a.bias_y);
+  p.out = static_cast<T*>(a.out);
+  p.t_buf = nullptr;
+  p.partial = nullptr;
+  if (a.normalize) {
+    // fp32/fp64: t goes straight into out and is scaled in place by the finisher;
+    // fp16/bf16 need the fp32 scratch so that z is rounded once.
+    if (!std::is_same<T, Acc>::value && a.t_scratch == nullptr) return cudaErrorInvalidValue;
+    if (a.partial == nullptr || a.norm == nullptr) return cudaErrorInvalidValue;
+    p.t_buf = static_cast<Acc*>(a.t_scratch != nullptr ? a.t_scratch : a.out);
+    p.partial = static_cast<Acc*>(a.partial);
   }
-  p.rows = rows;
-  p.o = o;
-  p.factor = factor;
-  p.outs_per_tile = bo;
-  p.n_tiles = static_cast<int>(n_tiles);
-  p.eps = static_cast<Acc>(eps);
-  p.sqrt_eps = static_cast<Acc>(std::sqrt(eps));
-  p.dropout = seed.has_value() && dropout > 0.0;
-  p.rate = static_cast<float>(dropout);
-  p.scale = static_cast<Acc>(1.0 / (1.0 - dropout));
-  p.seed = static_cast<uint64_t>(seed.value_or(0));
-  p.normalize = normalize;
+  p.rows = a.rows;
+  p.o = a.o;
+  p.factor = a.factor;
+  p.outs_per_tile = static_cast<int>(std::max<int64_t>(1, E::BN / a.factor));
+  p.n_tiles = static_cast<int>(grid.y);
+  p.eps = static_cast<Acc>(a.eps);
+  p.sqrt_eps = static_cast<Acc>(std::sqrt(a.eps));
+  p.dropout = a.dropout.enabled;
+  p.rate = static_cast<float>(a.dropout.rate);
+  p.scale = static_cast<Acc>(1.0 / (1.0 - a.dropout.rate));
+  p.seed = a.dropout.seed;
+  p.normalize = a.normalize;
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(n_tiles));
-  fused_forward_kernel<T, E><<<grid, E::kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (normalize) {
-    constexpr int kRowsPerBlock = 8;
-    finish_norm_kernel<T, Acc><<<static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock),
-                                 kRowsPerBlock * 32, 0, stream>>>(
-        p.t_buf, p.partial, p.out, reinterpret_cast<Acc*>(norm.data_ptr()), rows, o, p.n_tiles);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  fused_forward_kernel<T, E><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)),
+                               E::kThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !a.normalize) return err;
+  constexpr int kRowsPerBlock = 8;
+  finish_norm_kernel<T, Acc><<<static_cast<unsigned>((a.rows + kRowsPerBlock - 1) / kRowsPerBlock),
+                               kRowsPerBlock * 32, 0, stream>>>(
+      p.t_buf, p.partial, p.out, static_cast<Acc*>(a.norm), a.rows, a.o, p.n_tiles);
+  return cudaGetLastError();
 }
 
 __global__ void dropout_keep_kernel(const int64_t* index, bool* keep, int64_t numel,
@@ -222,41 +213,26 @@ __global__ void dropout_keep_kernel(const int64_t* index, bool* keep, int64_t nu
 
 }  // namespace
 
-void forward_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight_x,
-                  const at::Tensor& weight_y, const at::Tensor& bias_x,
-                  const at::Tensor& bias_y, int64_t factor, double dropout,
-                  std::optional<int64_t> seed, bool normalize, double eps, at::Tensor& out,
-                  at::Tensor& norm) {
-  switch (x.scalar_type()) {
-    case at::kHalf:
-      return launch_forward<__half>(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout,
-                                    seed, normalize, eps, out, norm);
-    case at::kBFloat16:
-      return launch_forward<__nv_bfloat16>(x, y, weight_x, weight_y, bias_x, bias_y, factor,
-                                           dropout, seed, normalize, eps, out, norm);
-    case at::kFloat:
-      return launch_forward<float>(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout,
-                                   seed, normalize, eps, out, norm);
-    case at::kDouble:
-      return launch_forward<double>(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout,
-                                    seed, normalize, eps, out, norm);
-    default:
-      TORCH_CHECK(false, "fbp cuda: unsupported dtype ", x.scalar_type());
-  }
+Grid forward_grid(DType dtype, int64_t rows, int64_t o, int64_t factor) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return grid_for<typename EngineFor<typename decltype(tag)::type>::type>(rows, o, factor);
+  });
 }
 
-at::Tensor dropout_keep_cuda(const at::Tensor& index, int64_t seed, double rate) {
-  auto idx = index.contiguous();
-  auto keep = at::empty(idx.sizes(), idx.options().dtype(at::kBool));
-  const int64_t numel = idx.numel();
-  if (numel == 0) return keep;
+cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  return dispatch_dtype(args.dtype, [&](auto tag) {
+    return forward_typed<typename decltype(tag)::type>(args, stream);
+  });
+}
+
+cudaError_t launch_dropout_keep(const int64_t* index, bool* keep, int64_t numel, uint64_t seed,
+                                double rate, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   dropout_keep_kernel<<<static_cast<unsigned>((numel + kThreads - 1) / kThreads), kThreads, 0,
-                        at::cuda::getCurrentCUDAStream()>>>(
-      idx.data_ptr<int64_t>(), keep.data_ptr<bool>(), numel, static_cast<uint64_t>(seed),
-      static_cast<float>(rate));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return keep;
+                        stream>>>(index, keep, numel, seed, static_cast<float>(rate));
+  return cudaGetLastError();
 }
 
 }  // namespace fbp

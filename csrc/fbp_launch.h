@@ -1,37 +1,85 @@
-// Host entry points implemented in the .cu files and called by fbp_binding.cpp
-// after it has checked the arguments (shapes, dtypes, devices) and set the device.
+// Launch parameters shared by fbp_binding.cpp and the .cu files.
+//
+// Deliberately free of ATen/torch headers: parsing them costs about a minute of
+// compile time per .cu file for two architectures, more than the kernels.  The
+// binding checks arguments, allocates with ATen and passes raw pointers, sizes and
+// strides (in elements) here; launchers return the CUDA launch status.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <optional>
 
 namespace fbp {
 
-// Fused forward.  x (rows, m), y (rows, n), weights (K, m)/(K, n) with any strides;
-// biases contiguous (K) or undefined.  Writes out (rows, o) and, when normalize,
-// norm (rows) = ||t|| unclamped in the accumulation dtype.  rows > 0.
-void forward_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight_x,
-                  const at::Tensor& weight_y, const at::Tensor& bias_x,
-                  const at::Tensor& bias_y, int64_t factor, double dropout,
-                  std::optional<int64_t> seed, bool normalize, double eps, at::Tensor& out,
-                  at::Tensor& norm);
+enum class DType : int { kHalf, kBFloat16, kFloat, kDouble };
 
-// dL/ds (rows, o) in the accumulation dtype, from g = dL/dz, z and ||t||.
-at::Tensor grad_pooled_cuda(const at::Tensor& grad, const at::Tensor& out,
-                            const at::Tensor& norm, double eps);
+// A 2-D operand of the input dtype, read through its strides: no copies for
+// transposed or sliced x, y or weights.
+struct MatrixArg {
+  const void* ptr;
+  int64_t rows, cols, stride_row, stride_col;
+};
 
-// da = dp * c and dc = dp * a, (rows, K) each in the input dtype, with the
-// projections recomputed tile by tile and dp = ds repeated over each factor group
-// (times the dropout keep-mask / (1 - rate)).
-void projection_grads_cuda(const at::Tensor& ds, const at::Tensor& x, const at::Tensor& y,
-                           const at::Tensor& weight_x, const at::Tensor& weight_y,
-                           const at::Tensor& bias_x, const at::Tensor& bias_y,
-                           int64_t factor, double dropout, std::optional<int64_t> seed,
-                           at::Tensor& da, at::Tensor& dc);
+struct DropoutArg {
+  bool enabled;  // training with rate > 0 and a seed
+  uint64_t seed;
+  double rate;
+};
 
-// Keep-mask of the dropout for the linear element indices in `index` (int64).
-at::Tensor dropout_keep_cuda(const at::Tensor& index, int64_t seed, double rate);
+struct Grid {
+  int64_t x, y;  // x: row tiles, y: output (forward) or column (backward) tiles
+};
+
+// Fused forward.  Accumulation dtype ("acc"): fp64 for fp64 inputs, else fp32.
+struct ForwardArgs {
+  DType dtype;
+  MatrixArg x, y, weight_x, weight_y;  // (rows, m), (rows, n), (K, m), (K, n)
+  const void* bias_x;                  // contiguous (K) or nullptr
+  const void* bias_y;
+  void* out;        // (rows, o) contiguous, input dtype
+  void* norm;       // (rows) acc dtype; nullptr when !normalize
+  void* t_scratch;  // (rows, o) acc dtype for fp16/bf16 with normalize; else nullptr
+  void* partial;    // (rows, forward_grid().y) acc dtype when normalize; else nullptr
+  int64_t rows, o, factor;
+  DropoutArg dropout;
+  bool normalize;
+  double eps;
+};
+Grid forward_grid(DType dtype, int64_t rows, int64_t o, int64_t factor);
+cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
+
+// ds = dL/ds (rows, o) acc dtype, from grad and out (rows, o) contiguous input
+// dtype and norm (rows) acc dtype.
+struct GradPooledArgs {
+  DType dtype;
+  const void* grad;
+  const void* out;
+  const void* norm;
+  void* ds;
+  int64_t rows, o;
+  double eps;
+};
+cudaError_t launch_grad_pooled(const GradPooledArgs& args, cudaStream_t stream);
+
+// da = dp * c and dc = dp * a, (rows, K) contiguous input dtype, projections
+// recomputed tile by tile, dp = ds[row, col / factor] * keep / (1 - rate).
+struct ProjectionGradArgs {
+  DType dtype;
+  MatrixArg x, y, weight_x, weight_y;
+  const void* bias_x;
+  const void* bias_y;
+  const void* ds;  // (rows, o) acc dtype, contiguous
+  void* da;
+  void* dc;
+  int64_t rows, o, factor;
+  DropoutArg dropout;
+};
+Grid projection_grads_grid(DType dtype, int64_t rows, int64_t K);
+cudaError_t launch_projection_grads(const ProjectionGradArgs& args, cudaStream_t stream);
+
+// keep[i] = dropout keep-mask of linear element index[i].
+cudaError_t launch_dropout_keep(const int64_t* index, bool* keep, int64_t numel, uint64_t seed,
+                                double rate, cudaStream_t stream);
 
 }  // namespace fbp

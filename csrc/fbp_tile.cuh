@@ -20,7 +20,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
-#include <ATen/core/Tensor.h>
+#include "fbp_launch.h"
 
 #include <cstdint>
 
@@ -62,16 +62,10 @@ struct Matrix {
   }
 };
 
-// Host side: a (rows, cols) tensor as a strided Matrix view; an optional pointer.
+// Host side: the typed view of a launch argument.
 template <typename T>
-Matrix<T> matrix(const at::Tensor& t) {
-  return Matrix<T>{reinterpret_cast<const T*>(t.data_ptr()), t.size(0), t.size(1), t.stride(0),
-                   t.stride(1)};
-}
-
-template <typename T>
-const T* optional_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr;
+Matrix<T> as_matrix(const MatrixArg& m) {
+  return Matrix<T>{static_cast<const T*>(m.ptr), m.rows, m.cols, m.stride_row, m.stride_col};
 }
 
 constexpr int round_up(int v, int to) { return (v + to - 1) / to * to; }
@@ -235,5 +229,18 @@ template <> struct EngineFor<__half> { using type = WmmaEngine<__half>; };
 template <> struct EngineFor<__nv_bfloat16> { using type = WmmaEngine<__nv_bfloat16>; };
 template <> struct EngineFor<float> { using type = FmaEngine<float, float, 64, 64>; };
 template <> struct EngineFor<double> { using type = FmaEngine<double, double, 32, 64>; };
+
+
+// Calls f(Tag<T>{}) with the kernel element type of `dtype` (host side).
+template <typename T> struct Tag { using type = T; };
+template <class F>
+auto dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kHalf: return f(Tag<__half>{});
+    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    case DType::kFloat: return f(Tag<float>{});
+    default: return f(Tag<double>{});
+  }
+}
 
 }  // namespace fbp
