@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -27,6 +28,24 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
                          f"got a 0-D tensor")
 
 
+def check_options(factor, dropout, eps, backend: str = "auto") -> None:
+    """Validate the non-tensor options (shared by fbp() and the modules' constructors)."""
+    if isinstance(factor, bool) or not isinstance(factor, int):
+        raise TypeError(f"factor must be an int, got {type(factor).__name__}")
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+            or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float > 0 (the smoothing of the signed "
+                         f"square root), got {eps!r}")
+    if backend != "auto" and backend not in backends.NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(backends.NAMES)}, "
+                         f"got {backend!r}")
+
+
 def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps) -> torch.Size:
     """Validate ``fbp`` arguments; returns the broadcast leading shape.
 
@@ -37,10 +56,7 @@ def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
     _check_tensor("y", y)
     _check_tensor("weight_x", weight_x, 2)
     _check_tensor("weight_y", weight_y, 2)
-    if isinstance(factor, bool) or not isinstance(factor, int):
-        raise TypeError(f"factor must be an int, got {type(factor).__name__}")
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
+    check_options(factor, dropout, eps)
     ko = weight_x.shape[0]
     if ko == 0 or ko % factor != 0:
         raise ValueError(f"weight_x.shape[0] (= factor * out_features) must be a positive "
@@ -70,13 +86,6 @@ def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
     if len(devices) > 1:
         desc = ", ".join(f"{n} on {t.device}" for n, t in named)
         raise ValueError(f"all tensors must be on one device, got {desc}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
-            or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite float > 0 (the smoothing of the signed "
-                         f"square root), got {eps!r}")
     try:
         return torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
     except RuntimeError:
@@ -84,12 +93,24 @@ def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
                          f"{tuple(y.shape[:-1])} do not broadcast") from None
 
 
-def _autocast(device_type: str, tensors):
-    """Cast like ``nn.Linear`` under autocast: every operand to the autocast dtype."""
-    if not torch.is_autocast_enabled(device_type):
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device_type``, or None (also for device types,
+    such as ``meta``, that autocast does not know)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        pass
+    return None
+
+
+def _autocast(dtype: Optional[torch.dtype], tensors):
+    """Cast like ``nn.Linear`` under autocast: floating operands to the autocast dtype,
+    except float64, which autocast leaves alone."""
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return [None if t is None else t.to(dtype) for t in tensors]
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+            and t.dtype != torch.float64 else t for t in tensors]
 
 
 def fbp(
@@ -134,10 +155,12 @@ def fbp(
     Non-finite inputs propagate as they do through ``nn.Linear``: a NaN or Inf in a
     row gives NaN in that row's output; other rows are unaffected.
     """
-    check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
+    _check_tensor("x", x)
     device = x.device
+    cast_dtype = _autocast_dtype(device.type)
     x, y, weight_x, weight_y, bias_x, bias_y = _autocast(
-        device.type, [x, y, weight_x, weight_y, bias_x, bias_y])
+        cast_dtype, [x, y, weight_x, weight_y, bias_x, bias_y])
+    check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
     backend_name = backends.resolve_name(backend, str(device))  # clear error if unusable
     seed = None
     if training and dropout > 0:
@@ -146,7 +169,10 @@ def fbp(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     else:
         dropout = 0.0
-    with torch.autocast(device.type, enabled=False):
+    # Inside the op nothing must be cast again (autocast already applied above).
+    no_autocast = torch.autocast(device.type, enabled=False) if cast_dtype is not None \
+        else contextlib.nullcontext()
+    with no_autocast:
         out, *_ = ops.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor,
                                   float(dropout), bool(normalize), float(eps),
                                   bool(save_projections), backend_name)

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import fbp
+from .functional import check_options, fbp
 from .reference import DEFAULT_EPS
+
+
+def _check_size(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 class FactorizedBilinearPooling(nn.Module):
@@ -22,10 +29,10 @@ class FactorizedBilinearPooling(nn.Module):
                  eps: float = DEFAULT_EPS, backend: str = "auto",
                  save_projections: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
-        if out_features < 1:
-            raise ValueError(f"out_features must be >= 1, got {out_features}")
+        for name, value in (("x_features", x_features), ("y_features", y_features),
+                            ("out_features", out_features)):
+            _check_size(name, value)
+        check_options(factor, dropout, eps, backend)
         kw = {"device": device, "dtype": dtype}
         self.proj_x = nn.Linear(x_features, factor * out_features, bias=bias, **kw)
         self.proj_y = nn.Linear(y_features, factor * out_features, bias=bias, **kw)
@@ -45,6 +52,10 @@ class FactorizedBilinearPooling(nn.Module):
                     backend: str = "auto",
                     save_projections: bool = False) -> "FactorizedBilinearPooling":
         """Wrap two existing ``nn.Linear`` layers; parameters are shared, not copied."""
+        for name, proj in (("proj_x", proj_x), ("proj_y", proj_y)):
+            if not isinstance(proj, nn.Linear):
+                raise TypeError(f"{name} must be an nn.Linear, got {type(proj).__name__}")
+        check_options(factor, dropout, eps, backend)
         if proj_x.out_features != proj_y.out_features:
             raise ValueError(f"proj_x and proj_y must have the same out_features, got "
                              f"{proj_x.out_features} and {proj_y.out_features}")
