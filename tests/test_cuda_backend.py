@@ -53,6 +53,22 @@ def test_missing_toolchain_is_named_with_a_fix(monkeypatch):
         cuda_build.compile_extension("never_built", [], cuda_build.cache_root() / "unused")
 
 
+def test_gpu_without_toolchain_or_with_a_failed_build_says_why(monkeypatch):
+    """On a GPU machine the reason names the missing tool, or the build error, and
+    never starts a build itself."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_build, "_loaded", None)
+    monkeypatch.setattr(cuda_build, "_try_aot", lambda: None)
+    monkeypatch.setattr(cuda_build, "missing_requirements", lambda: ["ninja: `pip install ninja`"])
+    reason = cuda_backend.unsupported_reason(torch.device("cuda"))
+    assert "cannot be built just in time" in reason and "pip install ninja" in reason
+    monkeypatch.setattr(cuda_build, "_failure", "building the CUDA extension failed: boom\n...")
+    assert "failed to build: building the CUDA extension failed: boom" in \
+        cuda_backend.unsupported_reason(torch.device("cuda"))
+    with pytest.raises(cuda_build.CudaBuildError, match="boom"):
+        cuda_build.load()
+
+
 def _fake_toolkit(root):
     home = root / "cuda-99.9"
     (home / "bin").mkdir(parents=True)
