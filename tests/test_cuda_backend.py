@@ -342,3 +342,19 @@ def test_compiled_module_uses_the_cuda_backend():
     compiled = torch.compile(layer, fullgraph=True)(x, y)
     assert_close(compiled, eager, atol=1e-6, rtol=1e-5, name="compiled")
 
+
+
+@cuda_only
+@pytest.mark.parametrize("normalize", [True, False])
+def test_opcheck_on_the_compiled_operators(ops, normalize):
+    """Schema, Meta kernels against the real outputs (shapes, strides, dtypes), and
+    dispatch, as torch.compile relies on them."""
+    case = Case((9,), (9,), 6, 5, 3, 4)
+    x, y, wx, wy, bx, by = make_inputs(case, torch.float32, "cuda", requires_grad=False)
+    args = (x, y, wx, wy, bx, by, case.factor, 0.2, 7, normalize, 1e-6)
+    torch.library.opcheck(ops.fbp_forward.default, args)
+    out, norm = ops.fbp_forward(*args)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(ops.fbp_backward.default,
+                          (grad, x, y, wx, wy, bx, by, out, norm, case.factor, 0.2, 7,
+                           normalize, 1e-6))
