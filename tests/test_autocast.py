@@ -129,10 +129,6 @@ def test_disabled_region_runs_in_fp32(device, dtype):
     torch.testing.assert_close(out, layer(x, y), atol=0, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="functional.fbp checks that all dtypes agree BEFORE applying "
-                          "autocast, so bf16 activations with fp32 parameters are refused "
-                          "under autocast (nn.Linear accepts them)")
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_low_precision_activations_with_fp32_parameters(device, dtype):
     # The common case in a real autocast model: the inputs come from earlier layers
@@ -146,9 +142,6 @@ def test_low_precision_activations_with_fp32_parameters(device, dtype):
     assert out.dtype == ref.dtype == dtype
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="functional._autocast casts float64 operands too; autocast (and "
-                          "so nn.Linear) leaves float64 alone")
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_float64_is_left_alone(device, dtype):
     layer = _layer(device, "auto").double()
