@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -58,50 +57,15 @@ from ..reference import NORM_DELTA
 from ._common import acc_dtype, flatten_rows, unflatten_grad
 from .torch_backend import grad_pooled
 from .torch_mfh import MFHBackwardResult, MFHForwardResult, block_seed
+# Shared with the FBP kernels: the projection tile, launch-config type, dropout mask
+# kernel, dot settings and availability rules are the same for both operations.
+from .triton_backend import unsupported_reason  # noqa: F401  (backend contract)
+from .triton_kernels import INTERPRET, INTERPRETER_CONFIG, TileConfig, dot_settings, dropout_keep_mask
+from .triton_kernels import _projection_tile as _proj
 
 NAME = "triton"
 MAX_ORDER = 4
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def unsupported_reason(device: torch.device) -> Optional[str]:
-    if INTERPRET:
-        return None if device.type == "cpu" else (
-            "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only")
-    if device.type != "cuda":
-        return (f"Triton kernels need CUDA tensors (got {device.type}); on CPU set "
-                f"TRITON_INTERPRET=1 before importing fbp_kernels to use the interpreter")
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    return None
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _proj(in_base, w_base, rm, m_mask, lc, c_ok, width, stride_ir, stride_ik, stride_wr,
-          stride_wk, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-          DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """``in[rm, :] @ w[lc, :]^T``: a (BLOCK_M, BLOCK_O) tile, fp32 (fp64 for fp64)."""
-    acc_t = tl.float64 if in_base.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=acc_t)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = in_base + rm[:, None] * stride_ir + rk[None, :] * stride_ik
-    # Weight tile loaded transposed, (BLOCK_K, BLOCK_O): tl.dot wants K x N.
-    b_ptrs = w_base + lc[None, :] * stride_wr + rk[:, None] * stride_wk
-    for k0 in range(0, width, BLOCK_K):
-        k_ok = rk < width - k0
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=c_ok[None, :] & k_ok[:, None], other=0.0)
-        if DOT_FP32:
-            # The interpreter multiplies bf16 operands as raw bits: upcast there.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc_t)
-        a_ptrs += BLOCK_K * stride_ik
-        b_ptrs += BLOCK_K * stride_wk
-    return acc
 
 
 @triton.jit
@@ -332,27 +296,7 @@ def _mfh_bwd_kernel(
         _store_grads(u, a0, c0, 0, da_ptr, dc_ptr, rows, KO, ac_base, ac_offs, tile_mask)
 
 
-@triton.jit
-def _mask_kernel(mask_ptr, seed, rows, KO, drop_p, BLOCK_M: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
-    """Materialise one block's keep-mask (tests and debugging only)."""
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    msk = (offs_m < rows)[:, None] & (offs_c < KO)[None, :]
-    keep = tl.rand(seed, offs_m[:, None] * KO + offs_c[None, :]) >= drop_p
-    tl.store(mask_ptr + offs_m[:, None] * KO + offs_c[None, :], keep.to(tl.int8), mask=msk)
-
-
 # ----------------------------------------------------------------------------- launch settings
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_o: int
-    block_k: int
-    num_warps: int
-    num_stages: int
 
 
 #: GPU tiles by order, untuned for speed (no GPU was lent while this was written)
@@ -365,8 +309,6 @@ CONFIGS = {
     "order<=2": TileConfig(block_m=32, block_o=32, block_k=32, num_warps=4, num_stages=1),
     "order>=3": TileConfig(block_m=16, block_o=32, block_k=32, num_warps=4, num_stages=1),
 }
-#: Tiny tiles for the CPU interpreter (it runs programs one after another).
-INTERPRETER_CONFIG = TileConfig(block_m=16, block_o=16, block_k=16, num_warps=1, num_stages=1)
 
 
 def config_name(order: int) -> str:
@@ -377,14 +319,6 @@ def pick_config(order: int) -> TileConfig:
     if INTERPRET:
         return INTERPRETER_CONFIG
     return CONFIGS[config_name(order)]
-
-
-def _dot_settings(dtype: torch.dtype):
-    """(upcast operands to fp32 before tl.dot?, tl.dot input_precision)."""
-    dot_fp32 = INTERPRET and dtype == torch.bfloat16
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
-        return dot_fp32, "tf32"  # honour PyTorch's matmul precision setting
-    return dot_fp32, "ieee"
 
 
 # ----------------------------------------------------------------------------- host side
@@ -454,7 +388,7 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
     if rows:
         cfg = pick_config(order)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
-        dot_fp32, precision = _dot_settings(x.dtype)
+        dot_fp32, precision = dot_settings(x.dtype)
         _mfh_fwd_kernel[grid](
             x2, y2, *_padded(wx, wx[0]), *_padded(wy, wy[0]), *_padded(biases_x, wx[0]),
             *_padded(biases_y, wx[0]), t,
@@ -503,7 +437,7 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
     if rows:
         cfg = pick_config(order)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
-        dot_fp32, precision = _dot_settings(x.dtype)
+        dot_fp32, precision = dot_settings(x.dtype)
         _mfh_bwd_kernel[grid](
             x2, y2, *_padded(wx, wx[0]), *_padded(wy, wy[0]), *_padded(biases_x, wx[0]),
             *_padded(biases_y, wx[0]), ds, da, dc,
@@ -534,15 +468,8 @@ def block_masks(seed: int, shape, rate: float, order: int, device) -> List[torch
     rows = 1
     for d in shape[:-1]:
         rows *= d
-    masks = []
-    for l in range(order):
-        mask = torch.empty((rows, ko), dtype=torch.int8, device=device)
-        if rows and ko:
-            bm, bc = (16, 16) if INTERPRET else (32, 128)
-            _mask_kernel[(triton.cdiv(rows, bm), triton.cdiv(ko, bc))](
-                mask, block_seed(seed, l), rows, ko, float(rate), BLOCK_M=bm, BLOCK_C=bc)
-        masks.append(mask.bool().view(shape))
-    return masks
+    return [dropout_keep_mask(block_seed(seed, l), rows, ko, rate, device).view(shape)
+            for l in range(order)]
 
 
 # ----------------------------------------------------------------------------- GPU compile check
