@@ -15,6 +15,8 @@ Order 1 is exactly :func:`fbp_kernels.fbp`.
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from typing import Optional, Sequence
 
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import mfh_ops
-from .functional import _autocast, check_inputs
+from .functional import _autocast, _autocast_dtype, check_inputs, check_options
 from .reference import DEFAULT_EPS
 
 __all__ = ["mfh", "MultimodalFactorizedHighOrderPooling", "MFH"]
@@ -144,14 +146,19 @@ def mfh(
     ``torch.manual_seed`` makes it reproducible); block ``l`` uses the seed
     ``backends.torch_mfh.block_seed(seed, l)``.
     """
+    # Cast before the checks, as fbp() does, so autocast's low-precision activations
+    # mix with fp32 parameters like in nn.Linear; malformed arguments pass through
+    # unchanged for check_mfh_inputs to report.
+    cast_dtype = _autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if cast_dtype is not None:
+        x, y = _autocast(cast_dtype, [x, y])
+        weights_x, weights_y, biases_x, biases_y = (
+            _autocast(cast_dtype, list(seq)) if isinstance(seq, (list, tuple)) else seq
+            for seq in (weights_x, weights_y, biases_x, biases_y))
     weights_x, weights_y, biases_x, biases_y = check_mfh_inputs(
         x, y, weights_x, weights_y, biases_x, biases_y, factor, order, dropout, eps)
     n = len(weights_x)
     device = x.device
-    cast = _autocast(device.type, [x, y, *weights_x, *weights_y, *biases_x, *biases_y])
-    x, y = cast[0], cast[1]
-    weights_x, weights_y = cast[2:2 + n], cast[2 + n:2 + 2 * n]
-    biases_x, biases_y = cast[2 + 2 * n:2 + 3 * n], cast[2 + 3 * n:]
     if not torch.compiler.is_compiling():
         # A clear error here rather than from inside the op.  Skipped while tracing:
         # resolving imports modules, which Dynamo refuses to trace; the op resolves
@@ -163,7 +170,10 @@ def mfh(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     else:
         dropout = 0.0
-    with torch.autocast(device.type, enabled=False):
+    # Inside the op nothing must be cast again (autocast already applied above).
+    no_autocast = torch.autocast(device.type, enabled=False) if cast_dtype is not None \
+        else contextlib.nullcontext()
+    with no_autocast:
         out, _ = mfh_ops.mfh_forward(
             x, y, weights_x, weights_y, mfh_ops.to_marker_list(biases_x, x),
             mfh_ops.to_marker_list(biases_y, x), seed, factor, float(dropout),
@@ -202,6 +212,7 @@ class MultimodalFactorizedHighOrderPooling(nn.Module):
         self._set_options(factor, dropout, normalize, eps, backend)
 
     def _set_options(self, factor, dropout, normalize, eps, backend):
+        check_options(factor, dropout, eps, backend)  # fail here, not at the first forward
         self.factor = factor
         self.dropout = dropout
         self.normalize = normalize

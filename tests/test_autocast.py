@@ -159,9 +159,6 @@ def test_without_autocast_mixed_dtypes_are_refused():
         layer(torch.randn(3, M).bfloat16(), torch.randn(3, N))
 
 
-@pytest.mark.xfail(strict=True, reason="mfh.py calls functional._autocast(device.type, ...), "
-                                       "but _autocast now takes the autocast dtype "
-                                       "(_autocast_dtype(device.type)): nothing is cast")
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_mfh_like_nn_linear(device, dtype):
     layer = fbp_kernels.MFH(M, N, O, factor=K, order=2).to(device)

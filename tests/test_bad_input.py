@@ -383,8 +383,6 @@ def test_mfh_refuses(changes, exc, match):
         _call_mfh(_apply(_mfh_args(), changes))
 
 
-@pytest.mark.xfail(strict=True, reason="MultimodalFactorizedHighOrderPooling does not validate "
-                                       "dropout at construction (fails only at forward)")
 def test_mfh_module_init_refuses_dropout():
     with pytest.raises(ValueError, match="dropout"):
         fbp_kernels.MFH(M, N, O, factor=FACTOR, dropout=1.5)
@@ -445,13 +443,9 @@ def test_fp16_product_overflow_is_never_silently_wrong(backend, device):
     torch.testing.assert_close(out[finite].float(), exact[finite], atol=2e-3, rtol=2e-3)
 
 
-def test_mfh_strided_and_single_biases(backend, device, request):
+def test_mfh_strided_and_single_biases(backend, device):
     # A bias may be a strided view (a slice of a packed buffer) and may be missing in
     # some blocks; MFH must read it by its strides like nn.Linear does.
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "triton_mfh passes strided biases to kernels that read them with unit "
-            "stride: wrong output (fix: .contiguous() each bias before _padded)")))
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(ROWS, M, generator=gen, dtype=torch.float64).to(device)
     y = torch.randn(ROWS, N, generator=gen, dtype=torch.float64).to(device)

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fbp_kernels
@@ -163,21 +163,8 @@ def check(p: Problem, backend: str, device) -> None:
                                   f"float32: {eager_err:.3g}) ({p})")
 
 
-# Known bugs, each pinned by an xfail test below; examples that would only
-# rediscover them are skipped so the property keeps checking everything else.
-TRITON_BIAS_BUG = ("triton_kernels._bias_args needs both biases or neither: bias_x alone "
-                   "crashes (None.contiguous()), bias_y alone is silently ignored "
-                   "(HAS_BIAS follows bias_x only)")
-
-
-def known_bug(p: Problem, backend: str) -> bool:
-    return backend == "triton" and p.bias in ("x", "y")
-
-
 @pytest.mark.parametrize("case", ["strided-bias", "bias_x-only", "bias_y-only"])
-def test_bias_variants(case, backend, device, request):
-    if backend == "triton" and case != "strided-bias":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=TRITON_BIAS_BUG))
+def test_bias_variants(case, backend, device):
     bias = {"strided-bias": "both", "bias_x-only": "x", "bias_y-only": "y"}[case]
     layouts = ("contiguous",) * 5 + (("sliced",) if case == "strided-bias" else ("contiguous",))
     check(Problem((3,), (3,), 4, 5, 2, 3, torch.float64, bias, False, 0.0, layouts, 0),
@@ -200,7 +187,6 @@ def test_backend_agrees_with_reference(backend):
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(p=problems())
     def run(p):
-        assume(not known_bug(p, backend))
         check(p, backend, DEVICE)
 
     run()

@@ -453,10 +453,14 @@ def _int32_safe(cfg, x2, y2, wx, wy, factor):
 
 
 def _bias_args(bias_x, bias_y, like):
-    if bias_x is None:
+    if bias_x is None and bias_y is None:
         return like, like, False  # never read: HAS_BIAS=False
     # The kernels index biases with unit stride; a strided bias view is copied (tiny).
-    return bias_x.contiguous(), bias_y.contiguous(), True
+    # One HAS_BIAS flag covers both projections, so a missing bias reads as zeros.
+    ko = like.shape[0]
+    bx = bias_x.contiguous() if bias_x is not None else like.new_zeros(ko)
+    by = bias_y.contiguous() if bias_y is not None else like.new_zeros(ko)
+    return bx, by, True
 
 
 def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,

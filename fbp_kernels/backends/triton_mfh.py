@@ -333,7 +333,9 @@ def _check_order(order: int) -> None:
 def _padded(ts: Sequence[Optional[torch.Tensor]], dummy: torch.Tensor) -> List[torch.Tensor]:
     """Per-block pointer arguments: absent entries (and blocks past the order) get a
     dummy tensor the kernel never reads (its constexpr flags say so)."""
-    ts = [dummy if t is None else t for t in ts]
+    # The kernels index per-block tensors with unit stride in the last dimension
+    # (biases get no stride argument at all): copy strided views (tiny for biases).
+    ts = [dummy if t is None else t.contiguous() for t in ts]
     return ts + [dummy] * (MAX_ORDER - len(ts))
 
 
