@@ -1,10 +1,12 @@
 """fbp-kernels: fused factorized bilinear pooling (MFB) for PyTorch.
 
-Public API: :func:`fbp`, :class:`FactorizedBilinearPooling`,
-:func:`available_backends`, and the specification in :mod:`fbp_kernels.reference`.
+Public API: :func:`fbp` and :class:`FactorizedBilinearPooling` (MFB), :func:`mfh`
+and :class:`MultimodalFactorizedHighOrderPooling` (alias :class:`MFH`),
+:func:`available_backends`, checkpoint converters in :mod:`fbp_kernels.convert`, and
+the specification in :mod:`fbp_kernels.reference`.
 """
 
-from . import reference
+from . import convert, reference
 from .backends import BackendUnavailableError, available_backends
 from .functional import fbp
 from .mfh import MFH, MultimodalFactorizedHighOrderPooling, mfh
@@ -22,6 +24,7 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "reference",
+    "convert",
     "DEFAULT_EPS",
     "__version__",
 ]
