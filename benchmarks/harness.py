@@ -62,57 +62,78 @@ def _free(device: torch.device, collect: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_provider(op: str, problem: Problem, provider: Provider, inputs, device,
-                     settings: Settings, env) -> List[Row]:
-    """All rows of one provider on one problem (errors included)."""
+def measure_problem(op: str, problem: Problem, providers: Sequence[Provider], device,
+                    settings: Settings, env) -> List[Row]:
+    """All rows of every provider on one problem (errors included).
+
+    Per mode: every provider is warmed up (compilation happens here), then all
+    are timed together (interleaved on the CPU, see measure.time_all), then on a
+    GPU each one's peak memory is read.  Saved activations come last, from the
+    same built forward (one torch.compile per problem).
+    """
+    inputs = make_inputs(problem, device)
+    kinds = {p.name: p.kind for p in providers}
     rows: List[Row] = []
 
-    def add(mode, metric, value, note=""):
-        rows.append(make_row(env, op, problem, provider.name, mode, metric, value, note))
+    def add(name, mode, metric, value, note=""):
+        rows.append(make_row(env, op, problem, name, mode, metric, value, note))
 
-    try:
-        fns, forward = provider.build(problem, inputs)
-    except Exception as exc:  # a provider that cannot even start: record, go on
-        for mode in MEASURE_ORDER:
-            add(mode, ERROR, float("nan"), _short(exc))
-        return rows
+    built = {}
+    for p in providers:
+        try:
+            built[p.name] = p.build(problem, inputs)
+        except Exception as exc:  # a provider that cannot even start: record, go on
+            for mode in MEASURE_ORDER:
+                add(p.name, mode, ERROR, float("nan"), _short(exc))
 
-    failed_note: Optional[str] = None
+    failed: Dict[str, str] = {}  # provider -> first error
     for mode in MEASURE_ORDER:
-        if failed_note is not None and provider.kind == "compile":
-            # A compiler that failed once fails again, slowly: do not retry.
-            add(mode, ERROR, float("nan"), failed_note)
-            continue
-        fn = fns[mode]
-        try:
-            for _ in range(settings.warmup_calls):  # compilation, autotuning, allocator
-                measure.call_once(fn)
-            _sync(device)
-            t = measure.time_fn(fn, device, min_run_time=settings.min_run_time,
-                                min_samples=settings.min_samples,
-                                warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
-            peak = measure.peak_memory_bytes(fn, device) if device.type == "cuda" else None
-        except Exception as exc:
-            failed_note = _short(exc)
-            add(mode, ERROR, float("nan"), failed_note)
-            _free(device)
-            continue
-        add(mode, TIME_MEDIAN, t.median_ms, f"{t.samples} samples")
-        add(mode, TIME_P20, t.p20_ms)
-        add(mode, TIME_P80, t.p80_ms)
-        if mode == "forward":
-            add(mode, BANDWIDTH, inputs.min_bytes() / (t.median_ms * 1e-3) / 1e9)
-        if peak is not None:
-            add(mode, PEAK_MEMORY, peak)
-    del fns
-    _free(device)
+        ready = {}
+        for name, (fns, _) in built.items():
+            if name in failed and kinds[name] == "compile":
+                # A compiler that failed once fails again, slowly: do not retry.
+                add(name, mode, ERROR, float("nan"), failed[name])
+                continue
+            try:
+                for _ in range(settings.warmup_calls):  # compilation, autotuning, allocator
+                    measure.call_once(fns[mode])
+                _sync(device)
+                ready[name] = fns[mode]
+            except Exception as exc:
+                failed.setdefault(name, _short(exc))
+                add(name, mode, ERROR, float("nan"), _short(exc))
+                _free(device)
+        timings = measure.time_all(ready, device, min_run_time=settings.min_run_time,
+                                   min_samples=settings.min_samples,
+                                   warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
+        for name, t in timings.items():
+            if isinstance(t, Exception):
+                failed.setdefault(name, _short(t))
+                add(name, mode, ERROR, float("nan"), _short(t))
+                continue
+            add(name, mode, TIME_MEDIAN, t.median_ms, f"{t.samples} samples")
+            add(name, mode, TIME_P20, t.p20_ms)
+            add(name, mode, TIME_P80, t.p80_ms)
+            if mode == "forward":
+                add(name, mode, BANDWIDTH, inputs.min_bytes() / (t.median_ms * 1e-3) / 1e9)
+            if device.type == "cuda":
+                try:
+                    add(name, mode, PEAK_MEMORY, measure.peak_memory_bytes(ready[name], device))
+                except Exception as exc:
+                    add(name, mode, ERROR, float("nan"), "peak memory: " + _short(exc))
+                _free(device)
 
-    if forward is not None and failed_note is None:
+    for name, (fns, forward) in built.items():
+        if forward is None or name in failed:
+            continue
         try:
-            add(SAVED_MODE, SAVED_BYTES, measure.saved_activation_bytes(forward, inputs.leaves))
+            add(name, SAVED_MODE, SAVED_BYTES,
+                measure.saved_activation_bytes(forward, inputs.leaves))
         except Exception as exc:
-            add(SAVED_MODE, ERROR, float("nan"), "saved bytes: " + _short(exc))
+            add(name, SAVED_MODE, ERROR, float("nan"), "saved bytes: " + _short(exc))
         _free(device)
+    del built, inputs
+    _free(device, collect=True)
     return rows
 
 
@@ -139,12 +160,7 @@ def run_problems(op: str, problems: Sequence[Problem], providers: Sequence[Provi
         if key in done:
             rows = [replace(r, sweep=problem.sweep, swept=problem.swept) for r in done[key]]
         else:
-            inputs = make_inputs(problem, device)
-            rows = []
-            for provider in providers:
-                rows += measure_provider(op, problem, provider, inputs, device, settings, env)
-            del inputs
-            _free(device, collect=True)
+            rows = measure_problem(op, problem, providers, device, settings, env)
             done[key] = rows
         all_rows += rows
         if on_problem is not None:

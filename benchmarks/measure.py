@@ -3,7 +3,8 @@
 Time on a GPU uses CUDA events around each call, with the L2 cache flushed before
 every call (by writing a buffer larger than any L2), so repeated calls on the same
 inputs do not measure the cache; on the CPU blocks of calls timed with
-``time.perf_counter`` (see :func:`time_cpu` for why not ``torch.utils.benchmark``).  Both report the median and the 20th/80th percentiles: a wide
+``time.perf_counter``, the providers interleaved (see :func:`time_cpu_interleaved`
+for why, and for why not ``torch.utils.benchmark``).  Both report the median and the 20th/80th percentiles: a wide
 p20-p80 band says the number is noisy (on a shared machine, expect that).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -72,38 +73,70 @@ def summarize(times_ms: Iterable[float]) -> Timing:
                   len(values))
 
 
-def time_cpu(fn: Callish, min_run_time: float = 0.2, min_samples: int = 5) -> Timing:
-    """Time ``fn`` on the CPU: at least ``min_samples`` samples and ``min_run_time`` s.
-
-    Each sample is the mean of a block of calls, the block sized so that
-    ``min_samples`` blocks fill ``min_run_time`` (one call per block when calls are
-    slow); with a setup, each sample is one call after its own setup.  Timed with
-    ``time.perf_counter`` at torch's current thread count.  Not with
-    ``torch.utils.benchmark.Timer``, which was tried: its ``timeit`` adds two
-    warm-up calls to every sample (tripling the cost of a slow call), its
-    ``blocked_autorange`` sizes blocks in powers of ten and can return one block
-    (then percentiles say nothing), and its setup runs once per block (a backward
-    would reuse a consumed graph).
-    """
-    call = as_call(fn)
-    setup = call.setup
-    if setup is None:
-        t0 = time.perf_counter()
+def _block_ms(call: Call, number: int) -> float:
+    """Milliseconds per call of one block of ``number`` calls (after the setup)."""
+    if call.setup is not None:
+        call.setup()
+    t0 = time.perf_counter()
+    for _ in range(number):
         call.run()
-        one_call = time.perf_counter() - t0
-        number = max(1, int(min_run_time / min_samples / max(one_call, 1e-7)))
-    else:
-        number = 1
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < min_samples or time.perf_counter() - start < min_run_time:
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        for _ in range(number):
-            call.run()
-        samples.append((time.perf_counter() - t0) / number * 1e3)
-    return summarize(samples)
+    return (time.perf_counter() - t0) / number * 1e3
+
+
+def time_cpu_interleaved(calls: Dict[str, Callish], min_run_time: float = 0.2,
+                         min_samples: int = 5) -> Dict[str, Union[Timing, Exception]]:
+    """Time several calls on the CPU, one block of each in turn (round robin).
+
+    On a shared machine the background load changes from second to second;
+    measured one after another, a burst would land on whichever call was being
+    timed and fake a difference between them.  Interleaved, every call sees the
+    same mix of quiet and busy moments.  Each call gets at least ``min_samples``
+    samples and about ``min_run_time`` seconds.
+
+    Each sample is the mean of a block of calls, sized so that ``min_samples``
+    blocks fill ``min_run_time`` (one call when calls are slow); a call with a
+    setup is timed one call per sample, after its own setup.  ``time.perf_counter``
+    at torch's current thread count.  Not ``torch.utils.benchmark.Timer``, which was
+    tried: its ``timeit`` adds two warm-up calls to every sample (tripling the cost
+    of a slow call), its ``blocked_autorange`` sizes blocks in powers of ten and can
+    return a single block (then percentiles say nothing), and its setup runs once
+    per block (a backward would reuse a consumed graph).
+
+    Returns a Timing per name, or the exception that call raised.
+    """
+    out: Dict[str, Union[Timing, Exception]] = {}
+    plan: Dict[str, Tuple[Call, int]] = {}
+    for name, fn in calls.items():
+        call = as_call(fn)
+        try:
+            one_call = _block_ms(call, 1) * 1e-3
+        except Exception as exc:  # reported to the caller, per call
+            out[name] = exc
+            continue
+        number = 1 if call.setup is not None else \
+            max(1, int(min_run_time / min_samples / max(one_call, 1e-7)))
+        plan[name] = (call, number)
+    samples: Dict[str, List[float]] = {name: [] for name in plan}
+    start, budget = time.perf_counter(), min_run_time * len(plan)
+    while plan and (min(len(samples[n]) for n in plan) < min_samples
+                    or time.perf_counter() - start < budget):
+        for name in list(plan):
+            try:
+                samples[name].append(_block_ms(*plan[name]))
+            except Exception as exc:
+                out[name] = exc
+                del plan[name]
+    for name in plan:
+        out[name] = summarize(samples[name])
+    return out
+
+
+def time_cpu(fn: Callish, min_run_time: float = 0.2, min_samples: int = 5) -> Timing:
+    """Time one call on the CPU (see :func:`time_cpu_interleaved`)."""
+    result = time_cpu_interleaved({"fn": fn}, min_run_time, min_samples)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def time_cuda(fn: Callish, device: torch.device, warmup_ms: float = 10.0,
@@ -147,12 +180,22 @@ def time_cuda(fn: Callish, device: torch.device, warmup_ms: float = 10.0,
     return summarize(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def time_fn(fn: Callish, device: torch.device, *, min_run_time: float = 0.2,
-            min_samples: int = 5, warmup_ms: float = 10.0, rep_ms: float = 50.0) -> Timing:
-    """Time on whatever device the problem lives on."""
-    if device.type == "cuda":
-        return time_cuda(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    return time_cpu(fn, min_run_time=min_run_time, min_samples=min_samples)
+def time_all(calls: Dict[str, Callish], device: torch.device, *, min_run_time: float = 0.2,
+             min_samples: int = 5, warmup_ms: float = 10.0,
+             rep_ms: float = 50.0) -> Dict[str, Union[Timing, Exception]]:
+    """Time every call on the problem's device: a Timing per name, or the exception
+    it raised.  CPU calls are interleaved; GPU calls are timed one after another
+    (a GPU is not shared with other processes here, and its events time only the
+    GPU's own work)."""
+    if device.type != "cuda":
+        return time_cpu_interleaved(calls, min_run_time=min_run_time, min_samples=min_samples)
+    out: Dict[str, Union[Timing, Exception]] = {}
+    for name, fn in calls.items():
+        try:
+            out[name] = time_cuda(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+        except Exception as exc:  # reported to the caller, per call
+            out[name] = exc
+    return out
 
 
 def peak_memory_bytes(fn: Callish, device: torch.device) -> int:

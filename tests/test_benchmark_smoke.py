@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,31 @@ def test_timing_summary_percentiles():
         measure.summarize([])
     cpu = measure.time_cpu(lambda: torch.ones(8).sum(), min_run_time=0.005, min_samples=3)
     assert cpu.samples >= 3 and 0 < cpu.p20_ms <= cpu.median_ms <= cpu.p80_ms
+
+
+def test_interleaved_timing_isolates_a_failing_call():
+    """Round-robin CPU timing: each call gets its samples; one that starts failing
+    midway is reported as its exception without stopping the others; a setup runs
+    before every sample and is not timed."""
+    calls = {"n": 0, "setups": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("broke after 3 calls")
+
+    def setup():
+        calls["setups"] += 1
+        time.sleep(0.02)  # would dominate the timing if it were inside it
+
+    out = measure.time_cpu_interleaved(
+        {"ok": lambda: None, "flaky": flaky,
+         "with_setup": measure.Call(lambda: None, setup=setup)},
+        min_run_time=0.01, min_samples=4)
+    assert isinstance(out["flaky"], RuntimeError)
+    assert out["ok"].samples >= 4
+    assert out["with_setup"].samples >= 4 and calls["setups"] == out["with_setup"].samples + 1
+    assert out["with_setup"].median_ms < 5.0
 
 
 def test_sweeps_vary_one_dimension_around_the_centre():
