@@ -113,6 +113,24 @@ def _autocast(dtype: Optional[torch.dtype], tensors):
             and t.dtype != torch.float64 else t for t in tensors]
 
 
+def dropout_seed(training: bool, dropout: float) -> Optional[Tensor]:
+    """The dropout seed of one call (a CPU int64 scalar), or None when dropout is off.
+
+    Drawn from PyTorch's CPU generator: ``torch.manual_seed`` makes runs reproducible,
+    and a CPU scalar never synchronises the GPU.  Kernels regenerate the mask from it.
+    """
+    if training and dropout > 0:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return None
+
+
+def no_autocast(device_type: str, cast_dtype: Optional[torch.dtype]):
+    """Disable autocast inside the op: the operands were already cast once."""
+    if cast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def fbp(
     x: Tensor,
     y: Tensor,
@@ -162,17 +180,10 @@ def fbp(
         cast_dtype, [x, y, weight_x, weight_y, bias_x, bias_y])
     check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
     backend_name = backends.resolve_name(backend, str(device))  # clear error if unusable
-    seed = None
-    if training and dropout > 0:
-        # Drawn from PyTorch's CPU generator: torch.manual_seed makes runs
-        # reproducible, and a CPU scalar never synchronises the GPU.
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    else:
+    seed = dropout_seed(training, dropout)
+    if seed is None:
         dropout = 0.0
-    # Inside the op nothing must be cast again (autocast already applied above).
-    no_autocast = torch.autocast(device.type, enabled=False) if cast_dtype is not None \
-        else contextlib.nullcontext()
-    with no_autocast:
+    with no_autocast(device.type, cast_dtype):
         out, *_ = ops.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor,
                                   float(dropout), bool(normalize), float(eps),
                                   bool(save_projections), backend_name)

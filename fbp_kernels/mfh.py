@@ -15,8 +15,6 @@ Order 1 is exactly :func:`fbp_kernels.fbp`.
 
 from __future__ import annotations
 
-import contextlib
-
 import re
 from typing import Optional, Sequence
 
@@ -24,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from . import mfh_ops
-from .functional import _autocast, _autocast_dtype, check_inputs, check_options
+from .functional import (_autocast, _autocast_dtype, check_inputs, check_options,
+                         dropout_seed, no_autocast)
 from .reference import DEFAULT_EPS
 
 __all__ = ["mfh", "MultimodalFactorizedHighOrderPooling", "MFH"]
@@ -164,16 +163,10 @@ def mfh(
         # resolving imports modules, which Dynamo refuses to trace; the op resolves
         # again when it runs, so a bad backend still fails there.
         mfh_ops.resolve(backend, device, n)
-    seed = None
-    if training and dropout > 0:
-        # As in fbp(): CPU generator (reproducible, never synchronises the GPU).
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    else:
+    seed = dropout_seed(training, dropout)
+    if seed is None:
         dropout = 0.0
-    # Inside the op nothing must be cast again (autocast already applied above).
-    no_autocast = torch.autocast(device.type, enabled=False) if cast_dtype is not None \
-        else contextlib.nullcontext()
-    with no_autocast:
+    with no_autocast(device.type, cast_dtype):
         out, _ = mfh_ops.mfh_forward(
             x, y, weights_x, weights_y, mfh_ops.to_marker_list(biases_x, x),
             mfh_ops.to_marker_list(biases_y, x), seed, factor, float(dropout),
