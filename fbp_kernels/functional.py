@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
+from .backends._common import broadcast_batch
 from .reference import DEFAULT_EPS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -87,8 +88,8 @@ def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
         desc = ", ".join(f"{n} on {t.device}" for n, t in named)
         raise ValueError(f"all tensors must be on one device, got {desc}")
     try:
-        return torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
-    except RuntimeError:
+        return broadcast_batch(x.shape[:-1], y.shape[:-1])
+    except ValueError:
         raise ValueError(f"the leading dimensions of x {tuple(x.shape[:-1])} and y "
                          f"{tuple(y.shape[:-1])} do not broadcast") from None
 

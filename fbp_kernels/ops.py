@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends._common import broadcast_batch
 
 _EMPTY_SHAPE = (0,)
 
@@ -59,7 +60,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def _batch(x: Tensor, y: Tensor) -> torch.Size:
-    return torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    return broadcast_batch(x.shape[:-1], y.shape[:-1])
 
 
 @fbp_forward.register_fake
