@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import NORM_DELTA
-from ._common import acc_dtype
+from ._common import acc_dtype, broadcast_batch
 from .torch_backend import dropout_mask, grad_pooled
 
 NAME = "torch"
@@ -142,7 +142,7 @@ def forward(x: Tensor, y: Tensor, weights_x: Sequence[Tensor], weights_y: Sequen
 
 
 def _product_shape(a: Tensor, c: Tensor) -> torch.Size:
-    return torch.broadcast_shapes(a.shape, c.shape)
+    return broadcast_batch(a.shape, c.shape)
 
 
 def _sum_to(t: Tensor, shape) -> Tensor:
