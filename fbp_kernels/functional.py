@@ -184,8 +184,15 @@ def fbp(
     seed = dropout_seed(training, dropout)
     if seed is None:
         dropout = 0.0
+    args = (factor, float(dropout), bool(normalize), float(eps), bool(save_projections),
+            backend_name)
     with no_autocast(device.type, cast_dtype):
-        out, *_ = ops.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor,
-                                  float(dropout), bool(normalize), float(eps),
-                                  bool(save_projections), backend_name)
+        if torch.compiler.is_compiling():
+            # The registered operator: the compiler sees one opaque op with a fake kernel.
+            out, *_ = ops.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y, seed, *args)
+        else:
+            # Eager: the same backend code through a plain autograd.Function.
+            seed_int = None if seed is None else int(seed)
+            out = ops.FBPFunction.apply(x, y, weight_x, weight_y, bias_x, bias_y, seed_int,
+                                        *args)
     return out

@@ -1,5 +1,10 @@
-"""FBP as registered PyTorch operators: ``torch.ops.fbp_kernels.fbp_forward`` and
-``torch.ops.fbp_kernels.fbp_backward``.
+"""FBP as a ``torch.autograd.Function`` (eager) and as registered PyTorch operators
+(``torch.ops.fbp_kernels.fbp_forward`` / ``fbp_backward``, for ``torch.compile``).
+
+Both call the same backend forward and backward; :func:`fbp_kernels.fbp` takes the
+autograd.Function in eager mode (it skips the custom-op dispatcher, ~50 us per call
+on the host, which matters for small-batch inference on a GPU) and the operators
+while ``torch.compile`` traces.
 
 Registering the forward and the backward as ``torch.library.custom_op`` (with fake
 kernels for shape propagation and ``register_autograd`` tying them together) lets
@@ -133,3 +138,35 @@ def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
 
 
 fbp_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FBPFunction(torch.autograd.Function):
+    """Eager FBP with the backend's fused backward.
+
+    ``apply(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize,
+    eps, save_projections, backend) -> out``; ``seed`` is an int or None.  Saves the
+    inputs, parameters, output and row norms (plus the projections only when
+    ``save_projections``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout,
+                normalize, eps, save_projections, backend):
+        impl = backends.resolve(backend, x.device)
+        res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
+                           dropout=dropout, seed=seed, normalize=normalize, eps=eps,
+                           save_projections=save_projections)
+        ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y, res.out, res.norm,
+                              res.a, res.c)
+        ctx.config = (impl, factor, dropout, seed, normalize, eps)
+        return res.out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c = ctx.saved_tensors
+        impl, factor, dropout, seed, normalize, eps = ctx.config
+        res = impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y,
+                            out, norm, a, c, factor=factor, dropout=dropout, seed=seed,
+                            normalize=normalize, eps=eps)
+        return (res.dx, res.dy, res.dweight_x, res.dweight_y, res.dbias_x, res.dbias_y,
+                None, None, None, None, None, None, None)
