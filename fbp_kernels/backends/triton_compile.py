@@ -104,6 +104,41 @@ def _bwd_source(dtype: str, cfg, precision: str):
     return _source(K._fbp_bwd_kernel, sig, consts)
 
 
+def _row_dot_source(dtype: str, cfg, precision: str):
+    from . import triton_kernels as K
+
+    sig = {"z_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32", "rows": "i32",
+           "O": "i32", "stride_zr": "i32", "stride_gr": "i32"}
+    return _source(K._row_dot_kernel, sig, {"BLOCK_M": cfg.block_m, "BLOCK_O": cfg.block_o})
+
+
+def _mask_source():
+    from . import triton_kernels as K
+
+    sig = {"mask_ptr": "*i8", "seed": "i64", "rows": "i32", "KO": "i32", "drop_p": "fp32"}
+    bm, bc = K.MASK_BLOCKS
+    return _source(K._dropout_mask_kernel, sig, {"BLOCK_M": bm, "BLOCK_C": bc})
+
+
+def _compile_row(triton, target, kernel, arch, dtype, cfg_name, num_warps, num_stages,
+                 source_fn) -> CompileRow:
+    row = CompileRow(kernel, arch, dtype, cfg_name, num_warps, -1, -1, -1, "none", False)
+    try:
+        compiled = triton.compile(source_fn(), target=target,
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        res = _resources(compiled.asm["cubin"])
+        ptx = compiled.asm["ptx"]
+        row.registers = res["registers"]
+        row.stack_bytes = res["stack_bytes"]
+        row.shared_bytes = compiled.metadata.shared  # dynamic smem
+        row.tensor_cores = ("wgmma" if "wgmma" in ptx else
+                            "mma" if re.search(r"\bmma\.sync", ptx) else "none")
+        row.ok = True
+    except Exception as exc:  # report every failure, not just the first
+        row.error = f"{type(exc).__name__}: {str(exc)[:500]}"
+    return row
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -134,30 +169,20 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
     if K.INTERPRET:
         raise RuntimeError("run with TRITON_INTERPRET unset: triton.compile needs JIT kernels")
     rows = []
+    precision = "ieee"  # PyTorch's default: no TF32 for fp32 matmuls
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         for dtype in dtypes:
-            precision = "ieee"  # PyTorch's default: no TF32 for fp32 matmuls
             family = "fp32" if dtype == "fp32" else "half"
             for cfg_name, cfg in K.CONFIGS[family].items():
-                for kernel, make in (("fbp_fwd", _fwd_source), ("fbp_bwd", _bwd_source)):
-                    row = CompileRow(kernel, arch, dtype, cfg_name, cfg.num_warps, -1, -1, -1,
-                                     "none", False)
-                    try:
-                        compiled = triton.compile(
-                            make(dtype, cfg, precision), target=target,
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-                        res = _resources(compiled.asm["cubin"])
-                        ptx = compiled.asm["ptx"]
-                        row.registers = res["registers"]
-                        row.stack_bytes = res["stack_bytes"]
-                        row.shared_bytes = compiled.metadata.shared  # dynamic smem
-                        row.tensor_cores = ("wgmma" if "wgmma" in ptx else
-                                            "mma" if re.search(r"\bmma\.sync", ptx) else "none")
-                        row.ok = True
-                    except Exception as exc:  # report every failure, not just the first
-                        row.error = f"{type(exc).__name__}: {str(exc)[:500]}"
-                    rows.append(row)
+                for kernel, make in (("fbp_fwd", _fwd_source), ("fbp_bwd", _bwd_source),
+                                     ("row_dot", _row_dot_source)):
+                    rows.append(_compile_row(
+                        triton, target, kernel, arch, dtype, cfg_name, cfg.num_warps,
+                        cfg.num_stages, lambda: make(dtype, cfg, precision)))
+        # The dropout-mask kernel (tests and debugging) has no dtype or tile variants.
+        rows.append(_compile_row(triton, target, "mask", arch, "-", "default", 4, 3,
+                                 _mask_source))
     return rows
 
 

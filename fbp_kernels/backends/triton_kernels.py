@@ -550,11 +550,15 @@ def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, fa
     return da, dc
 
 
+#: Tile of the dropout-mask kernel on a GPU (rows, columns).
+MASK_BLOCKS = (32, 128)
+
+
 def dropout_keep_mask(seed: int, rows: int, ko: int, rate: float, device) -> torch.Tensor:
     """The (rows, K*o) bool keep-mask the kernels draw for ``seed``."""
     mask = torch.empty((rows, ko), dtype=torch.int8, device=device)
     if rows and ko:
-        bm, bc = (16, 16) if INTERPRET else (32, 128)
+        bm, bc = (16, 16) if INTERPRET else MASK_BLOCKS
         _dropout_mask_kernel[(triton.cdiv(rows, bm), triton.cdiv(ko, bc))](
             mask, seed, rows, ko, float(rate), BLOCK_M=bm, BLOCK_C=bc)
     return mask.bool()
