@@ -31,14 +31,16 @@ def device():
     return DEVICE
 
 
-def _backend_param(name):
-    reason = backends.unsupported_reason(name, DEVICE)
+def backend_param(name, unsupported_reason=backends.unsupported_reason):
+    """``pytest.param(name)``, skipped with the reason when the backend can't run here.
+    ``unsupported_reason(name, device)`` defaults to the FBP registry's (MFH passes its own)."""
+    reason = unsupported_reason(name, DEVICE)
     marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable on {DEVICE}: {reason}")] \
         if reason else []
     return pytest.param(name, marks=marks, id=name)
 
 
-@pytest.fixture(params=[_backend_param(n) for n in backends.NAMES])
+@pytest.fixture(params=[backend_param(n) for n in backends.NAMES])
 def backend(request):
     """Every backend; one that cannot run on this machine is skipped with its reason."""
     return request.param

@@ -21,17 +21,11 @@ from fbp_kernels import backends, mfh_ops, reference
 from fbp_kernels.backends import torch_mfh
 from fbp_kernels.mfh import check_mfh_inputs
 from helpers import Case, assert_close, error_vs, grads
-from conftest import DEVICE
+from conftest import DEVICE, backend_param
 
 
-def _mfh_backend_param(name):
-    reason = mfh_ops.unsupported_reason(name, DEVICE)
-    marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable on {DEVICE}: {reason}")] \
-        if reason else []
-    return pytest.param(name, marks=marks, id=name)
-
-
-@pytest.fixture(params=[_mfh_backend_param(n) for n in mfh_ops._MFH_MODULES])
+@pytest.fixture(params=[backend_param(n, mfh_ops.unsupported_reason)
+                        for n in mfh_ops._MFH_MODULES])
 def mfh_backend(request):
     """Every backend with an MFH implementation; unusable ones skip with the reason."""
     return request.param
