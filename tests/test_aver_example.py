@@ -191,10 +191,24 @@ def test_a_few_training_steps_lower_the_loss():
     batch = data.collate_clips(task.sample(32, seed=0))
     m = small_model(dropout=0.0, fbp_dropout=0.0)
     args = train.build_parser().parse_args(["--synthetic", "--lr", "1e-2", "--epochs", "1", "--warmup-epochs", "0"])
-    opt, sched = train.make_optimizer(m, args, steps_per_epoch=20)
-    losses = [train.train_step(m, batch, opt, sched, torch.device("cpu")) for _ in range(30)]
-    # Chance level is log(7) = 1.95; 30 steps on one batch must get well below it.
-    assert losses[0] > 1.8 and losses[-1] < losses[0] - 0.4, losses
+    # A schedule longer than the 60 steps taken, so the learning rate stays up and the
+    # loss keeps falling instead of freezing where the cosine reaches zero (a frozen
+    # loss made the old 0.4-drop threshold a coin toss between CPUs: 0.398 vs 0.40).
+    opt, sched = train.make_optimizer(m, args, steps_per_epoch=200)
+    losses = [train.train_step(m, batch, opt, sched, torch.device("cpu")) for _ in range(60)]
+    # Chance level is log(7) = 1.95.  Fitting one batch of 32 halves the loss well within
+    # 60 steps: measured 0.72-0.78 at step 60 (from 2.02) with the AVX-512 and AVX2 code
+    # paths of ATen and MKL, alone and together (issue 11), and 0.58-0.66 for init seeds
+    # 1-3, against a bound of ~1.0 here: CPU-dependent rounding moved it by < 0.06.
+    # The second check is that it is still falling, not stalled.
+    assert losses[0] > 1.8, losses
+    assert losses[-1] < losses[0] / 2, losses
+    assert losses[-1] < losses[30] - 0.1, losses
+    with torch.no_grad():
+        m.eval()
+        acc = (run(m, batch).argmax(-1) == batch["label"]).float().mean().item()
+    # Measured 0.94-1.0 over those code paths and seeds (7 classes, chance 0.14).
+    assert acc >= 0.75, acc
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path):
