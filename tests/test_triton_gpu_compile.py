@@ -29,9 +29,11 @@ def compile_rows(tmp_path_factory):
 def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     _, rows, log = compile_rows
     combos = {(r["kernel"], r["arch"], r["dtype"], r["config"]) for r in rows}
-    # (fwd, bwd, row_dot) x archs x dtypes x configs, plus the mask kernel per arch
-    assert len(combos) == len(rows) == 3 * 2 * 3 * 4 + 2, log
-    assert {r["kernel"] for r in rows} == {"fbp_fwd", "fbp_bwd", "row_dot", "mask"}
+    # (fwd, bwd, row_dot) x archs x dtypes x configs, plus the mask kernel per arch, plus
+    # the split epilogues (fwd, bwd) x archs x dtypes x their three tile shapes
+    assert len(combos) == len(rows) == 3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 3, log
+    assert {r["kernel"] for r in rows} == {"fbp_fwd", "fbp_bwd", "row_dot", "mask",
+                                           "split_fwd", "split_bwd"}
     failed = [r for r in rows if not r["ok"]]
     assert not failed, "\n".join(f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['config']}: "
                                  f"{r['error']}" for r in failed)

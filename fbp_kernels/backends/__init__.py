@@ -18,6 +18,7 @@ import torch
 #: Name -> module, in the order ``backend="auto"`` prefers them on CUDA tensors.
 _MODULES: Dict[str, str] = {
     "triton": "fbp_kernels.backends.triton_backend",
+    "split": "fbp_kernels.backends.split_backend",
     "cuda": "fbp_kernels.backends.cuda_backend",
     "torch": "fbp_kernels.backends.torch_backend",
 }

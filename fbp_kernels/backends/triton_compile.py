@@ -120,6 +120,35 @@ def _mask_source():
     return _source(K._dropout_mask_kernel, sig, {"BLOCK_M": bm, "BLOCK_C": bc})
 
 
+def _split_sources(dtype: str, cfg, kernel: str, one_block: bool):
+    """The split strategy's epilogue kernels (``triton_split``) for one tile."""
+    from . import triton_split as E
+
+    if kernel == "split_fwd":
+        sig = {"a_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+               "norm_ptr": "*fp32", "rows": "i32", "O": "i32", "row_offset": "i64",
+               "stride_ar": "i32", "stride_cr": "i32", "stride_or": "i32", "seed": "i64",
+               "drop_p": "fp32", "keep_scale": "fp32", "eps": "fp32", "sqrt_eps": "fp32"}
+        fn = E._split_fwd_kernel
+        consts = {"ONE_BLOCK": one_block}
+    else:
+        sig = {"g_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "norm_ptr": "*fp32",
+               "a_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "da_ptr": f"*{dtype}",
+               "dc_ptr": f"*{dtype}", "rows": "i32", "O": "i32", "row_offset": "i64",
+               "stride_gr": "i32", "stride_zr": "i32", "stride_ar": "i32", "stride_cr": "i32",
+               "seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "sqrt_eps": "fp32"}
+        fn = E._split_bwd_kernel
+        consts = {}
+    consts.update({"FACTOR": 5, "DROPOUT": True, "NORMALIZE": True, "BLOCK_R": cfg.block_r,
+                   "BLOCK_O": cfg.block_o, "BLOCK_F": cfg.block_f})
+    return _source(fn, sig, consts)
+
+
+#: Epilogue tiles the split launcher picks, by (rows, o, factor): the MFB default (one
+#: block per row), a wide row (two passes) and a narrow one (many rows per program).
+SPLIT_SHAPES = {"mfb": (1024, 1000, 5), "wide": (1024, 4000, 5), "narrow": (1024, 16, 5)}
+
+
 def _compile_row(triton, target, kernel, arch, dtype, cfg_name, num_warps, num_stages,
                  source_fn) -> CompileRow:
     row = CompileRow(kernel, arch, dtype, cfg_name, num_warps, -1, -1, -1, "none", False)
@@ -180,6 +209,14 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                     rows.append(_compile_row(
                         triton, target, kernel, arch, dtype, cfg_name, cfg.num_warps,
                         cfg.num_stages, lambda: make(dtype, cfg, precision)))
+            for shape_name, (r, o, f) in SPLIT_SHAPES.items():
+                from .triton_split import GPU_TILE_ELEMENTS, pick_epilogue_config
+
+                cfg = pick_epilogue_config(r, o, f, limit=GPU_TILE_ELEMENTS)
+                for kernel in ("split_fwd", "split_bwd"):
+                    rows.append(_compile_row(
+                        triton, target, kernel, arch, dtype, shape_name, cfg.num_warps, 1,
+                        lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o)))
         # The dropout-mask kernel (tests and debugging) has no dtype or tile variants.
         rows.append(_compile_row(triton, target, "mask", arch, "-", "default", 4, 3,
                                  _mask_source))
