@@ -2,16 +2,18 @@
 
 Public API: :func:`fbp` and :class:`FactorizedBilinearPooling` (MFB), :func:`mfh`
 and :class:`MultimodalFactorizedHighOrderPooling` (alias :class:`MFH`),
-:func:`available_backends`, checkpoint converters in :mod:`fbp_kernels.convert`, and
+:func:`available_backends`, :func:`explain` (which kernel and tile a call runs, and
+why), :func:`set_split_memory_budget`, checkpoint converters in :mod:`fbp_kernels.convert`, and
 the specification in :mod:`fbp_kernels.reference`.
 """
 
-from . import convert, reference
+from . import convert, reference, strategy
 from .backends import BackendUnavailableError, available_backends
 from .functional import fbp
 from .mfh import MFH, MultimodalFactorizedHighOrderPooling, mfh
 from .modules import FactorizedBilinearPooling
 from .reference import DEFAULT_EPS
+from .strategy import explain, set_split_memory_budget
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,8 @@ __all__ = [
     "MultimodalFactorizedHighOrderPooling",
     "MFH",
     "available_backends",
+    "explain",
+    "set_split_memory_budget",
     "BackendUnavailableError",
     "reference",
     "convert",

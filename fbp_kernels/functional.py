@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, ops
+from . import backends, ops, strategy
 from .backends._common import broadcast_batch
 from .reference import DEFAULT_EPS
 
@@ -132,6 +132,18 @@ def no_autocast(device_type: str, cast_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type, enabled=False)
 
 
+def _auto_for_shape(x, y, weight_x, weight_y, factor) -> str:
+    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
+    rows = 1
+    for d in batch:
+        rows *= d
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad
+                                              or weight_x.requires_grad
+                                              or weight_y.requires_grad)
+    return strategy.choose(x.device, rows, x.shape[-1], y.shape[-1], factor,
+                           weight_x.shape[0] // factor, x.dtype, needs_grad)[0]
+
+
 def fbp(
     x: Tensor,
     y: Tensor,
@@ -180,7 +192,11 @@ def fbp(
     x, y, weight_x, weight_y, bias_x, bias_y = _autocast(
         cast_dtype, [x, y, weight_x, weight_y, bias_x, bias_y])
     check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
-    backend_name = backends.resolve_name(backend, str(device))  # clear error if unusable
+    if backend == "auto" and device.type == "cuda" and not torch.compiler.is_compiling():
+        # Eager: the cost model's choice for this very shape (strategy.py).
+        backend_name = _auto_for_shape(x, y, weight_x, weight_y, factor)
+    else:
+        backend_name = backends.resolve_name(backend, str(device))  # clear error if unusable
     seed = dropout_seed(training, dropout)
     if seed is None:
         dropout = 0.0

@@ -43,9 +43,9 @@ def _run(args, factor, backend="split", seed=0, **kw):
 @pytest.fixture
 def budget():
     """Set the split memory budget for one test, restored afterwards."""
-    old = S.MEMORY_BUDGET
-    yield S.set_memory_budget
-    S.set_memory_budget(old)
+    old = fbp_kernels.strategy.split_memory_budget()
+    yield fbp_kernels.set_split_memory_budget
+    fbp_kernels.set_split_memory_budget(old)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

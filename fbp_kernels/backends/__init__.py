@@ -58,13 +58,12 @@ def available_backends(device: Optional[torch.device] = None) -> List[str]:
 def resolve(name: str, device: torch.device) -> ModuleType:
     """The backend module for ``name`` ('auto' picks the fastest available one)."""
     if name == "auto":
-        # Fused kernels only pay off on a GPU; on CPU plain PyTorch (BLAS) wins,
-        # and the Triton interpreter is a testing tool, never an automatic choice.
-        candidates = [n for n in NAMES if n != "torch"] if device.type == "cuda" else []
-        for cand in candidates:
-            if unsupported_reason(cand, device) is None:
-                return _load(cand)
-        return _load("torch")
+        # The device-level choice (fbp_kernels.strategy: the cost model at the MFB default
+        # shape on CUDA; plain PyTorch on the CPU, where BLAS wins and the Triton
+        # interpreter is a testing tool).  Eager fbp() refines it per shape.
+        from ..strategy import auto_backend
+
+        return _load(auto_backend(device))
     reason = unsupported_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(

@@ -12,8 +12,8 @@ saved ones read when ``save_projections=True``), one Triton pass turns them into
 ``dW_x += dA^T x`` (and the same for ``y``) and the bias sums.
 
 Transient memory is bounded by the chunk: two ``(chunk, K*o)`` buffers, sized so they
-take at most :data:`MEMORY_BUDGET` bytes (default 64 MiB; ``FBP_SPLIT_BUDGET_MIB`` or
-:func:`set_memory_budget` change it).  At the MFB default in bf16 (K*o = 5000) that is
+take at most the split memory budget (default 64 MiB; ``FBP_SPLIT_BUDGET_MIB`` or
+:func:`fbp_kernels.set_split_memory_budget` change it).  At the MFB default in bf16 (K*o = 5000) that is
 3355 rows per chunk, so a 1024-row batch is one chunk and runs exactly like eager's two
 GEMMs.  Across chunks the weight gradients accumulate in fp32 (half inputs) or in place
 (fp32/fp64); nothing is atomic, so results are bitwise repeatable.
@@ -29,34 +29,21 @@ backend's (same Philox index), so ``dropout_mask`` is shared.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
+from .. import strategy
 from . import triton_backend
 from . import triton_split as E
 from ._common import BackwardResult, ForwardResult, acc_dtype, flatten_rows, unflatten_grad
 
 NAME = "split"
 
-MEMORY_BUDGET = int(float(os.environ.get("FBP_SPLIT_BUDGET_MIB", "64")) * 2**20)
-
-
-def set_memory_budget(nbytes: int) -> int:
-    """Set the transient-buffer budget of the split strategy (bytes); returns the old one."""
-    global MEMORY_BUDGET
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
-        raise ValueError(f"the split memory budget must be a positive int of bytes, "
-                         f"got {nbytes!r}")
-    old, MEMORY_BUDGET = MEMORY_BUDGET, nbytes
-    return old
-
-
 def chunk_rows(ko: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
     """Rows per chunk: two ``(chunk, K*o)`` buffers in ``dtype`` within the budget
     (at least one row, whatever the budget)."""
-    budget = MEMORY_BUDGET if budget is None else budget
+    budget = strategy.split_memory_budget() if budget is None else budget
     per_row = 2 * ko * torch.empty((), dtype=dtype).element_size()
     return max(1, budget // per_row)
 

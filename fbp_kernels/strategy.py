@@ -1,0 +1,199 @@
+"""Which kernel runs: ``backend="auto"``'s choice per shape, and :func:`explain`.
+
+On a CUDA tensor ``auto`` chooses between the two Triton strategies, ``split`` (cuBLAS
+projections + one fused epilogue) and ``triton`` (the one-launch fused kernel), by the
+cost model's predicted time (:mod:`fbp_kernels.costmodel`: a roofline on the kernels'
+launch configurations and compile facts, for the GPU it recognises) for the shape
+at hand: forward only when no gradient is needed, forward+backward otherwise.  Until
+GPU measurements replace the predictions, the model puts ``split`` ahead at every
+batch size of the MFB default (PERFORMANCE.md: fused ~3.5x the GEMM floor at 1024
+rows, split ~1.15x), so that is what ``auto`` runs today; the per-shape rule is here so
+that a faster fused main loop takes over where its predictions (then measurements) win.
+Without Triton, ``cuda`` (the C++ extension) then ``torch``.  On the CPU ``torch``:
+BLAS wins there, and the Triton interpreter is a testing tool, never a default.
+
+Under ``torch.compile`` the choice is made once per device at trace time with the MFB
+default shape (shape-dependent Python choices would add guards and recompiles); both
+strategies draw the same dropout masks, so the two differ only in rounding.
+
+Override with ``backend="split"`` / ``"triton"`` / ``"cuda"`` / ``"torch"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from . import backends
+
+#: The shape the device-level default (and the compiled path) is chosen for: the MFB
+#: default of openvqa at a training batch (rows 1024, m 2048, n 1024, factor 5, o 1000).
+DEFAULT_SHAPE = (1024, 2048, 1024, 5, 1000)
+
+_SPLIT_BUDGET = int(float(os.environ.get("FBP_SPLIT_BUDGET_MIB", "64")) * 2**20)
+
+
+def split_memory_budget() -> int:
+    """Bytes the split strategy may spend on its transient ``(chunk, K*o)`` buffers."""
+    return _SPLIT_BUDGET
+
+
+def set_split_memory_budget(nbytes: int) -> int:
+    """Set the split strategy's transient-buffer budget in bytes (default 64 MiB, or
+    ``FBP_SPLIT_BUDGET_MIB`` at import); returns the previous value.  Smaller budgets
+    mean more, smaller chunks: the same results, more launches."""
+    global _SPLIT_BUDGET
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"the split memory budget must be a positive int of bytes, "
+                         f"got {nbytes!r}")
+    old, _SPLIT_BUDGET = _SPLIT_BUDGET, nbytes
+    return old
+
+
+_MODEL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a call would run, and why (``str(plan)`` reads as a short report)."""
+
+    backend: str
+    kernels: str
+    tile: str
+    reason: str
+    predicted_us: Dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend}", f"kernels: {self.kernels}", f"tile:    {self.tile}",
+                 f"why:     {self.reason}"]
+        if self.predicted_us:
+            preds = ", ".join(f"{k} {v:.1f} us" for k, v in self.predicted_us.items())
+            lines.append(f"model:   {preds}")
+        return "\n".join(lines)
+
+
+def _model_dtype(dtype: torch.dtype) -> Optional[str]:
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return _MODEL_DTYPES.get(dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _predict(device_name: str, rows: int, m: int, n: int, factor: int, o: int, dtype: str,
+             mode: str):
+    """Predicted microseconds per strategy; ``None`` when the model is unavailable."""
+    try:
+        from . import costmodel
+    except ImportError:
+        return None
+    gpu = costmodel.gpu_for(device_name)
+    shape = costmodel.Shape(rows=rows, m=m, n=n, factor=factor, o=o, dtype=dtype)
+    return {p: costmodel.predict(p, shape, gpu, mode).time_us for p in ("split", "fused")}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+
+
+def choose(device: torch.device, rows: int, m: int, n: int, factor: int, o: int,
+           dtype: torch.dtype, needs_grad: bool):
+    """``(backend name, reason, predicted us per strategy)`` for ``backend="auto"``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch", (f"{device.type} tensors: plain PyTorch (BLAS) is the fast path; "
+                         f"the Triton interpreter is for tests only"), {}
+    have = {name: backends.unsupported_reason(name, device) is None
+            for name in ("split", "triton", "cuda")}
+    if not (have["split"] or have["triton"]):
+        name = "cuda" if have["cuda"] else "torch"
+        return name, "Triton is not usable here", {}
+    if not (have["split"] and have["triton"]):
+        name = "split" if have["split"] else "triton"
+        return name, "the only Triton strategy available", {}
+    mode = "forward+backward" if needs_grad else "forward"
+    mdtype = _model_dtype(dtype)
+    preds = _predict(_device_name(device), rows, m, n, factor, o, mdtype, mode) \
+        if mdtype is not None else None
+    if not preds:
+        why = ("no cost model for float64 (gradcheck precision); split is the default"
+               if mdtype is None else "cost model unavailable; split is the default")
+        return "split", why, {}
+    best = min(preds, key=preds.get)
+    name = "split" if best == "split" else "triton"
+    other = "fused" if best == "split" else "split"
+    return name, (f"cost model ({mode}): {best} {preds[best]:.1f} us < {other} "
+                  f"{preds[other]:.1f} us predicted"), dict(preds)
+
+
+def auto_backend(device: torch.device) -> str:
+    """The device-level choice (MFB default shape, forward+backward): what ``auto``
+    runs under ``torch.compile``."""
+    return choose(device, *DEFAULT_SHAPE, torch.bfloat16, True)[0]
+
+
+def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
+              device: torch.device, save_projections: bool):
+    """(kernels, tile) of backend ``name`` for this shape, from its own launch heuristics."""
+    if name == "split":
+        from .backends import split_backend as S
+        from .backends import triton_split as E
+
+        ko = factor * o
+        step = rows if save_projections else S.chunk_rows(ko, dtype)
+        chunks = max(1, -(-rows // max(step, 1)))
+        cfg = E.pick_epilogue_config(min(rows, step), o, factor)
+        return ("cuBLAS addmm x2 per chunk + Triton _split_fwd_kernel "
+                "(backward: _split_bwd_kernel + 4 cuBLAS GEMMs)",
+                f"{chunks} chunk(s) of <= {min(rows, step)} rows "
+                f"({split_memory_budget() / 2**20:.0f} MiB budget); epilogue BLOCK_R={cfg.block_r} "
+                f"BLOCK_O={cfg.block_o} BLOCK_F={cfg.block_f}, {cfg.num_warps} warps")
+    if name == "triton":
+        from .backends import triton_kernels as K
+
+        cfg = K.pick_config(rows, o, dtype, device)
+        return ("Triton _fbp_fwd_kernel, one launch (backward: _fbp_bwd_kernel + 4 cuBLAS "
+                "GEMMs)",
+                f"BLOCK_M={cfg.block_m} BLOCK_O={cfg.block_o} BLOCK_K={cfg.block_k}, "
+                f"{cfg.num_warps} warps, {cfg.num_stages} stages")
+    if name == "cuda":
+        return "CUDA extension fbp_forward / fbp_backward (csrc/)", "see docs/cuda.md"
+    return ("PyTorch: F.linear x2, product, pooling, normalisation (hand-written backward)",
+            "-")
+
+
+def explain(x, y, weight_x, weight_y=None, *, factor: int, backend: str = "auto",
+            training: bool = False, needs_grad: Optional[bool] = None,
+            save_projections: bool = False) -> Plan:
+    """Which backend, kernels and tile ``fbp(x, y, weight_x, weight_y, ...)`` runs, and why.
+
+    Args are ``fbp``'s (``x (..., m)``, ``y (..., n)``, ``weight_x (factor*o, m)``);
+    ``needs_grad`` defaults to whether any of the tensors requires a gradient.  An
+    explicit backend that cannot run here raises ``BackendUnavailableError``, as ``fbp``
+    would.
+    """
+    device = x.device
+    rows = 1
+    for d in backends_batch(x, y):
+        rows *= d
+    m, n = x.shape[-1], y.shape[-1]
+    o = weight_x.shape[0] // factor
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, y, weight_x, weight_y))
+    if backend == "auto":
+        name, reason, preds = choose(device, rows, m, n, factor, o, x.dtype, needs_grad)
+    else:
+        name = backends.resolve(backend, device).NAME
+        reason, preds = "requested explicitly", {}
+    kernels, tile = _describe(name, rows, o, factor, x.dtype, device, save_projections)
+    return Plan(name, kernels, tile, reason, preds)
+
+
+def backends_batch(x, y):
+    from .backends._common import broadcast_batch
+
+    return broadcast_batch(x.shape[:-1], y.shape[:-1])
