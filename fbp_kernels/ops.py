@@ -79,8 +79,8 @@ def _(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize
     if save_projections and backend == "cuda":
         # The CUDA kernels never form the projections; they recompute them instead.
         a, c = _empty(x), _empty(x)
-    elif save_projections and backend == "torch":
-        # Plain PyTorch projects each input at its own leading shape (no broadcast copy).
+    elif save_projections and backend in ("torch", "split"):
+        # Each input projected at its own leading shape (no broadcast copy).
         a, c = x.new_empty((*x.shape[:-1], ko)), y.new_empty((*y.shape[:-1], ko))
     elif save_projections:
         # Kernel backends work on broadcast rows.

@@ -144,3 +144,72 @@ def test_gradcheck_with_dropout_over_several_chunks(budget):
         return fbp_kernels.ops.FBPFunction.apply(*a, seed, 2, 0.25, True, 1e-6, False, "split")
 
     assert torch.autograd.gradcheck(f, (x, y, wx, wy, bx, by), eps=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- co-attention
+
+BROADCASTS = [
+    ((2, 3), (2, 1)),        # regions x one question per sample (VQA co-attention)
+    ((2, 1), (2, 3)),        # the mirrored case
+    ((3,), (1,)), ((1,), (3,)), ((4,), ()), ((), (3,)),
+    ((2, 3), (3,)),          # one question list shared by every sample
+    ((2, 1, 3), (1, 2, 1)),  # three alternating levels: materialised
+    ((0, 3), (0, 1)),        # empty batch
+]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("xs, ys", BROADCASTS)
+def test_broadcast_layouts_match_the_reference(budget, xs, ys, dropout):
+    budget(2 * 12 * 8 * 2)  # a few rows per chunk, so chunks cut through the groups
+    m, n, factor, o = 5, 4, 3, 4
+    t = lambda *s: torch.randn(*s, dtype=torch.float64, device=DEVICE,  # noqa: E731
+                               requires_grad=True)
+    args = (t(*xs, m), t(*ys, n), t(factor * o, m), t(factor * o, n), t(factor * o),
+            t(factor * o))
+    z, grads = _run(args, factor, dropout=dropout, training=True, seed=4)
+    # The fused backend materialises the broadcast and draws the same masks: the two
+    # must agree to rounding, masks included.
+    if backends.unsupported_reason("triton", DEVICE) is None:
+        zt, gt = _run(args, factor, backend="triton", dropout=dropout, training=True, seed=4)
+        torch.testing.assert_close(z, zt, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, gt):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    if dropout == 0.0:
+        ref = fbp_reference(*args, factor=factor)
+        torch.testing.assert_close(z, ref.detach(), rtol=1e-12, atol=1e-12)
+        g = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)
+        for a, b in zip(grads, torch.autograd.grad(ref, args, g)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_shared_question_is_projected_once_per_sample(monkeypatch):
+    # (B, R, m) regions with a (B, 1, n) question: y is projected for B rows, not B*R,
+    # in forward and in backward, and its gradient GEMMs see B rows too.
+    B, R, m, n, factor, o = 3, 5, 6, 4, 2, 3
+    projected = []
+    real = S._project
+
+    def spy(inp, weight, bias, out=None):
+        projected.append((inp.shape[0], weight.shape[1]))
+        return real(inp, weight, bias, out)
+
+    monkeypatch.setattr(S, "_project", spy)
+    x = torch.randn(B, R, m, device=DEVICE, requires_grad=True)
+    y = torch.randn(B, 1, n, device=DEVICE, requires_grad=True)
+    wx = torch.randn(factor * o, m, device=DEVICE, requires_grad=True)
+    wy = torch.randn(factor * o, n, device=DEVICE, requires_grad=True)
+    z = fbp_kernels.fbp(x, y, wx, wy, factor=factor, backend="split")
+    z.sum().backward()
+    assert sorted(projected) == sorted([(B * R, m), (B, n)] * 2), projected
+    assert y.grad.shape == y.shape and wy.grad.shape == wy.shape
+
+
+def test_saved_projections_keep_each_operands_own_shape():
+    x = torch.randn(2, 4, 5, device=DEVICE)
+    y = torch.randn(2, 1, 3, device=DEVICE)
+    wx, wy = torch.randn(6, 5, device=DEVICE), torch.randn(6, 3, device=DEVICE)
+    res = S.forward(x, y, wx, wy, None, None, factor=2, dropout=0.0, seed=None,
+                    normalize=True, eps=1e-6, save_projections=True)
+    assert res.a.shape == (2, 4, 6) and res.c.shape == (2, 1, 6)
+    assert res.out.shape == (2, 4, 3)

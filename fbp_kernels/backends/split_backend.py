@@ -22,6 +22,16 @@ Why it exists: PERFORMANCE.md predicts this at ~1.15x the two-GEMM floor forward
 H200 (the epilogue moves ``2*K*o`` elements in and ``o`` out per row), against ~3.5x for
 today's one-launch kernel; any fused main loop has to beat it to be the default.
 
+Co-attention without copies.  Broadcast leading dimensions are grouped into at most
+two levels ``(d0, d1)`` (e.g. ``(B, R)`` regions with a ``(B, 1)`` question: d0 = B,
+d1 = R): each operand is projected at its own leading shape (the question once per
+batch element, not once per region), and the epilogue reads, for broadcast row
+``i0*d1 + i1``, the projection row its row map gives.  Backward writes the gradient of
+a broadcast operand's projection per broadcast row and sums it over the rows that
+shared it before its GEMMs.  Chunks run over ``d0``.  Layouts that need more than two
+levels (rare: e.g. ``(A, 1, C)`` with ``(1, B, C)`` ... alternating) materialise the
+broadcast like the fused backend.
+
 Saved for backward: inputs, parameters, output and the fp32 row norm (the projections
 too with ``save_projections=True``), like every backend.  Dropout masks are the Triton
 backend's (same Philox index), so ``dropout_mask`` is shared.
@@ -29,24 +39,17 @@ backend's (same Philox index), so ``dropout_mask`` is shared.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
 from .. import strategy
 from . import triton_backend
 from . import triton_split as E
-from ._common import BackwardResult, ForwardResult, acc_dtype, flatten_rows, unflatten_grad
+from ._common import BackwardResult, ForwardResult, acc_dtype, broadcast_batch, flatten_rows
 
 NAME = "split"
-
-def chunk_rows(ko: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
-    """Rows per chunk: two ``(chunk, K*o)`` buffers in ``dtype`` within the budget
-    (at least one row, whatever the budget)."""
-    budget = strategy.split_memory_budget() if budget is None else budget
-    per_row = 2 * ko * torch.empty((), dtype=dtype).element_size()
-    return max(1, budget // per_row)
-
 
 # The epilogue runs where the Triton kernels run (CUDA, or the CPU interpreter).
 unsupported_reason = triton_backend.unsupported_reason
@@ -54,78 +57,203 @@ dropout_mask = triton_backend.dropout_mask
 _device_guard = triton_backend._device_guard
 
 
-def _project(inp, weight, bias, out):
-    """``out = inp @ weight^T + bias`` by cuBLAS (CPU BLAS under the interpreter)."""
+def chunk_rows(ko: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
+    """Plain (unbroadcast) rows per chunk: two ``(chunk, K*o)`` buffers in ``dtype``
+    within the budget (at least one row, whatever the budget)."""
+    return _chunk(2 * ko * _itemsize(dtype), budget)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _chunk(bytes_per_unit: int, budget: Optional[int] = None) -> int:
+    budget = strategy.split_memory_budget() if budget is None else budget
+    return max(1, budget // max(1, bytes_per_unit))
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+class _Operand(NamedTuple):
+    """One input as the kernels see it: its rows ``(rows, width)`` and how broadcast
+    rows ``i0*d1 + i1`` map onto them."""
+
+    src: Tensor      # (own rows, width): rows ordered (i0, i1) over the levels it has
+    has0: bool       # varies along level 0 (so chunks over d0 slice it)
+    has1: bool       # varies along level 1
+    d1: int          # rows per level-0 index: d1 of the layout if has1, else 1
+
+    def rows_for(self, i0a: int, i0b: int) -> Tensor:
+        return self.src[i0a * self.d1:i0b * self.d1] if self.has0 else self.src
+
+    def row_map(self) -> "E.RowMap":
+        return E.RowMap(self.d1 if self.has0 else 0, 1 if self.has1 else 0)
+
+    @property
+    def plain(self) -> bool:
+        return self.has0 and self.has1
+
+
+class _Layout(NamedTuple):
+    d0: int
+    d1: int
+    x: _Operand
+    y: _Operand
+    batch: torch.Size
+    materialised: bool  # broadcast copied (more than two levels): plain rows
+
+
+def _layout(x: Tensor, y: Tensor) -> _Layout:
+    """Group the broadcast leading dimensions into <= 2 levels, or materialise."""
+    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
+    nd = len(batch)
+    xs = (1,) * (nd - x.dim() + 1) + tuple(x.shape[:-1])
+    ys = (1,) * (nd - y.dim() + 1) + tuple(y.shape[:-1])
+    levels = []  # [(x varies, y varies), size], adjacent equal kinds merged
+    for bx, by, b in zip(xs, ys, batch):
+        if b == 1:
+            continue
+        kind = (bx == b, by == b)
+        if levels and levels[-1][0] == kind:
+            levels[-1][1] *= b
+        else:
+            levels.append([kind, b])
+    if len(levels) > 2:
+        x2, y2, _ = flatten_rows(x, y)
+        rows = x2.shape[0]
+        return _Layout(rows, 1, _Operand(x2, True, True, 1), _Operand(y2, True, True, 1),
+                       batch, True)
+    while len(levels) < 2:
+        levels.append([(True, True), 1])
+    (k0, d0), (k1, d1) = levels
+    x2 = x.reshape(-1, x.shape[-1])
+    y2 = y.reshape(-1, y.shape[-1])
+    return _Layout(d0, d1, _Operand(x2, k0[0], k1[0], d1 if k1[0] else 1),
+                   _Operand(y2, k0[1], k1[1], d1 if k1[1] else 1), batch, False)
+
+
+def _level0_step(lay: _Layout, ko: int, dtype: torch.dtype, backward: bool) -> int:
+    """Level-0 indices per chunk: the operands' projection rows per index (and, in
+    backward, a broadcast-row gradient buffer per broadcast operand) within the budget."""
+    rows = sum(op.d1 for op in (lay.x, lay.y) if op.has0)
+    if backward:
+        rows += lay.d1 * sum(not op.plain for op in (lay.x, lay.y))
+    return _chunk(rows * ko * _itemsize(dtype))
+
+
+def _project(inp, weight, bias, out=None):
+    """``inp @ weight^T + bias`` by cuBLAS (CPU BLAS under the interpreter)."""
+    if out is None:
+        out = inp.new_empty((inp.shape[0], weight.shape[0]))
     if bias is None:
         return torch.mm(inp, weight.t(), out=out)
     return torch.addmm(bias, inp, weight.t(), out=out)
 
 
+def _saved_view(proj: Tensor, like: Tensor, lay: _Layout) -> Tensor:
+    """Saved projections have the operand's own leading shape (as in backend torch)."""
+    return proj.view(*like.shape[:-1], proj.shape[-1])
+
+
+def _source_rows(saved: Tensor, lay: _Layout, like: Tensor) -> Tensor:
+    """A projection at the operand's own shape as the kernel's rows: itself, or copied
+    out to the broadcast rows when the layout is materialised."""
+    ko = saved.shape[-1]
+    if lay.materialised:
+        saved = saved.expand(*lay.batch, ko)
+    return saved.reshape(-1, ko)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float,
             save_projections: bool) -> ForwardResult:
-    x2, y2, batch = flatten_rows(x, y)
-    rows, ko = x2.shape[0], weight_x.shape[0]
+    lay = _layout(x, y)
+    rows, ko = lay.d0 * lay.d1, weight_x.shape[0]
     o = ko // factor
     out = torch.empty((rows, o), dtype=x.dtype, device=x.device)
     norm = torch.empty((rows,), dtype=acc_dtype(x.dtype), device=x.device) if normalize \
         else None
-    opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps)
+    opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps,
+                d1=lay.d1, a_map=lay.x.row_map(), c_map=lay.y.row_map())
     a = c = None
     with _device_guard(x.device):
         if save_projections:
-            # The caller asked to keep them: full-size, no chunking.
-            a = _project(x2, weight_x, bias_x, x2.new_empty((rows, ko)))
-            c = _project(y2, weight_y, bias_y, y2.new_empty((rows, ko)))
-            E.epilogue_forward(a, c, out, norm, **opts)
+            # The caller asked to keep them: full size, one chunk, each at its operand's
+            # own leading shape (the fake kernel in ops.py promises that shape).
+            a = _project(x.reshape(-1, x.shape[-1]), weight_x, bias_x)
+            c = _project(y.reshape(-1, y.shape[-1]), weight_y, bias_y)
+            E.epilogue_forward(_source_rows(a.view(*x.shape[:-1], ko), lay, x),
+                               _source_rows(c.view(*y.shape[:-1], ko), lay, y), out, norm,
+                               **opts)
         else:
-            step = chunk_rows(ko, x.dtype)
-            buf_a = x2.new_empty((min(step, rows), ko))
-            buf_c = y2.new_empty((min(step, rows), ko))
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                ca = _project(x2[r0:r1], weight_x, bias_x, buf_a[:r1 - r0])
-                cc = _project(y2[r0:r1], weight_y, bias_y, buf_c[:r1 - r0])
-                E.epilogue_forward(ca, cc, out[r0:r1],
+            step = _level0_step(lay, ko, x.dtype, backward=False)
+            shared = {id(op): _project(op.src, w, b) for op, w, b in
+                      ((lay.x, weight_x, bias_x), (lay.y, weight_y, bias_y)) if not op.has0}
+            bufs = {}
+            for i0a in range(0, lay.d0, step):
+                i0b = min(lay.d0, i0a + step)
+                r0, r1 = i0a * lay.d1, i0b * lay.d1
+                projs = []
+                for op, w, b in ((lay.x, weight_x, bias_x), (lay.y, weight_y, bias_y)):
+                    if not op.has0:
+                        projs.append(shared[id(op)])
+                        continue
+                    inp = op.rows_for(i0a, i0b)
+                    buf = bufs.get(id(op))
+                    if buf is None:  # reused by every chunk: sized for the first (largest)
+                        buf = bufs[id(op)] = inp.new_empty((inp.shape[0], ko))
+                    projs.append(_project(inp, w, b, buf[:inp.shape[0]]))
+                E.epilogue_forward(projs[0], projs[1], out[r0:r1],
                                    norm[r0:r1] if normalize else None, row_offset=r0, **opts)
-    return ForwardResult(out.view(*batch, o), norm.view(batch) if normalize else None,
-                         a.view(*batch, ko) if a is not None else None,
-                         c.view(*batch, ko) if c is not None else None)
+    return ForwardResult(out.view(*lay.batch, o), norm.view(lay.batch) if normalize else None,
+                         _saved_view(a, x, lay) if a is not None else None,
+                         _saved_view(c, y, lay) if c is not None else None)
 
 
-class _WeightGrads:
-    """Weight and bias gradients summed over chunks: the first chunk's GEMM result is
-    kept as it is (one chunk = exactly eager's GEMMs); later chunks add into an fp32
-    accumulator for half inputs (in place otherwise)."""
+# ----------------------------------------------------------------------------- backward
 
-    def __init__(self, has_bias: bool):
-        self.dw = None
-        self.db = None
-        self.has_bias = has_bias
 
-    def add(self, d, inp):
-        dw = d.t() @ inp
-        db = d.sum(0) if self.has_bias else None
-        if self.dw is None:
-            self.dw, self.db = dw, db
+class _GradSum:
+    """A sum over chunks: the first term is kept as it is (one chunk = exactly eager's
+    GEMMs); later terms add into fp32 for half inputs (in place otherwise).  No atomics:
+    bitwise repeatable."""
+
+    def __init__(self):
+        self.value = None
+
+    def add(self, t: Optional[Tensor]):
+        if t is None:
             return
-        if self.dw.dtype in (torch.float16, torch.bfloat16):
-            self.dw = self.dw.float()
-            self.db = self.db.float() if self.db is not None else None
-        self.dw += dw
-        if self.has_bias:
-            self.db += db
+        if self.value is None:
+            self.value = t
+            return
+        if self.value.dtype in (torch.float16, torch.bfloat16):
+            self.value = self.value.float()
+        self.value += t
 
     def result(self, dtype):
-        return (self.dw.to(dtype),
-                self.db.to(dtype) if self.db is not None else None)
+        return None if self.value is None else self.value.to(dtype)
+
+
+def _reduce_to_source(d_b: Tensor, op: _Operand, n0: int, d1: int) -> Tensor:
+    """Sum a broadcast-row gradient ``(n0*d1, K*o)`` onto the operand's own rows."""
+    d = d_b.view(n0, d1, d_b.shape[-1])
+    if not op.has1:
+        d = d.sum(1, keepdim=True)
+    if not op.has0:
+        d = d.sum(0, keepdim=True)
+    return d.reshape(-1, d_b.shape[-1])
 
 
 def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
              eps: float) -> BackwardResult:
-    x2, y2, batch = flatten_rows(x, y)
-    rows, ko = x2.shape[0], weight_x.shape[0]
+    lay = _layout(x, y)
+    rows, ko = lay.d0 * lay.d1, weight_x.shape[0]
     o = ko // factor
     g2 = grad.reshape(rows, o)
     z2 = out.reshape(rows, o)
@@ -134,36 +262,65 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
     n2 = norm.reshape(rows) if normalize else None
-    opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps)
-    dx2 = x2.new_empty((rows, x2.shape[1]))
-    dy2 = y2.new_empty((rows, y2.shape[1]))
-    gx, gy = _WeightGrads(bias_x is not None), _WeightGrads(bias_y is not None)
+    ops = ((lay.x, weight_x, bias_x), (lay.y, weight_y, bias_y))
+    saved = None if a is None else (_source_rows(a, lay, x), _source_rows(c, lay, y))
+    d_src = [op.src.new_empty(op.src.shape) for op, _, _ in ops]   # dx2, dy2
+    dw = [_GradSum(), _GradSum()]
+    db = [_GradSum(), _GradSum()]
+    d_shared = [_GradSum(), _GradSum()]  # projection grads of operands without level 0
+    opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps,
+                d1=lay.d1, a_map=lay.x.row_map(), c_map=lay.y.row_map())
+    step = lay.d0 if saved is not None else _level0_step(lay, ko, x.dtype, backward=True)
+    shared = {} if saved is not None else {
+        k: _project(op.src, w, b) for k, (op, w, b) in enumerate(ops) if not op.has0}
     with _device_guard(x.device):
-        if a is not None:
-            # Saved projections are read, never overwritten (backward may run twice
-            # with retain_graph=True), so dA and dC get their own buffers.
-            a2, c2 = a.reshape(rows, ko), c.reshape(rows, ko)
-            step, bufs = rows, None
-        else:
-            step = chunk_rows(ko, x.dtype)
-            bufs = (x2.new_empty((min(step, rows), ko)), y2.new_empty((min(step, rows), ko)))
-        for r0 in range(0, max(rows, 1), max(step, 1)):
-            r1 = min(rows, r0 + step)
-            xs, ys = x2[r0:r1], y2[r0:r1]
-            if bufs is None:
-                ca, cc = a2[r0:r1], c2[r0:r1]
-                da, dc = torch.empty_like(ca), torch.empty_like(cc)
-            else:
-                ca = _project(xs, weight_x, bias_x, bufs[0][:r1 - r0])
-                cc = _project(ys, weight_y, bias_y, bufs[1][:r1 - r0])
-                da, dc = ca, cc  # in place: the projections are not needed afterwards
+        for i0a in range(0, max(lay.d0, 1), max(step, 1)):
+            i0b = min(lay.d0, i0a + step)
+            r0, r1 = i0a * lay.d1, i0b * lay.d1
+            n0 = i0b - i0a
+            projs, grads, maps = [], [], []
+            for k, (op, w, b) in enumerate(ops):
+                if saved is not None:
+                    proj = saved[k][i0a * op.d1:i0b * op.d1] if op.has0 else saved[k]
+                elif op.has0:
+                    proj = _project(op.rows_for(i0a, i0b), w, b)
+                else:
+                    proj = shared[k]
+                projs.append(proj)
+                if op.plain:
+                    # 1:1 with the broadcast rows: write the gradient over the transient
+                    # projection (saved ones are never overwritten: retain_graph).
+                    grads.append(proj if saved is None else torch.empty_like(proj))
+                    maps.append(op.row_map())
+                else:
+                    grads.append(proj.new_empty((r1 - r0, ko)))
+                    maps.append(E.RowMap.plain(lay.d1))
             E.epilogue_backward(g2[r0:r1], z2[r0:r1], n2[r0:r1] if normalize else None,
-                                ca, cc, da, dc, row_offset=r0, **opts)
-            torch.mm(da, weight_x, out=dx2[r0:r1])
-            torch.mm(dc, weight_y, out=dy2[r0:r1])
-            gx.add(da, xs)
-            gy.add(dc, ys)
-    dwx, dbx = gx.result(weight_x.dtype)
-    dwy, dby = gy.result(weight_y.dtype)
-    return BackwardResult(unflatten_grad(dx2, batch, x), unflatten_grad(dy2, batch, y),
-                          dwx, dwy, dbx, dby)
+                                projs[0], projs[1], grads[0], grads[1], row_offset=r0,
+                                da_map=maps[0], dc_map=maps[1], **opts)
+            for k, (op, w, b) in enumerate(ops):
+                d = grads[k] if op.plain else _reduce_to_source(grads[k], op, n0, lay.d1)
+                if not op.has0:
+                    d_shared[k].add(d)  # shared by every chunk: GEMMs after the loop
+                    continue
+                inp = op.rows_for(i0a, i0b)
+                torch.mm(d, w, out=d_src[k][i0a * op.d1:i0b * op.d1])
+                dw[k].add(d.t() @ inp)
+                db[k].add(d.sum(0) if b is not None else None)
+        for k, (op, w, b) in enumerate(ops):
+            if op.has0:
+                continue
+            d = d_shared[k].result(op.src.dtype)
+            torch.mm(d, w, out=d_src[k])
+            dw[k].add(d.t() @ op.src)
+            db[k].add(d.sum(0) if b is not None else None)
+    dx, dy = (_unflatten(d_src[0], x, lay), _unflatten(d_src[1], y, lay))
+    return BackwardResult(dx, dy, dw[0].result(weight_x.dtype), dw[1].result(weight_y.dtype),
+                          db[0].result(weight_x.dtype), db[1].result(weight_y.dtype))
+
+
+def _unflatten(d2: Tensor, like: Tensor, lay: _Layout) -> Tensor:
+    if lay.materialised:
+        d = d2.view(*lay.batch, like.shape[-1])
+        return d if d.shape == like.shape else d.sum_to_size(like.shape)
+    return d2.view(like.shape)

@@ -120,14 +120,15 @@ def _mask_source():
     return _source(K._dropout_mask_kernel, sig, {"BLOCK_M": bm, "BLOCK_C": bc})
 
 
-def _split_sources(dtype: str, cfg, kernel: str, one_block: bool):
+def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: bool):
     """The split strategy's epilogue kernels (``triton_split``) for one tile."""
     from . import triton_split as E
 
     if kernel == "split_fwd":
         sig = {"a_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                "norm_ptr": "*fp32", "rows": "i32", "O": "i32", "row_offset": "i64",
-               "stride_ar": "i32", "stride_cr": "i32", "stride_or": "i32", "seed": "i64",
+               "D1": "i32", "stride_ar": "i32", "stride_cr": "i32", "stride_or": "i32",
+               "a_s0": "i32", "a_s1": "i32", "c_s0": "i32", "c_s1": "i32", "seed": "i64",
                "drop_p": "fp32", "keep_scale": "fp32", "eps": "fp32", "sqrt_eps": "fp32"}
         fn = E._split_fwd_kernel
         consts = {"ONE_BLOCK": one_block}
@@ -135,18 +136,23 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool):
         sig = {"g_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "norm_ptr": "*fp32",
                "a_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "da_ptr": f"*{dtype}",
                "dc_ptr": f"*{dtype}", "rows": "i32", "O": "i32", "row_offset": "i64",
-               "stride_gr": "i32", "stride_zr": "i32", "stride_ar": "i32", "stride_cr": "i32",
-               "seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "sqrt_eps": "fp32"}
+               "D1": "i32", "stride_gr": "i32", "stride_zr": "i32", "stride_ar": "i32",
+               "stride_cr": "i32", "stride_dar": "i32", "stride_dcr": "i32"}
+        sig.update({f"{t}_s{i}": "i32" for t in ("a", "c", "da", "dc") for i in (0, 1)})
+        sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "sqrt_eps": "fp32"})
         fn = E._split_bwd_kernel
         consts = {}
-    consts.update({"FACTOR": 5, "DROPOUT": True, "NORMALIZE": True, "BLOCK_R": cfg.block_r,
-                   "BLOCK_O": cfg.block_o, "BLOCK_F": cfg.block_f})
+    consts.update({"FACTOR": 5, "DROPOUT": True, "NORMALIZE": True, "BROADCAST": broadcast,
+                   "BLOCK_R": cfg.block_r, "BLOCK_O": cfg.block_o, "BLOCK_F": cfg.block_f})
     return _source(fn, sig, consts)
 
 
-#: Epilogue tiles the split launcher picks, by (rows, o, factor): the MFB default (one
-#: block per row), a wide row (two passes) and a narrow one (many rows per program).
-SPLIT_SHAPES = {"mfb": (1024, 1000, 5), "wide": (1024, 4000, 5), "narrow": (1024, 16, 5)}
+#: Epilogue tiles the split launcher picks, by (rows, o, factor, broadcast): the MFB
+#: default (one block per row), a wide row (two passes), a narrow one (many rows per
+#: program), and co-attention (regions x one question: the int64 row-map path).
+SPLIT_SHAPES = {"mfb": (1024, 1000, 5, False), "wide": (1024, 4000, 5, False),
+                "narrow": (1024, 16, 5, False), "coatt": (6400, 1000, 5, True),
+                "coatt-narrow": (6400, 16, 5, True)}
 
 
 def _compile_row(triton, target, kernel, arch, dtype, cfg_name, num_warps, num_stages,
@@ -209,14 +215,14 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                     rows.append(_compile_row(
                         triton, target, kernel, arch, dtype, cfg_name, cfg.num_warps,
                         cfg.num_stages, lambda: make(dtype, cfg, precision)))
-            for shape_name, (r, o, f) in SPLIT_SHAPES.items():
+            for shape_name, (r, o, f, bc) in SPLIT_SHAPES.items():
                 from .triton_split import GPU_TILE_ELEMENTS, pick_epilogue_config
 
                 cfg = pick_epilogue_config(r, o, f, limit=GPU_TILE_ELEMENTS)
                 for kernel in ("split_fwd", "split_bwd"):
                     rows.append(_compile_row(
                         triton, target, kernel, arch, dtype, shape_name, cfg.num_warps, 1,
-                        lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o)))
+                        lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o, bc)))
         # The dropout-mask kernel (tests and debugging) has no dtype or tile variants.
         rows.append(_compile_row(triton, target, "mask", arch, "-", "default", 4, 3,
                                  _mask_source))
@@ -224,11 +230,11 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
 
 
 def format_table(rows: List[CompileRow]) -> str:
-    head = f"{'kernel':8} {'arch':>4} {'dtype':5} {'config':7} {'warps':>5} {'regs':>4} " \
+    head = f"{'kernel':8} {'arch':>4} {'dtype':5} {'config':12} {'warps':>5} {'regs':>4} " \
            f"{'stack':>5} {'smem':>6} {'tensor cores':12} status"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.kernel:8} {r.arch:>4} {r.dtype:5} {r.config:7} {r.num_warps:>5} "
+        lines.append(f"{r.kernel:8} {r.arch:>4} {r.dtype:5} {r.config:12} {r.num_warps:>5} "
                      f"{r.registers:>4} {r.stack_bytes:>5} {r.shared_bytes:>6} "
                      f"{r.tensor_cores:12} {'ok' if r.ok else 'FAILED ' + r.error}")
     return "\n".join(lines)

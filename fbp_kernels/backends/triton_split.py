@@ -52,19 +52,40 @@ _NORM_DELTA = tl.constexpr(NORM_DELTA)
 
 
 @triton.jit
-def _tile_offsets(o0, rr, O, stride_r, FACTOR: tl.constexpr, BLOCK_O: tl.constexpr,
+def _tile_offsets(o0, row_off, O, FACTOR: tl.constexpr, BLOCK_O: tl.constexpr,
                   BLOCK_F: tl.constexpr):
-    """In-tile element offsets ``(BLOCK_R, BLOCK_O, BLOCK_F)`` of projected columns
-    ``j*K + i`` for outputs ``j = o0 + 0..BLOCK_O-1``, their projected column index, and
-    the column mask.  Offsets are int32 (the launcher checks ``BLOCK_R * stride_r + K*o``
-    fits): int64 per-element offsets cost two registers each and made the many-row
-    tiles spill; the row block's origin is an int64 scalar in the base pointer."""
+    """Element offsets ``(BLOCK_R, BLOCK_O, BLOCK_F)`` of projected columns ``j*K + i``
+    for outputs ``j = o0 + 0..BLOCK_O-1`` in the rows starting at ``row_off``, their
+    projected column index, and the column masks."""
     jj = o0 + tl.arange(0, BLOCK_O)
     ii = tl.arange(0, BLOCK_F)
     cols = jj[:, None] * FACTOR + ii[None, :]                      # (BLOCK_O, BLOCK_F)
     col_ok = (jj < O)[:, None] & (ii < FACTOR)[None, :]
-    offs = rr[:, None, None] * stride_r + cols[None, :, :]
+    offs = row_off[:, None, None] + cols[None, :, :]
     return offs, cols, col_ok, jj < O
+
+
+@triton.jit
+def _row_map(ptr, row0, rr, D1, s0, s1, stride_r, BROADCAST: tl.constexpr):
+    """Base pointer and per-row element offsets of a projection buffer for the tile's
+    broadcast rows ``row0 + rr``.
+
+    Plain rows (``BROADCAST`` False): buffer row = broadcast row; the row block's origin
+    goes into the int64 scalar base and the in-tile offsets stay int32 (the launcher
+    checks ``BLOCK_R * stride_r + K*o`` fits): int64 per-element offsets cost two
+    registers each and made many-row tiles spill.  Broadcast rows (co-attention, e.g.
+    ``(B, R)`` regions with a ``(B, 1)`` question): broadcast row ``r = i0 * D1 + i1``
+    reads buffer row ``i0 * s0 + i1 * s1`` (``s = 0`` along a broadcast dimension), so a
+    shared projection is computed once and read by every row of its group; int64.
+    """
+    if BROADCAST:
+        lr = row0 + rr.to(tl.int64)
+        off = ((lr // D1) * s0 + (lr % D1) * s1) * stride_r
+        base = ptr
+    else:
+        off = rr * stride_r
+        base = ptr + row0 * stride_r
+    return base, off
 
 
 @triton.jit
@@ -77,14 +98,14 @@ def _dropped(p, seed, grow, cols, KO, drop_p, keep_scale):
 
 
 @triton.jit
-def _pooled_t(a_base, c_base, o0, rr, grow, r_ok, O, stride_ar, stride_cr, seed, drop_p,
-              keep_scale, eps, sqrt_eps, FACTOR: tl.constexpr, DROPOUT: tl.constexpr,
+def _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed, drop_p, keep_scale,
+              eps, sqrt_eps, FACTOR: tl.constexpr, DROPOUT: tl.constexpr,
               NORMALIZE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr):
     """One output block: ``s`` pooled (or ``t = signed_sqrt(s)`` when normalising),
     ``(BLOCK_R, BLOCK_O)`` in the accumulation dtype, zero outside the valid tile."""
     acc_dtype = tl.float64 if a_base.dtype.element_ty == tl.float64 else tl.float32
-    a_offs, cols, col_ok, o_ok = _tile_offsets(o0, rr, O, stride_ar, FACTOR, BLOCK_O, BLOCK_F)
-    c_offs, _, _, _ = _tile_offsets(o0, rr, O, stride_cr, FACTOR, BLOCK_O, BLOCK_F)
+    a_offs, cols, col_ok, o_ok = _tile_offsets(o0, a_off, O, FACTOR, BLOCK_O, BLOCK_F)
+    c_offs, _, _, _ = _tile_offsets(o0, c_off, O, FACTOR, BLOCK_O, BLOCK_F)
     msk = r_ok[:, None, None] & col_ok[None, :, :]
     a = tl.load(a_base + a_offs, mask=msk, other=0.0).to(acc_dtype)
     c = tl.load(c_base + c_offs, mask=msk, other=0.0).to(acc_dtype)
@@ -116,30 +137,31 @@ def _scaled_sumsq(t, mx, ssq):
 def _split_fwd_kernel(
     # pointers
     a_ptr, c_ptr, out_ptr, norm_ptr,
-    # sizes
-    rows, O, row_offset,
-    # strides (unit column strides: the launcher's buffers are row-major)
-    stride_ar, stride_cr, stride_or,
+    # sizes (D1: inner broadcast group size, see _row_map)
+    rows, O, row_offset, D1,
+    # strides (unit column strides: the launcher's buffers are row-major); a_s0.. are
+    # the row maps of the two projections, in rows
+    stride_ar, stride_cr, stride_or, a_s0, a_s1, c_s0, c_s1,
     # scalars
     seed, drop_p, keep_scale, eps, sqrt_eps,
     # meta-parameters
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
-    ONE_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_F: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < rows - row0
     grow = row_offset + row0 + rr  # int64: the dropout index passes 2^31
-    a_base = a_ptr + row0 * stride_ar
-    c_base = c_ptr + row0 * stride_cr
+    a_base, a_off = _row_map(a_ptr, row0, rr, D1, a_s0, a_s1, stride_ar, BROADCAST)
+    c_base, c_off = _row_map(c_ptr, row0, rr, D1, c_s0, c_s1, stride_cr, BROADCAST)
     out_base = out_ptr + row0 * stride_or
     acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     if not NORMALIZE:
         for o0 in range(0, O, BLOCK_O):
-            s, o_ok = _pooled_t(a_base, c_base, o0, rr, grow, r_ok, O, stride_ar, stride_cr,
-                                seed, drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT,
-                                False, BLOCK_O, BLOCK_F)
+            s, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
+                                drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, False,
+                                BLOCK_O, BLOCK_F)
             jj = o0 + tl.arange(0, BLOCK_O)
             tl.store(out_base + rr[:, None] * stride_or + jj[None, :],
                      s.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & o_ok[None, :])
@@ -148,9 +170,9 @@ def _split_fwd_kernel(
         ssq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
         if ONE_BLOCK:
             # The whole row is one block: finish in registers, one read of A and C.
-            t, o_ok = _pooled_t(a_base, c_base, 0, rr, grow, r_ok, O, stride_ar, stride_cr,
-                                seed, drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT,
-                                True, BLOCK_O, BLOCK_F)
+            t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, 0, grow, r_ok, O, seed,
+                                drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
+                                BLOCK_O, BLOCK_F)
             mx, ssq = _scaled_sumsq(t, mx, ssq)
             norm = mx * tl.sqrt(ssq)
             inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
@@ -161,16 +183,16 @@ def _split_fwd_kernel(
         else:
             # Pass 1: the norm.  Pass 2: recompute t (A and C again, from L2) and store.
             for o0 in range(0, O, BLOCK_O):
-                t, o_ok = _pooled_t(a_base, c_base, o0, rr, grow, r_ok, O, stride_ar,
-                                    stride_cr, seed, drop_p, keep_scale, eps, sqrt_eps,
-                                    FACTOR, DROPOUT, True, BLOCK_O, BLOCK_F)
+                t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
+                                    drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
+                                    BLOCK_O, BLOCK_F)
                 mx, ssq = _scaled_sumsq(t, mx, ssq)
             norm = mx * tl.sqrt(ssq)
             inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
             for o0 in range(0, O, BLOCK_O):
-                t, o_ok = _pooled_t(a_base, c_base, o0, rr, grow, r_ok, O, stride_ar,
-                                    stride_cr, seed, drop_p, keep_scale, eps, sqrt_eps,
-                                    FACTOR, DROPOUT, True, BLOCK_O, BLOCK_F)
+                t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
+                                    drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
+                                    BLOCK_O, BLOCK_F)
                 jj = o0 + tl.arange(0, BLOCK_O)
                 tl.store(out_base + rr[:, None] * stride_or + jj[None, :],
                          (t * inv[:, None]).to(out_ptr.dtype.element_ty),
@@ -206,14 +228,16 @@ def _split_bwd_kernel(
     # pointers (da/dc may alias a/c: each element is read before it is written)
     g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr,
     # sizes
-    rows, O, row_offset,
-    # strides
-    stride_gr, stride_zr, stride_ar, stride_cr,
+    rows, O, row_offset, D1,
+    # strides and row maps (in rows) of a, c, da, dc
+    stride_gr, stride_zr, stride_ar, stride_cr, stride_dar, stride_dcr,
+    a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1,
     # scalars
     seed, drop_p, keep_scale, sqrt_eps,
     # meta-parameters
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rr = tl.arange(0, BLOCK_R)
@@ -222,6 +246,10 @@ def _split_bwd_kernel(
     acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     g_base = g_ptr + row0 * stride_gr
     z_base = z_ptr + row0 * stride_zr
+    a_base, a_off = _row_map(a_ptr, row0, rr, D1, a_s0, a_s1, stride_ar, BROADCAST)
+    c_base, c_off = _row_map(c_ptr, row0, rr, D1, c_s0, c_s1, stride_cr, BROADCAST)
+    da_base, da_off = _row_map(da_ptr, row0, rr, D1, da_s0, da_s1, stride_dar, BROADCAST)
+    dc_base, dc_off = _row_map(dc_ptr, row0, rr, D1, dc_s0, dc_s1, stride_dcr, BROADCAST)
     norm = tl.zeros((BLOCK_R,), dtype=acc_dtype)
     zg = tl.zeros((BLOCK_R,), dtype=acc_dtype)
     if NORMALIZE:
@@ -236,18 +264,18 @@ def _split_bwd_kernel(
     for o0 in range(0, O, BLOCK_O):
         ds = _pooled_grad(g_base, z_base, o0, rr, r_ok, O, norm, zg, stride_gr, stride_zr,
                           sqrt_eps, NORMALIZE, BLOCK_O)
-        a_offs, cols, col_ok, _ = _tile_offsets(o0, rr, O, stride_ar, FACTOR, BLOCK_O, BLOCK_F)
-        c_offs, _, _, _ = _tile_offsets(o0, rr, O, stride_cr, FACTOR, BLOCK_O, BLOCK_F)
+        a_offs, cols, col_ok, _ = _tile_offsets(o0, a_off, O, FACTOR, BLOCK_O, BLOCK_F)
+        c_offs, _, _, _ = _tile_offsets(o0, c_off, O, FACTOR, BLOCK_O, BLOCK_F)
         msk = r_ok[:, None, None] & col_ok[None, :, :]
-        a = tl.load(a_ptr + row0 * stride_ar + a_offs, mask=msk, other=0.0).to(acc_dtype)
-        c = tl.load(c_ptr + row0 * stride_cr + c_offs, mask=msk, other=0.0).to(acc_dtype)
+        a = tl.load(a_base + a_offs, mask=msk, other=0.0).to(acc_dtype)
+        c = tl.load(c_base + c_offs, mask=msk, other=0.0).to(acc_dtype)
         dp = ds[:, :, None]  # broadcast over the factor lanes by the products below
         if DROPOUT:
             dp = _dropped(dp, seed, grow, cols, O * FACTOR, drop_p, keep_scale)
-        tl.store(da_ptr + row0 * stride_ar + a_offs, (dp * c).to(da_ptr.dtype.element_ty),
-                 mask=msk)
-        tl.store(dc_ptr + row0 * stride_cr + c_offs, (dp * a).to(dc_ptr.dtype.element_ty),
-                 mask=msk)
+        da_offs, _, _, _ = _tile_offsets(o0, da_off, O, FACTOR, BLOCK_O, BLOCK_F)
+        dc_offs, _, _, _ = _tile_offsets(o0, dc_off, O, FACTOR, BLOCK_O, BLOCK_F)
+        tl.store(da_base + da_offs, (dp * c).to(da_ptr.dtype.element_ty), mask=msk)
+        tl.store(dc_base + dc_offs, (dp * a).to(dc_ptr.dtype.element_ty), mask=msk)
 
 
 # ----------------------------------------------------------------------------- launch settings
@@ -308,48 +336,82 @@ def _check_unit_columns(*tensors):
 # ----------------------------------------------------------------------------- launchers
 
 
+@dataclass(frozen=True)
+class RowMap:
+    """Which buffer row broadcast row ``r = i0 * d1 + i1`` of a launch reads:
+    ``i0 * s0 + i1 * s1`` (``s = 0`` along a dimension the operand is broadcast over).
+    ``RowMap.plain(d1)`` is the identity."""
+
+    s0: int
+    s1: int
+
+    @staticmethod
+    def plain(d1: int) -> "RowMap":
+        return RowMap(d1, 1)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _broadcast_needed(cfg, d1, maps, bufs) -> bool:
+    """Whether the kernel needs its int64 row-map path: a real broadcast, or plain rows
+    whose in-tile offsets (``BLOCK_R`` rows of a buffer) would not fit int32."""
+    if any(mp != RowMap.plain(d1) for mp in maps):
+        return True
+    return any(cfg.block_r * abs(b.stride(0)) + b.shape[1] > _INT32_MAX for b in bufs)
+
+
 def epilogue_forward(a, c, out, norm, *, factor: int, dropout: float, seed, normalize: bool,
-                     eps: float, row_offset: int = 0) -> None:
-    """Fill ``out (rows, o)`` (and ``norm (rows,)`` when normalising) from the projections
-    ``a, c (rows, K*o)``.  ``row_offset`` is the global index of row 0 (dropout index)."""
-    rows, ko = a.shape
-    o = ko // factor
+                     eps: float, row_offset: int = 0, d1: int = 1, a_map=None,
+                     c_map=None) -> None:
+    """Fill ``out (rows, o)`` (and ``norm (rows,)`` when normalising) from the projection
+    buffers ``a, c (*, K*o)``, broadcast row ``r`` reading the rows ``a_map``/``c_map``
+    give (default: row ``r`` itself).  ``row_offset`` is the global index of row 0
+    (the dropout index)."""
+    rows, o = out.shape
     if rows == 0:
         return
     _check_unit_columns(a, c, out)
+    a_map, c_map = a_map or RowMap.plain(d1), c_map or RowMap.plain(d1)
     cfg = pick_epilogue_config(rows, o, factor)
     grid = (triton.cdiv(rows, cfg.block_r),)
     _split_fwd_kernel[grid](
         a, c, out, norm if normalize else out,
-        rows, o, row_offset,
-        a.stride(0), c.stride(0), out.stride(0),
+        rows, o, row_offset, d1,
+        a.stride(0), c.stride(0), out.stride(0), a_map.s0, a_map.s1, c_map.s0, c_map.s1,
         seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout), float(eps),
         math.sqrt(eps),
         FACTOR=factor, DROPOUT=seed is not None, NORMALIZE=normalize,
-        ONE_BLOCK=o <= cfg.block_o, BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o,
-        BLOCK_F=cfg.block_f, num_warps=cfg.num_warps,
+        ONE_BLOCK=o <= cfg.block_o,
+        BROADCAST=_broadcast_needed(cfg, d1, (a_map, c_map), (a, c, out)),
+        BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, BLOCK_F=cfg.block_f,
+        num_warps=cfg.num_warps,
     )
 
 
 def epilogue_backward(g, z, norm, a, c, da, dc, *, factor: int, dropout: float, seed,
-                      normalize: bool, eps: float, row_offset: int = 0) -> None:
-    """Write ``dA = dp * C`` into ``da`` and ``dC = dp * A`` into ``dc`` (each
-    ``(rows, K*o)``; they may be ``a`` and ``c`` themselves) from ``g, z (rows, o)`` and
-    ``norm (rows,)``."""
-    rows, ko = a.shape
-    o = ko // factor
+                      normalize: bool, eps: float, row_offset: int = 0, d1: int = 1,
+                      a_map=None, c_map=None, da_map=None, dc_map=None) -> None:
+    """Write ``dA = dp * C`` into ``da`` and ``dC = dp * A`` into ``dc`` from
+    ``g, z (rows, o)`` and ``norm (rows,)``; every buffer is ``(*, K*o)`` and read or
+    written at the rows its map gives (``da``/``dc`` may be ``a``/``c`` themselves when
+    their maps are the same: each element is read before it is written)."""
+    rows, o = g.shape
     if rows == 0:
         return
     _check_unit_columns(g, z, a, c, da, dc)
+    maps = [mp or RowMap.plain(d1) for mp in (a_map, c_map, da_map, dc_map)]
     cfg = pick_epilogue_config(rows, o, factor)
     grid = (triton.cdiv(rows, cfg.block_r),)
     _split_bwd_kernel[grid](
         g, z, norm if normalize else g, a, c, da, dc,
-        rows, o, row_offset,
-        g.stride(0), z.stride(0), a.stride(0), c.stride(0),
+        rows, o, row_offset, d1,
+        g.stride(0), z.stride(0), a.stride(0), c.stride(0), da.stride(0), dc.stride(0),
+        *(v for mp in maps for v in (mp.s0, mp.s1)),
         seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
         math.sqrt(eps),
         FACTOR=factor, DROPOUT=seed is not None, NORMALIZE=normalize,
+        BROADCAST=_broadcast_needed(cfg, d1, maps, (g, z, a, c, da, dc)),
         BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, BLOCK_F=cfg.block_f,
         num_warps=cfg.num_warps,
     )
