@@ -18,7 +18,7 @@ endif
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test bench bench-pytest setup clean
+.PHONY: test bench bench-pytest gpu-check setup clean
 
 setup: $(SETUP_STAMP)
 
@@ -38,6 +38,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# On a lent GPU (no network): the GPU tests and the benchmark in one call, logs under
+# $OUT.  Uses the machine's python3 (torch preinstalled); see scripts/gpu_check.sh.
+gpu-check:
+	OUT="$(OUT)" bash scripts/gpu_check.sh
 
 # Regression-tracking suite (pytest-benchmark); never part of `make test`.
 bench-pytest: setup

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make gpu-check`: everything the first minutes on a lent GPU should answer, in one
+# call that fits the device tool's 10-minute command limit with room to rerun.
+#
+# Phases, each under its own timeout so a hang in one still returns the others' logs:
+#   1. environment (GPU, driver, torch/triton versions, commit)        ~5 s
+#   2. correctness of the Triton strategies on the GPU (split, triton, auto/explain,
+#      dropout, determinism, large offsets): the interpreter cannot see the GPU
+#      compiler's arithmetic, the ticket protocol or CUDA graphs            <= 240 s
+#   3. the benchmark (measured beside the cost model's prediction)          <= 200 s
+# Results and logs go under $OUT (the device tool's output folder), a short summary
+# is printed last.  GPU_CHECK_TESTS / GPU_CHECK_BENCH override the pytest selection
+# and the benchmark arguments.  Runs with the machine's own Python (FBP_SYSTEM_PYTHON).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+TESTS=${GPU_CHECK_TESTS:-"-k split or strategy or triton or dropout or determinism or large_offsets or correctness or gradcheck"}
+BENCH=${GPU_CHECK_BENCH:-"--sweep rows --no-compile"}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  git rev-parse HEAD 2>/dev/null || echo "commit: (no .git here)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+FBP_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+  > "$OUT/install.log" 2>&1 || echo "install failed: see install.log"
+
+# shellcheck disable=SC2086
+timeout 240 "$PY" -m pytest tests -q -p no:cacheprovider -rs $TESTS \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+tests_rc=$?
+
+# shellcheck disable=SC2086
+timeout 200 "$PY" benchmarks/run.py $BENCH --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+
+echo "== tests (rc $tests_rc; 124 = timed out)"
+tail -n 15 "$OUT/tests.log"
+echo "== bench (rc $bench_rc)"
+tail -n 40 "$OUT/bench.log"
