@@ -27,6 +27,10 @@ $(VENV)/.fbp-setup.stamp: requirements-dev.txt pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	FBP_SKIP_CUDA_BUILD=1 $(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# Triton 3.6 (the GPU machine's version) beside the dev stack, for the compile check
+	# of every kernel with both versions (tests/test_triton_gpu_compile.py); not imported
+	# unless PYTHONPATH points at it.
+	$(PY) -m pip install -q --no-deps --target $(VENV)/triton-3.6 triton==3.6.0
 	touch $@
 
 .system-python.stamp: pyproject.toml setup.py

@@ -1,4 +1,5 @@
-"""The Triton kernels compile for real GPUs (sm_80, sm_90) without one, and do not spill.
+"""The Triton kernels compile for real GPUs (sm_80, sm_90) without one, and do not spill,
+with the dev Triton and with Triton 3.6 (the GPU machine's version).
 
 The interpreter tests never run Triton's GPU compiler; this does, in a subprocess
 with TRITON_INTERPRET unset (triton.compile needs real JIT kernels).
@@ -8,21 +9,43 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 
-@pytest.fixture(scope="module")
-def compile_rows(tmp_path_factory):
+#: Triton 3.6 is the GPU machine's version; `make setup` installs it beside the dev stack.
+TRITON_36 = Path(__file__).resolve().parents[1] / ".venv" / "triton-3.6"
+
+
+def _versions():
+    yield pytest.param(None, id="dev-triton")
+    marks = [] if (TRITON_36 / "triton").is_dir() else [pytest.mark.skip(
+        reason=f"Triton 3.6 not installed at {TRITON_36} (`make setup` installs it; on the "
+               f"GPU machine the system Triton is 3.6 and the dev-triton case covers it)")]
+    yield pytest.param(TRITON_36, id="triton-3.6", marks=marks)
+
+
+@pytest.fixture(scope="module", params=list(_versions()))
+def compile_rows(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if request.param is not None:
+        # The other Triton first on the path; the package itself from this checkout.
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([str(request.param), root,
+                                             env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", "fbp_kernels.backends.triton_compile",
                            "--json", str(out)], env=env, capture_output=True, text=True,
                           timeout=1800)
     print(proc.stdout)  # the resource table, visible with -s or on failure
     assert out.exists(), f"compile report not written:\n{proc.stdout}\n{proc.stderr}"
+    if request.param is not None:
+        version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"],
+                                 env=env, capture_output=True, text=True).stdout.strip()
+        assert version.startswith("3.6"), version  # the compile really used Triton 3.6
     return proc.returncode, json.loads(out.read_text()), proc.stdout + proc.stderr
 
 
