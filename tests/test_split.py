@@ -213,3 +213,28 @@ def test_saved_projections_keep_each_operands_own_shape():
                     normalize=True, eps=1e-6, save_projections=True)
     assert res.a.shape == (2, 4, 6) and res.c.shape == (2, 1, 6)
     assert res.out.shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize("keep", [False, True, "x", "y"])
+def test_every_memory_mode_gives_the_same_gradients(budget, keep):
+    # Keep both projections, neither, or one (recompute the other): same results, only
+    # what forward saves differs.  Chunked (2 rows per chunk) and broadcast (co-attention).
+    budget(2 * 2 * 6 * 8)
+    x = torch.randn(3, 2, 5, dtype=torch.float64, device=DEVICE)
+    y = torch.randn(3, 1, 4, dtype=torch.float64, device=DEVICE)
+    wx = torch.randn(6, 5, dtype=torch.float64, device=DEVICE)
+    wy = torch.randn(6, 4, dtype=torch.float64, device=DEVICE)
+    bx, by = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    opts = dict(factor=2, dropout=0.25, seed=9, normalize=True, eps=1e-6)
+    res = S.forward(x, y, wx, wy, bx, by, save_projections=keep, **opts)
+    assert (res.a is not None) == (keep in (True, "x"))
+    assert (res.c is not None) == (keep in (True, "y"))
+    if res.c is not None:
+        assert res.c.shape == (3, 1, 6)  # the question's projection, once per sample
+    lean = S.forward(x, y, wx, wy, bx, by, save_projections=False, **opts)
+    torch.testing.assert_close(res.out, lean.out, rtol=1e-13, atol=1e-13)  # GEMM blocking
+    g = torch.randn_like(res.out)
+    got = S.backward(g, x, y, wx, wy, bx, by, res.out, res.norm, res.a, res.c, **opts)
+    want = S.backward(g, x, y, wx, wy, bx, by, lean.out, lean.norm, None, None, **opts)
+    for p, q in zip(got, want):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)

@@ -39,7 +39,7 @@ backend's (same Philox index), so ``dropout_mask`` is shared.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -85,7 +85,12 @@ class _Operand(NamedTuple):
     d1: int          # rows per level-0 index: d1 of the layout if has1, else 1
 
     def rows_for(self, i0a: int, i0b: int) -> Tensor:
-        return self.src[i0a * self.d1:i0b * self.d1] if self.has0 else self.src
+        """The operand's rows that level-0 indices ``i0a..i0b`` read."""
+        return self.slice_of(self.src, i0a, i0b)
+
+    def slice_of(self, t: Tensor, i0a: int, i0b: int) -> Tensor:
+        """The same rows of a tensor laid out like the operand (e.g. its projection)."""
+        return t[i0a * self.d1:i0b * self.d1] if self.has0 else t
 
     def row_map(self) -> "E.RowMap":
         return E.RowMap(self.d1 if self.has0 else 0, 1 if self.has1 else 0)
@@ -133,12 +138,15 @@ def _layout(x: Tensor, y: Tensor) -> _Layout:
                    _Operand(y2, k0[1], k1[1], d1 if k1[1] else 1), batch, False)
 
 
-def _level0_step(lay: _Layout, ko: int, dtype: torch.dtype, backward: bool) -> int:
-    """Level-0 indices per chunk: the operands' projection rows per index (and, in
-    backward, a broadcast-row gradient buffer per broadcast operand) within the budget."""
-    rows = sum(op.d1 for op in (lay.x, lay.y) if op.has0)
+def _level0_step(lay: _Layout, ko: int, dtype: torch.dtype, backward: bool,
+                 skip=()) -> int:
+    """Level-0 indices per chunk: the transient projection rows per index of operands
+    not in ``skip`` (kept or shared: computed whole), and in backward a gradient buffer
+    per operand that is broadcast or kept, within the budget."""
+    ops = (lay.x, lay.y)
+    rows = sum(op.d1 for k, op in enumerate(ops) if op.has0 and k not in skip)
     if backward:
-        rows += lay.d1 * sum(not op.plain for op in (lay.x, lay.y))
+        rows += lay.d1 * sum(not op.plain or k in skip for k, op in enumerate(ops))
     return _chunk(rows * ko * _itemsize(dtype))
 
 
@@ -168,9 +176,18 @@ def _source_rows(saved: Tensor, lay: _Layout, like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- forward
 
 
+def kept(save_projections) -> Tuple[bool, bool]:
+    """Which projections forward keeps for backward: ``True`` both, ``False`` neither,
+    ``"x"`` / ``"y"`` only that input's (the middle memory mode: half the saved bytes of
+    ``True``, one recomputed GEMM instead of two)."""
+    if isinstance(save_projections, str):
+        return save_projections == "x", save_projections == "y"
+    return bool(save_projections), bool(save_projections)
+
+
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float,
-            save_projections: bool) -> ForwardResult:
+            save_projections) -> ForwardResult:
     lay = _layout(x, y)
     rows, ko = lay.d0 * lay.d1, weight_x.shape[0]
     o = ko // factor
@@ -179,39 +196,39 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
         else None
     opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps,
                 d1=lay.d1, a_map=lay.x.row_map(), c_map=lay.y.row_map())
-    a = c = None
+    ops = ((lay.x, x, weight_x, bias_x), (lay.y, y, weight_y, bias_y))
+    keep = kept(save_projections)
+    saved = [None, None]
     with _device_guard(x.device):
-        if save_projections:
-            # The caller asked to keep them: full size, one chunk, each at its operand's
-            # own leading shape (the fake kernel in ops.py promises that shape).
-            a = _project(x.reshape(-1, x.shape[-1]), weight_x, bias_x)
-            c = _project(y.reshape(-1, y.shape[-1]), weight_y, bias_y)
-            E.epilogue_forward(_source_rows(a.view(*x.shape[:-1], ko), lay, x),
-                               _source_rows(c.view(*y.shape[:-1], ko), lay, y), out, norm,
-                               **opts)
-        else:
-            step = _level0_step(lay, ko, x.dtype, backward=False)
-            shared = {id(op): _project(op.src, w, b) for op, w, b in
-                      ((lay.x, weight_x, bias_x), (lay.y, weight_y, bias_y)) if not op.has0}
-            bufs = {}
-            for i0a in range(0, lay.d0, step):
-                i0b = min(lay.d0, i0a + step)
-                r0, r1 = i0a * lay.d1, i0b * lay.d1
-                projs = []
-                for op, w, b in ((lay.x, weight_x, bias_x), (lay.y, weight_y, bias_y)):
-                    if not op.has0:
-                        projs.append(shared[id(op)])
-                        continue
-                    inp = op.rows_for(i0a, i0b)
-                    buf = bufs.get(id(op))
-                    if buf is None:  # reused by every chunk: sized for the first (largest)
-                        buf = bufs[id(op)] = inp.new_empty((inp.shape[0], ko))
-                    projs.append(_project(inp, w, b, buf[:inp.shape[0]]))
-                E.epilogue_forward(projs[0], projs[1], out[r0:r1],
-                                   norm[r0:r1] if normalize else None, row_offset=r0, **opts)
+        # Kept projections are computed whole, at the operand's own leading shape (what
+        # the fake kernel in ops.py promises); so are those of operands without level 0
+        # (shared by every chunk).  The rest chunk by chunk into reused buffers.
+        whole = {}
+        for k, (op, t, w, b) in enumerate(ops):
+            if keep[k]:
+                saved[k] = _project(t.reshape(-1, t.shape[-1]), w, b)
+                whole[k] = _source_rows(saved[k].view(*t.shape[:-1], ko), lay, t)
+            elif not op.has0:
+                whole[k] = _project(op.src, w, b)
+        step = _level0_step(lay, ko, x.dtype, backward=False, skip=whole)
+        bufs = {}
+        for i0a in range(0, lay.d0, step):
+            i0b = min(lay.d0, i0a + step)
+            r0, r1 = i0a * lay.d1, i0b * lay.d1
+            projs = []
+            for k, (op, t, w, b) in enumerate(ops):
+                if k in whole:
+                    projs.append(op.slice_of(whole[k], i0a, i0b))
+                    continue
+                inp = op.rows_for(i0a, i0b)
+                if k not in bufs:  # reused by every chunk: sized for the first (largest)
+                    bufs[k] = inp.new_empty((inp.shape[0], ko))
+                projs.append(_project(inp, w, b, bufs[k][:inp.shape[0]]))
+            E.epilogue_forward(projs[0], projs[1], out[r0:r1],
+                               norm[r0:r1] if normalize else None, row_offset=r0, **opts)
     return ForwardResult(out.view(*lay.batch, o), norm.view(lay.batch) if normalize else None,
-                         _saved_view(a, x, lay) if a is not None else None,
-                         _saved_view(c, y, lay) if c is not None else None)
+                         _saved_view(saved[0], x, lay) if saved[0] is not None else None,
+                         _saved_view(saved[1], y, lay) if saved[1] is not None else None)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -263,34 +280,34 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
         z2 = z2.contiguous()
     n2 = norm.reshape(rows) if normalize else None
     ops = ((lay.x, weight_x, bias_x), (lay.y, weight_y, bias_y))
-    saved = None if a is None else (_source_rows(a, lay, x), _source_rows(c, lay, y))
+    saved = (_source_rows(a, lay, x) if a is not None else None,
+             _source_rows(c, lay, y) if c is not None else None)
     d_src = [op.src.new_empty(op.src.shape) for op, _, _ in ops]   # dx2, dy2
     dw = [_GradSum(), _GradSum()]
     db = [_GradSum(), _GradSum()]
     d_shared = [_GradSum(), _GradSum()]  # projection grads of operands without level 0
     opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps,
                 d1=lay.d1, a_map=lay.x.row_map(), c_map=lay.y.row_map())
-    step = lay.d0 if saved is not None else _level0_step(lay, ko, x.dtype, backward=True)
-    shared = {} if saved is not None else {
-        k: _project(op.src, w, b) for k, (op, w, b) in enumerate(ops) if not op.has0}
+    whole = {k: saved[k] for k in (0, 1) if saved[k] is not None}
+    whole.update({k: _project(op.src, w, b) for k, (op, w, b) in enumerate(ops)
+                  if k not in whole and not op.has0})
+    step = _level0_step(lay, ko, x.dtype, backward=True, skip=whole)
     with _device_guard(x.device):
-        for i0a in range(0, max(lay.d0, 1), max(step, 1)):
+        for i0a in range(0, max(lay.d0, 1), step):
             i0b = min(lay.d0, i0a + step)
             r0, r1 = i0a * lay.d1, i0b * lay.d1
             n0 = i0b - i0a
             projs, grads, maps = [], [], []
             for k, (op, w, b) in enumerate(ops):
-                if saved is not None:
-                    proj = saved[k][i0a * op.d1:i0b * op.d1] if op.has0 else saved[k]
-                elif op.has0:
-                    proj = _project(op.rows_for(i0a, i0b), w, b)
-                else:
-                    proj = shared[k]
+                transient = k not in whole
+                proj = _project(op.rows_for(i0a, i0b), w, b) if transient \
+                    else op.slice_of(whole[k], i0a, i0b)
                 projs.append(proj)
                 if op.plain:
-                    # 1:1 with the broadcast rows: write the gradient over the transient
-                    # projection (saved ones are never overwritten: retain_graph).
-                    grads.append(proj if saved is None else torch.empty_like(proj))
+                    # 1:1 with the broadcast rows: a transient projection is overwritten
+                    # by its gradient; a kept one never is (retain_graph=True runs
+                    # backward twice on it).
+                    grads.append(proj if transient else torch.empty_like(proj))
                     maps.append(op.row_map())
                 else:
                     grads.append(proj.new_empty((r1 - r0, ko)))
