@@ -55,12 +55,15 @@ def test_compile_fullgraph_matches_eager(backend, device):
         assert_close(g, e, atol=1e-12, rtol=1e-10, name="grad")
 
 
-def test_triton_forward_is_one_kernel_launch(monkeypatch):
-    """The fused forward is a single Triton launch (row norm included)."""
+def test_triton_forward_launches(monkeypatch):
+    """The fused forward is the wide main loop plus one row-finishing launch (no
+    cross-program counters); with save_projections the one-launch kernel that stores
+    A and C; backward is the row dot and the fused backward kernel."""
     if backends.unsupported_reason("triton", torch.device("cpu")) is not None and \
             not torch.cuda.is_available():
         pytest.skip("Triton backend unavailable (needs a GPU or TRITON_INTERPRET=1)")
     from fbp_kernels.backends import triton_kernels as K
+    from fbp_kernels.backends import triton_wide as W
 
     launches = []
 
@@ -72,12 +75,16 @@ def test_triton_forward_is_one_kernel_launch(monkeypatch):
             launches.append(self.name)
             return self.kernel[grid]
 
-    for name in ("_fbp_fwd_kernel", "_fbp_bwd_kernel", "_row_dot_kernel"):
-        monkeypatch.setattr(K, name, Counting(name, getattr(K, name)))
+    for mod, name in ((K, "_fbp_fwd_kernel"), (K, "_fbp_bwd_kernel"), (K, "_row_dot_kernel"),
+                      (W, "_wide_fwd_kernel"), (W, "_finish_kernel")):
+        monkeypatch.setattr(mod, name, Counting(name, getattr(mod, name)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tensors = make_inputs(Case((40,), (40,), 20, 12, 2, 37), torch.float32, device)
-    out = fbp_kernels.fbp(*tensors, factor=2, backend="triton")
+    fbp_kernels.fbp(*tensors, factor=2, backend="triton", save_projections=True)
     assert launches == ["_fbp_fwd_kernel"]
+    launches.clear()
+    out = fbp_kernels.fbp(*tensors, factor=2, backend="triton")
+    assert launches == ["_wide_fwd_kernel", "_finish_kernel"]
     launches.clear()
     out.sum().backward()
     assert launches == ["_row_dot_kernel", "_fbp_bwd_kernel"]

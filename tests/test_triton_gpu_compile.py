@@ -53,10 +53,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     _, rows, log = compile_rows
     combos = {(r["kernel"], r["arch"], r["dtype"], r["config"]) for r in rows}
     # (fwd, bwd, row_dot) x archs x dtypes x configs, plus the mask kernel per arch, plus
-    # the split epilogues (fwd, bwd) x archs x dtypes x their five tile shapes
-    assert len(combos) == len(rows) == 3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5, log
+    # the split epilogues (fwd, bwd) x archs x dtypes x their five tile shapes, and the
+    # wide forward (three pooling paths) plus its row finish per arch and dtype
+    assert len(combos) == len(rows) == 3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + 2 * 3 * 4, log
     assert {r["kernel"] for r in rows} == {"fbp_fwd", "fbp_bwd", "row_dot", "mask",
-                                           "split_fwd", "split_bwd"}
+                                           "split_fwd", "split_bwd", "wide_fwd", "finish"}
     failed = [r for r in rows if not r["ok"]]
     assert not failed, "\n".join(f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['config']}: "
                                  f"{r['error']}" for r in failed)
@@ -80,3 +81,7 @@ def test_hopper_half_precision_uses_wgmma(compile_rows):
             assert r["tensor_cores"] == "wgmma", r
         if r["dtype"] in ("fp16", "bf16"):
             assert r["tensor_cores"] in ("mma", "wgmma"), r
+    # The wide forward: wgmma on Hopper, mma.sync on Ampere, for every pooling path.
+    wide = [r for r in rows if r["kernel"] == "wide_fwd" and r["dtype"] != "fp32"]
+    assert wide and all(r["tensor_cores"] == ("wgmma" if r["arch"] == 90 else "mma")
+                        for r in wide), wide

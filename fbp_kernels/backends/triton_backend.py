@@ -20,6 +20,7 @@ import torch
 
 from ._common import BackwardResult, ForwardResult, flatten_rows, unflatten_grad
 from . import triton_kernels as K
+from . import triton_wide as W
 
 NAME = "triton"
 
@@ -54,12 +55,21 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
             seed: Optional[int], normalize: bool, eps: float,
             save_projections: bool) -> ForwardResult:
     x2, y2, batch = flatten_rows(x, y)
+    ko = weight_x.shape[0]
+    if not save_projections and W.supports(factor, W.pick_wide_config(x.dtype)):
+        # The wide main loop: one K pass per projection for every factor group, and a
+        # row-finishing kernel instead of the ticket protocol (triton_wide.py).
+        with _device_guard(x.device):
+            out, norm = W.wide_forward(x2, y2, weight_x, weight_y, bias_x, bias_y,
+                                       factor=factor, dropout=dropout, seed=seed,
+                                       normalize=normalize, eps=eps)
+        return ForwardResult(out.view(*batch, out.shape[-1]),
+                             norm.view(batch) if norm is not None else None, None, None)
     with _device_guard(x.device):
         out, norm, a, c = K.fused_forward(x2, y2, weight_x, weight_y, bias_x, bias_y,
                                           factor=factor, dropout=dropout, seed=seed,
                                           normalize=normalize, eps=eps,
                                           save_projections=save_projections)
-    ko = weight_x.shape[0]
     return ForwardResult(out.view(*batch, out.shape[-1]),
                          norm.view(batch) if norm is not None else None,
                          a.view(*batch, ko) if a is not None else None,

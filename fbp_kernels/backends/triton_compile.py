@@ -147,6 +147,38 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
     return _source(fn, sig, consts)
 
 
+def _wide_source(dtype: str, cfg, factor: int, precision: str):
+    """The wide fused forward (``triton_wide``) for one tile and factor."""
+    from . import triton_wide as W
+
+    sig = _common_signature(dtype)
+    sig["s_ptr"] = "*fp32"
+    for name in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
+                 "stride_sr"):
+        sig[name] = "i32"
+    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32"})
+    block_j, block_jp = W.tile_outputs(cfg, factor)
+    consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
+              "FACTOR": factor, "HAS_BIAS": True, "DROPOUT": True, "DOT_FP32": False,
+              "PRECISION": precision, "POOL": W.pool_mode(factor), "HALF": dtype != "fp32",
+              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_J": block_j,
+              "BLOCK_JP": block_jp, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
+    return _source(W._wide_fwd_kernel, sig, consts)
+
+
+def _finish_source(dtype: str):
+    from . import triton_wide as W
+
+    sig = {"s_ptr": "*fp32", "out_ptr": f"*{dtype}", "norm_ptr": "*fp32", "rows": "i32",
+           "O": "i32", "stride_sr": "i32", "stride_or": "i32", "eps": "fp32",
+           "sqrt_eps": "fp32"}
+    return _source(W._finish_kernel, sig, {"NORMALIZE": True, "BLOCK_R": 1, "BLOCK_O": 1024})
+
+
+#: Factors the wide forward is compiled for: its three pooling paths (selection product
+#: at the MFB default 5, identity at 1, reshape at 2).
+WIDE_FACTORS = (5, 1, 2)
+
 #: Epilogue tiles the split launcher picks, by (rows, o, factor, broadcast): the MFB
 #: default (one block per row), a wide row (two passes), a narrow one (many rows per
 #: program), and co-attention (regions x one question: the int64 row-map path).
@@ -223,6 +255,15 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                     rows.append(_compile_row(
                         triton, target, kernel, arch, dtype, shape_name, cfg.num_warps, 1,
                         lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o, bc)))
+            from .triton_wide import WIDE_CONFIGS
+
+            wcfg = WIDE_CONFIGS[family]
+            for f in WIDE_FACTORS:
+                rows.append(_compile_row(
+                    triton, target, "wide_fwd", arch, dtype, f"K{f}", wcfg.num_warps,
+                    wcfg.num_stages, lambda: _wide_source(dtype, wcfg, f, precision)))
+            rows.append(_compile_row(triton, target, "finish", arch, dtype, "default", 4, 1,
+                                     lambda: _finish_source(dtype)))
         # The dropout-mask kernel (tests and debugging) has no dtype or tile variants.
         rows.append(_compile_row(triton, target, "mask", arch, "-", "default", 4, 3,
                                  _mask_source))

@@ -1,0 +1,273 @@
+"""The "wide" fused forward: one pass over K per projection feeding every factor group.
+
+Why (PERFORMANCE.md, design 1): the first fused forward (:mod:`triton_kernels`) runs one
+K loop per factor group, so a program reads its x and y tiles ``factor`` times (5x at
+the MFB default, 32 FLOP per byte from L2) and pays ``2*factor`` pipeline fills.  Here a
+program owns ``BLOCK_M`` rows x ``BLOCK_J`` outputs, whose ``BLOCK_J * K`` projected
+columns ``j*K + i`` are *contiguous* rows of ``W`` (``K = factor``): one GEMM tile of
+width ``BLOCK_N >= BLOCK_J * K`` (a power of two) covers every factor group, so x and y
+are each read once per tile and the main loops are plain GEMM loops that Triton
+pipelines (wgmma on sm_90 for half precision at ``BLOCK_M >= 64``).
+
+Pooling ``s_j = sum_i p[:, j*K + i]`` inside the tile, without a reshape by a factor
+that is not a power of two: for ``K = 1`` it is the identity, for powers of two a
+reshape and a sum, otherwise one small tensor-core product ``s = p @ S`` with the 0/1
+selection matrix ``S[c, j] = (c // K == j)``, ``(BLOCK_N, BLOCK_JP)``.  Half inputs
+split ``p`` into ``hi + lo`` bf16 parts (16 significant bits; ``S`` is exact in bf16),
+so the pooled sums carry ~1e-5 relative error, far below the bf16/fp16 output's 4e-3 /
+5e-4; fp32 and fp64 run the selection product in IEEE precision.  Its cost is
+``2 * BLOCK_M * BLOCK_N * BLOCK_JP`` MACs per tile against ``BLOCK_M * BLOCK_N * (m+n)``
+for the main loops (1-2% at the MFB default).
+
+Row norm without a serial tail or cross-program state: the main kernel writes the
+pooled ``s`` (fp32 scratch, ``rows x o``) and a second small kernel finishes each row
+(signed square root, overflow-safe ``||t||``, rescale) with whole rows per program.
+No counters, so CUDA graphs and concurrent streams are safe (the first kernel's cached
+ticket counters are not).  Cost: writing and reading ``rows x o`` fp32 (8 bytes per
+output, ~2 us at rows 1024 on an H200) and one more launch.
+
+Dropout: the fused kernels' stream (Philox keyed by the seed and ``row * K*o + col``).
+Grid: grouped row-tile order (Triton tutorial 03): ``GROUP_M`` row tiles share each
+weight tile while it is in L2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_kernels import INTERPRET, _projection_tile
+from .triton_split import _scaled_sumsq
+
+_NORM_DELTA = tl.constexpr(1e-12)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _pool(p, FACTOR: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_JP: tl.constexpr, HALF_POOL: tl.constexpr):
+    """Sum ``FACTOR`` consecutive columns of ``p (BLOCK_M, BLOCK_N)`` ->
+    ``(BLOCK_M, BLOCK_JP)``.  POOL 0: identity (K = 1); 1: reshape (K a power of two);
+    2: selection product."""
+    if POOL == 0:
+        s = p
+    elif POOL == 1:
+        s = tl.sum(tl.reshape(p, (BLOCK_M, BLOCK_N // FACTOR, FACTOR)), axis=2)
+    else:
+        cc = tl.arange(0, BLOCK_N)
+        jj = tl.arange(0, BLOCK_JP)
+        sel = (cc[:, None] // FACTOR) == jj[None, :]
+        if HALF_POOL:
+            # p = hi + lo in bf16: 16 significant bits through the tensor cores.
+            hi = p.to(tl.bfloat16)
+            lo = (p - hi.to(tl.float32)).to(tl.bfloat16)
+            sel_h = sel.to(tl.bfloat16)
+            s = tl.dot(hi, sel_h) + tl.dot(lo, sel_h)
+        else:
+            # fp32/fp64, and the interpreter for every dtype (it cannot multiply bf16).
+            s = tl.dot(p, sel.to(p.dtype), input_precision="ieee", out_dtype=p.dtype)
+    return s
+
+
+@triton.jit
+def _wide_fwd_kernel(
+    # pointers
+    x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, s_ptr,
+    # sizes
+    rows, M, N, O,
+    # strides
+    stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
+    stride_sr,
+    # scalars
+    seed, drop_p, keep_scale,
+    # meta-parameters
+    FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, POOL: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_JP: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped order: GROUP_M consecutive row tiles walk the output tiles together.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(rows, BLOCK_M)
+    num_j = tl.cdiv(O, BLOCK_J)
+    in_group = GROUP_M * num_j
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_j = (pid % in_group) // group_size
+
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    j0 = pid_j * BLOCK_J
+    col0 = j0.to(tl.int64) * FACTOR  # first projected column of the tile
+    KO = O * FACTOR
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_mask = rm < rows - row0
+    n_ok = (rn < BLOCK_J * FACTOR) & (rn < (O - j0) * FACTOR)
+
+    a = _projection_tile(x_ptr + row0 * stride_xr, wx_ptr + col0 * stride_wxr, rm, m_mask,
+                         rn, n_ok, M, stride_xr, stride_xk, stride_wxr, stride_wxk,
+                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+    if HAS_BIAS:
+        a += tl.load(bx_ptr + col0 + rn, mask=n_ok, other=0.0).to(a.dtype)[None, :]
+    if HALF:
+        # Park A in the input dtype while C accumulates (32 instead of 64 registers per
+        # thread at 128 x 128 / 8 warps); eager rounds its projections the same way.
+        a = a.to(x_ptr.dtype.element_ty)
+    c = _projection_tile(y_ptr + row0 * stride_yr, wy_ptr + col0 * stride_wyr, rm, m_mask,
+                         rn, n_ok, N, stride_yr, stride_yk, stride_wyr, stride_wyk,
+                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+    if HAS_BIAS:
+        c += tl.load(by_ptr + col0 + rn, mask=n_ok, other=0.0).to(c.dtype)[None, :]
+    p = a.to(c.dtype) * c
+    if DROPOUT:
+        idx = (row0 + rm)[:, None] * KO + (col0 + rn)[None, :]
+        p = tl.where(tl.rand(seed, idx) >= drop_p, p * keep_scale, 0.0)
+    p = tl.where(n_ok[None, :], p, 0.0)
+    s = _pool(p, FACTOR, POOL, BLOCK_M, BLOCK_N, BLOCK_JP, HALF and not DOT_FP32)
+    jj = tl.arange(0, BLOCK_JP)
+    j_ok = (jj < BLOCK_J) & (jj < O - j0)
+    tl.store(s_ptr + row0 * stride_sr + rm[:, None] * stride_sr + (j0 + jj)[None, :], s,
+             mask=m_mask[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _finish_kernel(s_ptr, out_ptr, norm_ptr, rows, O, stride_sr, stride_or, eps, sqrt_eps,
+                   NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Whole rows per program: ``z = t / max(||t||, delta)``, ``t = signed_sqrt(s)``,
+    with the overflow-safe running-max norm; or ``s`` cast when not normalising."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < rows - row0
+    s_base = s_ptr + row0 * stride_sr
+    out_base = out_ptr + row0 * stride_or
+    acc_dtype = s_ptr.dtype.element_ty
+    mx = tl.zeros((BLOCK_R,), dtype=acc_dtype)
+    ssq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
+    inv = tl.full((BLOCK_R,), 1.0, dtype=acc_dtype)
+    if NORMALIZE:
+        for o0 in range(0, O, BLOCK_O):
+            jj = o0 + tl.arange(0, BLOCK_O)
+            msk = r_ok[:, None] & (jj < O)[None, :]
+            s = tl.load(s_base + rr[:, None] * stride_sr + jj[None, :], mask=msk, other=0.0)
+            t = s / (tl.sqrt(tl.abs(s) + eps) + sqrt_eps)
+            mx, ssq = _scaled_sumsq(t, mx, ssq)
+        norm = mx * tl.sqrt(ssq)
+        tl.store(norm_ptr + row0 + rr, norm, mask=r_ok)
+        inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
+    for o0 in range(0, O, BLOCK_O):
+        jj = o0 + tl.arange(0, BLOCK_O)
+        msk = r_ok[:, None] & (jj < O)[None, :]
+        s = tl.load(s_base + rr[:, None] * stride_sr + jj[None, :], mask=msk, other=0.0)
+        if NORMALIZE:
+            s = s / (tl.sqrt(tl.abs(s) + eps) + sqrt_eps) * inv[:, None]
+        tl.store(out_base + rr[:, None] * stride_or + jj[None, :],
+                 s.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+# ----------------------------------------------------------------------------- launch settings
+
+
+@dataclass(frozen=True)
+class WideConfig:
+    """Tile of the wide forward: BLOCK_M rows x BLOCK_N projected columns, K step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+#: Per operand family (compile facts from triton_compile.py, Triton 3.8, bf16, K=5):
+#: half 128 x 64 tiles (two warpgroups of wgmma m64 on sm_90), 64-deep K steps, 4 stages
+#: = 96 KiB of operand buffers: 158 registers on sm_90, 183 on sm_80, no spills.
+#: 128 x 128 spilled (16-400 B: two fp32 accumulators of 64 registers per thread), as did
+#: 64 x 128 with 4 warps.  At K = 5 a 64-column tile holds 12 outputs (60 columns, 6%
+#: idle).  fp32 runs tl.dot on FMA units with operands in registers (IEEE, PyTorch's
+#: default): 64 x 64 x 32 with 8 warps, 104-128 registers on Triton 3.6 and 3.8, no
+#: spills (4 warps spilled 40-56 B on sm_90 with Triton 3.6).
+WIDE_CONFIGS = {
+    "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
+    "fp32": WideConfig(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
+}
+INTERPRETER_WIDE = WideConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1,
+                              group_m=2)
+
+
+def pool_mode(factor: int) -> int:
+    if factor == 1:
+        return 0
+    return 1 if factor & (factor - 1) == 0 else 2
+
+
+def tile_outputs(cfg: WideConfig, factor: int):
+    """``(BLOCK_J, BLOCK_JP)``: outputs per tile and the width of the pooled tile (a
+    power of two; >= 16 for the selection product, which tl.dot needs)."""
+    block_j = cfg.block_n // factor
+    if pool_mode(factor) < 2:
+        return block_j, block_j
+    return block_j, max(16, triton.next_power_of_2(block_j))
+
+
+def pick_wide_config(dtype: torch.dtype) -> WideConfig:
+    if INTERPRET:
+        return INTERPRETER_WIDE
+    return WIDE_CONFIGS["half" if dtype in (torch.float16, torch.bfloat16) else "fp32"]
+
+
+def supports(factor: int, cfg: WideConfig) -> bool:
+    """A tile must hold at least one output group (``BLOCK_N >= factor``)."""
+    return cfg.block_n // factor >= 1
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps):
+    """``(out (rows, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``."""
+    from .triton_kernels import _bias_args, dot_settings
+
+    rows, m = x2.shape
+    n = y2.shape[1]
+    ko = wx.shape[0]
+    o = ko // factor
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    out = torch.empty((rows, o), dtype=x2.dtype, device=x2.device)
+    norm = torch.empty((rows,), dtype=acc, device=x2.device) if normalize else None
+    if rows == 0:
+        return out, norm
+    cfg = pick_wide_config(x2.dtype)
+    block_j, block_jp = tile_outputs(cfg, factor)
+    s = torch.empty((rows, o), dtype=acc, device=x2.device)
+    bx_, by_, has_bias = _bias_args(bx, by, wx)
+    dot_fp32, precision = dot_settings(x2.dtype)
+    # In the interpreter DOT_FP32 also routes the half pooling product through fp32.
+    dot_fp32 = dot_fp32 or (INTERPRET and x2.dtype in (torch.float16, torch.bfloat16))
+    grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
+    _wide_fwd_kernel[grid](
+        x2, y2, wx, wy, bx_, by_, s,
+        rows, m, n, o,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1), s.stride(0),
+        seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
+        FACTOR=factor, HAS_BIAS=has_bias, DROPOUT=seed is not None, DOT_FP32=dot_fp32,
+        PRECISION=precision, POOL=pool_mode(factor),
+        HALF=x2.dtype in (torch.float16, torch.bfloat16),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_J=block_j, BLOCK_JP=block_jp, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    block_o = min(triton.next_power_of_2(o), 16 if INTERPRET else 1024)
+    _finish_kernel[(rows,)](
+        s, out, norm if normalize else s, rows, o, s.stride(0), out.stride(0), float(eps),
+        math.sqrt(eps), NORMALIZE=normalize, BLOCK_R=1, BLOCK_O=block_o,
+        num_warps=1 if INTERPRET else 4)
+    return out, norm
