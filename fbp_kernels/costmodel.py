@@ -442,6 +442,7 @@ def _cost(name, gpu: GPU, *, flops=0.0, tflops=1.0, hbm=0.0, l2=0.0, ctas=1, per
     inflight = active * inflight_cta
     bw_hbm = min(gpu.hbm_tbs * HBM_EFFICIENCY, inflight / gpu.hbm_latency_us / 1e6)
     bw_l2 = min(gpu.l2_tbs, inflight / gpu.l2_latency_us / 1e6)
+    l2 = max(l2, hbm)  # every DRAM byte also crosses the L2
     t_hbm = hbm / (bw_hbm * 1e6) if hbm else 0.0
     t_l2 = l2 / (bw_l2 * 1e6) if l2 else 0.0
     terms = {"compute": t_compute, "hbm": t_hbm, "l2": t_l2}
@@ -481,7 +482,9 @@ def gemm(name: str, M: int, N: int, K: int, dtype: str, gpu: GPU, *, out_bytes=N
         if splitk > 1:
             hbm += 2 * M * N * 4 * splitk  # fp32 partials written and read by the reduction
         l2 = tiles * (min(tm, M) + min(tn, N)) * K * e / reuse + c_bytes
-        inflight = CUBLAS_STAGES_IN_FLIGHT * (min(tm, M) + min(tn, N)) * CUBLAS_BK * e
+        # In flight: a full tile's stages even when M < TM (cuBLAS then runs small-M or
+        # GEMV kernels that keep the weight stream full; they reach ~90% of HBM bandwidth).
+        inflight = CUBLAS_STAGES_IN_FLIGHT * (tm + tn) * CUBLAS_BK * e
         cost = _cost(name, gpu, flops=flops, tflops=peak * rel, hbm=hbm, l2=l2, ctas=ctas,
                      per_sm=1, inflight_cta=inflight, launches=launches,
                      host_us=HOST_US["eager_op"] if host_us is None else host_us,
@@ -497,7 +500,10 @@ def elementwise(name: str, read_bytes: float, write_bytes: float, elems: int, gp
                 launches=1, host_us=None) -> KernelCost:
     """A PyTorch/inductor memory-bound kernel.  ``read_bytes + write_bytes`` go to HBM,
     ``l2_only_bytes`` (L2-resident intermediates) only through L2; every byte passes L2."""
-    ctas = max(1, math.ceil(elems / ELEMENTWISE_ELEMS_PER_CTA))
+    # Grid size grows with the work: one CTA per 512 elements of the larger of the
+    # element count and the bytes moved (a column reduction's grid follows its input).
+    moved = (read_bytes + write_bytes + l2_only_bytes) / max(1, elem_bytes * max(1, n_inputs))
+    ctas = max(1, math.ceil(max(elems, moved) / ELEMENTWISE_ELEMS_PER_CTA))
     inflight = 128 * 4 * elem_bytes * max(1, n_inputs)  # 128 threads x one vector each
     return _cost(name, gpu, hbm=read_bytes + write_bytes,
                  l2=read_bytes + write_bytes + l2_only_bytes, ctas=ctas,
