@@ -191,7 +191,9 @@ def refresh_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py") -> int:
     for key in sorted(live["facts"], key=lambda k: (k[1], ("fp32", "fp16", "bf16").index(k[2]),
                                                    ("tiny", "small", "medium", "large").index(k[3]),
                                                    k[0] != "fbp_fwd")):
-        body.append(f"    {key!r}: {live['facts'][key]!r},")
+        w, regs, stack, smem, tc = live["facts"][key]
+        body.append(f'    ("{key[0]}", {key[1]}, "{key[2]}", "{key[3]}"): '
+                    f'({w}, {regs}, {stack}, {smem}, "{tc}"),')
     body.append("}")
     text = path.read_text()
     begin = "# BEGIN COMPILE FACTS"
