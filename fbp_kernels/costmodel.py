@@ -137,6 +137,10 @@ class Shape:
         for name in ("rows", "m", "n", "factor", "o"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("x_rows", "y_rows"):
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= self.rows:
+                raise ValueError(f"{name} must be in [1, rows={self.rows}], got {v}")
 
     @property
     def ko(self) -> int:
@@ -457,8 +461,8 @@ def _cost(name, gpu: GPU, *, flops=0.0, tflops=1.0, hbm=0.0, l2=0.0, ctas=1, per
         bound = "launch"
     t = body + tail_us + gpu.launch_us
     return KernelCost(name, t * launches, flops * launches, hbm * launches, l2 * launches,
-                      ctas, per_sm, per_sm * inflight_cta if ctas >= gpu.sms else
-                      inflight / gpu.sms, waves, bound, launches, host_us * launches)
+                      ctas, per_sm, inflight / gpu.sms, waves, bound, launches,
+                      host_us * launches)
 
 
 def gemm(name: str, M: int, N: int, K: int, dtype: str, gpu: GPU, *, out_bytes=None,
@@ -751,7 +755,7 @@ def split_chunk_rows(s: Shape, budget_bytes: int = SPLIT_BUDGET_BYTES) -> int:
 
 
 def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = False,
-           budget_bytes: int = SPLIT_BUDGET_BYTES) -> List[KernelCost]:
+           budget_bytes: Optional[int] = None) -> List[KernelCost]:
     """cuBLAS projections per chunk of rows + one memory-bound Triton epilogue (product,
     pooling, signed sqrt, row norm: a program owns whole rows, so the norm needs no second
     pass).  Backward per chunk: recompute A, C (cuBLAS) unless saved, one epilogue-like
@@ -760,7 +764,8 @@ def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = 
     projected once (Ry distinct rows), as issue 12 item 5 asks.  With +saved the kept A, C
     are not transient, so the forward runs in one chunk."""
     d, e, k, R = s.dtype, s.elem, s.ko, s.rows
-    chunk = R if (saved and train) else min(R, split_chunk_rows(s, budget_bytes))
+    budget = SPLIT_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    chunk = R if (saved and train) else min(R, split_chunk_rows(s, budget))
     full, rest = divmod(R, chunk)
     pieces = [(chunk, full)] + ([(rest, 1)] if rest else [])
     sx, sy = s.rx / R, s.ry / R         # distinct rows per output row
@@ -835,8 +840,10 @@ class Prediction:
     kernels: Tuple[KernelCost, ...] = field(default=(), repr=False, compare=False)
 
 
-def kernels(provider: str, shape: Shape, gpu: GPU, mode: str = "forward") -> List[KernelCost]:
-    """The kernels ``provider`` launches for one call in ``mode``, each costed."""
+def kernels(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
+            split_budget_bytes: Optional[int] = None) -> List[KernelCost]:
+    """The kernels ``provider`` launches for one call in ``mode``, each costed.
+    ``split_budget_bytes``: the split strategy's transient budget (default 64 MiB)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     base, saved = provider, False
@@ -850,15 +857,18 @@ def kernels(provider: str, shape: Shape, gpu: GPU, mode: str = "forward") -> Lis
     train = mode != "forward"
     fwd, bwd = mode != "backward", mode != "forward"
     build = _BUILDERS[base]
-    if base in ("fused", "split"):
+    if base == "split":
+        return build(shape, gpu, train, fwd, bwd, saved=saved, budget_bytes=split_budget_bytes)
+    if base == "fused":
         return build(shape, gpu, train, fwd, bwd, saved=saved)
     return build(shape, gpu, train, fwd, bwd)
 
 
-def predict(provider: str, shape: Shape, gpu: GPU, mode: str = "forward") -> Prediction:
+def predict(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
+            split_budget_bytes: Optional[int] = None) -> Prediction:
     """Predicted time and traffic of ``provider`` on ``shape`` and ``gpu`` (module
     docstring: the formula; the constants above: the assumptions)."""
-    ks = kernels(provider, shape, gpu, mode)
+    ks = kernels(provider, shape, gpu, mode, split_budget_bytes=split_budget_bytes)
     gpu_us = sum(k.time_us for k in ks)
     launches = sum(k.launches for k in ks)
     host = sum(k.host_us for k in ks)
@@ -867,6 +877,10 @@ def predict(provider: str, shape: Shape, gpu: GPU, mode: str = "forward") -> Pre
     main = max(ks, key=lambda k: k.time_us / k.launches)
     notes = [f"{k.name}: {k.time_us:.1f} us ({k.bound}"
              + (f", {k.launches} launches" if k.launches > 1 else "") + ")" for k in ks]
+    if provider.startswith("split") and shape.broadcast:
+        notes.append("assumes the split strategy projects the shared (broadcast) side once")
+    if provider.startswith("fused") and shape.broadcast:
+        notes.append("today's fused path materialises broadcast rows (flatten_rows)")
     bound = main.bound
     if launches * gpu.launch_us > 0.5 * gpu_us:
         bound = "launch"
@@ -884,3 +898,15 @@ def predict(provider: str, shape: Shape, gpu: GPU, mode: str = "forward") -> Pre
 def predict_all(shape: Shape, gpu: GPU, mode: str = "forward",
                 providers: Sequence[str] = PROVIDERS) -> Dict[str, Prediction]:
     return {p: predict(p, shape, gpu, mode) for p in providers}
+
+
+def best_provider(shape: Shape, gpu: GPU, mode: str = "forward",
+                  candidates: Sequence[str] = ("fused", "split"), *,
+                  split_budget_bytes: Optional[int] = None) -> Tuple[str, Dict[str, Prediction]]:
+    """The candidate with the smallest predicted time (ties: the earlier candidate), and
+    every candidate's prediction: what ``backend="auto"`` can use until GPU measurements
+    replace the model."""
+    preds = {c: predict(c, shape, gpu, mode, split_budget_bytes=split_budget_bytes)
+             for c in candidates}
+    best = min(candidates, key=lambda c: preds[c].time_us)
+    return best, preds

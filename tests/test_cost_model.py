@@ -78,6 +78,19 @@ def test_split_chunking_counts_launches():
     assert cm.predict("split+saved", s, H200, "forward+backward").launches == 3 + 7
 
 
+def test_split_budget_sets_the_chunks_and_auto_can_choose():
+    # A 16 MiB budget: 16777216 // 20000 = 838 rows per chunk; 1024 rows = 2 chunks.
+    s = cm.Shape(rows=1024, **MFB)
+    assert cm.predict("split", s, H200, split_budget_bytes=16 * 2**20).launches == 6
+    assert cm.predict("split", s, H200).launches == 3
+    # A budget below one row still makes progress: one row per chunk.
+    assert cm.predict("split", cm.Shape(rows=3, **MFB), H200,
+                      split_budget_bytes=1).launches == 9
+    best, preds = cm.best_provider(s, H200, "forward")
+    assert set(preds) == {"fused", "split"}
+    assert best == min(preds, key=lambda c: preds[c].time_us)
+
+
 def test_occupancy_from_registers_and_shared_memory():
     # 167 registers -> 168 per thread -> 5376 per warp; 65536 // 5376 = 12 warps resident,
     # so one 8-warp CTA per SM (PERFORMANCE.md: "1 (register-limited)").
@@ -211,6 +224,8 @@ def test_bad_arguments():
         cm.predict("eager+saved", s, H200)
     with pytest.raises(ValueError, match="dtype"):
         cm.Shape(rows=4, dtype="fp8", **MFB)
+    with pytest.raises(ValueError, match="y_rows"):
+        cm.Shape(rows=4, y_rows=8, **MFB)
 
 
 def test_every_dtype_predicts():
