@@ -255,6 +255,28 @@ def test_costmodel_imports_with_the_standard_library_only():
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_model_cli_table_and_coatt_sweep(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import model
+
+    out = tmp_path / "rows.json"
+    assert model.main(["--rows", "1,1024", "--mode", "all", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Predicted (cost model, not measured)" in text
+    assert all(f"{g} us" in text for g in ("H100", "H200", "A100"))
+    import json
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 3 * len(model.TABLE_PROVIDERS)
+    floor = [r for r in rows if r["provider"] == "floor"]
+    assert all(r["over_floor"] == 1.0 for r in floor)
+    assert {r["mode"] for r in rows} == set(cm.MODES)
+    assert model.main(["--sweep", "coatt", "--providers", "floor,split"]) == 0
+    text = capsys.readouterr().out
+    assert "coatt B=64 R=100" in text and "flattened B*R=6400" in text
+    (label, co), (_, flat) = model.coatt_shapes()
+    assert (co.rows, co.rx, co.ry, flat.ry) == (6400, 6400, 64, 6400)
+
+
 # ----------------------------------------------------------------------------- vs the kernels
 
 triton_kernels = pytest.importorskip("fbp_kernels.backends.triton_kernels",
