@@ -207,6 +207,18 @@ def refresh_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py") -> int:
 # ----------------------------------------------------------------------------- CLI
 
 
+def apply_overrides(gpu: cm.GPU, overrides: Sequence[str]) -> cm.GPU:
+    """``["l2_tbs=8"]`` -> a copy of ``gpu`` with that field changed."""
+    numeric = {k for k, v in gpu.__dict__.items() if isinstance(v, (int, float))}
+    changes = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in numeric:
+            raise SystemExit(f"--set {item}: field must be one of {sorted(numeric)}")
+        changes[key] = type(getattr(gpu, key))(float(value))
+    return replace(gpu, **changes) if changes else gpu
+
+
 def _ints(text: str) -> List[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
@@ -228,6 +240,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sweep", choices=("rows", "coatt"), default="rows",
                     help="rows: the --rows list at the given widths; coatt: B 64 x R 100 "
                          "regions with one question per sample, and the same flattened")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="FIELD=VALUE",
+                    help="override a numeric field of the --gpu entry, e.g. l2_tbs=8 or "
+                         "hbm_latency_us=0.5 (to see how much a prediction rests on it)")
     ap.add_argument("--breakdown", action="store_true", help="print every kernel's cost")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
@@ -243,8 +259,8 @@ def main(argv=None) -> int:
         n = refresh_facts()
         print(f"wrote {n} compile facts to fbp_kernels/costmodel.py")
         return 0
-    gpu = cm.GPUS[args.gpu]
-    others = [cm.GPUS[k] for k in ("H100", "H200", "A100")]
+    gpu = apply_overrides(cm.GPUS[args.gpu], args.overrides)
+    others = [gpu if k == gpu.name else cm.GPUS[k] for k in ("H100", "H200", "A100")]
     modes = cm.MODES if args.mode == "all" else (args.mode,)
     providers = [p for p in args.providers.split(",") if p]
     if args.sweep == "coatt":

@@ -273,6 +273,14 @@ def test_model_cli_table_and_coatt_sweep(tmp_path, capsys):
     assert model.main(["--sweep", "coatt", "--providers", "floor,split"]) == 0
     text = capsys.readouterr().out
     assert "coatt B=64 R=100" in text and "flattened B*R=6400" in text
+    # --set changes one assumption of the --gpu entry: a slower L2 slows the fused kernel
+    # (bound by L2 at rows 1024), and an unknown field is refused.
+    slow = model.apply_overrides(H200, ["l2_tbs=4"])
+    assert slow.l2_tbs == 4.0 and H200.l2_tbs == 6.0
+    s1024 = cm.Shape(rows=1024, **MFB)
+    assert cm.predict("fused", s1024, slow).time_us > 1.2 * cm.predict("fused", s1024, H200).time_us
+    with pytest.raises(SystemExit):
+        model.apply_overrides(H200, ["nonsense=1"])
     (label, co), (_, flat) = model.coatt_shapes()
     assert (co.rows, co.rx, co.ry, flat.ry) == (6400, 6400, 64, 6400)
 
@@ -306,6 +314,14 @@ def test_compile_facts_match_a_live_compile():
     """The committed table cannot go stale silently: compile one configuration (the
     sm_90 bf16 training forward) now and compare.  Regenerate the table with
     ``python benchmarks/model.py --refresh-facts``."""
+    import triton
+
+    table_version = cm.COMPILE_FACTS_SOURCE.split(",")[0].split()[-1]
+    if triton.__version__ != table_version:
+        # Register counts differ between Triton releases (the GPU machine has 3.6): the
+        # table describes the dev Triton, so only that version can check it.
+        pytest.skip(f"compile facts are from triton {table_version}, this is "
+                    f"{triton.__version__}")
     sys.path.insert(0, str(ROOT))
     from benchmarks import model
 
