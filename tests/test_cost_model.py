@@ -7,7 +7,6 @@ the A100 is slower than the H100 where compute or bandwidth bound), the GPU-name
 and that the committed compile facts still match a live compile.
 """
 
-import importlib.util
 import math
 import subprocess
 import sys
