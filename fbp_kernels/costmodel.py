@@ -734,9 +734,10 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
                 gemm("dW_x = dA^T x", k, s.m, R, d, gpu),
                 gemm("dy = dC W_y", R, s.n, k, d, gpu, a_in_l2=res),
                 gemm("dW_y = dC^T y", k, s.n, R, d, gpu),
-                elementwise("bias sums (2)", 0 if res else 2 * R * k * e, 2 * k * e, R * k,
-                            gpu, l2_only_bytes=2 * R * k * e if res else 0, elem_bytes=e,
-                            launches=1)]
+                # db_x = dA.sum(0), db_y = dC.sum(0): two reductions, one per gradient.
+                elementwise("bias sums (2)", 0 if res else R * k * e, k * e, R * k,
+                            gpu, l2_only_bytes=R * k * e if res else 0, elem_bytes=e,
+                            launches=2)]
         for rr, width, label in ((s.rx, s.m, "dx"), (s.ry, s.n, "dy")):
             if rr != R:
                 out.append(elementwise(f"{label} sum_to_size", R * width * e, rr * width * e,
@@ -806,8 +807,9 @@ def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = 
                     gemm("dy = dC W_y" + tag, cy, s.n, k, d, gpu, a_in_l2=res, launches=times),
                     gemm("dW_y += dC^T y" + tag, k, s.n, cy, d, gpu, accumulate=acc,
                          launches=times),
-                    elementwise("bias sums (2)" + tag, 0 if res else ac, 2 * k * 4,
-                                (cx + cy) * k, gpu, l2_only_bytes=ac if res else 0,
+                    # Two reductions per chunk (dA and dC), each half of ``ac``.
+                    elementwise("bias sums (2)" + tag, 0 if res else ac / 2, k * 4,
+                                (cx + cy) * k / 2, gpu, l2_only_bytes=ac / 2 if res else 0,
                                 elem_bytes=e, launches=2 * times)]
     if out:
         out[0] = _with_host(out[0], HOST_US["fbp_call"])
