@@ -331,3 +331,19 @@ def test_compile_facts_match_a_live_compile():
         f"compile facts are stale (triton {live['triton']}): live {live['facts'][key]} vs "
         f"committed {cm.COMPILE_FACTS[key]}; run python benchmarks/model.py --refresh-facts")
     assert cm.COMPILE_FACTS_SOURCE.startswith(f"triton {live['triton']}")
+
+
+def test_readme_prediction_table_matches_the_model():
+    """README's predicted H200 table (Benchmarks section) is the model's output, rounded:
+    a model change that moves it must update the README too."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| ([\d /]+) \| ([\d /]+) \|$", text, flags=re.M)
+    assert {int(r[0]) for r in rows} >= {1, 1024, 16384}
+    for r, fwd, fb in rows:
+        s = cm.Shape(rows=int(r), **MFB)
+        for mode, cells in (("forward", fwd), ("forward+backward", fb)):
+            want = [round(cm.predict(p, s, H200, mode).time_us)
+                    for p in ("floor", "eager", "fused", "split")]
+            assert [int(c) for c in cells.split(" / ")] == want, (r, mode)
