@@ -121,7 +121,23 @@ def backend_names(op: str, device: torch.device) -> List[str]:
     for name in backends.NAMES:
         if name not in names:
             print(f"backend {name!r} not measured: {backends.unsupported_reason(name, device)}")
+    # The split strategy (cuBLAS projections + one Triton epilogue) when this version of
+    # the package has it and it runs here; available_backends lists it already when the
+    # registry does, this only keeps it explicit (and absent when the backend is not).
+    names += [n for n in split_backend(device) if n not in names]
     return names
+
+
+def split_backend(device: torch.device) -> List[str]:
+    """``["split"]`` when ``"split" in fbp_kernels.backends.NAMES`` and it can run on
+    ``device`` (another branch adds it; without it the benchmark runs as before)."""
+    if "split" not in getattr(backends, "NAMES", ()):
+        return []
+    try:
+        return ["split"] if backends.unsupported_reason("split", device) is None else []
+    except Exception as exc:  # a half-installed backend must not stop the benchmark
+        print(f"backend 'split' not measured: {type(exc).__name__}: {exc}")
+        return []
 
 
 def _as_dict(row) -> dict:
@@ -281,6 +297,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = compile_report(gpu or args.compile_report)
     written = write_outputs(results.merge_rows(old_rows, new_rows), env, command, out_dir,
                             report, args.peak_bandwidth, not args.no_plots)
+    if not gpu and args.op == "fbp":
+        # No GPU here: show what the cost model predicts for one (summary.md has it too).
+        print("\n" + summary.predicted_gpu_text(), flush=True)
     print(f"\nwall time {elapsed:.1f} s; wrote {', '.join(written)} to {out_dir}")
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
+from fbp_kernels import costmodel
+
 from .environment import peak_bandwidth_gbps
 from .harness import MEASURE_ORDER
 from .problems import Problem
@@ -11,17 +13,47 @@ from .results import BANDWIDTH, Row
 from .table import BASELINE, FLOOR, ResultIndex, fmt, fmt_bytes
 from .targets import check_targets
 
+#: Benchmark provider -> cost-model provider (fbp_kernels.costmodel.PROVIDERS).
+MODEL_PROVIDERS = {"reference": "eager", "compile": "compile", "floor": "floor",
+                   "triton": "fused", "triton+saved": "fused+saved", "split": "split",
+                   "split+saved": "split+saved"}
+#: The shapes of the predicted GPU table a CPU run prints: the MFB default, bf16.
+PREDICTED_ROWS = (1, 16, 256, 1024, 16384)
+PREDICTED_PROVIDERS = ("floor", "eager", "compile", "fused", "split", "fused+saved",
+                       "split+saved")
+
 LEGEND = ("cells: median ms, speedup over the eager reference (x), time over the floor "
           "(f: 1.00 = as fast as the bare matmuls)")
 
 
+def model_shape(problem: Problem) -> Optional[costmodel.Shape]:
+    """The cost model's view of a benchmark problem (FBP only: MFH is not modelled)."""
+    if problem.order != 1 or problem.dtype not in costmodel.DTYPE_BYTES:
+        return None
+    return costmodel.Shape(problem.rows, problem.m, problem.n, problem.factor, problem.o,
+                           problem.dtype)
+
+
+def predicted_ms(problem: Problem, provider: str, mode: str,
+                 gpu: costmodel.GPU) -> Optional[float]:
+    """The model's time for a measured provider, in ms, or None when it has no model."""
+    shape, name = model_shape(problem), MODEL_PROVIDERS.get(provider)
+    if shape is None or name is None:
+        return None
+    return costmodel.predict(name, shape, gpu, mode).time_us / 1e3
+
+
 def terminal_table(problem: Problem, rows: Sequence[Row]) -> str:
     """One problem, one line per provider: each mode's time and two ratios, then the
-    saved activations (and peak memory on a GPU)."""
+    saved activations (and on a GPU peak memory and the cost model's prediction of
+    each mode, side by side with the measurement)."""
     idx = ResultIndex(rows)
     gpu = any(r.device_type == "cuda" for r in rows)
+    model_gpu = costmodel.gpu_for_name(rows[0].device) if gpu and rows else None
     head = f"{'provider':<14}" + "".join(f"{m:>26}" for m in MEASURE_ORDER) + f"{'saved':>12}"
     head += f"{'peak f+b':>12}" if gpu else ""
+    if model_gpu is not None:
+        head += f"   predicted {model_gpu.name} ms (" + " / ".join(MEASURE_ORDER) + ")"
     lines = [f"== {problem.label()}   [sweep {problem.sweep}]", head]
     for prov in idx.providers:
         cells = []
@@ -35,6 +67,9 @@ def terminal_table(problem: Problem, rows: Sequence[Row]) -> str:
         line = f"{prov:<14}" + "".join(cells) + f"{fmt_bytes(idx.saved(problem, prov)):>12}"
         if gpu:
             line += f"{fmt_bytes(idx.peak(problem, prov, 'forward+backward')):>12}"
+        if model_gpu is not None:
+            line += "   " + " / ".join(fmt(predicted_ms(problem, prov, m, model_gpu), ".3f")
+                                       for m in MEASURE_ORDER)
         lines.append(line)
     errors = {(r.provider, r.note) for r in idx.errors()}
     lines += [f"   {p} failed: {note}" for p, note in sorted(errors)]
@@ -143,6 +178,10 @@ def markdown(rows: Sequence[Row], env: Dict[str, object], command: str,
             lines += [f"**{mode}**", ""] + _time_table(idx, problems, mode, idx.providers) + [""]
         lines += ["**memory**", ""] + _memory_table(idx, problems, idx.providers, gpu) + [""]
     lines += _bandwidth_lines(idx, str(env["device"]), peak_gbps)
+    if gpu:
+        lines += measured_vs_predicted_lines(idx, costmodel.gpu_for_name(str(env["device"])))
+    elif "fbp" in ops:  # MFH has no cost model
+        lines += predicted_gpu_lines()
     if compile_report:
         keys = list(compile_report[0].keys())
         lines += ["## Triton kernels: compiler resource report", "",
@@ -154,3 +193,64 @@ def markdown(rows: Sequence[Row], env: Dict[str, object], command: str,
         lines += ["## Failures", "", "| provider | mode | error |", "|---|---|---|"]
         lines += [f"| {p} | {m} | {n.replace('|', '/')} |" for p, m, n in errors] + [""]
     return "\n".join(lines)
+
+
+def predicted_gpu_table(gpu_name: str = "H200", rows=PREDICTED_ROWS,
+                        modes=("forward", "forward+backward")) -> List[dict]:
+    """Cost-model rows for the MFB default (bf16) at ``rows``: what a CPU run shows
+    in place of GPU numbers."""
+    from . import model
+
+    shapes = [(f"rows={r}", costmodel.Shape(r, 2048, 1024, 5, 1000, "bf16")) for r in rows]
+    others = [costmodel.GPUS[k] for k in ("H100", "H200", "A100")]
+    return model.predict_rows(shapes, modes, PREDICTED_PROVIDERS, costmodel.GPUS[gpu_name],
+                              others)
+
+
+def predicted_gpu_text(gpu_name: str = "H200") -> str:
+    from . import model
+
+    others = [costmodel.GPUS[k] for k in ("H100", "H200", "A100")]
+    head = ("Predicted GPU times (cost model fbp_kernels.costmodel, NOT measured; "
+            "MFB default m 2048 n 1024 factor 5 o 1000 bf16):\n  "
+            + model.assumptions_text(costmodel.GPUS[gpu_name]))
+    return head + "\n" + model.format_text(predicted_gpu_table(gpu_name), others)
+
+
+def predicted_gpu_lines(gpu_name: str = "H200") -> List[str]:
+    """The predicted GPU table of a CPU run's summary.md."""
+    from . import model
+
+    others = [costmodel.GPUS[k] for k in ("H100", "H200", "A100")]
+    return ["## Predicted GPU times (cost model, not measured)", "",
+            "No GPU was used. These are the predictions of `fbp_kernels.costmodel` "
+            "(`python benchmarks/model.py`) for the MFB default in bf16; traffic, in-flight "
+            f"bytes, waves and ratios are on the {gpu_name}. See benchmarks/README.md, "
+            "\"The cost model\", for the assumptions; a GPU measurement replaces them.", "",
+            "Assumptions: " + model.assumptions_text(costmodel.GPUS[gpu_name]), ""] + \
+        model.format_markdown(predicted_gpu_table(gpu_name), others) + [""]
+
+
+def measured_vs_predicted_lines(idx: ResultIndex, gpu: costmodel.GPU) -> List[str]:
+    """Every measured GPU time beside the model's prediction for the same shape."""
+    lines = ["## Measured vs predicted (cost model)", "",
+             f"Prediction on the model's {gpu.name} entry (`fbp_kernels.costmodel`); "
+             "measured / predicted above 1 means the model was optimistic.", "",
+             "| problem | provider | mode | measured ms | predicted ms | measured / predicted |",
+             "|---|---|---|---|---|---|"]
+    seen = set()
+    n = 0
+    for (sweep, dtype), problems in idx.sweeps.items():
+        for p in problems:
+            for prov in idx.providers:
+                for mode in MEASURE_ORDER:
+                    key = (p.shape_key(), prov, mode)
+                    t = idx.time(p, prov, mode)
+                    pred = predicted_ms(p, prov, mode, gpu)
+                    if key in seen or t is None or pred is None:
+                        continue
+                    seen.add(key)
+                    n += 1
+                    lines.append(f"| {p.label()} | {prov} | {mode} | {t:.3f} | {pred:.3f} | "
+                                 f"{t / pred:.2f} |")
+    return lines + [""] if n else []

@@ -63,6 +63,10 @@ def test_smoke_run_writes_every_output(smoke_run):
     # The terminal table names the device and the providers.
     assert "CPU run" in stdout or "GPU run" in stdout
     assert "torch+saved" in stdout and "floor" in stdout
+    if not torch.cuda.is_available():
+        # Without a GPU the cost model's predicted GPU table is printed beside the CPU run.
+        assert "Predicted GPU times (cost model" in stdout
+        assert "rows=16384" in stdout and "split" in stdout
 
 
 def test_smoke_rows_are_complete_and_consistent(smoke_run):
@@ -109,6 +113,12 @@ def test_smoke_json_and_markdown(smoke_run):
         assert "**CPU run.**" in md
     assert "## Sweep `rows` (fp32)" in md and "## Sweep `factor` (fp32)" in md
     assert "## Targets (issue 5)" in md
+    if not torch.cuda.is_available():
+        assert "## Predicted GPU times (cost model, not measured)" in md
+        table = md.split("## Predicted GPU times")[1]
+        for rows in (1, 16, 256, 1024, 16384):
+            assert f"| rows={rows} | forward | fused |" in table
+            assert f"| rows={rows} | forward+backward | split |" in table
     assert "| torch forward / reference |" in md or torch.cuda.is_available()
 
 
@@ -284,4 +294,32 @@ def test_gpu_report_renders_from_synthetic_rows(tmp_path):
     assert "| triton (lean) forward+backward / floor | <= 1.45 | 1.100" in md
     assert "| triton saved activations / reference | <= 0.125 | 0.100" in md
     assert "peak 2.9 MiB (1.00)" in md  # the reference's own peak, ratio 1
+    # Each measured time beside the cost model's prediction (H100 entry for this name).
+    assert "## Measured vs predicted (cost model)" in md and "H100 entry" in md
+    from fbp_kernels import costmodel
+    pred = costmodel.predict("fused", costmodel.Shape(1024, 2048, 1024, 5, 1000, "bf16"),
+                             costmodel.GPUS["H100"], "forward").time_us / 1e3
+    assert f"| triton | forward | 1.100 | {pred:.3f} | {1.1 / pred:.2f} |" in md
+    assert "## Predicted GPU times" not in md  # measured, so no prediction-only table
+    assert "predicted H100 ms" in summary.terminal_table(
+        Problem(**{**centre.__dict__, "sweep": "rows", "swept": "rows"}), rows)
     assert plots.plot_sweeps(ResultIndex(rows), tmp_path, "synthetic")
+
+
+def test_split_provider_only_when_the_backend_exists(monkeypatch):
+    """The benchmark measures backend "split" only when the registry has it and it can
+    run; without it (today's main) nothing changes."""
+    from benchmarks import run
+    from fbp_kernels import backends
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(backends, "NAMES", tuple(n for n in backends.NAMES if n != "split"))
+    assert run.split_backend(cpu) == []
+    monkeypatch.setattr(backends, "NAMES", backends.NAMES + ("split",))
+    monkeypatch.setattr(backends, "unsupported_reason",
+                        lambda name, device: None if name == "split" else "no")
+    assert run.split_backend(cpu) == ["split"]
+    monkeypatch.setattr(backends, "unsupported_reason", lambda name, device: "needs CUDA")
+    assert run.split_backend(cpu) == []
+    provs = [p.name for p in providers_for("fbp", ["split"], include_compile=False)]
+    assert "split" in provs and "split+saved" in provs

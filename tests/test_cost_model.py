@@ -1,0 +1,349 @@
+"""The cost model (fbp_kernels.costmodel) against hand-computed cases.
+
+No timing is measured or asserted: the model's outputs are deterministic arithmetic on
+its stated assumptions, so these tests pin the arithmetic (byte and FLOP counts, waves,
+occupancy, chunking), the orderings the model must respect (more rows never cost less,
+the A100 is slower than the H100 where compute or bandwidth bound), the GPU-name mapping,
+and that the committed compile facts still match a live compile.
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fbp_kernels import costmodel as cm
+
+ROOT = Path(__file__).resolve().parents[1]
+H200, H100, A100 = cm.GPUS["H200"], cm.GPUS["H100"], cm.GPUS["A100"]
+MFB = dict(m=2048, n=1024, factor=5, o=1000)
+#: x (4, 8), y (4, 6), factor 2, o 3: factor*o = 6, fp32 (4 bytes).
+TINY = cm.Shape(rows=4, m=8, n=6, factor=2, o=3, dtype="fp32")
+
+
+def test_floor_flops_and_bytes_by_hand():
+    # Forward floor = x W_x^T (4x8 @ 8x6) and y W_y^T (4x6 @ 6x6):
+    #   FLOPs = 2*4*6*8 + 2*4*6*6 = 384 + 288 = 672
+    #   HBM   = x 4*8*4 + W_x 6*8*4 + out 4*6*4  = 128 + 192 + 96 = 416
+    #         + y 4*6*4 + W_y 6*6*4 + out 4*6*4  =  96 + 144 + 96 = 336   -> 752 bytes
+    p = cm.predict("floor", TINY, H200, "forward")
+    assert p.flops == 672
+    assert p.hbm_bytes == 752
+    assert p.launches == 2
+    # Backward floor: dx = dA W_x (4x6 @ 6x8), dW_x = dA^T x (6x4 @ 4x8), and the same
+    # for y: FLOPs 2*4*8*6 * 2 + 2*4*6*6 * 2 = 768 + 576 = 1344; six GEMMs for both.
+    b = cm.predict("floor", TINY, H200, "backward")
+    assert b.flops == 1344 and b.launches == 4
+    fb = cm.predict("floor", TINY, H200, "forward+backward")
+    assert fb.flops == 672 + 1344 and fb.launches == 6
+    # L2 traffic is never below DRAM traffic (every DRAM byte crosses the L2).
+    for q in (p, b, fb):
+        assert q.l2_bytes >= q.hbm_bytes
+
+
+def test_floor_at_the_mfb_default_is_the_two_gemm_flops():
+    # 2 * rows * factor*o * (m + n) = 2 * 1024 * 5000 * 3072 = 31.46 GFLOP
+    s = cm.Shape(rows=1024, **MFB)
+    assert cm.predict("floor", s, H200).flops == 2 * 1024 * 5000 * 3072
+    # rows = 1: the weights dominate: W_x + W_y = 5000 * 3072 * 2 bytes = 30.72 MB, all
+    # from HBM, so the floor is HBM-bound at >= 30.72e6 / (4.8e12 * 0.88) = 7.3 us.
+    one = cm.predict("floor", cm.Shape(rows=1, **MFB), H200)
+    assert one.hbm_bytes >= 5000 * 3072 * 2
+    assert one.bound == "hbm"
+    assert one.time_us >= 30.72e6 / (4.8e12 * cm.HBM_EFFICIENCY) * 1e6
+
+
+def test_split_hbm_bytes_by_hand():
+    # One chunk (the 64 MiB budget holds 64 MiB / (2*6*4) rows): the two GEMMs move
+    # 416 + 336 bytes (as the floor); the epilogue reads A and C (192 bytes, just written,
+    # L2-resident) and writes out (4 x 3 x 4 = 48 bytes): 800 bytes from HBM.
+    p = cm.predict("split", TINY, H200, "forward")
+    assert p.hbm_bytes == 416 + 336 + 48
+    assert p.launches == 3
+
+
+def test_split_chunking_counts_launches():
+    # bf16, factor*o = 5000: a row of A and C is 2 * 5000 * 2 = 20000 bytes, so a chunk
+    # is 64 MiB // 20000 = 3355 rows; 10000 rows = 3 chunks of 3 launches each.
+    s = cm.Shape(rows=10000, **MFB)
+    assert cm.split_chunk_rows(s) == 67108864 // 20000 == 3355
+    assert cm.predict("split", s, H200, "forward").launches == 9
+    # Backward per chunk: recompute A and C, the epilogue, 4 GEMMs, 2 bias sums = 9.
+    assert cm.predict("split", s, H200, "backward").launches == 27
+    # +saved keeps A and C whole (not transient) and writes dA, dC over them: one chunk,
+    # forward 3 launches, backward 7 (no recompute).
+    assert cm.predict("split+saved", s, H200, "forward+backward").launches == 3 + 7
+
+
+def test_split_budget_sets_the_chunks_and_auto_can_choose():
+    # A 16 MiB budget: 16777216 // 20000 = 838 rows per chunk; 1024 rows = 2 chunks.
+    s = cm.Shape(rows=1024, **MFB)
+    assert cm.predict("split", s, H200, split_budget_bytes=16 * 2**20).launches == 6
+    assert cm.predict("split", s, H200).launches == 3
+    # A budget below one row still makes progress: one row per chunk.
+    assert cm.predict("split", cm.Shape(rows=3, **MFB), H200,
+                      split_budget_bytes=1).launches == 9
+    best, preds = cm.best_provider(s, H200, "forward")
+    assert set(preds) == {"fused", "split"}
+    assert best == min(preds, key=lambda c: preds[c].time_us)
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    # 167 registers -> 168 per thread -> 5376 per warp; 65536 // 5376 = 12 warps resident,
+    # so one 8-warp CTA per SM (PERFORMANCE.md: "1 (register-limited)").
+    assert cm.ctas_per_sm(167, 8, 24576, H200) == 1
+    # 236 registers, 4 warps: 240 * 32 = 7680 per warp -> 8 warps -> 2 CTAs.
+    assert cm.ctas_per_sm(236, 4, 24576, H200) == 2
+    # 108 registers: 112 * 32 = 3584 -> 18 warps -> 4 CTAs of 4 warps.
+    assert cm.ctas_per_sm(108, 4, 16384, H200) == 4
+    # Shared memory limits too: 100 KiB per CTA on a 228 KiB SM -> 2.
+    assert cm.ctas_per_sm(32, 4, 100 * 1024, H200) == 2
+    f = cm.kernel_facts("fbp_fwd", "large", "bf16", H200)
+    assert (f.registers, f.ctas_per_sm, f.tensor_cores) == (167, 1, "wgmma")
+    # 3 buffers of (64 + 64) x 32 bf16 = 8 KiB, 2 in flight: 16 KiB per SM.
+    assert (f.buffers, f.stage_bytes) == (3, 8192)
+
+
+def test_fused_waves_for_its_real_grid():
+    # rows 1024: large tile 64x64 -> grid 16 row tiles x ceil(1000/64) = 16 -> 256 CTAs,
+    # one per SM on 132 SMs: 1.94 waves.
+    p = cm.predict("fused", cm.Shape(rows=1024, **MFB), H200)
+    assert p.waves == pytest.approx(256 / 132)
+    assert p.bytes_in_flight_per_sm == 2 * 8192
+    # rows 256: medium 32x64 -> 8 x 16 = 128 CTAs at 2 per SM -> 128 / 264 waves.
+    assert cm.predict("fused", cm.Shape(rows=256, **MFB), H200).waves == pytest.approx(128 / 264)
+    # rows 1: "small" would give 16 programs < 132 SMs, so "tiny" 16x16: 63 CTAs at 4 per SM.
+    assert cm.pick_tile(1, 1000, "bf16", 132) == "tiny"
+    assert cm.predict("fused", cm.Shape(rows=1, **MFB), H200).waves == pytest.approx(63 / 528)
+    # o = 1000 never picks "small" (PERFORMANCE.md: dead configuration) ...
+    assert {cm.pick_tile(r, 1000, "bf16", 132) for r in range(1, 33)} == {"tiny"}
+    # ... but a wide layer does: 2 row tiles x 64 output tiles = 128 < 132 -> tiny;
+    # o = 8192 -> 128 output tiles x 2 = 256 >= 132 -> small.
+    assert cm.pick_tile(32, 8192, "bf16", 132) == "small"
+
+
+def test_fused_reads_x_and_y_once_per_factor_group_through_l2():
+    # L2 -> SM bytes of the main loop = e * (m+n) * (factor * rows * n_o + factor*o * n_m)
+    # = 2 * 3072 * (5 * 1024 * 16 + 5000 * 16) = 994.8 MB at rows 1024 (64x64 tiles);
+    # the model's total adds the scratch and output traffic on top.
+    p = cm.predict("fused", cm.Shape(rows=1024, **MFB), H200)
+    main = 2 * 3072 * (5 * 1024 * 16 + 5000 * 16)
+    assert main <= p.l2_bytes < main * 1.05
+    # 32 FLOP per L2 byte: 2*64*64 / (2 * (64 + 64)).
+    assert p.flops / main == pytest.approx(32, rel=0.02)
+
+
+@pytest.mark.parametrize("mode", cm.MODES)
+def test_more_rows_never_cost_less(mode):
+    rows = [1, 2, 4, 16, 64, 256, 1024, 4096, 16384]
+    for prov in ("floor", "eager", "compile", "split", "split+saved"):
+        times = [cm.predict(prov, cm.Shape(rows=r, **MFB), H200, mode).time_us for r in rows]
+        # Tiny kernels are latency-bound and their grid grows with the rows, so a kernel
+        # of 2 rows can finish a few hundredths of a microsecond before one of 1 row (grid
+        # rounding): allowed up to 0.25 us; anything larger is a modelling error.
+        for a, b in zip(times, times[1:]):
+            assert b >= a - 0.25, (prov, times)
+        assert times[-1] > 10 * times[0], (prov, times)
+    for prov in cm.PROVIDERS:
+        flops = [cm.predict(prov, cm.Shape(rows=r, **MFB), H200, mode).flops for r in rows]
+        assert flops == sorted(flops) and len(set(flops)) == len(flops), prov
+    # The fused kernel switches tiles with rows (so rows 16 can beat rows 1), but within
+    # one tile configuration (large: rows > 256) more rows never cost less.
+    big = [cm.predict("fused", cm.Shape(rows=r, **MFB), H200, mode).time_us
+           for r in (257, 512, 1024, 4096, 16384)]
+    assert big == sorted(big)
+
+
+@pytest.mark.parametrize("rows", [1024, 16384])
+def test_a100_is_slower_than_h100_and_h100_no_faster_than_h200(rows):
+    s = cm.Shape(rows=rows, **MFB)
+    for prov in (*cm.PROVIDERS, "fused+saved", "split+saved"):
+        for mode in cm.MODES:
+            a, h, h2 = (cm.predict(prov, s, g, mode).time_us for g in (A100, H100, H200))
+            assert a > h >= h2, (prov, mode, a, h, h2)
+
+
+def test_floor_is_the_fastest_provider():
+    for rows in (1, 16, 256, 1024, 16384):
+        s = cm.Shape(rows=rows, **MFB)
+        for mode in cm.MODES:
+            floor = cm.predict("floor", s, H200, mode).time_us
+            for prov in ("eager", "compile", "fused", "split", "fused+saved", "split+saved"):
+                assert cm.predict(prov, s, H200, mode).time_us >= floor, (rows, mode, prov)
+
+
+def test_coattention_projects_the_shared_side_once():
+    # B 64 x R 100 regions, one question per sample: the floor and split project y for 64
+    # rows, not 6400; the flattened problem projects 6400.
+    co = cm.Shape(rows=6400, x_rows=6400, y_rows=64, **MFB)
+    flat = cm.Shape(rows=6400, **MFB)
+    y_flops = 2 * 5000 * 1024
+    assert cm.predict("floor", flat, H200).flops - cm.predict("floor", co, H200).flops == \
+        (6400 - 64) * y_flops
+    assert cm.predict("split", co, H200).time_us < cm.predict("split", flat, H200).time_us
+    # Today's fused kernel materialises the broadcast: no cheaper than flattened.
+    assert cm.predict("fused", co, H200).time_us >= cm.predict("fused", flat, H200).time_us
+
+
+def test_gpu_name_mapping():
+    assert cm.gpu_for_name("NVIDIA H100 80GB HBM3") is H100
+    assert cm.gpu_for_name("NVIDIA H100 PCIe") is H100
+    assert cm.gpu_for_name("NVIDIA H200") is H200
+    assert cm.gpu_for_name("NVIDIA A100-SXM4-80GB") is A100
+    # Unknown names go by compute capability to the nearest entry.
+    assert cm.gpu_for_name("NVIDIA GeForce RTX 4090", (8, 9)) is A100
+    assert cm.gpu_for_name("NVIDIA L40S", (8, 9)) is A100
+    assert cm.gpu_for_name("Some Hopper part", (9, 0)) is H100
+    assert cm.gpu_for_name("NVIDIA B200", (10, 0)) is H200
+    assert cm.gpu_for_name("mystery") is H200
+    assert cm.gpu_for("NVIDIA A100 80GB PCIe") is A100  # a name, not a device spec
+    import torch
+    if not torch.cuda.is_available():
+        assert cm.gpu_for() is H200
+
+
+def test_published_peaks():
+    # Datasheet values (dense): H100/H200 SXM bf16 989.4 TFLOP/s, A100 312; HBM 3.35,
+    # 4.8, 2.039 TB/s; 132, 132, 108 SMs.
+    assert (H100.tensor_tflops["bf16"], H100.hbm_tbs, H100.sms) == (989.4, 3.35, 132)
+    assert (H200.tensor_tflops["bf16"], H200.hbm_tbs, H200.sms) == (989.4, 4.8, 132)
+    assert (A100.tensor_tflops["bf16"], A100.hbm_tbs, A100.sms) == (312.0, 2.039, 108)
+    assert {H100, H200, A100}  # hashable (by name)
+
+
+def test_bad_arguments():
+    s = cm.Shape(rows=4, **MFB)
+    with pytest.raises(ValueError, match="mode"):
+        cm.predict("floor", s, H200, "sideways")
+    with pytest.raises(ValueError, match="provider"):
+        cm.predict("magic", s, H200)
+    with pytest.raises(ValueError, match="\\+saved"):
+        cm.predict("eager+saved", s, H200)
+    with pytest.raises(ValueError, match="dtype"):
+        cm.Shape(rows=4, dtype="fp8", **MFB)
+    with pytest.raises(ValueError, match="y_rows"):
+        cm.Shape(rows=4, y_rows=8, **MFB)
+
+
+def test_every_dtype_predicts():
+    for dtype in cm.DTYPE_BYTES:
+        s = cm.Shape(rows=1024, dtype=dtype, **MFB)
+        for prov in cm.PROVIDERS:
+            for g in (H100, H200, A100):
+                p = cm.predict(prov, s, g, "forward+backward")
+                assert math.isfinite(p.time_us) and p.time_us > 0
+    # fp32 (IEEE) GEMMs run on CUDA cores: 15x slower peak than bf16 tensor cores.
+    f32 = cm.predict("floor", cm.Shape(rows=4096, dtype="fp32", **MFB), H200).time_us
+    b16 = cm.predict("floor", cm.Shape(rows=4096, dtype="bf16", **MFB), H200).time_us
+    assert f32 > 5 * b16
+
+
+def test_costmodel_imports_with_the_standard_library_only():
+    """Loaded as a lone file in a fresh interpreter: no torch, no triton at import."""
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('cm', {str(ROOT / 'fbp_kernels' / 'costmodel.py')!r})\n"
+            "mod = importlib.util.module_from_spec(spec); sys.modules['cm'] = mod\n"
+            "spec.loader.exec_module(mod)\n"
+            "mod.predict('split', mod.Shape(1024, 2048, 1024, 5, 1000), mod.GPUS['H200'])\n"
+            "print('torch' in sys.modules, 'triton' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_model_cli_table_and_coatt_sweep(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import model
+
+    out = tmp_path / "rows.json"
+    assert model.main(["--rows", "1,1024", "--mode", "all", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Predicted (cost model, not measured)" in text
+    assert all(f"{g} us" in text for g in ("H100", "H200", "A100"))
+    import json
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 3 * len(model.TABLE_PROVIDERS)
+    floor = [r for r in rows if r["provider"] == "floor"]
+    assert all(r["over_floor"] == 1.0 for r in floor)
+    assert {r["mode"] for r in rows} == set(cm.MODES)
+    assert model.main(["--sweep", "coatt", "--providers", "floor,split"]) == 0
+    text = capsys.readouterr().out
+    assert "coatt B=64 R=100" in text and "flattened B*R=6400" in text
+    # --set changes one assumption of the --gpu entry: a slower L2 slows the fused kernel
+    # (bound by L2 at rows 1024), and an unknown field is refused.
+    slow = model.apply_overrides(H200, ["l2_tbs=4"])
+    assert slow.l2_tbs == 4.0 and H200.l2_tbs == 6.0
+    s1024 = cm.Shape(rows=1024, **MFB)
+    assert cm.predict("fused", s1024, slow).time_us > 1.2 * cm.predict("fused", s1024, H200).time_us
+    with pytest.raises(SystemExit):
+        model.apply_overrides(H200, ["nonsense=1"])
+    (label, co), (_, flat) = model.coatt_shapes()
+    assert (co.rows, co.rx, co.ry, flat.ry) == (6400, 6400, 64, 6400)
+
+
+# ----------------------------------------------------------------------------- vs the kernels
+
+triton_kernels = pytest.importorskip("fbp_kernels.backends.triton_kernels",
+                                     reason="needs triton")
+
+
+def test_tile_table_matches_the_kernels_heuristic(monkeypatch):
+    K = triton_kernels
+    for fam, cfgs in K.CONFIGS.items():
+        assert set(cfgs) == set(cm.TILE_CONFIGS[fam])
+        for name, c in cfgs.items():
+            assert cm.TILE_CONFIGS[fam][name] == (c.block_m, c.block_o, c.block_k,
+                                                   c.num_warps, c.num_stages), (fam, name)
+    import torch
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "_sm_count", lambda device: 132)
+    for dtype, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for rows in (1, 16, 32, 33, 256, 257, 4096):
+            for o in (256, 1000, 8192):
+                cfg = K.pick_config(rows, o, tdt, torch.device("cpu"))
+                name = cm.pick_tile(rows, o, dtype, 132)
+                assert cm.TILE_CONFIGS[cm.config_family(dtype)][name][:3] == \
+                    (cfg.block_m, cfg.block_o, cfg.block_k), (dtype, rows, o)
+
+
+def test_compile_facts_match_a_live_compile():
+    """The committed table cannot go stale silently: compile one configuration (the
+    sm_90 bf16 training forward) now and compare.  Regenerate the table with
+    ``python benchmarks/model.py --refresh-facts``."""
+    import triton
+
+    table_version = cm.COMPILE_FACTS_SOURCE.split(",")[0].split()[-1]
+    if triton.__version__ != table_version:
+        # Register counts differ between Triton releases (the GPU machine has 3.6): the
+        # table describes the dev Triton, so only that version can check it.
+        pytest.skip(f"compile facts are from triton {table_version}, this is "
+                    f"{triton.__version__}")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import model
+
+    live = model.compile_facts_live(kernels=("fbp_fwd",), archs=(90,), dtypes=("bf16",),
+                                    configs=("large",), timeout_s=240)
+    key = ("fbp_fwd", 90, "bf16", "large")
+    assert live["facts"][key] == cm.COMPILE_FACTS[key], (
+        f"compile facts are stale (triton {live['triton']}): live {live['facts'][key]} vs "
+        f"committed {cm.COMPILE_FACTS[key]}; run python benchmarks/model.py --refresh-facts")
+    assert cm.COMPILE_FACTS_SOURCE.startswith(f"triton {live['triton']}")
+
+
+def test_readme_prediction_table_matches_the_model():
+    """README's predicted H200 table (Benchmarks section) is the model's output, rounded:
+    a model change that moves it must update the README too."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| ([\d /]+) \| ([\d /]+) \|$", text, flags=re.M)
+    assert {int(r[0]) for r in rows} >= {1, 1024, 16384}
+    for r, fwd, fb in rows:
+        s = cm.Shape(rows=int(r), **MFB)
+        for mode, cells in (("forward", fwd), ("forward+backward", fb)):
+            want = [round(cm.predict(p, s, H200, mode).time_us)
+                    for p in ("floor", "eager", "fused", "split")]
+            assert [int(c) for c in cells.split(" / ")] == want, (r, mode)
