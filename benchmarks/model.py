@@ -131,7 +131,7 @@ def assumptions_text(gpu: cm.GPU) -> str:
 # ----------------------------------------------------------------------------- facts
 
 
-def compile_facts_live(kernels=("fbp_fwd", "fbp_bwd"), archs=(80, 90),
+def compile_facts_live(kernels=("fbp_fwd", "fbp_bwd", "wide_fwd"), archs=(80, 90),
                        dtypes=("fp32", "fp16", "bf16"), configs=None,
                        timeout_s: float = 600.0) -> Dict[tuple, tuple]:
     """Compile the Triton kernels now (subprocess: TRITON_INTERPRET must be unset) and
@@ -150,11 +150,18 @@ for arch in {tuple(archs)!r}:
         for name, cfg in K.CONFIGS[fam].items():
             if {configs!r} is not None and name not in {configs!r}:
                 continue
-            for kernel in {tuple(kernels)!r}:
+            for kernel in [k for k in {tuple(kernels)!r} if k != "wide_fwd"]:
                 make = makers[kernel]
                 row = tc._compile_row(triton, target, kernel, arch, dtype, name, cfg.num_warps,
                                       cfg.num_stages, lambda: make(dtype, cfg, "ieee"))
                 out.append(dict(row.__dict__))
+        if "wide_fwd" in {tuple(kernels)!r}:
+            from fbp_kernels.backends import triton_wide as W
+            wcfg = W.WIDE_CONFIGS[fam]
+            row = tc._compile_row(triton, target, "wide_fwd", arch, dtype, "wide",
+                                  wcfg.num_warps, wcfg.num_stages,
+                                  lambda: tc._wide_source(dtype, wcfg, 5, "ieee"))
+            out.append(dict(row.__dict__))
 print("FACTS-JSON" + json.dumps({{"triton": triton.__version__, "rows": out}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -187,7 +194,8 @@ def refresh_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py") -> int:
             "#: constexprs of triton_compile (FACTOR 5, bias, dropout, normalize, IEEE precision).",
             "COMPILE_FACTS = {"]
     for key in sorted(live["facts"], key=lambda k: (k[1], ("fp32", "fp16", "bf16").index(k[2]),
-                                                   ("tiny", "small", "medium", "large").index(k[3]),
+                                                   ("tiny", "small", "medium", "large",
+                                                    "wide").index(k[3]),
                                                    k[0] != "fbp_fwd")):
         w, regs, stack, smem, tc = live["facts"][key]
         body.append(f'    ("{key[0]}", {key[1]}, "{key[2]}", "{key[3]}"): '

@@ -107,16 +107,25 @@ def test_occupancy_from_registers_and_shared_memory():
 
 
 def test_fused_waves_for_its_real_grid():
-    # rows 1024: large tile 64x64 -> grid 16 row tiles x ceil(1000/64) = 16 -> 256 CTAs,
-    # one per SM on 132 SMs: 1.94 waves.
+    # The wide forward at rows 1024, bf16: 128x64 tiles hold 64 // 5 = 12 outputs ->
+    # 8 row tiles x ceil(1000 / 12) = 84 -> 672 CTAs, one per SM (158 registers x 256
+    # threads) on 132 SMs: 5.09 waves; in flight 3 of 4 stages of (128 + 64) x 64 bf16.
     p = cm.predict("fused", cm.Shape(rows=1024, **MFB), H200)
-    assert p.waves == pytest.approx(256 / 132)
-    assert p.bytes_in_flight_per_sm == 2 * 8192
+    assert p.waves == pytest.approx(672 / 132)
+    assert p.bytes_in_flight_per_sm == 3 * (128 + 64) * 64 * 2
+    # rows 1: one row tile x 84 output tiles.
+    assert cm.predict("fused", cm.Shape(rows=1, **MFB), H200).waves == pytest.approx(84 / 132)
+    # The one-launch kernel still runs when training keeps the projections (+saved):
+    # large tile 64x64 -> 16 row tiles x ceil(1000/64) = 16 -> 256 CTAs, 1.94 waves.
+    legacy = cm.kernels("fused+saved", cm.Shape(rows=1024, **MFB), H200, "forward+backward")[0]
+    assert legacy.waves == pytest.approx(256 / 132) and legacy.bytes_in_flight_per_sm == 2 * 8192
     # rows 256: medium 32x64 -> 8 x 16 = 128 CTAs at 2 per SM -> 128 / 264 waves.
-    assert cm.predict("fused", cm.Shape(rows=256, **MFB), H200).waves == pytest.approx(128 / 264)
+    legacy = cm.kernels("fused+saved", cm.Shape(rows=256, **MFB), H200, "forward+backward")[0]
+    assert legacy.waves == pytest.approx(128 / 264)
     # rows 1: "small" would give 16 programs < 132 SMs, so "tiny" 16x16: 63 CTAs at 4 per SM.
     assert cm.pick_tile(1, 1000, "bf16", 132) == "tiny"
-    assert cm.predict("fused", cm.Shape(rows=1, **MFB), H200).waves == pytest.approx(63 / 528)
+    legacy = cm.kernels("fused+saved", cm.Shape(rows=1, **MFB), H200, "forward+backward")[0]
+    assert legacy.waves == pytest.approx(63 / 528)
     # o = 1000 never picks "small" (PERFORMANCE.md: dead configuration) ...
     assert {cm.pick_tile(r, 1000, "bf16", 132) for r in range(1, 33)} == {"tiny"}
     # ... but a wide layer does: 2 row tiles x 64 output tiles = 128 < 132 -> tiny;
@@ -124,15 +133,30 @@ def test_fused_waves_for_its_real_grid():
     assert cm.pick_tile(32, 8192, "bf16", 132) == "small"
 
 
-def test_fused_reads_x_and_y_once_per_factor_group_through_l2():
-    # L2 -> SM bytes of the main loop = e * (m+n) * (factor * rows * n_o + factor*o * n_m)
-    # = 2 * 3072 * (5 * 1024 * 16 + 5000 * 16) = 994.8 MB at rows 1024 (64x64 tiles);
-    # the model's total adds the scratch and output traffic on top.
+def test_fused_reads_x_and_y_once_per_output_tile_through_l2():
+    # Wide forward: L2 -> SM bytes of the main loop = e * (m+n) * (rows * n_j + BLOCK_N *
+    # n_j * n_m) = 2 * 3072 * (1024 * 84 + 64 * 84 * 8) = 792.7 MB at rows 1024, plus the
+    # fp32 pooled scratch (written, then read twice by the row finish) and the output.
     p = cm.predict("fused", cm.Shape(rows=1024, **MFB), H200)
-    main = 2 * 3072 * (5 * 1024 * 16 + 5000 * 16)
-    assert main <= p.l2_bytes < main * 1.05
-    # 32 FLOP per L2 byte: 2*64*64 / (2 * (64 + 64)).
-    assert p.flops / main == pytest.approx(32, rel=0.02)
+    main = 2 * 3072 * (1024 * 84 + 64 * 84 * 8)
+    scratch = 1024 * 1000 * 4
+    assert main + 3 * scratch <= p.l2_bytes < (main + 3 * scratch) * 1.01
+    # ~40 FLOP per L2 byte (2*128*64 / (2 * (128 + 64)) = 42.7 at full tiles; 60 of 64
+    # columns and the last output tile partly used) against 32 for the one-launch kernel,
+    # which re-reads x and y once per factor group:
+    assert p.flops / main == pytest.approx(2 * 1024 * 5000 * 3072 / main) and \
+        39 < p.flops / main < 42.7
+    legacy = cm.kernels("fused+saved", cm.Shape(rows=1024, **MFB), H200, "forward+backward")[0]
+    old = 2 * 3072 * (5 * 1024 * 16 + 5000 * 16)
+    assert legacy.flops / old == pytest.approx(32, rel=0.02)
+
+
+def test_wide_tile_table_matches_the_kernel():
+    from fbp_kernels.backends import triton_wide as W
+
+    for fam, cfg in W.WIDE_CONFIGS.items():
+        assert cm.WIDE_TILES[fam] == (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
+                                      cfg.num_stages, cfg.group_m), fam
 
 
 @pytest.mark.parametrize("mode", cm.MODES)
