@@ -233,7 +233,7 @@ def supports(factor: int, cfg: WideConfig) -> bool:
 
 def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps):
     """``(out (rows, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``."""
-    from .triton_kernels import _bias_args, dot_settings
+    from .triton_kernels import TileConfig, _bias_args, _int32_safe, dot_settings
 
     rows, m = x2.shape
     n = y2.shape[1]
@@ -246,6 +246,10 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
         return out, norm
     cfg = pick_wide_config(x2.dtype)
     block_j, block_jp = tile_outputs(cfg, factor)
+    # In-tile offsets are int32 (tile origins are int64 scalars): copy exotic strides, or
+    # refuse, exactly as the first kernel's launcher does.
+    x2, y2, wx, wy = _int32_safe(TileConfig(cfg.block_m, block_j, cfg.block_k, cfg.num_warps,
+                                            cfg.num_stages), x2, y2, wx, wy, factor)
     s = torch.empty((rows, o), dtype=acc, device=x2.device)
     bx_, by_, has_bias = _bias_args(bx, by, wx)
     dot_fp32, precision = dot_settings(x2.dtype)
