@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import BackendUnavailableError
+from .ops import refuse_double_backward
 
 #: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
 _MFH_MODULES = {
@@ -180,8 +181,10 @@ def _backward(ctx, grad_out, _grad_norms):
     wx, wy, bx, by = rest[:P], rest[P:2 * P], rest[2 * P:3 * P], rest[3 * P:4 * P]
     out, norms, seed = rest[4 * P:]
     factor, dropout, normalize, eps, backend = ctx.config
-    g = mfh_backward(grad_out.contiguous(), x, y, wx, wy, bx, by, out, norms, seed, factor,
-                     dropout, normalize, eps, backend)
+    with torch.no_grad():
+        g = mfh_backward(grad_out.contiguous(), x, y, wx, wy, bx, by, out, norms, seed, factor,
+                         dropout, normalize, eps, backend)
+    g = refuse_double_backward(g, (x, y, *wx, *wy, *bx, *by, grad_out))
     dx, dy, dg = g[0], g[1], g[2:]
     # A marker input gets its (empty) marker gradient back: same shape, so autograd
     # accepts it, and the marker never requires grad, so it goes nowhere.

@@ -34,6 +34,54 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY_SHAPE)
 
 
+#: Why a second backward through the fused ops fails, and what to use instead.
+DOUBLE_BACKWARD_MESSAGE = (
+    "fbp_kernels: double backward (create_graph=True followed by a second gradient, e.g. "
+    "a gradient penalty or MAML) is not supported: the fused backward is not itself "
+    "differentiable. For higher-order gradients use the plain-PyTorch reference "
+    "fbp_kernels.reference.fbp / fbp_kernels.reference.mfh, which autograd differentiates "
+    "to any order.")
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on the first-order gradients whose own backward raises.
+
+    ``apply(n, *grads, *anchors)``: the ``n`` gradients come back (as copies); the
+    anchors (the op's differentiable inputs) only connect them to the graph, so a
+    second backward reaches this node whichever input it starts from.
+    """
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(g.clone() for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+def refuse_double_backward(grads, anchors):
+    """Return ``grads`` (a sequence of tensors or None); under ``create_graph=True``
+    attach them to a node whose backward raises :data:`DOUBLE_BACKWARD_MESSAGE`.
+
+    Backends compute gradients with plain tensor ops; left to autograd under
+    ``create_graph=True`` those ops would record a partial, wrong second-order graph
+    (they treat the saved output and row norms as constants).  The backends' backward
+    therefore runs under ``no_grad`` and any second-order use is refused here.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return list(grads)
+    live = [a for a in anchors if isinstance(a, Tensor) and a.requires_grad]
+    idx = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+    if not live or not idx:
+        return list(grads)
+    wrapped = _RefuseDoubleBackward.apply(len(idx), *[grads[i] for i in idx], *live)
+    out = list(grads)
+    for i, g in zip(idx, wrapped):
+        out[i] = g
+    return out
+
+
 def _none_if_marker(t: Optional[Tensor]) -> Optional[Tensor]:
     # Real projections are (..., factor*o) with factor*o > 0, so shape (0,) is unambiguous.
     return None if t is None or tuple(t.shape) == _EMPTY_SHAPE else t
@@ -129,9 +177,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
     x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed = ctx.saved_tensors
     factor, dropout, normalize, eps, backend = ctx.config
-    dx, dy, dwx, dwy, dbx, dby = fbp_backward(
-        grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c,
-        seed, factor, dropout, normalize, eps, backend)
+    with torch.no_grad():
+        grads = fbp_backward(
+            grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c,
+            seed, factor, dropout, normalize, eps, backend)
+    dx, dy, dwx, dwy, dbx, dby = refuse_double_backward(
+        grads, (x, y, weight_x, weight_y, bias_x, bias_y, grad_out))
     return (dx, dy, dwx, dwy,
             dbx if bias_x is not None else None, dby if bias_y is not None else None,
             None, None, None, None, None, None, None)
@@ -165,8 +216,10 @@ class FBPFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c = ctx.saved_tensors
         impl, factor, dropout, seed, normalize, eps = ctx.config
-        res = impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y,
-                            out, norm, a, c, factor=factor, dropout=dropout, seed=seed,
-                            normalize=normalize, eps=eps)
-        return (res.dx, res.dy, res.dweight_x, res.dweight_y, res.dbias_x, res.dbias_y,
-                None, None, None, None, None, None, None)
+        with torch.no_grad():
+            res = impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x,
+                                bias_y, out, norm, a, c, factor=factor, dropout=dropout,
+                                seed=seed, normalize=normalize, eps=eps)
+        grads = refuse_double_backward(res, (x, y, weight_x, weight_y, bias_x, bias_y,
+                                             grad_out))
+        return (*grads, None, None, None, None, None, None, None)
