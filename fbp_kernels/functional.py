@@ -29,6 +29,31 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
                          f"got a 0-D tensor")
 
 
+def _traced(v) -> bool:
+    """Whether ``v`` may be a value torch.compile traces symbolically.  Inside Dynamo a
+    float argument or module attribute can be a SymFloat that still passes
+    ``isinstance(v, float)``, so "while compiling" is the test, plus the Sym types for
+    code that runs on symbolic values outside Dynamo (AOTAutograd, export)."""
+    return torch.compiler.is_compiling() or isinstance(v, (torch.SymFloat, torch.SymInt))
+
+
+def _eps_message(eps) -> str:
+    return (f"eps must be a finite float > 0 (the smoothing of the signed square root), "
+            f"got {eps!r}")
+
+
+def check_eps(eps: float) -> None:
+    """The range check of a concrete ``eps`` (ValueError)."""
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(_eps_message(eps))
+
+
+def as_float(v):
+    """``float(v)`` for concrete numbers; a traced value passes through untouched
+    (``float()`` would force torch.compile to specialise on it)."""
+    return v if _traced(v) else float(v)
+
+
 def check_options(factor, dropout, eps, backend: str = "auto") -> None:
     """Validate the non-tensor options (shared by fbp() and the modules' constructors)."""
     if isinstance(factor, bool) or not isinstance(factor, int):
@@ -38,10 +63,13 @@ def check_options(factor, dropout, eps, backend: str = "auto") -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
             or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
-            or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite float > 0 (the smoothing of the signed "
-                         f"square root), got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, torch.SymFloat)):
+        raise ValueError(_eps_message(eps))
+    if not _traced(eps):
+        check_eps(eps)
+    # else: torch.compile may trace eps as a SymFloat (dynamic=True, or after a
+    # recompile for a new value); testing its range here would specialise on it, so
+    # the registered op checks the concrete value when it runs, with the same error.
     if backend != "auto" and backend not in backends.NAMES:
         raise ValueError(f"backend must be 'auto' or one of {list(backends.NAMES)}, "
                          f"got {backend!r}")
@@ -184,7 +212,7 @@ def fbp(
     seed = dropout_seed(training, dropout)
     if seed is None:
         dropout = 0.0
-    args = (factor, float(dropout), bool(normalize), float(eps), bool(save_projections),
+    args = (factor, float(dropout), bool(normalize), as_float(eps), bool(save_projections),
             backend_name)
     with no_autocast(device.type, cast_dtype):
         if torch.compiler.is_compiling():

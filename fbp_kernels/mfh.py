@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import mfh_ops
-from .functional import (_autocast, _autocast_dtype, check_inputs, check_options,
+from .functional import (_autocast, _autocast_dtype, as_float, check_inputs, check_options,
                          dropout_seed, no_autocast)
 from .reference import DEFAULT_EPS
 
@@ -170,7 +170,7 @@ def mfh(
         out, _ = mfh_ops.mfh_forward(
             x, y, weights_x, weights_y, mfh_ops.to_marker_list(biases_x, x),
             mfh_ops.to_marker_list(biases_y, x), seed, factor, float(dropout),
-            bool(normalize), float(eps), backend)
+            bool(normalize), as_float(eps), backend)
     return out
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import BackendUnavailableError
-from .ops import refuse_double_backward
+from .ops import check_concrete_eps, refuse_double_backward
 
 #: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
 _MFH_MODULES = {
@@ -120,6 +120,7 @@ def mfh_forward(
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``(out (..., P*o), norms (..., P))``; ``norms`` is empty when
     ``normalize`` is false."""
+    check_concrete_eps(eps)
     impl = resolve(backend, x.device, len(weights_x))
     res = impl.forward(x, y, list(weights_x), list(weights_y), _from_markers(biases_x),
                        _from_markers(biases_y), factor=factor, dropout=dropout,

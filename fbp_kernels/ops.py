@@ -100,12 +100,21 @@ def fbp_forward(
     save_projections: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, norm, a, c)``; ``norm``, ``a``, ``c`` are empty when unused."""
+    check_concrete_eps(eps)
     impl = backends.resolve(backend, x.device)
     res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
                        dropout=dropout, seed=_seed_value(seed), normalize=normalize,
                        eps=eps, save_projections=save_projections)
     # Outputs of a custom op may not alias its inputs or each other.
     return (res.out, _or_empty(res.norm, x), _or_empty(res.a, x), _or_empty(res.c, x))
+
+
+def check_concrete_eps(eps: float) -> None:
+    """The operators see ``eps`` as a concrete float even when torch.compile traced it
+    symbolically (then the front end could not check it): check it here."""
+    from .functional import check_eps  # functional imports this module
+
+    check_eps(eps)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:

@@ -72,3 +72,56 @@ def test_create_graph_first_order_gradients_still_match():
     want = torch.autograd.grad(ref_out.sum(), (x, wx))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ R2 eps traced symbolically
+
+def _layer(eps, cls=fbp_kernels.FactorizedBilinearPooling, **kw):
+    torch.manual_seed(0)
+    return cls(M, N, O, factor=FACTOR, eps=eps, backend="torch", **kw).double()
+
+
+def _xy():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(ROWS, M, generator=gen, dtype=torch.float64),
+            torch.randn(ROWS, N, generator=gen, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", [fbp_kernels.FactorizedBilinearPooling, fbp_kernels.MFH],
+                         ids=["fbp", "mfh"])
+def test_compile_dynamic_traces_eps(cls):
+    layer = _layer(1e-3, cls)
+    x, y = _xy()
+    got = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")(x, y)
+    torch.testing.assert_close(got, layer(x, y), rtol=0, atol=0)
+
+
+def test_compile_two_layers_with_different_eps():
+    a, b = _layer(1e-2), _layer(1e-5)
+    x, y = _xy()
+    ca = torch.compile(a, fullgraph=True, backend="aot_eager")
+    cb = torch.compile(b, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(ca(x, y), a(x, y), rtol=0, atol=0)
+    torch.testing.assert_close(cb(x, y), b(x, y), rtol=0, atol=0)
+    assert not torch.equal(a(x, y), b(x, y))  # eps really reached the computation
+
+
+def test_compile_eps_changed_after_compiling():
+    layer = _layer(1e-2)
+    x, y = _xy()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(x, y)
+    layer.eps = 1e-5
+    torch.testing.assert_close(compiled(x, y), layer(x, y), rtol=0, atol=0)
+
+
+def test_compile_eps_as_argument():
+    x, y = _xy()
+    _, _, wx, wy, bx, by = (t.detach() if t is not None else None for t in _tensors())
+
+    def f(x, y, eps):
+        return fbp_kernels.fbp(x, y, wx, wy, bx, by, factor=FACTOR, eps=eps, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for eps in (1e-2, 1e-4, 1e-6):
+        torch.testing.assert_close(compiled(x, y, eps), f(x, y, eps), rtol=0, atol=0)
