@@ -125,3 +125,59 @@ def test_compile_eps_as_argument():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for eps in (1e-2, 1e-4, 1e-6):
         torch.testing.assert_close(compiled(x, y, eps), f(x, y, eps), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ R3 zero rows, every dtype
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _zero_row_problem(dtype, zero_row=1):
+    """x row ``zero_row`` all zeros and no bias: every pooled value of that row is 0."""
+    x, y, wx, wy, _, _ = (t.detach() if t is not None else None
+                          for t in _tensors(torch.float64, bias=False))
+    x[zero_row] = 0
+    return [t.to(dtype).requires_grad_() for t in (x, y, wx, wy)]
+
+
+def _check_zero_row_grads(grads, names, x_grad, dtype, zero_row=1):
+    for name, g in zip(names, grads):
+        assert torch.isfinite(g).all(), f"d{name} not finite in {dtype}"
+    # The convention: a degenerate row contributes no gradient at all.
+    assert torch.equal(x_grad[zero_row], torch.zeros_like(x_grad[zero_row]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_row_gives_finite_zero_gradient_in_every_dtype(dtype, backend):
+    tensors = _zero_row_problem(dtype)
+    out = fbp_kernels.fbp(*tensors, factor=FACTOR, backend=backend)
+    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(dtype)
+    grads = torch.autograd.grad(out, tensors, g)
+    _check_zero_row_grads(grads, ("x", "y", "weight_x", "weight_y"), grads[0], dtype)
+    if dtype == torch.float64:
+        ref = [t.detach().requires_grad_() for t in tensors]
+        want = torch.autograd.grad(fbp_kernels.reference.fbp(*ref, factor=FACTOR), ref, g)
+        for got, w in zip(grads, want):
+            torch.testing.assert_close(got, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mfh_backend", MFH_BACKENDS)
+def test_mfh_zero_row_gives_finite_zero_gradient_in_every_dtype(dtype, mfh_backend):
+    x, y, wx, wy = _zero_row_problem(dtype)
+    wx2 = (wx.detach() * 0.5).requires_grad_()
+    out = fbp_kernels.mfh(x, y, [wx, wx2], [wy, wy], factor=FACTOR, backend=mfh_backend)
+    grads = torch.autograd.grad(out, (x, y, wx, wx2, wy), torch.ones_like(out))
+    _check_zero_row_grads(grads, ("x", "y", "weights_x[0]", "weights_x[1]", "weights_y"),
+                          grads[0], dtype)
+
+
+def test_reference_zero_row_gradient_is_zero():
+    # The specification itself follows the convention (its forward is F.normalize's).
+    x, y, wx, wy = _zero_row_problem(torch.float64)
+    out = fbp_kernels.reference.fbp(x, y, wx, wy, factor=FACTOR)
+    torch.testing.assert_close(out, torch.nn.functional.normalize(
+        fbp_kernels.reference.signed_sqrt(fbp_kernels.reference.fbp(
+            x, y, wx, wy, factor=FACTOR, normalize=False)), dim=-1), rtol=0, atol=0)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(gx[1], torch.zeros_like(gx[1]))

@@ -14,7 +14,8 @@ batch size in training.
 Backward, per row, given ``g = dL/dz`` (SPEC.md)::
 
     r  = max(||t||, delta)
-    dt = (g - z <z, g>) / r          if ||t|| > delta, else g / delta
+    dt = (g - z <z, g>) / r          if ||t|| > delta, else 0  (degenerate row, see
+                                     reference.py: finite in every dtype)
     t  = z * r                       exact in both branches, so s is never needed:
     ds = dt * 0.5 / (|t| + sqrt(eps))   (= dt * t'(s) for the zero-safe t)
     dp = repeat(ds, factor) * mask / (1 - rate)
@@ -96,7 +97,10 @@ def grad_pooled(grad: Tensor, out: Tensor, norm: Optional[Tensor], *, normalize:
     z = out.to(norm.dtype)
     r = norm.clamp_min(NORM_DELTA).unsqueeze(-1)
     proj = (g - z * (z * g).sum(-1, keepdim=True)) / r
-    dt = torch.where(norm.unsqueeze(-1) > NORM_DELTA, proj, g / NORM_DELTA)
+    # A degenerate row (||t|| <= delta: all zeros, or every product dropped) gets zero
+    # gradient (reference.py).  The clamp's slope 1/delta = 1e12 would overflow fp16
+    # and bf16 once cast, and inf * 0 then poisons every weight gradient.
+    dt = torch.where(norm.unsqueeze(-1) > NORM_DELTA, proj, torch.zeros_like(proj))
     t = z * r
     return dt * (0.5 / (t.abs() + math.sqrt(eps)))
 

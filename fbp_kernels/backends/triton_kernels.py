@@ -275,9 +275,10 @@ def _fbp_bwd_kernel(
         norm = tl.load(norm_ptr + row0 + rm, mask=m_mask, other=1.0)
         zg = tl.load(zg_ptr + row0 + rm, mask=m_mask, other=0.0)
         r = tl.maximum(norm, _NORM_DELTA)
-        # d z / d t: project out z and divide by r; below delta the clamp makes it 1/delta.
+        # d z / d t: project out z and divide by r; a degenerate row (norm <= delta)
+        # gets zero gradient, the convention of reference.py (finite in every dtype).
         dt = tl.where((norm > _NORM_DELTA)[:, None], (g - z * zg[:, None]) / r[:, None],
-                      g / _NORM_DELTA)
+                      0.0)
         t = z * r[:, None]
         ds = dt * (0.5 / (tl.abs(t) + sqrt_eps))
     else:
