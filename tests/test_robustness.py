@@ -181,3 +181,43 @@ def test_reference_zero_row_gradient_is_zero():
             x, y, wx, wy, factor=FACTOR, normalize=False)), dim=-1), rtol=0, atol=0)
     (gx,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(gx[1], torch.zeros_like(gx[1]))
+
+
+# ------------------------------------------------------------------ R4 zero-width inputs
+
+def _zero_width(which):
+    m, n = (0, N) if which == "m" else (M, 0)
+    return _tensors(torch.float64, m=m, n=n)
+
+
+def _check_against_reference(out, ref_out, inputs, ref_inputs):
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    got = torch.autograd.grad(out, inputs, g)
+    want = torch.autograd.grad(ref_out, ref_inputs, g)
+    for a, b, t in zip(got, want, inputs):
+        assert a.shape == t.shape  # e.g. weight_x's gradient is (factor*o, 0)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["m", "n"])
+def test_zero_width_input_projects_to_the_bias(which, backend):
+    tensors = _zero_width(which)
+    ref = [t.detach().requires_grad_() for t in tensors]
+    out = fbp_kernels.fbp(*tensors, factor=FACTOR, backend=backend)
+    _check_against_reference(out, fbp_kernels.reference.fbp(*ref, factor=FACTOR),
+                             tensors, ref)
+
+
+@pytest.mark.parametrize("which", ["m", "n"])
+@pytest.mark.parametrize("mfh_backend", MFH_BACKENDS)
+def test_mfh_zero_width_input_projects_to_the_bias(which, mfh_backend):
+    x, y, wx, wy, bx, by = _zero_width(which)
+    tensors = [x, y, wx, wy, bx, by]
+    ref = [t.detach().requires_grad_() for t in tensors]
+
+    def run(f, x, y, wx, wy, bx, by, **kw):
+        return f(x, y, [wx, wx], [wy, wy], [bx, bx], [by, None], factor=FACTOR, **kw)
+
+    out = run(fbp_kernels.mfh, *tensors, backend=mfh_backend)
+    _check_against_reference(out, run(fbp_kernels.reference.mfh, *ref), tensors, ref)

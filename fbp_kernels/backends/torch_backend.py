@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import NORM_DELTA
-from ._common import BackwardResult, ForwardResult, acc_dtype
+from ._common import BackwardResult, ForwardResult, acc_dtype, as_rows
 
 NAME = "torch"
 
@@ -125,8 +125,8 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     da2, dc2 = da.reshape(-1, ko), dc.reshape(-1, ko)
     dx = (da2 @ weight_x).view(x.shape)
     dy = (dc2 @ weight_y).view(y.shape)
-    dwx = da2.t() @ x.reshape(-1, x.shape[-1])
-    dwy = dc2.t() @ y.reshape(-1, y.shape[-1])
+    dwx = da2.t() @ as_rows(x)
+    dwy = dc2.t() @ as_rows(y)
     dbx = da2.sum(0) if bias_x is not None else None
     dby = dc2.sum(0) if bias_y is not None else None
     return BackwardResult(dx, dy, dwx, dwy, dbx, dby)

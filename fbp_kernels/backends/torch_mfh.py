@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import NORM_DELTA
-from ._common import acc_dtype, broadcast_batch
+from ._common import acc_dtype, as_rows, broadcast_batch
 from .torch_backend import dropout_mask, grad_pooled
 
 NAME = "torch"
@@ -190,7 +190,7 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
     dwy: List[Tensor] = [None] * order
     dbx: List[Optional[Tensor]] = [None] * order
     dby: List[Optional[Tensor]] = [None] * order
-    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    x2, y2 = as_rows(x), as_rows(y)
     u_next = None  # u_{l+1} = G_{l+1} * d_{l+1}
     for l in reversed(range(order)):
         sl = slice(l * o, (l + 1) * o)
