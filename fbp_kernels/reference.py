@@ -61,10 +61,28 @@ def signed_sqrt_grad(s: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     return 0.5 * torch.rsqrt(s.abs() + eps)
 
 
+def row_norm(t: Tensor, keepdim: bool = False) -> Tensor:
+    """``||t||_2`` over the last dimension, scaled before squaring so it cannot overflow.
+
+    ``torch.linalg.vector_norm`` squares as it is: fp32 values above ~1.3e19 (which
+    ``t`` reaches when the products near fp32's top) give ``inf``.  Each row is divided
+    by a power of two ``2^(e-1)`` with ``2^(e-1) <= max|t| < 2^e`` first: exact, so for
+    values that did not overflow the result is bitwise that of ``vector_norm``.  The
+    scale is a constant for autograd (the norm is 1-homogeneous, so this is exact).
+    """
+    amax = t.detach().abs().amax(dim=-1, keepdim=True) if t.shape[-1] else \
+        t.detach().new_zeros((*t.shape[:-1], 1))
+    _, e = torch.frexp(amax)  # amax = mantissa * 2^e; e = 0 for 0, inf and NaN
+    scale = torch.exp2((e - 1).to(t.dtype))
+    norm = torch.linalg.vector_norm(t / scale, dim=-1, keepdim=True) * scale
+    return norm if keepdim else norm.squeeze(-1)
+
+
 def l2_normalize(t: Tensor) -> Tensor:
     """``t / max(||t||, NORM_DELTA)`` over the last dimension (``F.normalize``'s
-    forward), with zero gradient at degenerate rows ``||t|| <= NORM_DELTA``."""
-    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    forward, with an overflow-safe norm), with zero gradient at degenerate rows
+    ``||t|| <= NORM_DELTA``."""
+    norm = row_norm(t, keepdim=True)
     return torch.where(norm > NORM_DELTA, t / norm.clamp_min(NORM_DELTA),
                        t.detach() / NORM_DELTA)
 

@@ -221,3 +221,56 @@ def test_mfh_zero_width_input_projects_to_the_bias(which, mfh_backend):
 
     out = run(fbp_kernels.mfh, *tensors, backend=mfh_backend)
     _check_against_reference(out, run(fbp_kernels.reference.mfh, *ref), tensors, ref)
+
+
+# ------------------------------------------------------------------ R5 overflow-safe norms
+
+def _huge_problem():
+    """fp32 products near the top of the range: |a|, |c| up to 1.5e19, a*c up to 2.25e38
+    (fp32 max 3.4e38), factor 1, so each pooled value fits but sum(t^2) would not."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.tensor([[1.5e19], [-1.5e19], [1.0]], dtype=torch.float64)
+    y = torch.tensor([[1.5e19], [1.5e19], [1.5e19]], dtype=torch.float64)
+    wx = torch.rand(4, 1, generator=gen, dtype=torch.float64) * 0.5 + 0.5
+    wy = torch.rand(4, 1, generator=gen, dtype=torch.float64) * 0.5 + 0.5
+    return x, y, wx, wy
+
+
+def _check_huge(run):
+    x, y, wx, wy = _huge_problem()
+    got = [t.float().requires_grad_() for t in (x, y, wx, wy)]
+    ref = [t.clone().requires_grad_() for t in (x, y, wx, wy)]
+    out, want = run(*got), run(*ref, reference=True)
+    # Each output is O(1) and each step is a handful of fp32 roundings: 1e-5 relative.
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(want)
+    # The weights' gradients are O(1) (z ~ sqrt(w_x w_y) per column); x's and y's are
+    # not compared: z does not depend on their scale, so the exact dx is ~0 and fp32
+    # gives rounding noise around it.  Intermediates of the backward reach ~1e-39,
+    # fp32 subnormals (relative spacing ~1e-6 there): 1e-3 leaves room for that.
+    gots = torch.autograd.grad(out, got, g.float())
+    for a in gots:
+        assert torch.isfinite(a).all()
+    for a, b in zip(gots[2:], torch.autograd.grad(want, ref[2:], g)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-6)
+
+
+def test_norm_does_not_overflow_near_fp32_max(backend):
+    _check_huge(lambda *t, reference=False: (fbp_kernels.reference.fbp(*t, factor=1)
+                if reference else fbp_kernels.fbp(*t, factor=1, backend=backend)))
+
+
+@pytest.mark.parametrize("mfh_backend", MFH_BACKENDS)
+def test_mfh_norm_does_not_overflow_near_fp32_max(mfh_backend):
+    # Order 1 (a second block would multiply two huge products, which overflows).
+    _check_huge(lambda x, y, wx, wy, reference=False: (
+        fbp_kernels.reference.mfh(x, y, [wx], [wy], factor=1) if reference
+        else fbp_kernels.mfh(x, y, [wx], [wy], factor=1, backend=mfh_backend)))
+
+
+def test_reference_norm_does_not_overflow_and_is_exact_elsewhere():
+    t = torch.tensor([[3e19, 4e19], [3.0, 4.0], [0.0, 0.0]])
+    torch.testing.assert_close(fbp_kernels.reference.row_norm(t),
+                               torch.tensor([5e19, 5.0, 0.0]), rtol=1e-6, atol=0)
+    r = torch.randn(64, 7)
+    assert torch.equal(fbp_kernels.reference.row_norm(r), torch.linalg.vector_norm(r, dim=-1))

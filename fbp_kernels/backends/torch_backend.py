@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import NORM_DELTA
+from ..reference import NORM_DELTA, row_norm
 from ._common import BackwardResult, ForwardResult, acc_dtype, as_rows
 
 NAME = "torch"
@@ -80,7 +80,7 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
     # Power and L2 normalisation on (rows, o) only: done in fp32 for half inputs.
     sf = s.to(acc_dtype(s.dtype))
     t = sf / (torch.sqrt(sf.abs() + eps) + math.sqrt(eps))  # zero-safe signed sqrt
-    norm = torch.linalg.vector_norm(t, dim=-1)
+    norm = row_norm(t)  # scaled before squaring: no overflow for |t| near 1e19
     z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
     return ForwardResult(z.to(s.dtype), norm, a, c)
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import NORM_DELTA
+from ..reference import NORM_DELTA, row_norm
 from ._common import acc_dtype, as_rows, broadcast_batch
 from .torch_backend import dropout_mask, grad_pooled
 
@@ -107,7 +107,7 @@ def _normalized(s: Tensor, eps: float):
     # then bitwise equal to FBP.  Done in fp32 for half inputs (it is only (rows, o)).
     sf = s.to(acc_dtype(s.dtype))
     t = sf / (torch.sqrt(sf.abs() + eps) + math.sqrt(eps))
-    norm = torch.linalg.vector_norm(t, dim=-1)
+    norm = row_norm(t)
     z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
     return z.to(s.dtype), norm
 

@@ -11,10 +11,12 @@ accumulators live at once (A_i, C_i, s).
 
 Row norm ("last program finishes", one launch).  The L2 norm of a row spans every
 output tile, i.e. several programs.  Each program writes its tile of
-``t = signed_sqrt(s)`` (fp32 scratch) and its partial ``sum(t^2)`` per row, then
+``t = signed_sqrt(s)`` (fp32 scratch) and, per row, its max ``|t|`` and partial
+``sum((t/max)^2)`` (scaled before squaring: ``t^2`` summed over a row overflows fp32
+for ``|t|`` near 1e19), then
 takes a ticket from a per-row-block counter (``atomic_add``, acq_rel, after a CTA
 barrier so the whole tile is published).  The program that draws the last ticket
-sums the partials in tile order (deterministic), writes ``||t||`` and rescales the
+combines the partials in tile order (deterministic), writes ``||t||`` and rescales the
 row block's ``t`` into the output, then resets the counter to 0 so the cached
 counter buffer is ready for the next launch.  Cost: an extra read and write of
 ``rows x o`` fp32 (``8*o`` bytes per row, against ``2*K*o*(m+n)`` FLOPs per row of
@@ -188,19 +190,36 @@ def _finish_normalised(s, rm, offs_o, m_mask, tile_mask, pid_m, pid_o, row0, row
     t_base = t_ptr + row0 * stride_tr
     out_base = out_ptr + row0 * stride_or
     tl.store(t_base + rm[:, None] * stride_tr + offs_o[None, :], t, mask=tile_mask)
-    tl.store(partial_ptr + pid_o * rows64 + row0 + rm, tl.sum(t * t, axis=1), mask=m_mask)
     n_tiles = tl.num_programs(1)
+    # Overflow-safe partials (scale before squaring): |t| reaches ~1.8e19 in fp32, and
+    # the sum of a row's t^2 would overflow to inf.  Each tile stores its per-row max
+    # |t| (second half of `partial`) and sum((t / max)^2) (first half).
+    amax = tl.max(tl.abs(t), axis=1)
+    tu = t * (1.0 / tl.where(amax > 0, amax, 1.0))[:, None]
+    tl.store(partial_ptr + pid_o * rows64 + row0 + rm, tl.sum(tu * tu, axis=1), mask=m_mask)
+    tl.store(partial_ptr + (n_tiles + pid_o) * rows64 + row0 + rm, amax, mask=m_mask)
     # Publish the whole tile (every thread's stores) before the release of the ticket.
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
     if ticket == n_tiles - 1:
-        # Last program of this row block: finish the norm (partials summed in tile
+        # Last program of this row block: finish the norm (partials combined in tile
         # order: deterministic) and rescale the row block's t into the output.
+        # One pass with a running scale: ||t|| = big * sqrt(sumsq), where sumsq is
+        # sum(t^2) / big^2 over the tiles seen so far and big their max |t|.
+        big = tl.zeros((BLOCK_M,), dtype=t.dtype)
         sumsq = tl.zeros((BLOCK_M,), dtype=t.dtype)
         for j in range(0, n_tiles):
-            sumsq += tl.load(partial_ptr + j * rows64 + row0 + rm, mask=m_mask, other=0.0,
-                             cache_modifier=".cg")
-        norm = tl.sqrt(sumsq)
+            pmax = tl.load(partial_ptr + (n_tiles + j) * rows64 + row0 + rm, mask=m_mask,
+                           other=0.0, cache_modifier=".cg")
+            psum = tl.load(partial_ptr + j * rows64 + row0 + rm, mask=m_mask, other=0.0,
+                           cache_modifier=".cg")
+            nbig = tl.maximum(big, pmax)
+            inv = 1.0 / tl.where(nbig > 0, nbig, 1.0)
+            rb = big * inv
+            rp = pmax * inv
+            sumsq = sumsq * (rb * rb) + psum * (rp * rp)
+            big = nbig
+        norm = big * tl.sqrt(sumsq)
         tl.store(norm_ptr + row0 + rm, norm, mask=m_mask)
         inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
         for j in range(0, n_tiles):
@@ -487,7 +506,8 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
     if normalize:
         t = torch.empty((rows, o), dtype=acc, device=x2.device)
-        partial = torch.empty((grid[1], rows), dtype=acc, device=x2.device)
+        # Per output tile and row: sum((t/max)^2), then (second half) max |t|.
+        partial = torch.empty((2 * grid[1], rows), dtype=acc, device=x2.device)
         norm = torch.empty((rows,), dtype=acc, device=x2.device)
         counters = _row_block_counters(grid[0], x2.device)
     else:

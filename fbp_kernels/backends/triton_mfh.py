@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import NORM_DELTA
+from ..reference import NORM_DELTA, row_norm
 from ._common import acc_dtype, flatten_rows, unflatten_grad
 from .torch_backend import grad_pooled
 from .torch_mfh import MFHBackwardResult, MFHForwardResult, block_seed
@@ -408,7 +408,7 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
     if not normalize:
         return MFHForwardResult(t.to(x.dtype).view(*batch, order * o), None)
     tv = t.view(rows, order, o)
-    norms = torch.linalg.vector_norm(tv, dim=-1)  # (rows, P)
+    norms = row_norm(tv)  # (rows, P), scaled before squaring
     out = (tv / norms.clamp_min(NORM_DELTA).unsqueeze(-1)).to(x.dtype)
     return MFHForwardResult(out.view(*batch, order * o), norms.view(*batch, order))
 
