@@ -274,3 +274,14 @@ def test_reference_norm_does_not_overflow_and_is_exact_elsewhere():
                                torch.tensor([5e19, 5.0, 0.0]), rtol=1e-6, atol=0)
     r = torch.randn(64, 7)
     assert torch.equal(fbp_kernels.reference.row_norm(r), torch.linalg.vector_norm(r, dim=-1))
+
+
+# ------------------------------------------------------------------ R6 meta device, dropout on
+
+@pytest.mark.parametrize("cls", [fbp_kernels.FactorizedBilinearPooling, fbp_kernels.MFH],
+                         ids=["fbp", "mfh"])
+def test_meta_forward_with_dropout_gives_the_shape(cls):
+    layer = cls(M, N, O, factor=FACTOR, dropout=0.3, device="meta").train()
+    out = layer(torch.empty(7, 1, M, device="meta"), torch.empty(ROWS, N, device="meta"))
+    width = O * (layer.order if cls is fbp_kernels.MFH else 1)
+    assert out.device.type == "meta" and out.shape == (7, ROWS, width)

@@ -52,6 +52,9 @@ def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
     A private ``torch.Generator`` seeded with ``seed`` makes the mask a pure function
     of the seed, so backward regenerates it instead of storing it.
     """
+    if torch.device(device).type == "meta":
+        # Shape propagation only: the meta device has no generator (and no data).
+        return torch.empty(shape, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     return torch.rand(shape, generator=gen, device=device) >= rate
