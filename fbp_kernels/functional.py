@@ -54,12 +54,18 @@ def as_float(v):
     return v if _traced(v) else float(v)
 
 
+def check_size(name: str, value) -> None:
+    """A positive int argument (sizes, ``factor``, ``order``): TypeError for anything
+    but an int (a bool included), ValueError below 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def check_options(factor, dropout, eps, backend: str = "auto") -> None:
     """Validate the non-tensor options (shared by fbp() and the modules' constructors)."""
-    if isinstance(factor, bool) or not isinstance(factor, int):
-        raise TypeError(f"factor must be an int, got {type(factor).__name__}")
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
+    check_size("factor", factor)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
             or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import mfh_ops
 from .functional import (_autocast, _autocast_dtype, as_float, check_inputs, check_options,
                          dropout_seed, no_autocast)
+from .modules import check_factor_divides, check_layer_args
 from .reference import DEFAULT_EPS
 
 __all__ = ["mfh", "MultimodalFactorizedHighOrderPooling", "MFH"]
@@ -190,13 +191,8 @@ class MultimodalFactorizedHighOrderPooling(nn.Module):
                  normalize: bool = True, eps: float = DEFAULT_EPS, backend: str = "auto",
                  device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
-        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-            raise ValueError(f"order must be an int >= 1, got {order!r}")
-        if isinstance(out_features, bool) or not isinstance(out_features, int) \
-                or out_features < 1:
-            raise ValueError(f"out_features must be an int >= 1, got {out_features!r}")
+        check_layer_args(x_features, y_features, out_features, factor, dropout, eps, backend,
+                         order)
         kw = {"device": device, "dtype": dtype}
         self.proj_x = nn.ModuleList(
             nn.Linear(x_features, factor * out_features, bias=bias, **kw) for _ in range(order))
@@ -240,9 +236,8 @@ class MultimodalFactorizedHighOrderPooling(nn.Module):
             if len({lin.in_features for lin in seq}) > 1:
                 raise ValueError(f"all of {name} must take the same in_features, got "
                                  f"{[lin.in_features for lin in seq]}")
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or ko % factor:
-            raise ValueError(f"factor must be an int >= 1 dividing out_features={ko}, "
-                             f"got {factor!r}")
+        check_options(factor, dropout, eps, backend)
+        check_factor_divides(factor, ko)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.proj_x, self.proj_y = projs_x, projs_y

@@ -285,3 +285,39 @@ def test_meta_forward_with_dropout_gives_the_shape(cls):
     out = layer(torch.empty(7, 1, M, device="meta"), torch.empty(ROWS, N, device="meta"))
     width = O * (layer.order if cls is fbp_kernels.MFH else 1)
     assert out.device.type == "meta" and out.shape == (7, ROWS, width)
+
+
+# ------------------------------------------------------------------ R7 one constructor check
+
+@pytest.mark.parametrize("cls", [fbp_kernels.FactorizedBilinearPooling, fbp_kernels.MFH],
+                         ids=["fbp", "mfh"])
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(x_features=0), ValueError, r"x_features must be an int >= 1"),
+    (dict(x_features=-1), ValueError, r"x_features must be an int >= 1"),
+    (dict(x_features=True), TypeError, r"x_features must be an int, got bool"),
+    (dict(y_features=2.0), TypeError, r"y_features must be an int, got float"),
+    (dict(out_features=0), ValueError, r"out_features must be an int >= 1"),
+    (dict(factor=2.0), TypeError, r"factor must be an int, got float"),
+    (dict(factor=0), ValueError, r"factor must be an int >= 1"),
+    (dict(dropout=1.0), ValueError, r"dropout"),
+    (dict(eps=-1.0), ValueError, r"eps"),
+], ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]!r}" for k in v))
+def test_both_modules_check_their_arguments_alike(cls, kw, exc, match):
+    args = dict(x_features=M, y_features=N, out_features=O, factor=FACTOR)
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        cls(**args)
+
+
+@pytest.mark.parametrize("order, exc", [(0, ValueError), (True, TypeError), (2.0, TypeError)])
+def test_mfh_order_is_checked_like_the_sizes(order, exc):
+    with pytest.raises(exc, match="order must be an int"):
+        fbp_kernels.MFH(M, N, O, factor=FACTOR, order=order)
+
+
+def test_from_linear_factor_type_error_alike():
+    lin = [torch.nn.Linear(M, KO), torch.nn.Linear(N, KO)]
+    with pytest.raises(TypeError, match="factor must be an int"):
+        fbp_kernels.FactorizedBilinearPooling.from_linear(*lin, factor=2.0)
+    with pytest.raises(TypeError, match="factor must be an int"):
+        fbp_kernels.MFH.from_linear([lin[0]], [lin[1]], factor=2.0)
