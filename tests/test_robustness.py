@@ -321,3 +321,19 @@ def test_from_linear_factor_type_error_alike():
         fbp_kernels.FactorizedBilinearPooling.from_linear(*lin, factor=2.0)
     with pytest.raises(TypeError, match="factor must be an int"):
         fbp_kernels.MFH.from_linear([lin[0]], [lin[1]], factor=2.0)
+
+
+# ------------------------------------------------------------------ R8 the whole 64-bit seed
+
+@pytest.mark.parametrize("high", [2**32, 2**40, 2**61])
+def test_torch_backend_mask_depends_on_every_seed_bit(high):
+    from fbp_kernels.backends import torch_backend
+    shape, rate = (16, 64), 0.5
+    for s in (0, 12345, 2**31 + 7):
+        a = torch_backend.dropout_mask(s, shape, rate, "cpu")
+        b = torch_backend.dropout_mask(s + high, shape, rate, "cpu")
+        # Two independent masks of 1024 fair coins agree everywhere with prob. 2^-1024.
+        assert not torch.equal(a, b), f"seeds {s} and {s}+{high} give the same mask"
+    # Still a pure function of the seed (backward regenerates it).
+    assert torch.equal(torch_backend.dropout_mask(99 + high, shape, rate, "cpu"),
+                       torch_backend.dropout_mask(99 + high, shape, rate, "cpu"))

@@ -46,17 +46,35 @@ def unsupported_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+_MASK64 = 2**64 - 1
+
+
+def mix_seed(seed: int) -> int:
+    """SplitMix64's finaliser of ``seed``: a 64-bit value whose every bit depends on
+    every bit of ``seed``.
+
+    The CPU generator (mt19937) keeps only 32 bits of what ``manual_seed`` gets, so
+    the raw seed would make ``s`` and ``s + 2**32`` draw the same mask; the mixed
+    seed's low 32 bits depend on all 64 bits of ``s``.
+    """
+    z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
     """The keep-mask (bool, ``shape``) this backend draws for ``seed``.
 
-    A private ``torch.Generator`` seeded with ``seed`` makes the mask a pure function
-    of the seed, so backward regenerates it instead of storing it.
+    A private ``torch.Generator`` seeded with ``mix_seed(seed)`` makes the mask a pure
+    function of the seed (all 64 bits of it), so backward regenerates it instead of
+    storing it.
     """
     if torch.device(device).type == "meta":
         # Shape propagation only: the meta device has no generator (and no data).
         return torch.empty(shape, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(mix_seed(seed))
     return torch.rand(shape, generator=gen, device=device) >= rate
 
 
