@@ -60,6 +60,30 @@ class _RefuseDoubleBackward(torch.autograd.Function):
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
 
 
+#: Why backward failed after the output was changed in place.
+INPLACE_MESSAGE = (
+    "fbp_kernels: the output of fbp/mfh was modified in place (e.g. by "
+    "nn.ReLU(inplace=True)) before backward; with normalize=True the fused backward "
+    "needs that output as it was returned. Use an out-of-place op (nn.ReLU(inplace=False)) "
+    "or clone the output first. With normalize=False the output is not saved and "
+    "in-place ops on it are fine.")
+
+
+def saved_tensors(ctx):
+    """``ctx.saved_tensors``, turning autograd's version-counter error (which names an
+    internal view on the kernel backends) into one that says what happened.
+
+    The output is saved only when ``normalize=True``: the backward of the raw pooled
+    sum needs only the inputs, so then in-place ops on the output just work.
+    """
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as exc:
+        if "modified by an inplace operation" in str(exc):
+            raise RuntimeError(INPLACE_MESSAGE) from exc
+        raise
+
+
 def refuse_double_backward(grads, anchors):
     """Return ``grads`` (a sequence of tensors or None); under ``create_graph=True``
     attach them to a node whose backward raises :data:`DOUBLE_BACKWARD_MESSAGE`.
@@ -157,8 +181,8 @@ def fbp_backward(
     """Returns ``[dx, dy, dweight_x, dweight_y, dbias_x, dbias_y]`` (empty bias grads
     when there is no bias)."""
     impl = backends.resolve(backend, x.device)
-    res = impl.backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out,
-                        norm if normalize else None, _none_if_marker(a), _none_if_marker(c),
+    res = impl.backward(grad, x, y, weight_x, weight_y, bias_x, bias_y,
+                        out if normalize else None, norm if normalize else None, _none_if_marker(a), _none_if_marker(c),
                         factor=factor, dropout=dropout, seed=_seed_value(seed),
                         normalize=normalize, eps=eps)
     return [res.dx, res.dy, res.dweight_x, res.dweight_y,
@@ -178,13 +202,14 @@ def _setup_context(ctx, inputs, output):
     (x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize, eps,
      _save_projections, backend) = inputs
     out, norm, a, c = output
-    ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed)
+    ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y,
+                          out if normalize else _empty(x), norm, a, c, seed)
     ctx.config = (factor, dropout, normalize, eps, backend)
     ctx.mark_non_differentiable(norm, a, c)
 
 
 def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
-    x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed = ctx.saved_tensors
+    x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed = saved_tensors(ctx)
     factor, dropout, normalize, eps, backend = ctx.config
     with torch.no_grad():
         grads = fbp_backward(
@@ -205,8 +230,8 @@ class FBPFunction(torch.autograd.Function):
 
     ``apply(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize,
     eps, save_projections, backend) -> out``; ``seed`` is an int or None.  Saves the
-    inputs, parameters, output and row norms (plus the projections only when
-    ``save_projections``).
+    inputs, parameters, and with ``normalize`` the output and row norms (plus the
+    projections only when ``save_projections``).
     """
 
     @staticmethod
@@ -216,14 +241,16 @@ class FBPFunction(torch.autograd.Function):
         res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
                            dropout=dropout, seed=seed, normalize=normalize, eps=eps,
                            save_projections=save_projections)
-        ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y, res.out, res.norm,
-                              res.a, res.c)
+        # The raw pooled output (normalize=False) is not needed by backward: not saving
+        # it lets in-place ops on it (nn.ReLU(inplace=True)) work.
+        ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y,
+                              res.out if normalize else None, res.norm, res.a, res.c)
         ctx.config = (impl, factor, dropout, seed, normalize, eps)
         return res.out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c = ctx.saved_tensors
+        x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c = saved_tensors(ctx)
         impl, factor, dropout, seed, normalize, eps = ctx.config
         with torch.no_grad():
             res = impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x,

@@ -337,3 +337,58 @@ def test_torch_backend_mask_depends_on_every_seed_bit(high):
     # Still a pure function of the seed (backward regenerates it).
     assert torch.equal(torch_backend.dropout_mask(99 + high, shape, rate, "cpu"),
                        torch_backend.dropout_mask(99 + high, shape, rate, "cpu"))
+
+
+# ------------------------------------------------------------------ R9 in-place ops on the output
+
+def _fbp_call(backend, normalize):
+    def run(x, y, wx, wy, bx, by, f=None):
+        f = f or (lambda *t, **kw: fbp_kernels.fbp(*t, backend=backend, **kw))
+        return f(x, y, wx, wy, bx, by, factor=FACTOR, normalize=normalize)
+    return run
+
+
+def _mfh_call(backend, normalize):
+    def run(x, y, wx, wy, bx, by, f=None):
+        f = f or (lambda *t, **kw: fbp_kernels.mfh(*t, backend=backend, **kw))
+        return f(x, y, [wx, wx], [wy, wy], [bx, None], [by, by], factor=FACTOR,
+                 normalize=normalize)
+    return run
+
+
+def _inplace_relu_grads(run, reference_run):
+    tensors = _tensors()
+    out = run(*tensors)
+    torch.nn.ReLU(inplace=True)(out)
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    got = torch.autograd.grad(out, tensors, g)
+    ref = [t.detach().requires_grad_() for t in tensors]
+    want = torch.autograd.grad(torch.relu(reference_run(*ref)), ref, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_inplace_op_on_raw_output_is_supported(backend):
+    run = _fbp_call(backend, normalize=False)
+    _inplace_relu_grads(run, lambda *t: run(*t, f=fbp_kernels.reference.fbp))
+
+
+@pytest.mark.parametrize("mfh_backend", MFH_BACKENDS)
+def test_mfh_inplace_op_on_raw_output_is_supported(mfh_backend):
+    run = _mfh_call(mfh_backend, normalize=False)
+    _inplace_relu_grads(run, lambda *t: run(*t, f=fbp_kernels.reference.mfh))
+
+
+@pytest.mark.parametrize("call", ["fbp", "mfh-torch", "mfh-triton"])
+def test_inplace_op_on_normalized_output_names_the_cause(call, backend):
+    if call != "fbp":
+        if backend != "torch":
+            pytest.skip("one MFH run per MFH backend is enough")
+        backend = call.split("-")[1]
+        if mfh_ops.unsupported_reason(backend, torch.device("cpu")):
+            pytest.skip(f"no MFH backend {backend} here")
+    run = (_fbp_call if call == "fbp" else _mfh_call)(backend, normalize=True)
+    out = run(*_tensors())
+    torch.nn.ReLU(inplace=True)(out)
+    with pytest.raises(RuntimeError, match=r"modified in place.*inplace=False"):
+        out.sum().backward()

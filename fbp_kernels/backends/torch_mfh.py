@@ -194,7 +194,8 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
     u_next = None  # u_{l+1} = G_{l+1} * d_{l+1}
     for l in reversed(range(order)):
         sl = slice(l * o, (l + 1) * o)
-        ds = grad_pooled(grad[..., sl], out[..., sl], norms[..., l] if normalize else None,
+        ds = grad_pooled(grad[..., sl], out[..., sl] if normalize else None,
+                         norms[..., l] if normalize else None,
                          normalize=normalize, eps=eps).to(x.dtype)
         # e_l: each pooled gradient repeated over its `factor` consecutive columns.
         G = ds.unsqueeze(-1).expand(*ds.shape, factor).reshape(*ds.shape[:-1], ko)

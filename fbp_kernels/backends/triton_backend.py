@@ -58,9 +58,9 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
         out, norm, a, c = K.fused_forward(x2, y2, weight_x, weight_y, bias_x, bias_y,
                                           factor=factor, dropout=dropout, seed=seed,
                                           normalize=normalize, eps=eps,
-                                          save_projections=save_projections)
+                                          save_projections=save_projections, batch=batch)
     ko = weight_x.shape[0]
-    return ForwardResult(out.view(*batch, out.shape[-1]),
+    return ForwardResult(out,
                          norm.view(batch) if norm is not None else None,
                          a.view(*batch, ko) if a is not None else None,
                          c.view(*batch, ko) if c is not None else None)
@@ -70,7 +70,8 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
              eps: float) -> BackwardResult:
     x2, y2, batch = flatten_rows(x, y)
-    g2 = grad.reshape(-1, out.shape[-1])
+    o = weight_x.shape[0] // factor
+    g2 = grad.reshape(-1, o)
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
     with _device_guard(x.device):
@@ -89,10 +90,12 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
 
 def _products(g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *, factor,
               dropout, seed, normalize, eps):
-    o = out.shape[-1]
     ko = weight_x.shape[0]
+    o = ko // factor
     return K.fused_backward_products(
-        g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out.reshape(-1, o),
+        # out is None when normalize=False (not saved); the kernel then never reads z.
+        g2, x2, y2, weight_x, weight_y, bias_x, bias_y,
+        out.reshape(-1, o) if out is not None else g2,
         norm.reshape(-1) if norm is not None else None,
         a.reshape(-1, ko) if a is not None else None,
         c.reshape(-1, ko) if c is not None else None,

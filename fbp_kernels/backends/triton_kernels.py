@@ -484,23 +484,29 @@ def _bias_args(bias_x, bias_y, like):
 
 
 def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
-                  save_projections):
+                  save_projections, batch=None):
     """Launch the fused forward on ``(rows, m)`` / ``(rows, n)`` matrices.
 
-    Returns ``(out (rows, o), norm (rows,) or None, a or None, c or None)``.
+    Returns ``(out (*batch, o), norm (rows,) or None, a or None, c or None)``;
+    ``batch`` defaults to ``(rows,)``.  ``out`` is allocated at its final shape (the
+    kernel writes it through a 2-D view) so that it is not itself a view: autograd
+    forbids in-place ops on views created inside a custom Function.
     """
     rows, m = x2.shape
     n = y2.shape[1]
     ko = wx.shape[0]
     o = ko // factor
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    out = torch.empty((rows, o), dtype=x2.dtype, device=x2.device)
+    out_full = torch.empty((*(batch if batch is not None else (rows,)), o), dtype=x2.dtype,
+                           device=x2.device)
+    out = out_full.view(rows, o)
     a = c = None
     if save_projections:
         a = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
         c = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
     if rows == 0:
-        return out, (torch.empty(0, dtype=acc, device=x2.device) if normalize else None), a, c
+        return (out_full, (torch.empty(0, dtype=acc, device=x2.device) if normalize else None),
+                a, c)
     cfg = pick_config(rows, o, x2.dtype, x2.device)
     x2, y2, wx, wy = _int32_safe(cfg, x2, y2, wx, wy, factor)
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
@@ -528,7 +534,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
         BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, (norm if normalize else None), a, c
+    return out_full, (norm if normalize else None), a, c
 
 
 def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, factor, dropout,

@@ -405,12 +405,16 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
             BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
+    # The output is allocated at its final shape, not returned as a view of a
+    # temporary: autograd forbids in-place ops on views created inside the op.
+    out = torch.empty((*batch, order * o), dtype=x.dtype, device=x.device)
     if not normalize:
-        return MFHForwardResult(t.to(x.dtype).view(*batch, order * o), None)
+        out.view(rows, order * o).copy_(t)
+        return MFHForwardResult(out, None)
     tv = t.view(rows, order, o)
     norms = row_norm(tv)  # (rows, P), scaled before squaring
-    out = (tv / norms.clamp_min(NORM_DELTA).unsqueeze(-1)).to(x.dtype)
-    return MFHForwardResult(out.view(*batch, order * o), norms.view(*batch, order))
+    out.view(rows, order, o).copy_(tv / norms.clamp_min(NORM_DELTA).unsqueeze(-1))
+    return MFHForwardResult(out, norms.view(*batch, order))
 
 
 def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *,
