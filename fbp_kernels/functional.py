@@ -81,51 +81,57 @@ def check_options(factor, dropout, eps, backend: str = "auto") -> None:
                          f"got {backend!r}")
 
 
-def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps) -> torch.Size:
+#: The names check_inputs uses in its messages; MFH passes per-block ones.
+FBP_NAMES = {k: k for k in ("x", "y", "weight_x", "weight_y", "bias_x", "bias_y")}
+
+
+def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps,
+                 names=FBP_NAMES) -> torch.Size:
     """Validate ``fbp`` arguments; returns the broadcast leading shape.
 
     Raises TypeError for wrong types or dtypes and ValueError for shapes, devices
-    and out-of-range options, each naming the offending argument.
+    and out-of-range options, each naming the offending argument (as ``names``
+    spells it: :func:`fbp_kernels.mfh` says ``weights_x[1]`` for block 1's weight).
     """
-    _check_tensor("x", x)
-    _check_tensor("y", y)
-    _check_tensor("weight_x", weight_x, 2)
-    _check_tensor("weight_y", weight_y, 2)
+    n = names
+    _check_tensor(n["x"], x)
+    _check_tensor(n["y"], y)
+    _check_tensor(n["weight_x"], weight_x, 2)
+    _check_tensor(n["weight_y"], weight_y, 2)
     check_options(factor, dropout, eps)
     ko = weight_x.shape[0]
     if ko == 0 or ko % factor != 0:
-        raise ValueError(f"weight_x.shape[0] (= factor * out_features) must be a positive "
-                         f"multiple of factor={factor}, got {ko}")
+        raise ValueError(f"{n['weight_x']}.shape[0] (= factor * out_features) must be a "
+                         f"positive multiple of factor={factor}, got {ko}")
     if weight_y.shape[0] != ko:
-        raise ValueError(f"weight_x and weight_y must have the same number of rows "
-                         f"(factor * out_features), got {ko} and {weight_y.shape[0]}")
-    if weight_x.shape[1] != x.shape[-1]:
-        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but weight_x "
-                         f"expects {weight_x.shape[1]} (shape {tuple(weight_x.shape)})")
-    if weight_y.shape[1] != y.shape[-1]:
-        raise ValueError(f"y has {y.shape[-1]} features (shape {tuple(y.shape)}) but weight_y "
-                         f"expects {weight_y.shape[1]} (shape {tuple(weight_y.shape)})")
-    named = [("x", x), ("y", y), ("weight_x", weight_x), ("weight_y", weight_y)]
-    for name, b in (("bias_x", bias_x), ("bias_y", bias_y)):
+        raise ValueError(f"{n['weight_x']} and {n['weight_y']} must have the same number of "
+                         f"rows (factor * out_features), got {ko} and {weight_y.shape[0]}")
+    for v, w in (("x", "weight_x"), ("y", "weight_y")):
+        t, wt = (x, weight_x) if v == "x" else (y, weight_y)
+        if wt.shape[1] != t.shape[-1]:
+            raise ValueError(f"{n[v]} has {t.shape[-1]} features (shape {tuple(t.shape)}) but "
+                             f"{n[w]} expects {wt.shape[1]} (shape {tuple(wt.shape)})")
+    named = [(n["x"], x), (n["y"], y), (n["weight_x"], weight_x), (n["weight_y"], weight_y)]
+    for key, b in (("bias_x", bias_x), ("bias_y", bias_y)):
         if b is not None:
-            _check_tensor(name, b, 1)
+            _check_tensor(n[key], b, 1)
             if b.shape[0] != ko:
-                raise ValueError(f"{name} must have shape ({ko},), got {tuple(b.shape)}")
-            named.append((name, b))
+                raise ValueError(f"{n[key]} must have shape ({ko},), got {tuple(b.shape)}")
+            named.append((n[key], b))
     dtypes = {t.dtype for _, t in named}
     if len(dtypes) > 1:
-        desc = ", ".join(f"{n}={t.dtype}" for n, t in named)
+        desc = ", ".join(f"{name}={t.dtype}" for name, t in named)
         raise TypeError(f"all tensors must share one dtype (cast them, or use torch.autocast), "
                         f"got {desc}")
     devices = {t.device for _, t in named}
     if len(devices) > 1:
-        desc = ", ".join(f"{n} on {t.device}" for n, t in named)
+        desc = ", ".join(f"{name} on {t.device}" for name, t in named)
         raise ValueError(f"all tensors must be on one device, got {desc}")
     try:
         return broadcast_batch(x.shape[:-1], y.shape[:-1])
     except ValueError:
-        raise ValueError(f"the leading dimensions of x {tuple(x.shape[:-1])} and y "
-                         f"{tuple(y.shape[:-1])} do not broadcast") from None
+        raise ValueError(f"the leading dimensions of {n['x']} {tuple(x.shape[:-1])} and "
+                         f"{n['y']} {tuple(y.shape[:-1])} do not broadcast") from None
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -146,6 +152,79 @@ def _autocast(dtype: Optional[torch.dtype], tensors):
         return tensors
     return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
             and t.dtype != torch.float64 else t for t in tensors]
+
+
+def _prepare(tensors, factor, dropout, eps, backend):
+    """Autocast and check ``fbp``'s arguments; returns ``(autocast dtype or None,
+    the cast tensors, the backend's name)``."""
+    _check_tensor("x", tensors[0])
+    cast_dtype = _autocast_dtype(tensors[0].device.type)
+    tensors = _autocast(cast_dtype, tensors)
+    check_inputs(*tensors, factor, dropout, eps)
+    return cast_dtype, tensors, backend_name_or_raise(backend, tensors[0].device)
+
+
+@torch.compiler.assume_constant_result
+def _backend_or_problem(name: str, device: str) -> str:
+    # Evaluated once at trace time by torch.compile, which wraps any exception raised
+    # here; so the problem comes back as a string: NUL, then V (ValueError: unknown
+    # name) or B (BackendUnavailableError), then the message.
+    try:
+        return backends.resolve(name, torch.device(device)).NAME
+    except backends.BackendUnavailableError as exc:
+        return "\0B" + str(exc)
+    except ValueError as exc:
+        return "\0V" + str(exc)
+
+
+def backend_name_or_raise(name: str, device: torch.device) -> str:
+    """The backend ``name`` resolves to on ``device``; BackendUnavailableError if none."""
+    found = _backend_or_problem(name, str(device))
+    if found.startswith("\0"):
+        kind = ValueError if found[1] == "V" else backends.BackendUnavailableError
+        raise kind(found[2:])
+    return found
+
+
+def _output_shape(x, y, weight_x, factor, blocks: int) -> list:
+    """Best guess at the output shape for arguments that failed the checks (so code
+    traced after the call still sees a plausible shape); ``[0]`` when there is none."""
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor) and isinstance(weight_x, Tensor)
+            and x.dim() >= 1 and y.dim() >= 1 and weight_x.dim() == 2
+            and isinstance(factor, int) and not isinstance(factor, bool) and factor >= 1):
+        return [0]
+    try:
+        batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
+    except ValueError:
+        batch = x.shape[:-1]
+    return [*batch, blocks * (weight_x.shape[0] // factor)]
+
+
+def raise_when_run(exc: Exception, tensors, shape) -> Tensor:
+    """Under ``torch.compile``: the graph op that raises ``exc`` when the graph runs.
+
+    Dynamo turns an exception raised while tracing into its own RuntimeError
+    ("Observed exception") under ``fullgraph=True``.  Argument checks therefore catch
+    their TypeError/ValueError while tracing and put :func:`ops.argument_error` in
+    the graph instead, which raises the same type and message at run time, as the
+    eager call would.  Its output (``shape``, never computed) stands in for the result.
+    """
+    like = next((t for t in _flat_tensors(tensors)), None)
+    if like is None:
+        like = torch.empty(0)
+    if isinstance(exc, backends.BackendUnavailableError):
+        kind = "BackendUnavailableError"
+    else:
+        kind = "TypeError" if isinstance(exc, TypeError) else "ValueError"
+    return ops.argument_error(like, kind, str(exc), shape)
+
+
+def _flat_tensors(items):
+    for t in items:
+        if isinstance(t, Tensor):
+            yield t
+        elif isinstance(t, (list, tuple)):
+            yield from _flat_tensors(t)
 
 
 def dropout_seed(training: bool, dropout: float) -> Optional[Tensor]:
@@ -208,13 +287,17 @@ def fbp(
     Non-finite inputs propagate as they do through ``nn.Linear``: a NaN or Inf in a
     row gives NaN in that row's output; other rows are unaffected.
     """
-    _check_tensor("x", x)
+    tensors = [x, y, weight_x, weight_y, bias_x, bias_y]
+    if torch.compiler.is_compiling():
+        try:
+            cast_dtype, tensors, backend_name = _prepare(tensors, factor, dropout, eps,
+                                                         backend)
+        except (TypeError, ValueError, backends.BackendUnavailableError) as exc:
+            return raise_when_run(exc, tensors, _output_shape(x, y, weight_x, factor, 1))
+    else:
+        cast_dtype, tensors, backend_name = _prepare(tensors, factor, dropout, eps, backend)
+    x, y, weight_x, weight_y, bias_x, bias_y = tensors
     device = x.device
-    cast_dtype = _autocast_dtype(device.type)
-    x, y, weight_x, weight_y, bias_x, bias_y = _autocast(
-        cast_dtype, [x, y, weight_x, weight_y, bias_x, bias_y])
-    check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
-    backend_name = backends.resolve_name(backend, str(device))  # clear error if unusable
     seed = dropout_seed(training, dropout)
     if seed is None:
         dropout = 0.0

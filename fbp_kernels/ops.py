@@ -225,6 +225,23 @@ def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
 fbp_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+_ERROR_TYPES = {"TypeError": TypeError, "ValueError": ValueError,
+                "BackendUnavailableError": backends.BackendUnavailableError}
+
+
+@torch.library.custom_op("fbp_kernels::argument_error", mutates_args=())
+def argument_error(like: Tensor, kind: str, message: str, shape: List[int]) -> Tensor:
+    """Raise ``kind(message)`` when run: a bad argument found while torch.compile traced
+    (see ``functional.raise_when_run``).  ``like`` only gives the fake result's dtype
+    and device."""
+    raise _ERROR_TYPES[kind](message)
+
+
+@argument_error.register_fake
+def _(like, kind, message, shape):
+    return like.new_empty(shape)
+
+
 class FBPFunction(torch.autograd.Function):
     """Eager FBP with the backend's fused backward.
 

@@ -392,3 +392,60 @@ def test_inplace_op_on_normalized_output_names_the_cause(call, backend):
     torch.nn.ReLU(inplace=True)(out)
     with pytest.raises(RuntimeError, match=r"modified in place.*inplace=False"):
         out.sum().backward()
+
+
+# ------------------------------------------------------------------ R10 errors under torch.compile
+
+def _valid_kwargs():
+    x, y, wx, wy, bx, by = (t.detach() for t in _tensors(torch.float32))
+    return dict(x=x, y=y, weight_x=wx, weight_y=wy, bias_x=bx, bias_y=by, factor=FACTOR)
+
+
+COMPILED_REFUSED = [
+    ("factor-0", {"factor": 0}, ValueError, r"factor must be an int >= 1"),
+    ("factor-float", {"factor": 2.0}, TypeError, r"factor must be an int"),
+    ("x-width", {"x": torch.randn(ROWS, M + 1)}, ValueError, r"x has 6 features"),
+    ("y-dtype", {"y": torch.randn(ROWS, N, dtype=torch.float64)}, TypeError, r"one dtype"),
+    ("x-not-tensor", {"x": [[1.0] * M] * ROWS}, TypeError, r"x must be a torch.Tensor"),
+    ("dropout", {"dropout": 1.5}, ValueError, r"dropout"),
+    ("eps", {"eps": -1.0}, ValueError, r"eps must be a finite float > 0"),
+    ("backend", {"backend": "nope"}, ValueError, r"backend must be"),
+]
+
+
+@pytest.mark.parametrize("changes,exc,match", [pytest.param(c, e, m, id=i)
+                                               for i, c, e, m in COMPILED_REFUSED])
+def test_compiled_fbp_keeps_documented_exception_types(changes, exc, match):
+    torch._dynamo.reset()
+    kw = {**_valid_kwargs(), **changes}
+    compiled = torch.compile(lambda kw: fbp_kernels.fbp(**kw), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(exc, match=match):
+        compiled(kw)
+
+
+@pytest.mark.parametrize("changes,exc,match", [
+    ({"factor": 0}, ValueError, r"factor must be an int >= 1"),
+    ({"x": torch.randn(ROWS, M + 1)}, ValueError, r"x has 6 features.*weights_x\[0\]"),
+    ({"weights_y": "w"}, TypeError, r"weights_y must be a list"),
+    ({"eps": 0.0}, ValueError, r"eps must be a finite float > 0"),
+], ids=["factor", "x-width", "weights-str", "eps"])
+def test_compiled_mfh_keeps_documented_exception_types(changes, exc, match):
+    torch._dynamo.reset()
+    v = _valid_kwargs()
+    kw = dict(x=v["x"], y=v["y"], weights_x=[v["weight_x"]] * 2,
+              weights_y=[v["weight_y"]] * 2, factor=FACTOR, backend="torch")
+    kw.update(changes)
+    compiled = torch.compile(lambda kw: fbp_kernels.mfh(**kw), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(exc, match=match):
+        compiled(kw)
+
+
+def test_compiled_module_with_wrong_input_width_raises_value_error():
+    torch._dynamo.reset()
+    layer = fbp_kernels.FactorizedBilinearPooling(M, N, O, factor=FACTOR, backend="torch")
+    head = torch.nn.Linear(O, 2)
+    model = torch.compile(lambda x, y: head(layer(x, y)), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"x has 7 features"):
+        model(torch.randn(ROWS, 7), torch.randn(ROWS, N))
