@@ -449,3 +449,39 @@ def test_compiled_module_with_wrong_input_width_raises_value_error():
     model = torch.compile(lambda x, y: head(layer(x, y)), fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match=r"x has 7 features"):
         model(torch.randn(ROWS, 7), torch.randn(ROWS, N))
+
+
+# ------------------------------------------------------------------ R11 threads and the interpreter
+
+@pytest.mark.parametrize("op", ["fbp", "mfh"])
+def test_triton_backend_from_two_threads(op):
+    import threading
+    from fbp_kernels import backends
+    if backends.unsupported_reason("triton", torch.device("cpu")):
+        pytest.skip("the Triton interpreter is not on (a GPU run launches natively)")
+    x, y, wx, wy, bx, by = (t.detach() for t in _tensors(rows=40))
+
+    def run():
+        if op == "fbp":
+            out = fbp_kernels.fbp(x, y, wx, wy, bx, by, factor=FACTOR, backend="triton")
+        else:
+            out = fbp_kernels.mfh(x, y, [wx, wx], [wy, wy], factor=FACTOR, backend="triton")
+        return out
+
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(20):
+                results.append(run())
+        except Exception as exc:  # reported below, with its type
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{type(errors[0]).__name__}: {errors[0]}"
+    want = run()
+    assert len(results) == 40 and all(torch.equal(r, want) for r in results)

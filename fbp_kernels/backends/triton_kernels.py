@@ -37,8 +37,10 @@ to cuBLAS: they are plain GEMMs that it runs at peak.  No atomics: deterministic
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -444,6 +446,20 @@ def _row_block_counters(n: int, device: torch.device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
+#: Serialises kernel launches under TRITON_INTERPRET=1.  The interpreter runs a launch
+#: by patching triton.language's module-level functions for the duration and
+#: restoring them afterwards; two Python threads launching at once see each other's
+#: half-patched module and fail with InterpreterError.  A GPU launch is asynchronous
+#: and thread-safe, so there is no lock then.
+_INTERPRETER_LOCK = threading.RLock() if INTERPRET else None
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, one at a time under the interpreter."""
+    with _INTERPRETER_LOCK if _INTERPRETER_LOCK is not None else contextlib.nullcontext():
+        return kernel[grid](*args, **kwargs)
+
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -520,7 +536,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
         t = partial = norm = counters = out  # never touched
     bx_, by_, has_bias = _bias_args(bx, by, wx)
     dot_fp32, precision = dot_settings(x2.dtype)
-    _fbp_fwd_kernel[grid](
+    launch(_fbp_fwd_kernel, grid,
         x2, y2, wx, wy, bx_, by_, out, t, partial, norm, counters,
         a if a is not None else out, c if c is not None else out,
         rows, m, n, o,
@@ -553,14 +569,14 @@ def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, fa
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if normalize:
         zg = torch.empty((rows,), dtype=acc, device=x2.device)
-        _row_dot_kernel[(grid[0],)](out, grad, zg, rows, o, out.stride(0), grad.stride(0),
+        launch(_row_dot_kernel, (grid[0],), out, grad, zg, rows, o, out.stride(0), grad.stride(0),
                                     BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o,
                                     num_warps=cfg.num_warps)
     else:
         zg = norm = grad  # never read
     bx_, by_, has_bias = _bias_args(bx, by, wx)
     dot_fp32, precision = dot_settings(x2.dtype)
-    _fbp_bwd_kernel[grid](
+    launch(_fbp_bwd_kernel, grid,
         x2, y2, wx, wy, bx_, by_, grad, out, norm, zg,
         a if a is not None else da, c if c is not None else dc, da, dc,
         rows, x2.shape[1], y2.shape[1], o,
@@ -586,6 +602,6 @@ def dropout_keep_mask(seed: int, rows: int, ko: int, rate: float, device) -> tor
     mask = torch.empty((rows, ko), dtype=torch.int8, device=device)
     if rows and ko:
         bm, bc = (16, 16) if INTERPRET else MASK_BLOCKS
-        _dropout_mask_kernel[(triton.cdiv(rows, bm), triton.cdiv(ko, bc))](
+        launch(_dropout_mask_kernel, (triton.cdiv(rows, bm), triton.cdiv(ko, bc)),
             mask, seed, rows, ko, float(rate), BLOCK_M=bm, BLOCK_C=bc)
     return mask.bool()

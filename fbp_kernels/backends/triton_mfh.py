@@ -60,7 +60,8 @@ from .torch_mfh import MFHBackwardResult, MFHForwardResult, block_seed
 # Shared with the FBP kernels: the projection tile, launch-config type, dropout mask
 # kernel, dot settings and availability rules are the same for both operations.
 from .triton_backend import unsupported_reason  # noqa: F401  (backend contract)
-from .triton_kernels import INTERPRET, INTERPRETER_CONFIG, TileConfig, dot_settings, dropout_keep_mask
+from .triton_kernels import (INTERPRET, INTERPRETER_CONFIG, TileConfig, dot_settings,
+                             dropout_keep_mask, launch)
 from .triton_kernels import _projection_tile as _proj
 
 NAME = "triton"
@@ -391,7 +392,7 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
         cfg = pick_config(order)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
         dot_fp32, precision = dot_settings(x.dtype)
-        _mfh_fwd_kernel[grid](
+        launch(_mfh_fwd_kernel, grid,
             x2, y2, *_padded(wx, wx[0]), *_padded(wy, wy[0]), *_padded(biases_x, wx[0]),
             *_padded(biases_y, wx[0]), t,
             rows, m, n, o,
@@ -444,7 +445,7 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
         cfg = pick_config(order)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
         dot_fp32, precision = dot_settings(x.dtype)
-        _mfh_bwd_kernel[grid](
+        launch(_mfh_bwd_kernel, grid,
             x2, y2, *_padded(wx, wx[0]), *_padded(wy, wy[0]), *_padded(biases_x, wx[0]),
             *_padded(biases_y, wx[0]), ds, da, dc,
             rows, m, n, o,
