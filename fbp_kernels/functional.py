@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -19,6 +20,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        # Sparse and other layouts would reach the kernels (which index by strides) or
+        # fail deep inside F.linear/expand: refuse them here, by name.
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                        f"convert it with .to_dense()")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, "
                         f"float32, float64")
@@ -63,13 +69,19 @@ def check_size(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
+def check_rate(name: str, rate) -> None:
+    """A dropout rate: any real number (numpy scalars included, bools not) in [0, 1);
+    NaN fails the range test.  ValueError otherwise."""
+    if isinstance(rate, bool) or not isinstance(rate, (numbers.Real, torch.SymFloat)) \
+            or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {rate!r}")
+
+
 def check_options(factor, dropout, eps, backend: str = "auto") -> None:
     """Validate the non-tensor options (shared by fbp() and the modules' constructors)."""
     check_size("factor", factor)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, torch.SymFloat)):
+    check_rate("dropout", dropout)
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat)):
         raise ValueError(_eps_message(eps))
     if not _traced(eps):
         check_eps(eps)

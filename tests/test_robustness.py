@@ -485,3 +485,52 @@ def test_triton_backend_from_two_threads(op):
     assert not errors, f"{type(errors[0]).__name__}: {errors[0]}"
     want = run()
     assert len(results) == 40 and all(torch.equal(r, want) for r in results)
+
+
+# ------------------------------------------------------------------ R12 odd argument kinds
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    np = pytest.importorskip("numpy")
+    kw = _valid_kwargs()
+    want = fbp_kernels.fbp(**kw, dropout=0.1, eps=1e-4, backend="torch")
+    got = fbp_kernels.fbp(**kw, dropout=np.float32(0.1), eps=np.float32(1e-4),
+                          backend="torch")
+    # training=False: dropout is validated but not applied; eps is the same value up
+    # to its fp32 rounding (relative 6e-8), which moves outputs far less than 1e-6.
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    fbp_kernels.FactorizedBilinearPooling(M, N, O, factor=FACTOR, dropout=np.float64(0.2))
+    fbp_kernels.MFH(M, N, O, factor=FACTOR, dropout=np.float32(0.2), eps=np.float32(1e-5))
+
+
+@pytest.mark.parametrize("which", ["x", "y", "weight_x", "bias_y"])
+def test_sparse_tensors_are_refused_at_the_front_end(which, backend):
+    kw = _valid_kwargs()
+    kw[which] = kw[which].to_sparse()
+    with pytest.raises(TypeError, match=rf"{which} must be a dense \(strided\) tensor.*sparse"):
+        fbp_kernels.fbp(**kw, backend=backend)
+
+
+def test_mfh_sparse_input_is_refused():
+    kw = _valid_kwargs()
+    with pytest.raises(TypeError, match=r"x must be a dense \(strided\) tensor"):
+        fbp_kernels.mfh(kw["x"].to_sparse(), kw["y"], [kw["weight_x"]], [kw["weight_y"]],
+                        factor=FACTOR)
+
+
+def _block_sd(out_weight):
+    return {"linear0.weight": torch.randn(KO, M), "linear1.weight": torch.randn(KO, N),
+            "linear_out.weight": out_weight}
+
+
+@pytest.mark.parametrize("rate", [-0.5, 1.0, float("nan")])
+def test_block_mfb_refuses_bad_dropout_output(rate):
+    from fbp_kernels.convert import BlockMFB
+    with pytest.raises(ValueError, match=r"dropout_output must be a float in \[0, 1\)"):
+        BlockMFB.from_block(_block_sd(torch.randn(2, O)), activ_input=None,
+                            dropout_output=rate)
+
+
+def test_block_one_dimensional_linear_out_weight_is_named_as_such():
+    from fbp_kernels.convert import from_block_mfb
+    with pytest.raises(ValueError, match=r"linear_out.weight must be a 2-D tensor"):
+        from_block_mfb(_block_sd(torch.randn(O)), activ_input=None)
