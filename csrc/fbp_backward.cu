@@ -2,7 +2,8 @@
 //
 // 1. grad_pooled_kernel, one warp per row: ds = dL/ds (rows, o) from g = dL/dz, the
 //    output z and ||t|| (torch_backend.grad_pooled, SPEC.md):
-//        r = max(||t||, delta);  dt = (g - z <z, g>) / r   (g / delta if ||t|| <= delta)
+//        r = max(||t||, delta);  dt = (g - z <z, g>) / r   (0 if ||t|| <= delta: a
+//        degenerate row, e.g. all zeros, gets zero gradient; see reference.py)
 //        t = z r;                ds = dt * 0.5 / (|t| + sqrt(eps))
 // 2. projection_grads_kernel, per (BM rows, BN projected columns) tile: recompute a
 //    and c with the forward's GEMM tiles, then
@@ -39,7 +40,7 @@ __global__ void grad_pooled_kernel(const T* grad, const T* out, const Acc* norm,
   const Acc r = clamped ? delta : nrm;
   for (int64_t j = lane; j < o; j += 32) {
     const Acc gj = to_acc<Acc>(g[j]), zj = to_acc<Acc>(z[j]);
-    const Acc dt = clamped ? gj / delta : (gj - zj * dot) / r;
+    const Acc dt = clamped ? Acc(0) : (gj - zj * dot) / r;
     ds[row * o + j] = dt * signed_sqrt_grad_from_t(zj * r, sqrt_eps);
   }
 }

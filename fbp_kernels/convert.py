@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional import check_options, check_rate
 from .modules import FactorizedBilinearPooling
 from .reference import DEFAULT_EPS
 
@@ -233,15 +234,8 @@ def _build(sd: Dict[str, Tensor], factor: int, **options) -> FactorizedBilinearP
     proj_x = _copy_linear(sd["proj_x.weight"], sd.get("proj_x.bias"))
     proj_y = _copy_linear(sd["proj_y.weight"], sd.get("proj_y.bias"))
     layer = FactorizedBilinearPooling.from_linear(proj_x, proj_y, factor, **options)
-    # from_linear does not check options that only matter at call time; checking
-    # them here means a bad conversion fails now, not at the first forward.
-    dropout, eps = options["dropout"], options["eps"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 \
-            or eps == float("inf"):
-        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    # A bad conversion fails now, not at the first forward (the rules of fbp()).
+    check_options(factor, options["dropout"], options["eps"])
     return layer
 
 
@@ -272,6 +266,9 @@ def _block_options(source: Source, prefix: str, factor, mm_dim, activ_input, nor
     fused = block_state_dict(source, prefix=prefix)
     rows = _pair_rows(fused["proj_x.weight"], fused["proj_y.weight"], ("linear0", "linear1"))
     out_w = sd.get("linear_out.weight")
+    if out_w is not None and (not isinstance(out_w, Tensor) or out_w.dim() != 2):
+        raise ValueError(f"linear_out.weight must be a 2-D tensor (out_features, mm_dim), got "
+                         f"{getattr(out_w, 'shape', type(out_w).__name__)}")
     inferred_mm = out_w.shape[1] if isinstance(out_w, Tensor) and out_w.dim() == 2 else _UNSET
     mm_dim = _option("mm_dim", _UNSET if mm_dim is None else mm_dim, module, "mm_dim",
                      inferred_mm)
@@ -375,6 +372,7 @@ class BlockMFB(nn.Module):
         self.fusion = fusion
         self.linear_out = linear_out
         self.activ_output = activ_output
+        check_rate("dropout_output", dropout_output)
         self.dropout_output = dropout_output
 
     @classmethod

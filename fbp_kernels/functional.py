@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -19,6 +20,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        # Sparse and other layouts would reach the kernels (which index by strides) or
+        # fail deep inside F.linear/expand: refuse them here, by name.
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                        f"convert it with .to_dense()")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, "
                         f"float32, float64")
@@ -29,69 +35,115 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
                          f"got a 0-D tensor")
 
 
+def _traced(v) -> bool:
+    """Whether ``v`` may be a value torch.compile traces symbolically.  Inside Dynamo a
+    float argument or module attribute can be a SymFloat that still passes
+    ``isinstance(v, float)``, so "while compiling" is the test, plus the Sym types for
+    code that runs on symbolic values outside Dynamo (AOTAutograd, export)."""
+    return torch.compiler.is_compiling() or isinstance(v, (torch.SymFloat, torch.SymInt))
+
+
+def _eps_message(eps) -> str:
+    return (f"eps must be a finite float > 0 (the smoothing of the signed square root), "
+            f"got {eps!r}")
+
+
+def check_eps(eps: float) -> None:
+    """The range check of a concrete ``eps`` (ValueError)."""
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(_eps_message(eps))
+
+
+def as_float(v):
+    """``float(v)`` for concrete numbers; a traced value passes through untouched
+    (``float()`` would force torch.compile to specialise on it)."""
+    return v if _traced(v) else float(v)
+
+
+def check_size(name: str, value) -> None:
+    """A positive int argument (sizes, ``factor``, ``order``): TypeError for anything
+    but an int (a bool included), ValueError below 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_rate(name: str, rate) -> None:
+    """A dropout rate: any real number (numpy scalars included, bools not) in [0, 1);
+    NaN fails the range test.  ValueError otherwise."""
+    if isinstance(rate, bool) or not isinstance(rate, (numbers.Real, torch.SymFloat)) \
+            or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {rate!r}")
+
+
 def check_options(factor, dropout, eps, backend: str = "auto") -> None:
     """Validate the non-tensor options (shared by fbp() and the modules' constructors)."""
-    if isinstance(factor, bool) or not isinstance(factor, int):
-        raise TypeError(f"factor must be an int, got {type(factor).__name__}")
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
-            or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite float > 0 (the smoothing of the signed "
-                         f"square root), got {eps!r}")
+    check_size("factor", factor)
+    check_rate("dropout", dropout)
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat)):
+        raise ValueError(_eps_message(eps))
+    if not _traced(eps):
+        check_eps(eps)
+    # else: torch.compile may trace eps as a SymFloat (dynamic=True, or after a
+    # recompile for a new value); testing its range here would specialise on it, so
+    # the registered op checks the concrete value when it runs, with the same error.
     if backend != "auto" and backend not in backends.NAMES:
         raise ValueError(f"backend must be 'auto' or one of {list(backends.NAMES)}, "
                          f"got {backend!r}")
 
 
-def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps) -> torch.Size:
+#: The names check_inputs uses in its messages; MFH passes per-block ones.
+FBP_NAMES = {k: k for k in ("x", "y", "weight_x", "weight_y", "bias_x", "bias_y")}
+
+
+def check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps,
+                 names=FBP_NAMES) -> torch.Size:
     """Validate ``fbp`` arguments; returns the broadcast leading shape.
 
     Raises TypeError for wrong types or dtypes and ValueError for shapes, devices
-    and out-of-range options, each naming the offending argument.
+    and out-of-range options, each naming the offending argument (as ``names``
+    spells it: :func:`fbp_kernels.mfh` says ``weights_x[1]`` for block 1's weight).
     """
-    _check_tensor("x", x)
-    _check_tensor("y", y)
-    _check_tensor("weight_x", weight_x, 2)
-    _check_tensor("weight_y", weight_y, 2)
+    n = names
+    _check_tensor(n["x"], x)
+    _check_tensor(n["y"], y)
+    _check_tensor(n["weight_x"], weight_x, 2)
+    _check_tensor(n["weight_y"], weight_y, 2)
     check_options(factor, dropout, eps)
     ko = weight_x.shape[0]
     if ko == 0 or ko % factor != 0:
-        raise ValueError(f"weight_x.shape[0] (= factor * out_features) must be a positive "
-                         f"multiple of factor={factor}, got {ko}")
+        raise ValueError(f"{n['weight_x']}.shape[0] (= factor * out_features) must be a "
+                         f"positive multiple of factor={factor}, got {ko}")
     if weight_y.shape[0] != ko:
-        raise ValueError(f"weight_x and weight_y must have the same number of rows "
-                         f"(factor * out_features), got {ko} and {weight_y.shape[0]}")
-    if weight_x.shape[1] != x.shape[-1]:
-        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but weight_x "
-                         f"expects {weight_x.shape[1]} (shape {tuple(weight_x.shape)})")
-    if weight_y.shape[1] != y.shape[-1]:
-        raise ValueError(f"y has {y.shape[-1]} features (shape {tuple(y.shape)}) but weight_y "
-                         f"expects {weight_y.shape[1]} (shape {tuple(weight_y.shape)})")
-    named = [("x", x), ("y", y), ("weight_x", weight_x), ("weight_y", weight_y)]
-    for name, b in (("bias_x", bias_x), ("bias_y", bias_y)):
+        raise ValueError(f"{n['weight_x']} and {n['weight_y']} must have the same number of "
+                         f"rows (factor * out_features), got {ko} and {weight_y.shape[0]}")
+    for v, w in (("x", "weight_x"), ("y", "weight_y")):
+        t, wt = (x, weight_x) if v == "x" else (y, weight_y)
+        if wt.shape[1] != t.shape[-1]:
+            raise ValueError(f"{n[v]} has {t.shape[-1]} features (shape {tuple(t.shape)}) but "
+                             f"{n[w]} expects {wt.shape[1]} (shape {tuple(wt.shape)})")
+    named = [(n["x"], x), (n["y"], y), (n["weight_x"], weight_x), (n["weight_y"], weight_y)]
+    for key, b in (("bias_x", bias_x), ("bias_y", bias_y)):
         if b is not None:
-            _check_tensor(name, b, 1)
+            _check_tensor(n[key], b, 1)
             if b.shape[0] != ko:
-                raise ValueError(f"{name} must have shape ({ko},), got {tuple(b.shape)}")
-            named.append((name, b))
+                raise ValueError(f"{n[key]} must have shape ({ko},), got {tuple(b.shape)}")
+            named.append((n[key], b))
     dtypes = {t.dtype for _, t in named}
     if len(dtypes) > 1:
-        desc = ", ".join(f"{n}={t.dtype}" for n, t in named)
+        desc = ", ".join(f"{name}={t.dtype}" for name, t in named)
         raise TypeError(f"all tensors must share one dtype (cast them, or use torch.autocast), "
                         f"got {desc}")
     devices = {t.device for _, t in named}
     if len(devices) > 1:
-        desc = ", ".join(f"{n} on {t.device}" for n, t in named)
+        desc = ", ".join(f"{name} on {t.device}" for name, t in named)
         raise ValueError(f"all tensors must be on one device, got {desc}")
     try:
         return broadcast_batch(x.shape[:-1], y.shape[:-1])
     except ValueError:
-        raise ValueError(f"the leading dimensions of x {tuple(x.shape[:-1])} and y "
-                         f"{tuple(y.shape[:-1])} do not broadcast") from None
+        raise ValueError(f"the leading dimensions of {n['x']} {tuple(x.shape[:-1])} and "
+                         f"{n['y']} {tuple(y.shape[:-1])} do not broadcast") from None
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -114,6 +166,96 @@ def _autocast(dtype: Optional[torch.dtype], tensors):
             and t.dtype != torch.float64 else t for t in tensors]
 
 
+def _prepare(tensors, factor, dropout, eps, backend):
+    """Autocast and check ``fbp``'s arguments; returns ``(autocast dtype or None,
+    the cast tensors, the backend's name)``."""
+    _check_tensor("x", tensors[0])
+    cast_dtype = _autocast_dtype(tensors[0].device.type)
+    tensors = _autocast(cast_dtype, tensors)
+    check_inputs(*tensors, factor, dropout, eps)
+    device = tensors[0].device
+    if backend == "auto" and device.type == "cuda" and not torch.compiler.is_compiling():
+        # Eager: the cost model's choice for this very shape (strategy.py); compiled
+        # graphs take the device-level choice (one constant per trace).
+        return cast_dtype, tensors, _auto_for_shape(*tensors[:4], factor)
+    return cast_dtype, tensors, backend_name_or_raise(backend, device)
+
+
+def _auto_for_shape(x, y, weight_x, weight_y, factor) -> str:
+    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
+    rows = 1
+    for d in batch:
+        rows *= d
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad
+                                              or weight_x.requires_grad
+                                              or weight_y.requires_grad)
+    return strategy.choose(x.device, rows, x.shape[-1], y.shape[-1], factor,
+                           weight_x.shape[0] // factor, x.dtype, needs_grad)[0]
+
+
+@torch.compiler.assume_constant_result
+def _backend_or_problem(name: str, device: str) -> str:
+    # Evaluated once at trace time by torch.compile, which wraps any exception raised
+    # here; so the problem comes back as a string: NUL, then V (ValueError: unknown
+    # name) or B (BackendUnavailableError), then the message.
+    try:
+        return backends.resolve(name, torch.device(device)).NAME
+    except backends.BackendUnavailableError as exc:
+        return "\0B" + str(exc)
+    except ValueError as exc:
+        return "\0V" + str(exc)
+
+
+def backend_name_or_raise(name: str, device: torch.device) -> str:
+    """The backend ``name`` resolves to on ``device``; BackendUnavailableError if none."""
+    found = _backend_or_problem(name, str(device))
+    if found.startswith("\0"):
+        kind = ValueError if found[1] == "V" else backends.BackendUnavailableError
+        raise kind(found[2:])
+    return found
+
+
+def _output_shape(x, y, weight_x, factor, blocks: int) -> list:
+    """Best guess at the output shape for arguments that failed the checks (so code
+    traced after the call still sees a plausible shape); ``[0]`` when there is none."""
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor) and isinstance(weight_x, Tensor)
+            and x.dim() >= 1 and y.dim() >= 1 and weight_x.dim() == 2
+            and isinstance(factor, int) and not isinstance(factor, bool) and factor >= 1):
+        return [0]
+    try:
+        batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
+    except ValueError:
+        batch = x.shape[:-1]
+    return [*batch, blocks * (weight_x.shape[0] // factor)]
+
+
+def raise_when_run(exc: Exception, tensors, shape) -> Tensor:
+    """Under ``torch.compile``: the graph op that raises ``exc`` when the graph runs.
+
+    Dynamo turns an exception raised while tracing into its own RuntimeError
+    ("Observed exception") under ``fullgraph=True``.  Argument checks therefore catch
+    their TypeError/ValueError while tracing and put :func:`ops.argument_error` in
+    the graph instead, which raises the same type and message at run time, as the
+    eager call would.  Its output (``shape``, never computed) stands in for the result.
+    """
+    like = next((t for t in _flat_tensors(tensors)), None)
+    if like is None:
+        like = torch.empty(0)
+    if isinstance(exc, backends.BackendUnavailableError):
+        kind = "BackendUnavailableError"
+    else:
+        kind = "TypeError" if isinstance(exc, TypeError) else "ValueError"
+    return ops.argument_error(like, kind, str(exc), shape)
+
+
+def _flat_tensors(items):
+    for t in items:
+        if isinstance(t, Tensor):
+            yield t
+        elif isinstance(t, (list, tuple)):
+            yield from _flat_tensors(t)
+
+
 def dropout_seed(training: bool, dropout: float) -> Optional[Tensor]:
     """The dropout seed of one call (a CPU int64 scalar), or None when dropout is off.
 
@@ -130,18 +272,6 @@ def no_autocast(device_type: str, cast_dtype: Optional[torch.dtype]):
     if cast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
-
-
-def _auto_for_shape(x, y, weight_x, weight_y, factor) -> str:
-    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
-    rows = 1
-    for d in batch:
-        rows *= d
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad
-                                              or weight_x.requires_grad
-                                              or weight_y.requires_grad)
-    return strategy.choose(x.device, rows, x.shape[-1], y.shape[-1], factor,
-                           weight_x.shape[0] // factor, x.dtype, needs_grad)[0]
 
 
 def fbp(
@@ -186,21 +316,21 @@ def fbp(
     Non-finite inputs propagate as they do through ``nn.Linear``: a NaN or Inf in a
     row gives NaN in that row's output; other rows are unaffected.
     """
-    _check_tensor("x", x)
-    device = x.device
-    cast_dtype = _autocast_dtype(device.type)
-    x, y, weight_x, weight_y, bias_x, bias_y = _autocast(
-        cast_dtype, [x, y, weight_x, weight_y, bias_x, bias_y])
-    check_inputs(x, y, weight_x, weight_y, bias_x, bias_y, factor, dropout, eps)
-    if backend == "auto" and device.type == "cuda" and not torch.compiler.is_compiling():
-        # Eager: the cost model's choice for this very shape (strategy.py).
-        backend_name = _auto_for_shape(x, y, weight_x, weight_y, factor)
+    tensors = [x, y, weight_x, weight_y, bias_x, bias_y]
+    if torch.compiler.is_compiling():
+        try:
+            cast_dtype, tensors, backend_name = _prepare(tensors, factor, dropout, eps,
+                                                         backend)
+        except (TypeError, ValueError, backends.BackendUnavailableError) as exc:
+            return raise_when_run(exc, tensors, _output_shape(x, y, weight_x, factor, 1))
     else:
-        backend_name = backends.resolve_name(backend, str(device))  # clear error if unusable
+        cast_dtype, tensors, backend_name = _prepare(tensors, factor, dropout, eps, backend)
+    x, y, weight_x, weight_y, bias_x, bias_y = tensors
+    device = x.device
     seed = dropout_seed(training, dropout)
     if seed is None:
         dropout = 0.0
-    args = (factor, float(dropout), bool(normalize), float(eps), bool(save_projections),
+    args = (factor, float(dropout), bool(normalize), as_float(eps), bool(save_projections),
             backend_name)
     with no_autocast(device.type, cast_dtype):
         if torch.compiler.is_compiling():

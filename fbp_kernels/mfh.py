@@ -15,21 +15,19 @@ Order 1 is exactly :func:`fbp_kernels.fbp`.
 
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import mfh_ops
-from .functional import (_autocast, _autocast_dtype, check_inputs, check_options,
-                         dropout_seed, no_autocast)
+from .functional import (_autocast, _autocast_dtype, _output_shape, as_float, check_inputs,
+                         check_options, dropout_seed, no_autocast, raise_when_run)
+from .modules import check_factor_divides, check_layer_args
 from .reference import DEFAULT_EPS
 
 __all__ = ["mfh", "MultimodalFactorizedHighOrderPooling", "MFH"]
 
-_PER_BLOCK_NAME = re.compile(r"\b(weight|bias)_([xy])\b")
-_PLURAL = {"weight": "weights", "bias": "biases"}
 
 
 def _as_list(name: str, seq, what: str) -> list:
@@ -45,13 +43,9 @@ def _as_list(name: str, seq, what: str) -> list:
 
 def _check_block(l: int, x, y, wx, wy, bx, by, factor, dropout, eps) -> None:
     """``check_inputs`` on one block, its messages naming ``weights_x[l]`` etc."""
-    try:
-        check_inputs(x, y, wx, wy, bx, by, factor, dropout, eps)
-    except (TypeError, ValueError) as exc:
-        # check_inputs speaks of weight_x/bias_y; say which block's tensor it was.
-        msg = _PER_BLOCK_NAME.sub(
-            lambda m: f"{_PLURAL[m.group(1)]}_{m.group(2)}[{l}]", str(exc))
-        raise type(exc)(msg) from None
+    names = {"x": "x", "y": "y", "weight_x": f"weights_x[{l}]", "weight_y": f"weights_y[{l}]",
+             "bias_x": f"biases_x[{l}]", "bias_y": f"biases_y[{l}]"}
+    check_inputs(x, y, wx, wy, bx, by, factor, dropout, eps, names=names)
 
 
 def check_mfh_inputs(x, y, weights_x, weights_y, biases_x, biases_y, factor, order, dropout,
@@ -100,6 +94,25 @@ def check_mfh_inputs(x, y, weights_x, weights_y, biases_x, biases_y, factor, ord
     return weights_x, weights_y, biases_x, biases_y
 
 
+def _prepare(args, factor, order, dropout, eps, backend):
+    """Autocast and check :func:`mfh`'s arguments; returns ``(autocast dtype or None,
+    [x, y, weights_x, weights_y, biases_x, biases_y])`` with the per-block lists."""
+    x, y, weights_x, weights_y, biases_x, biases_y = args
+    # Cast before the checks, as fbp() does, so autocast's low-precision activations
+    # mix with fp32 parameters like in nn.Linear; malformed arguments pass through
+    # unchanged for check_mfh_inputs to report.
+    cast_dtype = _autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if cast_dtype is not None:
+        x, y = _autocast(cast_dtype, [x, y])
+        weights_x, weights_y, biases_x, biases_y = (
+            _autocast(cast_dtype, list(seq)) if isinstance(seq, (list, tuple)) else seq
+            for seq in (weights_x, weights_y, biases_x, biases_y))
+    check_options(factor, dropout, eps, backend)
+    lists = check_mfh_inputs(x, y, weights_x, weights_y, biases_x, biases_y, factor, order,
+                             dropout, eps)
+    return cast_dtype, [x, y, *lists]
+
+
 def mfh(
     x: Tensor,
     y: Tensor,
@@ -145,24 +158,22 @@ def mfh(
     ``torch.manual_seed`` makes it reproducible); block ``l`` uses the seed
     ``backends.torch_mfh.block_seed(seed, l)``.
     """
-    # Cast before the checks, as fbp() does, so autocast's low-precision activations
-    # mix with fp32 parameters like in nn.Linear; malformed arguments pass through
-    # unchanged for check_mfh_inputs to report.
-    cast_dtype = _autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
-    if cast_dtype is not None:
-        x, y = _autocast(cast_dtype, [x, y])
-        weights_x, weights_y, biases_x, biases_y = (
-            _autocast(cast_dtype, list(seq)) if isinstance(seq, (list, tuple)) else seq
-            for seq in (weights_x, weights_y, biases_x, biases_y))
-    weights_x, weights_y, biases_x, biases_y = check_mfh_inputs(
-        x, y, weights_x, weights_y, biases_x, biases_y, factor, order, dropout, eps)
-    n = len(weights_x)
-    device = x.device
-    if not torch.compiler.is_compiling():
+    args = [x, y, weights_x, weights_y, biases_x, biases_y]
+    if torch.compiler.is_compiling():
+        try:
+            cast_dtype, args = _prepare(args, factor, order, dropout, eps, backend)
+        except (TypeError, ValueError) as exc:
+            wx0 = weights_x[0] if isinstance(weights_x, (list, tuple)) and weights_x else None
+            blocks = len(weights_x) if isinstance(weights_x, (list, tuple)) else 1
+            return raise_when_run(exc, args, _output_shape(x, y, wx0, factor, blocks))
+    else:
+        cast_dtype, args = _prepare(args, factor, order, dropout, eps, backend)
         # A clear error here rather than from inside the op.  Skipped while tracing:
         # resolving imports modules, which Dynamo refuses to trace; the op resolves
         # again when it runs, so a bad backend still fails there.
-        mfh_ops.resolve(backend, device, n)
+        mfh_ops.resolve(backend, args[0].device, len(args[2]))
+    x, y, weights_x, weights_y, biases_x, biases_y = args
+    device = x.device
     seed = dropout_seed(training, dropout)
     if seed is None:
         dropout = 0.0
@@ -170,7 +181,7 @@ def mfh(
         out, _ = mfh_ops.mfh_forward(
             x, y, weights_x, weights_y, mfh_ops.to_marker_list(biases_x, x),
             mfh_ops.to_marker_list(biases_y, x), seed, factor, float(dropout),
-            bool(normalize), float(eps), backend)
+            bool(normalize), as_float(eps), backend)
     return out
 
 
@@ -190,13 +201,8 @@ class MultimodalFactorizedHighOrderPooling(nn.Module):
                  normalize: bool = True, eps: float = DEFAULT_EPS, backend: str = "auto",
                  device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
-        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-            raise ValueError(f"order must be an int >= 1, got {order!r}")
-        if isinstance(out_features, bool) or not isinstance(out_features, int) \
-                or out_features < 1:
-            raise ValueError(f"out_features must be an int >= 1, got {out_features!r}")
+        check_layer_args(x_features, y_features, out_features, factor, dropout, eps, backend,
+                         order)
         kw = {"device": device, "dtype": dtype}
         self.proj_x = nn.ModuleList(
             nn.Linear(x_features, factor * out_features, bias=bias, **kw) for _ in range(order))
@@ -240,9 +246,8 @@ class MultimodalFactorizedHighOrderPooling(nn.Module):
             if len({lin.in_features for lin in seq}) > 1:
                 raise ValueError(f"all of {name} must take the same in_features, got "
                                  f"{[lin.in_features for lin in seq]}")
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or ko % factor:
-            raise ValueError(f"factor must be an int >= 1 dividing out_features={ko}, "
-                             f"got {factor!r}")
+        check_options(factor, dropout, eps, backend)
+        check_factor_divides(factor, ko)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.proj_x, self.proj_y = projs_x, projs_y

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import BackendUnavailableError
+from .ops import check_concrete_eps, refuse_double_backward, saved_tensors
 
 #: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
 _MFH_MODULES = {
@@ -119,6 +120,7 @@ def mfh_forward(
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``(out (..., P*o), norms (..., P))``; ``norms`` is empty when
     ``normalize`` is false."""
+    check_concrete_eps(eps)
     impl = resolve(backend, x.device, len(weights_x))
     res = impl.forward(x, y, list(weights_x), list(weights_y), _from_markers(biases_x),
                        _from_markers(biases_y), factor=factor, dropout=dropout,
@@ -149,8 +151,8 @@ def mfh_backward(
     gradient being an empty marker where the bias is one."""
     impl = resolve(backend, x.device, len(weights_x))
     res = impl.backward(grad, x, y, list(weights_x), list(weights_y),
-                        _from_markers(biases_x), _from_markers(biases_y), out,
-                        norms if normalize else None, factor=factor, dropout=dropout,
+                        _from_markers(biases_x), _from_markers(biases_y),
+                        out if normalize else None, norms if normalize else None, factor=factor, dropout=dropout,
                         seed=_seed_value(seed), normalize=normalize, eps=eps)
     return [res.dx, res.dy, *res.dweights_x, *res.dweights_y,
             *to_marker_list(res.dbiases_x, x), *to_marker_list(res.dbiases_y, x)]
@@ -169,19 +171,24 @@ def _setup_context(ctx, inputs, output):
      backend) = inputs
     out, norms = output
     ctx.order = len(weights_x)
-    ctx.save_for_backward(x, y, *weights_x, *weights_y, *biases_x, *biases_y, out, norms, seed)
+    # The raw output (normalize=False) is not needed by backward: not saving it lets
+    # in-place ops on it work.
+    ctx.save_for_backward(x, y, *weights_x, *weights_y, *biases_x, *biases_y,
+                          out if normalize else _empty(x), norms, seed)
     ctx.config = (factor, dropout, normalize, eps, backend)
     ctx.mark_non_differentiable(norms)
 
 
 def _backward(ctx, grad_out, _grad_norms):
     P = ctx.order
-    x, y, *rest = ctx.saved_tensors
+    x, y, *rest = saved_tensors(ctx)
     wx, wy, bx, by = rest[:P], rest[P:2 * P], rest[2 * P:3 * P], rest[3 * P:4 * P]
     out, norms, seed = rest[4 * P:]
     factor, dropout, normalize, eps, backend = ctx.config
-    g = mfh_backward(grad_out.contiguous(), x, y, wx, wy, bx, by, out, norms, seed, factor,
-                     dropout, normalize, eps, backend)
+    with torch.no_grad():
+        g = mfh_backward(grad_out.contiguous(), x, y, wx, wy, bx, by, out, norms, seed, factor,
+                         dropout, normalize, eps, backend)
+    g = refuse_double_backward(g, (x, y, *wx, *wy, *bx, *by, grad_out))
     dx, dy, dg = g[0], g[1], g[2:]
     # A marker input gets its (empty) marker gradient back: same shape, so autograd
     # accepts it, and the marker never requires grad, so it goes nowhere.

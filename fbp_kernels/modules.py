@@ -4,15 +4,32 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import check_options, fbp
+from .functional import check_options, check_size, fbp
 from .reference import DEFAULT_EPS
 
 
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+def check_layer_args(x_features, y_features, out_features, factor, dropout, eps,
+                     backend, order=None) -> None:
+    """The constructor checks of both fusion modules (FBP and MFH), written once.
+
+    Sizes, ``factor`` and ``order`` must be ints >= 1 (TypeError otherwise, ValueError
+    when < 1); ``dropout``, ``eps`` and ``backend`` as in :func:`fbp`.
+    """
+    names = [("x_features", x_features), ("y_features", y_features),
+             ("out_features", out_features)]
+    if order is not None:
+        names.append(("order", order))
+    for name, value in names:
+        check_size(name, value)
+    check_options(factor, dropout, eps, backend)
+
+
+def check_factor_divides(factor, out_features: int) -> None:
+    """``from_linear``: ``factor`` (an int >= 1) must divide the projections' width."""
+    check_size("factor", factor)
+    if out_features % factor:
+        raise ValueError(f"factor must be an int >= 1 dividing out_features="
+                         f"{out_features}, got {factor!r}")
 
 
 class FactorizedBilinearPooling(nn.Module):
@@ -29,10 +46,7 @@ class FactorizedBilinearPooling(nn.Module):
                  eps: float = DEFAULT_EPS, backend: str = "auto",
                  save_projections: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        for name, value in (("x_features", x_features), ("y_features", y_features),
-                            ("out_features", out_features)):
-            _check_size(name, value)
-        check_options(factor, dropout, eps, backend)
+        check_layer_args(x_features, y_features, out_features, factor, dropout, eps, backend)
         kw = {"device": device, "dtype": dtype}
         self.proj_x = nn.Linear(x_features, factor * out_features, bias=bias, **kw)
         self.proj_y = nn.Linear(y_features, factor * out_features, bias=bias, **kw)
@@ -59,10 +73,7 @@ class FactorizedBilinearPooling(nn.Module):
         if proj_x.out_features != proj_y.out_features:
             raise ValueError(f"proj_x and proj_y must have the same out_features, got "
                              f"{proj_x.out_features} and {proj_y.out_features}")
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 \
-                or proj_x.out_features % factor:
-            raise ValueError(f"factor must be an int >= 1 dividing out_features="
-                             f"{proj_x.out_features}, got {factor!r}")
+        check_factor_divides(factor, proj_x.out_features)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.proj_x, self.proj_y = proj_x, proj_y

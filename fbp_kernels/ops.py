@@ -34,6 +34,78 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY_SHAPE)
 
 
+#: Why a second backward through the fused ops fails, and what to use instead.
+DOUBLE_BACKWARD_MESSAGE = (
+    "fbp_kernels: double backward (create_graph=True followed by a second gradient, e.g. "
+    "a gradient penalty or MAML) is not supported: the fused backward is not itself "
+    "differentiable. For higher-order gradients use the plain-PyTorch reference "
+    "fbp_kernels.reference.fbp / fbp_kernels.reference.mfh, which autograd differentiates "
+    "to any order.")
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on the first-order gradients whose own backward raises.
+
+    ``apply(n, *grads, *anchors)``: the ``n`` gradients come back (as copies); the
+    anchors (the op's differentiable inputs) only connect them to the graph, so a
+    second backward reaches this node whichever input it starts from.
+    """
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(g.clone() for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+#: Why backward failed after the output was changed in place.
+INPLACE_MESSAGE = (
+    "fbp_kernels: the output of fbp/mfh was modified in place (e.g. by "
+    "nn.ReLU(inplace=True)) before backward; with normalize=True the fused backward "
+    "needs that output as it was returned. Use an out-of-place op (nn.ReLU(inplace=False)) "
+    "or clone the output first. With normalize=False the output is not saved and "
+    "in-place ops on it are fine.")
+
+
+def saved_tensors(ctx):
+    """``ctx.saved_tensors``, turning autograd's version-counter error (which names an
+    internal view on the kernel backends) into one that says what happened.
+
+    The output is saved only when ``normalize=True``: the backward of the raw pooled
+    sum needs only the inputs, so then in-place ops on the output just work.
+    """
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as exc:
+        if "modified by an inplace operation" in str(exc):
+            raise RuntimeError(INPLACE_MESSAGE) from exc
+        raise
+
+
+def refuse_double_backward(grads, anchors):
+    """Return ``grads`` (a sequence of tensors or None); under ``create_graph=True``
+    attach them to a node whose backward raises :data:`DOUBLE_BACKWARD_MESSAGE`.
+
+    Backends compute gradients with plain tensor ops; left to autograd under
+    ``create_graph=True`` those ops would record a partial, wrong second-order graph
+    (they treat the saved output and row norms as constants).  The backends' backward
+    therefore runs under ``no_grad`` and any second-order use is refused here.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return list(grads)
+    live = [a for a in anchors if isinstance(a, Tensor) and a.requires_grad]
+    idx = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+    if not live or not idx:
+        return list(grads)
+    wrapped = _RefuseDoubleBackward.apply(len(idx), *[grads[i] for i in idx], *live)
+    out = list(grads)
+    for i, g in zip(idx, wrapped):
+        out[i] = g
+    return out
+
+
 def _none_if_marker(t: Optional[Tensor]) -> Optional[Tensor]:
     # Real projections are (..., factor*o) with factor*o > 0, so shape (0,) is unambiguous.
     return None if t is None or tuple(t.shape) == _EMPTY_SHAPE else t
@@ -52,12 +124,21 @@ def fbp_forward(
     save_projections: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, norm, a, c)``; ``norm``, ``a``, ``c`` are empty when unused."""
+    check_concrete_eps(eps)
     impl = backends.resolve(backend, x.device)
     res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
                        dropout=dropout, seed=_seed_value(seed), normalize=normalize,
                        eps=eps, save_projections=save_projections)
     # Outputs of a custom op may not alias its inputs or each other.
     return (res.out, _or_empty(res.norm, x), _or_empty(res.a, x), _or_empty(res.c, x))
+
+
+def check_concrete_eps(eps: float) -> None:
+    """The operators see ``eps`` as a concrete float even when torch.compile traced it
+    symbolically (then the front end could not check it): check it here."""
+    from .functional import check_eps  # functional imports this module
+
+    check_eps(eps)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -100,8 +181,8 @@ def fbp_backward(
     """Returns ``[dx, dy, dweight_x, dweight_y, dbias_x, dbias_y]`` (empty bias grads
     when there is no bias)."""
     impl = backends.resolve(backend, x.device)
-    res = impl.backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out,
-                        norm if normalize else None, _none_if_marker(a), _none_if_marker(c),
+    res = impl.backward(grad, x, y, weight_x, weight_y, bias_x, bias_y,
+                        out if normalize else None, norm if normalize else None, _none_if_marker(a), _none_if_marker(c),
                         factor=factor, dropout=dropout, seed=_seed_value(seed),
                         normalize=normalize, eps=eps)
     return [res.dx, res.dy, res.dweight_x, res.dweight_y,
@@ -121,17 +202,21 @@ def _setup_context(ctx, inputs, output):
     (x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize, eps,
      _save_projections, backend) = inputs
     out, norm, a, c = output
-    ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed)
+    ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y,
+                          out if normalize else _empty(x), norm, a, c, seed)
     ctx.config = (factor, dropout, normalize, eps, backend)
     ctx.mark_non_differentiable(norm, a, c)
 
 
 def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
-    x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed = ctx.saved_tensors
+    x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed = saved_tensors(ctx)
     factor, dropout, normalize, eps, backend = ctx.config
-    dx, dy, dwx, dwy, dbx, dby = fbp_backward(
-        grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c,
-        seed, factor, dropout, normalize, eps, backend)
+    with torch.no_grad():
+        grads = fbp_backward(
+            grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c,
+            seed, factor, dropout, normalize, eps, backend)
+    dx, dy, dwx, dwy, dbx, dby = refuse_double_backward(
+        grads, (x, y, weight_x, weight_y, bias_x, bias_y, grad_out))
     return (dx, dy, dwx, dwy,
             dbx if bias_x is not None else None, dby if bias_y is not None else None,
             None, None, None, None, None, None, None)
@@ -140,13 +225,30 @@ def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
 fbp_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+_ERROR_TYPES = {"TypeError": TypeError, "ValueError": ValueError,
+                "BackendUnavailableError": backends.BackendUnavailableError}
+
+
+@torch.library.custom_op("fbp_kernels::argument_error", mutates_args=())
+def argument_error(like: Tensor, kind: str, message: str, shape: List[int]) -> Tensor:
+    """Raise ``kind(message)`` when run: a bad argument found while torch.compile traced
+    (see ``functional.raise_when_run``).  ``like`` only gives the fake result's dtype
+    and device."""
+    raise _ERROR_TYPES[kind](message)
+
+
+@argument_error.register_fake
+def _(like, kind, message, shape):
+    return like.new_empty(shape)
+
+
 class FBPFunction(torch.autograd.Function):
     """Eager FBP with the backend's fused backward.
 
     ``apply(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize,
     eps, save_projections, backend) -> out``; ``seed`` is an int or None.  Saves the
-    inputs, parameters, output and row norms (plus the projections only when
-    ``save_projections``).
+    inputs, parameters, and with ``normalize`` the output and row norms (plus the
+    projections only when ``save_projections``).
     """
 
     @staticmethod
@@ -156,17 +258,21 @@ class FBPFunction(torch.autograd.Function):
         res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
                            dropout=dropout, seed=seed, normalize=normalize, eps=eps,
                            save_projections=save_projections)
-        ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y, res.out, res.norm,
-                              res.a, res.c)
+        # The raw pooled output (normalize=False) is not needed by backward: not saving
+        # it lets in-place ops on it (nn.ReLU(inplace=True)) work.
+        ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y,
+                              res.out if normalize else None, res.norm, res.a, res.c)
         ctx.config = (impl, factor, dropout, seed, normalize, eps)
         return res.out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c = ctx.saved_tensors
+        x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c = saved_tensors(ctx)
         impl, factor, dropout, seed, normalize, eps = ctx.config
-        res = impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y,
-                            out, norm, a, c, factor=factor, dropout=dropout, seed=seed,
-                            normalize=normalize, eps=eps)
-        return (res.dx, res.dy, res.dweight_x, res.dweight_y, res.dbias_x, res.dbias_y,
-                None, None, None, None, None, None, None)
+        with torch.no_grad():
+            res = impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x,
+                                bias_y, out, norm, a, c, factor=factor, dropout=dropout,
+                                seed=seed, normalize=normalize, eps=eps)
+        grads = refuse_double_backward(res, (x, y, weight_x, weight_y, bias_x, bias_y,
+                                             grad_out))
+        return (*grads, None, None, None, None, None, None, None)

@@ -1,9 +1,10 @@
 """The naive eager implementation of factorized bilinear pooling: the specification.
 
 Written the way public MFB code writes it (two ``F.linear`` calls, ``*``, dropout,
-``view(..., o, k).sum(-1)``, signed square root, ``F.normalize``), with one
-deliberate difference: the power normalisation is the zero-safe one below, so the
-gradient is finite everywhere and is the true derivative of the forward.
+``view(..., o, k).sum(-1)``, signed square root, ``F.normalize``), with two
+deliberate differences: the power normalisation is the zero-safe one below, so the
+gradient is finite everywhere and is the true derivative of the forward, and the L2
+normalisation gives degenerate (all-zero) rows zero gradient (below).
 
 Every backend is tested against :func:`fbp` and every benchmark uses it as the
 baseline.  It keeps the autograd graph of plain PyTorch, so it saves two
@@ -17,6 +18,16 @@ Zero-safe power normalisation (``eps > 0``)::
 It is computed in the second form: no cancellation for small ``|s|``, and autograd
 then gets the derivative right at exactly ``s = 0`` (``sign(s) * f(|s|)`` would give
 0 there, because autograd differentiates ``sign`` as 0 and ``sign(0) = 0``).
+
+L2 normalisation: ``z = t / max(||t||, 1e-12)``, the forward of ``F.normalize``.  Its
+gradient at a *degenerate* row, ``||t|| <= 1e-12`` (all pooled values zero: padding
+with ``bias=False``, or every product dropped), is defined as **zero** rather than the
+clamp's slope ``1/1e-12``: that slope is an artifact of the clamp (the function has
+no finite-slope direction at ``t = 0``), it overflows fp16 and bf16 (``1e12 * 500``),
+and ``inf * 0`` then turns every weight gradient of the batch into NaN.  Zero is also
+what such rows should contribute: a padding row should not train the layer, and a
+fully dropped row has zero gradient through its mask anyway.  Every backend follows
+this convention, in every dtype.
 
 ``t`` is odd, continuously differentiable and within ``sqrt(eps)`` of the textbook
 ``sign(s) * sqrt(|s|)`` everywhere.  A useful consequence used by the fused
@@ -48,6 +59,32 @@ def signed_sqrt(s: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
 def signed_sqrt_grad(s: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """Derivative of :func:`signed_sqrt`: ``0.5 / sqrt(|s| + eps)``."""
     return 0.5 * torch.rsqrt(s.abs() + eps)
+
+
+def row_norm(t: Tensor, keepdim: bool = False) -> Tensor:
+    """``||t||_2`` over the last dimension, scaled before squaring so it cannot overflow.
+
+    ``torch.linalg.vector_norm`` squares as it is: fp32 values above ~1.3e19 (which
+    ``t`` reaches when the products near fp32's top) give ``inf``.  Each row is divided
+    by a power of two ``2^(e-1)`` with ``2^(e-1) <= max|t| < 2^e`` first: exact, so for
+    values that did not overflow the result is bitwise that of ``vector_norm``.  The
+    scale is a constant for autograd (the norm is 1-homogeneous, so this is exact).
+    """
+    amax = t.detach().abs().amax(dim=-1, keepdim=True) if t.shape[-1] else \
+        t.detach().new_zeros((*t.shape[:-1], 1))
+    _, e = torch.frexp(amax)  # amax = mantissa * 2^e; e = 0 for 0, inf and NaN
+    scale = torch.exp2((e - 1).to(t.dtype))
+    norm = torch.linalg.vector_norm(t / scale, dim=-1, keepdim=True) * scale
+    return norm if keepdim else norm.squeeze(-1)
+
+
+def l2_normalize(t: Tensor) -> Tensor:
+    """``t / max(||t||, NORM_DELTA)`` over the last dimension (``F.normalize``'s
+    forward, with an overflow-safe norm), with zero gradient at degenerate rows
+    ``||t|| <= NORM_DELTA``."""
+    norm = row_norm(t, keepdim=True)
+    return torch.where(norm > NORM_DELTA, t / norm.clamp_min(NORM_DELTA),
+                       t.detach() / NORM_DELTA)
 
 
 def textbook_signed_sqrt(s: Tensor) -> Tensor:
@@ -90,8 +127,7 @@ def fbp(
     s = p.view(*p.shape[:-1], o, factor).sum(-1)  # k consecutive columns per output
     if not normalize:
         return s
-    t = signed_sqrt(s, eps)
-    return F.normalize(t, p=2.0, dim=-1, eps=NORM_DELTA)
+    return l2_normalize(signed_sqrt(s, eps))
 
 
 def mfh(
@@ -131,6 +167,6 @@ def mfh(
         o = p.shape[-1] // factor
         s = p.view(*p.shape[:-1], o, factor).sum(-1)
         if normalize:
-            s = F.normalize(signed_sqrt(s, eps), p=2.0, dim=-1, eps=NORM_DELTA)
+            s = l2_normalize(signed_sqrt(s, eps))
         outs.append(s)
     return torch.cat(outs, dim=-1)

@@ -58,6 +58,15 @@ def broadcast_batch(a, b) -> torch.Size:
     return torch.Size(out)
 
 
+def as_rows(t: Tensor) -> Tensor:
+    """``t (..., w)`` viewed (or copied) as ``(rows, w)``.  ``reshape(-1, w)`` cannot
+    infer ``rows`` when ``w == 0`` (a zero-width input), so the count is explicit."""
+    rows = 1
+    for d in t.shape[:-1]:
+        rows *= d
+    return t.reshape(rows, t.shape[-1])
+
+
 def flatten_rows(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, torch.Size]:
     """Broadcast the leading dimensions and view both inputs as ``(rows, width)``.
 
@@ -65,8 +74,8 @@ def flatten_rows(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, torch.Size]:
     that do not collapse); kernels then read rows with an explicit row stride.
     """
     batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
-    x2 = x.expand(*batch, x.shape[-1]).reshape(-1, x.shape[-1])
-    y2 = y.expand(*batch, y.shape[-1]).reshape(-1, y.shape[-1])
+    x2 = as_rows(x.expand(*batch, x.shape[-1]))
+    y2 = as_rows(y.expand(*batch, y.shape[-1]))
     return x2, y2, batch
 
 

@@ -87,7 +87,7 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     x2, y2, batch = flatten_rows(x, y)
     o = weight_x.shape[0] // factor
     g2 = grad.reshape(-1, o)
-    out2 = out.reshape(-1, o)
+    out2 = out.reshape(-1, o) if out is not None else g2  # None without normalize: unread
     norm2 = norm.reshape(-1) if normalize else out2.new_empty(0)
     dx, dy, dwx, dwy, dbx, dby = _ops().fbp_backward(
         g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor, float(dropout),

@@ -47,7 +47,8 @@ from torch import Tensor
 from .. import strategy
 from . import triton_backend
 from . import triton_split as E
-from ._common import BackwardResult, ForwardResult, acc_dtype, broadcast_batch, flatten_rows
+from ._common import (BackwardResult, ForwardResult, acc_dtype, as_rows, broadcast_batch,
+                      flatten_rows)
 
 NAME = "split"
 
@@ -132,8 +133,8 @@ def _layout(x: Tensor, y: Tensor) -> _Layout:
     while len(levels) < 2:
         levels.append([(True, True), 1])
     (k0, d0), (k1, d1) = levels
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = y.reshape(-1, y.shape[-1])
+    x2 = as_rows(x)
+    y2 = as_rows(y)
     return _Layout(d0, d1, _Operand(x2, k0[0], k1[0], d1 if k1[0] else 1),
                    _Operand(y2, k0[1], k1[1], d1 if k1[1] else 1), batch, False)
 
@@ -170,7 +171,7 @@ def _source_rows(saved: Tensor, lay: _Layout, like: Tensor) -> Tensor:
     ko = saved.shape[-1]
     if lay.materialised:
         saved = saved.expand(*lay.batch, ko)
-    return saved.reshape(-1, ko)
+    return as_rows(saved)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -191,7 +192,10 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
     lay = _layout(x, y)
     rows, ko = lay.d0 * lay.d1, weight_x.shape[0]
     o = ko // factor
-    out = torch.empty((rows, o), dtype=x.dtype, device=x.device)
+    # Allocated at the final shape and written through a 2-D view: the output must not be
+    # a view (autograd forbids in-place ops on views created inside a custom Function).
+    out_full = torch.empty((*lay.batch, o), dtype=x.dtype, device=x.device)
+    out = out_full.view(rows, o)
     norm = torch.empty((rows,), dtype=acc_dtype(x.dtype), device=x.device) if normalize \
         else None
     opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps,
@@ -206,7 +210,7 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
         whole = {}
         for k, (op, t, w, b) in enumerate(ops):
             if keep[k]:
-                saved[k] = _project(t.reshape(-1, t.shape[-1]), w, b)
+                saved[k] = _project(as_rows(t), w, b)
                 whole[k] = _source_rows(saved[k].view(*t.shape[:-1], ko), lay, t)
             elif not op.has0:
                 whole[k] = _project(op.src, w, b)
@@ -226,7 +230,7 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
                 projs.append(_project(inp, w, b, bufs[k][:inp.shape[0]]))
             E.epilogue_forward(projs[0], projs[1], out[r0:r1],
                                norm[r0:r1] if normalize else None, row_offset=r0, **opts)
-    return ForwardResult(out.view(*lay.batch, o), norm.view(lay.batch) if normalize else None,
+    return ForwardResult(out_full, norm.view(lay.batch) if normalize else None,
                          _saved_view(saved[0], x, lay) if saved[0] is not None else None,
                          _saved_view(saved[1], y, lay) if saved[1] is not None else None)
 
@@ -273,9 +277,11 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     rows, ko = lay.d0 * lay.d1, weight_x.shape[0]
     o = ko // factor
     g2 = grad.reshape(rows, o)
-    z2 = out.reshape(rows, o)
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
+    # Without normalisation the output is not saved (it may be modified in place) and
+    # not needed: the kernel never reads z then.
+    z2 = out.reshape(rows, o) if normalize else g2
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
     n2 = norm.reshape(rows) if normalize else None

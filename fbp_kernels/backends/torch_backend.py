@@ -14,7 +14,8 @@ batch size in training.
 Backward, per row, given ``g = dL/dz`` (SPEC.md)::
 
     r  = max(||t||, delta)
-    dt = (g - z <z, g>) / r          if ||t|| > delta, else g / delta
+    dt = (g - z <z, g>) / r          if ||t|| > delta, else 0  (degenerate row, see
+                                     reference.py: finite in every dtype)
     t  = z * r                       exact in both branches, so s is never needed:
     ds = dt * 0.5 / (|t| + sqrt(eps))   (= dt * t'(s) for the zero-safe t)
     dp = repeat(ds, factor) * mask / (1 - rate)
@@ -34,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import NORM_DELTA
-from ._common import BackwardResult, ForwardResult, acc_dtype
+from ..reference import NORM_DELTA, row_norm
+from ._common import BackwardResult, ForwardResult, acc_dtype, as_rows
 
 NAME = "torch"
 
@@ -45,14 +46,35 @@ def unsupported_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+_MASK64 = 2**64 - 1
+
+
+def mix_seed(seed: int) -> int:
+    """SplitMix64's finaliser of ``seed``: a 64-bit value whose every bit depends on
+    every bit of ``seed``.
+
+    The CPU generator (mt19937) keeps only 32 bits of what ``manual_seed`` gets, so
+    the raw seed would make ``s`` and ``s + 2**32`` draw the same mask; the mixed
+    seed's low 32 bits depend on all 64 bits of ``s``.
+    """
+    z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
     """The keep-mask (bool, ``shape``) this backend draws for ``seed``.
 
-    A private ``torch.Generator`` seeded with ``seed`` makes the mask a pure function
-    of the seed, so backward regenerates it instead of storing it.
+    A private ``torch.Generator`` seeded with ``mix_seed(seed)`` makes the mask a pure
+    function of the seed (all 64 bits of it), so backward regenerates it instead of
+    storing it.
     """
+    if torch.device(device).type == "meta":
+        # Shape propagation only: the meta device has no generator (and no data).
+        return torch.empty(shape, dtype=torch.bool, device=device)
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(mix_seed(seed))
     return torch.rand(shape, generator=gen, device=device) >= rate
 
 
@@ -79,7 +101,7 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
     # Power and L2 normalisation on (rows, o) only: done in fp32 for half inputs.
     sf = s.to(acc_dtype(s.dtype))
     t = sf / (torch.sqrt(sf.abs() + eps) + math.sqrt(eps))  # zero-safe signed sqrt
-    norm = torch.linalg.vector_norm(t, dim=-1)
+    norm = row_norm(t)  # scaled before squaring: no overflow for |t| near 1e19
     z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
     return ForwardResult(z.to(s.dtype), norm, a, c)
 
@@ -96,7 +118,10 @@ def grad_pooled(grad: Tensor, out: Tensor, norm: Optional[Tensor], *, normalize:
     z = out.to(norm.dtype)
     r = norm.clamp_min(NORM_DELTA).unsqueeze(-1)
     proj = (g - z * (z * g).sum(-1, keepdim=True)) / r
-    dt = torch.where(norm.unsqueeze(-1) > NORM_DELTA, proj, g / NORM_DELTA)
+    # A degenerate row (||t|| <= delta: all zeros, or every product dropped) gets zero
+    # gradient (reference.py).  The clamp's slope 1/delta = 1e12 would overflow fp16
+    # and bf16 once cast, and inf * 0 then poisons every weight gradient.
+    dt = torch.where(norm.unsqueeze(-1) > NORM_DELTA, proj, torch.zeros_like(proj))
     t = z * r
     return dt * (0.5 / (t.abs() + math.sqrt(eps)))
 
@@ -121,8 +146,8 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     da2, dc2 = da.reshape(-1, ko), dc.reshape(-1, ko)
     dx = (da2 @ weight_x).view(x.shape)
     dy = (dc2 @ weight_y).view(y.shape)
-    dwx = da2.t() @ x.reshape(-1, x.shape[-1])
-    dwy = dc2.t() @ y.reshape(-1, y.shape[-1])
+    dwx = da2.t() @ as_rows(x)
+    dwy = dc2.t() @ as_rows(y)
     dbx = da2.sum(0) if bias_x is not None else None
     dby = dc2.sum(0) if bias_y is not None else None
     return BackwardResult(dx, dy, dwx, dwy, dbx, dby)

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import NORM_DELTA
-from ._common import acc_dtype, broadcast_batch
+from ..reference import NORM_DELTA, row_norm
+from ._common import acc_dtype, as_rows, broadcast_batch
 from .torch_backend import dropout_mask, grad_pooled
 
 NAME = "torch"
@@ -107,7 +107,7 @@ def _normalized(s: Tensor, eps: float):
     # then bitwise equal to FBP.  Done in fp32 for half inputs (it is only (rows, o)).
     sf = s.to(acc_dtype(s.dtype))
     t = sf / (torch.sqrt(sf.abs() + eps) + math.sqrt(eps))
-    norm = torch.linalg.vector_norm(t, dim=-1)
+    norm = row_norm(t)
     z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
     return z.to(s.dtype), norm
 
@@ -190,11 +190,12 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
     dwy: List[Tensor] = [None] * order
     dbx: List[Optional[Tensor]] = [None] * order
     dby: List[Optional[Tensor]] = [None] * order
-    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    x2, y2 = as_rows(x), as_rows(y)
     u_next = None  # u_{l+1} = G_{l+1} * d_{l+1}
     for l in reversed(range(order)):
         sl = slice(l * o, (l + 1) * o)
-        ds = grad_pooled(grad[..., sl], out[..., sl], norms[..., l] if normalize else None,
+        ds = grad_pooled(grad[..., sl], out[..., sl] if normalize else None,
+                         norms[..., l] if normalize else None,
                          normalize=normalize, eps=eps).to(x.dtype)
         # e_l: each pooled gradient repeated over its `factor` consecutive columns.
         G = ds.unsqueeze(-1).expand(*ds.shape, factor).reshape(*ds.shape[:-1], ko)

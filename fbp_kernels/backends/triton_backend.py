@@ -55,22 +55,21 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
             seed: Optional[int], normalize: bool, eps: float,
             save_projections: bool) -> ForwardResult:
     x2, y2, batch = flatten_rows(x, y)
-    ko = weight_x.shape[0]
     if not save_projections and W.supports(factor, W.pick_wide_config(x.dtype)):
         # The wide main loop: one K pass per projection for every factor group, and a
         # row-finishing kernel instead of the ticket protocol (triton_wide.py).
         with _device_guard(x.device):
             out, norm = W.wide_forward(x2, y2, weight_x, weight_y, bias_x, bias_y,
                                        factor=factor, dropout=dropout, seed=seed,
-                                       normalize=normalize, eps=eps)
-        return ForwardResult(out.view(*batch, out.shape[-1]),
-                             norm.view(batch) if norm is not None else None, None, None)
+                                       normalize=normalize, eps=eps, batch=batch)
+        return ForwardResult(out, norm.view(batch) if norm is not None else None, None, None)
     with _device_guard(x.device):
         out, norm, a, c = K.fused_forward(x2, y2, weight_x, weight_y, bias_x, bias_y,
                                           factor=factor, dropout=dropout, seed=seed,
                                           normalize=normalize, eps=eps,
-                                          save_projections=save_projections)
-    return ForwardResult(out.view(*batch, out.shape[-1]),
+                                          save_projections=save_projections, batch=batch)
+    ko = weight_x.shape[0]
+    return ForwardResult(out,
                          norm.view(batch) if norm is not None else None,
                          a.view(*batch, ko) if a is not None else None,
                          c.view(*batch, ko) if c is not None else None)
@@ -80,7 +79,8 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
              eps: float) -> BackwardResult:
     x2, y2, batch = flatten_rows(x, y)
-    g2 = grad.reshape(-1, out.shape[-1])
+    o = weight_x.shape[0] // factor
+    g2 = grad.reshape(-1, o)
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
     with _device_guard(x.device):
@@ -99,10 +99,12 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
 
 def _products(g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *, factor,
               dropout, seed, normalize, eps):
-    o = out.shape[-1]
     ko = weight_x.shape[0]
+    o = ko // factor
     return K.fused_backward_products(
-        g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out.reshape(-1, o),
+        # out is None when normalize=False (not saved); the kernel then never reads z.
+        g2, x2, y2, weight_x, weight_y, bias_x, bias_y,
+        out.reshape(-1, o) if out is not None else g2,
         norm.reshape(-1) if norm is not None else None,
         a.reshape(-1, ko) if a is not None else None,
         c.reshape(-1, ko) if c is not None else None,

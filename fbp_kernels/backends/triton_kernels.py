@@ -11,10 +11,12 @@ accumulators live at once (A_i, C_i, s).
 
 Row norm ("last program finishes", one launch).  The L2 norm of a row spans every
 output tile, i.e. several programs.  Each program writes its tile of
-``t = signed_sqrt(s)`` (fp32 scratch) and its partial ``sum(t^2)`` per row, then
+``t = signed_sqrt(s)`` (fp32 scratch) and, per row, its max ``|t|`` and partial
+``sum((t/max)^2)`` (scaled before squaring: ``t^2`` summed over a row overflows fp32
+for ``|t|`` near 1e19), then
 takes a ticket from a per-row-block counter (``atomic_add``, acq_rel, after a CTA
 barrier so the whole tile is published).  The program that draws the last ticket
-sums the partials in tile order (deterministic), writes ``||t||`` and rescales the
+combines the partials in tile order (deterministic), writes ``||t||`` and rescales the
 row block's ``t`` into the output, then resets the counter to 0 so the cached
 counter buffer is ready for the next launch.  Cost: an extra read and write of
 ``rows x o`` fp32 (``8*o`` bytes per row, against ``2*K*o*(m+n)`` FLOPs per row of
@@ -35,8 +37,10 @@ to cuBLAS: they are plain GEMMs that it runs at peak.  No atomics: deterministic
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -188,19 +192,36 @@ def _finish_normalised(s, rm, offs_o, m_mask, tile_mask, pid_m, pid_o, row0, row
     t_base = t_ptr + row0 * stride_tr
     out_base = out_ptr + row0 * stride_or
     tl.store(t_base + rm[:, None] * stride_tr + offs_o[None, :], t, mask=tile_mask)
-    tl.store(partial_ptr + pid_o * rows64 + row0 + rm, tl.sum(t * t, axis=1), mask=m_mask)
     n_tiles = tl.num_programs(1)
+    # Overflow-safe partials (scale before squaring): |t| reaches ~1.8e19 in fp32, and
+    # the sum of a row's t^2 would overflow to inf.  Each tile stores its per-row max
+    # |t| (second half of `partial`) and sum((t / max)^2) (first half).
+    amax = tl.max(tl.abs(t), axis=1)
+    tu = t * (1.0 / tl.where(amax > 0, amax, 1.0))[:, None]
+    tl.store(partial_ptr + pid_o * rows64 + row0 + rm, tl.sum(tu * tu, axis=1), mask=m_mask)
+    tl.store(partial_ptr + (n_tiles + pid_o) * rows64 + row0 + rm, amax, mask=m_mask)
     # Publish the whole tile (every thread's stores) before the release of the ticket.
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
     if ticket == n_tiles - 1:
-        # Last program of this row block: finish the norm (partials summed in tile
+        # Last program of this row block: finish the norm (partials combined in tile
         # order: deterministic) and rescale the row block's t into the output.
+        # One pass with a running scale: ||t|| = big * sqrt(sumsq), where sumsq is
+        # sum(t^2) / big^2 over the tiles seen so far and big their max |t|.
+        big = tl.zeros((BLOCK_M,), dtype=t.dtype)
         sumsq = tl.zeros((BLOCK_M,), dtype=t.dtype)
         for j in range(0, n_tiles):
-            sumsq += tl.load(partial_ptr + j * rows64 + row0 + rm, mask=m_mask, other=0.0,
-                             cache_modifier=".cg")
-        norm = tl.sqrt(sumsq)
+            pmax = tl.load(partial_ptr + (n_tiles + j) * rows64 + row0 + rm, mask=m_mask,
+                           other=0.0, cache_modifier=".cg")
+            psum = tl.load(partial_ptr + j * rows64 + row0 + rm, mask=m_mask, other=0.0,
+                           cache_modifier=".cg")
+            nbig = tl.maximum(big, pmax)
+            inv = 1.0 / tl.where(nbig > 0, nbig, 1.0)
+            rb = big * inv
+            rp = pmax * inv
+            sumsq = sumsq * (rb * rb) + psum * (rp * rp)
+            big = nbig
+        norm = big * tl.sqrt(sumsq)
         tl.store(norm_ptr + row0 + rm, norm, mask=m_mask)
         inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
         for j in range(0, n_tiles):
@@ -275,9 +296,10 @@ def _fbp_bwd_kernel(
         norm = tl.load(norm_ptr + row0 + rm, mask=m_mask, other=1.0)
         zg = tl.load(zg_ptr + row0 + rm, mask=m_mask, other=0.0)
         r = tl.maximum(norm, _NORM_DELTA)
-        # d z / d t: project out z and divide by r; below delta the clamp makes it 1/delta.
+        # d z / d t: project out z and divide by r; a degenerate row (norm <= delta)
+        # gets zero gradient, the convention of reference.py (finite in every dtype).
         dt = tl.where((norm > _NORM_DELTA)[:, None], (g - z * zg[:, None]) / r[:, None],
-                      g / _NORM_DELTA)
+                      0.0)
         t = z * r[:, None]
         ds = dt * (0.5 / (tl.abs(t) + sqrt_eps))
     else:
@@ -426,6 +448,20 @@ def _row_block_counters(n: int, device: torch.device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
+#: Serialises kernel launches under TRITON_INTERPRET=1.  The interpreter runs a launch
+#: by patching triton.language's module-level functions for the duration and
+#: restoring them afterwards; two Python threads launching at once see each other's
+#: half-patched module and fail with InterpreterError.  A GPU launch is asynchronous
+#: and thread-safe, so there is no lock then.
+_INTERPRETER_LOCK = threading.RLock() if INTERPRET else None
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, one at a time under the interpreter."""
+    with _INTERPRETER_LOCK if _INTERPRETER_LOCK is not None else contextlib.nullcontext():
+        return kernel[grid](*args, **kwargs)
+
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -466,36 +502,43 @@ def _bias_args(bias_x, bias_y, like):
 
 
 def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
-                  save_projections):
+                  save_projections, batch=None):
     """Launch the fused forward on ``(rows, m)`` / ``(rows, n)`` matrices.
 
-    Returns ``(out (rows, o), norm (rows,) or None, a or None, c or None)``.
+    Returns ``(out (*batch, o), norm (rows,) or None, a or None, c or None)``;
+    ``batch`` defaults to ``(rows,)``.  ``out`` is allocated at its final shape (the
+    kernel writes it through a 2-D view) so that it is not itself a view: autograd
+    forbids in-place ops on views created inside a custom Function.
     """
     rows, m = x2.shape
     n = y2.shape[1]
     ko = wx.shape[0]
     o = ko // factor
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    out = torch.empty((rows, o), dtype=x2.dtype, device=x2.device)
+    out_full = torch.empty((*(batch if batch is not None else (rows,)), o), dtype=x2.dtype,
+                           device=x2.device)
+    out = out_full.view(rows, o)
     a = c = None
     if save_projections:
         a = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
         c = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
     if rows == 0:
-        return out, (torch.empty(0, dtype=acc, device=x2.device) if normalize else None), a, c
+        return (out_full, (torch.empty(0, dtype=acc, device=x2.device) if normalize else None),
+                a, c)
     cfg = pick_config(rows, o, x2.dtype, x2.device)
     x2, y2, wx, wy = _int32_safe(cfg, x2, y2, wx, wy, factor)
     grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
     if normalize:
         t = torch.empty((rows, o), dtype=acc, device=x2.device)
-        partial = torch.empty((grid[1], rows), dtype=acc, device=x2.device)
+        # Per output tile and row: sum((t/max)^2), then (second half) max |t|.
+        partial = torch.empty((2 * grid[1], rows), dtype=acc, device=x2.device)
         norm = torch.empty((rows,), dtype=acc, device=x2.device)
         counters = _row_block_counters(grid[0], x2.device)
     else:
         t = partial = norm = counters = out  # never touched
     bx_, by_, has_bias = _bias_args(bx, by, wx)
     dot_fp32, precision = dot_settings(x2.dtype)
-    _fbp_fwd_kernel[grid](
+    launch(_fbp_fwd_kernel, grid,
         x2, y2, wx, wy, bx_, by_, out, t, partial, norm, counters,
         a if a is not None else out, c if c is not None else out,
         rows, m, n, o,
@@ -509,7 +552,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
         BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, (norm if normalize else None), a, c
+    return out_full, (norm if normalize else None), a, c
 
 
 def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, factor, dropout,
@@ -528,14 +571,14 @@ def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, fa
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if normalize:
         zg = torch.empty((rows,), dtype=acc, device=x2.device)
-        _row_dot_kernel[(grid[0],)](out, grad, zg, rows, o, out.stride(0), grad.stride(0),
+        launch(_row_dot_kernel, (grid[0],), out, grad, zg, rows, o, out.stride(0), grad.stride(0),
                                     BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o,
                                     num_warps=cfg.num_warps)
     else:
         zg = norm = grad  # never read
     bx_, by_, has_bias = _bias_args(bx, by, wx)
     dot_fp32, precision = dot_settings(x2.dtype)
-    _fbp_bwd_kernel[grid](
+    launch(_fbp_bwd_kernel, grid,
         x2, y2, wx, wy, bx_, by_, grad, out, norm, zg,
         a if a is not None else da, c if c is not None else dc, da, dc,
         rows, x2.shape[1], y2.shape[1], o,
@@ -561,6 +604,6 @@ def dropout_keep_mask(seed: int, rows: int, ko: int, rate: float, device) -> tor
     mask = torch.empty((rows, ko), dtype=torch.int8, device=device)
     if rows and ko:
         bm, bc = (16, 16) if INTERPRET else MASK_BLOCKS
-        _dropout_mask_kernel[(triton.cdiv(rows, bm), triton.cdiv(ko, bc))](
+        launch(_dropout_mask_kernel, (triton.cdiv(rows, bm), triton.cdiv(ko, bc)),
             mask, seed, rows, ko, float(rate), BLOCK_M=bm, BLOCK_C=bc)
     return mask.bool()

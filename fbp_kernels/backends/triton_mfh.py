@@ -53,14 +53,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import NORM_DELTA
+from ..reference import NORM_DELTA, row_norm
 from ._common import acc_dtype, flatten_rows, unflatten_grad
 from .torch_backend import grad_pooled
 from .torch_mfh import MFHBackwardResult, MFHForwardResult, block_seed
 # Shared with the FBP kernels: the projection tile, launch-config type, dropout mask
 # kernel, dot settings and availability rules are the same for both operations.
 from .triton_backend import unsupported_reason  # noqa: F401  (backend contract)
-from .triton_kernels import INTERPRET, INTERPRETER_CONFIG, TileConfig, dot_settings, dropout_keep_mask
+from .triton_kernels import (INTERPRET, INTERPRETER_CONFIG, TileConfig, dot_settings,
+                             dropout_keep_mask, launch)
 from .triton_kernels import _projection_tile as _proj
 
 NAME = "triton"
@@ -391,7 +392,7 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
         cfg = pick_config(order)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
         dot_fp32, precision = dot_settings(x.dtype)
-        _mfh_fwd_kernel[grid](
+        launch(_mfh_fwd_kernel, grid,
             x2, y2, *_padded(wx, wx[0]), *_padded(wy, wy[0]), *_padded(biases_x, wx[0]),
             *_padded(biases_y, wx[0]), t,
             rows, m, n, o,
@@ -405,12 +406,16 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
             BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
+    # The output is allocated at its final shape, not returned as a view of a
+    # temporary: autograd forbids in-place ops on views created inside the op.
+    out = torch.empty((*batch, order * o), dtype=x.dtype, device=x.device)
     if not normalize:
-        return MFHForwardResult(t.to(x.dtype).view(*batch, order * o), None)
+        out.view(rows, order * o).copy_(t)
+        return MFHForwardResult(out, None)
     tv = t.view(rows, order, o)
-    norms = torch.linalg.vector_norm(tv, dim=-1)  # (rows, P)
-    out = (tv / norms.clamp_min(NORM_DELTA).unsqueeze(-1)).to(x.dtype)
-    return MFHForwardResult(out.view(*batch, order * o), norms.view(*batch, order))
+    norms = row_norm(tv)  # (rows, P), scaled before squaring
+    out.view(rows, order, o).copy_(tv / norms.clamp_min(NORM_DELTA).unsqueeze(-1))
+    return MFHForwardResult(out, norms.view(*batch, order))
 
 
 def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *,
@@ -440,7 +445,7 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
         cfg = pick_config(order)
         grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
         dot_fp32, precision = dot_settings(x.dtype)
-        _mfh_bwd_kernel[grid](
+        launch(_mfh_bwd_kernel, grid,
             x2, y2, *_padded(wx, wx[0]), *_padded(wy, wy[0]), *_padded(biases_x, wx[0]),
             *_padded(biases_y, wx[0]), ds, da, dc,
             rows, m, n, o,

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import INTERPRET, NORM_DELTA
+from .triton_kernels import INTERPRET, NORM_DELTA, launch
 
 _NORM_DELTA = tl.constexpr(NORM_DELTA)
 
@@ -215,9 +215,10 @@ def _pooled_grad(g_base, z_base, o0, rr, r_ok, O, norm, zg, stride_gr, stride_zr
         z = tl.load(z_base + rr[:, None] * stride_zr + jj[None, :], mask=msk,
                     other=0.0).to(ACC)
         r = tl.maximum(norm, _NORM_DELTA)
-        # d z / d t: project out z and divide by r; below delta the clamp makes it 1/delta.
+        # d z / d t: project out z and divide by r; a degenerate row (norm <= delta) gets
+        # zero gradient, the convention of reference.py (finite in every dtype).
         dt = tl.where((norm > _NORM_DELTA)[:, None], (g - z * zg[:, None]) / r[:, None],
-                      g / _NORM_DELTA)
+                      0.0)
         t = z * r[:, None]  # exact in both branches: s is never needed
         return dt * (0.5 / (tl.abs(t) + sqrt_eps))
     return g
@@ -375,7 +376,7 @@ def epilogue_forward(a, c, out, norm, *, factor: int, dropout: float, seed, norm
     a_map, c_map = a_map or RowMap.plain(d1), c_map or RowMap.plain(d1)
     cfg = pick_epilogue_config(rows, o, factor)
     grid = (triton.cdiv(rows, cfg.block_r),)
-    _split_fwd_kernel[grid](
+    launch(_split_fwd_kernel, grid,
         a, c, out, norm if normalize else out,
         rows, o, row_offset, d1,
         a.stride(0), c.stride(0), out.stride(0), a_map.s0, a_map.s1, c_map.s0, c_map.s1,
@@ -403,7 +404,7 @@ def epilogue_backward(g, z, norm, a, c, da, dc, *, factor: int, dropout: float, 
     maps = [mp or RowMap.plain(d1) for mp in (a_map, c_map, da_map, dc_map)]
     cfg = pick_epilogue_config(rows, o, factor)
     grid = (triton.cdiv(rows, cfg.block_r),)
-    _split_bwd_kernel[grid](
+    launch(_split_bwd_kernel, grid,
         g, z, norm if normalize else g, a, c, da, dc,
         rows, o, row_offset, d1,
         g.stride(0), z.stride(0), a.stride(0), c.stride(0), da.stride(0), dc.stride(0),

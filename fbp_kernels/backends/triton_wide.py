@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import INTERPRET, _projection_tile
+from .triton_kernels import INTERPRET, _projection_tile, launch
 from .triton_split import _scaled_sumsq
 
 _NORM_DELTA = tl.constexpr(1e-12)
@@ -231,8 +231,13 @@ def supports(factor: int, cfg: WideConfig) -> bool:
 # ----------------------------------------------------------------------------- launcher
 
 
-def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps):
-    """``(out (rows, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``."""
+def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
+                 batch=None):
+    """``(out (*batch, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``.
+
+    ``out`` is allocated at its final shape (``batch`` defaults to ``(rows,)``) and
+    written through a 2-D view, so that it is not itself a view: autograd forbids
+    in-place ops on views created inside a custom Function."""
     from .triton_kernels import TileConfig, _bias_args, _int32_safe, dot_settings
 
     rows, m = x2.shape
@@ -240,10 +245,12 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
     ko = wx.shape[0]
     o = ko // factor
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    out = torch.empty((rows, o), dtype=x2.dtype, device=x2.device)
+    out_full = torch.empty((*(batch if batch is not None else (rows,)), o), dtype=x2.dtype,
+                           device=x2.device)
+    out = out_full.view(rows, o)
     norm = torch.empty((rows,), dtype=acc, device=x2.device) if normalize else None
     if rows == 0:
-        return out, norm
+        return out_full, norm
     cfg = pick_wide_config(x2.dtype)
     block_j, block_jp = tile_outputs(cfg, factor)
     # In-tile offsets are int32 (tile origins are int64 scalars): copy exotic strides, or
@@ -256,7 +263,7 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
     # In the interpreter DOT_FP32 also routes the half pooling product through fp32.
     dot_fp32 = dot_fp32 or (INTERPRET and x2.dtype in (torch.float16, torch.bfloat16))
     grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
-    _wide_fwd_kernel[grid](
+    launch(_wide_fwd_kernel, grid,
         x2, y2, wx, wy, bx_, by_, s,
         rows, m, n, o,
         x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
@@ -270,8 +277,8 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block_o = min(triton.next_power_of_2(o), 16 if INTERPRET else 1024)
-    _finish_kernel[(rows,)](
+    launch(_finish_kernel, (rows,),
         s, out, norm if normalize else s, rows, o, s.stride(0), out.stride(0), float(eps),
         math.sqrt(eps), NORMALIZE=normalize, BLOCK_R=1, BLOCK_O=block_o,
         num_warps=1 if INTERPRET else 4)
-    return out, norm
+    return out_full, norm
