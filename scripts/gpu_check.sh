@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-TESTS=${GPU_CHECK_TESTS:-"-k split or strategy or triton or dropout or determinism or large_offsets or correctness or gradcheck"}
+TESTS=${GPU_CHECK_TESTS:-"-k split or strategy or triton or wide or cuda_graphs or dropout or determinism or large_offsets or correctness or gradcheck"}
 BENCH=${GPU_CHECK_BENCH:-"--sweep rows --no-compile"}
 
 {
