@@ -501,6 +501,17 @@ def _bias_args(bias_x, bias_y, like):
     return bx, by, True
 
 
+def output_buffer(x2, o: int, batch=None):
+    """``(out_full (*batch, o), out (rows, o))``: the output allocated at its final shape
+    (``batch`` defaults to ``(rows,)``) and the 2-D view kernels write through, so the
+    returned output is not itself a view (autograd forbids in-place ops on views created
+    inside a custom Function)."""
+    rows = x2.shape[0]
+    out_full = torch.empty((*(batch if batch is not None else (rows,)), o), dtype=x2.dtype,
+                           device=x2.device)
+    return out_full, out_full.view(rows, o)
+
+
 def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
                   save_projections, batch=None):
     """Launch the fused forward on ``(rows, m)`` / ``(rows, n)`` matrices.
@@ -515,9 +526,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
     ko = wx.shape[0]
     o = ko // factor
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    out_full = torch.empty((*(batch if batch is not None else (rows,)), o), dtype=x2.dtype,
-                           device=x2.device)
-    out = out_full.view(rows, o)
+    out_full, out = output_buffer(x2, o, batch)
     a = c = None
     if save_projections:
         a = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)

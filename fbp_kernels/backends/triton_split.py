@@ -121,6 +121,14 @@ def _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed, drop_p, kee
 
 
 @triton.jit
+def _store_rows(out_base, rr, r_ok, o0, vals, o_ok, stride_or, BLOCK_O: tl.constexpr):
+    """Store a (BLOCK_R, BLOCK_O) block of outputs ``o0..`` in the output's dtype."""
+    jj = o0 + tl.arange(0, BLOCK_O)
+    tl.store(out_base + rr[:, None] * stride_or + jj[None, :],
+             vals.to(out_base.dtype.element_ty), mask=r_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
 def _scaled_sumsq(t, mx, ssq):
     """Fold a block into the running ``(max |t|, sum (t/max)^2)`` of each row."""
     new_mx = tl.maximum(mx, tl.max(tl.abs(t), axis=1))
@@ -162,41 +170,35 @@ def _split_fwd_kernel(
             s, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
                                 drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, False,
                                 BLOCK_O, BLOCK_F)
-            jj = o0 + tl.arange(0, BLOCK_O)
-            tl.store(out_base + rr[:, None] * stride_or + jj[None, :],
-                     s.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & o_ok[None, :])
+            _store_rows(out_base, rr, r_ok, o0, s, o_ok, stride_or, BLOCK_O)
     else:
         mx = tl.zeros((BLOCK_R,), dtype=acc_dtype)
         ssq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
+        # Pass 1: the norm.  Pass 2: recompute t (A and C again, from L2) and store.  A
+        # row that fits one block (ONE_BLOCK) keeps t in registers and skips pass 2 (a
+        # tensor made inside a compiled loop does not outlive it: hence no shared loop).
         if ONE_BLOCK:
-            # The whole row is one block: finish in registers, one read of A and C.
             t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, 0, grow, r_ok, O, seed,
                                 drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
                                 BLOCK_O, BLOCK_F)
             mx, ssq = _scaled_sumsq(t, mx, ssq)
-            norm = mx * tl.sqrt(ssq)
-            inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
-            jj = tl.arange(0, BLOCK_O)
-            tl.store(out_base + rr[:, None] * stride_or + jj[None, :],
-                     (t * inv[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=r_ok[:, None] & o_ok[None, :])
         else:
-            # Pass 1: the norm.  Pass 2: recompute t (A and C again, from L2) and store.
+            for o0 in range(0, O, BLOCK_O):
+                tb, _ = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
+                                  drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
+                                  BLOCK_O, BLOCK_F)
+                mx, ssq = _scaled_sumsq(tb, mx, ssq)
+        norm = mx * tl.sqrt(ssq)
+        inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
+        if ONE_BLOCK:
+            _store_rows(out_base, rr, r_ok, 0, t * inv[:, None], o_ok, stride_or, BLOCK_O)
+        else:
             for o0 in range(0, O, BLOCK_O):
                 t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
                                     drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
                                     BLOCK_O, BLOCK_F)
-                mx, ssq = _scaled_sumsq(t, mx, ssq)
-            norm = mx * tl.sqrt(ssq)
-            inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
-            for o0 in range(0, O, BLOCK_O):
-                t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
-                                    drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
-                                    BLOCK_O, BLOCK_F)
-                jj = o0 + tl.arange(0, BLOCK_O)
-                tl.store(out_base + rr[:, None] * stride_or + jj[None, :],
-                         (t * inv[:, None]).to(out_ptr.dtype.element_ty),
-                         mask=r_ok[:, None] & o_ok[None, :])
+                _store_rows(out_base, rr, r_ok, o0, t * inv[:, None], o_ok, stride_or,
+                            BLOCK_O)
         tl.store(norm_ptr + row0 + rr, norm, mask=r_ok)
 
 

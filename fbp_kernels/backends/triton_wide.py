@@ -235,19 +235,13 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
                  batch=None):
     """``(out (*batch, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``.
 
-    ``out`` is allocated at its final shape (``batch`` defaults to ``(rows,)``) and
-    written through a 2-D view, so that it is not itself a view: autograd forbids
-    in-place ops on views created inside a custom Function."""
-    from .triton_kernels import TileConfig, _bias_args, _int32_safe, dot_settings
+    ``out`` is allocated at its final shape (``triton_kernels.output_buffer``)."""
+    from .triton_kernels import TileConfig, _bias_args, _int32_safe, dot_settings, output_buffer
 
     rows, m = x2.shape
-    n = y2.shape[1]
-    ko = wx.shape[0]
-    o = ko // factor
+    n, o = y2.shape[1], wx.shape[0] // factor
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    out_full = torch.empty((*(batch if batch is not None else (rows,)), o), dtype=x2.dtype,
-                           device=x2.device)
-    out = out_full.view(rows, o)
+    out_full, out = output_buffer(x2, o, batch)
     norm = torch.empty((rows,), dtype=acc, device=x2.device) if normalize else None
     if rows == 0:
         return out_full, norm
