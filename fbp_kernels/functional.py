@@ -229,6 +229,22 @@ def _output_shape(x, y, weight_x, factor, blocks: int) -> list:
     return [*batch, blocks * (weight_x.shape[0] // factor)]
 
 
+def checked(prepare, args, options, shape):
+    """``(prepare(args, *options), None)``: the argument checks of ``fbp`` and ``mfh``.
+
+    Under ``torch.compile`` a TypeError/ValueError/BackendUnavailableError they raise
+    comes back as ``(None, out)`` instead, ``out`` being the graph op that raises it
+    when the graph runs (:func:`raise_when_run`; ``shape()`` guesses the result's
+    shape); the caller returns ``out``.
+    """
+    if not torch.compiler.is_compiling():
+        return prepare(args, *options), None
+    try:
+        return prepare(args, *options), None
+    except (TypeError, ValueError, backends.BackendUnavailableError) as exc:
+        return None, raise_when_run(exc, args, shape())
+
+
 def raise_when_run(exc: Exception, tensors, shape) -> Tensor:
     """Under ``torch.compile``: the graph op that raises ``exc`` when the graph runs.
 
@@ -317,14 +333,11 @@ def fbp(
     row gives NaN in that row's output; other rows are unaffected.
     """
     tensors = [x, y, weight_x, weight_y, bias_x, bias_y]
-    if torch.compiler.is_compiling():
-        try:
-            cast_dtype, tensors, backend_name = _prepare(tensors, factor, dropout, eps,
-                                                         backend)
-        except (TypeError, ValueError, backends.BackendUnavailableError) as exc:
-            return raise_when_run(exc, tensors, _output_shape(x, y, weight_x, factor, 1))
-    else:
-        cast_dtype, tensors, backend_name = _prepare(tensors, factor, dropout, eps, backend)
+    prepared, failed = checked(_prepare, tensors, (factor, dropout, eps, backend),
+                               lambda: _output_shape(x, y, weight_x, factor, 1))
+    if failed is not None:
+        return failed
+    cast_dtype, tensors, backend_name = prepared
     x, y, weight_x, weight_y, bias_x, bias_y = tensors
     device = x.device
     seed = dropout_seed(training, dropout)

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from . import mfh_ops
 from .functional import (_autocast, _autocast_dtype, _output_shape, as_float, check_inputs,
-                         check_options, dropout_seed, no_autocast, raise_when_run)
-from .modules import check_factor_divides, check_layer_args
+                         check_options, checked, dropout_seed, no_autocast)
+from .modules import _PoolingOptions, check_factor_divides, check_layer_args
 from .reference import DEFAULT_EPS
 
 __all__ = ["mfh", "MultimodalFactorizedHighOrderPooling", "MFH"]
@@ -110,6 +110,11 @@ def _prepare(args, factor, order, dropout, eps, backend):
     check_options(factor, dropout, eps, backend)
     lists = check_mfh_inputs(x, y, weights_x, weights_y, biases_x, biases_y, factor, order,
                              dropout, eps)
+    if not torch.compiler.is_compiling():
+        # A clear error here rather than from inside the op.  Skipped while tracing:
+        # resolving imports modules, which Dynamo refuses to trace; the op resolves
+        # again when it runs, so a bad backend still fails there.
+        mfh_ops.resolve(backend, x.device, len(lists[0]))
     return cast_dtype, [x, y, *lists]
 
 
@@ -158,21 +163,16 @@ def mfh(
     ``torch.manual_seed`` makes it reproducible); block ``l`` uses the seed
     ``backends.torch_mfh.block_seed(seed, l)``.
     """
-    args = [x, y, weights_x, weights_y, biases_x, biases_y]
-    if torch.compiler.is_compiling():
-        try:
-            cast_dtype, args = _prepare(args, factor, order, dropout, eps, backend)
-        except (TypeError, ValueError) as exc:
-            wx0 = weights_x[0] if isinstance(weights_x, (list, tuple)) and weights_x else None
-            blocks = len(weights_x) if isinstance(weights_x, (list, tuple)) else 1
-            return raise_when_run(exc, args, _output_shape(x, y, wx0, factor, blocks))
-    else:
-        cast_dtype, args = _prepare(args, factor, order, dropout, eps, backend)
-        # A clear error here rather than from inside the op.  Skipped while tracing:
-        # resolving imports modules, which Dynamo refuses to trace; the op resolves
-        # again when it runs, so a bad backend still fails there.
-        mfh_ops.resolve(backend, args[0].device, len(args[2]))
-    x, y, weights_x, weights_y, biases_x, biases_y = args
+    def shape():
+        listed = isinstance(weights_x, (list, tuple)) and len(weights_x) > 0
+        return _output_shape(x, y, weights_x[0] if listed else None, factor,
+                             len(weights_x) if listed else 1)
+
+    prepared, failed = checked(_prepare, [x, y, weights_x, weights_y, biases_x, biases_y],
+                               (factor, order, dropout, eps, backend), shape)
+    if failed is not None:
+        return failed
+    cast_dtype, (x, y, weights_x, weights_y, biases_x, biases_y) = prepared
     device = x.device
     seed = dropout_seed(training, dropout)
     if seed is None:
@@ -185,7 +185,7 @@ def mfh(
     return out
 
 
-class MultimodalFactorizedHighOrderPooling(nn.Module):
+class MultimodalFactorizedHighOrderPooling(_PoolingOptions, nn.Module):
     """MFH fusion layer: ``order`` cascaded factorized bilinear pooling blocks.
 
     ``proj_x[l] = nn.Linear(x_features, factor*out_features)`` and ``proj_y[l]``
@@ -209,14 +209,6 @@ class MultimodalFactorizedHighOrderPooling(nn.Module):
         self.proj_y = nn.ModuleList(
             nn.Linear(y_features, factor * out_features, bias=bias, **kw) for _ in range(order))
         self._set_options(factor, dropout, normalize, eps, backend)
-
-    def _set_options(self, factor, dropout, normalize, eps, backend):
-        check_options(factor, dropout, eps, backend)  # fail here, not at the first forward
-        self.factor = factor
-        self.dropout = dropout
-        self.normalize = normalize
-        self.eps = eps
-        self.backend = backend
 
     @classmethod
     def from_linear(cls, projs_x: Sequence[nn.Linear], projs_y: Sequence[nn.Linear],
@@ -277,9 +269,8 @@ class MultimodalFactorizedHighOrderPooling(nn.Module):
     def extra_repr(self) -> str:
         return (f"x_features={self.proj_x[0].in_features}, "
                 f"y_features={self.proj_y[0].in_features}, "
-                f"out_features={self.out_features}, factor={self.factor}, order={self.order}, "
-                f"dropout={self.dropout}, normalize={self.normalize}, eps={self.eps}, "
-                f"backend={self.backend!r}")
+                f"out_features={self.out_features}, order={self.order}, "
+                f"{self._options_repr()}")
 
 
 #: Short alias.

@@ -28,7 +28,12 @@ from torch import Tensor
 
 from . import backends
 from .backends import BackendUnavailableError
-from .ops import check_concrete_eps, refuse_double_backward, saved_tensors
+from .backends._common import acc_dtype
+# The FBP operators' conventions (markers for absent tensors, the CPU seed, the
+# concrete-eps check, the backward's no_grad + double-backward refusal, the in-place
+# error) are written once there and used by both pairs of operators.
+from .ops import (_empty, _none_if_marker, _seed_value, check_concrete_eps, fused_backward,
+                  saved_tensors)
 
 #: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
 _MFH_MODULES = {
@@ -37,7 +42,6 @@ _MFH_MODULES = {
 }
 _AUTO_ON_CUDA: Tuple[str, ...] = ("triton",)
 
-_EMPTY_SHAPE = (0,)
 
 
 def _load(name: str) -> ModuleType:
@@ -86,12 +90,8 @@ def resolve(name: str, device: torch.device, order: Optional[int] = None) -> Mod
     return _load(name)
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(_EMPTY_SHAPE)
-
-
 def _is_marker(t: Tensor) -> bool:
-    return tuple(t.shape) == _EMPTY_SHAPE
+    return _none_if_marker(t) is None
 
 
 def to_marker_list(biases: Sequence[Optional[Tensor]], like: Tensor) -> List[Tensor]:
@@ -101,15 +101,6 @@ def to_marker_list(biases: Sequence[Optional[Tensor]], like: Tensor) -> List[Ten
 
 def _from_markers(biases: Sequence[Tensor]) -> List[Optional[Tensor]]:
     return [None if _is_marker(b) else b for b in biases]
-
-
-def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
-    # The seed lives on the CPU, so .item() never synchronises a GPU stream.
-    return None if seed is None else int(seed.item())
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("fbp_kernels::mfh_forward", mutates_args=())
@@ -135,7 +126,7 @@ def _(x, y, weights_x, weights_y, biases_x, biases_y, seed, factor, dropout, nor
     order = len(weights_x)
     o = weights_x[0].shape[0] // factor
     out = x.new_empty((*batch, order * o))
-    norms = x.new_empty((*batch, order), dtype=_acc_dtype(x.dtype)) if normalize \
+    norms = x.new_empty((*batch, order), dtype=acc_dtype(x.dtype)) if normalize \
         else _empty(x)
     return out, norms
 
@@ -185,10 +176,10 @@ def _backward(ctx, grad_out, _grad_norms):
     wx, wy, bx, by = rest[:P], rest[P:2 * P], rest[2 * P:3 * P], rest[3 * P:4 * P]
     out, norms, seed = rest[4 * P:]
     factor, dropout, normalize, eps, backend = ctx.config
-    with torch.no_grad():
-        g = mfh_backward(grad_out.contiguous(), x, y, wx, wy, bx, by, out, norms, seed, factor,
-                         dropout, normalize, eps, backend)
-    g = refuse_double_backward(g, (x, y, *wx, *wy, *bx, *by, grad_out))
+    g = fused_backward(lambda: mfh_backward(grad_out.contiguous(), x, y, wx, wy, bx, by, out,
+                                            norms, seed, factor, dropout, normalize, eps,
+                                            backend),
+                       (x, y, *wx, *wy, *bx, *by, grad_out))
     dx, dy, dg = g[0], g[1], g[2:]
     # A marker input gets its (empty) marker gradient back: same shape, so autograd
     # accepts it, and the marker never requires grad, so it goes nowhere.

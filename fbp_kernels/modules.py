@@ -32,7 +32,26 @@ def check_factor_divides(factor, out_features: int) -> None:
                          f"{out_features}, got {factor!r}")
 
 
-class FactorizedBilinearPooling(nn.Module):
+class _PoolingOptions:
+    """The options both fusion modules hold (``factor``, ``dropout``, ``normalize``,
+    ``eps``, ``backend``, and FBP's ``save_projections``), set and shown one way."""
+
+    def _set_options(self, factor, dropout, normalize, eps, backend, **extra) -> None:
+        check_options(factor, dropout, eps, backend)  # fail here, not at the first forward
+        self.factor = factor
+        self.dropout = dropout
+        self.normalize = normalize
+        self.eps = eps
+        self.backend = backend
+        for name, value in extra.items():
+            setattr(self, name, value)
+
+    def _options_repr(self) -> str:
+        return (f"factor={self.factor}, dropout={self.dropout}, normalize={self.normalize}, "
+                f"eps={self.eps}, backend={self.backend!r}")
+
+
+class FactorizedBilinearPooling(_PoolingOptions, nn.Module):
     """Factorized bilinear pooling (MFB) as a drop-in fusion layer.
 
     ``proj_x = nn.Linear(x_features, factor*out_features)`` and ``proj_y`` likewise;
@@ -50,15 +69,8 @@ class FactorizedBilinearPooling(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.proj_x = nn.Linear(x_features, factor * out_features, bias=bias, **kw)
         self.proj_y = nn.Linear(y_features, factor * out_features, bias=bias, **kw)
-        self._set_options(factor, dropout, normalize, eps, backend, save_projections)
-
-    def _set_options(self, factor, dropout, normalize, eps, backend, save_projections):
-        self.factor = factor
-        self.dropout = dropout
-        self.normalize = normalize
-        self.eps = eps
-        self.backend = backend
-        self.save_projections = save_projections
+        self._set_options(factor, dropout, normalize, eps, backend,
+                          save_projections=save_projections)
 
     @classmethod
     def from_linear(cls, proj_x: nn.Linear, proj_y: nn.Linear, factor: int, *,
@@ -77,7 +89,8 @@ class FactorizedBilinearPooling(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.proj_x, self.proj_y = proj_x, proj_y
-        self._set_options(factor, dropout, normalize, eps, backend, save_projections)
+        self._set_options(factor, dropout, normalize, eps, backend,
+                          save_projections=save_projections)
         return self
 
     @property
@@ -92,6 +105,4 @@ class FactorizedBilinearPooling(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"x_features={self.proj_x.in_features}, y_features={self.proj_y.in_features}, "
-                f"out_features={self.out_features}, factor={self.factor}, "
-                f"dropout={self.dropout}, normalize={self.normalize}, eps={self.eps}, "
-                f"backend={self.backend!r}")
+                f"out_features={self.out_features}, {self._options_repr()}")

@@ -84,6 +84,15 @@ def saved_tensors(ctx):
         raise
 
 
+def fused_backward(compute, anchors):
+    """Every backward of the package: ``compute()`` (a backend's gradients) under
+    ``no_grad``, then :func:`refuse_double_backward` on them with ``anchors`` (the op's
+    differentiable inputs and the incoming gradient)."""
+    with torch.no_grad():
+        grads = compute()
+    return refuse_double_backward(grads, anchors)
+
+
 def refuse_double_backward(grads, anchors):
     """Return ``grads`` (a sequence of tensors or None); under ``create_graph=True``
     attach them to a node whose backward raises :data:`DOUBLE_BACKWARD_MESSAGE`.
@@ -211,12 +220,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
     x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed = saved_tensors(ctx)
     factor, dropout, normalize, eps, backend = ctx.config
-    with torch.no_grad():
-        grads = fbp_backward(
-            grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c,
-            seed, factor, dropout, normalize, eps, backend)
-    dx, dy, dwx, dwy, dbx, dby = refuse_double_backward(
-        grads, (x, y, weight_x, weight_y, bias_x, bias_y, grad_out))
+    dx, dy, dwx, dwy, dbx, dby = fused_backward(
+        lambda: fbp_backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y,
+                             out, norm, a, c, seed, factor, dropout, normalize, eps, backend),
+        (x, y, weight_x, weight_y, bias_x, bias_y, grad_out))
     return (dx, dy, dwx, dwy,
             dbx if bias_x is not None else None, dby if bias_y is not None else None,
             None, None, None, None, None, None, None)
@@ -269,10 +276,9 @@ class FBPFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c = saved_tensors(ctx)
         impl, factor, dropout, seed, normalize, eps = ctx.config
-        with torch.no_grad():
-            res = impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x,
-                                bias_y, out, norm, a, c, factor=factor, dropout=dropout,
-                                seed=seed, normalize=normalize, eps=eps)
-        grads = refuse_double_backward(res, (x, y, weight_x, weight_y, bias_x, bias_y,
-                                             grad_out))
+        grads = fused_backward(
+            lambda: impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x,
+                                  bias_y, out, norm, a, c, factor=factor, dropout=dropout,
+                                  seed=seed, normalize=normalize, eps=eps),
+            (x, y, weight_x, weight_y, bias_x, bias_y, grad_out))
         return (*grads, None, None, None, None, None, None, None)

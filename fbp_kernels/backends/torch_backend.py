@@ -98,12 +98,21 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
         a = c = None
     if not normalize:
         return ForwardResult(s, None, a, c)
-    # Power and L2 normalisation on (rows, o) only: done in fp32 for half inputs.
+    z, norm = normalized(s, eps)
+    return ForwardResult(z, norm, a, c)
+
+
+def normalized(s: Tensor, eps: float):
+    """``(z, ||t||)``: zero-safe signed sqrt and L2 normalisation of the pooled ``s``.
+
+    Shared with the MFH backend (per block), so an order-1 MFH is bitwise FBP.  Done
+    on ``(rows, o)`` only, in fp32 for half inputs; ``z`` comes back in ``s``'s dtype.
+    """
     sf = s.to(acc_dtype(s.dtype))
     t = sf / (torch.sqrt(sf.abs() + eps) + math.sqrt(eps))  # zero-safe signed sqrt
     norm = row_norm(t)  # scaled before squaring: no overflow for |t| near 1e19
     z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
-    return ForwardResult(z.to(s.dtype), norm, a, c)
+    return z.to(s.dtype), norm
 
 
 def grad_pooled(grad: Tensor, out: Tensor, norm: Optional[Tensor], *, normalize: bool,
@@ -126,7 +135,8 @@ def grad_pooled(grad: Tensor, out: Tensor, norm: Optional[Tensor], *, normalize:
     return dt * (0.5 / (t.abs() + math.sqrt(eps)))
 
 
-def _sum_to(t: Tensor, shape) -> Tensor:
+def sum_to(t: Tensor, shape) -> Tensor:
+    """``t`` summed down to ``shape`` (broadcast dimensions), without a copy if equal."""
     return t if t.shape == shape else t.sum_to_size(shape)
 
 
@@ -141,8 +151,8 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     dp = ds.unsqueeze(-1).expand(*ds.shape, factor).reshape(*ds.shape[:-1], ko)
     if seed is not None:
         dp = dp * dropout_mask(seed, dp.shape, dropout, dp.device) * (1.0 / (1.0 - dropout))
-    da = _sum_to(dp * c, (*x.shape[:-1], ko))
-    dc = _sum_to(dp * a, (*y.shape[:-1], ko))
+    da = sum_to(dp * c, (*x.shape[:-1], ko))
+    dc = sum_to(dp * a, (*y.shape[:-1], ko))
     da2, dc2 = da.reshape(-1, ko), dc.reshape(-1, ko)
     dx = (da2 @ weight_x).view(x.shape)
     dy = (dc2 @ weight_y).view(y.shape)

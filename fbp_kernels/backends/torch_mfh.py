@@ -43,16 +43,17 @@ mask FBP draws for the same seed.
 
 from __future__ import annotations
 
-import math
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import NORM_DELTA, row_norm
-from ._common import acc_dtype, as_rows, broadcast_batch
-from .torch_backend import dropout_mask, grad_pooled
+from ._common import as_rows, broadcast_batch
+# One implementation of every per-row rule shared with FBP (FBP is MFH of order 1):
+# availability, dropout masks, normalisation, its gradient, broadcast sums.
+from .torch_backend import (dropout_mask, grad_pooled, normalized, sum_to,  # noqa: F401
+                            unsupported_reason)
 
 NAME = "torch"
 
@@ -61,11 +62,6 @@ _SEED_STRIDE = 0x9E3779B97F4A7C15
 #: Seeds stay in [0, 2^62), the range the public function draws from, so they fit
 #: an int64 everywhere (torch.Generator, Triton kernel arguments).
 _SEED_MOD = 2**62
-
-
-def unsupported_reason(device: torch.device) -> Optional[str]:
-    """Every device PyTorch runs on is supported."""
-    return None
 
 
 def block_seed(seed: int, block: int) -> int:
@@ -102,16 +98,6 @@ class MFHBackwardResult(NamedTuple):
     dbiases_y: List[Optional[Tensor]]
 
 
-def _normalized(s: Tensor, eps: float):
-    # Same arithmetic, in the same order, as torch_backend.forward: an order-1 MFH is
-    # then bitwise equal to FBP.  Done in fp32 for half inputs (it is only (rows, o)).
-    sf = s.to(acc_dtype(s.dtype))
-    t = sf / (torch.sqrt(sf.abs() + eps) + math.sqrt(eps))
-    norm = row_norm(t)
-    z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
-    return z.to(s.dtype), norm
-
-
 def forward(x: Tensor, y: Tensor, weights_x: Sequence[Tensor], weights_y: Sequence[Tensor],
             biases_x: Sequence[Optional[Tensor]], biases_y: Sequence[Optional[Tensor]], *,
             factor: int, dropout: float, seed: Optional[int], normalize: bool,
@@ -134,7 +120,7 @@ def forward(x: Tensor, y: Tensor, weights_x: Sequence[Tensor], weights_y: Sequen
         s = p.view(*p.shape[:-1], p.shape[-1] // factor, factor).sum(-1)
         prev = p
         if normalize:
-            s, norm = _normalized(s, eps)
+            s, norm = normalized(s, eps)
             norms.append(norm)
         outs.append(s)
     out = torch.cat(outs, dim=-1)
@@ -143,10 +129,6 @@ def forward(x: Tensor, y: Tensor, weights_x: Sequence[Tensor], weights_y: Sequen
 
 def _product_shape(a: Tensor, c: Tensor) -> torch.Size:
     return broadcast_batch(a.shape, c.shape)
-
-
-def _sum_to(t: Tensor, shape) -> Tensor:
-    return t if t.shape == shape else t.sum_to_size(shape)
 
 
 def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
@@ -210,8 +192,8 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
         if l > 0:
             p_s[l - 1] = None
         u_next = u
-        da = _sum_to(dq * c, (*x.shape[:-1], ko))
-        dc = _sum_to(dq * a, (*y.shape[:-1], ko))
+        da = sum_to(dq * c, (*x.shape[:-1], ko))
+        dc = sum_to(dq * a, (*y.shape[:-1], ko))
         da2, dc2 = da.reshape(-1, ko), dc.reshape(-1, ko)
         gx = (da2 @ weights_x[l]).view(x.shape)
         gy = (dc2 @ weights_y[l]).view(y.shape)
