@@ -166,19 +166,49 @@ def _autocast(dtype: Optional[torch.dtype], tensors):
             and t.dtype != torch.float64 else t for t in tensors]
 
 
-def _prepare(tensors, factor, dropout, eps, backend):
+#: ``save_projections`` values -> the mode the operators carry: what forward keeps.
+PROJECTION_MODES = {False: "none", True: "both", "x": "x", "y": "y"}
+#: Backends that can keep one projection and recompute the other.
+ONE_PROJECTION_BACKENDS = ("split", "torch")
+
+
+def projection_mode(save_projections) -> str:
+    """``"none"``, ``"both"``, ``"x"`` or ``"y"`` from ``save_projections`` (``False``,
+    ``True``, ``"x"``, ``"y"``); ValueError for anything else."""
+    if isinstance(save_projections, (bool, str)) and save_projections in PROJECTION_MODES:
+        return PROJECTION_MODES[save_projections]
+    raise ValueError(f"save_projections must be False, True, 'x' or 'y' (keep the x or the "
+                     f"y projection only), got {save_projections!r}")
+
+
+def _prepare(tensors, factor, dropout, eps, backend, save_projections=False):
     """Autocast and check ``fbp``'s arguments; returns ``(autocast dtype or None,
-    the cast tensors, the backend's name)``."""
+    the cast tensors, the backend's name, the projection mode)``."""
     _check_tensor("x", tensors[0])
     cast_dtype = _autocast_dtype(tensors[0].device.type)
     tensors = _autocast(cast_dtype, tensors)
     check_inputs(*tensors, factor, dropout, eps)
+    mode = projection_mode(save_projections)
     device = tensors[0].device
+    if mode in ("x", "y"):
+        # Only the split and torch backends keep one projection: auto takes split where
+        # it runs, else torch; an explicit other backend is refused.
+        if backend == "auto":
+            split_ok = device.type == "cuda" and backends.unsupported_reason(
+                "split", device) is None
+            name = "split" if split_ok else backend_name_or_raise("torch", device)
+            return cast_dtype, tensors, name, mode
+        name = backend_name_or_raise(backend, device)
+        if name not in ONE_PROJECTION_BACKENDS:
+            raise ValueError(f"save_projections={save_projections!r} (keep one projection) "
+                             f"is supported by backends {list(ONE_PROJECTION_BACKENDS)}, "
+                             f"not {name!r}")
+        return cast_dtype, tensors, name, mode
     if backend == "auto" and device.type == "cuda" and not torch.compiler.is_compiling():
         # Eager: the cost model's choice for this very shape (strategy.py); compiled
         # graphs take the device-level choice (one constant per trace).
-        return cast_dtype, tensors, _auto_for_shape(*tensors[:4], factor)
-    return cast_dtype, tensors, backend_name_or_raise(backend, device)
+        return cast_dtype, tensors, _auto_for_shape(*tensors[:4], factor), mode
+    return cast_dtype, tensors, backend_name_or_raise(backend, device), mode
 
 
 def _auto_for_shape(x, y, weight_x, weight_y, factor) -> str:
@@ -304,7 +334,7 @@ def fbp(
     normalize: bool = True,
     eps: float = DEFAULT_EPS,
     backend: str = "auto",
-    save_projections: bool = False,
+    save_projections=False,
 ) -> Tensor:
     """Factorized bilinear pooling (MFB), fused.
 
@@ -321,9 +351,11 @@ def fbp(
             ``False`` returns the raw sum-pooled values.
         eps: smoothing of the signed square root, ``sign(s)(sqrt(|s|+eps)-sqrt(eps))``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
-        save_projections: keep the two ``(..., factor*o)`` projections for backward
-            instead of recomputing them (faster backward, ``factor`` times more
-            activation memory). Default ``False``.
+        save_projections: ``True`` keeps the two ``(..., factor*o)`` projections for
+            backward instead of recomputing them (two GEMMs fewer in backward, ``factor``
+            times more activation memory); ``"x"`` or ``"y"`` keeps only that input's
+            (half the memory, one GEMM recomputed; backends ``split`` and ``torch``).
+            Default ``False``: recompute both.
 
     Returns:
         ``(..., o)`` with ``o = weight_x.shape[0] // factor``, in the inputs' dtype
@@ -333,18 +365,18 @@ def fbp(
     row gives NaN in that row's output; other rows are unaffected.
     """
     tensors = [x, y, weight_x, weight_y, bias_x, bias_y]
-    prepared, failed = checked(_prepare, tensors, (factor, dropout, eps, backend),
+    prepared, failed = checked(_prepare, tensors,
+                               (factor, dropout, eps, backend, save_projections),
                                lambda: _output_shape(x, y, weight_x, factor, 1))
     if failed is not None:
         return failed
-    cast_dtype, tensors, backend_name = prepared
+    cast_dtype, tensors, backend_name, mode = prepared
     x, y, weight_x, weight_y, bias_x, bias_y = tensors
     device = x.device
     seed = dropout_seed(training, dropout)
     if seed is None:
         dropout = 0.0
-    args = (factor, float(dropout), bool(normalize), as_float(eps), bool(save_projections),
-            backend_name)
+    args = (factor, float(dropout), bool(normalize), as_float(eps), mode, backend_name)
     with no_autocast(device.type, cast_dtype):
         if torch.compiler.is_compiling():
             # The registered operator: the compiler sees one opaque op with a fake kernel.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .functional import check_options, check_size, fbp
+from .functional import check_options, check_size, fbp, projection_mode
 from .reference import DEFAULT_EPS
 
 
@@ -63,12 +63,13 @@ class FactorizedBilinearPooling(_PoolingOptions, nn.Module):
     def __init__(self, x_features: int, y_features: int, out_features: int, factor: int = 5,
                  bias: bool = True, dropout: float = 0.0, normalize: bool = True,
                  eps: float = DEFAULT_EPS, backend: str = "auto",
-                 save_projections: bool = False, device=None, dtype=None) -> None:
+                 save_projections=False, device=None, dtype=None) -> None:
         super().__init__()
         check_layer_args(x_features, y_features, out_features, factor, dropout, eps, backend)
         kw = {"device": device, "dtype": dtype}
         self.proj_x = nn.Linear(x_features, factor * out_features, bias=bias, **kw)
         self.proj_y = nn.Linear(y_features, factor * out_features, bias=bias, **kw)
+        projection_mode(save_projections)  # ValueError here, not at the first forward
         self._set_options(factor, dropout, normalize, eps, backend,
                           save_projections=save_projections)
 
@@ -76,7 +77,7 @@ class FactorizedBilinearPooling(_PoolingOptions, nn.Module):
     def from_linear(cls, proj_x: nn.Linear, proj_y: nn.Linear, factor: int, *,
                     dropout: float = 0.0, normalize: bool = True, eps: float = DEFAULT_EPS,
                     backend: str = "auto",
-                    save_projections: bool = False) -> "FactorizedBilinearPooling":
+                    save_projections=False) -> "FactorizedBilinearPooling":
         """Wrap two existing ``nn.Linear`` layers; parameters are shared, not copied."""
         for name, proj in (("proj_x", proj_x), ("proj_y", proj_y)):
             if not isinstance(proj, nn.Linear):
@@ -89,6 +90,7 @@ class FactorizedBilinearPooling(_PoolingOptions, nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.proj_x, self.proj_y = proj_x, proj_y
+        projection_mode(save_projections)  # ValueError here, not at the first forward
         self._set_options(factor, dropout, normalize, eps, backend,
                           save_projections=save_projections)
         return self

@@ -130,16 +130,31 @@ def fbp_forward(
     x: Tensor, y: Tensor, weight_x: Tensor, weight_y: Tensor,
     bias_x: Optional[Tensor], bias_y: Optional[Tensor], seed: Optional[Tensor],
     factor: int, dropout: float, normalize: bool, eps: float,
-    save_projections: bool, backend: str,
+    save_projections: str, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(out, norm, a, c)``; ``norm``, ``a``, ``c`` are empty when unused."""
+    """Returns ``(out, norm, a, c)``; ``norm``, ``a``, ``c`` are empty when unused.
+    ``save_projections`` is the mode ``"none"``, ``"both"``, ``"x"`` or ``"y"``."""
     check_concrete_eps(eps)
     impl = backends.resolve(backend, x.device)
     res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
                        dropout=dropout, seed=_seed_value(seed), normalize=normalize,
-                       eps=eps, save_projections=save_projections)
+                       eps=eps, save_projections=backend_keep(save_projections, backend))
     # Outputs of a custom op may not alias its inputs or each other.
     return (res.out, _or_empty(res.norm, x), _or_empty(res.a, x), _or_empty(res.c, x))
+
+
+#: The operators' projection mode -> the backends' ``save_projections`` (bool, or the
+#: name of the one input whose projection is kept).
+_BACKEND_KEEP = {"none": False, "both": True, "x": "x", "y": "y"}
+
+
+def backend_keep(mode: str, backend: str):
+    """The backend-level option for ``mode``; keeping one projection only where the
+    backend can (the front end routes such calls there, so this guards direct op use)."""
+    if mode in ("x", "y") and backend not in ("torch", "split"):
+        raise ValueError(f"save_projections={mode!r} (keep one projection) is supported by "
+                         f"backends ['split', 'torch'], not {backend!r}")
+    return _BACKEND_KEEP[mode]
 
 
 def check_concrete_eps(eps: float) -> None:
@@ -166,17 +181,19 @@ def _(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize
     out = x.new_empty((*batch, ko // factor))
     norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     norm = x.new_empty(batch, dtype=norm_dtype) if normalize else _empty(x)
-    if save_projections and backend == "cuda":
+    keep_a = save_projections in ("both", "x")
+    keep_c = save_projections in ("both", "y")
+    if backend == "cuda":
         # The CUDA kernels never form the projections; they recompute them instead.
-        a, c = _empty(x), _empty(x)
-    elif save_projections and backend in ("torch", "split"):
+        keep_a = keep_c = False
+    if backend in ("torch", "split"):
         # Each input projected at its own leading shape (no broadcast copy).
-        a, c = x.new_empty((*x.shape[:-1], ko)), y.new_empty((*y.shape[:-1], ko))
-    elif save_projections:
-        # Kernel backends work on broadcast rows.
-        a, c = x.new_empty((*batch, ko)), y.new_empty((*batch, ko))
+        a_shape, c_shape = (*x.shape[:-1], ko), (*y.shape[:-1], ko)
     else:
-        a, c = _empty(x), _empty(x)
+        # Kernel backends work on broadcast rows.
+        a_shape = c_shape = (*batch, ko)
+    a = x.new_empty(a_shape) if keep_a else _empty(x)
+    c = y.new_empty(c_shape) if keep_c else _empty(x)
     return out, norm, a, c
 
 
@@ -255,7 +272,8 @@ class FBPFunction(torch.autograd.Function):
     ``apply(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize,
     eps, save_projections, backend) -> out``; ``seed`` is an int or None.  Saves the
     inputs, parameters, and with ``normalize`` the output and row norms (plus the
-    projections only when ``save_projections``).
+    projections the mode ``save_projections`` names: ``"none"``, ``"both"``, ``"x"``,
+    ``"y"``).
     """
 
     @staticmethod
@@ -264,7 +282,7 @@ class FBPFunction(torch.autograd.Function):
         impl = backends.resolve(backend, x.device)
         res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
                            dropout=dropout, seed=seed, normalize=normalize, eps=eps,
-                           save_projections=save_projections)
+                           save_projections=backend_keep(save_projections, backend))
         # The raw pooled output (normalize=False) is not needed by backward: not saving
         # it lets in-place ops on it (nn.ReLU(inplace=True)) work.
         ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y,

@@ -44,7 +44,7 @@ def test_gradcheck_with_dropout(backend, device):
 
     def f(x, y, wx, wy, bx, by):
         return ops.fbp_forward(x, y, wx, wy, bx, by, seed, case.factor, 0.3, True, 1e-6,
-                               False, backend)[0]
+                               "none", backend)[0]
 
     assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-7, rtol=1e-5,
                                     fast_mode=_fast(backend))

@@ -141,7 +141,7 @@ def test_gradcheck_with_dropout_over_several_chunks(budget):
     seed = torch.randint(0, 2**62, ()).item()
 
     def f(*a):
-        return fbp_kernels.ops.FBPFunction.apply(*a, seed, 2, 0.25, True, 1e-6, False, "split")
+        return fbp_kernels.ops.FBPFunction.apply(*a, seed, 2, 0.25, True, 1e-6, "none", "split")
 
     assert torch.autograd.gradcheck(f, (x, y, wx, wy, bx, by), eps=1e-6, atol=1e-6)
 
@@ -238,3 +238,32 @@ def test_every_memory_mode_gives_the_same_gradients(budget, keep):
     want = S.backward(g, x, y, wx, wy, bx, by, lean.out, lean.norm, None, None, **opts)
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("keep", ["x", "y"])
+def test_keeping_one_projection_through_the_public_api(keep):
+    # fbp(save_projections="x"/"y"): the same gradients as recomputing both, and only
+    # the kept projection among the saved tensors (its operand's own shape).
+    args = _problem(4, 5, 3, 2, 3)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z = fbp_kernels.fbp(*args, factor=2, backend="split", save_projections=keep)
+    wide = [t for t in saved if t.dim() == 2 and t.shape[-1] == 6 and t.shape[0] == 4]
+    assert len(wide) == 1  # one (rows, factor*o) projection kept, not two
+    g = torch.randn_like(z)
+    got = torch.autograd.grad(z, args, g)
+    want = torch.autograd.grad(fbp_kernels.fbp(*args, factor=2, backend="split"), args, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_keeping_one_projection_is_refused_where_unsupported():
+    args = _problem(2, 3, 3, 1, 2)
+    for bad in ("both", 1, None, "xy"):
+        with pytest.raises(ValueError, match="save_projections"):
+            fbp_kernels.fbp(*args, factor=1, backend="split", save_projections=bad)
+    with pytest.raises(ValueError, match="save_projections"):
+        fbp_kernels.FactorizedBilinearPooling(3, 3, 2, factor=1, save_projections="z")
+    if backends.unsupported_reason("triton", DEVICE) is None:
+        with pytest.raises(ValueError, match="split"):
+            fbp_kernels.fbp(*args, factor=1, backend="triton", save_projections="x")

@@ -83,3 +83,12 @@ def unflatten_grad(d2: Tensor, batch: torch.Size, like: Tensor) -> Tensor:
     """Undo :func:`flatten_rows` for a gradient: sum over broadcast dimensions."""
     d = d2.view(*batch, like.shape[-1])
     return d if d.shape == like.shape else d.sum_to_size(like.shape)
+
+
+def kept(save_projections) -> Tuple[bool, bool]:
+    """Which projections a forward keeps for backward, from the backend-level option:
+    ``True`` both, ``False`` neither, ``"x"`` / ``"y"`` only that input's (the middle
+    memory mode: half the saved bytes of ``True``, one recomputed GEMM instead of two)."""
+    if isinstance(save_projections, str):
+        return save_projections == "x", save_projections == "y"
+    return bool(save_projections), bool(save_projections)

@@ -39,7 +39,7 @@ backend's (same Philox index), so ``dropout_mask`` is shared.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -48,7 +48,7 @@ from .. import strategy
 from . import triton_backend
 from . import triton_split as E
 from ._common import (BackwardResult, ForwardResult, acc_dtype, as_rows, broadcast_batch,
-                      flatten_rows)
+                      flatten_rows, kept)
 
 NAME = "split"
 
@@ -175,15 +175,6 @@ def _source_rows(saved: Tensor, lay: _Layout, like: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- forward
-
-
-def kept(save_projections) -> Tuple[bool, bool]:
-    """Which projections forward keeps for backward: ``True`` both, ``False`` neither,
-    ``"x"`` / ``"y"`` only that input's (the middle memory mode: half the saved bytes of
-    ``True``, one recomputed GEMM instead of two)."""
-    if isinstance(save_projections, str):
-        return save_projections == "x", save_projections == "y"
-    return bool(save_projections), bool(save_projections)
 
 
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import NORM_DELTA, row_norm
-from ._common import BackwardResult, ForwardResult, acc_dtype, as_rows
+from ._common import BackwardResult, ForwardResult, acc_dtype, as_rows, kept
 
 NAME = "torch"
 
@@ -94,8 +94,8 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
             save_projections: bool) -> ForwardResult:
     a, c = _projections(x, y, weight_x, weight_y, bias_x, bias_y)
     s = _pooled(a, c, factor, dropout, seed)
-    if not save_projections:
-        a = c = None
+    keep_a, keep_c = kept(save_projections)
+    a, c = (a if keep_a else None), (c if keep_c else None)
     if not normalize:
         return ForwardResult(s, None, a, c)
     z, norm = normalized(s, eps)
@@ -144,8 +144,11 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
              eps: float) -> BackwardResult:
     ds = grad_pooled(grad, out, norm, normalize=normalize, eps=eps).to(x.dtype)
+    # Recompute what forward did not keep (both, one, or neither projection).
     if a is None:
-        a, c = _projections(x, y, weight_x, weight_y, bias_x, bias_y)
+        a = F.linear(x, weight_x, bias_x)
+    if c is None:
+        c = F.linear(y, weight_y, bias_y)
     ko = weight_x.shape[0]
     # Expand each pooled gradient over its `factor` consecutive columns.
     dp = ds.unsqueeze(-1).expand(*ds.shape, factor).reshape(*ds.shape[:-1], ko)
