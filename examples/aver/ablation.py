@@ -53,6 +53,17 @@ VARIANTS: Dict[str, List[str]] = {
 }
 
 
+def cpu_name() -> str:
+    """The CPU model (results differ in the last bits between CPUs), or the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def mean_std(values) -> str:
     v = np.asarray(values, dtype=np.float64)
     return (f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f} "
@@ -153,7 +164,7 @@ def main(argv=None) -> Dict[str, List[dict]]:
         "weight on those 3 frames (mean pooling gives each frame the same weight).",
         "",
         f"fbp_kernels {fbp_kernels.__version__}, torch {torch.__version__}, "
-        f"{platform.machine()}, total {total / 60:.1f} min.",
+        f"{platform.machine()} ({cpu_name()}), total {total / 60:.1f} min.",
         ""])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
