@@ -17,10 +17,9 @@ if str(EXAMPLES) not in sys.path:
 cv2 = pytest.importorskip("cv2", reason="the example's video reader needs opencv")
 pytest.importorskip("torchvision", reason="the example's frame embeddings need torchvision")
 
-from aver import audio, data, predict, train  # noqa: E402
+from aver import data, make_demo_media, predict, train  # noqa: E402
 from aver.extract_features import ClipExtractor, ExtractConfig, extract_all, find_clips  # noqa: E402
 from aver.feature_settings import FeatureMismatchError  # noqa: E402
-from test_aver_example import face_frame, write_avi  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -35,18 +34,6 @@ def tiny_train(out, *extra):
     return train.train(train.build_parser().parse_args(
         ["--hidden", "8", "--fbp-out", "4", "--batch-size", "8", "--epochs", "1",
          "--no-progress", "--out", str(out), *extra]))
-
-
-def make_media(root, n_per_class=1, classes=("happy", "sad"), seconds=0.6):
-    """A tiny AFEW-like tree: ROOT/<class>/<clip>.avi + .wav; tones differ by class."""
-    for k, label in enumerate(classes):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            frames = [np.roll(face_frame(), 5 * j + 40 * k, axis=1) for j in range(int(10 * seconds))]
-            write_avi(root / label / f"{label}{i}.avi", frames, fps=10)
-            t = np.arange(int(16000 * seconds)) / 16000
-            audio.write_wav(root / label / f"{label}{i}.wav",
-                            0.3 * np.sin(2 * np.pi * (300 + 200 * k + 50 * i) * t), 16000)
 
 
 def extract(root, out, split, **kw):
@@ -106,33 +93,33 @@ def test_predict_refuses_features_made_with_other_settings(tmp_path):
 
 
 def test_media_walkthrough_train_then_predict_videos(tmp_path):
-    """AFEW layout on generated media: extract Train and Val (seeded random backbone),
-    train, then predict a folder of videos from the checkpoint's settings."""
-    make_media(tmp_path / "Train", n_per_class=2)
-    make_media(tmp_path / "Val", n_per_class=1, seconds=0.5)
-    # Val clips named like Train clips would collide: give Val its own names.
-    for p in sorted((tmp_path / "Val").rglob("*.*")):
-        p.rename(p.with_name("val_" + p.name))
-    assert not extract(tmp_path / "Train", tmp_path / "feats", "train")["failed"]
-    assert not extract(tmp_path / "Val", tmp_path / "feats", "test")["failed"]
+    """The README's walk-through on generated media: extract Train and Val (seeded random
+    backbone), train, then predict the unlabelled Test folder from the checkpoint."""
+    train_dir, val_dir, test_dir = make_demo_media.write_demo(
+        tmp_path / "demo", classes=("happy", "sad"), train=2, val=1, test=2, seconds=0.5)
+    assert not extract(train_dir, tmp_path / "feats", "train")["failed"]
+    assert not extract(val_dir, tmp_path / "feats", "test")["failed"]
     tiny_train(tmp_path / "run", "--data", str(tmp_path / "feats"))
     state = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     assert state["feature_settings"]["video_weights"] == "random-seed:0"
-    rows = predict.main([str(tmp_path / "Val"), "--checkpoint", str(tmp_path / "run" / "best.pt"),
-                         "--out", str(tmp_path / "pred"), "--face-detector", "none",
-                         "--max-frames", "3", "--save-attention"])
-    assert sorted(r["clip_id"] for r in rows) == ["val_happy0", "val_sad0"]
-    # Media predicted directly equals the same media's extracted feature files.
-    from_feats = predict.main([str(tmp_path / "feats" / "val_happy0.pt"), "--checkpoint",
-                               str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "p2")])
-    by_id = {r["clip_id"]: r for r in rows}
-    assert by_id["val_happy0"]["probabilities"] == pytest.approx(from_feats[0]["probabilities"])
+    ckpt = str(tmp_path / "run" / "best.pt")
+    rows = predict.main([str(test_dir), "--checkpoint", ckpt, "--out", str(tmp_path / "pred"),
+                         "--face-detector", "none", "--max-frames", "3", "--save-attention"])
+    assert sorted(r["clip_id"] for r in rows) == ["test_000", "test_001"]
+    assert all(r["label"] is None for r in rows)
     assert all(Path(r["attention_png"]).stat().st_size > 5000 for r in rows)
+    # A video predicted directly equals its extracted feature file predicted.
+    val_video = sorted(val_dir.rglob("*.avi"))[0]
+    direct = predict.main([str(val_video), "--checkpoint", ckpt, "--out", str(tmp_path / "p1"),
+                           "--face-detector", "none", "--max-frames", "3"])
+    from_feats = predict.main([str(tmp_path / "feats" / f"{val_video.stem}.pt"), "--checkpoint",
+                               ckpt, "--out", str(tmp_path / "p2")])
+    assert direct[0]["probabilities"] == pytest.approx(from_feats[0]["probabilities"])
 
     # A different random backbone is a different feature space: refused, naming it.
     with pytest.warns(UserWarning, match="random weights"):
         with pytest.raises(FeatureMismatchError, match=r"video_weights 'random-seed:1'"):
-            extract_all(find_clips(tmp_path / "Val", ["happy", "sad"])[0], tmp_path / "feats",
+            extract_all(find_clips(val_dir, ["happy", "sad"])[0], tmp_path / "feats",
                         ClipExtractor(ExtractConfig(fps=5, max_frames=3, image_size=32,
                                                     face_detector="none", backbone_seed=1)),
                         ["happy", "sad"], progress=False)

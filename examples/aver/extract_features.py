@@ -45,8 +45,7 @@ from tqdm.auto import tqdm
 
 from aver.audio import MelConfig, effective_fmax, wav_to_frames
 from aver.data import EMOTIONS, FORMAT, load_clip, read_split, save_clip, write_split
-from aver.feature_settings import (FeatureMismatchError, check_compatible, weights_id,
-                                   write_dir_settings)
+from aver.feature_settings import check_compatible, weights_id, write_dir_settings
 from aver.video import (UnreadableMediaError, build_backbone, crop_face, embed,
                         make_face_detector, read_frames, to_tensor)
 
