@@ -123,3 +123,18 @@ def test_media_walkthrough_train_then_predict_videos(tmp_path):
                         ClipExtractor(ExtractConfig(fps=5, max_frames=3, image_size=32,
                                                     face_detector="none", backbone_seed=1)),
                         ["happy", "sad"], progress=False)
+
+
+def test_mismatch_message_names_only_what_differs():
+    from aver.feature_settings import check_compatible
+
+    media = {"type": "media", "video_weights": "random-seed:0", "n_mels": 64, "fps": 5.0}
+    check_compatible(media, dict(media), "a", "b")  # equal: no error
+    check_compatible(None, media, "a", "b")  # unknown settings are not checked
+    with pytest.raises(FeatureMismatchError) as e:
+        check_compatible(media, {**media, "n_mels": 40, "video_weights": "sha256:ab"}, "ckpt", "x.pt")
+    msg = str(e.value)
+    assert "x.pt differs from ckpt" in msg and "n_mels 40 instead of 64" in msg
+    assert "video_weights 'sha256:ab' instead of 'random-seed:0'" in msg and "fps" not in msg
+    with pytest.raises(FeatureMismatchError, match=r"in type 'synthetic' instead of 'media'$"):
+        check_compatible(media, {"type": "synthetic", "audio_dim": 40}, "ckpt", "x.pt")
