@@ -265,8 +265,9 @@ def ignored_on_resume(args, saved: dict, explicit: Sequence[str] = ()) -> Dict[s
     for k, v in vars(args).items():
         if k in RESUME_OVERRIDABLE or k not in defaults:
             continue
-        given = str(v) if isinstance(v, Path) else v
-        default = str(defaults[k]) if isinstance(defaults[k], Path) else defaults[k]
+        # Paths compare resolved: the checkpoint stores them absolute.
+        given = str(Path(v).resolve()) if isinstance(v, Path) else v
+        default = str(Path(defaults[k]).resolve()) if isinstance(defaults[k], Path) else defaults[k]
         norm = lambda x: list(x) if isinstance(x, tuple) else x  # noqa: E731 (nargs values)
         if (k in explicit or norm(given) != norm(default)) and norm(given) != norm(saved.get(k)):
             out["--" + k.replace("_", "-")] = (given, saved.get(k))
@@ -297,7 +298,8 @@ def train(args, explicit: Sequence[str] = ()) -> dict:
         if ignored:
             print("warning: --resume continues the checkpoint's run and ignores " + ", ".join(
                 f"{k} {v!r} (checkpoint: {c!r})" for k, (v, c) in ignored.items()) +
-                f"; only {', '.join('--' + k for k in RESUME_OVERRIDABLE[:-1])} may change",
+                f"; only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE[:-1])} "
+                f"may change",
                 file=sys.stderr)
         for k in RESUME_OVERRIDABLE:
             saved[k] = getattr(args, k)
