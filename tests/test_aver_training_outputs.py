@@ -179,3 +179,16 @@ def test_temporal_encoder_ignores_padding_and_trains():
                                      alone["video_mask"])[0], logits[i], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="audio_encoder"):
         model.AVERConfig(audio_dim=1, video_dim=1, audio_encoder="lstm")
+
+
+def test_training_refuses_a_split_with_other_feature_settings(tmp_path):
+    from aver.feature_settings import FeatureMismatchError
+
+    feats = data.write_synthetic(tmp_path / "syn", sizes=(16, 8, 8), seed=0)
+    intruder = data.SyntheticTask(seed=99).sample(1, seed=5, prefix="x")[0]
+    data.save_clip(intruder, feats)
+    val = data.read_split(feats / "splits" / "val.txt")
+    data.write_split(feats / "splits" / "val.txt", [intruder["clip_id"]] + val)
+    with pytest.raises(FeatureMismatchError, match=rf"{intruder['clip_id']}.pt differs from the "
+                                                    rf"train split's first clip.*task_seed 99"):
+        train.main(["--data", str(feats), "--out", str(tmp_path / "r"), "--epochs", "1", *TINY])
