@@ -13,10 +13,11 @@ import ast
 import importlib
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
 AVER = ROOT / "examples" / "aver"
