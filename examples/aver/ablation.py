@@ -5,10 +5,12 @@
 
 Trains each variant with every seed (same synthetic clips, different model
 initialisation, batch order and dropout) and writes a markdown table of test
-accuracy and macro F1 as mean ± standard deviation over seeds, plus the share of
-pooling weight on the label-carrying frames, to ``--out`` (default
-``examples/aver/results/ablation.md``) with the command that made it, and every
-run's numbers to the matching ``.json``.
+accuracy and macro F1 as mean ± standard deviation over seeds (and the range),
+plus the share of pooling weight on the label-carrying frames, to ``--out``
+(default ``examples/aver/runs/ablation/ablation.md``, so that trying it does not
+touch the committed results; ``--update-results`` writes
+``examples/aver/results/ablation.md`` instead) with the command that made it, and
+every run's numbers to the matching ``.json``.
 
 Variants: audio only, video only, concatenation (linear classifier, as in the
 paper; and with a hidden layer, so concatenation gets a non-linear head too),
@@ -51,9 +53,21 @@ VARIANTS: Dict[str, List[str]] = {
 }
 
 
+def cpu_name() -> str:
+    """The CPU model (results differ in the last bits between CPUs), or the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def mean_std(values) -> str:
     v = np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+    return (f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f} "
+            f"({v.min():.3f}-{v.max():.3f})")
 
 
 def run_variant(name: str, extra: List[str], seeds, common: List[str], out: Path) -> List[dict]:
@@ -91,15 +105,25 @@ def table(results: Dict[str, List[dict]]) -> str:
 
 
 def main(argv=None) -> Dict[str, List[dict]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--synthetic-sizes", type=int, nargs=3, default=(2000, 500, 500))
     p.add_argument("--variants", nargs="+", help="subset of variant names (default: all)")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "ablation.md")
+    p.add_argument("--out", type=Path, help="markdown table to write (default: RUNS/ablation.md,"
+                                            " or results/ablation.md with --update-results)")
+    p.add_argument("--update-results", action="store_true",
+                   help="write the committed examples/aver/results/ablation.md")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="further train.py arguments for every run (e.g. --audio-encoder "
+                        "temporal); must come last")
     p.add_argument("--runs", type=Path, default=HERE / "runs" / "ablation",
                    help="where the per-run checkpoints and reports go")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = HERE / "results" / "ablation.md" if args.update_results \
+            else args.runs / "ablation.md"
 
     variants = dict(VARIANTS)
     if not hasattr(fbp_kernels, "MultimodalFactorizedHighOrderPooling"):
@@ -111,7 +135,7 @@ def main(argv=None) -> Dict[str, List[dict]]:
             raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
         variants = {k: v for k, v in variants.items() if k in args.variants}
     common = ["--epochs", str(args.epochs), "--synthetic-sizes",
-              *map(str, args.synthetic_sizes)]
+              *map(str, args.synthetic_sizes), *args.extra]
     t0 = time.time()
     results = {name: run_variant(name, extra, args.seeds, common, args.runs)
                for name, extra in variants.items()}
@@ -128,7 +152,7 @@ def main(argv=None) -> Dict[str, List[dict]]:
         f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.epochs} epochs, "
         f"synthetic train/val/test = {'/'.join(map(str, args.synthetic_sizes))} clips, "
         f"7 classes (chance = 0.143). Test metrics of the best-validation epoch; "
-        f"mean ± sample standard deviation over seeds. Model: hidden {defaults.hidden}, "
+        f"mean ± sample standard deviation over seeds (min-max). Model: hidden {defaults.hidden}, "
         f"FBP/MFH out {defaults.fbp_out} per order, factor {defaults.factor}, AdamW lr "
         f"{defaults.lr}, batch {defaults.batch_size}, CPU, 1 thread.",
         "",
@@ -140,7 +164,7 @@ def main(argv=None) -> Dict[str, List[dict]]:
         "weight on those 3 frames (mean pooling gives each frame the same weight).",
         "",
         f"fbp_kernels {fbp_kernels.__version__}, torch {torch.__version__}, "
-        f"{platform.machine()}, total {total / 60:.1f} min.",
+        f"{platform.machine()} ({cpu_name()}), total {total / 60:.1f} min.",
         ""])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
@@ -151,4 +175,5 @@ def main(argv=None) -> Dict[str, List[dict]]:
 
 
 if __name__ == "__main__":
-    main()
+    from aver.cli import run_main
+    run_main(main)

@@ -15,7 +15,9 @@ key             type / shape                 meaning
 ``video_fps``   float                        video frames per second after sampling
 ``face_found``  bool ``(Tv,)``               per video frame: detector found a face
                                              (False: centre-crop fallback)
-``meta``        dict                         free-form provenance (paths, settings)
+``meta``        dict                         provenance (paths, settings); its
+                                             ``features`` entry holds the settings
+                                             checked by :mod:`aver.feature_settings`
 =============== ============================ =========================================
 
 A feature directory holds the ``.pt`` files, ``classes.json`` (the ordered list
@@ -25,14 +27,21 @@ with one clip id per line (blank lines and ``#`` comments ignored).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `aver` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import json
 import math
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from aver.feature_settings import check_compatible, read_dir_settings, settings_of
 
 FORMAT = "aver-clip-v1"
 EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
@@ -96,11 +105,14 @@ class ClipDataset(Dataset):
 
     ``ClipDataset(feature_dir, "train")`` reads ``feature_dir/splits/train.txt``
     (or ``splits_dir/train.txt``). Missing clip files fail at construction with
-    the list of what is missing, not halfway through an epoch.
+    the list of what is missing, not halfway through an epoch. With
+    ``expected_settings`` every clip loaded (and the directory's ``features.json``)
+    is checked against them (:class:`~aver.feature_settings.FeatureMismatchError`).
     """
 
     def __init__(self, feature_dir: Path, split: str, splits_dir: Optional[Path] = None,
-                 preload: bool = False) -> None:
+                 preload: bool = False, expected_settings: Optional[dict] = None,
+                 expected_name: str = "the training features") -> None:
         self.dir = Path(feature_dir)
         split_file = Path(splits_dir or self.dir / "splits") / f"{split}.txt"
         if not split_file.exists():
@@ -114,13 +126,26 @@ class ClipDataset(Dataset):
             raise FileNotFoundError(f"{len(missing)} clips of {split_file} have no feature file "
                                     f"in {self.dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         self.classes = read_classes(self.dir)
-        self._cache = [load_clip(p) for p in self.paths] if preload else None
+        self.expected_settings, self.expected_name = expected_settings, expected_name
+        check_compatible(expected_settings, read_dir_settings(self.dir), expected_name,
+                         f"{self.dir / 'features.json'}")
+        self._cache = [self._load(i) for i in range(len(self.paths))] if preload else None
+
+    def _load(self, i: int) -> dict:
+        clip = load_clip(self.paths[i])
+        check_compatible(self.expected_settings, settings_of(clip), self.expected_name,
+                         str(self.paths[i]))
+        return clip
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        return self._cache[i] if self._cache is not None else load_clip(self.paths[i])
+        return self._cache[i] if self._cache is not None else self._load(i)
+
+    def labels(self) -> List[int]:
+        """The label of every clip (reads each file once unless preloaded)."""
+        return [int(self[i]["label"]) for i in range(len(self))]
 
 
 class InMemoryDataset(Dataset):
@@ -135,6 +160,9 @@ class InMemoryDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.clips[i]
+
+    def labels(self) -> List[int]:
+        return [int(c["label"]) for c in self.clips]
 
 
 def _pad(seqs: List[Tensor]):
@@ -187,6 +215,9 @@ class SyntheticTask:
         self.audio_dim, self.video_dim, self.classes = audio_dim, video_dim, classes
         self.audio_frames, self.video_frames = audio_frames, video_frames
         self.salient, self.distractor_prob, self.noise = salient, distractor_prob, noise
+        # What the feature-compatibility check compares (aver.feature_settings).
+        self.settings = {"type": "synthetic", "audio_dim": audio_dim, "video_dim": video_dim,
+                         "classes": classes, "task_seed": seed}
         # The prototypes define the task: a fixed seed, independent of the sample seed,
         # so train, val and test sets drawn with different seeds share them.
         g = torch.Generator().manual_seed(seed)
@@ -226,7 +257,8 @@ class SyntheticTask:
                 "label_name": EMOTIONS[label] if self.classes == len(EMOTIONS) else str(label),
                 "audio": audio, "video": video, "audio_fps": 25.0, "video_fps": 5.0,
                 "face_found": torch.ones(video.shape[0], dtype=torch.bool),
-                "meta": {"synthetic": True, "audio_token": a, "video_token": v,
+                "meta": {"synthetic": True, "features": dict(self.settings),
+                         "audio_token": a, "video_token": v,
                          "audio_salient": audio_salient, "video_salient": video_salient}})
         return clips
 
@@ -251,6 +283,7 @@ def write_synthetic(out_dir: Path, sizes=(2000, 500, 500), seed: int = 0, **task
             save_clip(clip, out_dir)
         write_split(out_dir / "splits" / f"{name}.txt", [c["clip_id"] for c in ds.clips])
     (out_dir / "classes.json").write_text(json.dumps(task.class_names()))
+    (out_dir / "features.json").write_text(json.dumps(task.settings, indent=2, sort_keys=True))
     return out_dir
 
 
@@ -307,4 +340,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from aver.cli import run_main
+    run_main(main)

@@ -4,9 +4,11 @@
     python examples/aver/evaluate.py --checkpoint runs/syn/best.pt --synthetic
     python examples/aver/evaluate.py --checkpoint runs/afew/best.pt --data feats/ --split val
 
-Writes ``<out>/<split>_results.json`` (accuracy, per-class accuracy, macro F1,
+Writes ``<out>/eval_<split>_results.json`` (accuracy, per-class accuracy, macro F1,
 per-class F1, support, confusion matrix, and for the synthetic task the share of
-attention on the frames that carry the label) and ``<out>/<split>_confusion.png``.
+attention on the frames that carry the label) and ``<out>/eval_<split>_confusion.png``
+(the ``eval_`` prefix keeps training's own ``test_results.json`` intact). The
+clips' feature settings must match the checkpoint's training features.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def evaluate_model(model, loader, device, class_names: List[str]) -> Dict[str, o
                     salient_mass.setdefault(modality, []).append(float(row[: len(mask)][mask].sum()))
     labels, preds = np.concatenate(labels), np.concatenate(preds)
     if (labels < 0).any():
-        raise ValueError(f"{int((labels < 0).sum())} clips have no label (-1); metrics need labels")
+        raise ValueError(f"{int((labels < 0).sum())} clips have no label (-1); metrics need labels (use predict.py for unlabelled clips)")
     cm = confusion_matrix(labels, preds, len(class_names))
     out = summarize(cm, class_names)
     out["loss"] = loss_sum / max(len(labels), 1)
@@ -99,7 +101,8 @@ def format_summary(results: Dict[str, object]) -> str:
 def main(argv=None) -> Dict[str, object]:
     from aver.train import build_datasets, load_checkpoint  # train imports this module
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, help="feature directory (default: the checkpoint's)")
     p.add_argument("--splits", type=Path, help="directory of split files (default DATA/splits)")
@@ -107,6 +110,7 @@ def main(argv=None) -> Dict[str, object]:
                    help="evaluate on the synthetic set the checkpoint was trained with")
     p.add_argument("--split", default="test", help="split file name (default test)")
     p.add_argument("--out", type=Path, help="output directory (default: the checkpoint's)")
+    p.add_argument("--prefix", default="eval_", help="prefix of the output file names")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -119,16 +123,27 @@ def main(argv=None) -> Dict[str, object]:
         targs.synthetic = True
     elif args.data:
         targs.synthetic, targs.data, targs.splits = False, args.data, args.splits
-    datasets, classes = build_datasets(targs, splits=(args.split,))
+    elif targs.data and not Path(targs.data).is_absolute():
+        # Checkpoints from before paths were stored absolute: the data path was relative
+        # to wherever training ran; try the checkpoint's folder's parents too.
+        targs.data = next((q / targs.data for q in Path(args.checkpoint).resolve().parents
+                           if (q / targs.data).is_dir()), Path(targs.data))
+    datasets, classes = build_datasets(
+        targs, splits=(args.split,), expected_settings=state.get("feature_settings"),
+        expected_name=f"the features {args.checkpoint} was trained on")
     loader = DataLoader(datasets[args.split], batch_size=args.batch_size,
                         collate_fn=collate_clips)
     results = evaluate_model(model, loader, device, classes)
-    results["checkpoint"] = str(args.checkpoint)
-    paths = write_report(results, args.out or args.checkpoint.parent, args.split)
+    results["checkpoint"] = str(Path(args.checkpoint).resolve())
+    run = Path(args.checkpoint).resolve().parent.name
+    paths = write_report(results, args.out or args.checkpoint.parent, args.prefix + args.split,
+                         title=f"{run}/{Path(args.checkpoint).name}, {args.split}: accuracy "
+                               f"{results['accuracy']:.3f}, macro F1 {results['macro_f1']:.3f}")
     print(format_summary(results))
     print(f"wrote {paths['json']} and {paths['png']}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    from aver.cli import run_main
+    run_main(main)

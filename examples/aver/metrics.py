@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -76,5 +77,50 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+METRICS_COLUMNS = ("epoch", "train_loss", "lr", "seconds", "val_loss", "val_accuracy",
+                   "val_macro_f1")
+
+
+def write_metrics_csv(history: Sequence[dict], path: Path) -> Path:
+    """One row per epoch (1-based ``epoch``); empty cells where a value is absent."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for h in history:
+            w.writerow({**h, "epoch": h["epoch"] + 1})
+    return path
+
+
+def plot_training_curves(history: Sequence[dict], path: Path, title: Optional[str] = None) -> Path:
+    """Training/validation loss and validation accuracy per epoch, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", ms=3, label="train")
+    if all("val_loss" in h for h in history):
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", ms=3, label="validation")
+        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", ms=3, label="accuracy")
+        ax_acc.plot(epochs, [h["val_macro_f1"] for h in history], "o-", ms=3, label="macro F1")
+        ax_acc.set_ylim(0, 1)
+        ax_acc.legend()
+    else:
+        ax_acc.text(0.5, 0.5, "no validation split", ha="center", va="center",
+                    transform=ax_acc.transAxes)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", title="validation")
+    ax_loss.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -26,6 +26,7 @@ import fbp_kernels
 
 FUSIONS = ("fbp", "mfh", "concat", "audio", "video")
 POOLINGS = ("attention", "mean")
+AUDIO_ENCODERS = ("frame", "temporal")
 
 
 @dataclass
@@ -36,6 +37,9 @@ class AVERConfig:
     video_dim: int
     num_classes: int = 7
     hidden: int = 64
+    # "frame" (the default, and what checkpoints without this key used): FrameEncoder.
+    # "temporal": TemporalEncoder, ~0.6 s receptive field, loudness kept.
+    audio_encoder: str = "frame"
     fusion: str = "fbp"
     pooling: str = "attention"
     fbp_out: int = 64
@@ -48,6 +52,9 @@ class AVERConfig:
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.audio_encoder not in AUDIO_ENCODERS:
+            raise ValueError(f"audio_encoder must be one of {AUDIO_ENCODERS}, "
+                             f"got {self.audio_encoder!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         for name in ("audio_dim", "video_dim", "num_classes", "hidden", "fbp_out",
@@ -109,6 +116,51 @@ class FrameEncoder(nn.Module):
         return _masked_fill_zero(h, mask)
 
 
+def masked_utterance_norm(x: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-utterance, per-channel standardisation over the valid frames.
+
+    ``(B, T, D), mask (B, T) -> (B, T, D)``. Each channel (mel band) is shifted and
+    scaled by its mean and standard deviation over the clip's real frames, so
+    recording gain and channel colour go, but a frame louder than the rest of its
+    utterance stays louder (per-frame LayerNorm divides that away). Padded frames
+    do not enter the statistics and come out as zeros.
+    """
+    x = _masked_fill_zero(x, mask)
+    m = mask.unsqueeze(-1).to(x.dtype)
+    n = m.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (x * m).sum(1, keepdim=True) / n
+    var = (((x - mean) * m) ** 2).sum(1, keepdim=True) / n
+    return _masked_fill_zero((x - mean) / torch.sqrt(var + eps), mask)
+
+
+class TemporalEncoder(nn.Module):
+    """Per-utterance normalisation, projection, then dilated residual convolutions.
+
+    ``(B, T, in_dim), mask (B, T) -> (B, T, hidden)``. Kernel-3 convolutions with
+    dilations ``1, 2, 4, 8, 16`` give a receptive field of ``1 + 2 * 31 = 63``
+    frames: 0.63 s at the log-mel's 100 frames/s, the span of a syllable or two,
+    where the one-convolution FrameEncoder sees 3 frames (30 ms). Padded frames are
+    zeroed before every convolution, as in :class:`FrameEncoder`, so a clip gives
+    the same output alone and inside a padded batch.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, dropout: float,
+                 dilations=(1, 2, 4, 8, 16)) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, hidden)
+        self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, kernel_size=3, dilation=d,
+                                             padding=d) for d in dilations)
+        self.drop = nn.Dropout(dropout)
+        self.receptive_field = 1 + 2 * sum(dilations)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = self.drop(F.gelu(self.proj(masked_utterance_norm(x, mask))))
+        for conv in self.convs:
+            h = _masked_fill_zero(h, mask)
+            h = h + self.drop(F.gelu(conv(h.transpose(1, 2)).transpose(1, 2)))
+        return _masked_fill_zero(h, mask)
+
+
 class AttentionPool(nn.Module):
     """Frame-level attention: ``score_t = v^T tanh(W h_t)``, softmax over valid frames.
 
@@ -152,8 +204,10 @@ class AttentionAVER(nn.Module):
         self.modalities = {"audio": ("audio",), "video": ("video",)}.get(
             c.fusion, ("audio", "video"))
         dims = {"audio": c.audio_dim, "video": c.video_dim}
+        encoder = {"audio": TemporalEncoder if c.audio_encoder == "temporal" else FrameEncoder,
+                   "video": FrameEncoder}
         self.encoders = nn.ModuleDict(
-            {m: FrameEncoder(dims[m], c.hidden, c.dropout) for m in self.modalities})
+            {m: encoder[m](dims[m], c.hidden, c.dropout) for m in self.modalities})
         if c.pooling == "attention":
             self.pools = nn.ModuleDict({m: AttentionPool(c.hidden) for m in self.modalities})
         if c.fusion == "fbp":

@@ -2,7 +2,7 @@
 
 Pipeline for one clip: read every frame with ``cv2.VideoCapture``, keep about
 ``fps`` frames per second (at most ``max_frames``, spread uniformly), find the
-largest face in each kept frame, crop a square around it (with a margin), resize,
+most confident face in each kept frame, crop a square around it (with a margin), resize,
 normalise with the ImageNet statistics and embed with a torchvision backbone
 whose classification head is removed.
 
@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-Box = Tuple[int, int, int, int]  # x, y, width, height in pixels
+# x, y, width, height in pixels, and optionally a confidence (higher = surer) as a 5th
+# entry; crop_face picks the most confident box, or the largest when there are no scores.
+Box = Tuple[float, ...]
 Detector = Callable[[np.ndarray], List[Box]]  # BGR uint8 (H, W, 3) -> boxes
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -116,9 +118,14 @@ def make_face_detector(kind: str = "auto", model_path: Optional[Path] = None,
 
         def detect(image: np.ndarray) -> List[Box]:
             gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
-            found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
-                                             minSize=(min_size, min_size))
-            return [tuple(int(v) for v in b) for b in found]
+            # detectMultiScale3 also returns each box's final-stage weight: a confidence,
+            # so a false positive on a textured background need not beat the real face
+            # just because its box is larger.
+            found, _, weights = cascade.detectMultiScale3(
+                gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size),
+                outputRejectLevels=True)
+            return [tuple(int(v) for v in b) + (float(np.ravel(w)[0]),)
+                    for b, w in zip(found, weights)]
         return detect
     if kind == "yunet":
         if model_path is None or not Path(model_path).is_file():
@@ -129,15 +136,18 @@ def make_face_detector(kind: str = "auto", model_path: Optional[Path] = None,
         def detect(image: np.ndarray) -> List[Box]:
             yunet.setInputSize((image.shape[1], image.shape[0]))
             _, faces = yunet.detect(image)
-            return [] if faces is None else [tuple(int(v) for v in f[:4]) for f in faces]
+            # Row layout: box (4), five landmarks (10), score.
+            return [] if faces is None else [tuple(int(v) for v in f[:4]) + (float(f[14]),)
+                                             for f in faces]
         return detect
     raise ValueError(f"face detector must be auto, haar, yunet or none, got {kind!r}")
 
 
 def crop_face(image: np.ndarray, detector: Optional[Detector], margin: float = 0.2
               ) -> Tuple[np.ndarray, bool]:
-    """Square crop around the largest detected face, else the centre square.
+    """Square crop around the most confident detected face, else the centre square.
 
+    Boxes with a 5th entry (a confidence) are ranked by it, boxes without by area.
     Returns ``(crop (S, S, 3) BGR, face_found)``. The face box is grown by
     ``margin`` on every side (faces are detected tightly; expression lives in the
     brow and chin too) and clipped to the image.
@@ -145,7 +155,8 @@ def crop_face(image: np.ndarray, detector: Optional[Detector], margin: float = 0
     h, w = image.shape[:2]
     boxes = detector(image) if detector is not None else []
     if boxes:
-        x, y, bw, bh = max(boxes, key=lambda b: b[2] * b[3])
+        best = max(boxes, key=lambda b: (b[4], b[2] * b[3]) if len(b) > 4 else (b[2] * b[3],))
+        x, y, bw, bh = (int(v) for v in best[:4])
         side = int(max(bw, bh) * (1 + 2 * margin))
         cx, cy = x + bw / 2, y + bh / 2
         side = min(side, h, w)
@@ -166,24 +177,32 @@ def to_tensor(crops: List[np.ndarray], size: int) -> Tensor:
 
 # ---------------------------------------------------------------------- backbone
 
-def build_backbone(name: str = "resnet18", weights: Optional[Path] = None) -> Tuple[nn.Module, int]:
+def build_backbone(name: str = "resnet18", weights: Optional[Path] = None,
+                   seed: int = 0) -> Tuple[nn.Module, int]:
     """A torchvision classification model with its head removed, and its output width.
 
     ``weights``: a local file with the model's ``state_dict`` (as saved by
     ``torch.save(model.state_dict())``, or torchvision's downloaded ``.pth``; a dict
     with a ``state_dict`` or ``model`` entry and ``module.`` prefixes also work).
-    Without it the weights are random and the embeddings carry no visual meaning:
-    a loud warning says so. Nothing is downloaded.
+    Without it the weights are random, drawn from ``seed`` (so two extraction runs
+    with the same seed give the same backbone and comparable features) and the
+    embeddings carry no visual meaning: a loud warning says so. Nothing is downloaded.
     """
     import torchvision
 
-    model = torchvision.models.get_model(name, weights=None)
+    # The seed only matters without a weights file; fork_rng keeps the caller's RNG
+    # stream untouched either way.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(name, weights=None)
     if weights is None:
-        banner = ("!" * 78 + f"\n!! WARNING: {name} has RANDOM weights (no --backbone-weights "
-                  f"file given).\n!! Its frame embeddings are meaningless for emotion "
-                  f"recognition; use only for\n!! testing the pipeline.\n" + "!" * 78)
+        banner = ("!" * 78 + f"\n!! WARNING: {name} has RANDOM weights (seed {seed}; no "
+                  f"--backbone-weights file given).\n!! Its frame embeddings are meaningless "
+                  f"for emotion recognition: use them ONLY\n!! for smoke tests of the "
+                  f"pipeline, never for results.\n" + "!" * 78)
         print(banner, file=sys.stderr)
-        warnings.warn(f"{name} backbone has random weights", stacklevel=2)
+        warnings.warn(f"{name} backbone has random weights (seed {seed}): features for smoke "
+                      f"tests only", stacklevel=2)
     else:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         for key in ("state_dict", "model"):
