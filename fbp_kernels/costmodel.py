@@ -49,6 +49,9 @@ PROVIDERS = ("floor", "eager", "compile", "fused", "split")
 #: ``"<provider>+saved"`` is also accepted for fused and split (``save_projections=True``:
 #: the forward keeps A and C, the backward reads them instead of recomputing).
 SAVED_SUFFIX = "+saved"
+#: ``"split+keep_x"`` / ``"split+keep_y"``: ``save_projections="x"``/``"y"`` (one projection
+#: kept, the other recomputed in backward).
+KEEP_SUFFIX = "+keep_"
 MODES = ("forward", "backward", "forward+backward")
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
 
@@ -836,7 +839,7 @@ def split_chunk_rows(s: Shape, budget_bytes: int = SPLIT_BUDGET_BYTES) -> int:
 
 
 def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = False,
-           budget_bytes: Optional[int] = None) -> List[KernelCost]:
+           budget_bytes: Optional[int] = None, keep=None) -> List[KernelCost]:
     """cuBLAS projections per chunk of rows + one memory-bound Triton epilogue (product,
     pooling, signed sqrt, row norm: a program owns whole rows, so the norm needs no second
     pass).  Backward per chunk: recompute A, C (cuBLAS) unless saved, one epilogue-like
@@ -844,6 +847,10 @@ def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = 
     across chunks, beta = 1) and the bias sums.  The shared side of a broadcast is
     projected once (Ry distinct rows), as issue 12 item 5 asks.  With +saved the kept A, C
     are not transient, so the forward runs in one chunk."""
+    # keep: what forward kept for backward (save_projections: False, True, "x", "y");
+    # "+keep_x" / "+keep_y" keep one (it is read back like a saved one), recompute the other.
+    keep = saved if keep is None else keep
+    saved = keep is not False
     d, e, k, R = s.dtype, s.elem, s.ko, s.rows
     budget = SPLIT_BUDGET_BYTES if budget_bytes is None else budget_bytes
     chunk = R if (saved and train) else min(R, split_chunk_rows(s, budget))
@@ -869,9 +876,10 @@ def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = 
                              inflight_cta=min(SPLIT_EPILOGUE_INFLIGHT, 2 * k * e),
                              launches=times, host_us=th))
         if bwd:
-            if not saved:
-                out += [gemm("recompute A" + tag, cx, k, s.m, d, gpu, launches=times),
-                        gemm("recompute C" + tag, cy, k, s.n, d, gpu, launches=times)]
+            if keep in (False, "y"):
+                out.append(gemm("recompute A" + tag, cx, k, s.m, d, gpu, launches=times))
+            if keep in (False, "x"):
+                out.append(gemm("recompute C" + tag, cy, k, s.n, d, gpu, launches=times))
             kept_res = res and not saved
             rd = (0 if kept_res else ac) + 2 * c * s.o * e + c * 4
             wr = 0 if res else c * k * e * 2
@@ -928,11 +936,14 @@ def kernels(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
     ``split_budget_bytes``: the split strategy's transient budget (default 64 MiB)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    base, saved = provider, False
+    base, saved, keep = provider, False, None
     if provider.endswith(SAVED_SUFFIX):
         base, saved = provider[: -len(SAVED_SUFFIX)], True
         if base not in ("fused", "split"):
             raise ValueError(f"{provider!r}: only fused and split have a +saved variant")
+    for side in ("x", "y"):
+        if provider == f"split{KEEP_SUFFIX}{side}":
+            base, keep = "split", side
     if base not in _BUILDERS:
         raise ValueError(f"provider must be one of {PROVIDERS} (or fused+saved, "
                          f"split+saved), got {provider!r}")
@@ -940,7 +951,8 @@ def kernels(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
     fwd, bwd = mode != "backward", mode != "forward"
     build = _BUILDERS[base]
     if base == "split":
-        return build(shape, gpu, train, fwd, bwd, saved=saved, budget_bytes=split_budget_bytes)
+        return build(shape, gpu, train, fwd, bwd, saved=saved, budget_bytes=split_budget_bytes,
+                     keep=keep)
     if base == "fused":
         return build(shape, gpu, train, fwd, bwd, saved=saved)
     return build(shape, gpu, train, fwd, bwd)

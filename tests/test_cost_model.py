@@ -371,3 +371,18 @@ def test_readme_prediction_table_matches_the_model():
             want = [round(cm.predict(p, s, H200, mode).time_us)
                     for p in ("floor", "eager", "fused", "split")]
             assert [int(c) for c in cells.split(" / ")] == want, (r, mode)
+
+
+def test_keeping_one_projection_recomputes_only_the_other():
+    # save_projections="x": backward recomputes C alone (one GEMM of rows x 5000 x 1024);
+    # its predicted time lies between keeping both and keeping neither.
+    s = cm.Shape(rows=16384, **MFB)
+    names = [k.name for k in cm.kernels("split+keep_x", s, H200, "forward+backward")]
+    assert any(n.startswith("recompute C") for n in names)
+    assert not any(n.startswith("recompute A") for n in names)
+    t = {p: cm.predict(p, s, H200, "forward+backward").time_us
+         for p in ("split", "split+keep_x", "split+keep_y", "split+saved")}
+    assert t["split+saved"] < t["split+keep_x"] < t["split"]
+    assert t["split+saved"] < t["split+keep_y"] < t["split"]
+    # Keeping x's projection saves the larger GEMM (m = 2048 > n = 1024).
+    assert t["split+keep_x"] < t["split+keep_y"]
