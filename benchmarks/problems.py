@@ -47,6 +47,9 @@ class Problem:
     order: int = 1
     sweep: str = ""
     swept: str = ""
+    #: Co-attention: ``regions`` x rows share one y row: x is ``(rows // regions,
+    #: regions, m)`` and y ``(rows // regions, 1, n)`` (VQA regions with one question).
+    regions: int = 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -59,11 +62,19 @@ class Problem:
 
     def shape_key(self) -> Tuple:
         """Identity of the computation, ignoring which sweep asked for it."""
-        return (self.rows, self.m, self.n, self.factor, self.o, self.dtype, self.order)
+        return (self.rows, self.m, self.n, self.factor, self.o, self.dtype, self.order,
+                self.regions)
+
+    @property
+    def y_rows(self) -> int:
+        """Distinct rows of y (one per ``regions`` rows of x)."""
+        return self.rows // self.regions
 
     def label(self) -> str:
         text = (f"rows={self.rows} m={self.m} n={self.n} factor={self.factor} o={self.o} "
                 f"{self.dtype}")
+        if self.regions > 1:
+            text += f" coatt B={self.y_rows} R={self.regions}"
         return text + (f" order={self.order}" if self.order > 1 else "")
 
     def matmul_flops(self) -> int:
@@ -78,11 +89,15 @@ class Plan:
     centre: Problem
     values: Dict[str, Tuple]
     aver_rows: Tuple[int, ...]
+    #: Co-attention sweep: ``coatt_batch`` questions, each fused with R regions, R over
+    #: ``coatt_regions`` (issue 12: B 64, R 100 at the MFB widths on a GPU).
+    coatt_batch: int = 64
+    coatt_regions: Tuple[int, ...] = (10, 36, 100)
 
 
-# Sweep name -> the Problem field it varies.  "dtype" and "aver" are special.
+# Sweep name -> the Problem field it varies.  "dtype", "aver" and "coatt" are special.
 SWEEP_FIELDS = {"rows": "rows", "m": "m", "n": "n", "factor": "factor", "o": "o",
-                "dtype": "dtype", "aver": "rows"}
+                "dtype": "dtype", "aver": "rows", "coatt": "regions"}
 #: Shorthands accepted by ``--sweep``.
 SWEEP_GROUPS = {"width": ("m", "n"), "all": tuple(SWEEP_FIELDS)}
 
@@ -110,6 +125,8 @@ CPU_PLAN = Plan(
         "dtype": ("fp32",),
     },
     aver_rows=(32, 128),
+    coatt_batch=8,
+    coatt_regions=(4, 16),
 )
 
 # Seconds-long: for the CI smoke test and for trying the harness out.
@@ -118,10 +135,12 @@ SMOKE_PLAN = Plan(
     values={"rows": (2, 8), "m": (16, 32), "n": (24, 48), "factor": (1, 3), "o": (8, 16),
             "dtype": ("fp32",)},
     aver_rows=(4,),
+    coatt_batch=2,
+    coatt_regions=(3,),
 )
 
 # On a GPU the most telling sweeps come first: a time-limited run drops the last ones.
-DEFAULT_SWEEPS = {"cuda": ("dtype", "rows", "aver", "factor", "o", "m", "n"),
+DEFAULT_SWEEPS = {"cuda": ("dtype", "rows", "coatt", "aver", "factor", "o", "m", "n"),
                   "cpu": ("rows", "factor", "aver"),
                   "smoke": ("rows", "factor")}
 
@@ -162,6 +181,12 @@ def sweep_problems(plan: Plan, sweeps: Sequence[str], dtypes: Sequence[str],
                                         swept=field))
             continue
         for d in dtypes:
+            if sweep == "coatt":
+                for r in plan.coatt_regions:
+                    problems.append(replace(plan.centre, dtype=d, order=order, sweep=sweep,
+                                            swept=field, regions=r,
+                                            rows=plan.coatt_batch * r))
+                continue
             if sweep == "aver":
                 base = plan.centre if smoke else replace(plan.centre, **AVER_SHAPE)
                 values = plan.aver_rows

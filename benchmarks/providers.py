@@ -83,14 +83,18 @@ def make_inputs(problem: Problem, device: torch.device, seed: int = 0) -> Inputs
         return t.to(device=device, dtype=dtype).requires_grad_(True)
 
     blocks = range(problem.order)
+    if problem.regions > 1:  # co-attention: (B, R, m) regions with a (B, 1, n) question
+        lead_x, lead_y = (problem.y_rows, problem.regions), (problem.y_rows, 1)
+    else:
+        lead_x = lead_y = (problem.rows,)
     return Inputs(
-        x=rand(problem.rows, problem.m),
-        y=rand(problem.rows, problem.n),
+        x=rand(*lead_x, problem.m),
+        y=rand(*lead_y, problem.n),
         weights_x=[rand(ko, problem.m, std=problem.m ** -0.5) for _ in blocks],
         weights_y=[rand(ko, problem.n, std=problem.n ** -0.5) for _ in blocks],
         biases_x=[rand(ko, std=0.1) for _ in blocks],
         biases_y=[rand(ko, std=0.1) for _ in blocks],
-        grad_out=torch.randn(problem.rows, problem.order * problem.o, generator=gen)
+        grad_out=torch.randn(*lead_x, problem.order * problem.o, generator=gen)
         .to(device=device, dtype=dtype),
     )
 
@@ -203,13 +207,15 @@ def _floor_modes(problem: Problem, inp: Inputs) -> Dict[str, ModeFn]:
     Backward: ``dx = da W_x``, ``dW_x = da^T x`` and the same for y, per block, with
     random stand-ins for ``da``, ``dc (rows, k*o)``.  No autograd, no epilogue.
     """
-    x, y = inp.x.detach(), inp.y.detach()
+    # On the distinct rows: a co-attention question is projected once, not per region.
+    x = inp.x.detach().reshape(-1, problem.m)
+    y = inp.y.detach().reshape(-1, problem.n)
     blocks = list(zip([w.detach() for w in inp.weights_x], [w.detach() for w in inp.weights_y],
                       [b.detach() for b in inp.biases_x], [b.detach() for b in inp.biases_y]))
     gen = torch.Generator(device="cpu").manual_seed(1)
     ko = problem.factor * problem.o
-    da = torch.randn(problem.rows, ko, generator=gen).to(x.device, x.dtype)
-    dc = torch.randn(problem.rows, ko, generator=gen).to(x.device, x.dtype)
+    da = torch.randn(x.shape[0], ko, generator=gen).to(x.device, x.dtype)
+    dc = torch.randn(y.shape[0], ko, generator=gen).to(x.device, x.dtype)
 
     def forward():
         return [(F.linear(x, wx, bx), F.linear(y, wy, by)) for wx, wy, bx, by in blocks]

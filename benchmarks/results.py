@@ -57,14 +57,16 @@ class Row:
     value: float
     unit: str
     note: str = ""
+    regions: int = 1  # last, with a default: CSVs written before it still read
 
     def problem(self) -> Problem:
         return Problem(rows=self.rows, m=self.m, n=self.n, factor=self.factor, o=self.o,
-                       dtype=self.dtype, order=self.order, sweep=self.sweep, swept=self.swept)
+                       dtype=self.dtype, order=self.order, sweep=self.sweep, swept=self.swept,
+                       regions=self.regions)
 
 
 FIELDS = [f.name for f in fields(Row)]
-_INT_FIELDS = {"rows", "m", "n", "factor", "o", "order"}
+_INT_FIELDS = {"rows", "m", "n", "factor", "o", "order", "regions"}
 
 
 def make_row(env: Dict[str, object], op: str, problem: Problem, provider: str, mode: str,
@@ -75,7 +77,8 @@ def make_row(env: Dict[str, object], op: str, problem: Problem, provider: str, m
                sweep=problem.sweep, swept=problem.swept, dtype=problem.dtype,
                rows=problem.rows, m=problem.m, n=problem.n, factor=problem.factor,
                o=problem.o, order=problem.order, provider=provider, mode=mode,
-               metric=metric, value=float(value), unit=UNITS.get(metric, ""), note=note)
+               metric=metric, value=float(value), unit=UNITS.get(metric, ""), note=note,
+               regions=problem.regions)
 
 
 def write_csv(path: Path, rows: Iterable[Row]) -> None:

@@ -30,6 +30,9 @@ def model_shape(problem: Problem) -> Optional[costmodel.Shape]:
     """The cost model's view of a benchmark problem (FBP only: MFH is not modelled)."""
     if problem.order != 1 or problem.dtype not in costmodel.DTYPE_BYTES:
         return None
+    if problem.regions > 1:
+        return costmodel.Shape(problem.rows, problem.m, problem.n, problem.factor, problem.o,
+                               problem.dtype, x_rows=problem.rows, y_rows=problem.y_rows)
     return costmodel.Shape(problem.rows, problem.m, problem.n, problem.factor, problem.o,
                            problem.dtype)
 

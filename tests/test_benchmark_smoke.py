@@ -323,3 +323,22 @@ def test_split_provider_only_when_the_backend_exists(monkeypatch):
     assert run.split_backend(cpu) == []
     provs = [p.name for p in providers_for("fbp", ["split"], include_compile=False)]
     assert "split" in provs and "split+saved" in provs
+
+
+def test_coatt_sweep_measures_broadcast_inputs(tmp_path):
+    # The co-attention sweep feeds (B, R, m) regions with a (B, 1, n) question (what the
+    # split strategy projects once per sample); the floor projects the distinct rows.
+    (problem,) = sweep_problems(SMOKE_PLAN, ["coatt"], ["fp32"], smoke=True)
+    assert (problem.rows, problem.regions, problem.y_rows) == (6, 3, 2)
+    inp = make_inputs(problem, torch.device("cpu"))
+    assert inp.x.shape == (2, 3, problem.m) and inp.y.shape == (2, 1, problem.n)
+    assert inp.grad_out.shape == (2, 3, problem.o)
+    shape = summary.model_shape(problem)
+    assert (shape.x_rows, shape.y_rows) == (6, 2)
+    from benchmarks import run
+    from benchmarks.results import read_csv
+
+    assert run.main(["--smoke", "--no-compile", "--sweep", "coatt", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert rows and {r.regions for r in rows} == {3}
+    assert {r.provider for r in rows if r.metric == TIME_MEDIAN} >= {"reference", "floor"}
