@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import backends, ops, strategy
 from .backends._common import broadcast_batch
-from .reference import DEFAULT_EPS
+from .reference import ACTIVATIONS, DEFAULT_EPS, check_norm_dims
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -181,15 +181,54 @@ def projection_mode(save_projections) -> str:
                      f"y projection only), got {save_projections!r}")
 
 
-def _prepare(tensors, factor, dropout, eps, backend, save_projections=False):
+def check_drop_in(norm_dims, activation) -> None:
+    """The drop-in options of ``fbp``, ``mfh`` and both modules: ``norm_dims`` an int
+    >= 1 (TypeError for a non-int or a bool, ValueError below 1), ``activation`` one of
+    ``None``, ``"relu"``, ``"tanh"`` (ValueError)."""
+    check_size("norm_dims", norm_dims)
+    if activation is not None and not (isinstance(activation, str)
+                                       and activation in ACTIVATIONS):
+        raise ValueError(f"activation must be None, 'relu' or 'tanh' (applied to both "
+                         f"projections before the product), got {activation!r}")
+
+
+def route_drop_in(backend: str, norm_dims: int, activation) -> Optional[str]:
+    """The one routing rule for ``norm_dims != 1`` and ``activation`` (FBP and MFH).
+
+    ``None`` when both are at their defaults (the usual choice applies).  Otherwise
+    the backend to run: ``"auto"`` picks the first of ``ops.DROP_IN_BACKENDS`` (only
+    those implement them until the kernel redesign), a named one must be among them
+    (ValueError naming the options and the backends that have them).
+    """
+    used = ops.drop_in_in_use(norm_dims, activation)
+    if not used:
+        return None
+    if backend == "auto":
+        return ops.DROP_IN_BACKENDS[0]
+    if backend not in backends.NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(backends.NAMES)}, "
+                         f"got {backend!r}")
+    if backend not in ops.DROP_IN_BACKENDS:
+        raise ValueError(ops.drop_in_unsupported(used, backend))
+    return backend
+
+
+def _prepare(tensors, factor, dropout, eps, backend, save_projections=False, norm_dims=1,
+             activation=None):
     """Autocast and check ``fbp``'s arguments; returns ``(autocast dtype or None,
     the cast tensors, the backend's name, the projection mode)``."""
     _check_tensor("x", tensors[0])
     cast_dtype = _autocast_dtype(tensors[0].device.type)
     tensors = _autocast(cast_dtype, tensors)
-    check_inputs(*tensors, factor, dropout, eps)
+    batch = check_inputs(*tensors, factor, dropout, eps)
+    check_drop_in(norm_dims, activation)
+    check_norm_dims(norm_dims, len(batch))
     mode = projection_mode(save_projections)
     device = tensors[0].device
+    routed = route_drop_in(backend, norm_dims, activation)
+    if routed is not None:
+        # Every drop-in backend (torch) keeps any of the projection modes.
+        return cast_dtype, tensors, backend_name_or_raise(routed, device), mode
     if mode in ("x", "y"):
         # Only the split and torch backends keep one projection: auto takes split where
         # it runs, else torch; an explicit other backend is refused.
@@ -335,6 +374,8 @@ def fbp(
     eps: float = DEFAULT_EPS,
     backend: str = "auto",
     save_projections=False,
+    norm_dims: int = 1,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Factorized bilinear pooling (MFB), fused.
 
@@ -355,7 +396,20 @@ def fbp(
             backward instead of recomputing them (two GEMMs fewer in backward, ``factor``
             times more activation memory); ``"x"`` or ``"y"`` keeps only that input's
             (half the memory, one GEMM recomputed; backends ``split`` and ``torch``).
-            Default ``False``: recompute both.
+            Default ``False``: recompute both.  With ``activation`` the kept
+            projections are the activated ones.
+        norm_dims: the L2 normalisation spans the ``o`` outputs and the last
+            ``norm_dims - 1`` leading dimensions of the broadcast batch (default 1:
+            each row on its own).  ``norm_dims=2`` on regions ``(N, C, ...)`` is
+            openvqa's joint normalisation ``F.normalize(t.view(N, -1)).view(N, C, o)``.
+            At most the batch's number of dimensions + 1 (ValueError).
+        activation: ``None``, ``"relu"`` or ``"tanh"``, applied to both projections
+            (after their biases) before the product, as block.bootstrap's and mmf's
+            ``activ_input``; relu's gradient at exactly 0 is 0 (PyTorch's convention).
+
+        Until the kernel backends implement ``norm_dims != 1`` and ``activation``,
+        ``backend="auto"`` runs such calls on backend ``torch`` and an explicit kernel
+        backend raises ValueError.
 
     Returns:
         ``(..., o)`` with ``o = weight_x.shape[0] // factor``, in the inputs' dtype
@@ -366,7 +420,8 @@ def fbp(
     """
     tensors = [x, y, weight_x, weight_y, bias_x, bias_y]
     prepared, failed = checked(_prepare, tensors,
-                               (factor, dropout, eps, backend, save_projections),
+                               (factor, dropout, eps, backend, save_projections,
+                                norm_dims, activation),
                                lambda: _output_shape(x, y, weight_x, factor, 1))
     if failed is not None:
         return failed
@@ -376,7 +431,8 @@ def fbp(
     seed = dropout_seed(training, dropout)
     if seed is None:
         dropout = 0.0
-    args = (factor, float(dropout), bool(normalize), as_float(eps), mode, backend_name)
+    args = (factor, float(dropout), bool(normalize), as_float(eps), mode, backend_name,
+            norm_dims, activation)
     with no_autocast(device.type, cast_dtype):
         if torch.compiler.is_compiling():
             # The registered operator: the compiler sees one opaque op with a fake kernel.

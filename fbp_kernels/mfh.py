@@ -21,10 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from . import mfh_ops
-from .functional import (_autocast, _autocast_dtype, _output_shape, as_float, check_inputs,
-                         check_options, checked, dropout_seed, no_autocast)
+from .backends._common import broadcast_batch
+from .functional import (_autocast, _autocast_dtype, _output_shape, as_float, check_drop_in,
+                         check_inputs, check_options, checked, dropout_seed, no_autocast,
+                         route_drop_in)
 from .modules import _PoolingOptions, check_factor_divides, check_layer_args
-from .reference import DEFAULT_EPS
+from .reference import DEFAULT_EPS, check_norm_dims
 
 __all__ = ["mfh", "MultimodalFactorizedHighOrderPooling", "MFH"]
 
@@ -94,9 +96,11 @@ def check_mfh_inputs(x, y, weights_x, weights_y, biases_x, biases_y, factor, ord
     return weights_x, weights_y, biases_x, biases_y
 
 
-def _prepare(args, factor, order, dropout, eps, backend):
+def _prepare(args, factor, order, dropout, eps, backend, norm_dims=1, activation=None):
     """Autocast and check :func:`mfh`'s arguments; returns ``(autocast dtype or None,
-    [x, y, weights_x, weights_y, biases_x, biases_y])`` with the per-block lists."""
+    [x, y, weights_x, weights_y, biases_x, biases_y], backend)`` with the per-block
+    lists, ``backend`` being the one to run when ``norm_dims``/``activation`` decide it
+    (``functional.route_drop_in``), else the requested one."""
     x, y, weights_x, weights_y, biases_x, biases_y = args
     # Cast before the checks, as fbp() does, so autocast's low-precision activations
     # mix with fp32 parameters like in nn.Linear; malformed arguments pass through
@@ -110,12 +114,15 @@ def _prepare(args, factor, order, dropout, eps, backend):
     check_options(factor, dropout, eps, backend)
     lists = check_mfh_inputs(x, y, weights_x, weights_y, biases_x, biases_y, factor, order,
                              dropout, eps)
+    check_drop_in(norm_dims, activation)
+    check_norm_dims(norm_dims, len(broadcast_batch(x.shape[:-1], y.shape[:-1])))
+    backend = route_drop_in(backend, norm_dims, activation) or backend
     if not torch.compiler.is_compiling():
         # A clear error here rather than from inside the op.  Skipped while tracing:
         # resolving imports modules, which Dynamo refuses to trace; the op resolves
         # again when it runs, so a bad backend still fails there.
         mfh_ops.resolve(backend, x.device, len(lists[0]))
-    return cast_dtype, [x, y, *lists]
+    return cast_dtype, [x, y, *lists], backend
 
 
 def mfh(
@@ -133,6 +140,8 @@ def mfh(
     normalize: bool = True,
     eps: float = DEFAULT_EPS,
     backend: str = "auto",
+    norm_dims: int = 1,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Multimodal factorized high-order pooling (MFH), ``order`` cascaded FBP blocks.
 
@@ -154,6 +163,14 @@ def mfh(
         eps: smoothing of the signed square root.
         backend: ``"auto"``, ``"torch"`` (or another backend with an MFH
             implementation).
+        norm_dims: per block, the L2 norm spans the ``o`` outputs and the last
+            ``norm_dims - 1`` batch dimensions (mmf's ``layers.MFH`` normalises all
+            regions of a sample together: ``norm_dims=2`` on ``(N, C, ...)``), as in
+            :func:`fbp_kernels.fbp`.
+        activation: ``None``, ``"relu"`` or ``"tanh"`` on every block's two
+            projections (block.bootstrap / mmf ``activ_input``), as in
+            :func:`fbp_kernels.fbp`; with either option set, ``auto`` runs backend
+            ``torch`` and an explicit kernel backend raises ValueError.
 
     Returns:
         ``(..., order*o)``: block ``l``'s ``o`` outputs at ``[..., l*o:(l+1)*o]``, in
@@ -169,10 +186,11 @@ def mfh(
                              len(weights_x) if listed else 1)
 
     prepared, failed = checked(_prepare, [x, y, weights_x, weights_y, biases_x, biases_y],
-                               (factor, order, dropout, eps, backend), shape)
+                               (factor, order, dropout, eps, backend, norm_dims, activation),
+                               shape)
     if failed is not None:
         return failed
-    cast_dtype, (x, y, weights_x, weights_y, biases_x, biases_y) = prepared
+    cast_dtype, (x, y, weights_x, weights_y, biases_x, biases_y), backend = prepared
     device = x.device
     seed = dropout_seed(training, dropout)
     if seed is None:
@@ -181,7 +199,7 @@ def mfh(
         out, _ = mfh_ops.mfh_forward(
             x, y, weights_x, weights_y, mfh_ops.to_marker_list(biases_x, x),
             mfh_ops.to_marker_list(biases_y, x), seed, factor, float(dropout),
-            bool(normalize), as_float(eps), backend)
+            bool(normalize), as_float(eps), backend, norm_dims, activation)
     return out
 
 
@@ -193,28 +211,31 @@ class MultimodalFactorizedHighOrderPooling(_PoolingOptions, nn.Module):
     ``forward(x (..., x_features), y (..., y_features)) -> (..., order*out_features)``
     (see :attr:`output_features`); leading dimensions broadcast.  Dropout acts on
     each block's expanded product while the module is in training mode.  See
-    :func:`fbp_kernels.mfh` for the semantics.
+    :func:`fbp_kernels.mfh` for the semantics, ``norm_dims`` and ``activation``.
     """
 
     def __init__(self, x_features: int, y_features: int, out_features: int, factor: int = 5,
                  order: int = 2, bias: bool = True, dropout: float = 0.0,
                  normalize: bool = True, eps: float = DEFAULT_EPS, backend: str = "auto",
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, norm_dims: int = 1,
+                 activation: Optional[str] = None) -> None:
         super().__init__()
         check_layer_args(x_features, y_features, out_features, factor, dropout, eps, backend,
-                         order)
+                         order, norm_dims=norm_dims, activation=activation)
         kw = {"device": device, "dtype": dtype}
         self.proj_x = nn.ModuleList(
             nn.Linear(x_features, factor * out_features, bias=bias, **kw) for _ in range(order))
         self.proj_y = nn.ModuleList(
             nn.Linear(y_features, factor * out_features, bias=bias, **kw) for _ in range(order))
-        self._set_options(factor, dropout, normalize, eps, backend)
+        self._set_options(factor, dropout, normalize, eps, backend, norm_dims=norm_dims,
+                          activation=activation)
 
     @classmethod
     def from_linear(cls, projs_x: Sequence[nn.Linear], projs_y: Sequence[nn.Linear],
                     factor: int, *, dropout: float = 0.0, normalize: bool = True,
-                    eps: float = DEFAULT_EPS,
-                    backend: str = "auto") -> "MultimodalFactorizedHighOrderPooling":
+                    eps: float = DEFAULT_EPS, backend: str = "auto", norm_dims: int = 1,
+                    activation: Optional[str] = None,
+                    ) -> "MultimodalFactorizedHighOrderPooling":
         """Wrap existing ``nn.Linear`` layers, one x and one y projection per block;
         parameters are shared, not copied (an ``nn.ModuleList`` is kept as is)."""
         projs = []
@@ -243,7 +264,8 @@ class MultimodalFactorizedHighOrderPooling(_PoolingOptions, nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.proj_x, self.proj_y = projs_x, projs_y
-        self._set_options(factor, dropout, normalize, eps, backend)
+        self._set_options(factor, dropout, normalize, eps, backend, norm_dims=norm_dims,
+                          activation=activation)
         return self
 
     @property
@@ -264,7 +286,8 @@ class MultimodalFactorizedHighOrderPooling(_PoolingOptions, nn.Module):
         return mfh(x, y, [p.weight for p in self.proj_x], [p.weight for p in self.proj_y],
                    [p.bias for p in self.proj_x], [p.bias for p in self.proj_y],
                    factor=self.factor, dropout=self.dropout, training=self.training,
-                   normalize=self.normalize, eps=self.eps, backend=self.backend)
+                   normalize=self.normalize, eps=self.eps, backend=self.backend,
+                   norm_dims=self.norm_dims, activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"x_features={self.proj_x[0].in_features}, "

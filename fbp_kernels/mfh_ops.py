@@ -32,8 +32,8 @@ from .backends._common import acc_dtype
 # The FBP operators' conventions (markers for absent tensors, the CPU seed, the
 # concrete-eps check, the backward's no_grad + double-backward refusal, the in-place
 # error) are written once there and used by both pairs of operators.
-from .ops import (_empty, _none_if_marker, _seed_value, check_concrete_eps, fused_backward,
-                  saved_tensors)
+from .ops import (_empty, _none_if_marker, _seed_value, check_concrete_eps, drop_in_options,
+                  fused_backward, saved_tensors)
 
 #: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
 _MFH_MODULES = {
@@ -108,20 +108,23 @@ def mfh_forward(
     x: Tensor, y: Tensor, weights_x: List[Tensor], weights_y: List[Tensor],
     biases_x: List[Tensor], biases_y: List[Tensor], seed: Optional[Tensor],
     factor: int, dropout: float, normalize: bool, eps: float, backend: str,
+    norm_dims: int = 1, activation: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``(out (..., P*o), norms (..., P))``; ``norms`` is empty when
-    ``normalize`` is false."""
+    ``normalize`` is false, and per row whatever ``norm_dims`` (each row holds its
+    group's norm)."""
     check_concrete_eps(eps)
     impl = resolve(backend, x.device, len(weights_x))
+    extra = drop_in_options(impl.NAME, norm_dims, activation)
     res = impl.forward(x, y, list(weights_x), list(weights_y), _from_markers(biases_x),
                        _from_markers(biases_y), factor=factor, dropout=dropout,
-                       seed=_seed_value(seed), normalize=normalize, eps=eps)
+                       seed=_seed_value(seed), normalize=normalize, eps=eps, **extra)
     return res.out, _empty(x) if res.norms is None else res.norms
 
 
 @mfh_forward.register_fake
 def _(x, y, weights_x, weights_y, biases_x, biases_y, seed, factor, dropout, normalize, eps,
-      backend):
+      backend, norm_dims=1, activation=None):
     batch = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
     order = len(weights_x)
     o = weights_x[0].shape[0] // factor
@@ -136,22 +139,24 @@ def mfh_backward(
     grad: Tensor, x: Tensor, y: Tensor, weights_x: List[Tensor], weights_y: List[Tensor],
     biases_x: List[Tensor], biases_y: List[Tensor], out: Tensor, norms: Tensor,
     seed: Optional[Tensor], factor: int, dropout: float, normalize: bool, eps: float,
-    backend: str,
+    backend: str, norm_dims: int = 1, activation: Optional[str] = None,
 ) -> List[Tensor]:
     """Returns ``[dx, dy, *dweights_x, *dweights_y, *dbiases_x, *dbiases_y]``, a bias
     gradient being an empty marker where the bias is one."""
     impl = resolve(backend, x.device, len(weights_x))
+    extra = drop_in_options(impl.NAME, norm_dims, activation)
     res = impl.backward(grad, x, y, list(weights_x), list(weights_y),
                         _from_markers(biases_x), _from_markers(biases_y),
-                        out if normalize else None, norms if normalize else None, factor=factor, dropout=dropout,
-                        seed=_seed_value(seed), normalize=normalize, eps=eps)
+                        out if normalize else None, norms if normalize else None,
+                        factor=factor, dropout=dropout, seed=_seed_value(seed),
+                        normalize=normalize, eps=eps, **extra)
     return [res.dx, res.dy, *res.dweights_x, *res.dweights_y,
             *to_marker_list(res.dbiases_x, x), *to_marker_list(res.dbiases_y, x)]
 
 
 @mfh_backward.register_fake
 def _(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, seed, factor, dropout,
-      normalize, eps, backend):
+      normalize, eps, backend, norm_dims=1, activation=None):
     return [torch.empty_like(x), torch.empty_like(y),
             *[torch.empty_like(w) for w in weights_x], *[torch.empty_like(w) for w in weights_y],
             *[torch.empty_like(b) for b in biases_x], *[torch.empty_like(b) for b in biases_y]]
@@ -159,14 +164,14 @@ def _(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, seed, fa
 
 def _setup_context(ctx, inputs, output):
     (x, y, weights_x, weights_y, biases_x, biases_y, seed, factor, dropout, normalize, eps,
-     backend) = inputs
+     backend, norm_dims, activation) = inputs
     out, norms = output
     ctx.order = len(weights_x)
     # The raw output (normalize=False) is not needed by backward: not saving it lets
     # in-place ops on it work.
     ctx.save_for_backward(x, y, *weights_x, *weights_y, *biases_x, *biases_y,
                           out if normalize else _empty(x), norms, seed)
-    ctx.config = (factor, dropout, normalize, eps, backend)
+    ctx.config = (factor, dropout, normalize, eps, backend, norm_dims, activation)
     ctx.mark_non_differentiable(norms)
 
 
@@ -175,16 +180,16 @@ def _backward(ctx, grad_out, _grad_norms):
     x, y, *rest = saved_tensors(ctx)
     wx, wy, bx, by = rest[:P], rest[P:2 * P], rest[2 * P:3 * P], rest[3 * P:4 * P]
     out, norms, seed = rest[4 * P:]
-    factor, dropout, normalize, eps, backend = ctx.config
+    factor, dropout, normalize, eps, backend, norm_dims, activation = ctx.config
     g = fused_backward(lambda: mfh_backward(grad_out.contiguous(), x, y, wx, wy, bx, by, out,
                                             norms, seed, factor, dropout, normalize, eps,
-                                            backend),
+                                            backend, norm_dims, activation),
                        (x, y, *wx, *wy, *bx, *by, grad_out))
     dx, dy, dg = g[0], g[1], g[2:]
     # A marker input gets its (empty) marker gradient back: same shape, so autograd
     # accepts it, and the marker never requires grad, so it goes nowhere.
     return (dx, dy, dg[:P], dg[P:2 * P], dg[2 * P:3 * P], dg[3 * P:4 * P],
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 mfh_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -125,20 +125,60 @@ def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
     return None if seed is None else int(seed.item())
 
 
+#: Backends that implement ``norm_dims != 1`` and ``activation``; the kernel backends
+#: (triton, split, cuda) get them with the kernel redesign.  The front end routes
+#: calls that use them here (``functional.route_drop_in``), the operators refuse others.
+DROP_IN_BACKENDS = ("torch",)
+
+
+def drop_in_in_use(norm_dims: int, activation: Optional[str]) -> List[str]:
+    """The non-default drop-in options, spelled as they were passed (for messages)."""
+    used = []
+    if norm_dims != 1:
+        used.append(f"norm_dims={norm_dims!r}")
+    if activation is not None:
+        used.append(f"activation={activation!r}")
+    return used
+
+
+def drop_in_unsupported(used: List[str], backend: str) -> str:
+    """The ValueError message for drop-in options ``used`` on ``backend``."""
+    return (f"{' and '.join(used)} is supported by backends {list(DROP_IN_BACKENDS)} only, "
+            f"not {backend!r} (the kernel backends do not implement it yet); use "
+            f"backend='auto' or backend='torch'")
+
+
+def drop_in_options(backend: str, norm_dims: int, activation: Optional[str]) -> dict:
+    """The keyword arguments carrying ``norm_dims``/``activation`` to backend
+    ``backend``'s forward and backward: none at their defaults (the kernel backends'
+    signatures do not take them), else ValueError unless the backend has them (the
+    front end routes such calls to one that does, so this guards direct op use)."""
+    used = drop_in_in_use(norm_dims, activation)
+    if not used:
+        return {}
+    if backend not in DROP_IN_BACKENDS:
+        raise ValueError(drop_in_unsupported(used, backend))
+    return {"norm_dims": norm_dims, "activation": activation}
+
+
 @torch.library.custom_op("fbp_kernels::fbp_forward", mutates_args=())
 def fbp_forward(
     x: Tensor, y: Tensor, weight_x: Tensor, weight_y: Tensor,
     bias_x: Optional[Tensor], bias_y: Optional[Tensor], seed: Optional[Tensor],
     factor: int, dropout: float, normalize: bool, eps: float,
-    save_projections: str, backend: str,
+    save_projections: str, backend: str, norm_dims: int = 1,
+    activation: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, norm, a, c)``; ``norm``, ``a``, ``c`` are empty when unused.
-    ``save_projections`` is the mode ``"none"``, ``"both"``, ``"x"`` or ``"y"``."""
+    ``save_projections`` is the mode ``"none"``, ``"both"``, ``"x"`` or ``"y"``.
+    ``norm`` is per row whatever ``norm_dims`` (each row holds its group's norm)."""
     check_concrete_eps(eps)
     impl = backends.resolve(backend, x.device)
+    extra = drop_in_options(impl.NAME, norm_dims, activation)
     res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
                        dropout=dropout, seed=_seed_value(seed), normalize=normalize,
-                       eps=eps, save_projections=backend_keep(save_projections, backend))
+                       eps=eps, save_projections=backend_keep(save_projections, backend),
+                       **extra)
     # Outputs of a custom op may not alias its inputs or each other.
     return (res.out, _or_empty(res.norm, x), _or_empty(res.a, x), _or_empty(res.c, x))
 
@@ -175,7 +215,7 @@ def _batch(x: Tensor, y: Tensor) -> torch.Size:
 
 @fbp_forward.register_fake
 def _(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize, eps,
-      save_projections, backend):
+      save_projections, backend, norm_dims=1, activation=None):
     batch = _batch(x, y)
     ko = weight_x.shape[0]
     out = x.new_empty((*batch, ko // factor))
@@ -203,21 +243,24 @@ def fbp_backward(
     bias_x: Optional[Tensor], bias_y: Optional[Tensor], out: Tensor, norm: Tensor,
     a: Tensor, c: Tensor, seed: Optional[Tensor],
     factor: int, dropout: float, normalize: bool, eps: float, backend: str,
+    norm_dims: int = 1, activation: Optional[str] = None,
 ) -> List[Tensor]:
     """Returns ``[dx, dy, dweight_x, dweight_y, dbias_x, dbias_y]`` (empty bias grads
     when there is no bias)."""
     impl = backends.resolve(backend, x.device)
+    extra = drop_in_options(impl.NAME, norm_dims, activation)
     res = impl.backward(grad, x, y, weight_x, weight_y, bias_x, bias_y,
-                        out if normalize else None, norm if normalize else None, _none_if_marker(a), _none_if_marker(c),
+                        out if normalize else None, norm if normalize else None,
+                        _none_if_marker(a), _none_if_marker(c),
                         factor=factor, dropout=dropout, seed=_seed_value(seed),
-                        normalize=normalize, eps=eps)
+                        normalize=normalize, eps=eps, **extra)
     return [res.dx, res.dy, res.dweight_x, res.dweight_y,
             _or_empty(res.dbias_x, x), _or_empty(res.dbias_y, x)]
 
 
 @fbp_backward.register_fake
 def _(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed, factor,
-      dropout, normalize, eps, backend):
+      dropout, normalize, eps, backend, norm_dims=1, activation=None):
     return [torch.empty_like(x), torch.empty_like(y), torch.empty_like(weight_x),
             torch.empty_like(weight_y),
             torch.empty_like(bias_x) if bias_x is not None else _empty(x),
@@ -226,24 +269,25 @@ def _(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed, fac
 
 def _setup_context(ctx, inputs, output):
     (x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize, eps,
-     _save_projections, backend) = inputs
+     _save_projections, backend, norm_dims, activation) = inputs
     out, norm, a, c = output
     ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y,
                           out if normalize else _empty(x), norm, a, c, seed)
-    ctx.config = (factor, dropout, normalize, eps, backend)
+    ctx.config = (factor, dropout, normalize, eps, backend, norm_dims, activation)
     ctx.mark_non_differentiable(norm, a, c)
 
 
 def _backward(ctx, grad_out, _grad_norm, _grad_a, _grad_c):
     x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, seed = saved_tensors(ctx)
-    factor, dropout, normalize, eps, backend = ctx.config
+    factor, dropout, normalize, eps, backend, norm_dims, activation = ctx.config
     dx, dy, dwx, dwy, dbx, dby = fused_backward(
         lambda: fbp_backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x, bias_y,
-                             out, norm, a, c, seed, factor, dropout, normalize, eps, backend),
+                             out, norm, a, c, seed, factor, dropout, normalize, eps, backend,
+                             norm_dims, activation),
         (x, y, weight_x, weight_y, bias_x, bias_y, grad_out))
     return (dx, dy, dwx, dwy,
             dbx if bias_x is not None else None, dby if bias_y is not None else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 fbp_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -270,7 +314,8 @@ class FBPFunction(torch.autograd.Function):
     """Eager FBP with the backend's fused backward.
 
     ``apply(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize,
-    eps, save_projections, backend) -> out``; ``seed`` is an int or None.  Saves the
+    eps, save_projections, backend[, norm_dims, activation]) -> out``; ``seed`` is an
+    int or None.  Saves the
     inputs, parameters, and with ``normalize`` the output and row norms (plus the
     projections the mode ``save_projections`` names: ``"none"``, ``"both"``, ``"x"``,
     ``"y"``).
@@ -278,25 +323,28 @@ class FBPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout,
-                normalize, eps, save_projections, backend):
+                normalize, eps, save_projections, backend, norm_dims=1, activation=None):
         impl = backends.resolve(backend, x.device)
+        extra = drop_in_options(impl.NAME, norm_dims, activation)
         res = impl.forward(x, y, weight_x, weight_y, bias_x, bias_y, factor=factor,
                            dropout=dropout, seed=seed, normalize=normalize, eps=eps,
-                           save_projections=backend_keep(save_projections, backend))
+                           save_projections=backend_keep(save_projections, backend),
+                           **extra)
         # The raw pooled output (normalize=False) is not needed by backward: not saving
         # it lets in-place ops on it (nn.ReLU(inplace=True)) work.
         ctx.save_for_backward(x, y, weight_x, weight_y, bias_x, bias_y,
                               res.out if normalize else None, res.norm, res.a, res.c)
-        ctx.config = (impl, factor, dropout, seed, normalize, eps)
+        ctx.config = (impl, factor, dropout, seed, normalize, eps, extra)
         return res.out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c = saved_tensors(ctx)
-        impl, factor, dropout, seed, normalize, eps = ctx.config
+        impl, factor, dropout, seed, normalize, eps, extra = ctx.config
         grads = fused_backward(
             lambda: impl.backward(grad_out.contiguous(), x, y, weight_x, weight_y, bias_x,
                                   bias_y, out, norm, a, c, factor=factor, dropout=dropout,
-                                  seed=seed, normalize=normalize, eps=eps),
+                                  seed=seed, normalize=normalize, eps=eps, **extra),
             (x, y, weight_x, weight_y, bias_x, bias_y, grad_out))
-        return (*grads, None, None, None, None, None, None, None)
+        # Trailing Nones beyond the inputs actually passed are accepted by autograd.
+        return (*grads, None, None, None, None, None, None, None, None, None)

@@ -29,6 +29,17 @@ what such rows should contribute: a padding row should not train the layer, and 
 fully dropped row has zero gradient through its mask anyway.  Every backend follows
 this convention, in every dtype.
 
+Joint normalisation (``norm_dims``, default 1): the L2 norm spans the ``o`` output
+features and the last ``norm_dims - 1`` leading dimensions of the broadcast batch, so
+``norm_dims=2`` on an ``(N, C, o)`` result is openvqa's
+``F.normalize(t.view(N, -1)).view(N, C, o)`` (after the zero-safe signed sqrt; in MFH
+per block).  A group whose norm is ``<= 1e-12`` gets zero gradient, as a row does.
+
+Projection activations (``activation`` in ``None``, ``"relu"``, ``"tanh"``): applied to
+both projections, after their biases, before the product (block.bootstrap's and mmf's
+``activ_input``).  ``relu`` follows PyTorch's convention at its kink: gradient 0 at
+exactly 0.
+
 ``t`` is odd, continuously differentiable and within ``sqrt(eps)`` of the textbook
 ``sign(s) * sqrt(|s|)`` everywhere.  A useful consequence used by the fused
 backward: ``t'(s) = 0.5 / (|t| + sqrt(eps))``, so it never needs ``s`` again.
@@ -36,6 +47,7 @@ backward: ``t'(s) = 0.5 / (|t| + sqrt(eps))``, so it never needs ``s`` again.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -78,10 +90,39 @@ def row_norm(t: Tensor, keepdim: bool = False) -> Tensor:
     return norm if keepdim else norm.squeeze(-1)
 
 
-def l2_normalize(t: Tensor) -> Tensor:
-    """``t / max(||t||, NORM_DELTA)`` over the last dimension (``F.normalize``'s
-    forward, with an overflow-safe norm), with zero gradient at degenerate rows
-    ``||t|| <= NORM_DELTA``."""
+#: The projection activations: name -> function (``None``: identity).
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
+
+
+def activate(t: Tensor, activation: Optional[str]) -> Tensor:
+    """``activation`` (``None``, ``"relu"`` or ``"tanh"``) applied to a projection."""
+    if activation is None:
+        return t
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'relu' or 'tanh', got {activation!r}")
+    return ACTIVATIONS[activation](t)
+
+
+def check_norm_dims(norm_dims: int, batch_ndim: int) -> None:
+    """``norm_dims`` spans the output features plus ``norm_dims - 1`` batch dimensions,
+    so it can be at most ``batch_ndim + 1`` (ValueError otherwise)."""
+    if norm_dims > batch_ndim + 1:
+        raise ValueError(
+            f"norm_dims={norm_dims} spans more dimensions than the output has: the "
+            f"broadcast batch has {batch_ndim} leading dimension(s), so norm_dims must be "
+            f"at most {batch_ndim + 1} (the output features plus every batch dimension)")
+
+
+def l2_normalize(t: Tensor, norm_dims: int = 1) -> Tensor:
+    """``t / max(||t||, NORM_DELTA)`` over the last ``norm_dims`` dimensions
+    (``F.normalize``'s forward on the flattened group, with an overflow-safe norm),
+    with zero gradient at degenerate groups ``||t|| <= NORM_DELTA``."""
+    if norm_dims != 1:
+        check_norm_dims(norm_dims, t.dim() - 1)
+        lead = t.dim() - norm_dims
+        # Explicit sizes: reshape cannot infer -1 next to a zero-sized dimension.
+        group = t.reshape(*t.shape[:lead], math.prod(t.shape[lead:]))
+        return l2_normalize(group).view(t.shape)
     norm = row_norm(t, keepdim=True)
     return torch.where(norm > NORM_DELTA, t / norm.clamp_min(NORM_DELTA),
                        t.detach() / NORM_DELTA)
@@ -106,18 +147,20 @@ def fbp(
     normalize: bool = True,
     eps: float = DEFAULT_EPS,
     dropout_mask: Optional[Tensor] = None,
+    norm_dims: int = 1,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Reference FBP/MFB forward.
 
     Shapes: ``x (..., m)``, ``y (..., n)`` with broadcastable leading dimensions,
     ``weight_x (factor*o, m)``, ``weight_y (factor*o, n)``, biases ``(factor*o,)``.
-    Returns ``(..., o)``.
+    Returns ``(..., o)``.  ``norm_dims`` and ``activation``: see the module docstring.
 
     ``dropout_mask`` (bool, broadcastable to ``(..., factor*o)``) replaces the random
     mask when given, so tests can feed a backend's own mask to the reference.
     """
-    a = F.linear(x, weight_x, bias_x)  # (..., k*o)
-    c = F.linear(y, weight_y, bias_y)  # (..., k*o)
+    a = activate(F.linear(x, weight_x, bias_x), activation)  # (..., k*o)
+    c = activate(F.linear(y, weight_y, bias_y), activation)  # (..., k*o)
     p = a * c
     if dropout_mask is not None:
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout)
@@ -127,7 +170,7 @@ def fbp(
     s = p.view(*p.shape[:-1], o, factor).sum(-1)  # k consecutive columns per output
     if not normalize:
         return s
-    return l2_normalize(signed_sqrt(s, eps))
+    return l2_normalize(signed_sqrt(s, eps), norm_dims)
 
 
 def mfh(
@@ -144,11 +187,15 @@ def mfh(
     normalize: bool = True,
     eps: float = DEFAULT_EPS,
     dropout_masks: Optional[Sequence[Tensor]] = None,
+    norm_dims: int = 1,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Reference MFH (order ``p = len(weights_x)``): cascaded FBP blocks.
 
     ``p_1 = drop(a_1 * c_1)``, ``p_l = drop(a_l * c_l * p_{l-1})``; each block is
-    sum-pooled and normalised on its own; outputs are concatenated to ``(..., p*o)``.
+    sum-pooled and normalised on its own (``norm_dims`` as in :func:`fbp`, per block);
+    outputs are concatenated to ``(..., p*o)``.  ``activation`` acts on every block's
+    two projections.
     """
     order = len(weights_x)
     biases_x = list(biases_x) if biases_x is not None else [None] * order
@@ -156,7 +203,8 @@ def mfh(
     outs = []
     prev = None
     for l in range(order):
-        p = F.linear(x, weights_x[l], biases_x[l]) * F.linear(y, weights_y[l], biases_y[l])
+        p = activate(F.linear(x, weights_x[l], biases_x[l]), activation) * \
+            activate(F.linear(y, weights_y[l], biases_y[l]), activation)
         if prev is not None:
             p = p * prev
         if dropout_masks is not None:
@@ -167,6 +215,6 @@ def mfh(
         o = p.shape[-1] // factor
         s = p.view(*p.shape[:-1], o, factor).sum(-1)
         if normalize:
-            s = l2_normalize(signed_sqrt(s, eps))
+            s = l2_normalize(signed_sqrt(s, eps), norm_dims)
         outs.append(s)
     return torch.cat(outs, dim=-1)

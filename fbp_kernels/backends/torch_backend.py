@@ -21,6 +21,19 @@ Backward, per row, given ``g = dL/dz`` (SPEC.md)::
     dp = repeat(ds, factor) * mask / (1 - rate)
     da = dp * c ;  dc = dp * a ;  dx = da W_x ;  dW_x = da^T x ;  db_x = sum da
 
+Joint normalisation (``norm_dims > 1``): the norm is taken per *group* of rows (the
+last ``norm_dims - 1`` batch dimensions together with ``o``).  Forward still returns
+one norm per row, each row holding its group's norm (so the saved tensor and the
+operators' shapes do not depend on ``norm_dims``); backward then needs ``<z, g>``
+summed over the group instead of the row, the rest of the formula is unchanged
+(``t = z * r`` holds row by row with the group's ``r``).
+
+Projection activations (``activation`` ``"relu"`` / ``"tanh"``): forward applies them
+to ``a`` and ``c`` (after the bias); backward multiplies ``da`` and ``dc`` by the
+derivative, computed from the *activated* values (``relu'(a) = [act > 0]``, PyTorch's
+0 at the kink; ``tanh'(a) = 1 - act^2``), so the pre-activation is never needed:
+``save_projections`` keeps the activated projections.
+
 Broadcasting is native: ``a`` keeps ``x``'s leading shape and ``c`` keeps ``y``'s,
 so a VQA question vector is projected once, not once per region; gradients are
 summed back to each input's own shape.
@@ -78,8 +91,35 @@ def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
     return torch.rand(shape, generator=gen, device=device) >= rate
 
 
-def _projections(x, y, weight_x, weight_y, bias_x, bias_y):
-    return F.linear(x, weight_x, bias_x), F.linear(y, weight_y, bias_y)
+def activate_(t: Tensor, activation: Optional[str]) -> Tensor:
+    """``activation`` applied in place to a freshly computed projection ``t``."""
+    if activation == "relu":
+        return t.relu_()
+    if activation == "tanh":
+        return t.tanh_()
+    return t
+
+
+def activation_grad_(d: Tensor, act: Tensor, activation: Optional[str]) -> Tensor:
+    """``d`` (a fresh gradient w.r.t. the activated projection ``act``, same shape)
+    times the activation's derivative, in place, from the activated value alone."""
+    if activation == "relu":
+        # act > 0 exactly where the pre-activation is > 0: gradient 0 at the kink, as
+        # PyTorch's relu backward.
+        return d.mul_(act > 0)
+    if activation == "tanh":
+        return d.mul_(1 - act * act)
+    return d
+
+
+def projection(x, weight, bias, activation: Optional[str] = None) -> Tensor:
+    """``activation(x W^T + b)``, ``(..., factor*o)``."""
+    return activate_(F.linear(x, weight, bias), activation)
+
+
+def _projections(x, y, weight_x, weight_y, bias_x, bias_y, activation=None):
+    return (projection(x, weight_x, bias_x, activation),
+            projection(y, weight_y, bias_y, activation))
 
 
 def _pooled(a: Tensor, c: Tensor, factor: int, dropout: float, seed: Optional[int]) -> Tensor:
@@ -91,33 +131,50 @@ def _pooled(a: Tensor, c: Tensor, factor: int, dropout: float, seed: Optional[in
 
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float,
-            save_projections: bool) -> ForwardResult:
-    a, c = _projections(x, y, weight_x, weight_y, bias_x, bias_y)
+            save_projections: bool, norm_dims: int = 1,
+            activation: Optional[str] = None) -> ForwardResult:
+    """``norm`` comes back per row ``(...)``: with ``norm_dims > 1`` each row holds the
+    norm of its group; the kept projections are the activated ones."""
+    a, c = _projections(x, y, weight_x, weight_y, bias_x, bias_y, activation)
     s = _pooled(a, c, factor, dropout, seed)
     keep_a, keep_c = kept(save_projections)
     a, c = (a if keep_a else None), (c if keep_c else None)
     if not normalize:
         return ForwardResult(s, None, a, c)
-    z, norm = normalized(s, eps)
+    z, norm = normalized(s, eps, norm_dims)
     return ForwardResult(z, norm, a, c)
 
 
-def normalized(s: Tensor, eps: float):
+def normalized(s: Tensor, eps: float, norm_dims: int = 1):
     """``(z, ||t||)``: zero-safe signed sqrt and L2 normalisation of the pooled ``s``.
 
     Shared with the MFH backend (per block), so an order-1 MFH is bitwise FBP.  Done
     on ``(rows, o)`` only, in fp32 for half inputs; ``z`` comes back in ``s``'s dtype.
+    With ``norm_dims > 1`` the norm spans the last ``norm_dims - 1`` batch dimensions
+    too, and ``||t||`` (shape ``s.shape[:-1]``) holds each row's group norm.
     """
     sf = s.to(acc_dtype(s.dtype))
     t = sf / (torch.sqrt(sf.abs() + eps) + math.sqrt(eps))  # zero-safe signed sqrt
-    norm = row_norm(t)  # scaled before squaring: no overflow for |t| near 1e19
-    z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
-    return z.to(s.dtype), norm
+    if norm_dims == 1:
+        norm = row_norm(t)  # scaled before squaring: no overflow for |t| near 1e19
+        z = t / norm.clamp_min(NORM_DELTA).unsqueeze(-1)
+        return z.to(s.dtype), norm
+    lead = t.dim() - norm_dims
+    # t is fresh and contiguous, so this is a view; explicit sizes because reshape
+    # cannot infer -1 next to a zero-sized dimension.
+    group = t.reshape(*t.shape[:lead], math.prod(t.shape[lead:]))
+    gnorm = row_norm(group)  # (*batch[:lead])
+    z = (group / gnorm.clamp_min(NORM_DELTA).unsqueeze(-1)).view(t.shape)
+    # One value per row (the operators' norm shape does not depend on norm_dims): a
+    # copy of o times fewer values than z.
+    norm = gnorm.view(*gnorm.shape, *(1,) * (norm_dims - 1)).expand(t.shape[:-1])
+    return z.to(s.dtype), norm.contiguous()
 
 
 def grad_pooled(grad: Tensor, out: Tensor, norm: Optional[Tensor], *, normalize: bool,
-                eps: float) -> Tensor:
-    """``ds = dL/ds (..., o)`` from the output gradient, the output and the row norm.
+                eps: float, norm_dims: int = 1) -> Tensor:
+    """``ds = dL/ds (..., o)`` from the output gradient, the output and the row norm
+    (with ``norm_dims > 1``: each row's group norm, as :func:`normalized` returns it).
 
     Shared by every backend whose backward starts from ``(g, z, ||t||)``.
     """
@@ -126,7 +183,12 @@ def grad_pooled(grad: Tensor, out: Tensor, norm: Optional[Tensor], *, normalize:
     g = grad.to(norm.dtype)
     z = out.to(norm.dtype)
     r = norm.clamp_min(NORM_DELTA).unsqueeze(-1)
-    proj = (g - z * (z * g).sum(-1, keepdim=True)) / r
+    zg = (z * g).sum(-1, keepdim=True)  # (..., 1)
+    if norm_dims > 1:
+        # <z, g> over the whole group: the last norm_dims - 1 batch dimensions, which
+        # in the (..., 1) layout are dimensions -norm_dims .. -2.
+        zg = zg.sum(dim=tuple(range(-norm_dims, -1)), keepdim=True)
+    proj = (g - z * zg) / r
     # A degenerate row (||t|| <= delta: all zeros, or every product dropped) gets zero
     # gradient (reference.py).  The clamp's slope 1/delta = 1e12 would overflow fp16
     # and bf16 once cast, and inf * 0 then poisons every weight gradient.
@@ -142,13 +204,16 @@ def sum_to(t: Tensor, shape) -> Tensor:
 
 def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
-             eps: float) -> BackwardResult:
-    ds = grad_pooled(grad, out, norm, normalize=normalize, eps=eps).to(x.dtype)
-    # Recompute what forward did not keep (both, one, or neither projection).
+             eps: float, norm_dims: int = 1,
+             activation: Optional[str] = None) -> BackwardResult:
+    ds = grad_pooled(grad, out, norm, normalize=normalize, eps=eps,
+                     norm_dims=norm_dims).to(x.dtype)
+    # Recompute what forward did not keep (both, one, or neither projection); a kept
+    # one is already activated.
     if a is None:
-        a = F.linear(x, weight_x, bias_x)
+        a = projection(x, weight_x, bias_x, activation)
     if c is None:
-        c = F.linear(y, weight_y, bias_y)
+        c = projection(y, weight_y, bias_y, activation)
     ko = weight_x.shape[0]
     # Expand each pooled gradient over its `factor` consecutive columns.
     dp = ds.unsqueeze(-1).expand(*ds.shape, factor).reshape(*ds.shape[:-1], ko)
@@ -156,6 +221,9 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
         dp = dp * dropout_mask(seed, dp.shape, dropout, dp.device) * (1.0 / (1.0 - dropout))
     da = sum_to(dp * c, (*x.shape[:-1], ko))
     dc = sum_to(dp * a, (*y.shape[:-1], ko))
+    if activation is not None:
+        # a and c have x's and y's own leading shapes, like da and dc.
+        da, dc = activation_grad_(da, a, activation), activation_grad_(dc, c, activation)
     da2, dc2 = da.reshape(-1, ko), dc.reshape(-1, ko)
     dx = (da2 @ weight_x).view(x.shape)
     dy = (dc2 @ weight_y).view(y.shape)

@@ -35,6 +35,11 @@ at most ``3P - 1`` tensors of width ``factor*o``; the masks are regenerated from
 the seed once and kept as bool.  Backward runs one layer at a time, so this peak
 does not add up across a network the way saved activations do.
 
+``norm_dims`` and ``activation`` act per block exactly as in the FBP backend
+(:mod:`torch_backend`): the group-wise norm and its gradient are the shared
+``normalized`` / ``grad_pooled``; ``a_l, c_l`` above are the activated projections and
+``da_l, dc_l`` are multiplied by the activation's derivative (from the activated value).
+
 Dropout: block ``l`` draws its keep-mask over the broadcast ``(..., factor*o)``
 shape with :func:`torch_backend.dropout_mask` from ``block_seed(seed, l)``
 (below); block 0 uses the op's seed itself, so an order-1 MFH draws exactly the
@@ -46,14 +51,13 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import as_rows, broadcast_batch
 # One implementation of every per-row rule shared with FBP (FBP is MFH of order 1):
 # availability, dropout masks, normalisation, its gradient, broadcast sums.
-from .torch_backend import (dropout_mask, grad_pooled, normalized, sum_to,  # noqa: F401
-                            unsupported_reason)
+from .torch_backend import (activation_grad_, dropout_mask, grad_pooled,  # noqa: F401
+                            normalized, projection, sum_to, unsupported_reason)
 
 NAME = "torch"
 
@@ -101,7 +105,8 @@ class MFHBackwardResult(NamedTuple):
 def forward(x: Tensor, y: Tensor, weights_x: Sequence[Tensor], weights_y: Sequence[Tensor],
             biases_x: Sequence[Optional[Tensor]], biases_y: Sequence[Optional[Tensor]], *,
             factor: int, dropout: float, seed: Optional[int], normalize: bool,
-            eps: float) -> MFHForwardResult:
+            eps: float, norm_dims: int = 1,
+            activation: Optional[str] = None) -> MFHForwardResult:
     """MFH forward.  ``x (..., m)``, ``y (..., n)``, ``weights_x[l] (factor*o, m)``,
     ``weights_y[l] (factor*o, n)``, ``biases_*[l] (factor*o,)`` or ``None``.
 
@@ -111,7 +116,7 @@ def forward(x: Tensor, y: Tensor, weights_x: Sequence[Tensor], weights_y: Sequen
     outs, norms = [], []
     prev = None
     for l, (wx, wy, bx, by) in enumerate(zip(weights_x, weights_y, biases_x, biases_y)):
-        p = F.linear(x, wx, bx) * F.linear(y, wy, by)  # (*batch, k*o), broadcast
+        p = projection(x, wx, bx, activation) * projection(y, wy, by, activation)
         if prev is not None:
             p.mul_(prev)
         if seed is not None:
@@ -120,7 +125,7 @@ def forward(x: Tensor, y: Tensor, weights_x: Sequence[Tensor], weights_y: Sequen
         s = p.view(*p.shape[:-1], p.shape[-1] // factor, factor).sum(-1)
         prev = p
         if normalize:
-            s, norm = normalized(s, eps)
+            s, norm = normalized(s, eps, norm_dims)
             norms.append(norm)
         outs.append(s)
     out = torch.cat(outs, dim=-1)
@@ -135,7 +140,8 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
              weights_y: Sequence[Tensor], biases_x: Sequence[Optional[Tensor]],
              biases_y: Sequence[Optional[Tensor]], out: Tensor, norms: Optional[Tensor], *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
-             eps: float) -> MFHBackwardResult:
+             eps: float, norm_dims: int = 1,
+             activation: Optional[str] = None) -> MFHBackwardResult:
     """Gradients of MFH from ``grad = dL/dout (..., P*o)``, the saved output and the
     row norms ``(..., P)`` (``None`` when ``normalize=False``).  See the module
     docstring for the formulas and what is recomputed."""
@@ -148,8 +154,8 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
     a_s, c_s, masks, p_s = [], [], [], []
     prev = None
     for l in range(order):
-        a = F.linear(x, weights_x[l], biases_x[l])
-        c = F.linear(y, weights_y[l], biases_y[l])
+        a = projection(x, weights_x[l], biases_x[l], activation)
+        c = projection(y, weights_y[l], biases_y[l], activation)
         a_s.append(a)
         c_s.append(c)
         if l == order - 1:
@@ -178,7 +184,7 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
         sl = slice(l * o, (l + 1) * o)
         ds = grad_pooled(grad[..., sl], out[..., sl] if normalize else None,
                          norms[..., l] if normalize else None,
-                         normalize=normalize, eps=eps).to(x.dtype)
+                         normalize=normalize, eps=eps, norm_dims=norm_dims).to(x.dtype)
         # e_l: each pooled gradient repeated over its `factor` consecutive columns.
         G = ds.unsqueeze(-1).expand(*ds.shape, factor).reshape(*ds.shape[:-1], ko)
         if u_next is not None:
@@ -194,6 +200,8 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, weights_x: Sequence[Tensor],
         u_next = u
         da = sum_to(dq * c, (*x.shape[:-1], ko))
         dc = sum_to(dq * a, (*y.shape[:-1], ko))
+        if activation is not None:
+            da, dc = activation_grad_(da, a, activation), activation_grad_(dc, c, activation)
         da2, dc2 = da.reshape(-1, ko), dc.reshape(-1, ko)
         gx = (da2 @ weights_x[l]).view(x.shape)
         gy = (dc2 @ weights_y[l]).view(y.shape)
