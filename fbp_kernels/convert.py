@@ -722,6 +722,66 @@ class OpenVQAMFB(nn.Module):
                     _per_sample_norm_dims(img_feat, ques_feat)), None
 
 
+class _OpenVQACarry:
+    """What a swapped openvqa MFH stage returns in place of its expanded product:
+    the later stages' outputs, already computed by the one fused MFH call, and the
+    identity of the inputs they were computed from (checked by the next stage)."""
+
+    def __init__(self, rest: Tensor, o: int, inputs) -> None:
+        self.rest, self.o, self.inputs = rest, o, inputs
+
+    def take(self, img: Tensor, ques: Tensor, where: str):
+        if _input_key(img, ques) != self.inputs:
+            raise ValueError(f"{where} was called with other inputs than the first MFH "
+                             f"stage; the swapped cascade computes every stage from the "
+                             f"first stage's inputs, as openvqa's CoAtt calls them")
+        z, rest = self.rest[..., :self.o], self.rest[..., self.o:]
+        return z, (_OpenVQACarry(rest, self.o, self.inputs) if rest.shape[-1] else None)
+
+
+def _input_key(img: Tensor, ques: Tensor):
+    # unsqueeze(1) views share storage and offset, so the same features called twice
+    # match; shapes guard against a different slice of the same storage.
+    return (img.data_ptr(), tuple(img.shape), ques.data_ptr(), tuple(ques.shape))
+
+
+class OpenVQAMFHFirst(nn.Module):
+    """Swapped first stage of an openvqa MFH cascade (``CoAtt.mfh1``): runs the whole
+    fused MFH once and returns ``(z_1, carry)``; the carry, passed as ``exp_in`` to
+    the next stage (:class:`OpenVQAMFHLater`), holds the later stages' outputs.  The
+    call sites ``z1, exp1 = self.mfh1(i, q)`` and ``z2, _ = self.mfh2(i, q, exp1)``
+    are unchanged.  Dropout is drawn where openvqa's is, on every stage's product."""
+
+    def __init__(self, fusion: MultimodalFactorizedHighOrderPooling) -> None:
+        super().__init__()
+        self.fusion = fusion
+
+    def forward(self, img_feat: Tensor, ques_feat: Tensor, exp_in=1):
+        z = _run(self.fusion, img_feat, ques_feat, _per_sample_norm_dims(img_feat, ques_feat))
+        o = self.fusion.out_features
+        return z[..., :o], _OpenVQACarry(z[..., o:], o, _input_key(img_feat, ques_feat))
+
+
+class OpenVQAMFHLater(nn.Module):
+    """Swapped later stage of an openvqa MFH cascade: ``forward(img, ques, exp_in)``
+    with ``exp_in`` the previous stage's carry; returns ``(z_l, carry or None)``.
+    Holds no parameters (its projections live in the first stage's fused MFH)."""
+
+    def __init__(self, stage: int) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, img_feat: Tensor, ques_feat: Tensor, exp_in=1):
+        if not isinstance(exp_in, _OpenVQACarry):
+            raise TypeError(f"swapped openvqa MFH stage {self.stage + 1} needs exp_in = the "
+                            f"second output of the previous swapped stage, got "
+                            f"{type(exp_in).__name__}")
+        return exp_in.take(img_feat, ques_feat, f"MFH stage {self.stage + 1}")
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage}"
+
+
 # --------------------------------------------------------------------------- mmf
 
 class MmfMFH(nn.Module):
@@ -871,6 +931,21 @@ def _openvqa_swap(m: nn.Module, consumed: bool, options) -> nn.Module:
     return OpenVQAMFB(fusion)
 
 
+def _openvqa_cascade(stages: List[nn.Module], options) -> List[nn.Module]:
+    """Swapped modules for an openvqa MFH cascade, sharing its projections."""
+    for i, m in enumerate(stages):
+        if not isinstance(m.proj_i, nn.Linear) or not isinstance(m.proj_q, nn.Linear):
+            raise ValueError(f"stage {i + 1}: openvqa projections are expected to be nn.Linear")
+    from_openvqa_mfh(stages)  # the checks (order, is_first, factor, one dropout rate)
+    factor = _pool_k(stages[0].pool)
+    fusion = MultimodalFactorizedHighOrderPooling.from_linear(
+        [m.proj_i for m in stages], [m.proj_q for m in stages], factor,
+        dropout=stages[0].dropout.p, normalize=True, **options)
+    first = OpenVQAMFHFirst(fusion).train(stages[0].training)
+    return [first] + [OpenVQAMFHLater(i).train(m.training)
+                      for i, m in enumerate(stages[1:], 1)]
+
+
 def swap_fusions(model: nn.Module, **options) -> List[SwapRecord]:
     """Replace, in place, every peer MFB/MFH module of ``model`` with a fused one.
 
@@ -878,8 +953,12 @@ def swap_fusions(model: nn.Module, **options) -> List[SwapRecord]:
 
     * openvqa ``MFB`` (``proj_i``, ``proj_q``, ``pool: AvgPool1d``, ``dropout``) ->
       :class:`OpenVQAMFB`, which returns ``(z, None)`` like openvqa's ``(z, exp_out)``
-      so ``z, _ = self.mfb(...)`` still works.  Left alone: MFH stages
-      (``is_first=False``) and a first stage whose product a sibling stage consumes.
+      so ``z, _ = self.mfb(...)`` still works.  An MFH cascade (siblings: one
+      ``is_first=True`` stage registered first, then ``is_first=False`` ones, as
+      ``CoAtt.mfh1``/``mfh2``) becomes :class:`OpenVQAMFHFirst` (one fused MFH) and
+      :class:`OpenVQAMFHLater` stages, keeping the call sites
+      ``z1, exp1 = self.mfh1(i, q); z2, _ = self.mfh2(i, q, exp1)``.  Any other
+      arrangement of ``is_first=False`` stages is left alone.
     * block.bootstrap / mmf ``fusions.MFB`` and ``MFH`` -> :class:`BlockMFB` /
       :class:`BlockMFH`.
     * mmf ``layers.MFH`` (``mfb_expand_list``, ``pool_size``) -> :class:`MmfMFH`.
@@ -905,10 +984,28 @@ def swap_fusions(model: nn.Module, **options) -> List[SwapRecord]:
 
     def visit(parent: nn.Module, path: str) -> None:
         children = list(parent.named_children())
-        # A first openvqa stage is "consumed" when a sibling is a later stage.
-        later = any(_kind(c) == "openvqa.MFB" and getattr(c, "is_first", True) is False
-                    for _, c in children)
+        stages = [(n, c) for n, c in children if _kind(c) == "openvqa.MFB"]
+        firsts = [n for n, c in stages if getattr(c, "is_first", True) is not False]
+        later = len(firsts) < len(stages)
+        done = set()
+        if later and len(firsts) == 1 and stages[0][0] == firsts[0]:
+            # openvqa's CoAtt: mfh1 (is_first) then mfh2, ... in registration order.
+            try:
+                new = _openvqa_cascade([c for _, c in stages], fused)
+            except (ValueError, TypeError) as exc:
+                for n, _ in stages:
+                    records.append(SwapRecord(f"{path}{n}", "openvqa.MFH", False,
+                                              reason=str(exc)))
+                    done.add(n)
+            else:
+                for i, (n, c) in enumerate(stages):
+                    setattr(parent, n, new[i])
+                    records.append(SwapRecord(f"{path}{n}", "openvqa.MFH", True,
+                                              type(new[i]).__name__))
+                    done.add(n)
         for name, child in children:
+            if name in done:
+                continue
             full = f"{path}{name}"
             kind = _kind(child)
             if kind is None:

@@ -79,16 +79,34 @@ def test_swap_keeps_training_state_dtype_and_device():
     assert model.block_mfh.fusion.proj_x[0].weight.device.type == "cpu"
 
 
-def test_swap_leaves_openvqa_mfh_cascade_alone_with_reasons():
-    model = CoAttMFH().to(DT).eval()
-    img, q = torch.randn(2, 6, dtype=DT), torch.randn(2, 4, dtype=DT)
-    want = model(img, q)
-    report = swap_fusions(model)
-    by_name = {r.name: r for r in report}
-    assert not by_name["mfh1"].replaced and "feeds a later MFH stage" in by_name["mfh1"].reason
-    assert not by_name["mfh2"].replaced and "is_first=False" in by_name["mfh2"].reason
-    assert isinstance(model.mfh1, OpenVQASource)  # untouched, still runs
-    torch.testing.assert_close(model(img, q), want)
+def test_swap_openvqa_mfh_cascade_keeps_call_sites():
+    from fbp_kernels.convert import OpenVQAMFHFirst, OpenVQAMFHLater
+    torch.manual_seed(1)
+    model = CoAttMFH()
+    img = torch.randn(4, 6, dtype=DT, requires_grad=True)
+    q = torch.randn(4, 4, dtype=DT, requires_grad=True)
+    report = compare(model, (img, q))  # CoAttMFH.forward is openvqa's call sequence
+    assert [(r.name, r.kind, r.replaced) for r in report] == [
+        ("mfh1", "openvqa.MFH", True), ("mfh2", "openvqa.MFH", True)]
+    assert isinstance(model.mfh1, OpenVQAMFHFirst) and isinstance(model.mfh2, OpenVQAMFHLater)
+    assert model.mfh1.fusion.dropout == 0.1  # the stages' rate, not the model's 0.5
+    # Misuse is an error, not a silently wrong z2.
+    _, carry = model.mfh1(img.unsqueeze(1), q.unsqueeze(1))
+    with pytest.raises(ValueError, match="other inputs"):
+        model.mfh2(torch.randn(4, 1, 6, dtype=DT), q.unsqueeze(1), carry)
+    with pytest.raises(TypeError, match="needs exp_in"):
+        model.mfh2(img.unsqueeze(1), q.unsqueeze(1), 1)
+
+
+def test_swap_leaves_a_lone_mfh_stage_alone_with_reasons():
+    class Odd(nn.Module):  # a later stage with no first stage before it
+        def __init__(self):
+            super().__init__()
+            self.stage = OpenVQASource(4, 3, k=2, o=2, is_first=False)
+    model = Odd()
+    (record,) = swap_fusions(model)
+    assert not record.replaced and "is_first=False" in record.reason
+    assert isinstance(model.stage, OpenVQASource)
 
 
 def test_swap_reports_refusals_and_unknown_fusions():
