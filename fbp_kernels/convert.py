@@ -146,6 +146,8 @@ def _check_factor(factor, rows: int) -> int:
 def _holder(source: Source, prefix: str) -> Optional[nn.Module]:
     """The module that holds the weights: ``source`` itself, or the submodule that
     ``prefix`` names (so options come from the MFB, not from the whole model)."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
     if not isinstance(source, nn.Module):
         return None
     if not prefix:
@@ -298,8 +300,8 @@ def _refuse_later_stage_state_dict(source: Source, prefix: str) -> None:
     """openvqa names MFH stages ``mfh1``, ``mfh2``: a state dict selected at ``mfh2.``
     (or later) holds a stage that multiplies by the previous stage's product, and
     converting it alone gives a plain MFB silently."""
-    if isinstance(source, nn.Module):
-        return
+    if isinstance(source, nn.Module) or not isinstance(prefix, str):
+        return  # modules are checked by is_first; a bad prefix type by _holder
     last = prefix.rstrip(".").rsplit(".", 1)[-1]
     if last.startswith("mfh") and last[3:].isdigit() and int(last[3:]) > 1:
         raise ValueError(f"prefix={prefix!r} selects openvqa MFH stage {last!r}, which "
