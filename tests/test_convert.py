@@ -547,3 +547,22 @@ def test_from_linear_accepts_1x1_conv_sharing_parameters():
         from_linear(nn.Conv2d(5, 6, 3), cy, 3)
     with pytest.raises(TypeError, match="nn.Linear or a 1x1 nn.Conv2d"):
         from_linear(nn.Conv1d(5, 6, 1), cy, 3)
+
+
+def test_block_mfh_training_dropout_is_on_each_product():
+    # dropout_pre_lin acts on p_0 and on p_1 = a_1 c_1 p_0, as in block: both pooled
+    # blocks stay unbiased (the mean of many draws is the eval value) while single
+    # draws differ.
+    from fbp_kernels.convert import from_block_mfh
+    torch.manual_seed(0)
+    src = BlockMFHSource([3, 3], 2, mm_dim=2, factor=2, activ_input=None,
+                         dropout_pre_lin=0.5).to(DT)
+    layer = from_block_mfh(src).fusion
+    layer.normalize = False
+    x0, x1 = torch.randn(1, 3, dtype=DT), torch.randn(1, 3, dtype=DT)
+    exact = layer.eval()(x0, x1)
+    layer.train()
+    draws = torch.stack([layer(x0, x1) for _ in range(4000)])
+    assert not torch.equal(draws[0], draws[1])
+    stderr = draws.std(0) / math.sqrt(4000)
+    assert ((draws.mean(0) - exact).abs() <= 6 * stderr + 1e-12).all()
