@@ -527,7 +527,7 @@ def test_block_mfb_refuses_bad_dropout_output(rate):
     from fbp_kernels.convert import BlockMFB
     with pytest.raises(ValueError, match=r"dropout_output must be a float in \[0, 1\)"):
         BlockMFB.from_block(_block_sd(torch.randn(2, O)), activ_input=None,
-                            dropout_output=rate)
+                            normalize=False, activ_output="relu", dropout_output=rate)
 
 
 def test_block_one_dimensional_linear_out_weight_is_named_as_such():
