@@ -27,6 +27,17 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (the AVER example's tests): its tensors are tiny,
+    and with several threads on a busy 2-core machine each op waits on the others
+    (measured 40x slower per training step)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def device():
     return DEVICE
 

@@ -29,14 +29,8 @@ HAS_MFH = hasattr(fbp_kernels, "MultimodalFactorizedHighOrderPooling")
 FUSIONS = ["fbp", "concat", "audio", "video"] + (["mfh"] if HAS_MFH else [])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The example's tensors are tiny: with several threads on a busy 2-core machine
-    # each op waits on the others (measured 40x slower per training step).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test here (tests/conftest.py: one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(lengths_a=(7, 3, 5), lengths_v=(4, 6, 2), da=10, dv=12):

@@ -22,12 +22,8 @@ from aver.extract_features import ClipExtractor, ExtractConfig, extract_all, fin
 from aver.feature_settings import FeatureMismatchError  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test here (tests/conftest.py: one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_train(out, *extra):

@@ -23,12 +23,8 @@ pytest.importorskip("torchvision", reason="the example's frame embeddings need t
 from aver import ablation, cli, data, evaluate, extract_features, model, predict, train  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test here (tests/conftest.py: one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--hidden", "8", "--fbp-out", "4", "--batch-size", "8", "--no-progress"]
