@@ -30,9 +30,15 @@ finite at ``s = 0``.  Per element, ``0 <= sqrt(|s|) - |t(s)| <= sqrt(eps)``, hen
 
     ||z_textbook - z|| <= 2 * sqrt(o * eps / sum_j |s_j|)        (per row)
 
-(``sum_j |s_j| = ||t_textbook||^2``).  With the default ``eps = 1e-6`` that is 2e-3 for
-``o = 1000`` and a row with ``sum |s| = 1000``; pass a smaller ``eps`` to get closer to
-the textbook forward, at the price of gradients up to ``0.5 / sqrt(eps)`` near zero.
+(``sum_j |s_j| = ||t_textbook||^2``).  Converters default to ``eps = CONVERT_EPS =
+1e-12`` (a layer trained from scratch keeps ``DEFAULT_EPS = 1e-6``): the bound is then
+``2e-6 * sqrt(o / sum|s|)``, below 1e-5 relative whenever the mean ``|s_j|`` exceeds
+0.04 (o = 1000: 2e-6 at ``sum|s| = 1000``, 2e-5 at 10; with 1e-6 it would be 2e-3 and
+2e-2), so a converted model reproduces its source's forward to fp32 rounding for
+typical inputs (``tests/test_convert.py::test_converter_default_eps_meets_fp32_fidelity``).
+Gradients stay finite, with slope at most ``0.5 / sqrt(eps) = 5e5`` at ``s = 0`` (the
+sources' own slope is unbounded there); in fp16 training that slope can overflow a
+large gradient: pass ``eps=1e-8`` (slope 5e3) or train in bf16/fp32.
 Without normalisation (block.bootstrap's default ``normalize=False``) the conversion
 is exact up to floating-point rounding.
 """
@@ -51,6 +57,11 @@ from .functional import check_options, check_rate, fbp
 from .mfh import MultimodalFactorizedHighOrderPooling, mfh
 from .modules import FactorizedBilinearPooling
 from .reference import DEFAULT_EPS
+
+#: Default ``eps`` of every converter and of :func:`swap_fusions`: small enough that the
+#: zero-safe signed sqrt matches the sources' textbook one to ~1e-5 relative in fp32
+#: (module docstring), large enough that the gradient at ``s = 0`` stays finite.
+CONVERT_EPS = 1e-12
 
 #: A module (its ``state_dict()`` is read) or a state dict.
 Source = Union[nn.Module, Mapping[str, Tensor]]
@@ -241,6 +252,7 @@ def from_linear(proj_x: nn.Module, proj_y: nn.Module, factor: int,
     projections (vqa-mfb.pytorch's co-attention).  Parameters are shared.  The fused
     layer takes channels-last input ``(..., in)``: permute an ``(N, C, H, W)`` map to
     ``(N, H, W, C)`` first (the conv's channel axis is the Linear's feature axis)."""
+    options.setdefault("eps", CONVERT_EPS)  # a converted layer: the fidelity default
     return FactorizedBilinearPooling.from_linear(conv1x1_as_linear(proj_x),
                                                  conv1x1_as_linear(proj_y), factor,
                                                  **options)
@@ -310,7 +322,7 @@ def _refuse_later_stage_state_dict(source: Source, prefix: str) -> None:
 
 
 def from_openvqa_mfb(source: Source, factor=None, *, prefix: str = "", dropout=_UNSET,
-                     norm_dims: int = 2, eps: float = DEFAULT_EPS, backend: str = "auto",
+                     norm_dims: int = 2, eps: float = CONVERT_EPS, backend: str = "auto",
                      save_projections: bool = False) -> FactorizedBilinearPooling:
     """Convert an openvqa ``MFB`` (module or state dict) to a fused layer.
 
@@ -367,7 +379,7 @@ def from_openvqa_mfb(source: Source, factor=None, *, prefix: str = "", dropout=_
 
 
 def from_openvqa_mfh(stages: Sequence[Source], factor=None, *, prefixes=None,
-                     dropout=_UNSET, norm_dims: int = 2, eps: float = DEFAULT_EPS,
+                     dropout=_UNSET, norm_dims: int = 2, eps: float = CONVERT_EPS,
                      backend: str = "auto") -> MultimodalFactorizedHighOrderPooling:
     """Convert openvqa's MFH cascade (``CoAtt.mfh1``, ``mfh2``, ...) to one fused
     :class:`~fbp_kernels.MultimodalFactorizedHighOrderPooling`.
@@ -540,7 +552,7 @@ def _block_fusion(pairs, factor, opts, eps, backend, share_from=None, **extra):
 
 def from_block_mfb(source: Source, factor=None, *, prefix: str = "", mm_dim=None,
                    activ_input=_UNSET, normalize=_UNSET, dropout_input=_UNSET,
-                   dropout_pre_norm=_UNSET, strict: bool = True, eps: float = DEFAULT_EPS,
+                   dropout_pre_norm=_UNSET, strict: bool = True, eps: float = CONVERT_EPS,
                    backend: str = "auto",
                    save_projections: bool = False) -> FactorizedBilinearPooling:
     """Convert the fusion part of a block.bootstrap (or mmf ``fusions``) ``MFB``.
@@ -633,7 +645,7 @@ class BlockMFB(_BlockHead):
     def from_block(cls, source: Source, factor=None, *, prefix: str = "", mm_dim=None,
                    activ_input=_UNSET, normalize=_UNSET, dropout_input=_UNSET,
                    dropout_pre_norm=_UNSET, activ_output=_UNSET, dropout_output=_UNSET,
-                   strict: bool = True, eps: float = DEFAULT_EPS, backend: str = "auto",
+                   strict: bool = True, eps: float = CONVERT_EPS, backend: str = "auto",
                    save_projections: bool = False, _share: bool = False) -> "BlockMFB":
         """Convert a block.bootstrap ``MFB`` (module, or state dict with ``linear0``,
         ``linear1`` and ``linear_out``); see :func:`from_block_mfb` for the options.
@@ -661,7 +673,7 @@ class BlockMFH(_BlockHead):
 def from_block_mfh(source: Source, factor=None, *, prefix: str = "", mm_dim=None,
                    activ_input=_UNSET, normalize=_UNSET, dropout_input=_UNSET,
                    dropout_pre_lin=_UNSET, activ_output=_UNSET, dropout_output=_UNSET,
-                   strict: bool = True, eps: float = DEFAULT_EPS, backend: str = "auto",
+                   strict: bool = True, eps: float = CONVERT_EPS, backend: str = "auto",
                    _share: bool = False) -> BlockMFH:
     """Convert a block.bootstrap ``MFH`` (module or state dict) to :class:`BlockMFH`.
 
@@ -809,7 +821,7 @@ class MmfMFH(nn.Module):
 
 
 def from_mmf_mfh(source: Source, pool_size=None, *, prefix: str = "", dropout=_UNSET,
-                 order=None, eps: float = DEFAULT_EPS, backend: str = "auto",
+                 order=None, eps: float = CONVERT_EPS, backend: str = "auto",
                  _share: bool = False) -> MmfMFH:
     """Convert mmf's ``modules.layers.MFH`` (module or state dict) to :class:`MmfMFH`.
 

@@ -566,3 +566,44 @@ def test_block_mfh_training_dropout_is_on_each_product():
     assert not torch.equal(draws[0], draws[1])
     stderr = draws.std(0) / math.sqrt(4000)
     assert ((draws.mean(0) - exact).abs() <= 6 * stderr + 1e-12).all()
+
+
+def test_converter_default_eps_meets_fp32_fidelity():
+    # Issue 13 item 5: with its default eps a converted layer reproduces the source's
+    # forward within 1e-5 relative in fp32 for typical inputs (nn.Linear initialisation,
+    # unit-variance features, the MFB default widths scaled down), and its gradient at
+    # an all-zero row stays finite.  The source here is openvqa's MFB forward written
+    # from its semantics: textbook signed sqrt, joint L2 over the regions.
+    import torch.nn.functional as F
+    from fbp_kernels.convert import CONVERT_EPS, from_openvqa_mfb
+
+    torch.manual_seed(0)
+    m, n, k, o, N, C = 256, 128, 5, 200, 4, 10
+    src = nn.Module()
+    src.proj_i, src.proj_q = nn.Linear(m, k * o), nn.Linear(n, k * o)
+    src.dropout = nn.Dropout(0.1)
+    src.pool = nn.AvgPool1d(k, stride=k)
+    src.is_first = True
+    src.eval()
+    img, ques = torch.randn(N, C, m), torch.randn(N, 1, n)
+    s = (src.proj_i(img) * src.proj_q(ques)).view(N, C, o, k).sum(-1)
+    t = torch.sqrt(F.relu(s)) - torch.sqrt(F.relu(-s))
+    want = F.normalize(t.reshape(N, -1)).view(N, C, o)
+    fused = from_openvqa_mfb(src, 5)
+    assert fused.eps == CONVERT_EPS
+    got = fused(img, ques)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-5, rel
+    # The same layer at the training default eps = 1e-6 is ~1e-3 away: the bound is real.
+    loose = from_openvqa_mfb(src, 5, eps=1e-6)(img, ques)
+    assert ((loose - want).norm() / want.norm()).item() > 1e-4
+    # Finite gradients at an exactly-zero row (no bias, zero input) with that eps.
+    from fbp_kernels import fbp
+
+    x = torch.randn(2, m)
+    x[0] = 0
+    x.requires_grad_(True)
+    w = src.proj_i.weight.detach().clone().requires_grad_(True)
+    out = fbp(x, torch.randn(2, n), w, src.proj_q.weight.detach(), factor=5, eps=CONVERT_EPS)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
