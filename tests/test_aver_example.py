@@ -273,21 +273,8 @@ def test_wav_reading_and_log_mel(tmp_path):
         audio.read_wav(tmp_path / "c.wav")
 
 
-def draw_face(size):
-    """A cartoon frontal face that OpenCV 4's Haar cascade detects."""
-    img = np.full((size, size, 3), 90, np.uint8)
-    c = size // 2
-    cv2.ellipse(img, (c, c), (int(size * .3), int(size * .38)), 0, 0, 360, (170, 190, 215), -1)
-    for dx in (-1, 1):
-        ex, ey = c + dx * int(size * .12), c - int(size * .08)
-        cv2.ellipse(img, (ex, ey - int(size * .07)), (int(size * .08), int(size * .02)), 0, 0, 360,
-                    (40, 50, 60), -1)
-        cv2.ellipse(img, (ex, ey), (int(size * .06), int(size * .03)), 0, 0, 360, (30, 30, 30), -1)
-    cv2.ellipse(img, (c, c + int(size * .06)), (int(size * .03), int(size * .08)), 0, 0, 360,
-                (140, 160, 190), -1)
-    cv2.ellipse(img, (c, c + int(size * .2)), (int(size * .1), int(size * .03)), 0, 0, 360,
-                (60, 60, 120), -1)
-    return cv2.GaussianBlur(img, (5, 5), 0)
+# The Haar-detectable cartoon face of the demo-media generator (one drawing, shared).
+from aver.make_demo_media import draw_face  # noqa: E402
 
 
 def face_frame():
