@@ -156,12 +156,16 @@ for arch in {tuple(archs)!r}:
                                       cfg.num_stages, lambda: make(dtype, cfg, "ieee"))
                 out.append(dict(row.__dict__))
         if "wide_fwd" in {tuple(kernels)!r}:
-            from fbp_kernels.backends import triton_wide as W
-            wcfg = W.WIDE_CONFIGS[fam]
-            row = tc._compile_row(triton, target, "wide_fwd", arch, dtype, "wide",
-                                  wcfg.num_warps, wcfg.num_stages,
-                                  lambda: tc._wide_source(dtype, wcfg, 5, "ieee"))
-            out.append(dict(row.__dict__))
+            # The launcher's build at factor 5 (TMA descriptors where the tile uses them),
+            # and its small-batch tile where that differs.
+            builds = tc.wide_builds(arch, dtype)
+            picks = [("wide", builds[0])] + [("wide-small", b) for b in builds
+                                             if b[0].endswith("-small")]
+            for config, (_name, wcfg, f, desc) in picks:
+                row = tc._compile_row(triton, target, "wide_fwd", arch, dtype, config,
+                                      wcfg.num_warps, wcfg.num_stages,
+                                      lambda: tc._wide_source(dtype, wcfg, f, "ieee", desc))
+                out.append(dict(row.__dict__))
 print("FACTS-JSON" + json.dumps({{"triton": triton.__version__, "rows": out}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -195,7 +199,7 @@ def refresh_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py") -> int:
             "COMPILE_FACTS = {"]
     for key in sorted(live["facts"], key=lambda k: (k[1], ("fp32", "fp16", "bf16").index(k[2]),
                                                    ("tiny", "small", "medium", "large",
-                                                    "wide").index(k[3]),
+                                                    "wide", "wide-small").index(k[3]),
                                                    k[0] != "fbp_fwd")):
         w, regs, stack, smem, tc = live["facts"][key]
         body.append(f'    ("{key[0]}", {key[1]}, "{key[2]}", "{key[3]}"): '

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fbp_kernels import costmodel as cm
 
@@ -107,14 +108,18 @@ def test_occupancy_from_registers_and_shared_memory():
 
 
 def test_fused_waves_for_its_real_grid():
-    # The wide forward at rows 1024, bf16: 128x64 tiles hold 64 // 5 = 12 outputs ->
-    # 8 row tiles x ceil(1000 / 12) = 84 -> 672 CTAs, one per SM (158 registers x 256
-    # threads) on 132 SMs: 5.09 waves; in flight 3 of 4 stages of (128 + 64) x 64 bf16.
+    # The wide forward at rows 1024, bf16, sm_90: 128x128 tiles hold 128 // 5 = 25
+    # outputs -> 8 row tiles x ceil(1000 / 25) = 40 -> 320 CTAs, one per SM (119
+    # registers x 512 threads, 128 KiB shared) on 132 SMs: 2.42 waves; in flight 3 of 4
+    # stages of (128 + 128) x 64 bf16.
     p = cm.predict("fused", cm.Shape(rows=1024, **MFB), H200)
-    assert p.waves == pytest.approx(672 / 132)
-    assert p.bytes_in_flight_per_sm == 3 * (128 + 64) * 64 * 2
-    # rows 1: one row tile x 84 output tiles.
+    assert p.waves == pytest.approx(320 / 132)
+    assert p.bytes_in_flight_per_sm == 3 * (128 + 128) * 64 * 2
+    # rows 1 (<= SMALL_ROWS): the 128x64 tile, one row tile x 84 output tiles.
     assert cm.predict("fused", cm.Shape(rows=1, **MFB), H200).waves == pytest.approx(84 / 132)
+    # sm_80 (A100) runs the 128x64 tile: 64 // 5 = 12 outputs -> 8 x 84 = 672 CTAs.
+    assert cm.predict("fused", cm.Shape(rows=1024, **MFB), cm.GPUS["A100"]).waves == \
+        pytest.approx(672 / 108)
     # The one-launch kernel still runs when training keeps the projections (+saved):
     # large tile 64x64 -> 16 row tiles x ceil(1000/64) = 16 -> 256 CTAs, 1.94 waves.
     legacy = cm.kernels("fused+saved", cm.Shape(rows=1024, **MFB), H200, "forward+backward")[0]
@@ -134,18 +139,18 @@ def test_fused_waves_for_its_real_grid():
 
 
 def test_fused_reads_x_and_y_once_per_output_tile_through_l2():
-    # Wide forward: L2 -> SM bytes of the main loop = e * (m+n) * (rows * n_j + BLOCK_N *
-    # n_j * n_m) = 2 * 3072 * (1024 * 84 + 64 * 84 * 8) = 792.7 MB at rows 1024, plus the
-    # fp32 pooled scratch (written, then read twice by the row finish) and the output.
+    # Wide forward on sm_90: L2 -> SM bytes of the main loop = e * (m+n) * (rows * n_j +
+    # BLOCK_N * n_j * n_m) = 2 * 3072 * (1024 * 40 + 128 * 40 * 8) = 503.3 MB at rows 1024,
+    # plus the fp32 pooled scratch (written, then read twice by the row finish).
     p = cm.predict("fused", cm.Shape(rows=1024, **MFB), H200)
-    main = 2 * 3072 * (1024 * 84 + 64 * 84 * 8)
+    main = 2 * 3072 * (1024 * 40 + 128 * 40 * 8)
     scratch = 1024 * 1000 * 4
     assert main + 3 * scratch <= p.l2_bytes < (main + 3 * scratch) * 1.01
-    # ~40 FLOP per L2 byte (2*128*64 / (2 * (128 + 64)) = 42.7 at full tiles; 60 of 64
-    # columns and the last output tile partly used) against 32 for the one-launch kernel,
-    # which re-reads x and y once per factor group:
+    # ~62 useful FLOP per L2 byte (2*128*128 / (2 * (128 + 128)) = 64 at full tiles; 125
+    # of 128 columns used) against 32 for the one-launch kernel, which re-reads x and y
+    # once per factor group:
     assert p.flops / main == pytest.approx(2 * 1024 * 5000 * 3072 / main) and \
-        39 < p.flops / main < 42.7
+        61 < p.flops / main < 64
     legacy = cm.kernels("fused+saved", cm.Shape(rows=1024, **MFB), H200, "forward+backward")[0]
     old = 2 * 3072 * (5 * 1024 * 16 + 5000 * 16)
     assert legacy.flops / old == pytest.approx(32, rel=0.02)
@@ -154,9 +159,16 @@ def test_fused_reads_x_and_y_once_per_output_tile_through_l2():
 def test_wide_tile_table_matches_the_kernel():
     from fbp_kernels.backends import triton_wide as W
 
+    assert set(cm.WIDE_TILES) == set(W.WIDE_CONFIGS)
     for fam, cfg in W.WIDE_CONFIGS.items():
         assert cm.WIDE_TILES[fam] == (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
-                                      cfg.num_stages, cfg.group_m), fam
+                                      cfg.num_stages, cfg.group_m, cfg.tma), fam
+    for arch, cap in ((80, (8, 0)), (90, (9, 0))):
+        for dt, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16),
+                        ("fp32", torch.float32)):
+            for rows in (None, 1, W.SMALL_ROWS, W.SMALL_ROWS + 1):
+                assert cm.wide_family(dt, arch, rows) == W.config_family(tdt, cap, rows)
+    assert cm.WIDE_SMALL_ROWS == W.SMALL_ROWS
 
 
 @pytest.mark.parametrize("mode", cm.MODES)

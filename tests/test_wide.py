@@ -76,3 +76,74 @@ def test_row_norm_does_not_overflow():
     z = fbp_kernels.fbp(x, x, w, w, factor=1, backend="triton")
     assert torch.isfinite(z).all()
     torch.testing.assert_close(z[0], torch.full((o,), o ** -0.5, device=DEVICE))
+
+
+def _record_launches(monkeypatch):
+    """The (X_DESC, W_DESC) flags of every wide-forward launch."""
+    seen = []
+    real = W.launch
+
+    def spy(kernel, grid, *args, **kw):
+        if kernel is W._wide_fwd_kernel:
+            seen.append((kw["X_DESC"], kw["W_DESC"]))
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(W, "launch", spy)
+    return seen
+
+
+def test_tma_descriptors_and_pointers_give_the_same_result(monkeypatch):
+    """Aligned, unit-stride operands go through TMA descriptors (the interpreter's
+    config, like sm_90's, has tma=True); the pointer path gives the same numbers."""
+    import dataclasses
+
+    seen = _record_launches(monkeypatch)
+    args = _inputs(19, 24, 16, 5, 7, torch.float64)  # rows 192 B / 128 B: 16-B aligned
+    assert all(W.descriptor_ok(t) for t in args[:4])
+    z_tma = fbp_kernels.fbp(*args, factor=5, backend="triton")
+    monkeypatch.setattr(W, "INTERPRETER_WIDE", dataclasses.replace(W.INTERPRETER_WIDE, tma=False))
+    z_ptr = fbp_kernels.fbp(*args, factor=5, backend="triton")
+    assert seen == [(True, True), (False, False)]
+    torch.testing.assert_close(z_tma, z_ptr, rtol=1e-13, atol=1e-15)
+    ref = fbp_reference(*args, factor=5)
+    torch.testing.assert_close(z_tma, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["odd-width", "transposed", "offset", "weights-odd"])
+def test_operands_that_tma_cannot_read_use_pointers(monkeypatch, case):
+    """TMA needs unit stride along K and 16-byte aligned bases and row strides; other
+    operands fall back to the pointer path per pair (x, y) / (weights), correctly."""
+    seen = _record_launches(monkeypatch)
+    x, y, wx, wy, bx, by = _inputs(13, 24, 16, 3, 5, torch.float64)
+    expect = (False, True)
+    if case == "odd-width":        # 21 fp64 = 168 B rows: not a multiple of 16 B
+        x = torch.randn(13, 21, dtype=torch.float64, device=DEVICE)
+        wx = torch.randn(15, 21, dtype=torch.float64, device=DEVICE)
+        expect = (False, False)
+    elif case == "transposed":     # stride along K is not 1
+        y = y.t().contiguous().t()
+    elif case == "offset":         # base 8 B past an aligned address
+        x = torch.randn(13, 25, dtype=torch.float64, device=DEVICE)[:, 1:]
+    else:                          # weights only
+        wy = torch.randn(15, 17, dtype=torch.float64, device=DEVICE)[:, :16]
+        expect = (True, False)
+    z = fbp_kernels.fbp(x, y, wx, wy, bx, by, factor=3, backend="triton")
+    assert seen == [expect]
+    torch.testing.assert_close(z, fbp_reference(x, y, wx, wy, bx, by, factor=3),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_through_descriptors_keeps_the_shared_mask(monkeypatch):
+    """Dropout is applied to A before the y pass (register pressure, triton_wide.py): the
+    kept elements and their scale must still be those of the shared Philox mask."""
+    seen = _record_launches(monkeypatch)
+    args = _inputs(18, 16, 24, 5, 6, torch.float64)
+    torch.manual_seed(5)
+    z = fbp_kernels.fbp(*args, factor=5, backend="triton", dropout=0.3, training=True)
+    assert seen == [(True, True)]
+    torch.manual_seed(5)
+    seed = int(fbp_kernels.functional.dropout_seed(True, 0.3))
+    mask = backends.resolve("triton", DEVICE).dropout_mask(seed, (18, 30), 0.3, DEVICE)
+    assert 0 < mask.sum() < mask.numel()
+    ref = fbp_reference(*args, factor=5, dropout=0.3, dropout_mask=mask)
+    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)

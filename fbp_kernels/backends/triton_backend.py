@@ -55,7 +55,8 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
             seed: Optional[int], normalize: bool, eps: float,
             save_projections: bool) -> ForwardResult:
     x2, y2, batch = flatten_rows(x, y)
-    if not save_projections and W.supports(factor, W.pick_wide_config(x.dtype)):
+    wide_cfg = W.pick_wide_config(x.dtype, x.device, x2.shape[0])
+    if not save_projections and W.supports(factor, wide_cfg):
         # The wide main loop: one K pass per projection for every factor group, and a
         # row-finishing kernel instead of the ticket protocol (triton_wide.py).
         with _device_guard(x.device):

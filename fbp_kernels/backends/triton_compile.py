@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ARCHS = (80, 90)
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -44,6 +44,51 @@ class CompileRow:
     tensor_cores: str  # "wgmma", "mma" or "none", from the PTX
     ok: bool
     error: str = ""
+    tma: bool = False  # TMA bulk tensor copies (cp.async.bulk.tensor) in the PTX
+    cp_async: bool = False  # Ampere-style asynchronous copies (cp.async.ca/.cg) in the PTX
+    num_stages: int = 0  # software-pipeline stages the build was compiled with
+    # Main-loop facts from the tile and loop order (None for kernels without a GEMM loop):
+    # FLOP per byte moved from global/L2 into shared memory per k-step of one CTA,
+    # 2*BM*BN*BK / ((BM + BN) * BK * elem), and the operand bytes in flight per SM,
+    # (stages - 1) k-steps (at least one) times the resident CTAs.
+    flop_per_byte: Optional[float] = None
+    inflight_bytes_per_sm: Optional[int] = None
+    ctas_per_sm: int = 0  # resident CTAs by registers, shared memory, threads, CTA limit
+
+
+@dataclass(frozen=True)
+class MainLoop:
+    """The GEMM main loop of a kernel build: tile (BM x BN x BK), pipeline stages and the
+    operand element size in bytes."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    stages: int
+    elem_bytes: int
+
+    @property
+    def stage_bytes(self) -> int:
+        return (self.block_m + self.block_n) * self.block_k * self.elem_bytes
+
+    @property
+    def flop_per_byte(self) -> float:
+        return 2.0 * self.block_m * self.block_n * self.block_k / self.stage_bytes
+
+
+#: Per-SM limits by arch: registers, shared memory (bytes), threads, resident CTAs.
+SM_LIMITS = {80: (65536, 164 * 1024, 2048, 32), 90: (65536, 228 * 1024, 2048, 32)}
+
+
+def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Resident CTAs per SM: registers are allocated per warp in units of 256 (per
+    thread rounded up to 8); each CTA also reserves 1 KiB of shared memory."""
+    regs, smem, threads, max_ctas = SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (regs // per_warp) // num_warps if per_warp else max_ctas
+    by_smem = smem // (shared_bytes + 1024)
+    by_threads = threads // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, max_ctas)
 
 
 # Arguments that real launches see as multiples of 16 at the MFB default shape (Triton
@@ -147,11 +192,22 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
     return _source(fn, sig, consts)
 
 
-def _wide_source(dtype: str, cfg, factor: int, precision: str):
-    """The wide fused forward (``triton_wide``) for one tile and factor."""
+def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = False,
+                 **overrides):
+    """The wide fused forward (``triton_wide``) for one tile and factor; ``desc``: x, y
+    and the weights as TMA tensor descriptors (the launcher's choice for aligned,
+    unit-stride operands on sm_90)."""
     from . import triton_wide as W
 
     sig = _common_signature(dtype)
+    if desc:
+        sig = {"x_src": f"tensordesc<{dtype}[{cfg.block_m},{cfg.block_k}]>",
+               "y_src": f"tensordesc<{dtype}[{cfg.block_m},{cfg.block_k}]>",
+               "wx_src": f"tensordesc<{dtype}[{cfg.block_n},{cfg.block_k}]>",
+               "wy_src": f"tensordesc<{dtype}[{cfg.block_n},{cfg.block_k}]>",
+               "bx_ptr": f"*{dtype}", "by_ptr": f"*{dtype}"}
+    else:
+        sig = {k.replace("_ptr", "_src") if k[0] in "xyw" else k: v for k, v in sig.items()}
     sig["s_ptr"] = "*fp32"
     for name in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
                  "stride_sr"):
@@ -162,7 +218,8 @@ def _wide_source(dtype: str, cfg, factor: int, precision: str):
               "FACTOR": factor, "HAS_BIAS": True, "DROPOUT": True, "DOT_FP32": False,
               "PRECISION": precision, "POOL": W.pool_mode(factor), "HALF": dtype != "fp32",
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_J": block_j,
-              "BLOCK_JP": block_jp, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
+              "BLOCK_JP": block_jp, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+              "X_DESC": desc, "W_DESC": desc, **overrides}
     return _source(W._wide_fwd_kernel, sig, consts)
 
 
@@ -187,8 +244,35 @@ SPLIT_SHAPES = {"mfb": (1024, 1000, 5, False), "wide": (1024, 4000, 5, False),
                 "coatt-narrow": (6400, 16, 5, True)}
 
 
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def wide_builds(arch: int, dtype: str):
+    """``(config name, WideConfig, factor, descriptors?)`` of the wide forward that the
+    launcher can run on ``arch``: every pooling path (``WIDE_FACTORS``), through TMA
+    descriptors where the config uses them, plus the pointer fallback for operands that
+    do not qualify (``triton_wide.descriptor_ok``), and the small-batch tile where it
+    differs (``triton_wide.SMALL_ROWS``)."""
+    import torch
+
+    from . import triton_wide as W
+
+    tdt, cap = getattr(torch, _TORCH_DTYPES[dtype]), (arch // 10, arch % 10)
+    cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap)]
+    small = W.WIDE_CONFIGS[W.config_family(tdt, cap, rows=1)]
+    f0 = WIDE_FACTORS[0]
+    if not cfg.tma:
+        builds = [(f"K{f}", cfg, f, False) for f in WIDE_FACTORS]
+    else:
+        builds = [(f"K{f}-tma", cfg, f, True) for f in WIDE_FACTORS] + \
+            [(f"K{f0}-ptr", cfg, f0, False)]
+    if small != cfg:
+        builds.append((f"K{f0}-small", small, f0, small.tma))
+    return builds
+
+
 def _compile_row(triton, target, kernel, arch, dtype, cfg_name, num_warps, num_stages,
-                 source_fn) -> CompileRow:
+                 source_fn, loop: Optional[MainLoop] = None) -> CompileRow:
     row = CompileRow(kernel, arch, dtype, cfg_name, num_warps, -1, -1, -1, "none", False)
     try:
         compiled = triton.compile(source_fn(), target=target,
@@ -200,6 +284,14 @@ def _compile_row(triton, target, kernel, arch, dtype, cfg_name, num_warps, num_s
         row.shared_bytes = compiled.metadata.shared  # dynamic smem
         row.tensor_cores = ("wgmma" if "wgmma" in ptx else
                             "mma" if re.search(r"\bmma\.sync", ptx) else "none")
+        row.tma = "cp.async.bulk.tensor" in ptx
+        row.cp_async = re.search(r"\bcp\.async\.c[ag]\b", ptx) is not None
+        row.num_stages = num_stages
+        row.ctas_per_sm = ctas_per_sm(arch, row.registers, num_warps, row.shared_bytes)
+        if loop is not None:
+            row.flop_per_byte = round(loop.flop_per_byte, 2)
+            row.inflight_bytes_per_sm = max(1, loop.stages - 1) * loop.stage_bytes * \
+                row.ctas_per_sm
         row.ok = True
     except Exception as exc:  # report every failure, not just the first
         row.error = f"{type(exc).__name__}: {str(exc)[:500]}"
@@ -237,16 +329,21 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
         raise RuntimeError("run with TRITON_INTERPRET unset: triton.compile needs JIT kernels")
     rows = []
     precision = "ieee"  # PyTorch's default: no TF32 for fp32 matmuls
+    elem = {"fp32": 4, "fp16": 2, "bf16": 2}
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         for dtype in dtypes:
             family = "fp32" if dtype == "fp32" else "half"
             for cfg_name, cfg in K.CONFIGS[family].items():
+                # The first kernel's main loop: one (BM x BO) GEMM loop per factor group.
+                loop = MainLoop(cfg.block_m, cfg.block_o, cfg.block_k, cfg.num_stages,
+                                elem[dtype])
                 for kernel, make in (("fbp_fwd", _fwd_source), ("fbp_bwd", _bwd_source),
                                      ("row_dot", _row_dot_source)):
                     rows.append(_compile_row(
                         triton, target, kernel, arch, dtype, cfg_name, cfg.num_warps,
-                        cfg.num_stages, lambda: make(dtype, cfg, precision)))
+                        cfg.num_stages, lambda: make(dtype, cfg, precision),
+                        loop if kernel != "row_dot" else None))
             for shape_name, (r, o, f, bc) in SPLIT_SHAPES.items():
                 from .triton_split import GPU_TILE_ELEMENTS, pick_epilogue_config
 
@@ -255,13 +352,12 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                     rows.append(_compile_row(
                         triton, target, kernel, arch, dtype, shape_name, cfg.num_warps, 1,
                         lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o, bc)))
-            from .triton_wide import WIDE_CONFIGS
-
-            wcfg = WIDE_CONFIGS[family]
-            for f in WIDE_FACTORS:
+            for cfg_name, wcfg, f, desc in wide_builds(arch, dtype):
                 rows.append(_compile_row(
-                    triton, target, "wide_fwd", arch, dtype, f"K{f}", wcfg.num_warps,
-                    wcfg.num_stages, lambda: _wide_source(dtype, wcfg, f, precision)))
+                    triton, target, "wide_fwd", arch, dtype, cfg_name, wcfg.num_warps,
+                    wcfg.num_stages, lambda: _wide_source(dtype, wcfg, f, precision, desc),
+                    MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k, wcfg.num_stages,
+                             elem[dtype])))
             rows.append(_compile_row(triton, target, "finish", arch, dtype, "default", 4, 1,
                                      lambda: _finish_source(dtype)))
         # The dropout-mask kernel (tests and debugging) has no dtype or tile variants.
@@ -271,13 +367,17 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
 
 
 def format_table(rows: List[CompileRow]) -> str:
-    head = f"{'kernel':8} {'arch':>4} {'dtype':5} {'config':12} {'warps':>5} {'regs':>4} " \
-           f"{'stack':>5} {'smem':>6} {'tensor cores':12} status"
+    head = f"{'kernel':9} {'arch':>4} {'dtype':5} {'config':12} {'warps':>5} {'regs':>4} " \
+           f"{'stack':>5} {'smem':>6} {'tc':5} {'tma':3} {'cta/sm':>6} {'flop/B':>6} " \
+           f"{'inflight':>8} status"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.kernel:8} {r.arch:>4} {r.dtype:5} {r.config:12} {r.num_warps:>5} "
+        fpb = f"{r.flop_per_byte:.1f}" if r.flop_per_byte is not None else "-"
+        infl = f"{r.inflight_bytes_per_sm // 1024}K" if r.inflight_bytes_per_sm else "-"
+        lines.append(f"{r.kernel:9} {r.arch:>4} {r.dtype:5} {r.config:12} {r.num_warps:>5} "
                      f"{r.registers:>4} {r.stack_bytes:>5} {r.shared_bytes:>6} "
-                     f"{r.tensor_cores:12} {'ok' if r.ok else 'FAILED ' + r.error}")
+                     f"{r.tensor_cores:5} {'yes' if r.tma else 'no':3} {r.ctas_per_sm:>6} "
+                     f"{fpb:>6} {infl:>8} {'ok' if r.ok else 'FAILED ' + r.error}")
     return "\n".join(lines)
 
 

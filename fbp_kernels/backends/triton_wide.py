@@ -7,7 +7,11 @@ program owns ``BLOCK_M`` rows x ``BLOCK_J`` outputs, whose ``BLOCK_J * K`` proje
 columns ``j*K + i`` are *contiguous* rows of ``W`` (``K = factor``): one GEMM tile of
 width ``BLOCK_N >= BLOCK_J * K`` (a power of two) covers every factor group, so x and y
 are each read once per tile and the main loops are plain GEMM loops that Triton
-pipelines (wgmma on sm_90 for half precision at ``BLOCK_M >= 64``).
+pipelines: on sm_90 (half precision) 128 x 128 x 64 tiles with 16 warps, wgmma, and
+operands through TMA tensor descriptors (4 stages, 96 KiB in flight, 64 FLOP per L2
+byte); on sm_80 128 x 64 x 64 with cp.async and mma.sync.  Operands TMA cannot read
+(stride along K not 1, base or row stride not 16-byte aligned) go through pointers,
+per pair: (x, y) and (weights).
 
 Pooling ``s_j = sum_i p[:, j*K + i]`` inside the tile, without a reshape by a factor
 that is not a power of two: for ``K = 1`` it is the identity, for powers of two a
@@ -40,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import INTERPRET, _projection_tile, launch
+from .triton_kernels import INTERPRET, launch
 from .triton_split import _scaled_sumsq
 
 _NORM_DELTA = tl.constexpr(1e-12)
@@ -76,12 +80,55 @@ def _pool(p, FACTOR: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _wide_projection(in_src, w_src, row0, col0, rm, m_mask, rn, n_ok, width, stride_ir,
+                     stride_ik, stride_wr, stride_wk, IN_DESC: tl.constexpr,
+                     W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """``in[row0 + rm, :] @ w[col0 + rn, :]^T`` as a (BLOCK_M, BLOCK_N) fp32 (fp64) tile.
+
+    ``IN_DESC`` / ``W_DESC``: the operand is a TMA tensor descriptor (block
+    ``(BLOCK_M | BLOCK_N, BLOCK_K)``; rows and columns past its shape read as zeros, so
+    no masks) instead of a pointer read through masks and strides (cp.async)."""
+    if IN_DESC:
+        acc_dtype: tl.constexpr = tl.float64 if in_src.dtype == tl.float64 else tl.float32
+    else:
+        acc_dtype: tl.constexpr = tl.float64 if in_src.dtype.element_ty == tl.float64 \
+            else tl.float32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    rk = tl.arange(0, BLOCK_K)
+    if not IN_DESC:
+        a_ptrs = in_src + row0 * stride_ir + rm[:, None] * stride_ir + rk[None, :] * stride_ik
+    if not W_DESC:
+        # Loaded already transposed, (BLOCK_K, BLOCK_N): tl.dot wants K x N.
+        b_ptrs = w_src + col0 * stride_wr + rn[None, :] * stride_wr + rk[:, None] * stride_wk
+    for k0 in range(0, width, BLOCK_K):
+        if IN_DESC:
+            a = in_src.load([row0, k0])
+        else:
+            k_ok = rk < width - k0
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+            a_ptrs += BLOCK_K * stride_ik
+        if W_DESC:
+            b = w_src.load([col0, k0]).T  # (BLOCK_K, BLOCK_N): a transposed smem view
+        else:
+            k_ok = rk < width - k0
+            b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            b_ptrs += BLOCK_K * stride_wk
+        if DOT_FP32:
+            # The interpreter cannot multiply bf16 operands (it uses their raw bits).
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+    return acc
+
+
+@triton.jit
 def _wide_fwd_kernel(
-    # pointers
-    x_ptr, y_ptr, wx_ptr, wy_ptr, bx_ptr, by_ptr, s_ptr,
+    # operands: pointers, or TMA descriptors when X_DESC (x, y) / W_DESC (weights)
+    x_src, y_src, wx_src, wy_src, bx_ptr, by_ptr, s_ptr,
     # sizes
     rows, M, N, O,
-    # strides
+    # strides (unused for descriptor operands)
     stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
     stride_sr,
     # scalars
@@ -91,6 +138,7 @@ def _wide_fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, POOL: tl.constexpr,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_JP: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    X_DESC: tl.constexpr = False, W_DESC: tl.constexpr = False,
 ):
     # Grouped order: GROUP_M consecutive row tiles walk the output tiles together.
     pid = tl.program_id(0)
@@ -102,32 +150,50 @@ def _wide_fwd_kernel(
     pid_m = first_m + (pid % in_group) % group_size
     pid_j = (pid % in_group) // group_size
 
-    row0 = pid_m.to(tl.int64) * BLOCK_M
+    # Tile origins: int32 where they are TMA coordinates (the launcher checks rows and
+    # factor*o < 2^31), int64 where they scale a stride.
+    row0_32 = pid_m * BLOCK_M
+    row0 = row0_32.to(tl.int64)
     j0 = pid_j * BLOCK_J
-    col0 = j0.to(tl.int64) * FACTOR  # first projected column of the tile
+    col0_32 = j0 * FACTOR  # first projected column of the tile
+    col0 = col0_32.to(tl.int64)
     KO = O * FACTOR
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
-    m_mask = rm < rows - row0
+    # int32 compare (rows < 2^31): with int64 here the 16-warp tile spilled 112-184 B.
+    m_mask = rm < rows - row0_32
     n_ok = (rn < BLOCK_J * FACTOR) & (rn < (O - j0) * FACTOR)
 
-    a = _projection_tile(x_ptr + row0 * stride_xr, wx_ptr + col0 * stride_wxr, rm, m_mask,
-                         rn, n_ok, M, stride_xr, stride_xk, stride_wxr, stride_wxk,
+    a = _wide_projection(x_src, wx_src, row0_32 if X_DESC else row0,
+                         col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, M,
+                         stride_xr, stride_xk, stride_wxr, stride_wxk, X_DESC, W_DESC,
                          BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
     if HAS_BIAS:
-        a += tl.load(bx_ptr + col0 + rn, mask=n_ok, other=0.0).to(a.dtype)[None, :]
+        a += tl.load(bx_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(a.dtype)[None, :]
+    if DROPOUT and HALF:
+        # Half inputs: applied to A before the y pass rather than to the product (the same
+        # kept elements of (row, col), the same 1/(1-p) scale), so the Philox temporaries
+        # are live while only A is: after the product they pushed the 128 x 128 / 16-warp
+        # tile past its 128-register cap (48-72 B of spills with Triton 3.6 and 3.8).
+        # fp32/fp64 keep it on the product (on A, sm_90 fp32 spilled 8 B).
+        idx = (row0 + rm)[:, None] * KO + (col0_32 + rn)[None, :]
+        a = tl.where(tl.rand(seed, idx) >= drop_p, a * keep_scale, 0.0)
     if HALF:
-        # Park A in the input dtype while C accumulates (32 instead of 64 registers per
-        # thread at 128 x 128 / 8 warps); eager rounds its projections the same way.
-        a = a.to(x_ptr.dtype.element_ty)
-    c = _projection_tile(y_ptr + row0 * stride_yr, wy_ptr + col0 * stride_wyr, rm, m_mask,
-                         rn, n_ok, N, stride_yr, stride_yk, stride_wyr, stride_wyk,
+        # Park A in the input dtype while C accumulates (16 instead of 32 registers per
+        # thread at 128 x 128 / 16 warps); eager rounds its projections the same way.
+        if X_DESC:
+            a = a.to(x_src.dtype)
+        else:
+            a = a.to(x_src.dtype.element_ty)
+    c = _wide_projection(y_src, wy_src, row0_32 if X_DESC else row0,
+                         col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, N,
+                         stride_yr, stride_yk, stride_wyr, stride_wyk, X_DESC, W_DESC,
                          BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
     if HAS_BIAS:
-        c += tl.load(by_ptr + col0 + rn, mask=n_ok, other=0.0).to(c.dtype)[None, :]
+        c += tl.load(by_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(c.dtype)[None, :]
     p = a.to(c.dtype) * c
-    if DROPOUT:
-        idx = (row0 + rm)[:, None] * KO + (col0 + rn)[None, :]
+    if DROPOUT and not HALF:
+        idx = (row0 + rm)[:, None] * KO + (col0_32 + rn)[None, :]
         p = tl.where(tl.rand(seed, idx) >= drop_p, p * keep_scale, 0.0)
     p = tl.where(n_ok[None, :], p, 0.0)
     s = _pool(p, FACTOR, POOL, BLOCK_M, BLOCK_N, BLOCK_JP, HALF and not DOT_FP32)
@@ -176,7 +242,9 @@ def _finish_kernel(s_ptr, out_ptr, norm_ptr, rows, O, stride_sr, stride_or, eps,
 
 @dataclass(frozen=True)
 class WideConfig:
-    """Tile of the wide forward: BLOCK_M rows x BLOCK_N projected columns, K step."""
+    """Tile of the wide forward: BLOCK_M rows x BLOCK_N projected columns, K step;
+    ``tma``: read operands through TMA tensor descriptors where they qualify
+    (:func:`descriptor_ok`)."""
 
     block_m: int
     block_n: int
@@ -184,22 +252,35 @@ class WideConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    tma: bool = False
 
 
-#: Per operand family (compile facts from triton_compile.py, Triton 3.8, bf16, K=5):
-#: half 128 x 64 tiles (two warpgroups of wgmma m64 on sm_90), 64-deep K steps, 4 stages
-#: = 96 KiB of operand buffers: 158 registers on sm_90, 183 on sm_80, no spills.
-#: 128 x 128 spilled (16-400 B: two fp32 accumulators of 64 registers per thread), as did
-#: 64 x 128 with 4 warps.  At K = 5 a 64-column tile holds 12 outputs (60 columns, 6%
-#: idle).  fp32 runs tl.dot on FMA units with operands in registers (IEEE, PyTorch's
-#: default): 64 x 64 x 32 with 8 warps, 104-128 registers on Triton 3.6 and 3.8, no
-#: spills (4 warps spilled 40-56 B on sm_90 with Triton 3.6).
+#: Per target and operand family (compile facts from triton_compile.py, bf16, K = 5):
+#:
+#: - ``sm90-half``: 128 x 128 x 64, 16 warps (four warpgroups of wgmma m64n64), 4 stages
+#:   of 32 KiB through TMA.  64 FLOP per byte from L2 (a 128 x 64 tile has 42.7), 96 KiB
+#:   in flight, 119-127 registers of the 128 that 512 threads may hold, no spills with
+#:   Triton 3.6 and 3.8, 128 KiB of shared memory: one CTA per SM.  8 warps at this
+#:   tile need 255 registers and spill (8-48 B); so did 16 warps with dropout applied
+#:   after the product (48-72 B), hence the mask on A before the y pass.
+#: - ``half`` (sm_80, where there is no TMA: cp.async): 128 x 64 x 64, 8 warps,
+#:   4 stages (3 in flight, 72 KiB), mma.sync; 128 x 128 spills there (104-280 B).
+#:   Also sm_90's tile at rows <= SMALL_ROWS: twice the output tiles (84 instead of 40 at
+#:   o = 1000, factor 5) for 132 SMs when a single row tile exists; the cost model puts
+#:   rows = 1 at 18 us with it against 31 us with the 128 x 128 tile (H200, bf16).
+#: - ``fp32``: tl.dot on FMA units with operands in registers (IEEE, PyTorch's default):
+#:   64 x 64 x 32 with 8 warps, 104-128 registers, no spills (4 warps spilled 40-56 B on
+#:   sm_90 with Triton 3.6).
 WIDE_CONFIGS = {
+    "sm90-half": WideConfig(block_m=128, block_n=128, block_k=64, num_warps=16, num_stages=4,
+                            tma=True),
     "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
     "fp32": WideConfig(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
 }
+#: The interpreter runs the descriptor path wherever operands qualify (the shared suites
+#: then cover it); tests replace this with ``tma=False`` to pin the pointer path.
 INTERPRETER_WIDE = WideConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1,
-                              group_m=2)
+                              group_m=2, tma=True)
 
 
 def pool_mode(factor: int) -> int:
@@ -217,10 +298,42 @@ def tile_outputs(cfg: WideConfig, factor: int):
     return block_j, max(16, triton.next_power_of_2(block_j))
 
 
-def pick_wide_config(dtype: torch.dtype) -> WideConfig:
+#: Row counts up to which sm_90 runs the narrower ``half`` tile (see WIDE_CONFIGS).
+SMALL_ROWS = 64
+
+
+def config_family(dtype: torch.dtype, capability=(9, 0), rows=None) -> str:
+    """The ``WIDE_CONFIGS`` key for a dtype on a device of this compute capability, for
+    ``rows`` rows (None: a training-sized batch)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "fp32"
+    small = rows is not None and rows <= SMALL_ROWS
+    return "sm90-half" if tuple(capability) >= (9, 0) and not small else "half"
+
+
+def pick_wide_config(dtype: torch.dtype, device=None, rows=None) -> WideConfig:
     if INTERPRET:
         return INTERPRETER_WIDE
-    return WIDE_CONFIGS["half" if dtype in (torch.float16, torch.bfloat16) else "fp32"]
+    cap = torch.cuda.get_device_capability(device) if device is not None and \
+        torch.device(device).type == "cuda" else (9, 0)
+    return WIDE_CONFIGS[config_family(dtype, cap, rows)]
+
+
+def descriptor_ok(t: torch.Tensor) -> bool:
+    """Whether a 2-D operand can be read through a TMA tensor descriptor: unit stride
+    along K, 16-byte aligned base and row stride, TMA's int32 coordinates (rows below
+    2^31).  Otherwise the kernel reads it through pointers (any strides)."""
+    e = t.element_size()
+    return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * e) % 16 == 0 and t.shape[0] < 2 ** 31 and t.shape[1] < 2 ** 31)
+
+
+def _operand(t: torch.Tensor, use_desc: bool, block):
+    if not use_desc:
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, list(block))
 
 
 def supports(factor: int, cfg: WideConfig) -> bool:
@@ -245,7 +358,7 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
     norm = torch.empty((rows,), dtype=acc, device=x2.device) if normalize else None
     if rows == 0:
         return out_full, norm
-    cfg = pick_wide_config(x2.dtype)
+    cfg = pick_wide_config(x2.dtype, x2.device, rows)
     block_j, block_jp = tile_outputs(cfg, factor)
     # In-tile offsets are int32 (tile origins are int64 scalars): copy exotic strides, or
     # refuse, exactly as the first kernel's launcher does.
@@ -256,9 +369,14 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
     dot_fp32, precision = dot_settings(x2.dtype)
     # In the interpreter DOT_FP32 also routes the half pooling product through fp32.
     dot_fp32 = dot_fp32 or (INTERPRET and x2.dtype in (torch.float16, torch.bfloat16))
+    # TMA per operand pair (x, y) and (weights): one flag each, so both members qualify.
+    x_desc = cfg.tma and descriptor_ok(x2) and descriptor_ok(y2)
+    w_desc = cfg.tma and descriptor_ok(wx) and descriptor_ok(wy)
+    xs = [_operand(t, x_desc, (cfg.block_m, cfg.block_k)) for t in (x2, y2)]
+    ws = [_operand(t, w_desc, (cfg.block_n, cfg.block_k)) for t in (wx, wy)]
     grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
     launch(_wide_fwd_kernel, grid,
-        x2, y2, wx, wy, bx_, by_, s,
+        *xs, *ws, bx_, by_, s,
         rows, m, n, o,
         x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
         wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1), s.stride(0),
@@ -268,7 +386,8 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
         HALF=x2.dtype in (torch.float16, torch.bfloat16),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_J=block_j, BLOCK_JP=block_jp, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP_M=cfg.group_m, X_DESC=x_desc, W_DESC=w_desc, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     block_o = min(triton.next_power_of_2(o), 16 if INTERPRET else 1024)
     launch(_finish_kernel, (rows,),
@@ -276,3 +395,4 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
         math.sqrt(eps), NORMALIZE=normalize, BLOCK_R=1, BLOCK_O=block_o,
         num_warps=1 if INTERPRET else 4)
     return out_full, norm
+
