@@ -166,6 +166,11 @@ for arch in {tuple(archs)!r}:
                                       wcfg.num_warps, wcfg.num_stages,
                                       lambda: tc._wide_source(dtype, wcfg, f, "ieee", desc))
                 out.append(dict(row.__dict__))
+            _name, wcfg, f, desc = tc.wide_bwd_builds(arch, dtype)[0]
+            row = tc._compile_row(triton, target, "wide_bwd", arch, dtype, "wide",
+                                  wcfg.num_warps, wcfg.num_stages,
+                                  lambda: tc._wide_bwd_source(dtype, wcfg, f, "ieee", desc))
+            out.append(dict(row.__dict__))
 print("FACTS-JSON" + json.dumps({{"triton": triton.__version__, "rows": out}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -304,6 +304,12 @@ WIDE_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
 WIDE_SMALL_ROWS = 64
 
 
+#: The wide backward's tiles (triton_wide.WIDE_BWD_CONFIGS), same layout.
+WIDE_BWD_TILES = {"sm90-half": (128, 64, 64, 8, 4, 8, True),
+                  "half": (128, 64, 64, 8, 4, 8, False),
+                  "fp32": (64, 64, 16, 8, 3, 8, False)}
+
+
 def wide_family(dtype: str, arch: int, rows: Optional[int] = None) -> str:
     """The WIDE_TILES key the launcher (triton_wide.config_family) uses on ``arch``."""
     if dtype not in ("fp16", "bf16"):
@@ -326,6 +332,7 @@ COMPILE_FACTS = {
     ("fbp_fwd", 80, "fp32", "large"): (8, 128, 0, 12288, "none"),
     ("fbp_bwd", 80, "fp32", "large"): (8, 184, 0, 12288, "none"),
     ("wide_fwd", 80, "fp32", "wide"): (8, 110, 0, 32768, "none"),
+    ("wide_bwd", 80, "fp32", "wide"): (8, 128, 0, 16384, "none"),
     ("fbp_fwd", 80, "fp16", "tiny"): (4, 124, 0, 16384, "mma"),
     ("fbp_bwd", 80, "fp16", "tiny"): (4, 128, 0, 16384, "mma"),
     ("fbp_fwd", 80, "fp16", "small"): (4, 128, 0, 20480, "mma"),
@@ -335,6 +342,7 @@ COMPILE_FACTS = {
     ("fbp_fwd", 80, "fp16", "large"): (8, 180, 0, 16384, "mma"),
     ("fbp_bwd", 80, "fp16", "large"): (8, 236, 0, 16384, "mma"),
     ("wide_fwd", 80, "fp16", "wide"): (8, 182, 0, 73728, "mma"),
+    ("wide_bwd", 80, "fp16", "wide"): (8, 182, 0, 73728, "mma"),
     ("fbp_fwd", 80, "bf16", "tiny"): (4, 124, 0, 16384, "mma"),
     ("fbp_bwd", 80, "bf16", "tiny"): (4, 128, 0, 16384, "mma"),
     ("fbp_fwd", 80, "bf16", "small"): (4, 128, 0, 20480, "mma"),
@@ -344,6 +352,7 @@ COMPILE_FACTS = {
     ("fbp_fwd", 80, "bf16", "large"): (8, 180, 0, 16384, "mma"),
     ("fbp_bwd", 80, "bf16", "large"): (8, 236, 0, 16384, "mma"),
     ("wide_fwd", 80, "bf16", "wide"): (8, 182, 0, 73728, "mma"),
+    ("wide_bwd", 80, "bf16", "wide"): (8, 182, 0, 73728, "mma"),
     ("fbp_fwd", 90, "fp32", "tiny"): (4, 94, 0, 16384, "none"),
     ("fbp_bwd", 90, "fp32", "tiny"): (4, 104, 0, 16384, "none"),
     ("fbp_fwd", 90, "fp32", "small"): (4, 102, 0, 12288, "none"),
@@ -353,6 +362,7 @@ COMPILE_FACTS = {
     ("fbp_fwd", 90, "fp32", "large"): (8, 128, 0, 12288, "none"),
     ("fbp_bwd", 90, "fp32", "large"): (8, 180, 0, 12288, "none"),
     ("wide_fwd", 90, "fp32", "wide"): (8, 128, 0, 32768, "none"),
+    ("wide_bwd", 90, "fp32", "wide"): (8, 144, 0, 16384, "none"),
     ("fbp_fwd", 90, "fp16", "tiny"): (4, 108, 0, 16384, "mma"),
     ("fbp_bwd", 90, "fp16", "tiny"): (4, 121, 0, 16384, "mma"),
     ("fbp_fwd", 90, "fp16", "small"): (4, 128, 0, 20480, "mma"),
@@ -362,6 +372,7 @@ COMPILE_FACTS = {
     ("fbp_fwd", 90, "fp16", "large"): (8, 150, 0, 24576, "wgmma"),
     ("fbp_bwd", 90, "fp16", "large"): (8, 217, 0, 24576, "wgmma"),
     ("wide_fwd", 90, "fp16", "wide"): (16, 119, 0, 131104, "wgmma"),
+    ("wide_bwd", 90, "fp16", "wide"): (8, 202, 0, 98336, "wgmma"),
     ("wide_fwd", 90, "fp16", "wide-small"): (8, 159, 0, 98304, "wgmma"),
     ("fbp_fwd", 90, "bf16", "tiny"): (4, 108, 0, 16384, "mma"),
     ("fbp_bwd", 90, "bf16", "tiny"): (4, 121, 0, 16384, "mma"),
@@ -372,6 +383,7 @@ COMPILE_FACTS = {
     ("fbp_fwd", 90, "bf16", "large"): (8, 167, 0, 24576, "wgmma"),
     ("fbp_bwd", 90, "bf16", "large"): (8, 217, 0, 24576, "wgmma"),
     ("wide_fwd", 90, "bf16", "wide"): (16, 119, 0, 131104, "wgmma"),
+    ("wide_bwd", 90, "bf16", "wide"): (8, 202, 0, 98336, "wgmma"),
     ("wide_fwd", 90, "bf16", "wide-small"): (8, 159, 0, 98304, "wgmma"),
 }
 # END COMPILE FACTS
@@ -717,29 +729,37 @@ def wide_supported(s: Shape, gpu: Optional[GPU] = None) -> bool:
     return WIDE_TILES[wide_family(s.dtype, arch, s.rows)][1] // s.factor >= 1
 
 
-def wide_facts(dtype: str, gpu: GPU, rows: Optional[int] = None) -> KernelFacts:
+def wide_facts(dtype: str, gpu: GPU, rows: Optional[int] = None,
+               kernel: str = "wide_fwd") -> KernelFacts:
     """Facts of the wide forward at the tile it runs for ``rows`` (compiled at factor 5):
-    config "wide", or "wide-small" where sm_90's small-batch tile differs."""
+    config "wide", or "wide-small" where sm_90's small-batch tile differs; ``kernel``
+    "wide_bwd": the backward products kernel (one tile for every row count)."""
     arch = 90 if gpu.arch >= 90 else 80
     fact_dtype = "fp32" if dtype == "tf32" else dtype
-    fam = wide_family(dtype, arch, rows)
-    config = "wide-small" if fam != wide_family(dtype, arch) else "wide"
-    warps, regs, _stack, smem, tc = COMPILE_FACTS[("wide_fwd", arch, fact_dtype, config)]
+    if kernel == "wide_bwd":
+        fam, config, tiles = wide_family(dtype, arch), "wide", WIDE_BWD_TILES
+    else:
+        fam = wide_family(dtype, arch, rows)
+        config = "wide-small" if fam != wide_family(dtype, arch) else "wide"
+        tiles = WIDE_TILES
+    warps, regs, _stack, smem, tc = COMPILE_FACTS[(kernel, arch, fact_dtype, config)]
     if dtype == "tf32":
         tc = "mma"
-    bm, bn, bk, _w, stages, _g, _tma = WIDE_TILES[fam]
+    bm, bn, bk, _w, stages, _g, _tma = tiles[fam]
     stage = (bm + bn) * bk * DTYPE_BYTES[dtype]
-    return KernelFacts("wide_fwd", "wide", bm, bn, bk, warps, stages, regs, smem, tc,
+    return KernelFacts(kernel, config, bm, bn, bk, warps, stages, regs, smem, tc,
                        ctas_per_sm(regs, warps, smem, gpu), max(1, round(smem / stage)), stage)
 
 
-def _wide_main_loop(s: Shape, gpu: GPU) -> List[KernelCost]:
+def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False) -> List[KernelCost]:
     """The wide forward (triton_wide.py): a (BLOCK_M, BLOCK_N) tile covers BLOCK_N //
     factor outputs of every factor group, one K loop over x and one over y (no factor
     re-reads), grouped tile order; then the row-finishing kernel over the fp32 pooled
-    scratch (rows x o, written by the main loop, read twice)."""
+    scratch (rows x o, written by the main loop, read twice).  ``backward``: the same
+    main loop in the backward products kernel, after the ds kernel (reads g and z twice,
+    writes ds in fp32); its epilogue reads ds and writes dA, dC (rows x K*o each)."""
     e, k, R = s.elem, s.ko, s.rows
-    f = wide_facts(s.dtype, gpu, R)
+    f = wide_facts(s.dtype, gpu, R, "wide_bwd" if backward else "wide_fwd")
     bm, bn = f.block_m, f.block_o
     group = WIDE_TILES[wide_family(s.dtype, 90 if gpu.arch >= 90 else 80, R)][5]
     bj = bn // s.factor
@@ -763,7 +783,13 @@ def _wide_main_loop(s: Shape, gpu: GPU) -> List[KernelCost]:
     h_xy = min(1.0, cap / max(1.0, group_xy + min(w, ctas * bn * width * e)))
     h_w = min(1.0, max(0.0, cap - group_xy) / w)
     hbm = xy + w + xy * (n_j - 1) * (1 - h_xy) + w * (groups - 1) * (1 - h_w)
-    hbm += R * s.o * 4                                   # the pooled scratch, written once
+    scratch = R * s.o * 4
+    if backward:
+        d_hbm, d_l2 = _intermediate(2 * R * k * e, gpu)   # dA, dC for the four GEMMs
+        hbm += d_hbm + (0 if _resident(scratch, gpu) else scratch)
+        l2 += d_l2 + scratch
+    else:
+        hbm += scratch                                    # the pooled scratch, written once
     peak_key = s.dtype if f.tensor_cores != "none" else "fp32"
     eff = TRITON_MMA_EFFICIENCY[(f.tensor_cores, 90 if gpu.arch >= 90 else 80)]
     tflops = gpu.tensor_tflops[peak_key] * eff * flops / padded
@@ -771,11 +797,18 @@ def _wide_main_loop(s: Shape, gpu: GPU) -> List[KernelCost]:
     # Two pipeline fills (x pass, y pass) per tile, once per wave.
     tail = math.ceil(ctas / slots) * 2 * gpu.l2_latency_us
     inflight = max(1, f.num_stages - 1) * (min(R, bm) + bn) * f.block_k * e
-    main = _cost(f"wide forward ({bm}x{bn}x{f.block_k}, {bj} outputs/tile, {f.num_warps} "
+    name = "wide dA/dC (recomputes A, C)" if backward else "wide forward"
+    main = _cost(f"{name} ({bm}x{bn}x{f.block_k}, {bj} outputs/tile, {f.num_warps} "
                  f"warps, {f.ctas_per_sm} CTA/SM)", gpu, flops=flops, tflops=tflops,
-                 hbm=hbm, l2=l2 + R * s.o * 4, ctas=ctas, per_sm=f.ctas_per_sm,
-                 inflight_cta=inflight, tail_us=tail, host_us=HOST_US["triton"])
-    scratch = R * s.o * 4
+                 hbm=hbm, l2=l2 + (0 if backward else scratch), ctas=ctas,
+                 per_sm=f.ctas_per_sm, inflight_cta=inflight, tail_us=tail,
+                 host_us=HOST_US["triton"])
+    if backward:
+        ds_hbm, ds_l2 = (0.0, scratch) if _resident(scratch, gpu) else (scratch, 0.0)
+        grad = elementwise("ds = dL/ds (row dot, rescale)", 4 * R * s.o * e, ds_hbm,
+                           R * s.o, gpu, l2_only_bytes=ds_l2, n_inputs=2, elem_bytes=e,
+                           host_us=HOST_US["triton"])
+        return [grad, _with_host(main, HOST_US["fbp_call"])]
     s_hbm, s_l2 = (0.0, 2 * scratch) if _resident(scratch, gpu) else (2 * scratch, 0.0)
     finish = elementwise("row finish (signed sqrt, norm, rescale)", s_hbm, R * s.o * e + R * 4,
                          R * s.o, gpu, l2_only_bytes=s_l2, elem_bytes=4,
@@ -822,7 +855,10 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
             extra_hbm=scratch_hbm, extra_l2=scratch_l2,
             tail_us=n_o * gpu.l2_latency_us))   # serial row-norm finish: n_o round trips
         out[-1] = _with_host(out[-1], HOST_US["fbp_call"])
-    if bwd:
+    if bwd and not saved and wide_supported(s, gpu):
+        out += copies()
+        out += _wide_main_loop(s, gpu, backward=True)
+    elif bwd:
         out += copies()
         out.append(elementwise("row dot <z, g>", 2 * R * s.o * e, R * 4, R * s.o, gpu,
                                n_inputs=2, elem_bytes=e, host_us=HOST_US["triton"]))
@@ -835,6 +871,7 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
             f"{fb.ctas_per_sm} CTA/SM)", s, gpu, fb, recompute=not saved,
             extra_hbm=io_hbm, extra_l2=io_l2, tail_us=0.0))
         out[-1] = _with_host(out[-1], HOST_US["fbp_call"])
+    if bwd:
         res = _resident(2 * R * k * e, gpu)
         out += [gemm("dx = dA W_x", R, s.m, k, d, gpu, a_in_l2=res),
                 gemm("dW_x = dA^T x", k, s.m, R, d, gpu),

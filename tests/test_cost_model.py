@@ -169,6 +169,11 @@ def test_wide_tile_table_matches_the_kernel():
             for rows in (None, 1, W.SMALL_ROWS, W.SMALL_ROWS + 1):
                 assert cm.wide_family(dt, arch, rows) == W.config_family(tdt, cap, rows)
     assert cm.WIDE_SMALL_ROWS == W.SMALL_ROWS
+    assert set(cm.WIDE_BWD_TILES) == set(W.WIDE_BWD_CONFIGS)
+    for fam, cfg in W.WIDE_BWD_CONFIGS.items():
+        assert cm.WIDE_BWD_TILES[fam] == (cfg.block_m, cfg.block_n, cfg.block_k,
+                                          cfg.num_warps, cfg.num_stages, cfg.group_m,
+                                          cfg.tma), fam
 
 
 @pytest.mark.parametrize("mode", cm.MODES)

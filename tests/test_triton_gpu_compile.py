@@ -57,9 +57,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     # wide forward (three pooling paths; on sm_90 half through TMA, plus the pointer
     # fallback and the small-batch 128x64 tile) plus its row finish per arch and dtype
     wide = 3 * (3 + 1) + (3 + 1) + 2 * (5 + 1)
-    assert len(combos) == len(rows) == 3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide, log
+    # the wide backward (three pooling paths, plus the pointer fallback on sm_90 half)
+    # and its ds kernel per arch and dtype
+    wide_bwd = 3 * (3 + 1) + (3 + 1) + 2 * (4 + 1)
+    assert len(combos) == len(rows) == 3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd, log
     assert {r["kernel"] for r in rows} == {"fbp_fwd", "fbp_bwd", "row_dot", "mask",
-                                           "split_fwd", "split_bwd", "wide_fwd", "finish"}
+                                           "split_fwd", "split_bwd", "wide_fwd", "finish",
+                                           "wide_bwd", "grad_pool"}
     failed = [r for r in rows if not r["ok"]]
     assert not failed, "\n".join(f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['config']}: "
                                  f"{r['error']}" for r in failed)
@@ -83,8 +87,8 @@ def test_hopper_half_precision_uses_wgmma(compile_rows):
             assert r["tensor_cores"] == "wgmma", r
         if r["dtype"] in ("fp16", "bf16"):
             assert r["tensor_cores"] in ("mma", "wgmma"), r
-    # The wide forward: wgmma on Hopper, mma.sync on Ampere, for every pooling path.
-    wide = [r for r in rows if r["kernel"] == "wide_fwd" and r["dtype"] != "fp32"]
+    # The wide forward and backward: wgmma on Hopper, mma.sync on Ampere, every pooling path.
+    wide = [r for r in rows if r["kernel"] in ("wide_fwd", "wide_bwd") and r["dtype"] != "fp32"]
     assert wide and all(r["tensor_cores"] == ("wgmma" if r["arch"] == 90 else "mma")
                         for r in wide), wide
 
@@ -135,7 +139,7 @@ def test_report_fields_are_consistent(compile_rows):
             continue
         assert r["ctas_per_sm"] == tc.ctas_per_sm(r["arch"], r["registers"], r["num_warps"],
                                                   r["shared_bytes"]) >= 1, r
-        has_loop = r["kernel"] in ("fbp_fwd", "fbp_bwd", "wide_fwd")
+        has_loop = r["kernel"] in ("fbp_fwd", "fbp_bwd", "wide_fwd", "wide_bwd")
         assert (r["flop_per_byte"] is not None) == has_loop, r
         assert (r["inflight_bytes_per_sm"] is not None) == has_loop, r
         assert r["tma"] == r["config"].endswith("-tma"), r

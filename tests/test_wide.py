@@ -147,3 +147,71 @@ def test_dropout_through_descriptors_keeps_the_shared_mask(monkeypatch):
     assert 0 < mask.sum() < mask.numel()
     ref = fbp_reference(*args, factor=5, dropout=0.3, dropout_mask=mask)
     torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
+
+
+def _record_backward(monkeypatch):
+    seen = []
+    real = W.launch
+
+    def spy(kernel, grid, *args, **kw):
+        if kernel is W._wide_bwd_kernel:
+            seen.append((kw["X_DESC"], kw["W_DESC"], kw["POOL"]))
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(W, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 5])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_backward_on_the_wide_main_loop_matches_the_reference(monkeypatch, factor, normalize):
+    """Lean backward (no saved projections): dA/dC from the wide main loop (every pooling
+    path's transpose), then the four GEMMs; all six gradients against the reference."""
+    seen = _record_backward(monkeypatch)
+    args = [t.requires_grad_() for t in _inputs(21, 24, 16, factor, 7, torch.float64)]
+    z = fbp_kernels.fbp(*args, factor=factor, backend="triton", normalize=normalize)
+    g = torch.linspace(-1, 1, z.numel(), dtype=z.dtype, device=z.device).view_as(z)
+    got = torch.autograd.grad(z, args, g)
+    want = torch.autograd.grad(fbp_reference(*args, factor=factor, normalize=normalize),
+                               args, g)
+    assert seen == [(True, True, W.pool_mode(factor))]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_with_dropout_and_a_zero_row(monkeypatch):
+    """The backward's mask is the forward's (same Philox index), and a row whose ||t||
+    is 0 gets zero gradient (the project's degenerate-row rule)."""
+    seen = _record_backward(monkeypatch)
+    x, y, wx, wy, bx, by = _inputs(18, 16, 24, 5, 6, torch.float64)
+    x[3] = 0.0
+    bx, by = torch.zeros_like(bx), torch.zeros_like(by)  # row 3: s = 0 exactly
+    args = [t.requires_grad_() for t in (x, y, wx, wy, bx, by)]
+    torch.manual_seed(9)
+    z = fbp_kernels.fbp(*args, factor=5, backend="triton", dropout=0.3, training=True)
+    g = torch.randn(z.shape, dtype=z.dtype, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(z, args, g)
+    torch.manual_seed(9)
+    seed = int(fbp_kernels.functional.dropout_seed(True, 0.3))
+    mask = backends.resolve("triton", DEVICE).dropout_mask(seed, (18, 30), 0.3, DEVICE)
+    zr = fbp_reference(*args, factor=5, dropout=0.3, dropout_mask=mask)
+    want = torch.autograd.grad(zr, args, g)
+    assert seen == [(True, True, 2)]
+    assert got[0][3].abs().max() == 0 and got[1][3].abs().max() == 0
+    # rtol 1e-7: Triton passes Python floats as fp32 scalars, so every kernel's 1/(1-p)
+    # carries fp32 rounding (2.4e-8 relative here); the forward's row norm cancels it,
+    # the gradients keep it.  The mask itself must match exactly (a wrong element would
+    # be an O(1) difference).
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_backward_gradcheck_through_descriptors_and_pointers(monkeypatch):
+    import dataclasses
+
+    for tma in (True, False):
+        monkeypatch.setattr(W, "INTERPRETER_WIDE",
+                            dataclasses.replace(W.INTERPRETER_WIDE, tma=tma))
+        args = [t.requires_grad_() for t in _inputs(5, 8, 6, 3, 4, torch.float64)]
+        assert torch.autograd.gradcheck(
+            lambda *a: fbp_kernels.fbp(*a, factor=3, backend="triton"), args)

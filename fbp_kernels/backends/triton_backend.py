@@ -102,6 +102,15 @@ def _products(g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *
               dropout, seed, normalize, eps):
     ko = weight_x.shape[0]
     o = ko // factor
+    out2 = out.reshape(-1, o) if out is not None else g2
+    if a is None and c is None and W.supports(factor, W.pick_wide_bwd_config(x2.dtype,
+                                                                             x2.device)):
+        # Lean mode: recompute A and C on the wide main loop (one K pass per projection
+        # for every factor group), as the forward does.
+        return W.wide_backward_products(g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out2,
+                                        norm.reshape(-1) if norm is not None else None,
+                                        factor=factor, dropout=dropout, seed=seed,
+                                        normalize=normalize, eps=eps)
     return K.fused_backward_products(
         # out is None when normalize=False (not saved); the kernel then never reads z.
         g2, x2, y2, weight_x, weight_y, bias_x, bias_y,

@@ -223,6 +223,43 @@ def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = Fals
     return _source(W._wide_fwd_kernel, sig, consts)
 
 
+def _wide_bwd_source(dtype: str, cfg, factor: int, precision: str, desc: bool = False,
+                     **overrides):
+    """The wide backward products kernel (``triton_wide._wide_bwd_kernel``)."""
+    from . import triton_wide as W
+
+    if desc:
+        sig = {"x_src": f"tensordesc<{dtype}[{cfg.block_m},{cfg.block_k}]>",
+               "y_src": f"tensordesc<{dtype}[{cfg.block_m},{cfg.block_k}]>",
+               "wx_src": f"tensordesc<{dtype}[{cfg.block_n},{cfg.block_k}]>",
+               "wy_src": f"tensordesc<{dtype}[{cfg.block_n},{cfg.block_k}]>"}
+    else:
+        sig = {name: f"*{dtype}" for name in ("x_src", "y_src", "wx_src", "wy_src")}
+    sig.update({"bx_ptr": f"*{dtype}", "by_ptr": f"*{dtype}", "ds_ptr": "*fp32",
+                "da_ptr": f"*{dtype}", "dc_ptr": f"*{dtype}"})
+    for name in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
+                 "stride_dr"):
+        sig[name] = "i32"
+    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32"})
+    block_j, block_jp = W.tile_outputs(cfg, factor)
+    consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
+              "FACTOR": factor, "HAS_BIAS": True, "DROPOUT": True,
+              "DOT_FP32": False, "PRECISION": precision, "POOL": W.pool_mode(factor),
+              "HALF": dtype != "fp32", "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+              "BLOCK_J": block_j, "BLOCK_JP": block_jp, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "X_DESC": desc,
+              "W_DESC": desc, **overrides}
+    return _source(W._wide_bwd_kernel, sig, consts)
+
+
+def _grad_pooled_source(dtype: str):
+    from . import triton_wide as W
+
+    sig = {"g_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "norm_ptr": "*fp32", "ds_ptr": "*fp32",
+           "O": "i32", "stride_gr": "i32", "stride_zr": "i32", "stride_dr": "i32",
+           "sqrt_eps": "fp32"}
+    return _source(W._grad_pooled_kernel, sig, {"BLOCK_O": 1024})
+
+
 def _finish_source(dtype: str):
     from . import triton_wide as W
 
@@ -269,6 +306,21 @@ def wide_builds(arch: int, dtype: str):
     if small != cfg:
         builds.append((f"K{f0}-small", small, f0, small.tma))
     return builds
+
+
+def wide_bwd_builds(arch: int, dtype: str):
+    """The wide backward's builds: every pooling path, TMA where its config uses it, plus
+    the pointer fallback."""
+    import torch
+
+    from . import triton_wide as W
+
+    cfg = W.WIDE_BWD_CONFIGS[W.config_family(getattr(torch, _TORCH_DTYPES[dtype]),
+                                             (arch // 10, arch % 10))]
+    if not cfg.tma:
+        return [(f"K{f}", cfg, f, False) for f in WIDE_FACTORS]
+    return [(f"K{f}-tma", cfg, f, True) for f in WIDE_FACTORS] + \
+        [(f"K{WIDE_FACTORS[0]}-ptr", cfg, WIDE_FACTORS[0], False)]
 
 
 def _compile_row(triton, target, kernel, arch, dtype, cfg_name, num_warps, num_stages,
@@ -352,6 +404,14 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                     rows.append(_compile_row(
                         triton, target, kernel, arch, dtype, shape_name, cfg.num_warps, 1,
                         lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o, bc)))
+            for cfg_name, wcfg, f, desc in wide_bwd_builds(arch, dtype):
+                rows.append(_compile_row(
+                    triton, target, "wide_bwd", arch, dtype, cfg_name, wcfg.num_warps,
+                    wcfg.num_stages, lambda: _wide_bwd_source(dtype, wcfg, f, precision, desc),
+                    MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k, wcfg.num_stages,
+                             elem[dtype])))
+            rows.append(_compile_row(triton, target, "grad_pool", arch, dtype, "default", 4, 1,
+                                     lambda: _grad_pooled_source(dtype)))
             for cfg_name, wcfg, f, desc in wide_builds(arch, dtype):
                 rows.append(_compile_row(
                     triton, target, "wide_fwd", arch, dtype, cfg_name, wcfg.num_warps,

@@ -30,6 +30,13 @@ No counters, so CUDA graphs and concurrent streams are safe (the first kernel's 
 ticket counters are not).  Cost: writing and reading ``rows x o`` fp32 (8 bytes per
 output, ~2 us at rows 1024 on an H200) and one more launch.
 
+Backward (lean mode, nothing saved): a row kernel forms ``ds = dL/ds`` (rows x o, fp32)
+from (g, z, ||t||); ``_wide_bwd_kernel`` recomputes A and C on the same main loop,
+expands ds to the tile's projected columns by the pooling's transpose and writes
+``dA = dp * C``, ``dC = dp * A`` as contiguous (BLOCK_M, BLOCK_N) blocks of row-major
+(rows, K*o) buffers; cuBLAS then runs the four gradient GEMMs and the bias sums
+(deterministic).  With saved projections the first kernel's backward still runs.
+
 Dropout: the fused kernels' stream (Philox keyed by the seed and ``row * K*o + col``).
 Grid: grouped row-tile order (Triton tutorial 03): ``GROUP_M`` row tiles share each
 weight tile while it is in L2.
@@ -77,6 +84,30 @@ def _pool(p, FACTOR: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
             # fp32/fp64, and the interpreter for every dtype (it cannot multiply bf16).
             s = tl.dot(p, sel.to(p.dtype), input_precision="ieee", out_dtype=p.dtype)
     return s
+
+
+@triton.jit
+def _unpool(s, FACTOR: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_JP: tl.constexpr, HALF_POOL: tl.constexpr):
+    """The transpose of :func:`_pool`: ``(BLOCK_M, BLOCK_JP) -> (BLOCK_M, BLOCK_N)`` with
+    column ``c`` = ``s[:, c // FACTOR]`` (zero past the tile's outputs)."""
+    if POOL == 0:
+        e = s
+    elif POOL == 1:
+        e = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_M, BLOCK_N // FACTOR, FACTOR)),
+                       (BLOCK_M, BLOCK_N))
+    else:
+        jj = tl.arange(0, BLOCK_JP)
+        cc = tl.arange(0, BLOCK_N)
+        sel = jj[:, None] == (cc[None, :] // FACTOR)
+        if HALF_POOL:
+            hi = s.to(tl.bfloat16)
+            lo = (s - hi.to(tl.float32)).to(tl.bfloat16)
+            sel_h = sel.to(tl.bfloat16)
+            e = tl.dot(hi, sel_h) + tl.dot(lo, sel_h)
+        else:
+            e = tl.dot(s, sel.to(s.dtype), input_precision="ieee", out_dtype=s.dtype)
+    return e
 
 
 @triton.jit
@@ -204,6 +235,126 @@ def _wide_fwd_kernel(
 
 
 @triton.jit
+def _wide_bwd_kernel(
+    # operands as in the forward, then the backward's inputs and outputs
+    x_src, y_src, wx_src, wy_src, bx_ptr, by_ptr, ds_ptr, da_ptr, dc_ptr,
+    # sizes
+    rows, M, N, O,
+    # strides
+    stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
+    stride_dr,
+    # scalars
+    seed, drop_p, keep_scale,
+    # meta-parameters
+    FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    POOL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_JP: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, X_DESC: tl.constexpr = False, W_DESC: tl.constexpr = False,
+):
+    """``dA = dp * C`` and ``dC = dp * A`` for one (BLOCK_M, BLOCK_N) tile of the
+    (rows, K*o) products, A and C recomputed by the forward's main loop (one K pass per
+    projection for every factor group), ``dp[r, col] = ds[r, col // K] * keep / (1-p)``
+    with ``ds = dL/ds`` from :func:`_grad_pooled_kernel`.  dA/dC are stored as
+    contiguous (BLOCK_M, BLOCK_N) blocks of row-major (rows, K*o) buffers."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(rows, BLOCK_M)
+    num_j = tl.cdiv(O, BLOCK_J)
+    in_group = GROUP_M * num_j
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_j = (pid % in_group) // group_size
+
+    row0_32 = pid_m * BLOCK_M
+    row0 = row0_32.to(tl.int64)
+    j0 = pid_j * BLOCK_J
+    col0_32 = j0 * FACTOR
+    col0 = col0_32.to(tl.int64)
+    KO = O * FACTOR
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_mask = rm < rows - row0_32
+    n_ok = (rn < BLOCK_J * FACTOR) & (rn < (O - j0) * FACTOR)
+
+    a = _wide_projection(x_src, wx_src, row0_32 if X_DESC else row0,
+                         col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, M,
+                         stride_xr, stride_xk, stride_wxr, stride_wxk, X_DESC, W_DESC,
+                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+    if HAS_BIAS:
+        a += tl.load(bx_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(a.dtype)[None, :]
+    acc_dtype: tl.constexpr = a.dtype
+    if HALF:
+        park: tl.constexpr = x_src.dtype if X_DESC else x_src.dtype.element_ty
+    else:
+        park: tl.constexpr = acc_dtype
+    a = a.to(park)
+    if DROPOUT:
+        # The keep mask (0/1, exact in any dtype), drawn while only A is live and parked
+        # beside it; the 1/(1-p) scale is applied to ds in the accumulator dtype.
+        idx = (row0 + rm)[:, None] * KO + (col0_32 + rn)[None, :]
+        keep = (tl.rand(seed, idx) >= drop_p).to(park)
+    c = _wide_projection(y_src, wy_src, row0_32 if X_DESC else row0,
+                         col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, N,
+                         stride_yr, stride_yk, stride_wyr, stride_wyk, X_DESC, W_DESC,
+                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+    if HAS_BIAS:
+        c += tl.load(by_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(c.dtype)[None, :]
+    c = c.to(park)
+
+    # ds = dL/ds over the tile's outputs, (BLOCK_M, BLOCK_JP), then expanded to its
+    # projected columns (col -> output col // K) by the pooling's transpose: whole-row
+    # loads of the pooled tensor instead of a per-column gather (64-bit addresses for
+    # every element), and ds formed beforehand (loading g, z, ||t||, z.g here spilled
+    # the factor-1 and -2 builds).
+    jj = tl.arange(0, BLOCK_JP)
+    j_ok = (jj < BLOCK_J) & (jj < O - j0)
+    ds = tl.load(ds_ptr + row0 * stride_dr + rm[:, None] * stride_dr + (j0 + jj)[None, :],
+                 mask=m_mask[:, None] & j_ok[None, :], other=0.0).to(acc_dtype)
+    ds = _unpool(ds, FACTOR, POOL, BLOCK_M, BLOCK_N, BLOCK_JP, HALF and not DOT_FP32)
+    if DROPOUT:
+        ds = ds * keep.to(acc_dtype) * keep_scale
+    ds = tl.where(n_ok[None, :], ds, 0.0)
+    tile_ok = m_mask[:, None] & n_ok[None, :]
+    # int64 tile origin, int32 in-tile offsets (BLOCK_M * K*o < 2^31: launcher check)
+    base = row0 * KO + col0_32
+    offs = rm[:, None] * KO + rn[None, :]
+    tl.store(da_ptr + base + offs, (ds * c.to(acc_dtype)).to(da_ptr.dtype.element_ty),
+             mask=tile_ok)
+    tl.store(dc_ptr + base + offs, (ds * a.to(acc_dtype)).to(dc_ptr.dtype.element_ty),
+             mask=tile_ok)
+
+
+@triton.jit
+def _grad_pooled_kernel(g_ptr, z_ptr, norm_ptr, ds_ptr, O, stride_gr, stride_zr, stride_dr,
+                        sqrt_eps, BLOCK_O: tl.constexpr):
+    """One row per program: ``ds = dL/ds`` from the cotangent ``g``, the output ``z`` and
+    ``||t||``: ``dt = (g - z <z, g>) / r`` (zero for a degenerate row, ``r <= delta``),
+    ``ds = dt * 0.5 / (|t| + sqrt(eps))`` with ``t = z r``."""
+    row = tl.program_id(0).to(tl.int64)
+    acc_dtype = ds_ptr.dtype.element_ty
+    zg = tl.zeros((BLOCK_O,), dtype=acc_dtype)
+    for o0 in range(0, O, BLOCK_O):
+        jj = o0 + tl.arange(0, BLOCK_O)
+        ok = jj < O
+        g = tl.load(g_ptr + row * stride_gr + jj, mask=ok, other=0.0).to(acc_dtype)
+        z = tl.load(z_ptr + row * stride_zr + jj, mask=ok, other=0.0).to(acc_dtype)
+        zg += z * g
+    dot = tl.sum(zg, axis=0)
+    norm = tl.load(norm_ptr + row)
+    r = tl.maximum(norm, _NORM_DELTA)
+    live = norm > _NORM_DELTA
+    for o0 in range(0, O, BLOCK_O):
+        jj = o0 + tl.arange(0, BLOCK_O)
+        ok = jj < O
+        g = tl.load(g_ptr + row * stride_gr + jj, mask=ok, other=0.0).to(acc_dtype)
+        z = tl.load(z_ptr + row * stride_zr + jj, mask=ok, other=0.0).to(acc_dtype)
+        dt = tl.where(live, (g - z * dot) / r, 0.0)
+        tl.store(ds_ptr + row * stride_dr + jj, dt * (0.5 / (tl.abs(z * r) + sqrt_eps)),
+                 mask=ok)
+
+
+@triton.jit
 def _finish_kernel(s_ptr, out_ptr, norm_ptr, rows, O, stride_sr, stride_or, eps, sqrt_eps,
                    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
     """Whole rows per program: ``z = t / max(||t||, delta)``, ``t = signed_sqrt(s)``,
@@ -277,6 +428,17 @@ WIDE_CONFIGS = {
     "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
     "fp32": WideConfig(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
 }
+#: The backward products kernel (same main loop, a heavier epilogue: A, C, the dropout
+#: scale and ds live together).  The 16-warp 128 x 128 tile spills there (72-480 B with
+#: Triton 3.6 and 3.8) so half precision runs 128 x 64 x 64 with 8 warps (42.7 FLOP/B),
+#: through TMA on sm_90: 163-243 registers, no spills; fp32 64 x 64 x 16 with 8 warps
+#: (a 32-deep K step spilled 8 B at factor 1 with Triton 3.6).
+WIDE_BWD_CONFIGS = {
+    "sm90-half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4,
+                            tma=True),
+    "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
+    "fp32": WideConfig(block_m=64, block_n=64, block_k=16, num_warps=8, num_stages=3),
+}
 #: The interpreter runs the descriptor path wherever operands qualify (the shared suites
 #: then cover it); tests replace this with ``tma=False`` to pin the pointer path.
 INTERPRETER_WIDE = WideConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1,
@@ -317,6 +479,14 @@ def pick_wide_config(dtype: torch.dtype, device=None, rows=None) -> WideConfig:
     cap = torch.cuda.get_device_capability(device) if device is not None and \
         torch.device(device).type == "cuda" else (9, 0)
     return WIDE_CONFIGS[config_family(dtype, cap, rows)]
+
+
+def pick_wide_bwd_config(dtype: torch.dtype, device=None) -> WideConfig:
+    if INTERPRET:
+        return INTERPRETER_WIDE
+    cap = torch.cuda.get_device_capability(device) if device is not None and \
+        torch.device(device).type == "cuda" else (9, 0)
+    return WIDE_BWD_CONFIGS[config_family(dtype, cap)]
 
 
 def descriptor_ok(t: torch.Tensor) -> bool:
@@ -396,3 +566,56 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
         num_warps=1 if INTERPRET else 4)
     return out_full, norm
 
+
+def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, dropout, seed,
+                           normalize, eps):
+    """``(dA, dC)``, each (rows, K*o) in the input dtype, with A and C recomputed by the
+    wide main loop (the backward of :func:`wide_forward`; ``out``/``norm`` are its
+    outputs, ``grad`` the (rows, o) cotangent)."""
+    from .triton_kernels import TileConfig, _bias_args, _int32_safe, dot_settings
+
+    rows, m = x2.shape
+    n, ko = y2.shape[1], wx.shape[0]
+    o = ko // factor
+    da = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+    dc = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+    if rows == 0:
+        return da, dc
+    cfg = pick_wide_bwd_config(x2.dtype, x2.device)
+    block_j, block_jp = tile_outputs(cfg, factor)
+    x2, y2, wx, wy = _int32_safe(TileConfig(cfg.block_m, block_j, cfg.block_k, cfg.num_warps,
+                                            cfg.num_stages), x2, y2, wx, wy, factor)
+    if cfg.block_m * ko >= 2 ** 31:
+        raise ValueError(f"factor*o = {ko} too large for the wide backward's int32 in-tile "
+                         f"offsets; use backend='torch'")
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    if normalize:
+        ds = torch.empty((rows, o), dtype=acc, device=x2.device)
+        launch(_grad_pooled_kernel, (rows,), grad, out, norm, ds, o, grad.stride(0),
+               out.stride(0), ds.stride(0), math.sqrt(eps),
+               BLOCK_O=min(triton.next_power_of_2(o), 16 if INTERPRET else 1024),
+               num_warps=1 if INTERPRET else 4)
+    else:
+        ds = grad  # dL/ds is the cotangent itself
+    bx_, by_, has_bias = _bias_args(bx, by, wx)
+    dot_fp32, precision = dot_settings(x2.dtype)
+    dot_fp32 = dot_fp32 or (INTERPRET and x2.dtype in (torch.float16, torch.bfloat16))
+    x_desc = cfg.tma and descriptor_ok(x2) and descriptor_ok(y2)
+    w_desc = cfg.tma and descriptor_ok(wx) and descriptor_ok(wy)
+    xs = [_operand(t, x_desc, (cfg.block_m, cfg.block_k)) for t in (x2, y2)]
+    ws = [_operand(t, w_desc, (cfg.block_n, cfg.block_k)) for t in (wx, wy)]
+    grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
+    launch(_wide_bwd_kernel, grid,
+        *xs, *ws, bx_, by_, ds, da, dc,
+        rows, m, n, o,
+        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+        wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1), ds.stride(0),
+        seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
+        FACTOR=factor, HAS_BIAS=has_bias, DROPOUT=seed is not None,
+        DOT_FP32=dot_fp32, PRECISION=precision, POOL=pool_mode(factor),
+        HALF=x2.dtype in (torch.float16, torch.bfloat16), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_J=block_j, BLOCK_JP=block_jp, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        X_DESC=x_desc, W_DESC=w_desc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return da, dc
