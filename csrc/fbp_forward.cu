@@ -4,9 +4,15 @@
 // Grid: (row tiles of BM, output tiles of BO = max(1, BN / factor) outputs).  A
 // block owns BM rows x BO outputs, i.e. the BO * factor projected columns that
 // feed them, walked in chunks of BN columns (one chunk unless factor > BN).  For
-// each chunk it computes the a and c tiles into shared memory (fp32/fp64), then
-// each thread sums the products of its (row, output) pairs into registers.  No
-// (rows, factor*o) intermediate ever reaches global memory.
+// each chunk it stages the chunk's biases in shared memory, computes the a and c
+// tiles into shared memory (fp32/fp64), then
+//   1. an elementwise pass: each thread takes four consecutive columns of a row
+//      (16-byte vector reads), forms (a + b_x)(c + b_y), applies dropout (one Philox
+//      call per four columns) and writes the product back over the a tile;
+//   2. a pooling pass over the block's valid (row, output) pairs only: each thread
+//      sums the `factor` products of its pairs into registers.  The pair index
+//      advances by a precomputed (rows, outputs) step: no division in the loop.
+// No (rows, factor*o) intermediate ever reaches global memory.
 //
 // Row norms need every output of a row, which lives in several blocks.  Each block
 // writes t = signed_sqrt(s) (to `out` itself for fp32/fp64, to an fp32 (rows, o)
@@ -52,84 +58,129 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   __shared__ __align__(128) unsigned char smem[Smem::kBytes];
   Acc* pc = reinterpret_cast<Acc*>(smem);  // aliases the staged inputs
   Acc* pa = reinterpret_cast<Acc*>(smem + Smem::kUnionBytes);
+  Acc* bx_s = reinterpret_cast<Acc*>(smem + Smem::kBiasOffset);
+  Acc* by_s = bx_s + E::BN;
   constexpr int kLd = E::kLdOut;
-  constexpr int kPairsPerThread = E::BM * E::BN / E::kThreads;
+  constexpr int kMaxPairs = E::BM * E::BN / E::kThreads;  // per thread, reached at factor 1
+  constexpr int kQuads = E::BN / 4;                        // 4-column groups per tile row
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * E::BM;
-  const int bo = p.outs_per_tile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * bo;
-  const int64_t j_end = j0 + bo < p.o ? j0 + bo : p.o;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * p.outs_per_tile;
   const int64_t K = p.o * p.factor;
+  // Valid rows and outputs of this block: the pair loops visit only these.
+  const int nr = static_cast<int>(p.rows - row0 < E::BM ? p.rows - row0 : E::BM);
+  const int nb = static_cast<int>(p.o - j0 < p.outs_per_tile ? p.o - j0 : p.outs_per_tile);
+  // Pair idx = tid + q * kThreads is (r, jo) = (idx / nb, idx % nb).  This thread's
+  // first pair and the step to its next one are the only divisions.
+  const int r_first = threadIdx.x / nb, j_first = threadIdx.x % nb;
+  const int step_r = E::kThreads / nb, step_j = E::kThreads % nb;
+  const int64_t col_begin = j0 * p.factor, col_end = (j0 + nb) * p.factor;
+  // More than one chunk happens only when factor > BN, and then BO == 1: thread tid
+  // owns row tid (q = 0) in every chunk and carries its running sum.
+  const bool chunked = p.factor > E::BN;
 
-  // Pairs (row, output) of this block: idx = tid + q * kThreads, r = idx / bo, jo = idx % bo.
   // s[] lives only within one chunk's epilogue (not across the GEMMs, which need the
-  // registers).  More than one chunk happens only when factor > BN, and then bo == 1:
-  // thread tid owns row tid (q = 0) in every chunk and carries its running sum.
-  Acc s[kPairsPerThread];
+  // registers): it is cleared at the start of every pooling pass.
+  Acc s[kMaxPairs];
   Acc carry = Acc(0);
-  const int64_t col_end = j_end * p.factor;
-  for (int64_t cbeg = j0 * p.factor;; cbeg += E::BN) {
+  for (int64_t cbeg = col_begin;; cbeg += E::BN) {
+    stage_biases<E>(p.bias_x, p.bias_y, cbeg, K, bx_s, by_s);
     E::gemm(p.x, row0, p.wx, cbeg, smem, pa);
     E::gemm(p.y, row0, p.wy, cbeg, smem, pc);
     __syncthreads();
+    const int width = static_cast<int>(col_end - cbeg < E::BN ? col_end - cbeg : E::BN);
+
+    // 1. Elementwise: pa <- dropout((a + b_x) (c + b_y)), four columns per thread.
+    DropoutStream drop(p.seed, p.rate);  // per chunk: no RNG state live across the GEMMs
+    for (int e = threadIdx.x; e < nr * kQuads; e += E::kThreads) {
+      const int r = e / kQuads, c4 = (e % kQuads) * 4;  // constant divisor: shifts
+      if (c4 >= width) continue;
+      Acc a[4], c[4], bx[4], by[4];
+      load4(pa + r * kLd + c4, a);
+      load4(pc + r * kLd + c4, c);
+      load4(bx_s + c4, bx);
+      load4(by_s + c4, by);
+      const uint64_t index = static_cast<uint64_t>((row0 + r) * K + cbeg + c4);
 #pragma unroll
-    for (int q = 0; q < kPairsPerThread; ++q) {
-      s[q] = Acc(0);
-      const int idx = threadIdx.x + q * E::kThreads;
-      const int r = idx / bo, jo = idx % bo;
-      const int64_t row = row0 + r, j = j0 + jo;
-      if (r >= E::BM || row >= p.rows || j >= j_end) continue;
-      const int64_t lo = j * p.factor > cbeg ? j * p.factor : cbeg;
-      const int64_t hi = (j + 1) * p.factor < cbeg + E::BN ? (j + 1) * p.factor : cbeg + E::BN;
-      Acc sum = Acc(0);
-      for (int64_t col = lo; col < hi; ++col) {
-        const int cc = static_cast<int>(col - cbeg);
-        Acc a = pa[r * kLd + cc], c = pc[r * kLd + cc];
-        if (p.bias_x) a += to_acc<Acc>(p.bias_x[col]);
-        if (p.bias_y) c += to_acc<Acc>(p.bias_y[col]);
-        Acc prod = a * c;
-        if (p.dropout)
-          prod = dropout_keep(p.seed, static_cast<uint64_t>(row * K + col), p.rate)
-                     ? prod * p.scale : Acc(0);
-        sum += prod;
+      for (int u = 0; u < 4; ++u) {
+        Acc prod = (a[u] + bx[u]) * (c[u] + by[u]);
+        if (p.dropout && c4 + u < width) prod = drop.keep(index + u) ? prod * p.scale : Acc(0);
+        a[u] = prod;
       }
-      if (bo == 1) {
-        sum += carry;
-        carry = sum;
-      }
-      s[q] = sum;
+      store4(pa + r * kLd + c4, a);
     }
-    __syncthreads();  // pa and pc are overwritten next (next chunk, or t^2 below)
+    __syncthreads();
+
+    // 2. Pooling: the valid (row, output) pairs of this thread, in registers.
+    const int64_t local0 = cbeg - col_begin;  // chunk start within the block's columns
+#pragma unroll
+    for (int q = 0; q < kMaxPairs; ++q) s[q] = Acc(0);
+    {
+      int r = r_first, jo = j_first;
+#pragma unroll
+      for (int q = 0; q < kMaxPairs; ++q) {
+        if (r >= nr) break;
+        const int64_t first = jo * p.factor - local0, last = first + p.factor;
+        const int lo = static_cast<int>(first > 0 ? first : 0);
+        const int hi = static_cast<int>(last < width ? last : width);
+        const Acc* prow = pa + r * kLd;
+        Acc sum = Acc(0);
+        for (int cc = lo; cc < hi; ++cc) sum += prow[cc];
+        if (chunked) {
+          sum += carry;
+          carry = sum;
+        }
+        s[q] = sum;
+        r += step_r;
+        jo += step_j;
+        if (jo >= nb) {
+          jo -= nb;
+          ++r;
+        }
+      }
+    }
+    __syncthreads();  // pa and pc are overwritten next (next chunk, or t below)
     if (cbeg + E::BN >= col_end) break;
   }
 
   if (!p.normalize) {  // block-uniform
+    int r = r_first, jo = j_first;
 #pragma unroll
-    for (int q = 0; q < kPairsPerThread; ++q) {
-      const int idx = threadIdx.x + q * E::kThreads;
-      const int r = idx / bo, jo = idx % bo;
-      const int64_t row = row0 + r, j = j0 + jo;
-      if (r < E::BM && row < p.rows && j < j_end) p.out[row * p.o + j] = from_acc<T>(s[q]);
+    for (int q = 0; q < kMaxPairs; ++q) {
+      if (r >= nr) break;
+      p.out[(row0 + r) * p.o + j0 + jo] = from_acc<T>(s[q]);
+      r += step_r;
+      jo += step_j;
+      if (jo >= nb) {
+        jo -= nb;
+        ++r;
+      }
     }
     return;
   }
 
   Acc* t_sq = pa;  // reuse as [BM][kLd]: t^2 per (row, output) of this block
+  {
+    int r = r_first, jo = j_first;
 #pragma unroll
-  for (int q = 0; q < kPairsPerThread; ++q) {
-    const int idx = threadIdx.x + q * E::kThreads;
-    const int r = idx / bo, jo = idx % bo;
-    const int64_t row = row0 + r, j = j0 + jo;
-    if (r >= E::BM || row >= p.rows || j >= j_end) continue;
-    const Acc t = signed_sqrt(s[q], p.eps, p.sqrt_eps);
-    p.t_buf[row * p.o + j] = t;
-    t_sq[r * kLd + jo] = t * t;
+    for (int q = 0; q < kMaxPairs; ++q) {
+      if (r >= nr) break;
+      const Acc t = signed_sqrt(s[q], p.eps, p.sqrt_eps);
+      p.t_buf[(row0 + r) * p.o + j0 + jo] = t;
+      t_sq[r * kLd + jo] = t * t;
+      r += step_r;
+      jo += step_j;
+      if (jo >= nb) {
+        jo -= nb;
+        ++r;
+      }
+    }
   }
   __syncthreads();
-  if (threadIdx.x < E::BM && row0 + threadIdx.x < p.rows) {
+  if (threadIdx.x < nr) {
     const int r = threadIdx.x;
     Acc acc = Acc(0);
-    for (int jo = 0; jo < j_end - j0; ++jo) acc += t_sq[r * kLd + jo];
+    for (int jo = 0; jo < nb; ++jo) acc += t_sq[r * kLd + jo];
     p.partial[(row0 + r) * p.n_tiles + blockIdx.y] = acc;
   }
 }

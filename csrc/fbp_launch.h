@@ -78,7 +78,7 @@ struct ProjectionGradArgs {
 Grid projection_grads_grid(DType dtype, int64_t rows, int64_t K);
 cudaError_t launch_projection_grads(const ProjectionGradArgs& args, cudaStream_t stream);
 
-// keep[i] = dropout keep-mask of linear element index[i].
+// keep[i] = dropout keep-mask of linear element index[i] (fbp_math.cuh: dropout_keep).
 cudaError_t launch_dropout_keep(const int64_t* index, bool* keep, int64_t numel, uint64_t seed,
                                 double rate, cudaStream_t stream);
 

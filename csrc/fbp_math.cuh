@@ -67,18 +67,53 @@ FBP_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
-// Uniform in [0, 1) with 24 random bits (exact in float) for element `index`
-// of the (rows, factor*o) product under `seed`.
-FBP_HD float dropout_uniform(uint64_t seed, uint64_t index) {
-  const Philox4 r = philox4x32_10(
-      Philox4{static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u, 0u},
+// ---------------------------------------------------------------------------
+// The dropout rule: a pure function of (seed, element index), four elements per
+// Philox call.  Element i of the (rows, factor*o) product (i = row * factor*o + col,
+// int64) is kept when
+//     u = (word[i & 3] >> 8) / 2^24 >= rate,
+//     word = philox4x32_10(counter = (lo32(i >> 2), hi32(i >> 2), 0, 0),
+//                          key = (lo32(seed), hi32(seed)))
+// (word[0..3] = x, y, z, w).  u has 24 random bits, exact in float.  Four
+// consecutive indices 4g..4g+3 share one call, so a thread that walks consecutive
+// columns draws one Philox per four elements (two when its run straddles a group).
+
+FBP_HD Philox4 dropout_block(uint64_t seed, uint64_t group) {
+  return philox4x32_10(
+      Philox4{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), 0u, 0u},
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return static_cast<float>(r.x >> 8) * (1.0f / 16777216.0f);
 }
 
-// Keep-mask: the same comparison as the torch backend (u >= rate keeps).
-FBP_HD bool dropout_keep(uint64_t seed, uint64_t index, float rate) {
-  return dropout_uniform(seed, index) >= rate;
+FBP_HD uint32_t philox_word(const Philox4& r, unsigned component) {
+  return component == 0 ? r.x : component == 1 ? r.y : component == 2 ? r.z : r.w;
 }
+
+// Keep-test of one Philox word: the same comparison as the torch backend (u >= rate keeps).
+FBP_HD bool keep_word(uint32_t word, float rate) {
+  return static_cast<float>(word >> 8) * (1.0f / 16777216.0f) >= rate;
+}
+
+// Keep-mask of one element (one Philox call; the CPU/GPU mask op and tests).
+FBP_HD bool dropout_keep(uint64_t seed, uint64_t index, float rate) {
+  return keep_word(philox_word(dropout_block(seed, index >> 2), index & 3u), rate);
+}
+
+// The same mask for a thread walking indices in order: one Philox call per group of
+// four, reused while the index stays in the group.  Registers only (no arrays).
+struct DropoutStream {
+  uint64_t seed;
+  float rate;
+  uint64_t group;
+  Philox4 words;
+  FBP_HD DropoutStream(uint64_t seed_, float rate_)
+      : seed(seed_), rate(rate_), group(~uint64_t(0)), words{0u, 0u, 0u, 0u} {}
+  FBP_HD bool keep(uint64_t index) {
+    if ((index >> 2) != group) {  // ~0 never equals index >> 2 (< 2^62)
+      group = index >> 2;
+      words = dropout_block(seed, group);
+    }
+    return keep_word(philox_word(words, static_cast<unsigned>(index & 3u)), rate);
+  }
+};
 
 }  // namespace fbp

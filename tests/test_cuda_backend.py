@@ -244,6 +244,36 @@ def test_philox_known_answers(ops):
         assert got == exp, [hex(v) for v in got]
 
 
+def expected_keep(ops, index, seed, rate):
+    """The dropout rule computed independently of ``dropout_keep``, from the raw Philox
+    operator: element i is kept when word ``i & 3`` of philox4x32_10(counter =
+    (lo32(i >> 2), hi32(i >> 2), 0, 0), key = seed), shifted right by 8 and divided by
+    2^24, is >= rate (as float32)."""
+    group = index >> 2
+    zeros = torch.zeros_like(group)
+    counter = torch.stack([group & 0xFFFFFFFF, group >> 32, zeros, zeros], dim=1)
+    words = ops.philox4x32_10(counter, seed)  # (N, 4), each word in [0, 2^32)
+    word = words.gather(1, (index & 3).view(-1, 1)).view(-1)
+    u = (word >> 8).to(torch.float32) / 2.0 ** 24  # 24 bits: exact in float32
+    return u >= torch.tensor(rate, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("seed", [1234, -5, 2**40 + 17], ids=["small", "negative", "high-word"])
+def test_dropout_keep_follows_the_four_per_call_rule(ops, seed):
+    """Known answers for the mask: the kernels' rule recomputed from the raw Philox op,
+    over indices whose group crosses 2^32 (the counter's high word)."""
+    index = torch.cat([torch.arange(0, 4099), 2**34 - 7 + torch.arange(0, 29),
+                       2**42 + 3 + torch.arange(0, 13)]).to(torch.int64)
+    for rate in (0.1, 0.5, 0.9):
+        keep = ops.dropout_keep(index, seed, rate)
+        assert torch.equal(keep, expected_keep(ops, index, seed, rate)), (seed, rate)
+    # The four elements of a group read four different words of their call (not one
+    # word four times): with rate 0.5, 14 of 16 groups are mixed.
+    keep = ops.dropout_keep(torch.arange(40000, dtype=torch.int64), seed, 0.5).view(-1, 4)
+    mixed = (keep.any(1) & ~keep.all(1)).float().mean().item()
+    assert abs(mixed - (1 - 2 / 16)) < 0.02, mixed
+
+
 def test_dropout_keep_is_a_function_of_seed_and_index(ops):
     index = torch.arange(20000, dtype=torch.int64)
     keep = ops.dropout_keep(index, 1234, 0.25)
@@ -251,6 +281,8 @@ def test_dropout_keep_is_a_function_of_seed_and_index(ops):
     assert abs(keep.float().mean().item() - 0.75) < 0.02
     assert torch.equal(keep, ops.dropout_keep(index, 1234, 0.25))
     assert torch.equal(keep[777:9000], ops.dropout_keep(index[777:9000], 1234, 0.25))
+    assert torch.equal(keep[777:9000].flip(0), ops.dropout_keep(index[777:9000].flip(0), 1234,
+                                                                0.25))
     assert not torch.equal(keep, ops.dropout_keep(index, 1235, 0.25))
     assert ops.dropout_keep(index, 1234, 0.0).all()
 
