@@ -36,14 +36,10 @@ __global__ void grad_pooled_kernel(const T* grad, const T* out, const Acc* norm,
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
   const Acc nrm = norm[row];
-  const Acc delta = Acc(kNormDelta);
-  const bool clamped = !(nrm > delta);
-  const Acc r = clamped ? delta : nrm;
-  for (int64_t j = lane; j < o; j += 32) {
-    const Acc gj = to_acc<Acc>(g[j]), zj = to_acc<Acc>(z[j]);
-    const Acc dt = clamped ? Acc(0) : (gj - zj * dot) / r;
-    ds[row * o + j] = dt * signed_sqrt_grad_from_t(zj * r, sqrt_eps);
-  }
+  // pooled_grad (fbp_math.cuh): zero for a degenerate row (!(||t|| > delta)), as
+  // torch_backend.grad_pooled; the CPU operator grad_pooled runs the same function.
+  for (int64_t j = lane; j < o; j += 32)
+    ds[row * o + j] = pooled_grad(to_acc<Acc>(g[j]), to_acc<Acc>(z[j]), dot, nrm, sqrt_eps);
 }
 
 template <typename T, typename Acc>

@@ -16,10 +16,13 @@
 //
 // Row norms need every output of a row, which lives in several blocks.  Each block
 // writes t = signed_sqrt(s) (to `out` itself for fp32/fp64, to an fp32 (rows, o)
-// scratch for half types, so z is rounded once) and its partial sum of t^2 to a
-// (rows, output tiles) buffer; a small finishing kernel (one warp per row) sums the
-// partials in a fixed order (deterministic), writes ||t|| and scales the row.
-// Extra global memory: (rows, n_tiles) partials, plus (rows, o) fp32 for fp16/bf16.
+// scratch for half types, so z is rounded once) and its part of the row's sum of
+// squares as a power-of-two-scaled pair (e, q) (fbp_math.cuh: norm_partial; no
+// overflow for fp32 t near 1e19-1e20, no underflow for tiny t) to a
+// (rows, output tiles, 2) buffer; a small finishing kernel (one warp per row)
+// combines the parts in a fixed order (deterministic), writes ||t|| and scales the
+// row.  Extra global memory: (rows, 2 n_tiles) partials, plus (rows, o) fp32 for
+// fp16/bf16.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -38,7 +41,7 @@ struct ForwardParams {
   const T* bias_y;
   T* out;                  // (rows, o)
   Acc* t_buf;              // (rows, o): may alias out when T == Acc
-  Acc* partial;            // (rows, n_tiles) partial sums of t^2
+  Acc* partial;            // (rows, n_tiles, 2) scaled parts (e, q) of sum t^2
   int64_t rows, o, factor;
   int outs_per_tile;       // BO
   int n_tiles;
@@ -159,7 +162,7 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
     return;
   }
 
-  Acc* t_sq = pa;  // reuse as [BM][kLd]: t^2 per (row, output) of this block
+  Acc* t_tile = pa;  // reuse as [BM][kLd]: t per (row, output) of this block
   {
     int r = r_first, jo = j_first;
 #pragma unroll
@@ -167,7 +170,7 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
       if (r >= nr) break;
       const Acc t = signed_sqrt(s[q], p.eps, p.sqrt_eps);
       p.t_buf[(row0 + r) * p.o + j0 + jo] = t;
-      t_sq[r * kLd + jo] = t * t;
+      t_tile[r * kLd + jo] = t;
       r += step_r;
       jo += step_j;
       if (jo >= nb) {
@@ -179,25 +182,41 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   __syncthreads();
   if (threadIdx.x < nr) {
     const int r = threadIdx.x;
-    Acc acc = Acc(0);
-    for (int jo = 0; jo < nb; ++jo) acc += t_sq[r * kLd + jo];
-    p.partial[(row0 + r) * p.n_tiles + blockIdx.y] = acc;
+    Acc e, q;
+    norm_partial(t_tile + r * kLd, nb, 1, e, q);
+    Acc* part = p.partial + ((row0 + r) * p.n_tiles + blockIdx.y) * 2;
+    part[0] = e;
+    part[1] = q;
   }
 }
 
-// One warp per row: ||t|| from the partials (fixed order), then z = t / max(||t||, delta).
+// One warp per row: ||t|| from the scaled parts (e_i, q_i) in a fixed order, then
+// z = t / max(||t||, delta).  The common exponent E is the largest e_i of a
+// non-empty part (an integer max: order-free); the rescaled q_i are summed per lane
+// and then by a fixed butterfly, so the result is deterministic.
 template <typename T, typename Acc>
 __global__ void finish_norm_kernel(const Acc* t_buf, const Acc* partial, T* out, Acc* norm,
                                    int64_t rows, int64_t o, int n_tiles) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // warp-uniform
+  const Acc* part = partial + row * 2 * n_tiles;
+  int E = kNoExponent;
+  for (int i = lane; i < n_tiles; i += 32) {
+    const int e = static_cast<int>(part[2 * i]);
+    if (part[2 * i + 1] > Acc(0) && e > E) E = e;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const int other = __shfl_xor_sync(0xffffffffu, E, offset);
+    E = other > E ? other : E;
+  }
   Acc total = Acc(0);
-  for (int i = lane; i < n_tiles; i += 32) total += partial[row * n_tiles + i];
+  for (int i = lane; i < n_tiles; i += 32) total += norm_rescale(part[2 * i], part[2 * i + 1], E);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2)
     total += __shfl_xor_sync(0xffffffffu, total, offset);
-  const Acc nrm = sqrt(total);
+  const Acc nrm = norm_from(E, total);
   if (lane == 0) norm[row] = nrm;
   const Acc denom = nrm > Acc(kNormDelta) ? nrm : Acc(kNormDelta);
   for (int64_t j = lane; j < o; j += 32) out[row * o + j] = from_acc<T>(t_buf[row * o + j] / denom);

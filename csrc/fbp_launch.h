@@ -40,7 +40,8 @@ struct ForwardArgs {
   void* out;        // (rows, o) contiguous, input dtype
   void* norm;       // (rows) acc dtype; nullptr when !normalize
   void* t_scratch;  // (rows, o) acc dtype for fp16/bf16 with normalize; else nullptr
-  void* partial;    // (rows, forward_grid().y) acc dtype when normalize; else nullptr
+  void* partial;    // (rows, 2 * forward_grid().y) acc dtype when normalize; else nullptr:
+                    // per output tile the scaled part (e, q) of the row's sum of t^2
   int64_t rows, o, factor;
   DropoutArg dropout;
   bool normalize;

@@ -169,7 +169,8 @@ def test_a_compile_error_fails_the_build(tmp_path):
 
 
 def test_extension_builds_and_registers_its_operators(ops):
-    for name in ("fbp_forward", "fbp_backward", "dropout_keep", "philox4x32_10"):
+    for name in ("fbp_forward", "fbp_backward", "dropout_keep", "philox4x32_10", "row_norm",
+                 "grad_pooled"):
         assert hasattr(ops, name), name
     # The operator namespace is the extension's own, not the Python custom ops'.
     assert torch.ops.fbp_kernels_cuda.fbp_forward.default.name().startswith("fbp_kernels_cuda::")
@@ -287,6 +288,69 @@ def test_dropout_keep_is_a_function_of_seed_and_index(ops):
     assert ops.dropout_keep(index, 1234, 0.0).all()
 
 
+# ------------------------------------------------------------------ row norm and ds (CPU mirrors)
+
+def _norm_rows(dtype):
+    """Rows of t that a plain fp32 sum of squares gets wrong: values near 1e20 (t^2
+    overflows), near 1e-30 (t^2 underflows to 0), both in one row across tiles, a
+    zero row and an ordinary one."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 70, generator=g, dtype=torch.float64)
+    scale = torch.tensor([1e20, 1e-30, 1.0, 0.0, 1.0, 3e19], dtype=torch.float64)
+    t = base * scale[:, None]
+    t[4, :35] *= 1e19   # huge and ordinary values in one row, several tiles each
+    t[4, 35:] *= 1e-19
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-14)], ids=str)
+@pytest.mark.parametrize("per_tile", [1, 5, 12, 64, 70])
+def test_row_norm_does_not_overflow(ops, dtype, rtol, per_tile):
+    """The forward kernel's norm (scaled parts per output tile, combined by the
+    finisher), run on the CPU through the kernels' own functions."""
+    t = _norm_rows(dtype)
+    got = ops.row_norm(t, per_tile)
+    exact = torch.linalg.vector_norm(t.double(), dim=1)
+    assert torch.isfinite(got).all(), got
+    assert got[3] == 0
+    assert torch.allclose(got.double(), exact, rtol=rtol, atol=0), (got, exact)
+    if dtype == torch.float32:  # what the unscaled fp32 sum of squares gives instead
+        naive = t.pow(2).sum(1).sqrt()
+        assert torch.isinf(naive[0]) and naive[1] == 0
+
+
+def test_row_norm_propagates_nan_and_inf(ops):
+    t = torch.ones(3, 20)
+    t[0, 7] = float("nan")
+    t[1, 13] = float("inf")
+    got = ops.row_norm(t, 5)
+    assert torch.isnan(got[0]) and torch.isinf(got[1]) and got[2] == pytest.approx(20 ** 0.5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=str)
+def test_grad_pooled_matches_the_torch_backend_rule(ops, dtype, tol):
+    """The backward's ds (grad_pooled_kernel's per-element function) against
+    torch_backend.grad_pooled, degenerate rows included: ||t|| <= 1e-12 (zero rows,
+    exactly delta, below it) get exactly zero gradient; just above delta does not."""
+    from fbp_kernels.backends import torch_backend
+
+    g = torch.Generator().manual_seed(5)
+    rows, o, eps = 7, 9, 1e-6
+    grad = torch.randn(rows, o, generator=g, dtype=torch.float64).to(dtype)
+    out = torch.randn(rows, o, generator=g, dtype=torch.float64)
+    out = (out / out.norm(dim=1, keepdim=True)).to(dtype)
+    norm = torch.tensor([1.3, 0.0, 1e-12, 5e-13, 4e-12, 7.0, 1e-30], dtype=dtype)
+    out[1] = 0
+    got = ops.grad_pooled(grad, out, norm, eps)
+    ref = torch_backend.grad_pooled(grad, out, norm, normalize=True, eps=eps)
+    assert torch.isfinite(got).all()
+    degenerate = ~(norm > 1e-12)
+    assert degenerate.tolist() == [False, True, True, True, False, False, True]
+    assert (got[degenerate] == 0).all() and (ref[degenerate] == 0).all()
+    assert (got[~degenerate] != 0).any(1).all()
+    assert torch.allclose(got, ref, rtol=tol, atol=0), (got - ref).abs().max()
+
+
 def test_default_kernels_do_not_spill(ops):
     """ptxas resource usage of every kernel, per architecture (printed with -s)."""
     rows = cuda_build.resource_usage()
@@ -345,6 +409,21 @@ def test_dropout_matches_reference_with_the_same_mask(case):
     for name, a, e in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], got, exact):
         if e is not None:
             assert_close(a, e, atol=1e-10, rtol=1e-8, name=name)
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("o", [70, 1000])
+def test_huge_pooled_values_keep_a_finite_norm(ops, o):
+    """fp32 inputs near 1e18: s ~ 1e37, t ~ 3e18, sum t^2 over a row > fp32's max.
+    The norm is finite and the output matches the float64 reference."""
+    case = Case((9,), (9,), 8, 6, 2, o)
+    x, y, wx, wy, bx, by = make_inputs(case, torch.float32, "cuda", requires_grad=False)
+    x, y = x * 1e18, y * 1e18
+    out, norm = ops.fbp_forward(x, y, wx, wy, bx, by, case.factor, 0.0, None, True, 1e-6)
+    assert torch.isfinite(norm).all() and torch.isfinite(out).all()
+    exact = reference_fbp(detached64([x, y, wx, wy, bx, by]), case)
+    assert_close(out, exact, atol=2e-5, rtol=2e-4, name="out")
 
 
 @cuda_only
