@@ -76,9 +76,15 @@ __device__ __forceinline__ void store4_global(__nv_bfloat16* p, const float v[4]
 __device__ __forceinline__ void store4_global(float* p, const float v[4]) { store4(p, v); }
 __device__ __forceinline__ void store4_global(double* p, const double v[4]) { store4(p, v); }
 
+// CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
+// 65536 / (minBlocks * threads)).  The highest value without spills on sm_80 and sm_90
+// (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
+// spill): WMMA 4 (128 registers; shared memory allows 4 on sm_80), FMA 3 (80).
+template <class E> struct BackwardMinBlocks { static constexpr int value = 3; };
+template <typename T> struct BackwardMinBlocks<WmmaEngine<T>> { static constexpr int value = 4; };
+
 template <typename T, class E>
-// minBlocks = 1: without it ptxas (CUDA 13) capped registers and spilled.
-__global__ void __launch_bounds__(E::kThreads, 1)
+__global__ void __launch_bounds__(E::kThreads, BackwardMinBlocks<E>::value)
 projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;

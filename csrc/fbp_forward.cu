@@ -52,9 +52,18 @@ struct ForwardParams {
   bool dropout, normalize;
 };
 
+// CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
+// 65536 / (minBlocks * threads)).  The highest value without spills on sm_80 and sm_90
+// (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
+// spill): WMMA 3 (168 registers), fp32 FMA 2 (3 spills), fp64 FMA 3 (80 registers).
+template <class E> struct ForwardMinBlocks { static constexpr int value = 2; };
+template <typename T> struct ForwardMinBlocks<WmmaEngine<T>> { static constexpr int value = 3; };
+template <> struct ForwardMinBlocks<FmaEngine<double, double, 32, 64>> {
+  static constexpr int value = 3;
+};
+
 template <typename T, class E>
-// minBlocks = 1: without it ptxas (CUDA 13) capped registers and spilled.
-__global__ void __launch_bounds__(E::kThreads, 1)
+__global__ void __launch_bounds__(E::kThreads, ForwardMinBlocks<E>::value)
 fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;
