@@ -15,6 +15,7 @@
 //    cuBLAS and frees them.  Peak extra memory: 2 * rows * K input-dtype values plus
 //    rows * o of ds.
 #include <cmath>
+#include <type_traits>
 
 #include "fbp_launch.h"
 #include "fbp_math.cuh"
@@ -82,6 +83,9 @@ __device__ __forceinline__ void store4_global(double* p, const double v[4]) { st
 // spill): WMMA 4 (128 registers; shared memory allows 4 on sm_80), FMA 3 (80).
 template <class E> struct BackwardMinBlocks { static constexpr int value = 3; };
 template <typename T> struct BackwardMinBlocks<WmmaEngine<T>> { static constexpr int value = 4; };
+template <typename T> struct BackwardMinBlocks<WmmaAsyncEngine<T>> {
+  static constexpr int value = 4;
+};
 
 template <typename T, class E>
 __global__ void __launch_bounds__(E::kThreads, BackwardMinBlocks<E>::value)
@@ -168,9 +172,8 @@ cudaError_t grad_pooled_typed(const GradPooledArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t projection_grads_typed(const ProjectionGradArgs& a, cudaStream_t stream) {
-  using E = typename EngineFor<T>::type;
+template <typename T, class E>
+cudaError_t projection_grads_with(const ProjectionGradArgs& a, cudaStream_t stream) {
   using Acc = typename E::Acc;
   const Grid grid = grid_for<E>(a.rows, a.o * a.factor);
   ProjectionGradParams<T, Acc> p;
@@ -194,6 +197,18 @@ cudaError_t projection_grads_typed(const ProjectionGradArgs& a, cudaStream_t str
                                        static_cast<unsigned>(grid.y)),
                                   E::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The engine: as forward_typed (fbp_forward.cu).
+template <typename T>
+cudaError_t projection_grads_typed(const ProjectionGradArgs& a, cudaStream_t stream) {
+  using Async = typename AsyncEngineFor<T>::type;
+  if constexpr (!std::is_void<Async>::value) {
+    if (a.async_staging) return projection_grads_with<T, Async>(a, stream);
+  } else {
+    if (a.async_staging) return cudaErrorInvalidValue;  // no cp.async engine for this dtype
+  }
+  return projection_grads_with<T, typename EngineFor<T>::type>(a, stream);
 }
 
 }  // namespace

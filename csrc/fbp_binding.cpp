@@ -12,6 +12,8 @@
 //   torch.ops.fbp_kernels_cuda.grad_pooled(grad, out, norm, eps) -> ds  [CPU, tests]
 //       the forward's overflow-safe row norm and the backward's dL/ds, run on the
 //       CPU through the kernels' own __host__ __device__ math (fbp_math.cuh)
+//   torch.ops.fbp_kernels_cuda.cp_async_staging(x, y, weight_x, weight_y) -> bool
+//       whether fp16/bf16 GEMM tiles would be fed by cp.async (FBP_CUDA_STAGING)
 //
 // x and y are 2-D (rows, m) / (rows, n): the Python glue flattens and broadcasts
 // leading dimensions (backends/_common.flatten_rows).  Any strides are accepted
@@ -25,6 +27,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -142,6 +146,65 @@ Tensor maybe_contiguous(const std::optional<Tensor>& b) {
 
 Tensor empty_marker(const Tensor& like) { return at::empty({0}, like.options()); }
 
+// ------------------------------------------------------------------ operand staging
+// FBP_CUDA_STAGING selects how the fp16/bf16 GEMM tiles are fed: "auto" (default) the
+// 3-stage cp.async engine (WmmaAsyncEngine) when every operand allows it, else the
+// synchronous one; "sync" always the synchronous one; "async" always the cp.async one
+// for fp16/bf16, an error when their operands or the GPU do not allow it (tests use it
+// to know which path ran; fp32/fp64 have no cp.async engine and are unaffected).  Read
+// per call, so a test can switch it.
+enum class Staging { kAuto, kSync, kAsync };
+
+Staging staging_mode() {
+  const char* v = std::getenv("FBP_CUDA_STAGING");
+  const std::string mode = v == nullptr ? "" : v;
+  if (mode.empty() || mode == "auto") return Staging::kAuto;
+  if (mode == "sync") return Staging::kSync;
+  if (mode == "async") return Staging::kAsync;
+  TORCH_CHECK(false, "fbp cuda: FBP_CUDA_STAGING must be auto, sync or async, got '", mode, "'");
+}
+
+// Why x, y and the weights cannot take the cp.async engine ("" when they can).  The
+// compute-capability part applies to CUDA tensors only.
+std::string cp_async_refusal(const Tensor& x, const Tensor& y, const Tensor& wx,
+                             const Tensor& wy) {
+  const auto d = x.scalar_type();
+  if (d != at::kHalf && d != at::kBFloat16)
+    return std::string("the dtype is ") + c10::toString(d) +
+           " (only float16 and bfloat16 have a cp.async engine)";
+  const Tensor* operands[] = {&x, &y, &wx, &wy};
+  const char* names[] = {"x", "y", "weight_x", "weight_y"};
+  for (int i = 0; i < 4; ++i) {
+    const Tensor& t = *operands[i];
+    if (!cp_async_operand_ok(MatrixArg{t.data_ptr(), t.size(0), t.size(1), t.stride(0),
+                                       t.stride(1)}, 2))
+      return std::string(names[i]) + " is not contiguous along its last dimension with "
+             "16-byte-aligned rows (strides " + c10::str(t.strides()) + ", data pointer % 16 = " +
+             std::to_string(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) + ")";
+  }
+  if (x.is_cuda() && at::cuda::getDeviceProperties(x.get_device())->major < 8)
+    return "the GPU's compute capability is below 8.0 (cp.async)";
+  return "";
+}
+
+bool use_async_staging(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+  const Staging mode = staging_mode();
+  const auto d = x.scalar_type();
+  if (mode == Staging::kSync || (d != at::kHalf && d != at::kBFloat16)) return false;
+  const std::string refusal = cp_async_refusal(x, y, wx, wy);
+  TORCH_CHECK(mode != Staging::kAsync || refusal.empty(),
+              "fbp cuda: FBP_CUDA_STAGING=async, but ", refusal);
+  return refusal.empty();
+}
+
+// The operator form (CPU and CUDA): whether the kernels would stage these operands
+// with cp.async under the current FBP_CUDA_STAGING.
+bool cp_async_staging_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && wx.dim() == 2 && wy.dim() == 2,
+              "fbp: cp_async_staging takes the 2-D operands of fbp_forward");
+  return use_async_staging(x, y, wx, wy);
+}
+
 // ------------------------------------------------------------------ forward
 std::tuple<Tensor, Tensor> forward_meta(const Tensor& x, const Tensor& y, const Tensor& wx,
                                         const Tensor& wy, const std::optional<Tensor>& bx,
@@ -201,6 +264,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   args.dropout = dropout_arg(dropout, seed);
   args.normalize = normalize;
   args.eps = eps;
+  args.async_staging = use_async_staging(x, y, wx, wy);
   C10_CUDA_CHECK(launch_forward(args, at::cuda::getCurrentCUDAStream()));
   return {out, norm};
 }
@@ -267,6 +331,7 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.o = o;
   args.factor = factor;
   args.dropout = dropout_arg(dropout, seed);
+  args.async_staging = rows > 0 && use_async_staging(x, y, wx, wy);
   C10_CUDA_CHECK(launch_projection_grads(args, stream));
   ds.reset();  // the transient buffers go as soon as the GEMMs have consumed them
   Tensor dx = at::mm(da, wx);
@@ -443,12 +508,14 @@ TORCH_LIBRARY(fbp_kernels_cuda, m) {
   m.def("philox4x32_10(Tensor counter, int key) -> Tensor");
   m.def("row_norm(Tensor t, int outputs_per_tile) -> Tensor");
   m.def("grad_pooled(Tensor grad, Tensor out, Tensor norm, float eps) -> Tensor");
+  m.def("cp_async_staging(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CUDA, m) {
   m.impl("fbp_forward", &fbp::forward_impl);
   m.impl("fbp_backward", &fbp::backward_impl);
   m.impl("dropout_keep", &fbp::dropout_keep_gpu);
+  m.impl("cp_async_staging", &fbp::cp_async_staging_op);
 }
 
 TORCH_LIBRARY_IMPL(fbp_kernels_cuda, Meta, m) {
@@ -462,6 +529,7 @@ TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CPU, m) {
   m.impl("philox4x32_10", &fbp::philox_cpu);
   m.impl("row_norm", &fbp::row_norm_cpu);
   m.impl("grad_pooled", &fbp::grad_pooled_cpu);
+  m.impl("cp_async_staging", &fbp::cp_async_staging_op);
 }
 
 // Lets `import fbp_kernels._C` (the ahead-of-time build) load the library and so

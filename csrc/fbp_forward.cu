@@ -10,8 +10,9 @@
 //      (16-byte vector reads), forms (a + b_x)(c + b_y), applies dropout (one Philox
 //      call per four columns) and writes the product back over the a tile;
 //   2. a pooling pass over the block's valid (row, output) pairs only: each thread
-//      sums the `factor` products of its pairs into registers.  The pair index
-//      advances by a precomputed (rows, outputs) step: no division in the loop.
+//      sums the `factor` products of each of its pairs and writes the result out
+//      (s, or t and its copy for the row norm) at once.  The pair index advances by a
+//      precomputed (rows, outputs) step: no division in the loop, no array of sums.
 // No (rows, factor*o) intermediate ever reaches global memory.
 //
 // Row norms need every output of a row, which lives in several blocks.  Each block
@@ -55,12 +56,8 @@ struct ForwardParams {
 // CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
 // 65536 / (minBlocks * threads)).  The highest value without spills on sm_80 and sm_90
 // (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
-// spill): WMMA 3 (168 registers), fp32 FMA 2 (3 spills), fp64 FMA 3 (80 registers).
-template <class E> struct ForwardMinBlocks { static constexpr int value = 2; };
-template <typename T> struct ForwardMinBlocks<WmmaEngine<T>> { static constexpr int value = 3; };
-template <> struct ForwardMinBlocks<FmaEngine<double, double, 32, 64>> {
-  static constexpr int value = 3;
-};
+// spill): 3 for every engine (WMMA 120-156 registers, FMA 71-80).
+template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
 
 template <typename T, class E>
 __global__ void __launch_bounds__(E::kThreads, ForwardMinBlocks<E>::value)
@@ -73,7 +70,6 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   Acc* bx_s = reinterpret_cast<Acc*>(smem + Smem::kBiasOffset);
   Acc* by_s = bx_s + E::BN;
   constexpr int kLd = E::kLdOut;
-  constexpr int kMaxPairs = E::BM * E::BN / E::kThreads;  // per thread, reached at factor 1
   constexpr int kQuads = E::BN / 4;                        // 4-column groups per tile row
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * E::BM;
@@ -88,12 +84,12 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   const int step_r = E::kThreads / nb, step_j = E::kThreads % nb;
   const int64_t col_begin = j0 * p.factor, col_end = (j0 + nb) * p.factor;
   // More than one chunk happens only when factor > BN, and then BO == 1: thread tid
-  // owns row tid (q = 0) in every chunk and carries its running sum.
+  // owns row tid (one pair) in every chunk and carries its running sum.
   const bool chunked = p.factor > E::BN;
+  // t per (row, output) of this block, for the row-norm part: the c tile's space,
+  // free once the elementwise pass of the last chunk has read it.
+  Acc* t_tile = pc;
 
-  // s[] lives only within one chunk's epilogue (not across the GEMMs, which need the
-  // registers): it is cleared at the start of every pooling pass.
-  Acc s[kMaxPairs];
   Acc carry = Acc(0);
   for (int64_t cbeg = col_begin;; cbeg += E::BN) {
     stage_biases<E>(p.bias_x, p.bias_y, cbeg, K, bx_s, by_s);
@@ -101,6 +97,7 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
     E::gemm(p.y, row0, p.wy, cbeg, smem, pc);
     __syncthreads();
     const int width = static_cast<int>(col_end - cbeg < E::BN ? col_end - cbeg : E::BN);
+    const bool last = cbeg + E::BN >= col_end;
 
     // 1. Elementwise: pa <- dropout((a + b_x) (c + b_y)), four columns per thread.
     DropoutStream drop(p.seed, p.rate);  // per chunk: no RNG state live across the GEMMs
@@ -123,44 +120,31 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
     }
     __syncthreads();
 
-    // 2. Pooling: the valid (row, output) pairs of this thread, in registers.
+    // 2. Pooling over the valid (row, output) pairs of this thread.  A finished pair
+    // (last chunk) goes straight out: s to `out`, or t to t_buf and t_tile.  No
+    // per-thread array of sums, so nothing is live across the GEMMs but `carry`.
     const int64_t local0 = cbeg - col_begin;  // chunk start within the block's columns
-#pragma unroll
-    for (int q = 0; q < kMaxPairs; ++q) s[q] = Acc(0);
-    {
-      int r = r_first, jo = j_first;
-#pragma unroll
-      for (int q = 0; q < kMaxPairs; ++q) {
-        if (r >= nr) break;
-        const int64_t first = jo * p.factor - local0, last = first + p.factor;
-        const int lo = static_cast<int>(first > 0 ? first : 0);
-        const int hi = static_cast<int>(last < width ? last : width);
-        const Acc* prow = pa + r * kLd;
-        Acc sum = Acc(0);
-        for (int cc = lo; cc < hi; ++cc) sum += prow[cc];
-        if (chunked) {
-          sum += carry;
-          carry = sum;
-        }
-        s[q] = sum;
-        r += step_r;
-        jo += step_j;
-        if (jo >= nb) {
-          jo -= nb;
-          ++r;
+    for (int r = r_first, jo = j_first; r < nr;) {
+      const int64_t first = jo * p.factor - local0, end = first + p.factor;
+      const int lo = static_cast<int>(first > 0 ? first : 0);
+      const int hi = static_cast<int>(end < width ? end : width);
+      const Acc* prow = pa + r * kLd;
+      Acc sum = Acc(0);
+      for (int cc = lo; cc < hi; ++cc) sum += prow[cc];
+      if (chunked) {
+        sum += carry;
+        carry = sum;
+      }
+      if (last) {
+        const int64_t at = (row0 + r) * p.o + j0 + jo;
+        if (!p.normalize) {
+          p.out[at] = from_acc<T>(sum);
+        } else {
+          const Acc t = signed_sqrt(sum, p.eps, p.sqrt_eps);
+          p.t_buf[at] = t;
+          t_tile[r * kLd + jo] = t;
         }
       }
-    }
-    __syncthreads();  // pa and pc are overwritten next (next chunk, or t below)
-    if (cbeg + E::BN >= col_end) break;
-  }
-
-  if (!p.normalize) {  // block-uniform
-    int r = r_first, jo = j_first;
-#pragma unroll
-    for (int q = 0; q < kMaxPairs; ++q) {
-      if (r >= nr) break;
-      p.out[(row0 + r) * p.o + j0 + jo] = from_acc<T>(s[q]);
       r += step_r;
       jo += step_j;
       if (jo >= nb) {
@@ -168,27 +152,11 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
         ++r;
       }
     }
-    return;
+    __syncthreads();  // pa and pc are overwritten next (next chunk), t_tile read below
+    if (last) break;
   }
+  if (!p.normalize) return;  // block-uniform
 
-  Acc* t_tile = pa;  // reuse as [BM][kLd]: t per (row, output) of this block
-  {
-    int r = r_first, jo = j_first;
-#pragma unroll
-    for (int q = 0; q < kMaxPairs; ++q) {
-      if (r >= nr) break;
-      const Acc t = signed_sqrt(s[q], p.eps, p.sqrt_eps);
-      p.t_buf[(row0 + r) * p.o + j0 + jo] = t;
-      t_tile[r * kLd + jo] = t;
-      r += step_r;
-      jo += step_j;
-      if (jo >= nb) {
-        jo -= nb;
-        ++r;
-      }
-    }
-  }
-  __syncthreads();
   if (threadIdx.x < nr) {
     const int r = threadIdx.x;
     Acc e, q;
@@ -237,9 +205,8 @@ Grid grid_for(int64_t rows, int64_t o, int64_t factor) {
   return Grid{(rows + E::BM - 1) / E::BM, (o + bo - 1) / bo};
 }
 
-template <typename T>
-cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
-  using E = typename EngineFor<T>::type;
+template <typename T, class E>
+cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   using Acc = typename E::Acc;
   const Grid grid = grid_for<E>(a.rows, a.o, a.factor);
   ForwardParams<T, Acc> p;
@@ -282,6 +249,19 @@ cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
                                kRowsPerBlock * 32, 0, stream>>>(
       p.t_buf, p.partial, p.out, static_cast<Acc*>(a.norm), a.rows, a.o, p.n_tiles);
   return cudaGetLastError();
+}
+
+// The engine: the cp.async one for fp16/bf16 when the binding found every operand
+// eligible (cp_async_operand_ok, sm_80+), else the synchronous one.
+template <typename T>
+cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
+  using Async = typename AsyncEngineFor<T>::type;
+  if constexpr (!std::is_void<Async>::value) {
+    if (a.async_staging) return forward_with<T, Async>(a, stream);
+  } else {
+    if (a.async_staging) return cudaErrorInvalidValue;  // no cp.async engine for this dtype
+  }
+  return forward_with<T, typename EngineFor<T>::type>(a, stream);
 }
 
 __global__ void dropout_keep_kernel(const int64_t* index, bool* keep, int64_t numel,

@@ -27,8 +27,11 @@ needs_nvcc = pytest.mark.skipif(
     bool(MISSING), reason="cannot compile the CUDA kernels here: " + "; ".join(MISSING))
 
 DTYPES = ("fp16", "bf16", "fp32", "fp64")
-EXPECTED = ({(k, d) for k in ("fused_forward", "projection_grads", "finish_norm", "grad_pooled")
-             for d in DTYPES} | {("dropout_keep", "-")})
+GEMM = cuda_compile.GEMM_KERNELS
+EXPECTED = ({(k, d, cuda_compile.ENGINE_OF_DTYPE[d]) for k in GEMM for d in DTYPES}
+            | {(k, d, e) for k in GEMM for d, e in cuda_compile.ASYNC_ENGINE_OF_DTYPE.items()}
+            | {(k, d, "default") for k in ("finish_norm", "grad_pooled") for d in DTYPES}
+            | {("dropout_keep", "-", "default")})
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,13 @@ def test_tile_table_matches_the_headers():
     tile = cuda_compile.TILES["WmmaEngine"]
     assert (tile.bm, tile.bn, tile.bk, tile.threads) == tuple(
         _constant(wmma, k) for k in ("BM", "BN", "BK", "kThreads"))
+    assert all(t.stages == 1 for n, t in cuda_compile.TILES.items() if n != "WmmaAsyncEngine")
+    wasync = _struct_body(tile_h, "WmmaAsyncEngine")
+    tile = cuda_compile.TILES["WmmaAsyncEngine"]
+    assert (tile.bm, tile.bn, tile.bk, tile.threads, tile.stages) == tuple(
+        _constant(wasync, k) for k in ("BM", "BN", "BK", "kThreads", "kStages"))
+    found = dict(re.findall(r"struct AsyncEngineFor<(\w+)> \{ using type = (\w+)<", tile_h))
+    assert {kinds[t]: e for t, e in found.items()} == cuda_compile.ASYNC_ENGINE_OF_DTYPE
     for source in ("fbp_forward.cu", "fbp_backward.cu"):
         rows = re.findall(r"constexpr int kRowsPerBlock = (\d+);", (CSRC / source).read_text())
         assert rows and all(int(r) * 32 == cuda_compile.ROW_KERNEL_THREADS["finish_norm"]
@@ -146,7 +156,7 @@ def test_every_kernel_is_reported_for_both_architectures(report):
     _, rows, log = report
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     for arch in cuda_compile.ARCHS:
-        got = [(r["kernel"], r["dtype"]) for r in rows if r["arch"] == arch]
+        got = [(r["kernel"], r["dtype"], r["config"]) for r in rows if r["arch"] == arch]
         assert len(got) == len(set(got)), f"sm_{arch}: duplicate rows"
         assert set(got) == EXPECTED, f"sm_{arch}: {sorted(set(got) ^ EXPECTED)}\n{log}"
 
@@ -169,6 +179,8 @@ def test_half_precision_gemm_kernels_use_tensor_cores(report):
     for r in rows:
         if r["kernel"] in cuda_compile.GEMM_KERNELS and r["dtype"] in ("fp16", "bf16"):
             assert r["tensor_cores"] in ("HMMA", "HGMMA"), r
+            # The cp.async engine really issues LDGSTS; the synchronous one does not.
+            assert r["cp_async"] == (r["config"] == "WmmaAsyncEngine"), r
         if r["kernel"] not in cuda_compile.GEMM_KERNELS:
             assert r["tensor_cores"] == "none" and not r["cp_async"], r
 
@@ -194,7 +206,8 @@ def test_derived_fields_are_consistent(report):
         assert r["shared_bytes_cuobjdump"] == r["shared_bytes"] + reserve, r
         if r["kernel"] in cuda_compile.GEMM_KERNELS:
             tile = cuda_compile.TILES[r["config"]]
-            assert r["config"] == cuda_compile.ENGINE_OF_DTYPE[r["dtype"]]
+            assert r["config"] in (cuda_compile.ENGINE_OF_DTYPE[r["dtype"]],
+                                   cuda_compile.ASYNC_ENGINE_OF_DTYPE.get(r["dtype"]))
             assert (r["bm"], r["bn"], r["bk"], r["stages"]) == (tile.bm, tile.bn, tile.bk,
                                                                tile.stages)
             assert r["threads"] == tile.threads
@@ -220,7 +233,7 @@ def test_issue12_thresholds_are_reported_not_enforced(report):
         assert gap in log, gap
     half90 = [r for r in rows if r["arch"] == 90 and r["dtype"] in ("fp16", "bf16")
               and r["kernel"] in cuda_compile.GEMM_KERNELS]
-    assert len(half90) == 4
+    assert len(half90) == 8  # 2 kernels x 2 dtypes x (synchronous, cp.async)
 
 
 @needs_nvcc

@@ -66,6 +66,7 @@ class Tile(NamedTuple):
 #: and fail when these drift from it.
 TILES: Dict[str, Tile] = {
     "WmmaEngine": Tile(64, 64, 32, 128, 1),
+    "WmmaAsyncEngine": Tile(64, 64, 32, 128, 3),
     "FmaEngine<float>": Tile(64, 64, 16, 256, 1),
     "FmaEngine<double>": Tile(32, 64, 16, 256, 1),
 }
@@ -73,6 +74,10 @@ TILES: Dict[str, Tile] = {
 #: The engine each input dtype uses (EngineFor<T> in csrc/fbp_tile.cuh).
 ENGINE_OF_DTYPE = {"fp16": "WmmaEngine", "bf16": "WmmaEngine", "fp32": "FmaEngine<float>",
                    "fp64": "FmaEngine<double>"}
+
+#: The cp.async engine of a dtype (AsyncEngineFor<T>), chosen at run time when every
+#: operand is 16-byte aligned and contiguous along K (FBP_CUDA_STAGING; docs/cuda.md).
+ASYNC_ENGINE_OF_DTYPE = {"fp16": "WmmaAsyncEngine", "bf16": "WmmaAsyncEngine"}
 
 #: Bytes per element of each input dtype (the operand tiles are loaded in it).
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
@@ -452,7 +457,7 @@ def issue12_gaps(rows: List[KernelFacts]) -> List[str]:
                 and r.inflight_bytes_per_sm < ISSUE12_THRESHOLDS["inflight_bytes_per_sm"]):
             misses.append(f"inflight_bytes_per_sm {r.inflight_bytes_per_sm} < 65536")
         if misses:
-            gaps.append(f"{r.kernel} sm_{r.arch} {r.dtype}: " + ", ".join(misses))
+            gaps.append(f"{r.kernel} sm_{r.arch} {r.dtype} {r.config}: " + ", ".join(misses))
     return gaps
 
 
