@@ -5,8 +5,9 @@
 //        r = max(||t||, delta);  dt = (g - z <z, g>) / r   (0 if ||t|| <= delta: a
 //        degenerate row, e.g. all zeros, gets zero gradient; see reference.py)
 //        t = z r;                ds = dt * 0.5 / (|t| + sqrt(eps))
-// 2. projection_grads_kernel, per (BM rows, BN projected columns) tile: recompute a
-//    and c with the forward's GEMM tiles, then
+// 2. projection_grads_kernel, per (BM rows, BN projected columns) tile: stage the
+//    tile's biases in shared memory, recompute a and c with the forward's GEMM
+//    tiles, then, four consecutive columns per thread (one Philox call per four)
 //        dp = ds[row, col / factor] * keep(seed, row*K + col) / (1 - rate)
 //        da = dp * c,  dc = dp * a
 //    written to two transient (rows, K) buffers in the input dtype.  The binding
@@ -14,6 +15,7 @@
 //    cuBLAS and frees them.  Peak extra memory: 2 * rows * K input-dtype values plus
 //    rows * o of ds.
 #include <cmath>
+#include <type_traits>
 
 #include "fbp_launch.h"
 #include "fbp_math.cuh"
@@ -35,14 +37,10 @@ __global__ void grad_pooled_kernel(const T* grad, const T* out, const Acc* norm,
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
   const Acc nrm = norm[row];
-  const Acc delta = Acc(kNormDelta);
-  const bool clamped = !(nrm > delta);
-  const Acc r = clamped ? delta : nrm;
-  for (int64_t j = lane; j < o; j += 32) {
-    const Acc gj = to_acc<Acc>(g[j]), zj = to_acc<Acc>(z[j]);
-    const Acc dt = clamped ? Acc(0) : (gj - zj * dot) / r;
-    ds[row * o + j] = dt * signed_sqrt_grad_from_t(zj * r, sqrt_eps);
-  }
+  // pooled_grad (fbp_math.cuh): zero for a degenerate row (!(||t|| > delta)), as
+  // torch_backend.grad_pooled; the CPU operator grad_pooled runs the same function.
+  for (int64_t j = lane; j < o; j += 32)
+    ds[row * o + j] = pooled_grad(to_acc<Acc>(g[j]), to_acc<Acc>(z[j]), dot, nrm, sqrt_eps);
 }
 
 template <typename T, typename Acc>
@@ -60,37 +58,100 @@ struct ProjectionGradParams {
   bool dropout;
 };
 
+// Four consecutive elements of the input dtype to global memory (p 4-element aligned).
+__device__ __forceinline__ void store4_global(__half* p, const float v[4]) {
+  const __half2 lo = __floats2half2_rn(v[0], v[1]), hi = __floats2half2_rn(v[2], v[3]);
+  uint2 bits;
+  bits.x = *reinterpret_cast<const uint32_t*>(&lo);
+  bits.y = *reinterpret_cast<const uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(p) = bits;
+}
+__device__ __forceinline__ void store4_global(__nv_bfloat16* p, const float v[4]) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]);
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(v[2], v[3]);
+  uint2 bits;
+  bits.x = *reinterpret_cast<const uint32_t*>(&lo);
+  bits.y = *reinterpret_cast<const uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(p) = bits;
+}
+__device__ __forceinline__ void store4_global(float* p, const float v[4]) { store4(p, v); }
+__device__ __forceinline__ void store4_global(double* p, const double v[4]) { store4(p, v); }
+
+// CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
+// 65536 / (minBlocks * threads)).  The highest value without spills on sm_80 and sm_90
+// (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
+// spill): WMMA 4 (128 registers; shared memory allows 4 on sm_80), FMA 3 (80).
+template <class E> struct BackwardMinBlocks { static constexpr int value = 3; };
+template <typename T> struct BackwardMinBlocks<WmmaEngine<T>> { static constexpr int value = 4; };
+template <typename T> struct BackwardMinBlocks<WmmaAsyncEngine<T>> {
+  static constexpr int value = 4;
+};
+
 template <typename T, class E>
-// minBlocks = 1: without it ptxas (CUDA 13) capped registers and spilled.
-__global__ void __launch_bounds__(E::kThreads, 1)
+__global__ void __launch_bounds__(E::kThreads, BackwardMinBlocks<E>::value)
 projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;
   __shared__ __align__(128) unsigned char smem[Smem::kBytes];
   Acc* pc = reinterpret_cast<Acc*>(smem);
   Acc* pa = reinterpret_cast<Acc*>(smem + Smem::kUnionBytes);
+  Acc* bx_s = reinterpret_cast<Acc*>(smem + Smem::kBiasOffset);
+  Acc* by_s = bx_s + E::BN;
   constexpr int kLd = E::kLdOut;
+  constexpr int kQuads = E::BN / 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * E::BM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * E::BN;
   const int64_t K = p.o * p.factor;
+  const int nr = static_cast<int>(p.rows - row0 < E::BM ? p.rows - row0 : E::BM);
+  const int width = static_cast<int>(K - col0 < E::BN ? K - col0 : E::BN);
+  // Rows of da/dc start 4-element aligned when K is a multiple of 4: vector stores.
+  const bool vec_store = (K & 3) == 0;
 
+  stage_biases<E>(p.bias_x, p.bias_y, col0, K, bx_s, by_s);
   E::gemm(p.x, row0, p.wx, col0, smem, pa);
   E::gemm(p.y, row0, p.wy, col0, smem, pc);
   __syncthreads();
-  // Consecutive threads take consecutive columns: coalesced da/dc stores.
-  for (int e = threadIdx.x; e < E::BM * E::BN; e += E::kThreads) {
-    const int r = e / E::BN, cc = e % E::BN;
-    const int64_t row = row0 + r, col = col0 + cc;
-    if (row >= p.rows || col >= K) continue;
-    Acc a = pa[r * kLd + cc], c = pc[r * kLd + cc];
-    if (p.bias_x) a += to_acc<Acc>(p.bias_x[col]);
-    if (p.bias_y) c += to_acc<Acc>(p.bias_y[col]);
-    Acc dp = p.ds[row * p.o + col / p.factor];
-    if (p.dropout)
-      dp = dropout_keep(p.seed, static_cast<uint64_t>(row * K + col), p.rate) ? dp * p.scale
-                                                                             : Acc(0);
-    p.da[row * K + col] = from_acc<T>(dp * c);
-    p.dc[row * K + col] = from_acc<T>(dp * a);
+  DropoutStream drop(p.seed, p.rate);
+  // Four consecutive columns per thread (one Philox call per four elements when
+  // K % 4 == 0, else at most two); consecutive threads take consecutive quads of a row.
+  for (int e = threadIdx.x; e < nr * kQuads; e += E::kThreads) {
+    const int r = e / kQuads, c4 = (e % kQuads) * 4;  // constant divisor: shifts
+    if (c4 >= width) continue;
+    Acc a[4], c[4], bx[4], by[4], da[4], dc[4];
+    load4(pa + r * kLd + c4, a);
+    load4(pc + r * kLd + c4, c);
+    load4(bx_s + c4, bx);
+    load4(by_s + c4, by);
+    const int64_t row = row0 + r, col = col0 + c4;
+    // Output of the first column and the position in its group: one division per quad.
+    int64_t j = col / p.factor, f = col - j * p.factor;
+    const Acc* ds_row = p.ds + row * p.o;
+    const uint64_t index = static_cast<uint64_t>(row * K + col);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      Acc dp = Acc(0);
+      if (c4 + u < width) {
+        dp = ds_row[j];
+        if (p.dropout) dp = drop.keep(index + u) ? dp * p.scale : Acc(0);
+      }
+      da[u] = dp * (c[u] + by[u]);
+      dc[u] = dp * (a[u] + bx[u]);
+      if (++f == p.factor) {
+        f = 0;
+        ++j;
+      }
+    }
+    T* da_out = p.da + row * K + col;
+    T* dc_out = p.dc + row * K + col;
+    if (vec_store && c4 + 4 <= width) {
+      store4_global(da_out, da);
+      store4_global(dc_out, dc);
+    } else {
+      for (int u = 0; u < 4 && c4 + u < width; ++u) {
+        da_out[u] = from_acc<T>(da[u]);
+        dc_out[u] = from_acc<T>(dc[u]);
+      }
+    }
   }
 }
 
@@ -111,9 +172,8 @@ cudaError_t grad_pooled_typed(const GradPooledArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t projection_grads_typed(const ProjectionGradArgs& a, cudaStream_t stream) {
-  using E = typename EngineFor<T>::type;
+template <typename T, class E>
+cudaError_t projection_grads_with(const ProjectionGradArgs& a, cudaStream_t stream) {
   using Acc = typename E::Acc;
   const Grid grid = grid_for<E>(a.rows, a.o * a.factor);
   ProjectionGradParams<T, Acc> p;
@@ -137,6 +197,18 @@ cudaError_t projection_grads_typed(const ProjectionGradArgs& a, cudaStream_t str
                                        static_cast<unsigned>(grid.y)),
                                   E::kThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The engine: as forward_typed (fbp_forward.cu).
+template <typename T>
+cudaError_t projection_grads_typed(const ProjectionGradArgs& a, cudaStream_t stream) {
+  using Async = typename AsyncEngineFor<T>::type;
+  if constexpr (!std::is_void<Async>::value) {
+    if (a.async_staging) return projection_grads_with<T, Async>(a, stream);
+  } else {
+    if (a.async_staging) return cudaErrorInvalidValue;  // no cp.async engine for this dtype
+  }
+  return projection_grads_with<T, typename EngineFor<T>::type>(a, stream);
 }
 
 }  // namespace

@@ -8,6 +8,12 @@
 //       -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,))
 //   torch.ops.fbp_kernels_cuda.dropout_keep(index, seed, rate) -> bool mask
 //   torch.ops.fbp_kernels_cuda.philox4x32_10(counter (N, 4), key) -> (N, 4)  [CPU, tests]
+//   torch.ops.fbp_kernels_cuda.row_norm(t (rows, o), outputs_per_tile) -> (rows)  [CPU, tests]
+//   torch.ops.fbp_kernels_cuda.grad_pooled(grad, out, norm, eps) -> ds  [CPU, tests]
+//       the forward's overflow-safe row norm and the backward's dL/ds, run on the
+//       CPU through the kernels' own __host__ __device__ math (fbp_math.cuh)
+//   torch.ops.fbp_kernels_cuda.cp_async_staging(x, y, weight_x, weight_y) -> bool
+//       whether fp16/bf16 GEMM tiles would be fed by cp.async (FBP_CUDA_STAGING)
 //
 // x and y are 2-D (rows, m) / (rows, n): the Python glue flattens and broadcasts
 // leading dimensions (backends/_common.flatten_rows).  Any strides are accepted
@@ -19,12 +25,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "fbp_launch.h"
 #include "fbp_math.cuh"
@@ -136,6 +146,65 @@ Tensor maybe_contiguous(const std::optional<Tensor>& b) {
 
 Tensor empty_marker(const Tensor& like) { return at::empty({0}, like.options()); }
 
+// ------------------------------------------------------------------ operand staging
+// FBP_CUDA_STAGING selects how the fp16/bf16 GEMM tiles are fed: "auto" (default) the
+// 3-stage cp.async engine (WmmaAsyncEngine) when every operand allows it, else the
+// synchronous one; "sync" always the synchronous one; "async" always the cp.async one
+// for fp16/bf16, an error when their operands or the GPU do not allow it (tests use it
+// to know which path ran; fp32/fp64 have no cp.async engine and are unaffected).  Read
+// per call, so a test can switch it.
+enum class Staging { kAuto, kSync, kAsync };
+
+Staging staging_mode() {
+  const char* v = std::getenv("FBP_CUDA_STAGING");
+  const std::string mode = v == nullptr ? "" : v;
+  if (mode.empty() || mode == "auto") return Staging::kAuto;
+  if (mode == "sync") return Staging::kSync;
+  if (mode == "async") return Staging::kAsync;
+  TORCH_CHECK(false, "fbp cuda: FBP_CUDA_STAGING must be auto, sync or async, got '", mode, "'");
+}
+
+// Why x, y and the weights cannot take the cp.async engine ("" when they can).  The
+// compute-capability part applies to CUDA tensors only.
+std::string cp_async_refusal(const Tensor& x, const Tensor& y, const Tensor& wx,
+                             const Tensor& wy) {
+  const auto d = x.scalar_type();
+  if (d != at::kHalf && d != at::kBFloat16)
+    return std::string("the dtype is ") + c10::toString(d) +
+           " (only float16 and bfloat16 have a cp.async engine)";
+  const Tensor* operands[] = {&x, &y, &wx, &wy};
+  const char* names[] = {"x", "y", "weight_x", "weight_y"};
+  for (int i = 0; i < 4; ++i) {
+    const Tensor& t = *operands[i];
+    if (!cp_async_operand_ok(MatrixArg{t.data_ptr(), t.size(0), t.size(1), t.stride(0),
+                                       t.stride(1)}, 2))
+      return std::string(names[i]) + " is not contiguous along its last dimension with "
+             "16-byte-aligned rows (strides " + c10::str(t.strides()) + ", data pointer % 16 = " +
+             std::to_string(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) + ")";
+  }
+  if (x.is_cuda() && at::cuda::getDeviceProperties(x.get_device())->major < 8)
+    return "the GPU's compute capability is below 8.0 (cp.async)";
+  return "";
+}
+
+bool use_async_staging(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+  const Staging mode = staging_mode();
+  const auto d = x.scalar_type();
+  if (mode == Staging::kSync || (d != at::kHalf && d != at::kBFloat16)) return false;
+  const std::string refusal = cp_async_refusal(x, y, wx, wy);
+  TORCH_CHECK(mode != Staging::kAsync || refusal.empty(),
+              "fbp cuda: FBP_CUDA_STAGING=async, but ", refusal);
+  return refusal.empty();
+}
+
+// The operator form (CPU and CUDA): whether the kernels would stage these operands
+// with cp.async under the current FBP_CUDA_STAGING.
+bool cp_async_staging_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && wx.dim() == 2 && wy.dim() == 2,
+              "fbp: cp_async_staging takes the 2-D operands of fbp_forward");
+  return use_async_staging(x, y, wx, wy);
+}
+
 // ------------------------------------------------------------------ forward
 std::tuple<Tensor, Tensor> forward_meta(const Tensor& x, const Tensor& y, const Tensor& wx,
                                         const Tensor& wy, const std::optional<Tensor>& bx,
@@ -168,12 +237,13 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   const Grid grid = forward_grid(dtype, rows, o, factor);
   check_grid(grid, "out_features", o);
   const Tensor bias_x = maybe_contiguous(bx), bias_y = maybe_contiguous(by);
-  // Scratch, freed on return (stream-ordered by the caching allocator): per-tile
-  // partial sums of t^2, and for fp16/bf16 the fp32 t itself.
+  // Scratch, freed on return (stream-ordered by the caching allocator): per output
+  // tile the power-of-two-scaled part (e, q) of each row's sum of t^2, and for
+  // fp16/bf16 the fp32 t itself.
   const auto acc_opts = x.options().dtype(acc_type(x.scalar_type()));
   Tensor partial, t_scratch;
   if (normalize) {
-    partial = at::empty({rows, grid.y}, acc_opts);
+    partial = at::empty({rows, 2 * grid.y}, acc_opts);
     if (acc_type(x.scalar_type()) != x.scalar_type()) t_scratch = at::empty({rows, o}, acc_opts);
   }
   ForwardArgs args{};
@@ -194,6 +264,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   args.dropout = dropout_arg(dropout, seed);
   args.normalize = normalize;
   args.eps = eps;
+  args.async_staging = use_async_staging(x, y, wx, wy);
   C10_CUDA_CHECK(launch_forward(args, at::cuda::getCurrentCUDAStream()));
   return {out, norm};
 }
@@ -260,6 +331,7 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.o = o;
   args.factor = factor;
   args.dropout = dropout_arg(dropout, seed);
+  args.async_staging = rows > 0 && use_async_staging(x, y, wx, wy);
   C10_CUDA_CHECK(launch_projection_grads(args, stream));
   ds.reset();  // the transient buffers go as soon as the GEMMs have consumed them
   Tensor dx = at::mm(da, wx);
@@ -329,6 +401,97 @@ Tensor philox_cpu(const Tensor& counter, int64_t key) {
   return result;
 }
 
+// ------------------------------------------------------------------ host mirrors (tests)
+// The kernels' per-row math run on the CPU through the same __host__ __device__
+// functions (fbp_math.cuh), so the parts that decide finiteness can be tested
+// without a GPU.
+
+template <typename Acc>
+void row_norm_rows(const Acc* t, Acc* norm, int64_t rows, int64_t o, int64_t per_tile) {
+  const int64_t n_tiles = (o + per_tile - 1) / per_tile;
+  std::vector<Acc> parts(2 * n_tiles);
+  for (int64_t row = 0; row < rows; ++row) {
+    const Acc* trow = t + row * o;
+    // The forward kernel: one scaled part (e, q) per output tile.
+    for (int64_t i = 0; i < n_tiles; ++i) {
+      const int64_t j0 = i * per_tile, n = std::min<int64_t>(per_tile, o - j0);
+      norm_partial(trow + j0, static_cast<int>(n), 1, parts[2 * i], parts[2 * i + 1]);
+    }
+    // finish_norm_kernel: the largest exponent of a non-empty part, then 32 lane sums
+    // (lane l takes parts l, l + 32, ...) added by the same xor butterfly.
+    int E = kNoExponent;
+    for (int64_t i = 0; i < n_tiles; ++i) {
+      const int e = static_cast<int>(parts[2 * i]);
+      if (parts[2 * i + 1] > Acc(0) && e > E) E = e;
+    }
+    Acc lanes[32];
+    for (int l = 0; l < 32; ++l) {
+      lanes[l] = Acc(0);
+      for (int64_t i = l; i < n_tiles; i += 32)
+        lanes[l] += norm_rescale(parts[2 * i], parts[2 * i + 1], E);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      Acc next[32];
+      for (int l = 0; l < 32; ++l) next[l] = lanes[l] + lanes[l ^ offset];
+      std::copy(next, next + 32, lanes);
+    }
+    norm[row] = norm_from(E, lanes[0]);
+  }
+}
+
+// ||t|| per row of t (rows, o), fp32 or fp64, as the forward kernel and its finisher
+// compute it with `outputs_per_tile` outputs per block.
+Tensor row_norm_cpu(const Tensor& t, int64_t outputs_per_tile) {
+  TORCH_CHECK(t.dim() == 2 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              "fbp: t must be a 2-D float32 or float64 tensor, got ", t.scalar_type(), " ",
+              t.sizes());
+  TORCH_CHECK(outputs_per_tile >= 1, "fbp: outputs_per_tile must be >= 1, got ",
+              outputs_per_tile);
+  const Tensor tc = t.contiguous();
+  Tensor norm = at::empty({t.size(0)}, t.options());
+  if (t.scalar_type() == at::kFloat)
+    row_norm_rows(tc.data_ptr<float>(), norm.data_ptr<float>(), t.size(0), t.size(1),
+                  outputs_per_tile);
+  else
+    row_norm_rows(tc.data_ptr<double>(), norm.data_ptr<double>(), t.size(0), t.size(1),
+                  outputs_per_tile);
+  return norm;
+}
+
+template <typename Acc>
+void grad_pooled_rows(const Acc* g, const Acc* z, const Acc* norm, Acc* ds, int64_t rows,
+                      int64_t o, Acc sqrt_eps) {
+  for (int64_t row = 0; row < rows; ++row) {
+    Acc dot = Acc(0);
+    for (int64_t j = 0; j < o; ++j) dot += z[row * o + j] * g[row * o + j];
+    for (int64_t j = 0; j < o; ++j)
+      ds[row * o + j] = pooled_grad(g[row * o + j], z[row * o + j], dot, norm[row], sqrt_eps);
+  }
+}
+
+// ds = dL/ds (rows, o) from grad, out (rows, o) and norm (rows), all in one dtype
+// (fp32 or fp64): what grad_pooled_kernel computes per element.
+Tensor grad_pooled_cpu(const Tensor& grad, const Tensor& out, const Tensor& norm, double eps) {
+  TORCH_CHECK(grad.dim() == 2 && out.sizes() == grad.sizes() && norm.dim() == 1 &&
+                  norm.size(0) == grad.size(0),
+              "fbp: grad_pooled needs grad, out (rows, o) and norm (rows,), got ", grad.sizes(),
+              ", ", out.sizes(), ", ", norm.sizes());
+  const auto d = grad.scalar_type();
+  TORCH_CHECK((d == at::kFloat || d == at::kDouble) && out.scalar_type() == d &&
+                  norm.scalar_type() == d,
+              "fbp: grad_pooled needs one dtype, float32 or float64");
+  const Tensor g = grad.contiguous(), z = out.contiguous(), n = norm.contiguous();
+  Tensor ds = at::empty_like(g);
+  if (d == at::kFloat)
+    grad_pooled_rows(g.data_ptr<float>(), z.data_ptr<float>(), n.data_ptr<float>(),
+                     ds.data_ptr<float>(), g.size(0), g.size(1),
+                     static_cast<float>(std::sqrt(eps)));
+  else
+    grad_pooled_rows(g.data_ptr<double>(), z.data_ptr<double>(), n.data_ptr<double>(),
+                     ds.data_ptr<double>(), g.size(0), g.size(1), std::sqrt(eps));
+  return ds;
+}
+
 }  // namespace
 }  // namespace fbp
 
@@ -343,12 +506,16 @@ TORCH_LIBRARY(fbp_kernels_cuda, m) {
         "Tensor dbias_y)");
   m.def("dropout_keep(Tensor index, int seed, float rate) -> Tensor");
   m.def("philox4x32_10(Tensor counter, int key) -> Tensor");
+  m.def("row_norm(Tensor t, int outputs_per_tile) -> Tensor");
+  m.def("grad_pooled(Tensor grad, Tensor out, Tensor norm, float eps) -> Tensor");
+  m.def("cp_async_staging(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CUDA, m) {
   m.impl("fbp_forward", &fbp::forward_impl);
   m.impl("fbp_backward", &fbp::backward_impl);
   m.impl("dropout_keep", &fbp::dropout_keep_gpu);
+  m.impl("cp_async_staging", &fbp::cp_async_staging_op);
 }
 
 TORCH_LIBRARY_IMPL(fbp_kernels_cuda, Meta, m) {
@@ -360,6 +527,9 @@ TORCH_LIBRARY_IMPL(fbp_kernels_cuda, Meta, m) {
 TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CPU, m) {
   m.impl("dropout_keep", &fbp::dropout_keep_cpu);
   m.impl("philox4x32_10", &fbp::philox_cpu);
+  m.impl("row_norm", &fbp::row_norm_cpu);
+  m.impl("grad_pooled", &fbp::grad_pooled_cpu);
+  m.impl("cp_async_staging", &fbp::cp_async_staging_op);
 }
 
 // Lets `import fbp_kernels._C` (the ahead-of-time build) load the library and so

@@ -4,16 +4,26 @@
 // Grid: (row tiles of BM, output tiles of BO = max(1, BN / factor) outputs).  A
 // block owns BM rows x BO outputs, i.e. the BO * factor projected columns that
 // feed them, walked in chunks of BN columns (one chunk unless factor > BN).  For
-// each chunk it computes the a and c tiles into shared memory (fp32/fp64), then
-// each thread sums the products of its (row, output) pairs into registers.  No
-// (rows, factor*o) intermediate ever reaches global memory.
+// each chunk it stages the chunk's biases in shared memory, computes the a and c
+// tiles into shared memory (fp32/fp64), then
+//   1. an elementwise pass: each thread takes four consecutive columns of a row
+//      (16-byte vector reads), forms (a + b_x)(c + b_y), applies dropout (one Philox
+//      call per four columns) and writes the product back over the a tile;
+//   2. a pooling pass over the block's valid (row, output) pairs only: each thread
+//      sums the `factor` products of each of its pairs and writes the result out
+//      (s, or t and its copy for the row norm) at once.  The pair index advances by a
+//      precomputed (rows, outputs) step: no division in the loop, no array of sums.
+// No (rows, factor*o) intermediate ever reaches global memory.
 //
 // Row norms need every output of a row, which lives in several blocks.  Each block
 // writes t = signed_sqrt(s) (to `out` itself for fp32/fp64, to an fp32 (rows, o)
-// scratch for half types, so z is rounded once) and its partial sum of t^2 to a
-// (rows, output tiles) buffer; a small finishing kernel (one warp per row) sums the
-// partials in a fixed order (deterministic), writes ||t|| and scales the row.
-// Extra global memory: (rows, n_tiles) partials, plus (rows, o) fp32 for fp16/bf16.
+// scratch for half types, so z is rounded once) and its part of the row's sum of
+// squares as a power-of-two-scaled pair (e, q) (fbp_math.cuh: norm_partial; no
+// overflow for fp32 t near 1e19-1e20, no underflow for tiny t) to a
+// (rows, output tiles, 2) buffer; a small finishing kernel (one warp per row)
+// combines the parts in a fixed order (deterministic), writes ||t|| and scales the
+// row.  Extra global memory: (rows, 2 n_tiles) partials, plus (rows, o) fp32 for
+// fp16/bf16.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -32,7 +42,7 @@ struct ForwardParams {
   const T* bias_y;
   T* out;                  // (rows, o)
   Acc* t_buf;              // (rows, o): may alias out when T == Acc
-  Acc* partial;            // (rows, n_tiles) partial sums of t^2
+  Acc* partial;            // (rows, n_tiles, 2) scaled parts (e, q) of sum t^2
   int64_t rows, o, factor;
   int outs_per_tile;       // BO
   int n_tiles;
@@ -43,110 +53,147 @@ struct ForwardParams {
   bool dropout, normalize;
 };
 
+// CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
+// 65536 / (minBlocks * threads)).  The highest value without spills on sm_80 and sm_90
+// (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
+// spill): 3 for every engine (WMMA 120-156 registers, FMA 71-80).
+template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
+
 template <typename T, class E>
-// minBlocks = 1: without it ptxas (CUDA 13) capped registers and spilled.
-__global__ void __launch_bounds__(E::kThreads, 1)
+__global__ void __launch_bounds__(E::kThreads, ForwardMinBlocks<E>::value)
 fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;
   __shared__ __align__(128) unsigned char smem[Smem::kBytes];
   Acc* pc = reinterpret_cast<Acc*>(smem);  // aliases the staged inputs
   Acc* pa = reinterpret_cast<Acc*>(smem + Smem::kUnionBytes);
+  Acc* bx_s = reinterpret_cast<Acc*>(smem + Smem::kBiasOffset);
+  Acc* by_s = bx_s + E::BN;
   constexpr int kLd = E::kLdOut;
-  constexpr int kPairsPerThread = E::BM * E::BN / E::kThreads;
+  constexpr int kQuads = E::BN / 4;                        // 4-column groups per tile row
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * E::BM;
-  const int bo = p.outs_per_tile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * bo;
-  const int64_t j_end = j0 + bo < p.o ? j0 + bo : p.o;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * p.outs_per_tile;
   const int64_t K = p.o * p.factor;
+  // Valid rows and outputs of this block: the pair loops visit only these.
+  const int nr = static_cast<int>(p.rows - row0 < E::BM ? p.rows - row0 : E::BM);
+  const int nb = static_cast<int>(p.o - j0 < p.outs_per_tile ? p.o - j0 : p.outs_per_tile);
+  // Pair idx = tid + q * kThreads is (r, jo) = (idx / nb, idx % nb).  This thread's
+  // first pair and the step to its next one are the only divisions.
+  const int r_first = threadIdx.x / nb, j_first = threadIdx.x % nb;
+  const int step_r = E::kThreads / nb, step_j = E::kThreads % nb;
+  const int64_t col_begin = j0 * p.factor, col_end = (j0 + nb) * p.factor;
+  // More than one chunk happens only when factor > BN, and then BO == 1: thread tid
+  // owns row tid (one pair) in every chunk and carries its running sum.
+  const bool chunked = p.factor > E::BN;
+  // t per (row, output) of this block, for the row-norm part: the c tile's space,
+  // free once the elementwise pass of the last chunk has read it.
+  Acc* t_tile = pc;
 
-  // Pairs (row, output) of this block: idx = tid + q * kThreads, r = idx / bo, jo = idx % bo.
-  // s[] lives only within one chunk's epilogue (not across the GEMMs, which need the
-  // registers).  More than one chunk happens only when factor > BN, and then bo == 1:
-  // thread tid owns row tid (q = 0) in every chunk and carries its running sum.
-  Acc s[kPairsPerThread];
   Acc carry = Acc(0);
-  const int64_t col_end = j_end * p.factor;
-  for (int64_t cbeg = j0 * p.factor;; cbeg += E::BN) {
+  for (int64_t cbeg = col_begin;; cbeg += E::BN) {
+    stage_biases<E>(p.bias_x, p.bias_y, cbeg, K, bx_s, by_s);
     E::gemm(p.x, row0, p.wx, cbeg, smem, pa);
     E::gemm(p.y, row0, p.wy, cbeg, smem, pc);
     __syncthreads();
+    const int width = static_cast<int>(col_end - cbeg < E::BN ? col_end - cbeg : E::BN);
+    const bool last = cbeg + E::BN >= col_end;
+
+    // 1. Elementwise: pa <- dropout((a + b_x) (c + b_y)), four columns per thread.
+    DropoutStream drop(p.seed, p.rate);  // per chunk: no RNG state live across the GEMMs
+    for (int e = threadIdx.x; e < nr * kQuads; e += E::kThreads) {
+      const int r = e / kQuads, c4 = (e % kQuads) * 4;  // constant divisor: shifts
+      if (c4 >= width) continue;
+      Acc a[4], c[4], bx[4], by[4];
+      load4(pa + r * kLd + c4, a);
+      load4(pc + r * kLd + c4, c);
+      load4(bx_s + c4, bx);
+      load4(by_s + c4, by);
+      const uint64_t index = static_cast<uint64_t>((row0 + r) * K + cbeg + c4);
 #pragma unroll
-    for (int q = 0; q < kPairsPerThread; ++q) {
-      s[q] = Acc(0);
-      const int idx = threadIdx.x + q * E::kThreads;
-      const int r = idx / bo, jo = idx % bo;
-      const int64_t row = row0 + r, j = j0 + jo;
-      if (r >= E::BM || row >= p.rows || j >= j_end) continue;
-      const int64_t lo = j * p.factor > cbeg ? j * p.factor : cbeg;
-      const int64_t hi = (j + 1) * p.factor < cbeg + E::BN ? (j + 1) * p.factor : cbeg + E::BN;
-      Acc sum = Acc(0);
-      for (int64_t col = lo; col < hi; ++col) {
-        const int cc = static_cast<int>(col - cbeg);
-        Acc a = pa[r * kLd + cc], c = pc[r * kLd + cc];
-        if (p.bias_x) a += to_acc<Acc>(p.bias_x[col]);
-        if (p.bias_y) c += to_acc<Acc>(p.bias_y[col]);
-        Acc prod = a * c;
-        if (p.dropout)
-          prod = dropout_keep(p.seed, static_cast<uint64_t>(row * K + col), p.rate)
-                     ? prod * p.scale : Acc(0);
-        sum += prod;
+      for (int u = 0; u < 4; ++u) {
+        Acc prod = (a[u] + bx[u]) * (c[u] + by[u]);
+        if (p.dropout && c4 + u < width) prod = drop.keep(index + u) ? prod * p.scale : Acc(0);
+        a[u] = prod;
       }
-      if (bo == 1) {
+      store4(pa + r * kLd + c4, a);
+    }
+    __syncthreads();
+
+    // 2. Pooling over the valid (row, output) pairs of this thread.  A finished pair
+    // (last chunk) goes straight out: s to `out`, or t to t_buf and t_tile.  No
+    // per-thread array of sums, so nothing is live across the GEMMs but `carry`.
+    const int64_t local0 = cbeg - col_begin;  // chunk start within the block's columns
+    for (int r = r_first, jo = j_first; r < nr;) {
+      const int64_t first = jo * p.factor - local0, end = first + p.factor;
+      const int lo = static_cast<int>(first > 0 ? first : 0);
+      const int hi = static_cast<int>(end < width ? end : width);
+      const Acc* prow = pa + r * kLd;
+      Acc sum = Acc(0);
+      for (int cc = lo; cc < hi; ++cc) sum += prow[cc];
+      if (chunked) {
         sum += carry;
         carry = sum;
       }
-      s[q] = sum;
+      if (last) {
+        const int64_t at = (row0 + r) * p.o + j0 + jo;
+        if (!p.normalize) {
+          p.out[at] = from_acc<T>(sum);
+        } else {
+          const Acc t = signed_sqrt(sum, p.eps, p.sqrt_eps);
+          p.t_buf[at] = t;
+          t_tile[r * kLd + jo] = t;
+        }
+      }
+      r += step_r;
+      jo += step_j;
+      if (jo >= nb) {
+        jo -= nb;
+        ++r;
+      }
     }
-    __syncthreads();  // pa and pc are overwritten next (next chunk, or t^2 below)
-    if (cbeg + E::BN >= col_end) break;
+    __syncthreads();  // pa and pc are overwritten next (next chunk), t_tile read below
+    if (last) break;
   }
+  if (!p.normalize) return;  // block-uniform
 
-  if (!p.normalize) {  // block-uniform
-#pragma unroll
-    for (int q = 0; q < kPairsPerThread; ++q) {
-      const int idx = threadIdx.x + q * E::kThreads;
-      const int r = idx / bo, jo = idx % bo;
-      const int64_t row = row0 + r, j = j0 + jo;
-      if (r < E::BM && row < p.rows && j < j_end) p.out[row * p.o + j] = from_acc<T>(s[q]);
-    }
-    return;
-  }
-
-  Acc* t_sq = pa;  // reuse as [BM][kLd]: t^2 per (row, output) of this block
-#pragma unroll
-  for (int q = 0; q < kPairsPerThread; ++q) {
-    const int idx = threadIdx.x + q * E::kThreads;
-    const int r = idx / bo, jo = idx % bo;
-    const int64_t row = row0 + r, j = j0 + jo;
-    if (r >= E::BM || row >= p.rows || j >= j_end) continue;
-    const Acc t = signed_sqrt(s[q], p.eps, p.sqrt_eps);
-    p.t_buf[row * p.o + j] = t;
-    t_sq[r * kLd + jo] = t * t;
-  }
-  __syncthreads();
-  if (threadIdx.x < E::BM && row0 + threadIdx.x < p.rows) {
+  if (threadIdx.x < nr) {
     const int r = threadIdx.x;
-    Acc acc = Acc(0);
-    for (int jo = 0; jo < j_end - j0; ++jo) acc += t_sq[r * kLd + jo];
-    p.partial[(row0 + r) * p.n_tiles + blockIdx.y] = acc;
+    Acc e, q;
+    norm_partial(t_tile + r * kLd, nb, 1, e, q);
+    Acc* part = p.partial + ((row0 + r) * p.n_tiles + blockIdx.y) * 2;
+    part[0] = e;
+    part[1] = q;
   }
 }
 
-// One warp per row: ||t|| from the partials (fixed order), then z = t / max(||t||, delta).
+// One warp per row: ||t|| from the scaled parts (e_i, q_i) in a fixed order, then
+// z = t / max(||t||, delta).  The common exponent E is the largest e_i of a
+// non-empty part (an integer max: order-free); the rescaled q_i are summed per lane
+// and then by a fixed butterfly, so the result is deterministic.
 template <typename T, typename Acc>
 __global__ void finish_norm_kernel(const Acc* t_buf, const Acc* partial, T* out, Acc* norm,
                                    int64_t rows, int64_t o, int n_tiles) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // warp-uniform
+  const Acc* part = partial + row * 2 * n_tiles;
+  int E = kNoExponent;
+  for (int i = lane; i < n_tiles; i += 32) {
+    const int e = static_cast<int>(part[2 * i]);
+    if (part[2 * i + 1] > Acc(0) && e > E) E = e;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const int other = __shfl_xor_sync(0xffffffffu, E, offset);
+    E = other > E ? other : E;
+  }
   Acc total = Acc(0);
-  for (int i = lane; i < n_tiles; i += 32) total += partial[row * n_tiles + i];
+  for (int i = lane; i < n_tiles; i += 32) total += norm_rescale(part[2 * i], part[2 * i + 1], E);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2)
     total += __shfl_xor_sync(0xffffffffu, total, offset);
-  const Acc nrm = sqrt(total);
+  const Acc nrm = norm_from(E, total);
   if (lane == 0) norm[row] = nrm;
   const Acc denom = nrm > Acc(kNormDelta) ? nrm : Acc(kNormDelta);
   for (int64_t j = lane; j < o; j += 32) out[row * o + j] = from_acc<T>(t_buf[row * o + j] / denom);
@@ -158,9 +205,8 @@ Grid grid_for(int64_t rows, int64_t o, int64_t factor) {
   return Grid{(rows + E::BM - 1) / E::BM, (o + bo - 1) / bo};
 }
 
-template <typename T>
-cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
-  using E = typename EngineFor<T>::type;
+template <typename T, class E>
+cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   using Acc = typename E::Acc;
   const Grid grid = grid_for<E>(a.rows, a.o, a.factor);
   ForwardParams<T, Acc> p;
@@ -203,6 +249,19 @@ cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
                                kRowsPerBlock * 32, 0, stream>>>(
       p.t_buf, p.partial, p.out, static_cast<Acc*>(a.norm), a.rows, a.o, p.n_tiles);
   return cudaGetLastError();
+}
+
+// The engine: the cp.async one for fp16/bf16 when the binding found every operand
+// eligible (cp_async_operand_ok, sm_80+), else the synchronous one.
+template <typename T>
+cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
+  using Async = typename AsyncEngineFor<T>::type;
+  if constexpr (!std::is_void<Async>::value) {
+    if (a.async_staging) return forward_with<T, Async>(a, stream);
+  } else {
+    if (a.async_staging) return cudaErrorInvalidValue;  // no cp.async engine for this dtype
+  }
+  return forward_with<T, typename EngineFor<T>::type>(a, stream);
 }
 
 __global__ void dropout_keep_kernel(const int64_t* index, bool* keep, int64_t numel,

@@ -21,6 +21,17 @@ struct MatrixArg {
   int64_t rows, cols, stride_row, stride_col;
 };
 
+// Can this operand be staged with 16-byte cp.async (WmmaAsyncEngine, fp16/bf16)?
+// Contiguous along K, and every row starts 16-byte aligned: the base pointer and the
+// row stride (in elements of element_bytes each) are multiples of 16 bytes.
+inline bool cp_async_operand_ok(const MatrixArg& m, int element_bytes) {
+  const int64_t per_chunk = 16 / element_bytes;
+  const bool contiguous_k = m.stride_col == 1 || m.cols <= 1;
+  const bool rows_aligned = m.rows <= 1 || m.stride_row % per_chunk == 0;
+  return element_bytes == 2 && contiguous_k && rows_aligned &&
+         reinterpret_cast<uintptr_t>(m.ptr) % 16 == 0;
+}
+
 struct DropoutArg {
   bool enabled;  // training with rate > 0 and a seed
   uint64_t seed;
@@ -40,11 +51,13 @@ struct ForwardArgs {
   void* out;        // (rows, o) contiguous, input dtype
   void* norm;       // (rows) acc dtype; nullptr when !normalize
   void* t_scratch;  // (rows, o) acc dtype for fp16/bf16 with normalize; else nullptr
-  void* partial;    // (rows, forward_grid().y) acc dtype when normalize; else nullptr
+  void* partial;    // (rows, 2 * forward_grid().y) acc dtype when normalize; else nullptr:
+                    // per output tile the scaled part (e, q) of the row's sum of t^2
   int64_t rows, o, factor;
   DropoutArg dropout;
   bool normalize;
   double eps;
+  bool async_staging;  // fp16/bf16: WmmaAsyncEngine (every operand cp_async_operand_ok, sm_80+)
 };
 Grid forward_grid(DType dtype, int64_t rows, int64_t o, int64_t factor);
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
@@ -74,11 +87,12 @@ struct ProjectionGradArgs {
   void* dc;
   int64_t rows, o, factor;
   DropoutArg dropout;
+  bool async_staging;  // as ForwardArgs::async_staging
 };
 Grid projection_grads_grid(DType dtype, int64_t rows, int64_t K);
 cudaError_t launch_projection_grads(const ProjectionGradArgs& args, cudaStream_t stream);
 
-// keep[i] = dropout keep-mask of linear element index[i].
+// keep[i] = dropout keep-mask of linear element index[i] (fbp_math.cuh: dropout_keep).
 cudaError_t launch_dropout_keep(const int64_t* index, bool* keep, int64_t numel, uint64_t seed,
                                 double rate, cudaStream_t stream);
 

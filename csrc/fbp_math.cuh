@@ -67,18 +67,127 @@ FBP_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
-// Uniform in [0, 1) with 24 random bits (exact in float) for element `index`
-// of the (rows, factor*o) product under `seed`.
-FBP_HD float dropout_uniform(uint64_t seed, uint64_t index) {
-  const Philox4 r = philox4x32_10(
-      Philox4{static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u, 0u},
+// ---------------------------------------------------------------------------
+// The dropout rule: a pure function of (seed, element index), four elements per
+// Philox call.  Element i of the (rows, factor*o) product (i = row * factor*o + col,
+// int64) is kept when
+//     u = (word[i & 3] >> 8) / 2^24 >= rate,
+//     word = philox4x32_10(counter = (lo32(i >> 2), hi32(i >> 2), 0, 0),
+//                          key = (lo32(seed), hi32(seed)))
+// (word[0..3] = x, y, z, w).  u has 24 random bits, exact in float.  Four
+// consecutive indices 4g..4g+3 share one call, so a thread that walks consecutive
+// columns draws one Philox per four elements (two when its run straddles a group).
+
+FBP_HD Philox4 dropout_block(uint64_t seed, uint64_t group) {
+  return philox4x32_10(
+      Philox4{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), 0u, 0u},
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return static_cast<float>(r.x >> 8) * (1.0f / 16777216.0f);
 }
 
-// Keep-mask: the same comparison as the torch backend (u >= rate keeps).
+FBP_HD uint32_t philox_word(const Philox4& r, unsigned component) {
+  return component == 0 ? r.x : component == 1 ? r.y : component == 2 ? r.z : r.w;
+}
+
+// Keep-test of one Philox word: the same comparison as the torch backend (u >= rate keeps).
+FBP_HD bool keep_word(uint32_t word, float rate) {
+  return static_cast<float>(word >> 8) * (1.0f / 16777216.0f) >= rate;
+}
+
+// Keep-mask of one element (one Philox call; the CPU/GPU mask op and tests).
 FBP_HD bool dropout_keep(uint64_t seed, uint64_t index, float rate) {
-  return dropout_uniform(seed, index) >= rate;
+  return keep_word(philox_word(dropout_block(seed, index >> 2), index & 3u), rate);
+}
+
+// The same mask for a thread walking indices in order: one Philox call per group of
+// four, reused while the index stays in the group.  Registers only (no arrays).
+struct DropoutStream {
+  uint64_t seed;
+  float rate;
+  uint64_t group;
+  Philox4 words;
+  FBP_HD DropoutStream(uint64_t seed_, float rate_)
+      : seed(seed_), rate(rate_), group(~uint64_t(0)), words{0u, 0u, 0u, 0u} {}
+  FBP_HD bool keep(uint64_t index) {
+    if ((index >> 2) != group) {  // ~0 never equals index >> 2 (< 2^62)
+      group = index >> 2;
+      words = dropout_block(seed, group);
+    }
+    return keep_word(philox_word(words, static_cast<unsigned>(index & 3u)), rate);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Overflow-safe row norm, shared by the forward kernel, its finisher and the CPU
+// test operator.  Squaring fp32 t overflows for |t| >~ 1.8e19 (t^2 > 3.4e38), and a
+// sum of a few such squares sooner; tiny t underflows.  So each block reduces its
+// part of a row to a power-of-two-scaled pair (e, q):
+//     e = frexp exponent of max|t| (max|t| = m 2^e, m in [0.5, 1)),  q = sum (t 2^-e)^2
+// (each term <= 1), and the finisher combines the parts with the largest exponent E
+// of a non-empty part:
+//     ||t|| = 2^E sqrt(sum_i q_i 2^(2 (e_i - E))).
+// Scaling by powers of two is exact (ldexp), so where nothing over- or underflows the
+// result equals the plain sqrt(sum t^2) in the same order (as reference.row_norm,
+// which scales the same way).  Exponents travel as values of the accumulation type.
+
+FBP_HD float fbp_ldexp(float v, int e) { return ldexpf(v, e); }
+FBP_HD double fbp_ldexp(double v, int e) { return ldexp(v, e); }
+FBP_HD int fbp_exponent(float v) {
+  int e = 0;
+  frexpf(v, &e);
+  return e;
+}
+FBP_HD int fbp_exponent(double v) {
+  int e = 0;
+  frexp(v, &e);
+  return e;
+}
+
+// Scaled partial (e, q) of n values t[0], t[stride], ...; (0, 0) when all are zero.
+template <typename Acc>
+FBP_HD void norm_partial(const Acc* t, int n, int stride, Acc& e_out, Acc& q_out) {
+  using std::abs;
+  Acc mx = Acc(0);
+  for (int i = 0; i < n; ++i) mx = abs(t[i * stride]) > mx ? abs(t[i * stride]) : mx;
+  // NaN stays NaN through q (the comparison above skips it, the sum below does not).
+  const int e = mx > Acc(0) ? fbp_exponent(mx) : 0;
+  Acc q = Acc(0);
+  for (int i = 0; i < n; ++i) {
+    const Acc v = fbp_ldexp(t[i * stride], -e);
+    q += v * v;
+  }
+  e_out = static_cast<Acc>(e);
+  q_out = q;
+}
+
+// Exponent below every real one: marks "no non-empty part yet" in the combine.
+constexpr int kNoExponent = -100000;
+
+// Part (e, q) rescaled to the common exponent E (E >= e for every non-empty part).
+template <typename Acc>
+FBP_HD Acc norm_rescale(Acc e, Acc q, int E) {
+  return q > Acc(0) || q != q ? fbp_ldexp(q, 2 * (static_cast<int>(e) - E)) : Acc(0);
+}
+
+// ||t|| from the common exponent and the rescaled sum.
+template <typename Acc>
+FBP_HD Acc norm_from(int E, Acc q_sum) {
+  using std::sqrt;
+  return E == kNoExponent ? (q_sum != q_sum ? q_sum : Acc(0)) : fbp_ldexp(sqrt(q_sum), E);
+}
+
+// ---------------------------------------------------------------------------
+// dL/ds of one output from g = dL/dz, z, <z, g> of its row and ||t|| (SPEC.md,
+// torch_backend.grad_pooled):
+//     r = max(||t||, delta);  dt = (g - z <z, g>) / r, or 0 when !(||t|| > delta)
+//     (a degenerate row -- all zeros, or every product dropped -- gets zero gradient,
+//     finite in every dtype);  t = z r;  ds = dt * 0.5 / (|t| + sqrt(eps)).
+template <typename Acc>
+FBP_HD Acc pooled_grad(Acc g, Acc z, Acc zg, Acc norm, Acc sqrt_eps) {
+  const Acc delta = Acc(kNormDelta);
+  const bool degenerate = !(norm > delta);
+  const Acc r = degenerate ? delta : norm;
+  const Acc dt = degenerate ? Acc(0) : (g - z * zg) / r;
+  return dt * signed_sqrt_grad_from_t(z * r, sqrt_eps);
 }
 
 }  // namespace fbp

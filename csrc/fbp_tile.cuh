@@ -8,12 +8,17 @@
 // read through explicit strides, so non-contiguous x, y and weights need no copy.
 //
 //   FmaEngine<T, Acc, BM, BN>: CUDA-core FMA, 256 threads, each thread owns a
-//     (BM/16, BN/16) register micro-tile; float and double.
+//     (BM/16, BN/16) register micro-tile; float and double; padded k-major staging
+//     (no shared-memory bank conflicts, see the bank map in the struct).
 //   WmmaEngine<T>: tensor cores through nvcuda::wmma (16x16x16, fp32 accumulate),
-//     128 threads = 2x2 warps of 32x32; half and bfloat16.
+//     128 threads = 2x2 warps of 32x32; half and bfloat16; synchronous staging.
+//   WmmaAsyncEngine<T>: the same tile fed by a 3-stage cp.async pipeline (sm_80+,
+//     16-byte-aligned operands contiguous along K; never run yet).
 //
 // The caller provides `in_smem` (kInputBytes) for the staged input tiles; the
 // output tile may alias it (the K loop ends with a barrier before the store).
+// Output rows are 16-byte aligned (kLdOut % 4 == 0): the epilogues read four
+// consecutive columns per thread as one vector (load4/store4 below).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -77,15 +82,30 @@ struct FmaEngine {
   static constexpr int BM = BM_, BN = BN_, BK = 16;
   static constexpr int kThreads = 256;  // 16 x 16 threads
   static constexpr int TM = BM / 16, TN = BN / 16;
-  static constexpr int kLdOut = BN + 1;  // +1: no bank conflicts on column reads
-  static constexpr int kInputBytes = (BK * BM + BK * BN) * int(sizeof(Acc));
+  // Staged tiles are k-major ([BK][BM + kPad], [BK][BN + kPad]) so that the inner
+  // product reads a row of As (broadcast) and 16 consecutive words of Ws.  The store
+  // walks k fastest (the contiguous direction of x and W in global memory): lane l of
+  // a warp writes (r, kk) = (r0 + l / 16, l % 16) at word kk * ld + r.  Unpadded
+  // (ld = 64) that is bank r for all 16 lanes of a row: a 16-way conflict.
+  //   fp32 (4-byte words, 32 banks), kPad = 2, ld = 66: bank (2 kk + r) % 32, i.e.
+  //     lanes 0-15 hit banks r0 + 0, 2, ..., 30 and lanes 16-31 banks r0 + 1, 3, ..., 31:
+  //     all 32 lanes on distinct banks, conflict-free.
+  //   fp64 (8-byte words, one half-warp per shared-memory wavefront, 16 double-wide
+  //     banks), kPad = 1, ld = 33 / 65: lane l of a half-warp hits bank (kk * ld + r) % 16
+  //     = (kk + r) % 16 with kk = l: 16 distinct banks, conflict-free.
+  static constexpr int kPad = sizeof(Acc) == 4 ? 2 : 1;
+  static constexpr int kLdA = BM + kPad, kLdW = BN + kPad;
+  // Output tile [BM][BN + 4]: rows 16-byte aligned so the epilogue reads four
+  // consecutive columns as one vector (float4 / 2 x double2).
+  static constexpr int kLdOut = BN + 4;
+  static constexpr int kInputBytes = (BK * kLdA + BK * kLdW) * int(sizeof(Acc));
   static_assert(BM % 16 == 0 && BN % 16 == 0, "tile sides must be multiples of 16");
 
   // out = A[row0:row0+BM, :] @ W[col0:col0+BN, :]^T, over the shared inner size.
   __device__ static void gemm(const Matrix<T>& A, int64_t row0, const Matrix<T>& W,
                               int64_t col0, unsigned char* in_smem, Acc* out) {
-    Acc* As = reinterpret_cast<Acc*>(in_smem);  // [BK][BM], k-major: row reads broadcast
-    Acc* Ws = As + BK * BM;                     // [BK][BN]
+    Acc* As = reinterpret_cast<Acc*>(in_smem);  // [BK][kLdA], k-major: row reads broadcast
+    Acc* Ws = As + BK * kLdA;                   // [BK][kLdW]
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
     const int64_t kdim = A.cols;
     Acc acc[TM][TN];
@@ -95,25 +115,25 @@ struct FmaEngine {
       for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
 
     for (int64_t k0 = 0; k0 < kdim; k0 += BK) {
-      // Consecutive threads walk k, the contiguous direction of x and W.
+      // Consecutive threads walk k, the contiguous direction of x and W (banks: above).
       for (int e = tid; e < BM * BK; e += kThreads) {
         const int r = e / BK, kk = e % BK;
         const int64_t gr = row0 + r, gk = k0 + kk;
-        As[kk * BM + r] = (gr < A.rows && gk < kdim) ? to_acc<Acc>(A.at(gr, gk)) : Acc(0);
+        As[kk * kLdA + r] = (gr < A.rows && gk < kdim) ? to_acc<Acc>(A.at(gr, gk)) : Acc(0);
       }
       for (int e = tid; e < BN * BK; e += kThreads) {
         const int c = e / BK, kk = e % BK;
         const int64_t gc = col0 + c, gk = k0 + kk;
-        Ws[kk * BN + c] = (gc < W.rows && gk < kdim) ? to_acc<Acc>(W.at(gc, gk)) : Acc(0);
+        Ws[kk * kLdW + c] = (gc < W.rows && gk < kdim) ? to_acc<Acc>(W.at(gc, gk)) : Acc(0);
       }
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
         Acc av[TM], wv[TN];
 #pragma unroll
-        for (int i = 0; i < TM; ++i) av[i] = As[kk * BM + ty + 16 * i];
+        for (int i = 0; i < TM; ++i) av[i] = As[kk * kLdA + ty + 16 * i];
 #pragma unroll
-        for (int j = 0; j < TN; ++j) wv[j] = Ws[kk * BN + tx + 16 * j];
+        for (int j = 0; j < TN; ++j) wv[j] = Ws[kk * kLdW + tx + 16 * j];
 #pragma unroll
         for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -121,6 +141,7 @@ struct FmaEngine {
       }
       __syncthreads();  // before the next stage (or the aliasing store) overwrites
     }
+    // fp32: lanes (tx, ty0 / ty0 + 1) hit banks (4 ty + tx) % 32: 2-way, once per tile.
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -211,17 +232,199 @@ struct WmmaEngine {
   }
 };
 
+// ----------------------------------------------------------------- cp.async WMMA engine
+// The same 64x64x32 WMMA tile as WmmaEngine, fed by a 3-stage cp.async pipeline:
+// 16-byte cp.async.cg.shared.global copies (8 halves), one commit group per k-tile,
+// two k-tiles in flight while the third is multiplied, one barrier per k-step.
+// Requires (checked on the host, fbp_launch.h: cp_async_operand_ok) operands
+// contiguous along K with 16-byte-aligned rows (base pointer and row stride); the
+// K tail and rows/columns outside the matrices are zero-filled by cp.async's
+// src-size operand.  sm_80+ (the body traps below; the host never launches it there).
+//
+// NEVER RUN: compiled for sm_80 and sm_90 (cuda_compile reports LDGSTS + HMMA), but no
+// GPU has executed it yet.  FBP_CUDA_STAGING=sync selects WmmaEngine instead.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FBP_CP_ASYNC 0
+#else
+#define FBP_CP_ASYNC 1
+#endif
+
+// dst (shared) <- src_bytes bytes at src (global), zero-filled up to 16 bytes.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+#if FBP_CP_ASYNC
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if FBP_CP_ASYNC
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Wait until at most N of this thread's commit groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if FBP_CP_ASYNC
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+template <typename T>
+struct WmmaAsyncEngine {
+  using Acc = float;
+  static constexpr int BM = 64, BN = 64, BK = 32;
+  static constexpr int kStages = 3;
+  static constexpr int kThreads = 128;  // 4 warps, 2 x 2, each 32 x 32
+  // 40 halves = 80 bytes per row: 16-byte aligned for cp.async and wmma; ldmatrix's
+  // 8 rows of 16 bytes start at banks 0, 20, 8, 28, 16, 4, 24, 12: conflict-free.
+  static constexpr int kLdIn = BK + 8;
+  static constexpr int kLdOut = BN + 4;
+  static constexpr int kChunks = BK * int(sizeof(T)) / 16;  // 16-byte chunks per tile row
+  static constexpr int kElemsPerChunk = 16 / int(sizeof(T));
+  static constexpr int kStageElems = (BM + BN) * kLdIn;
+  static constexpr int kInputBytes = kStages * kStageElems * int(sizeof(T));
+  static constexpr int kCopiesPerThread = (BM + BN) * kChunks / kThreads;
+  static_assert(sizeof(T) == 2 && (BM + BN) * kChunks % kThreads == 0, "tile split");
+  static_assert(BM * kChunks % kThreads == 0, "A and W copies split at a fixed iteration");
+
+  // Issues the copies of k-tile [k0, k0 + BK) of A rows row0.. and W rows col0.. into
+  // one stage buffer ([BM][kLdIn] A, then [BN][kLdIn] W).
+  __device__ static void load_stage(const Matrix<T>& A, int64_t row0, const Matrix<T>& W,
+                                    int64_t col0, int64_t k0, T* stage) {
+    const int64_t kdim = A.cols;
+#pragma unroll
+    for (int i = 0; i < kCopiesPerThread; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      constexpr int kSplit = BM * kChunks / kThreads;  // iterations i < kSplit copy A
+      const Matrix<T>& M = i < kSplit ? A : W;
+      const int r = (i < kSplit ? e : e - BM * kChunks) / kChunks;  // constant divisor
+      const int ch = e % kChunks;
+      const int64_t g = (i < kSplit ? row0 : col0) + r;
+      const int64_t k = k0 + ch * kElemsPerChunk;
+      int bytes = 0;
+      const T* src = M.ptr;  // any valid 16-byte-aligned address when nothing is read
+      if (g < M.rows && k < kdim) {
+        const int64_t left = kdim - k;
+        bytes = int(left < kElemsPerChunk ? left : kElemsPerChunk) * int(sizeof(T));
+        src = M.ptr + g * M.stride_row + k;
+      }
+      T* dst = stage + (i < kSplit ? 0 : BM * kLdIn) + r * kLdIn + ch * kElemsPerChunk;
+      cp_async_16(dst, src, bytes);
+    }
+  }
+
+  __device__ static void gemm(const Matrix<T>& A, int64_t row0, const Matrix<T>& W,
+                              int64_t col0, unsigned char* in_smem, Acc* out) {
+    if constexpr (!FBP_CP_ASYNC || !WmmaSupported<T>::value) {
+      __trap();
+    } else {
+      using namespace nvcuda;
+      T* stages = reinterpret_cast<T*>(in_smem);
+      const int warp = threadIdx.x / 32;
+      const int wr = warp / 2, wc = warp % 2;
+      const int64_t ktiles = (A.cols + BK - 1) / BK;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+      // Prologue: k-tiles 0 .. kStages-2 in flight, one commit group each (empty groups
+      // past the end keep the group count uniform for wait_group).
+#pragma unroll
+      for (int s = 0; s < kStages - 1; ++s) {
+        if (s < ktiles) load_stage(A, row0, W, col0, int64_t(s) * BK, stages + s * kStageElems);
+        cp_async_commit();
+      }
+      for (int64_t kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<kStages - 2>();  // this thread's copies of k-tile kt have landed
+        // Every thread's copies of k-tile kt are visible, and every thread is done with
+        // k-tile kt - 1, whose buffer the prefetch below overwrites.
+        __syncthreads();
+        const int64_t next = kt + kStages - 1;
+        if (next < ktiles)
+          load_stage(A, row0, W, col0, next * BK, stages + int(next % kStages) * kStageElems);
+        cp_async_commit();
+        const T* As = stages + int(kt % kStages) * kStageElems;
+        const T* Ws = As + BM * kLdIn;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            wmma::load_matrix_sync(fa[i], As + (wr * 32 + i * 16) * kLdIn + kk, kLdIn);
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            wmma::load_matrix_sync(fb[j], Ws + (wc * 32 + j * 16) * kLdIn + kk, kLdIn);
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+      }
+      cp_async_wait<0>();  // only empty groups remain; drain before the aliasing store
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          wmma::store_matrix_sync(out + (wr * 32 + i * 16) * kLdOut + wc * 32 + j * 16,
+                                  acc[i][j], kLdOut, wmma::mem_row_major);
+    }
+  }
+};
+
 // Shared memory of a fused kernel: the staged inputs, aliased by the c tile (used
-// only after the last K stage), then the a tile.  128-byte aligned for wmma.
+// only after the last K stage), then the a tile, then the BN-column slices of both
+// biases (staged once per block and column chunk, not re-read per (pair, column)).
+// 128-byte aligned for wmma.
 template <class E>
 struct TileSmem {
   using Acc = typename E::Acc;
   static constexpr int kTileBytes = E::BM * E::kLdOut * int(sizeof(Acc));
   static constexpr int kUnionBytes =
       round_up(E::kInputBytes > kTileBytes ? E::kInputBytes : kTileBytes, 128);
-  static constexpr int kBytes = kUnionBytes + round_up(kTileBytes, 128);
+  static constexpr int kBiasOffset = kUnionBytes + round_up(kTileBytes, 128);
+  static constexpr int kBytes = kBiasOffset + round_up(2 * E::BN * int(sizeof(Acc)), 128);
   static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
+  static_assert(E::kLdOut % 4 == 0, "epilogue reads 4 columns as one 16-byte vector");
 };
+
+// Stages bias[col0 : col0 + BN] (zero outside [0, K) or without a bias) of both
+// projections into shared memory, in the accumulation type.  The caller's next
+// barrier (the GEMM's first one) publishes it.
+template <class E, typename T>
+__device__ __forceinline__ void stage_biases(const T* bias_x, const T* bias_y, int64_t col0,
+                                             int64_t K, typename E::Acc* bx_s,
+                                             typename E::Acc* by_s) {
+  using Acc = typename E::Acc;
+  for (int c = threadIdx.x; c < E::BN; c += E::kThreads) {
+    const int64_t col = col0 + c;
+    const bool in = col < K;
+    bx_s[c] = bias_x != nullptr && in ? to_acc<Acc>(bias_x[col]) : Acc(0);
+    by_s[c] = bias_y != nullptr && in ? to_acc<Acc>(bias_y[col]) : Acc(0);
+  }
+}
+
+// Four consecutive accumulator values from / to shared memory, 16-byte aligned.
+__device__ __forceinline__ void load4(const float* p, float v[4]) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+__device__ __forceinline__ void load4(const double* p, double v[4]) {
+  const double2 a = reinterpret_cast<const double2*>(p)[0];
+  const double2 b = reinterpret_cast<const double2*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+}
+__device__ __forceinline__ void store4(float* p, const float v[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(double* p, const double v[4]) {
+  reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+  reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
 
 // The engine each input dtype uses (the only instantiations the library builds).
 template <typename T> struct EngineFor;
@@ -229,6 +432,15 @@ template <> struct EngineFor<__half> { using type = WmmaEngine<__half>; };
 template <> struct EngineFor<__nv_bfloat16> { using type = WmmaEngine<__nv_bfloat16>; };
 template <> struct EngineFor<float> { using type = FmaEngine<float, float, 64, 64>; };
 template <> struct EngineFor<double> { using type = FmaEngine<double, double, 32, 64>; };
+
+// The cp.async engine of a dtype, where there is one (fp16, bf16); `void` otherwise.
+// It must tile like EngineFor<T> (same grid and scratch sizes on the host).
+template <typename T> struct AsyncEngineFor { using type = void; };
+template <> struct AsyncEngineFor<__half> { using type = WmmaAsyncEngine<__half>; };
+template <> struct AsyncEngineFor<__nv_bfloat16> { using type = WmmaAsyncEngine<__nv_bfloat16>; };
+static_assert(WmmaAsyncEngine<__half>::BM == WmmaEngine<__half>::BM &&
+                  WmmaAsyncEngine<__half>::BN == WmmaEngine<__half>::BN,
+              "the cp.async engine must share the synchronous engine's grid");
 
 
 // Calls f(Tag<T>{}) with the kernel element type of `dtype` (host side).

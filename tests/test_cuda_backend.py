@@ -169,7 +169,8 @@ def test_a_compile_error_fails_the_build(tmp_path):
 
 
 def test_extension_builds_and_registers_its_operators(ops):
-    for name in ("fbp_forward", "fbp_backward", "dropout_keep", "philox4x32_10"):
+    for name in ("fbp_forward", "fbp_backward", "dropout_keep", "philox4x32_10", "row_norm",
+                 "grad_pooled", "cp_async_staging"):
         assert hasattr(ops, name), name
     # The operator namespace is the extension's own, not the Python custom ops'.
     assert torch.ops.fbp_kernels_cuda.fbp_forward.default.name().startswith("fbp_kernels_cuda::")
@@ -244,6 +245,36 @@ def test_philox_known_answers(ops):
         assert got == exp, [hex(v) for v in got]
 
 
+def expected_keep(ops, index, seed, rate):
+    """The dropout rule computed independently of ``dropout_keep``, from the raw Philox
+    operator: element i is kept when word ``i & 3`` of philox4x32_10(counter =
+    (lo32(i >> 2), hi32(i >> 2), 0, 0), key = seed), shifted right by 8 and divided by
+    2^24, is >= rate (as float32)."""
+    group = index >> 2
+    zeros = torch.zeros_like(group)
+    counter = torch.stack([group & 0xFFFFFFFF, group >> 32, zeros, zeros], dim=1)
+    words = ops.philox4x32_10(counter, seed)  # (N, 4), each word in [0, 2^32)
+    word = words.gather(1, (index & 3).view(-1, 1)).view(-1)
+    u = (word >> 8).to(torch.float32) / 2.0 ** 24  # 24 bits: exact in float32
+    return u >= torch.tensor(rate, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("seed", [1234, -5, 2**40 + 17], ids=["small", "negative", "high-word"])
+def test_dropout_keep_follows_the_four_per_call_rule(ops, seed):
+    """Known answers for the mask: the kernels' rule recomputed from the raw Philox op,
+    over indices whose group crosses 2^32 (the counter's high word)."""
+    index = torch.cat([torch.arange(0, 4099), 2**34 - 7 + torch.arange(0, 29),
+                       2**42 + 3 + torch.arange(0, 13)]).to(torch.int64)
+    for rate in (0.1, 0.5, 0.9):
+        keep = ops.dropout_keep(index, seed, rate)
+        assert torch.equal(keep, expected_keep(ops, index, seed, rate)), (seed, rate)
+    # The four elements of a group read four different words of their call (not one
+    # word four times): with rate 0.5, 14 of 16 groups are mixed.
+    keep = ops.dropout_keep(torch.arange(40000, dtype=torch.int64), seed, 0.5).view(-1, 4)
+    mixed = (keep.any(1) & ~keep.all(1)).float().mean().item()
+    assert abs(mixed - (1 - 2 / 16)) < 0.02, mixed
+
+
 def test_dropout_keep_is_a_function_of_seed_and_index(ops):
     index = torch.arange(20000, dtype=torch.int64)
     keep = ops.dropout_keep(index, 1234, 0.25)
@@ -251,8 +282,106 @@ def test_dropout_keep_is_a_function_of_seed_and_index(ops):
     assert abs(keep.float().mean().item() - 0.75) < 0.02
     assert torch.equal(keep, ops.dropout_keep(index, 1234, 0.25))
     assert torch.equal(keep[777:9000], ops.dropout_keep(index[777:9000], 1234, 0.25))
+    assert torch.equal(keep[777:9000].flip(0), ops.dropout_keep(index[777:9000].flip(0), 1234,
+                                                                0.25))
     assert not torch.equal(keep, ops.dropout_keep(index, 1235, 0.25))
     assert ops.dropout_keep(index, 1234, 0.0).all()
+
+
+# ------------------------------------------------------------------ row norm and ds (CPU mirrors)
+
+def _norm_rows(dtype):
+    """Rows of t that a plain fp32 sum of squares gets wrong: values near 1e20 (t^2
+    overflows), near 1e-30 (t^2 underflows to 0), both in one row across tiles, a
+    zero row and an ordinary one."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 70, generator=g, dtype=torch.float64)
+    scale = torch.tensor([1e20, 1e-30, 1.0, 0.0, 1.0, 3e19], dtype=torch.float64)
+    t = base * scale[:, None]
+    t[4, :35] *= 1e19   # huge and ordinary values in one row, several tiles each
+    t[4, 35:] *= 1e-19
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-14)], ids=str)
+@pytest.mark.parametrize("per_tile", [1, 5, 12, 64, 70])
+def test_row_norm_does_not_overflow(ops, dtype, rtol, per_tile):
+    """The forward kernel's norm (scaled parts per output tile, combined by the
+    finisher), run on the CPU through the kernels' own functions."""
+    t = _norm_rows(dtype)
+    got = ops.row_norm(t, per_tile)
+    exact = torch.linalg.vector_norm(t.double(), dim=1)
+    assert torch.isfinite(got).all(), got
+    assert got[3] == 0
+    assert torch.allclose(got.double(), exact, rtol=rtol, atol=0), (got, exact)
+    if dtype == torch.float32:  # what the unscaled fp32 sum of squares gives instead
+        naive = t.pow(2).sum(1).sqrt()
+        assert torch.isinf(naive[0]) and naive[1] == 0
+
+
+def test_row_norm_propagates_nan_and_inf(ops):
+    t = torch.ones(3, 20)
+    t[0, 7] = float("nan")
+    t[1, 13] = float("inf")
+    got = ops.row_norm(t, 5)
+    assert torch.isnan(got[0]) and torch.isinf(got[1]) and got[2] == pytest.approx(20 ** 0.5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=str)
+def test_grad_pooled_matches_the_torch_backend_rule(ops, dtype, tol):
+    """The backward's ds (grad_pooled_kernel's per-element function) against
+    torch_backend.grad_pooled, degenerate rows included: ||t|| <= 1e-12 (zero rows,
+    exactly delta, below it) get exactly zero gradient; just above delta does not."""
+    from fbp_kernels.backends import torch_backend
+
+    g = torch.Generator().manual_seed(5)
+    rows, o, eps = 7, 9, 1e-6
+    grad = torch.randn(rows, o, generator=g, dtype=torch.float64).to(dtype)
+    out = torch.randn(rows, o, generator=g, dtype=torch.float64)
+    out = (out / out.norm(dim=1, keepdim=True)).to(dtype)
+    norm = torch.tensor([1.3, 0.0, 1e-12, 5e-13, 4e-12, 7.0, 1e-30], dtype=dtype)
+    out[1] = 0
+    got = ops.grad_pooled(grad, out, norm, eps)
+    ref = torch_backend.grad_pooled(grad, out, norm, normalize=True, eps=eps)
+    assert torch.isfinite(got).all()
+    degenerate = ~(norm > 1e-12)
+    assert degenerate.tolist() == [False, True, True, True, False, False, True]
+    assert (got[degenerate] == 0).all() and (ref[degenerate] == 0).all()
+    assert (got[~degenerate] != 0).any(1).all()
+    assert torch.allclose(got, ref, rtol=tol, atol=0), (got - ref).abs().max()
+
+
+# ------------------------------------------------------------------ operand staging
+
+def _operands(m=16, n=24, rows=5, ko=12, dtype=torch.float16):
+    return [torch.zeros(rows, m, dtype=dtype), torch.zeros(rows, n, dtype=dtype),
+            torch.zeros(ko, m, dtype=dtype), torch.zeros(ko, n, dtype=dtype)]
+
+
+def test_cp_async_staging_rule(ops, monkeypatch):
+    """Which fp16/bf16 operands the cp.async engine takes (the CPU form of the rule:
+    contiguous along K, 16-byte-aligned rows; the GPU adds compute capability >= 8)."""
+    monkeypatch.delenv("FBP_CUDA_STAGING", raising=False)
+    assert ops.cp_async_staging(*_operands())
+    assert ops.cp_async_staging(*_operands(dtype=torch.bfloat16))
+    assert not ops.cp_async_staging(*_operands(dtype=torch.float32))
+    assert not ops.cp_async_staging(*_operands(m=7))          # rows of 14 bytes
+    x, y, wx, wy = _operands()
+    wide, wide_w = torch.zeros(5, 24, dtype=torch.float16), torch.zeros(12, 24, dtype=torch.float16)
+    assert ops.cp_async_staging(wide[:, :20], y, wide_w[:, :20], wy)  # stride 24: aligned rows
+    assert not ops.cp_async_staging(wide[:, 1:17], y, wx, wy)     # data pointer + 2 bytes
+    assert not ops.cp_async_staging(x, y, wx.t().contiguous().t(), wy)  # K not contiguous
+    assert ops.cp_async_staging(x, y[:1].expand(5, 24), wx, wy)   # broadcast row: stride 0
+    monkeypatch.setenv("FBP_CUDA_STAGING", "sync")
+    assert not ops.cp_async_staging(*_operands())
+    monkeypatch.setenv("FBP_CUDA_STAGING", "async")
+    assert ops.cp_async_staging(*_operands())
+    with pytest.raises(RuntimeError, match="FBP_CUDA_STAGING=async, but x is not contiguous"):
+        ops.cp_async_staging(*_operands(m=7))
+    assert not ops.cp_async_staging(*_operands(dtype=torch.float32))  # no cp.async engine
+    monkeypatch.setenv("FBP_CUDA_STAGING", "fast")
+    with pytest.raises(RuntimeError, match="must be auto, sync or async"):
+        ops.cp_async_staging(*_operands())
 
 
 def test_default_kernels_do_not_spill(ops):
@@ -265,10 +394,14 @@ def test_default_kernels_do_not_spill(ops):
     assert wanted <= archs, f"built for {sorted(archs)}, expected {sorted(wanted)}"
     fused = [r for r in rows if "fused_forward_kernel" in r.kernel
              or "projection_grads_kernel" in r.kernel]
-    assert len(fused) == 8 * len(wanted), "expected 4 dtypes x 2 fused kernels per arch"
+    # 4 dtypes x 2 fused kernels, plus both for the fp16/bf16 cp.async engine, per arch
+    assert len(fused) == 12 * len(wanted), cuda_build.format_resource_usage(fused)
     spilling = [r for r in rows if r.spills]
     assert not spilling, "kernels spill:\n" + cuda_build.format_resource_usage(spilling)
-    assert all(r.shared <= 48 * 1024 for r in rows)
+    # Static shared memory is capped at 48 KiB per CTA; cuobjdump's SHARED counts the
+    # 1 KiB system reserve on top of it on sm_90 (not on sm_80).
+    assert all(r.shared - (1024 if r.arch == "sm_90" and r.shared else 0) <= 48 * 1024
+               for r in rows), cuda_build.format_resource_usage(rows)
 
 
 # ------------------------------------------------------------------ on a GPU
@@ -313,6 +446,65 @@ def test_dropout_matches_reference_with_the_same_mask(case):
     for name, a, e in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], got, exact):
         if e is not None:
             assert_close(a, e, atol=1e-10, rtol=1e-8, name=name)
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("o", [70, 1000])
+def test_huge_pooled_values_keep_a_finite_norm(ops, o):
+    """fp32 inputs near 1e18: s ~ 1e37, t ~ 3e18, sum t^2 over a row > fp32's max.
+    The norm is finite and the output matches the float64 reference."""
+    case = Case((9,), (9,), 8, 6, 2, o)
+    x, y, wx, wy, bx, by = make_inputs(case, torch.float32, "cuda", requires_grad=False)
+    x, y = x * 1e18, y * 1e18
+    out, norm = ops.fbp_forward(x, y, wx, wy, bx, by, case.factor, 0.0, None, True, 1e-6)
+    assert torch.isfinite(norm).all() and torch.isfinite(out).all()
+    exact = reference_fbp(detached64([x, y, wx, wy, bx, by]), case)
+    assert_close(out, exact, atol=2e-5, rtol=2e-4, name="out")
+
+
+# fp16/bf16 cases whose operands the cp.async engine takes (widths multiples of 8
+# halves): K tails inside a k-tile (m 24, 40), several k-tiles, factor > 64 chunks, a
+# broadcast question row, and row / output tiles that are not full.
+ALIGNED_CASES = [LARGE_CASES[0], Case((37,), (37,), 24, 16, 5, 19),
+                 Case((2, 3), (2, 1), 32, 16, 3, 5), Case((70,), (70,), 72, 8, 70, 2),
+                 Case((9,), (9,), 8, 128, 1, 130, bias=False)]
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("staging", ["async", "sync"])
+@pytest.mark.parametrize("case", ALIGNED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_both_staging_paths_match_reference(case, dtype, staging, monkeypatch):
+    """The cp.async engine (forced: an error if it could not run) and the synchronous
+    one, each against the reference with test_correctness's low-precision bound."""
+    monkeypatch.setenv("FBP_CUDA_STAGING", staging)
+    compare(case, dtype, "cuda", torch.device("cuda"))
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("case", ALIGNED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cp_async_engine_is_bitwise_the_synchronous_one(ops, case, dtype, monkeypatch):
+    """Both engines run the same WMMA sequence on the same zero-padded tiles, so the
+    forward and every gradient agree bit for bit; sliced inputs (row stride 8 halves
+    wider than K) included."""
+    tensors = make_inputs(case, dtype, "cuda")
+    wide = torch.randn(*case.batch_x, case.m + 8, device="cuda").to(dtype)
+    sliced = [wide[..., :case.m].requires_grad_()] + tensors[1:]
+    for inputs in (tensors, sliced):
+        results = []
+        for staging in ("async", "sync"):
+            monkeypatch.setenv("FBP_CUDA_STAGING", staging)
+            torch.manual_seed(4)  # the same dropout seed for both
+            out = fbp_kernels.fbp(*inputs, factor=case.factor, dropout=0.2, training=True,
+                                  backend="cuda")
+            g = torch.ones_like(out)
+            results.append([out] + grads(out, inputs, g))
+        for name, a, b in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], *results):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
 
 
 @cuda_only

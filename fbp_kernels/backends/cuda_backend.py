@@ -8,7 +8,10 @@ Forward: one fused kernel per (64-row, output) tile computes both projections
 (tensor cores for fp16/bf16, FMA for fp32/fp64), the product, dropout, the sum
 over ``factor`` consecutive columns and the signed square root; a one-warp-per-row
 kernel finishes ``||t||`` and the L2 normalisation.  No ``(rows, factor*o)``
-tensor is written.
+tensor is written.  fp16/bf16 tiles are fed by a 3-stage cp.async pipeline when every
+operand is contiguous along K with 16-byte-aligned rows on an sm_80+ GPU, else by
+synchronous loads (``FBP_CUDA_STAGING`` = ``auto`` / ``sync`` / ``async``; the cp.async
+path has never run on a GPU, docs/cuda.md).
 
 Backward: ``ds`` from ``(g, z, ||t||)``, then a kernel that recomputes the
 projections tile by tile and writes ``da = dp*c`` and ``dc = dp*a`` as transient
@@ -17,7 +20,10 @@ projections tile by tile and writes ``da = dp*c`` and ``dc = dp*a`` as transient
 ``save_projections=True`` is accepted and falls back to recomputation (``a`` and
 ``c`` are not returned): the fused forward never materialises them.
 
-Dropout: Philox4x32-10 keyed by ``(seed, row * factor*o + column)``;
+Dropout: element ``i = row * factor*o + column`` is kept when word ``i & 3`` of
+Philox4x32-10(counter = ``(lo32(i >> 2), hi32(i >> 2), 0, 0)``, key = ``seed``),
+shifted right by 8 and divided by 2^24, is ``>= rate``: a pure function of
+``(seed, i)`` with one Philox call per four consecutive elements;
 :func:`dropout_mask` returns the same mask for tests.
 """
 
@@ -63,7 +69,9 @@ def _ops():
 
 def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
     """The keep-mask (bool, ``shape``) the kernels apply for ``seed``: element ``i`` of
-    the contiguous ``(..., factor*o)`` product is kept when its Philox uniform >= rate."""
+    the contiguous ``(..., factor*o)`` product is kept when
+    ``(philox4x32_10((i >> 2) lo, (i >> 2) hi, 0, 0; seed)[i & 3] >> 8) / 2^24 >= rate``
+    (see the module docstring)."""
     shape = torch.Size(shape)
     index = torch.arange(shape.numel(), device=device, dtype=torch.int64).view(shape)
     return _ops().dropout_keep(index, int(seed), float(rate))
