@@ -4,10 +4,11 @@
 #
 # Phases, each under its own timeout so a hang in one still returns the others' logs:
 #   1. environment (GPU, driver, torch/triton versions, commit)        ~5 s
-#   2. correctness of the Triton strategies on the GPU (split, triton, auto/explain,
-#      dropout, determinism, large offsets): the interpreter cannot see the GPU
-#      compiler's arithmetic, the ticket protocol or CUDA graphs            <= 240 s
-#   3. the benchmark (measured beside the cost model's prediction)          <= 200 s
+#   2. the CUDA C++ extension built once for this GPU (kept in its cache)  <= 120 s
+#   3. correctness on the GPU (split, triton, cuda, auto/explain, dropout,
+#      determinism, large offsets): the interpreter cannot see the GPU
+#      compiler's arithmetic, the ticket protocol or CUDA graphs            <= 220 s
+#   4. the benchmark (measured beside the cost model's prediction)          <= 160 s
 # Results and logs go under $OUT (the device tool's output folder), a short summary
 # is printed last.  GPU_CHECK_TESTS / GPU_CHECK_BENCH override the pytest selection
 # and the benchmark arguments.  Runs with the machine's own Python (FBP_SYSTEM_PYTHON).
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-TESTS=${GPU_CHECK_TESTS:-"-k split or strategy or triton or wide or cuda_graphs or dropout or determinism or large_offsets or correctness or gradcheck"}
+TESTS=${GPU_CHECK_TESTS:-"-k split or strategy or triton or wide or cuda_graphs or cuda_backend or dropout or determinism or large_offsets or correctness or gradcheck"}
 BENCH=${GPU_CHECK_BENCH:-"--sweep rows --no-compile"}
 
 {
@@ -30,13 +31,20 @@ cat "$OUT/env.txt"
 FBP_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
   > "$OUT/install.log" 2>&1 || echo "install failed: see install.log"
 
+# The CUDA backend's extension: one build (all cores), so the tests below load it.
+MAX_JOBS=${MAX_JOBS:-16} timeout 120 "$PY" -c \
+  "from fbp_kernels.backends import cuda_build; print(cuda_build.load())" \
+  > "$OUT/cuda_build.log" 2>&1
+build_rc=$?
+echo "cuda extension build rc $build_rc (124 = timed out): see cuda_build.log"
+
 # shellcheck disable=SC2086
-timeout 240 "$PY" -m pytest tests -q -p no:cacheprovider -rs $TESTS \
+timeout 220 "$PY" -m pytest tests -q -p no:cacheprovider -rs $TESTS \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 tests_rc=$?
 
 # shellcheck disable=SC2086
-timeout 200 "$PY" benchmarks/run.py $BENCH --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+timeout 160 "$PY" benchmarks/run.py $BENCH --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 
 echo "== tests (rc $tests_rc; 124 = timed out)"
