@@ -61,7 +61,8 @@ def test_compile_fullgraph_matches_eager(backend, device):
 def test_triton_forward_launches(monkeypatch):
     """The fused forward is the wide main loop plus one row-finishing launch (no
     cross-program counters); with save_projections the one-launch kernel that stores
-    A and C; backward is the row dot and the fused backward kernel."""
+    A and C; backward (lean) is the ds kernel and the wide backward on the same main
+    loop, and after save_projections the row dot and the first kernel's backward."""
     if backends.unsupported_reason("triton", torch.device("cpu")) is not None and \
             not torch.cuda.is_available():
         pytest.skip("Triton backend unavailable (needs a GPU or TRITON_INTERPRET=1)")
@@ -79,18 +80,22 @@ def test_triton_forward_launches(monkeypatch):
             return self.kernel[grid]
 
     for mod, name in ((K, "_fbp_fwd_kernel"), (K, "_fbp_bwd_kernel"), (K, "_row_dot_kernel"),
-                      (W, "_wide_fwd_kernel"), (W, "_finish_kernel")):
+                      (W, "_wide_fwd_kernel"), (W, "_finish_kernel"), (W, "_wide_bwd_kernel"),
+                      (W, "_grad_pooled_kernel")):
         monkeypatch.setattr(mod, name, Counting(name, getattr(mod, name)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tensors = make_inputs(Case((40,), (40,), 20, 12, 2, 37), torch.float32, device)
-    fbp_kernels.fbp(*tensors, factor=2, backend="triton", save_projections=True)
+    saved = fbp_kernels.fbp(*tensors, factor=2, backend="triton", save_projections=True)
     assert launches == ["_fbp_fwd_kernel"]
+    launches.clear()
+    saved.sum().backward()
+    assert launches == ["_row_dot_kernel", "_fbp_bwd_kernel"]
     launches.clear()
     out = fbp_kernels.fbp(*tensors, factor=2, backend="triton")
     assert launches == ["_wide_fwd_kernel", "_finish_kernel"]
     launches.clear()
     out.sum().backward()
-    assert launches == ["_row_dot_kernel", "_fbp_bwd_kernel"]
+    assert launches == ["_grad_pooled_kernel", "_wide_bwd_kernel"]
 
 
 def test_eager_function_and_registered_op_agree_bitwise(backend, device):
