@@ -192,24 +192,35 @@ def check_drop_in(norm_dims, activation) -> None:
                          f"projections before the product), got {activation!r}")
 
 
-def route_drop_in(backend: str, norm_dims: int, activation) -> Optional[str]:
+def route_drop_in(backend: str, norm_dims: int, activation, device=None,
+                  supported=None) -> Optional[str]:
     """The one routing rule for ``norm_dims != 1`` and ``activation`` (FBP and MFH).
 
     ``None`` when both are at their defaults (the usual choice applies).  Otherwise
-    the backend to run: ``"auto"`` picks the first of ``ops.DROP_IN_BACKENDS`` (only
-    those implement them until the kernel redesign), a named one must be among them
-    (ValueError naming the options and the backends that have them).
+    the backend to run, one of ``supported`` (default ``ops.DROP_IN_BACKENDS``, FBP's;
+    MFH passes ``ops.MFH_DROP_IN_BACKENDS``).  ``"auto"`` takes, on a CUDA ``device``,
+    the first of them that runs there (``split``: cuBLAS and a Triton epilogue), and
+    ``torch`` on any other device (or without ``device``), as ``strategy.choose`` does
+    without these options: on the CPU BLAS is the fast path and the Triton interpreter
+    a testing tool.  A named backend must be among them (ValueError naming the options
+    and the backends that have them).
     """
+    supported = ops.DROP_IN_BACKENDS if supported is None else supported
     used = ops.drop_in_in_use(norm_dims, activation)
     if not used:
         return None
     if backend == "auto":
-        return ops.DROP_IN_BACKENDS[0]
+        if device is not None and torch.device(device).type == "cuda":
+            for name in supported:
+                # Constant-folded under torch.compile (as backend_name_or_raise is).
+                if name != "torch" and _backend_or_problem(name, str(device)) == name:
+                    return name
+        return "torch"
     if backend not in backends.NAMES:
         raise ValueError(f"backend must be 'auto' or one of {list(backends.NAMES)}, "
                          f"got {backend!r}")
-    if backend not in ops.DROP_IN_BACKENDS:
-        raise ValueError(ops.drop_in_unsupported(used, backend))
+    if backend not in supported:
+        raise ValueError(ops.drop_in_unsupported(used, backend, supported))
     return backend
 
 
@@ -225,9 +236,9 @@ def _prepare(tensors, factor, dropout, eps, backend, save_projections=False, nor
     check_norm_dims(norm_dims, len(batch))
     mode = projection_mode(save_projections)
     device = tensors[0].device
-    routed = route_drop_in(backend, norm_dims, activation)
+    routed = route_drop_in(backend, norm_dims, activation, device)
     if routed is not None:
-        # Every drop-in backend (torch) keeps any of the projection modes.
+        # Every drop-in backend (split, torch) keeps any of the projection modes.
         return cast_dtype, tensors, backend_name_or_raise(routed, device), mode
     if mode in ("x", "y"):
         # Only the split and torch backends keep one projection: auto takes split where
@@ -391,13 +402,14 @@ def fbp(
         normalize: apply the zero-safe signed square root and L2 normalisation;
             ``False`` returns the raw sum-pooled values.
         eps: smoothing of the signed square root, ``sign(s)(sqrt(|s|+eps)-sqrt(eps))``.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"split"``, ``"triton"``, ``"cuda"`` or ``"torch"``.
         save_projections: ``True`` keeps the two ``(..., factor*o)`` projections for
             backward instead of recomputing them (two GEMMs fewer in backward, ``factor``
             times more activation memory); ``"x"`` or ``"y"`` keeps only that input's
             (half the memory, one GEMM recomputed; backends ``split`` and ``torch``).
-            Default ``False``: recompute both.  With ``activation`` the kept
-            projections are the activated ones.
+            Default ``False``: recompute both.  With ``activation`` backend
+            ``torch`` keeps the activated projections and ``split`` the pre-activation
+            ones (its epilogue applies the activation as it reads them).
         norm_dims: the L2 normalisation spans the ``o`` outputs and the last
             ``norm_dims - 1`` leading dimensions of the broadcast batch (default 1:
             each row on its own).  ``norm_dims=2`` on regions ``(N, C, ...)`` is
@@ -407,9 +419,9 @@ def fbp(
             (after their biases) before the product, as block.bootstrap's and mmf's
             ``activ_input``; relu's gradient at exactly 0 is 0 (PyTorch's convention).
 
-        Until the kernel backends implement ``norm_dims != 1`` and ``activation``,
-        ``backend="auto"`` runs such calls on backend ``torch`` and an explicit kernel
-        backend raises ValueError.
+        ``norm_dims != 1`` and ``activation`` run on backends ``split`` and ``torch``:
+        ``backend="auto"`` takes ``split`` on a CUDA device where Triton runs, else
+        ``torch``; ``"triton"`` and ``"cuda"`` raise ValueError.
 
     Returns:
         ``(..., o)`` with ``o = weight_x.shape[0] // factor``, in the inputs' dtype

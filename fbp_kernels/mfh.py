@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import mfh_ops
+from . import mfh_ops, ops
 from .backends._common import broadcast_batch
 from .functional import (_autocast, _autocast_dtype, _output_shape, as_float, check_drop_in,
                          check_inputs, check_options, checked, dropout_seed, no_autocast,
@@ -116,7 +116,8 @@ def _prepare(args, factor, order, dropout, eps, backend, norm_dims=1, activation
                              dropout, eps)
     check_drop_in(norm_dims, activation)
     check_norm_dims(norm_dims, len(broadcast_batch(x.shape[:-1], y.shape[:-1])))
-    backend = route_drop_in(backend, norm_dims, activation) or backend
+    backend = route_drop_in(backend, norm_dims, activation, x.device,
+                            ops.MFH_DROP_IN_BACKENDS) or backend
     if not torch.compiler.is_compiling():
         # A clear error here rather than from inside the op.  Skipped while tracing:
         # resolving imports modules, which Dynamo refuses to trace; the op resolves

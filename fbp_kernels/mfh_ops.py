@@ -32,7 +32,8 @@ from .backends._common import acc_dtype
 # The FBP operators' conventions (markers for absent tensors, the CPU seed, the
 # concrete-eps check, the backward's no_grad + double-backward refusal, the in-place
 # error) are written once there and used by both pairs of operators.
-from .ops import (_empty, _none_if_marker, _seed_value, check_concrete_eps, drop_in_options,
+from .ops import (MFH_DROP_IN_BACKENDS, _empty, _none_if_marker, _seed_value,
+                  check_concrete_eps, drop_in_options,
                   fused_backward, saved_tensors)
 
 #: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
@@ -115,7 +116,7 @@ def mfh_forward(
     group's norm)."""
     check_concrete_eps(eps)
     impl = resolve(backend, x.device, len(weights_x))
-    extra = drop_in_options(impl.NAME, norm_dims, activation)
+    extra = drop_in_options(impl.NAME, norm_dims, activation, MFH_DROP_IN_BACKENDS)
     res = impl.forward(x, y, list(weights_x), list(weights_y), _from_markers(biases_x),
                        _from_markers(biases_y), factor=factor, dropout=dropout,
                        seed=_seed_value(seed), normalize=normalize, eps=eps, **extra)
@@ -144,7 +145,7 @@ def mfh_backward(
     """Returns ``[dx, dy, *dweights_x, *dweights_y, *dbiases_x, *dbiases_y]``, a bias
     gradient being an empty marker where the bias is one."""
     impl = resolve(backend, x.device, len(weights_x))
-    extra = drop_in_options(impl.NAME, norm_dims, activation)
+    extra = drop_in_options(impl.NAME, norm_dims, activation, MFH_DROP_IN_BACKENDS)
     res = impl.backward(grad, x, y, list(weights_x), list(weights_y),
                         _from_markers(biases_x), _from_markers(biases_y),
                         out if normalize else None, norms if normalize else None,

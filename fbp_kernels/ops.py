@@ -125,10 +125,15 @@ def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
     return None if seed is None else int(seed.item())
 
 
-#: Backends that implement ``norm_dims != 1`` and ``activation``; the kernel backends
-#: (triton, split, cuda) get them with the kernel redesign.  The front end routes
-#: calls that use them here (``functional.route_drop_in``), the operators refuse others.
-DROP_IN_BACKENDS = ("torch",)
+#: FBP backends that implement ``norm_dims != 1`` and ``activation``, in the order
+#: ``backend="auto"`` prefers them on a CUDA device (``functional.route_drop_in``; on
+#: other devices auto takes ``torch``, as it does without these options).  The fused
+#: one-launch kernels (``triton``) and the C++ extension (``cuda``) do not have them.
+#: The front end routes calls that use them here, the operators refuse others.
+DROP_IN_BACKENDS = ("split", "torch")
+
+#: The same for MFH (``fbp_kernels.mfh``): only its plain-PyTorch backend has them.
+MFH_DROP_IN_BACKENDS = ("torch",)
 
 
 def drop_in_in_use(norm_dims: int, activation: Optional[str]) -> List[str]:
@@ -141,23 +146,27 @@ def drop_in_in_use(norm_dims: int, activation: Optional[str]) -> List[str]:
     return used
 
 
-def drop_in_unsupported(used: List[str], backend: str) -> str:
-    """The ValueError message for drop-in options ``used`` on ``backend``."""
-    return (f"{' and '.join(used)} is supported by backends {list(DROP_IN_BACKENDS)} only, "
-            f"not {backend!r} (the kernel backends do not implement it yet); use "
-            f"backend='auto' or backend='torch'")
+def drop_in_unsupported(used: List[str], backend: str,
+                        supported=DROP_IN_BACKENDS) -> str:
+    """The ValueError message for drop-in options ``used`` on ``backend`` (``supported``:
+    the backends that have them, FBP's by default)."""
+    alternatives = " or ".join(f"backend={name!r}" for name in ("auto", *supported))
+    return (f"{' and '.join(used)} is supported by backends {list(supported)} only, "
+            f"not {backend!r} (its kernels do not implement it); use {alternatives}")
 
 
-def drop_in_options(backend: str, norm_dims: int, activation: Optional[str]) -> dict:
+def drop_in_options(backend: str, norm_dims: int, activation: Optional[str],
+                    supported=DROP_IN_BACKENDS) -> dict:
     """The keyword arguments carrying ``norm_dims``/``activation`` to backend
-    ``backend``'s forward and backward: none at their defaults (the kernel backends'
-    signatures do not take them), else ValueError unless the backend has them (the
-    front end routes such calls to one that does, so this guards direct op use)."""
+    ``backend``'s forward and backward: none at their defaults (the other backends'
+    signatures do not take them), else ValueError unless the backend is in
+    ``supported`` (the front end routes such calls to one that is, so this guards
+    direct op use)."""
     used = drop_in_in_use(norm_dims, activation)
     if not used:
         return {}
-    if backend not in DROP_IN_BACKENDS:
-        raise ValueError(drop_in_unsupported(used, backend))
+    if backend not in supported:
+        raise ValueError(drop_in_unsupported(used, backend, supported))
     return {"norm_dims": norm_dims, "activation": activation}
 
 

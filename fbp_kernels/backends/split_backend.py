@@ -35,17 +35,43 @@ broadcast like the fused backend.
 Saved for backward: inputs, parameters, output and the fp32 row norm (the projections
 too with ``save_projections=True``), like every backend.  Dropout masks are the Triton
 backend's (same Philox index), so ``dropout_mask`` is shared.
+
+Projection activations (``activation="relu"``/``"tanh"``) run inside the epilogue, on
+the projections as it loads them (``triton_split``): the buffers, and the projections
+``save_projections`` keeps, are the *pre-activation* GEMM outputs (backend ``torch``
+keeps the activated ones; both give the same gradients), and backward's epilogue
+writes the gradients w.r.t. the pre-activations, so the GEMMs after it are unchanged.
+
+Joint normalisation (``norm_dims > 1``: one L2 norm over a group of ``G`` consecutive
+broadcast rows, ``G`` the product of the last ``norm_dims - 1`` batch dimensions).
+Forward: the epilogue runs as for ``norm_dims=1`` (each row divided by its own norm,
+the row norms stored), then, per chunk, each group's norm comes from its rows' norms
+(overflow-safe) and every row is rescaled by ``max(||t_row||, delta) /
+max(||t_group||, delta)``, which is exactly ``t / max(||t_group||, delta)``.  For
+fp16/bf16 the epilogue writes these row-normalised values to an fp32 scratch of
+``(chunk, o)`` so that the output is rounded once; fp32/fp64 rescale in place.  The
+saved norm holds, per row, its group's norm (as in backend ``torch``).  So that a
+group's rows are all in one chunk, forward chunks end at multiples of ``G`` rows
+(``lcm(G, d1) / d1`` level-0 indices): a group whose buffers exceed the memory budget
+is still processed whole, in one chunk over the budget (correct, just larger).
+Backward: ``<z, g>`` per row (the fused backend's row-dot kernel), summed over each
+group before the chunk loop; the epilogue reads each row's (group norm, group
+``<z, g>``) pair and the rest of the formula is the per-row one.  Its chunks need no
+alignment.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import strategy
+from ..reference import NORM_DELTA, row_norm
 from . import triton_backend
+from . import triton_kernels as K
 from . import triton_split as E
 from ._common import (BackwardResult, ForwardResult, acc_dtype, as_rows, broadcast_batch,
                       flatten_rows, kept)
@@ -140,15 +166,56 @@ def _layout(x: Tensor, y: Tensor) -> _Layout:
 
 
 def _level0_step(lay: _Layout, ko: int, dtype: torch.dtype, backward: bool,
-                 skip=()) -> int:
+                 skip=(), group: int = 1, row_bytes: int = 0) -> int:
     """Level-0 indices per chunk: the transient projection rows per index of operands
     not in ``skip`` (kept or shared: computed whole), and in backward a gradient buffer
-    per operand that is broadcast or kept, within the budget."""
+    per operand that is broadcast or kept, plus ``row_bytes`` per broadcast row, within
+    the budget.  ``group > 1``: a multiple of the indices that hold whole groups of
+    ``group`` rows (at least one such multiple, whatever the budget)."""
     ops = (lay.x, lay.y)
     rows = sum(op.d1 for k, op in enumerate(ops) if op.has0 and k not in skip)
     if backward:
         rows += lay.d1 * sum(not op.plain or k in skip for k, op in enumerate(ops))
-    return _chunk(rows * ko * _itemsize(dtype))
+    step = _chunk(rows * ko * _itemsize(dtype) + lay.d1 * row_bytes)
+    if group > 1:
+        # Chunk boundaries at row multiples of lcm(group, d1), i.e. of q level-0 indices.
+        q = group // math.gcd(group, lay.d1)
+        step = max(q, step // q * q)
+    return step
+
+
+def group_rows(batch, norm_dims: int) -> int:
+    """Rows per normalisation group: the product of the last ``norm_dims - 1`` batch
+    dimensions (1 for ``norm_dims=1``)."""
+    if norm_dims <= 1:
+        return 1
+    return math.prod(batch[len(batch) - (norm_dims - 1):])
+
+
+def _join_groups(z_rows: Tensor, out: Tensor, norm: Tensor, group: int) -> None:
+    """Turn row-normalised ``z_rows = t / max(||t_row||, delta)`` (``(rows, o)``, with
+    the row norms in ``norm (rows,)``) into ``out = t / max(||t_group||, delta)`` for
+    groups of ``group`` consecutive rows, and ``norm`` into each row's group norm.
+    ``z_rows`` may be ``out`` itself."""
+    rn = norm.view(-1, group)
+    gn = row_norm(rn, keepdim=True)  # (groups, 1): sqrt(sum of row norms^2), scaled
+    scale = rn.clamp_min(NORM_DELTA) / gn.clamp_min(NORM_DELTA)
+    torch.mul(z_rows, scale.view(-1, 1), out=out)  # fp32/fp64 maths; one rounding to out
+    rn.copy_(gn.expand(-1, group))
+
+
+def _group_pairs(z2: Tensor, g2: Tensor, n2: Tensor, group: int) -> Tensor:
+    """``(rows, 2)``: each row's group norm (``n2``, saved by forward) and its group's
+    ``<z, g>``, the pair the epilogue's ``GROUP_ZG`` mode reads."""
+    rows, o = z2.shape
+    zg = torch.empty((rows,), dtype=n2.dtype, device=z2.device)
+    if rows:
+        cfg = K.pick_config(rows, o, z2.dtype, z2.device)
+        K.launch(K._row_dot_kernel, (-(-rows // cfg.block_m),), z2, g2, zg, rows, o,
+                 z2.stride(0), g2.stride(0), BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o,
+                 num_warps=cfg.num_warps)
+    zg = zg.view(-1, group).sum(1, keepdim=True).expand(-1, group)
+    return torch.stack((n2.view(-1, group), zg), dim=-1).view(rows, 2)
 
 
 def _project(inp, weight, bias, out=None):
@@ -179,10 +246,16 @@ def _source_rows(saved: Tensor, lay: _Layout, like: Tensor) -> Tensor:
 
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float,
-            save_projections) -> ForwardResult:
+            save_projections, norm_dims: int = 1,
+            activation: Optional[str] = None) -> ForwardResult:
+    """``norm`` comes back per row (each row holding its group's norm when
+    ``norm_dims > 1``); kept projections are the pre-activation ones."""
     lay = _layout(x, y)
     rows, ko = lay.d0 * lay.d1, weight_x.shape[0]
     o = ko // factor
+    group = group_rows(lay.batch, norm_dims) if normalize and rows else 1
+    # Half outputs of grouped rows go through an fp32 scratch (rounded once, at the end).
+    staged = group > 1 and x.dtype in (torch.float16, torch.bfloat16)
     # Allocated at the final shape and written through a 2-D view: the output must not be
     # a view (autograd forbids in-place ops on views created inside a custom Function).
     out_full = torch.empty((*lay.batch, o), dtype=x.dtype, device=x.device)
@@ -190,7 +263,8 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
     norm = torch.empty((rows,), dtype=acc_dtype(x.dtype), device=x.device) if normalize \
         else None
     opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps,
-                d1=lay.d1, a_map=lay.x.row_map(), c_map=lay.y.row_map())
+                d1=lay.d1, a_map=lay.x.row_map(), c_map=lay.y.row_map(),
+                activation=activation)
     ops = ((lay.x, x, weight_x, bias_x), (lay.y, y, weight_y, bias_y))
     keep = kept(save_projections)
     saved = [None, None]
@@ -205,8 +279,11 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
                 whole[k] = _source_rows(saved[k].view(*t.shape[:-1], ko), lay, t)
             elif not op.has0:
                 whole[k] = _project(op.src, w, b)
-        step = _level0_step(lay, ko, x.dtype, backward=False, skip=whole)
+        step = _level0_step(lay, ko, x.dtype, backward=False, skip=whole, group=group,
+                            row_bytes=4 * o if staged else 0)
         bufs = {}
+        scratch = out.new_empty((min(rows, step * lay.d1), o), dtype=torch.float32) \
+            if staged else None
         for i0a in range(0, lay.d0, step):
             i0b = min(lay.d0, i0a + step)
             r0, r1 = i0a * lay.d1, i0b * lay.d1
@@ -219,8 +296,11 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
                 if k not in bufs:  # reused by every chunk: sized for the first (largest)
                     bufs[k] = inp.new_empty((inp.shape[0], ko))
                 projs.append(_project(inp, w, b, bufs[k][:inp.shape[0]]))
-            E.epilogue_forward(projs[0], projs[1], out[r0:r1],
+            z_rows = out[r0:r1] if scratch is None else scratch[:r1 - r0]
+            E.epilogue_forward(projs[0], projs[1], z_rows,
                                norm[r0:r1] if normalize else None, row_offset=r0, **opts)
+            if group > 1:  # the chunk holds whole groups (_level0_step)
+                _join_groups(z_rows, out[r0:r1], norm[r0:r1], group)
     return ForwardResult(out_full, norm.view(lay.batch) if normalize else None,
                          _saved_view(saved[0], x, lay) if saved[0] is not None else None,
                          _saved_view(saved[1], y, lay) if saved[1] is not None else None)
@@ -263,10 +343,13 @@ def _reduce_to_source(d_b: Tensor, op: _Operand, n0: int, d1: int) -> Tensor:
 
 def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
-             eps: float) -> BackwardResult:
+             eps: float, norm_dims: int = 1,
+             activation: Optional[str] = None) -> BackwardResult:
+    """``a``/``c`` (when kept) are the pre-activation projections forward returned."""
     lay = _layout(x, y)
     rows, ko = lay.d0 * lay.d1, weight_x.shape[0]
     o = ko // factor
+    group = group_rows(lay.batch, norm_dims) if normalize and rows else 1
     g2 = grad.reshape(rows, o)
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
@@ -276,6 +359,9 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
     n2 = norm.reshape(rows) if normalize else None
+    if group > 1:
+        with _device_guard(x.device):
+            n2 = _group_pairs(z2, g2, n2, group)  # (rows, 2): whole groups, before chunking
     ops = ((lay.x, weight_x, bias_x), (lay.y, weight_y, bias_y))
     saved = (_source_rows(a, lay, x) if a is not None else None,
              _source_rows(c, lay, y) if c is not None else None)
@@ -284,7 +370,8 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     db = [_GradSum(), _GradSum()]
     d_shared = [_GradSum(), _GradSum()]  # projection grads of operands without level 0
     opts = dict(factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps,
-                d1=lay.d1, a_map=lay.x.row_map(), c_map=lay.y.row_map())
+                d1=lay.d1, a_map=lay.x.row_map(), c_map=lay.y.row_map(),
+                activation=activation, group_zg=group > 1)
     whole = {k: saved[k] for k in (0, 1) if saved[k] is not None}
     whole.update({k: _project(op.src, w, b) for k, (op, w, b) in enumerate(ops)
                   if k not in whole and not op.has0})

@@ -32,6 +32,21 @@ is ``>= p``: the same index and the same draw as the fused kernels in
 :mod:`triton_kernels`, so both strategies give the same mask for one seed (tested),
 and ``backend="auto"`` switching between them never changes the random stream.
 ``row`` is the global row: launchers pass the chunk's first row.
+
+Projection activations (``ACTIVATION``: 0 none, 1 relu, 2 tanh) act on ``A`` and ``C``
+as the kernels load them, so the buffers hold (and ``save_projections`` keeps) the
+*pre-activation* GEMM outputs.  Backward loads the pre-activation values too and
+multiplies ``dp * act(C)`` by ``act'(A)`` in registers: relu' = 1[A > 0] (0 at the
+kink, PyTorch's convention), tanh' = 1 - tanh(A)^2 from the recomputed tanh (the
+formula of PyTorch's tanh backward).  Exact, and no second buffer per projection.
+``tanh`` is written with ``tl.exp`` (:func:`_tanh`): libdevice does not run in the
+interpreter, and one code path is what the CPU tests check.
+
+Joint normalisation (``norm_dims > 1``: one norm per group of consecutive rows) is
+left to the launchers' callers (``split_backend``): forward runs this kernel unchanged
+(each row normalised by its own norm, the row norms stored), and the caller rescales
+each row by ``||t_row|| / ||t_group||``; backward gets each row's group norm and
+group ``<z, g>`` precomputed (``GROUP_ZG``).
 """
 
 from __future__ import annotations
@@ -97,18 +112,73 @@ def _dropped(p, seed, grow, cols, KO, drop_p, keep_scale):
     return tl.where(keep, p * keep_scale, 0.0)
 
 
+#: ``ACTIVATION`` codes of the kernels.
+ACTIVATION_CODES = {None: 0, "relu": 1, "tanh": 2}
+
+
+@triton.jit
+def _tanh(x):
+    """``tanh`` of an fp32/fp64 tensor, within ~3 ulp (measured against a correctly
+    rounded tanh with an exact ``exp``; a GPU's fast fp32 ``exp`` adds its own ulp or two).
+
+    ``|x| >= 1/4``: ``1 - 2 / (exp(2|x|) + 1)``, whose cancellation costs at most ~3x
+    the rounding at ``tanh(1/4) = 0.245``; ``|x|`` is capped at 20 first (tanh is 1 to
+    fp64's precision there) so ``exp`` never overflows.
+    ``|x| < 1/4``: the odd Taylor series ``x + x^3 (c3 + c5 x^2 + ...)``, truncated
+    where the next term is below the dtype's rounding (fp32: through x^9, next term
+    < 1e-8 relative; fp64: through x^21, < 1e-17).  NaN propagates.
+    """
+    ax = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.exp(2.0 * tl.where(ax > 20.0, 20.0, ax)) + 1.0)  # NaN stays NaN
+    x2 = ax * ax
+    if x.dtype == tl.float64:
+        p = -1.0 / 3.0 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397 + x2 * (
+            0.021869488536155203 + x2 * (-0.008863235529902197 + x2 * (
+                0.003592128036572481 + x2 * (-0.0014558343870513183 + x2 * (
+                    0.000590027440945586 + x2 * (-0.00023912911424355248
+                                                 + x2 * 9.691537956929451e-05))))))))
+    else:
+        p = -1.0 / 3.0 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                            + x2 * 0.021869488536155203))
+    th = tl.where(ax < 0.25, ax + ax * x2 * p, big)
+    return tl.where(x < 0, -th, th)
+
+
+@triton.jit
+def _activate(v, ACTIVATION: tl.constexpr):
+    """``act(v)`` for a loaded projection tile (in the accumulation dtype)."""
+    if ACTIVATION == 1:
+        return tl.where(v < 0, 0.0, v)  # relu; NaN stays NaN, as in torch.relu
+    elif ACTIVATION == 2:
+        return _tanh(v)
+    else:
+        return v
+
+
+@triton.jit
+def _activate_with_grad(v, ACTIVATION: tl.constexpr):
+    """``(act(v), act'(v))`` for a pre-activation tile (``ACTIVATION`` 1 or 2)."""
+    if ACTIVATION == 1:
+        return tl.where(v < 0, 0.0, v), tl.where(v > 0, 1.0, 0.0)
+    else:
+        th = _tanh(v)
+        return th, 1.0 - th * th
+
+
 @triton.jit
 def _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed, drop_p, keep_scale,
               eps, sqrt_eps, FACTOR: tl.constexpr, DROPOUT: tl.constexpr,
-              NORMALIZE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr):
+              NORMALIZE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+              ACTIVATION: tl.constexpr):
     """One output block: ``s`` pooled (or ``t = signed_sqrt(s)`` when normalising),
-    ``(BLOCK_R, BLOCK_O)`` in the accumulation dtype, zero outside the valid tile."""
+    ``(BLOCK_R, BLOCK_O)`` in the accumulation dtype, zero outside the valid tile
+    (masked lanes load 0, and act(0) = 0 for every activation)."""
     acc_dtype = tl.float64 if a_base.dtype.element_ty == tl.float64 else tl.float32
     a_offs, cols, col_ok, o_ok = _tile_offsets(o0, a_off, O, FACTOR, BLOCK_O, BLOCK_F)
     c_offs, _, _, _ = _tile_offsets(o0, c_off, O, FACTOR, BLOCK_O, BLOCK_F)
     msk = r_ok[:, None, None] & col_ok[None, :, :]
-    a = tl.load(a_base + a_offs, mask=msk, other=0.0).to(acc_dtype)
-    c = tl.load(c_base + c_offs, mask=msk, other=0.0).to(acc_dtype)
+    a = _activate(tl.load(a_base + a_offs, mask=msk, other=0.0).to(acc_dtype), ACTIVATION)
+    c = _activate(tl.load(c_base + c_offs, mask=msk, other=0.0).to(acc_dtype), ACTIVATION)
     p = a * c
     if DROPOUT:
         p = _dropped(p, seed, grow, cols, O * FACTOR, drop_p, keep_scale)
@@ -142,6 +212,70 @@ def _scaled_sumsq(t, mx, ssq):
 
 
 @triton.jit
+def _split_fwd_dropin_kernel(
+    # pointers
+    a_ptr, c_ptr, out_ptr, norm_ptr,
+    # sizes (D1: inner broadcast group size, see _row_map)
+    rows, O, row_offset, D1,
+    # strides (unit column strides: the launcher's buffers are row-major); a_s0.. are
+    # the row maps of the two projections, in rows
+    stride_ar, stride_cr, stride_or, a_s0, a_s1, c_s0, c_s1,
+    # scalars
+    seed, drop_p, keep_scale, eps, sqrt_eps,
+    # meta-parameters
+    FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
+    # 0 none, 1 relu, 2 tanh (ACTIVATION_CODES)
+    ACTIVATION: tl.constexpr = 0,
+):
+    """The forward epilogue with a projection activation (see _split_fwd_kernel)."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < rows - row0
+    grow = row_offset + row0 + rr  # int64: the dropout index passes 2^31
+    a_base, a_off = _row_map(a_ptr, row0, rr, D1, a_s0, a_s1, stride_ar, BROADCAST)
+    c_base, c_off = _row_map(c_ptr, row0, rr, D1, c_s0, c_s1, stride_cr, BROADCAST)
+    out_base = out_ptr + row0 * stride_or
+    acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    if not NORMALIZE:
+        for o0 in range(0, O, BLOCK_O):
+            s, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
+                                drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, False,
+                                BLOCK_O, BLOCK_F, ACTIVATION)
+            _store_rows(out_base, rr, r_ok, o0, s, o_ok, stride_or, BLOCK_O)
+    else:
+        mx = tl.zeros((BLOCK_R,), dtype=acc_dtype)
+        ssq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
+        # Pass 1: the norm.  Pass 2: recompute t (A and C again, from L2) and store.  A
+        # row that fits one block (ONE_BLOCK) keeps t in registers and skips pass 2 (a
+        # tensor made inside a compiled loop does not outlive it: hence no shared loop).
+        if ONE_BLOCK:
+            t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, 0, grow, r_ok, O, seed,
+                                drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
+                                BLOCK_O, BLOCK_F, ACTIVATION)
+            mx, ssq = _scaled_sumsq(t, mx, ssq)
+        else:
+            for o0 in range(0, O, BLOCK_O):
+                tb, _ = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
+                                  drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
+                                  BLOCK_O, BLOCK_F, ACTIVATION)
+                mx, ssq = _scaled_sumsq(tb, mx, ssq)
+        norm = mx * tl.sqrt(ssq)
+        inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
+        if ONE_BLOCK:
+            _store_rows(out_base, rr, r_ok, 0, t * inv[:, None], o_ok, stride_or, BLOCK_O)
+        else:
+            for o0 in range(0, O, BLOCK_O):
+                t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
+                                    drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
+                                    BLOCK_O, BLOCK_F, ACTIVATION)
+                _store_rows(out_base, rr, r_ok, o0, t * inv[:, None], o_ok, stride_or,
+                            BLOCK_O)
+        tl.store(norm_ptr + row0 + rr, norm, mask=r_ok)
+
+
+@triton.jit
 def _split_fwd_kernel(
     # pointers
     a_ptr, c_ptr, out_ptr, norm_ptr,
@@ -157,49 +291,17 @@ def _split_fwd_kernel(
     ONE_BLOCK: tl.constexpr, BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
-    rr = tl.arange(0, BLOCK_R)
-    r_ok = rr < rows - row0
-    grow = row_offset + row0 + rr  # int64: the dropout index passes 2^31
-    a_base, a_off = _row_map(a_ptr, row0, rr, D1, a_s0, a_s1, stride_ar, BROADCAST)
-    c_base, c_off = _row_map(c_ptr, row0, rr, D1, c_s0, c_s1, stride_cr, BROADCAST)
-    out_base = out_ptr + row0 * stride_or
-    acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
-    if not NORMALIZE:
-        for o0 in range(0, O, BLOCK_O):
-            s, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
-                                drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, False,
-                                BLOCK_O, BLOCK_F)
-            _store_rows(out_base, rr, r_ok, o0, s, o_ok, stride_or, BLOCK_O)
-    else:
-        mx = tl.zeros((BLOCK_R,), dtype=acc_dtype)
-        ssq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
-        # Pass 1: the norm.  Pass 2: recompute t (A and C again, from L2) and store.  A
-        # row that fits one block (ONE_BLOCK) keeps t in registers and skips pass 2 (a
-        # tensor made inside a compiled loop does not outlive it: hence no shared loop).
-        if ONE_BLOCK:
-            t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, 0, grow, r_ok, O, seed,
-                                drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
-                                BLOCK_O, BLOCK_F)
-            mx, ssq = _scaled_sumsq(t, mx, ssq)
-        else:
-            for o0 in range(0, O, BLOCK_O):
-                tb, _ = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
-                                  drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
-                                  BLOCK_O, BLOCK_F)
-                mx, ssq = _scaled_sumsq(tb, mx, ssq)
-        norm = mx * tl.sqrt(ssq)
-        inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
-        if ONE_BLOCK:
-            _store_rows(out_base, rr, r_ok, 0, t * inv[:, None], o_ok, stride_or, BLOCK_O)
-        else:
-            for o0 in range(0, O, BLOCK_O):
-                t, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
-                                    drop_p, keep_scale, eps, sqrt_eps, FACTOR, DROPOUT, True,
-                                    BLOCK_O, BLOCK_F)
-                _store_rows(out_base, rr, r_ok, o0, t * inv[:, None], o_ok, stride_or,
-                            BLOCK_O)
-        tl.store(norm_ptr + row0 + rr, norm, mask=r_ok)
+    """The forward epilogue without activation: the kernel launched by default.
+
+    A separate entry point with the original signature rather than a defaulted
+    constexpr: ``triton.compile`` (``ASTSource``, used by triton_compile.py) needs every
+    kernel argument in its signature or constants and ignores Python defaults, so a
+    new parameter would break the existing compile entries.  Same code (inlined)."""
+    _split_fwd_dropin_kernel(
+        a_ptr, c_ptr, out_ptr, norm_ptr, rows, O, row_offset, D1,
+        stride_ar, stride_cr, stride_or, a_s0, a_s1, c_s0, c_s1,
+        seed, drop_p, keep_scale, eps, sqrt_eps,
+        FACTOR, DROPOUT, NORMALIZE, ONE_BLOCK, BROADCAST, BLOCK_R, BLOCK_O, BLOCK_F, 0)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -227,7 +329,7 @@ def _pooled_grad(g_base, z_base, o0, rr, r_ok, O, norm, zg, stride_gr, stride_zr
 
 
 @triton.jit
-def _split_bwd_kernel(
+def _split_bwd_dropin_kernel(
     # pointers (da/dc may alias a/c: each element is read before it is written)
     g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr,
     # sizes
@@ -241,7 +343,13 @@ def _split_bwd_kernel(
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
     BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    # ACTIVATION as in the forward: a/c hold the pre-activation projections and da/dc
+    # receive the gradients w.r.t. them.  GROUP_ZG (norm_dims > 1): norm_ptr points at
+    # (rows, 2) pairs (the row's group norm, its group's <z, g>), summed over the group
+    # by the caller, so the kernel skips its own per-row <z, g>.
+    ACTIVATION: tl.constexpr = 0, GROUP_ZG: tl.constexpr = False,
 ):
+    """The backward epilogue with the drop-in options (see _split_bwd_kernel)."""
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < rows - row0
@@ -255,7 +363,11 @@ def _split_bwd_kernel(
     dc_base, dc_off = _row_map(dc_ptr, row0, rr, D1, dc_s0, dc_s1, stride_dcr, BROADCAST)
     norm = tl.zeros((BLOCK_R,), dtype=acc_dtype)
     zg = tl.zeros((BLOCK_R,), dtype=acc_dtype)
-    if NORMALIZE:
+    if NORMALIZE and GROUP_ZG:
+        pair = norm_ptr + 2 * (row0 + rr)
+        norm = tl.load(pair, mask=r_ok, other=1.0).to(acc_dtype)
+        zg = tl.load(pair + 1, mask=r_ok, other=0.0).to(acc_dtype)
+    elif NORMALIZE:
         norm = tl.load(norm_ptr + row0 + rr, mask=r_ok, other=1.0).to(acc_dtype)
         # <z, g> per row, the only cross-column quantity of the backward.
         for o0 in range(0, O, BLOCK_O):
@@ -275,10 +387,45 @@ def _split_bwd_kernel(
         dp = ds[:, :, None]  # broadcast over the factor lanes by the products below
         if DROPOUT:
             dp = _dropped(dp, seed, grow, cols, O * FACTOR, drop_p, keep_scale)
+        if ACTIVATION != 0:
+            # Gradients w.r.t. the pre-activations: dp * act(other) * act'(own).
+            a, a_grad = _activate_with_grad(a, ACTIVATION)
+            c, c_grad = _activate_with_grad(c, ACTIVATION)
+            da = dp * c * a_grad
+            dc = dp * a * c_grad
+        else:
+            da = dp * c
+            dc = dp * a
         da_offs, _, _, _ = _tile_offsets(o0, da_off, O, FACTOR, BLOCK_O, BLOCK_F)
         dc_offs, _, _, _ = _tile_offsets(o0, dc_off, O, FACTOR, BLOCK_O, BLOCK_F)
-        tl.store(da_base + da_offs, (dp * c).to(da_ptr.dtype.element_ty), mask=msk)
-        tl.store(dc_base + dc_offs, (dp * a).to(dc_ptr.dtype.element_ty), mask=msk)
+        tl.store(da_base + da_offs, da.to(da_ptr.dtype.element_ty), mask=msk)
+        tl.store(dc_base + dc_offs, dc.to(dc_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _split_bwd_kernel(
+    # pointers (da/dc may alias a/c: each element is read before it is written)
+    g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr,
+    # sizes
+    rows, O, row_offset, D1,
+    # strides and row maps (in rows) of a, c, da, dc
+    stride_gr, stride_zr, stride_ar, stride_cr, stride_dar, stride_dcr,
+    a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1,
+    # scalars
+    seed, drop_p, keep_scale, sqrt_eps,
+    # meta-parameters
+    FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
+    BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    """The backward epilogue without activation or joint norm: launched by default, with
+    the original signature (why: _split_fwd_kernel)."""
+    _split_bwd_dropin_kernel(
+        g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr, rows, O, row_offset, D1,
+        stride_gr, stride_zr, stride_ar, stride_cr, stride_dar, stride_dcr,
+        a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1,
+        seed, drop_p, keep_scale, sqrt_eps,
+        FACTOR, DROPOUT, NORMALIZE, BROADCAST, BLOCK_R, BLOCK_O, BLOCK_F, 0, False)
 
 
 # ----------------------------------------------------------------------------- launch settings
@@ -308,20 +455,33 @@ GPU_TILE_ELEMENTS = 8192
 INTERPRETER_TILE_ELEMENTS = 64
 
 
-def pick_epilogue_config(rows: int, o: int, factor: int, limit=None) -> EpilogueConfig:
+def pick_epilogue_config(rows: int, o: int, factor: int, limit=None,
+                         activation=None) -> EpilogueConfig:
     """The tile for ``rows`` rows of ``o`` outputs (``limit``: elements per tile, by
-    default the GPU's or the interpreter's)."""
+    default the GPU's or the interpreter's) of the kernels with ``activation``."""
     gpu = limit is not None or not INTERPRET
     if limit is None:
         limit = GPU_TILE_ELEMENTS if gpu else INTERPRETER_TILE_ELEMENTS
     block_f = triton.next_power_of_2(factor)
     block_o = max(1, min(triton.next_power_of_2(o), limit // block_f))
+    # An activation's temporaries (tanh's series and exp form, then its derivative) are
+    # live beside A and C.  Tiles the row does not fit anyway shrink for them: at full
+    # size the tanh forward of a wide row (o 4000) and the backward of co-attention with
+    # short rows reached 255 registers, ptxas's cap (sm_80/sm_90, Triton 3.8).  Wide
+    # rows take a quarter-width block (4 warps, 16 elements per thread: <= 139
+    # registers; half width at 8 warps made ptxas cap itself at 48-64 and spill 8 B on
+    # sm_90 fp32).  A row that fits one block (the MFB default) keeps it: splitting it
+    # would cost the second pass over A and C.  (Registers are a GPU matter: the
+    # interpreter keeps its tiles, whose count is what its run time follows.)
+    slim = activation is not None and gpu
+    if slim and o > block_o:
+        block_o = max(1, block_o // 4)
     # Short rows: several rows per program so each still moves a useful tile, but at most
     # a quarter of the single-row limit: many-row tiles cost more registers per element
     # (64 rows x 16 x 8 lanes spilled 104 B at 16 warps; 16 x 16 x 8 at 4 warps: 168
-    # registers, no spill, sm_90 bf16 backward).
+    # registers, no spill, sm_90 bf16 backward); an eighth with an activation.
     block_r = max(1, min(triton.next_power_of_2(max(rows, 1)),
-                         (limit // 4) // (block_o * block_f)))
+                         (limit // (8 if slim else 4)) // (block_o * block_f)))
     elements = block_r * block_o * block_f
     # ~16 elements per thread and tensor.  A row that takes several blocks (two passes)
     # keeps 8 warps: at 16 ptxas capped it at 64 registers and spilled 8 B (sm_90 bf16).
@@ -366,19 +526,22 @@ def _broadcast_needed(cfg, d1, maps, bufs) -> bool:
 
 def epilogue_forward(a, c, out, norm, *, factor: int, dropout: float, seed, normalize: bool,
                      eps: float, row_offset: int = 0, d1: int = 1, a_map=None,
-                     c_map=None) -> None:
+                     c_map=None, activation=None) -> None:
     """Fill ``out (rows, o)`` (and ``norm (rows,)`` when normalising) from the projection
     buffers ``a, c (*, K*o)``, broadcast row ``r`` reading the rows ``a_map``/``c_map``
     give (default: row ``r`` itself).  ``row_offset`` is the global index of row 0
-    (the dropout index)."""
+    (the dropout index).  ``activation`` (``None``, ``"relu"``, ``"tanh"``) acts on the
+    loaded projections; ``out`` may be wider than ``a`` (fp32 for half projections)."""
     rows, o = out.shape
     if rows == 0:
         return
     _check_unit_columns(a, c, out)
     a_map, c_map = a_map or RowMap.plain(d1), c_map or RowMap.plain(d1)
-    cfg = pick_epilogue_config(rows, o, factor)
+    cfg = pick_epilogue_config(rows, o, factor, activation=activation)
     grid = (triton.cdiv(rows, cfg.block_r),)
-    launch(_split_fwd_kernel, grid,
+    # The plain entry point unless an option needs the other (the two compile apart).
+    options = {} if activation is None else {"ACTIVATION": ACTIVATION_CODES[activation]}
+    launch(_split_fwd_dropin_kernel if options else _split_fwd_kernel, grid,
         a, c, out, norm if normalize else out,
         rows, o, row_offset, d1,
         a.stride(0), c.stride(0), out.stride(0), a_map.s0, a_map.s1, c_map.s0, c_map.s1,
@@ -387,26 +550,38 @@ def epilogue_forward(a, c, out, norm, *, factor: int, dropout: float, seed, norm
         FACTOR=factor, DROPOUT=seed is not None, NORMALIZE=normalize,
         ONE_BLOCK=o <= cfg.block_o,
         BROADCAST=_broadcast_needed(cfg, d1, (a_map, c_map), (a, c, out)),
-        BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, BLOCK_F=cfg.block_f,
+        BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, BLOCK_F=cfg.block_f, **options,
         num_warps=cfg.num_warps,
     )
 
 
 def epilogue_backward(g, z, norm, a, c, da, dc, *, factor: int, dropout: float, seed,
                       normalize: bool, eps: float, row_offset: int = 0, d1: int = 1,
-                      a_map=None, c_map=None, da_map=None, dc_map=None) -> None:
+                      a_map=None, c_map=None, da_map=None, dc_map=None, activation=None,
+                      group_zg: bool = False) -> None:
     """Write ``dA = dp * C`` into ``da`` and ``dC = dp * A`` into ``dc`` from
     ``g, z (rows, o)`` and ``norm (rows,)``; every buffer is ``(*, K*o)`` and read or
     written at the rows its map gives (``da``/``dc`` may be ``a``/``c`` themselves when
-    their maps are the same: each element is read before it is written)."""
+    their maps are the same: each element is read before it is written).
+
+    ``activation``: ``a``/``c`` are pre-activation and ``da``/``dc`` get the gradients
+    w.r.t. them.  ``group_zg``: ``norm`` is ``(rows, 2)``, each row's group norm and
+    its group's ``<z, g>`` (joint normalisation)."""
     rows, o = g.shape
     if rows == 0:
         return
     _check_unit_columns(g, z, a, c, da, dc)
+    if group_zg and not (normalize and norm.shape == (rows, 2) and norm.is_contiguous()):
+        raise ValueError("group_zg needs normalize and a contiguous (rows, 2) norm buffer")
     maps = [mp or RowMap.plain(d1) for mp in (a_map, c_map, da_map, dc_map)]
-    cfg = pick_epilogue_config(rows, o, factor)
+    cfg = pick_epilogue_config(rows, o, factor, activation=activation)
     grid = (triton.cdiv(rows, cfg.block_r),)
-    launch(_split_bwd_kernel, grid,
+    options = {}
+    if activation is not None:
+        options["ACTIVATION"] = ACTIVATION_CODES[activation]
+    if group_zg:
+        options["GROUP_ZG"] = True
+    launch(_split_bwd_dropin_kernel if options else _split_bwd_kernel, grid,
         g, z, norm if normalize else g, a, c, da, dc,
         rows, o, row_offset, d1,
         g.stride(0), z.stride(0), a.stride(0), c.stride(0), da.stride(0), dc.stride(0),
@@ -415,6 +590,6 @@ def epilogue_backward(g, z, norm, a, c, da, dc, *, factor: int, dropout: float, 
         math.sqrt(eps),
         FACTOR=factor, DROPOUT=seed is not None, NORMALIZE=normalize,
         BROADCAST=_broadcast_needed(cfg, d1, maps, (g, z, a, c, da, dc)),
-        BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, BLOCK_F=cfg.block_f,
+        BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, BLOCK_F=cfg.block_f, **options,
         num_warps=cfg.num_warps,
     )
