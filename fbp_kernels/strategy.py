@@ -153,7 +153,17 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
                 f"BLOCK_O={cfg.block_o} BLOCK_F={cfg.block_f}, {cfg.num_warps} warps")
     if name == "triton":
         from .backends import triton_kernels as K
+        from .backends import triton_wide as W
 
+        wide = W.pick_wide_config(dtype, device, rows)
+        if not save_projections and W.supports(factor, wide):
+            bwd = W.pick_wide_bwd_config(dtype, device)
+            tiles = lambda c: (f"{c.block_m}x{c.block_n}x{c.block_k}, {c.num_warps} warps, "  # noqa: E731
+                               f"{c.num_stages} stages{', TMA' if c.tma else ''}")
+            return ("Triton _wide_fwd_kernel + _finish_kernel (backward: _grad_pooled_kernel "
+                    "+ _wide_bwd_kernel + 4 cuBLAS GEMMs)",
+                    f"forward {tiles(wide)} ({W.tile_outputs(wide, factor)[0]} outputs per "
+                    f"tile); backward {tiles(bwd)}")
         cfg = K.pick_config(rows, o, dtype, device)
         return ("Triton _fbp_fwd_kernel, one launch (backward: _fbp_bwd_kernel + 4 cuBLAS "
                 "GEMMs)",

@@ -76,6 +76,33 @@ def test_explain_reports_the_split_chunks_and_tile():
     assert "backend: split" in str(plan)
 
 
+@pytest.mark.skipif(backends.unsupported_reason("triton", DEVICE) is not None,
+                    reason="backend 'triton' cannot run here")
+def test_explain_names_the_wide_kernels_the_triton_backend_runs(monkeypatch):
+    """explain() describes what the launcher runs: the wide forward and backward unless
+    projections are kept (then the one-launch kernel and its backward)."""
+    from fbp_kernels.backends import triton_wide as W
+
+    launched = []
+    real = W.launch
+
+    def spy(kernel, grid, *args, **kw):
+        launched.append(kernel)
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(W, "launch", spy)
+    x, y = torch.randn(7, 4, device=DEVICE), torch.randn(7, 6, device=DEVICE)
+    wx, wy = torch.randn(12, 4, device=DEVICE), torch.randn(12, 6, device=DEVICE)
+    plan = fbp_kernels.explain(x, y, wx, wy, factor=3, backend="triton")
+    cfg = W.pick_wide_config(torch.float32, DEVICE, 7)
+    assert "_wide_fwd_kernel" in plan.kernels and "_wide_bwd_kernel" in plan.kernels
+    assert f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" in plan.tile, plan.tile
+    fbp_kernels.fbp(x, y, wx, wy, factor=3, backend="triton")
+    assert launched and launched[0] is W._wide_fwd_kernel, launched
+    kept = fbp_kernels.explain(x, y, wx, wy, factor=3, backend="triton", save_projections=True)
+    assert "_fbp_fwd_kernel" in kept.kernels and "_wide" not in kept.kernels
+
+
 def test_explain_refuses_an_unusable_backend_like_fbp():
     x = torch.randn(2, 4)
     with pytest.raises(backends.BackendUnavailableError):

@@ -60,7 +60,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     # the wide backward (three pooling paths, plus the pointer fallback on sm_90 half)
     # and its ds kernel per arch and dtype
     wide_bwd = 3 * (3 + 1) + (3 + 1) + 2 * (4 + 1)
-    assert len(combos) == len(rows) == 3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd, log
+    # the split drop-in variants (activation, joint norm; 9 builds, 7 for fp32 which has no
+    # fp32-output variant) at two shapes per arch and dtype
+    dropin = 2 * 2 * (9 + 9 + 7)
+    assert len(combos) == len(rows) == \
+        3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd + dropin, log
     assert {r["kernel"] for r in rows} == {"fbp_fwd", "fbp_bwd", "row_dot", "mask",
                                            "split_fwd", "split_bwd", "wide_fwd", "finish",
                                            "wide_bwd", "grad_pool"}

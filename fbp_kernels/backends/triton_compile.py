@@ -165,8 +165,11 @@ def _mask_source():
     return _source(K._dropout_mask_kernel, sig, {"BLOCK_M": bm, "BLOCK_C": bc})
 
 
-def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: bool):
-    """The split strategy's epilogue kernels (``triton_split``) for one tile."""
+def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: bool,
+                   activation: int = 0, group: bool = False, out_fp32: bool = False):
+    """The split strategy's epilogue kernels (``triton_split``) for one tile; with
+    ``activation`` / ``group`` (norm_dims > 1) / ``out_fp32`` (the fp32 scratch output a
+    joint norm writes for half inputs) the drop-in kernels that carry those options."""
     from . import triton_split as E
 
     if kernel == "split_fwd":
@@ -175,8 +178,12 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
                "D1": "i32", "stride_ar": "i32", "stride_cr": "i32", "stride_or": "i32",
                "a_s0": "i32", "a_s1": "i32", "c_s0": "i32", "c_s1": "i32", "seed": "i64",
                "drop_p": "fp32", "keep_scale": "fp32", "eps": "fp32", "sqrt_eps": "fp32"}
-        fn = E._split_fwd_kernel
+        if out_fp32:
+            sig["out_ptr"] = "*fp32"
+        fn = E._split_fwd_dropin_kernel if (activation or out_fp32) else E._split_fwd_kernel
         consts = {"ONE_BLOCK": one_block}
+        if fn is E._split_fwd_dropin_kernel:
+            consts["ACTIVATION"] = activation
     else:
         sig = {"g_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "norm_ptr": "*fp32",
                "a_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "da_ptr": f"*{dtype}",
@@ -185,8 +192,9 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
                "stride_cr": "i32", "stride_dar": "i32", "stride_dcr": "i32"}
         sig.update({f"{t}_s{i}": "i32" for t in ("a", "c", "da", "dc") for i in (0, 1)})
         sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "sqrt_eps": "fp32"})
-        fn = E._split_bwd_kernel
-        consts = {}
+        dropin = activation or group
+        fn = E._split_bwd_dropin_kernel if dropin else E._split_bwd_kernel
+        consts = {"ACTIVATION": activation, "GROUP_ZG": group} if dropin else {}
     consts.update({"FACTOR": 5, "DROPOUT": True, "NORMALIZE": True, "BROADCAST": broadcast,
                    "BLOCK_R": cfg.block_r, "BLOCK_O": cfg.block_o, "BLOCK_F": cfg.block_f})
     return _source(fn, sig, consts)
@@ -272,6 +280,15 @@ def _finish_source(dtype: str):
 #: Factors the wide forward is compiled for: its three pooling paths (selection product
 #: at the MFB default 5, identity at 1, reshape at 2).
 WIDE_FACTORS = (5, 1, 2)
+
+#: The split epilogue's drop-in builds: (tag, kernel, ACTIVATION, GROUP_ZG, fp32 output).
+SPLIT_DROPIN_VARIANTS = (
+    ("relu", "split_fwd", 1, False, False), ("tanh", "split_fwd", 2, False, False),
+    ("f32out", "split_fwd", 0, False, True), ("tanh-f32out", "split_fwd", 2, False, True),
+    ("relu", "split_bwd", 1, False, False), ("tanh", "split_bwd", 2, False, False),
+    ("group", "split_bwd", 0, True, False), ("relu-group", "split_bwd", 1, True, False),
+    ("tanh-group", "split_bwd", 2, True, False),
+)
 
 #: Epilogue tiles the split launcher picks, by (rows, o, factor, broadcast): the MFB
 #: default (one block per row), a wide row (two passes), a narrow one (many rows per
@@ -404,6 +421,22 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                     rows.append(_compile_row(
                         triton, target, kernel, arch, dtype, shape_name, cfg.num_warps, 1,
                         lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o, bc)))
+            # The drop-in variants (activation, joint norm) at the MFB default shape and at
+            # the co-attention shape (the tightest for the grouped backward).
+            for shape_name in ("mfb", "coatt"):
+                r, o, f, bc = SPLIT_SHAPES[shape_name]
+                from .triton_split import GPU_TILE_ELEMENTS, pick_epilogue_config
+
+                for tag, kernel, act, group, f32 in SPLIT_DROPIN_VARIANTS:
+                    if f32 and dtype == "fp32":
+                        continue
+                    cfg = pick_epilogue_config(r, o, f, limit=GPU_TILE_ELEMENTS,
+                                               activation=(None, "relu", "tanh")[act])
+                    rows.append(_compile_row(
+                        triton, target, kernel, arch, dtype, f"{shape_name}-{tag}",
+                        cfg.num_warps, 1,
+                        lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o, bc,
+                                               act, group, f32)))
             for cfg_name, wcfg, f, desc in wide_bwd_builds(arch, dtype):
                 rows.append(_compile_row(
                     triton, target, "wide_bwd", arch, dtype, cfg_name, wcfg.num_warps,
