@@ -307,7 +307,7 @@ WIDE_SMALL_ROWS = 64
 #: The wide backward's tiles (triton_wide.WIDE_BWD_CONFIGS), same layout.
 WIDE_BWD_TILES = {"sm90-half": (128, 64, 64, 8, 4, 8, True),
                   "half": (128, 64, 64, 8, 4, 8, False),
-                  "fp32": (64, 64, 16, 8, 3, 8, False)}
+                  "fp32": (64, 64, 32, 8, 2, 8, False)}
 
 
 def wide_family(dtype: str, arch: int, rows: Optional[int] = None) -> str:
@@ -332,7 +332,7 @@ COMPILE_FACTS = {
     ("fbp_fwd", 80, "fp32", "large"): (8, 128, 0, 12288, "none"),
     ("fbp_bwd", 80, "fp32", "large"): (8, 184, 0, 12288, "none"),
     ("wide_fwd", 80, "fp32", "wide"): (8, 110, 0, 32768, "none"),
-    ("wide_bwd", 80, "fp32", "wide"): (8, 128, 0, 16384, "none"),
+    ("wide_bwd", 80, "fp32", "wide"): (8, 188, 0, 16384, "none"),
     ("fbp_fwd", 80, "fp16", "tiny"): (4, 124, 0, 16384, "mma"),
     ("fbp_bwd", 80, "fp16", "tiny"): (4, 128, 0, 16384, "mma"),
     ("fbp_fwd", 80, "fp16", "small"): (4, 128, 0, 20480, "mma"),
@@ -362,7 +362,7 @@ COMPILE_FACTS = {
     ("fbp_fwd", 90, "fp32", "large"): (8, 128, 0, 12288, "none"),
     ("fbp_bwd", 90, "fp32", "large"): (8, 180, 0, 12288, "none"),
     ("wide_fwd", 90, "fp32", "wide"): (8, 128, 0, 32768, "none"),
-    ("wide_bwd", 90, "fp32", "wide"): (8, 144, 0, 16384, "none"),
+    ("wide_bwd", 90, "fp32", "wide"): (8, 124, 0, 16384, "none"),
     ("fbp_fwd", 90, "fp16", "tiny"): (4, 108, 0, 16384, "mma"),
     ("fbp_bwd", 90, "fp16", "tiny"): (4, 121, 0, 16384, "mma"),
     ("fbp_fwd", 90, "fp16", "small"): (4, 128, 0, 20480, "mma"),

@@ -431,13 +431,14 @@ WIDE_CONFIGS = {
 #: The backward products kernel (same main loop, a heavier epilogue: A, C, the dropout
 #: scale and ds live together).  The 16-warp 128 x 128 tile spills there (72-480 B with
 #: Triton 3.6 and 3.8) so half precision runs 128 x 64 x 64 with 8 warps (42.7 FLOP/B),
-#: through TMA on sm_90: 163-243 registers, no spills; fp32 64 x 64 x 16 with 8 warps
-#: (a 32-deep K step spilled 8 B at factor 1 with Triton 3.6).
+#: through TMA on sm_90: 163-243 registers, no spills; fp32 64 x 64 x 32 with 8 warps and
+#: 2 stages, 122-190 registers (64 x 64 x 16 with 3 stages spilled 8 B on sm_90 with
+#: Triton 3.6).
 WIDE_BWD_CONFIGS = {
     "sm90-half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4,
                             tma=True),
     "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
-    "fp32": WideConfig(block_m=64, block_n=64, block_k=16, num_warps=8, num_stages=3),
+    "fp32": WideConfig(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=2),
 }
 #: The interpreter runs the descriptor path wherever operands qualify (the shared suites
 #: then cover it); tests replace this with ``tma=False`` to pin the pointer path.
