@@ -515,12 +515,37 @@ def supports(factor: int, cfg: WideConfig) -> bool:
 # ----------------------------------------------------------------------------- launcher
 
 
+def _main_loop_args(cfg: WideConfig, x2, y2, wx, wy, bx, by):
+    """What the forward and backward kernels' shared main loop takes: ``(operands,
+    strides, meta)`` = the six operand arguments (TMA descriptors or tensors, then the
+    biases), the eight operand strides, and the main loop's meta-parameters."""
+    from .triton_kernels import _bias_args, dot_settings
+
+    bx_, by_, has_bias = _bias_args(bx, by, wx)
+    dot_fp32, precision = dot_settings(x2.dtype)
+    # In the interpreter DOT_FP32 also routes the half pooling product through fp32.
+    dot_fp32 = dot_fp32 or (INTERPRET and x2.dtype in (torch.float16, torch.bfloat16))
+    # TMA per operand pair (x, y) and (weights): one flag each, so both members qualify.
+    x_desc = cfg.tma and descriptor_ok(x2) and descriptor_ok(y2)
+    w_desc = cfg.tma and descriptor_ok(wx) and descriptor_ok(wy)
+    operands = [_operand(t, x_desc, (cfg.block_m, cfg.block_k)) for t in (x2, y2)] + \
+        [_operand(t, w_desc, (cfg.block_n, cfg.block_k)) for t in (wx, wy)] + [bx_, by_]
+    strides = (x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
+               wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1))
+    meta = dict(HAS_BIAS=has_bias, DOT_FP32=dot_fp32, PRECISION=precision,
+                HALF=x2.dtype in (torch.float16, torch.bfloat16), BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                X_DESC=x_desc, W_DESC=w_desc, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    return operands, strides, meta
+
+
 def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
                  batch=None):
     """``(out (*batch, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``.
 
     ``out`` is allocated at its final shape (``triton_kernels.output_buffer``)."""
-    from .triton_kernels import TileConfig, _bias_args, _int32_safe, dot_settings, output_buffer
+    from .triton_kernels import TileConfig, _int32_safe, output_buffer
 
     rows, m = x2.shape
     n, o = y2.shape[1], wx.shape[0] // factor
@@ -536,29 +561,15 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
     x2, y2, wx, wy = _int32_safe(TileConfig(cfg.block_m, block_j, cfg.block_k, cfg.num_warps,
                                             cfg.num_stages), x2, y2, wx, wy, factor)
     s = torch.empty((rows, o), dtype=acc, device=x2.device)
-    bx_, by_, has_bias = _bias_args(bx, by, wx)
-    dot_fp32, precision = dot_settings(x2.dtype)
-    # In the interpreter DOT_FP32 also routes the half pooling product through fp32.
-    dot_fp32 = dot_fp32 or (INTERPRET and x2.dtype in (torch.float16, torch.bfloat16))
-    # TMA per operand pair (x, y) and (weights): one flag each, so both members qualify.
-    x_desc = cfg.tma and descriptor_ok(x2) and descriptor_ok(y2)
-    w_desc = cfg.tma and descriptor_ok(wx) and descriptor_ok(wy)
-    xs = [_operand(t, x_desc, (cfg.block_m, cfg.block_k)) for t in (x2, y2)]
-    ws = [_operand(t, w_desc, (cfg.block_n, cfg.block_k)) for t in (wx, wy)]
+    operands, strides, meta = _main_loop_args(cfg, x2, y2, wx, wy, bx, by)
     grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
     launch(_wide_fwd_kernel, grid,
-        *xs, *ws, bx_, by_, s,
+        *operands, s,
         rows, m, n, o,
-        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-        wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1), s.stride(0),
+        *strides, s.stride(0),
         seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
-        FACTOR=factor, HAS_BIAS=has_bias, DROPOUT=seed is not None, DOT_FP32=dot_fp32,
-        PRECISION=precision, POOL=pool_mode(factor),
-        HALF=x2.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_J=block_j, BLOCK_JP=block_jp, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, X_DESC=x_desc, W_DESC=w_desc, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        FACTOR=factor, DROPOUT=seed is not None, POOL=pool_mode(factor),
+        BLOCK_J=block_j, BLOCK_JP=block_jp, **meta,
     )
     block_o = min(triton.next_power_of_2(o), 16 if INTERPRET else 1024)
     launch(_finish_kernel, (rows,),
@@ -573,7 +584,7 @@ def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, d
     """``(dA, dC)``, each (rows, K*o) in the input dtype, with A and C recomputed by the
     wide main loop (the backward of :func:`wide_forward`; ``out``/``norm`` are its
     outputs, ``grad`` the (rows, o) cotangent)."""
-    from .triton_kernels import TileConfig, _bias_args, _int32_safe, dot_settings
+    from .triton_kernels import TileConfig, _int32_safe
 
     rows, m = x2.shape
     n, ko = y2.shape[1], wx.shape[0]
@@ -598,25 +609,14 @@ def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, d
                num_warps=1 if INTERPRET else 4)
     else:
         ds = grad  # dL/ds is the cotangent itself
-    bx_, by_, has_bias = _bias_args(bx, by, wx)
-    dot_fp32, precision = dot_settings(x2.dtype)
-    dot_fp32 = dot_fp32 or (INTERPRET and x2.dtype in (torch.float16, torch.bfloat16))
-    x_desc = cfg.tma and descriptor_ok(x2) and descriptor_ok(y2)
-    w_desc = cfg.tma and descriptor_ok(wx) and descriptor_ok(wy)
-    xs = [_operand(t, x_desc, (cfg.block_m, cfg.block_k)) for t in (x2, y2)]
-    ws = [_operand(t, w_desc, (cfg.block_n, cfg.block_k)) for t in (wx, wy)]
+    operands, strides, meta = _main_loop_args(cfg, x2, y2, wx, wy, bx, by)
     grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
     launch(_wide_bwd_kernel, grid,
-        *xs, *ws, bx_, by_, ds, da, dc,
+        *operands, ds, da, dc,
         rows, m, n, o,
-        x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-        wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1), ds.stride(0),
+        *strides, ds.stride(0),
         seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
-        FACTOR=factor, HAS_BIAS=has_bias, DROPOUT=seed is not None,
-        DOT_FP32=dot_fp32, PRECISION=precision, POOL=pool_mode(factor),
-        HALF=x2.dtype in (torch.float16, torch.bfloat16), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_J=block_j, BLOCK_JP=block_jp, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
-        X_DESC=x_desc, W_DESC=w_desc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FACTOR=factor, DROPOUT=seed is not None, POOL=pool_mode(factor),
+        BLOCK_J=block_j, BLOCK_JP=block_jp, **meta,
     )
     return da, dc
