@@ -161,12 +161,12 @@ for arch in {tuple(archs)!r}:
             builds = tc.wide_builds(arch, dtype)
             picks = [("wide", builds[0])] + [("wide-small", b) for b in builds
                                              if b[0].endswith("-small")]
-            for config, (_name, wcfg, f, desc) in picks:
+            for config, (_name, wcfg, f, desc, _shared) in picks:
                 row = tc._compile_row(triton, target, "wide_fwd", arch, dtype, config,
                                       wcfg.num_warps, wcfg.num_stages,
                                       lambda: tc._wide_source(dtype, wcfg, f, "ieee", desc))
                 out.append(dict(row.__dict__))
-            _name, wcfg, f, desc = tc.wide_bwd_builds(arch, dtype)[0]
+            _name, wcfg, f, desc, _act, _pass, _shared = tc.wide_bwd_builds(arch, dtype)[0]
             row = tc._compile_row(triton, target, "wide_bwd", arch, dtype, "wide",
                                   wcfg.num_warps, wcfg.num_stages,
                                   lambda: tc._wide_bwd_source(dtype, wcfg, f, "ieee", desc))

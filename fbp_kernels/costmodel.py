@@ -304,10 +304,20 @@ WIDE_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
 WIDE_SMALL_ROWS = 64
 
 
-#: The wide backward's tiles (triton_wide.WIDE_BWD_CONFIGS), same layout.
-WIDE_BWD_TILES = {"sm90-half": (128, 64, 64, 8, 4, 8, True),
+#: The wide backward's tiles (triton_wide.WIDE_BWD_CONFIGS), same layout; the model
+#: prices the activation-free tiles ("-act": the activation builds' tiles).
+WIDE_BWD_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
+                  "sm90-half-act": (64, 128, 64, 8, 4, 8, True),
                   "half": (128, 64, 64, 8, 4, 8, False),
+                  "half-act": (64, 64, 64, 8, 3, 8, False),
                   "fp32": (64, 64, 32, 8, 2, 8, False)}
+
+
+def wide_tile_outputs(block_n: int, factor: int) -> int:
+    """Outputs per wide tile (triton_wide.tile_outputs): ``block_n // factor`` rounded
+    down so a tile spans a multiple of 4 columns (one Philox call per four elements)."""
+    step = 4 // math.gcd(factor, 4)
+    return block_n // factor // step * step
 
 
 def wide_family(dtype: str, arch: int, rows: Optional[int] = None) -> str:
@@ -726,14 +736,14 @@ def wide_supported(s: Shape, gpu: Optional[GPU] = None) -> bool:
     """Whether the wide forward runs (a tile must hold one output group; the narrowest
     tile, sm_80's, when no GPU is given)."""
     arch = gpu.arch if gpu is not None else 80
-    return WIDE_TILES[wide_family(s.dtype, arch, s.rows)][1] // s.factor >= 1
+    return wide_tile_outputs(WIDE_TILES[wide_family(s.dtype, arch, s.rows)][1], s.factor) >= 1
 
 
 def wide_facts(dtype: str, gpu: GPU, rows: Optional[int] = None,
                kernel: str = "wide_fwd") -> KernelFacts:
     """Facts of the wide forward at the tile it runs for ``rows`` (compiled at factor 5):
     config "wide", or "wide-small" where sm_90's small-batch tile differs; ``kernel``
-    "wide_bwd": the backward products kernel (one tile for every row count)."""
+    "wide_bwd": the backward's passes (one tile for every row count)."""
     arch = 90 if gpu.arch >= 90 else 80
     fact_dtype = "fp32" if dtype == "tf32" else dtype
     if kernel == "wide_bwd":
@@ -751,22 +761,37 @@ def wide_facts(dtype: str, gpu: GPU, rows: Optional[int] = None,
                        ctas_per_sm(regs, warps, smem, gpu), max(1, round(smem / stage)), stage)
 
 
-def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False) -> List[KernelCost]:
+def coattention_side(s: Shape) -> Optional[str]:
+    """``"y"`` / ``"x"``: the input the wide kernels read per group of rows (co-attention,
+    triton_backend.coattention_layout: the other input covers every broadcast row), or
+    None (no broadcast, or one the wide path materialises)."""
+    if s.rx == s.rows and s.ry < s.rows:
+        return "y"
+    if s.ry == s.rows and s.rx < s.rows:
+        return "x"
+    return None
+
+
+def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
+                    shared: Optional[str] = None) -> List[KernelCost]:
     """The wide forward (triton_wide.py): a (BLOCK_M, BLOCK_N) tile covers BLOCK_N //
     factor outputs of every factor group, one K loop over x and one over y (no factor
     re-reads), grouped tile order; then the row-finishing kernel over the fp32 pooled
     scratch (rows x o, written by the main loop, read twice).  ``backward``: the same
-    main loop in the backward products kernel, after the ds kernel (reads g and z twice,
-    writes ds in fp32); its epilogue reads ds and writes dA, dC (rows x K*o each)."""
+    main loop in the backward's two passes (C recomputed -> dA, A -> dC: each projection
+    once, as in the forward), after the ds kernel (reads g and z twice, writes ds in
+    fp32); each pass reads ds, together they write dA, dC (rows x K*o each).
+    ``shared`` (co-attention): that input's main loop does not run; its projection, formed
+    once per group by cuBLAS (not priced here), is read per row from L2."""
     e, k, R = s.elem, s.ko, s.rows
     f = wide_facts(s.dtype, gpu, R, "wide_bwd" if backward else "wide_fwd")
     bm, bn = f.block_m, f.block_o
     group = WIDE_TILES[wide_family(s.dtype, 90 if gpu.arch >= 90 else 80, R)][5]
-    bj = bn // s.factor
+    bj = wide_tile_outputs(bn, s.factor)
     bjp = bj if (s.factor & (s.factor - 1)) == 0 else max(16, 2 ** math.ceil(math.log2(bj)))
     n_m, n_j = math.ceil(R / bm), math.ceil(s.o / bj)
     ctas = n_m * n_j
-    width = s.m + s.n
+    width = s.m + s.n - {"x": s.m, "y": s.n, None: 0}[shared]
     xy, w = R * width * e, k * width * e
     flops = 2.0 * R * k * width
     # MMAs issued: padded rows and columns, plus the pooling product (hi + lo halves for
@@ -784,10 +809,14 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False) -> List[KernelCo
     h_w = min(1.0, max(0.0, cap - group_xy) / w)
     hbm = xy + w + xy * (n_j - 1) * (1 - h_xy) + w * (groups - 1) * (1 - h_w)
     scratch = R * s.o * 4
+    if shared is not None:
+        groups_rows = s.ry if shared == "y" else s.rx
+        hbm += groups_rows * k * e                        # the shared projection, once
+        l2 += R * k * e                                   # read per row
     if backward:
         d_hbm, d_l2 = _intermediate(2 * R * k * e, gpu)   # dA, dC for the four GEMMs
-        hbm += d_hbm + (0 if _resident(scratch, gpu) else scratch)
-        l2 += d_l2 + scratch
+        hbm += d_hbm + (0 if _resident(scratch, gpu) else 2 * scratch)
+        l2 += d_l2 + 2 * scratch                          # ds, read by both passes
     else:
         hbm += scratch                                    # the pooled scratch, written once
     peak_key = s.dtype if f.tensor_cores != "none" else "fp32"
@@ -797,12 +826,12 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False) -> List[KernelCo
     # Two pipeline fills (x pass, y pass) per tile, once per wave.
     tail = math.ceil(ctas / slots) * 2 * gpu.l2_latency_us
     inflight = max(1, f.num_stages - 1) * (min(R, bm) + bn) * f.block_k * e
-    name = "wide dA/dC (recomputes A, C)" if backward else "wide forward"
+    name = "wide dA/dC (2 passes: C -> dA, A -> dC)" if backward else "wide forward"
     main = _cost(f"{name} ({bm}x{bn}x{f.block_k}, {bj} outputs/tile, {f.num_warps} "
                  f"warps, {f.ctas_per_sm} CTA/SM)", gpu, flops=flops, tflops=tflops,
                  hbm=hbm, l2=l2 + (0 if backward else scratch), ctas=ctas,
                  per_sm=f.ctas_per_sm, inflight_cta=inflight, tail_us=tail,
-                 host_us=HOST_US["triton"])
+                 host_us=HOST_US["triton"] * (2 if backward else 1))
     if backward:
         ds_hbm, ds_l2 = (0.0, scratch) if _resident(scratch, gpu) else (scratch, 0.0)
         grad = elementwise("ds = dL/ds (row dot, rescale)", 4 * R * s.o * e, ds_hbm,
@@ -838,9 +867,18 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
                                        R * width * e, R * width, gpu, elem_bytes=e))
         return res
 
-    if fwd and wide_supported(s, gpu) and not (saved and train):
-        out += copies()
-        out += _wide_main_loop(s, gpu)
+    wide_fwd = fwd and wide_supported(s, gpu) and not (saved and train)
+    wide_bwd = bwd and not saved and wide_supported(s, gpu)
+    co = coattention_side(s) if wide_fwd or wide_bwd else None
+    co_rows, co_width = (s.ry, s.n) if co == "y" else (s.rx, s.m)
+
+    def shared_projection():
+        return [gemm(f"shared projection ({co}, once per group)", co_rows, k, co_width, d,
+                     gpu)] if co is not None else copies()
+
+    if wide_fwd:
+        out += shared_projection()
+        out += _wide_main_loop(s, gpu, shared=co)
     elif fwd:
         store_ac = saved and train
         out += copies()
@@ -855,9 +893,9 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
             extra_hbm=scratch_hbm, extra_l2=scratch_l2,
             tail_us=n_o * gpu.l2_latency_us))   # serial row-norm finish: n_o round trips
         out[-1] = _with_host(out[-1], HOST_US["fbp_call"])
-    if bwd and not saved and wide_supported(s, gpu):
-        out += copies()
-        out += _wide_main_loop(s, gpu, backward=True)
+    if wide_bwd:
+        out += shared_projection()
+        out += _wide_main_loop(s, gpu, backward=True, shared=co)
     elif bwd:
         out += copies()
         out.append(elementwise("row dot <z, g>", 2 * R * s.o * e, R * 4, R * s.o, gpu,
@@ -871,7 +909,22 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
             f"{fb.ctas_per_sm} CTA/SM)", s, gpu, fb, recompute=not saved,
             extra_hbm=io_hbm, extra_l2=io_l2, tail_us=0.0))
         out[-1] = _with_host(out[-1], HOST_US["fbp_call"])
-    if bwd:
+    if bwd and co is not None:
+        # Co-attention: the shared side's gradient rows summed per group first, its two
+        # GEMMs then run on one row per group.
+        res = _resident(2 * R * k * e, gpu)
+        plain_width = s.m if co == "y" else s.n
+        out += [elementwise("dC group sums", 0 if res else R * k * e, co_rows * k * e,
+                            R * k, gpu, l2_only_bytes=R * k * e if res else 0, elem_bytes=e),
+                gemm("d(plain) = dA W", R, plain_width, k, d, gpu, a_in_l2=res),
+                gemm("dW (plain) = dA^T in", k, plain_width, R, d, gpu),
+                gemm("d(shared) = dC W", co_rows, co_width, k, d, gpu, a_in_l2=True),
+                gemm("dW (shared) = dC^T in", k, co_width, co_rows, d, gpu),
+                elementwise("bias sums (2)", 0 if res else R * k * e, k * e,
+                            R * k + co_rows * k, gpu,
+                            l2_only_bytes=R * k * e if res else 0, elem_bytes=e,
+                            launches=2)]
+    elif bwd:
         res = _resident(2 * R * k * e, gpu)
         out += [gemm("dx = dA W_x", R, s.m, k, d, gpu, a_in_l2=res),
                 gemm("dW_x = dA^T x", k, s.m, R, d, gpu),
@@ -1034,7 +1087,8 @@ def predict(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
     if provider.startswith("split") and shape.broadcast:
         notes.append("assumes the split strategy projects the shared (broadcast) side once")
     if provider.startswith("fused") and shape.broadcast:
-        notes.append("today's fused path materialises broadcast rows (flatten_rows)")
+        notes.append("the wide kernels read a co-attention input's projection per group "
+                     "(formed once by cuBLAS); other broadcasts are materialised")
     bound = main.bound
     if launches * gpu.launch_us > 0.5 * gpu_us:
         bound = "launch"

@@ -127,10 +127,11 @@ def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
 
 #: FBP backends that implement ``norm_dims != 1`` and ``activation``, in the order
 #: ``backend="auto"`` prefers them on a CUDA device (``functional.route_drop_in``; on
-#: other devices auto takes ``torch``, as it does without these options).  The fused
-#: one-launch kernels (``triton``) and the C++ extension (``cuda``) do not have them.
-#: The front end routes calls that use them here, the operators refuse others.
-DROP_IN_BACKENDS = ("split", "torch")
+#: other devices auto takes ``torch``, as it does without these options).  ``triton``
+#: has them in its wide kernels (lean memory mode, factor up to a tile's width: see
+#: ``triton_backend.drop_in_problem``); the C++ extension (``cuda``) does not.  The front
+#: end routes calls that use them here, the operators refuse others.
+DROP_IN_BACKENDS = ("split", "triton", "torch")
 
 #: The same for MFH (``fbp_kernels.mfh``): only its plain-PyTorch backend has them.
 MFH_DROP_IN_BACKENDS = ("torch",)

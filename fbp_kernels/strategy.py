@@ -161,7 +161,7 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
             tiles = lambda c: (f"{c.block_m}x{c.block_n}x{c.block_k}, {c.num_warps} warps, "  # noqa: E731
                                f"{c.num_stages} stages{', TMA' if c.tma else ''}")
             return ("Triton _wide_fwd_kernel + _finish_kernel (backward: _grad_pooled_kernel "
-                    "+ _wide_bwd_kernel + 4 cuBLAS GEMMs)",
+                    "+ _wide_grad_kernel twice, one pass per projection, + 4 cuBLAS GEMMs)",
                     f"forward {tiles(wide)} ({W.tile_outputs(wide, factor)[0]} outputs per "
                     f"tile); backward {tiles(bwd)}")
         cfg = K.pick_config(rows, o, dtype, device)

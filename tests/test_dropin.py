@@ -379,9 +379,10 @@ def test_auto_routes_to_torch():
 @pytest.mark.parametrize("option,value", [("norm_dims", 2), ("activation", "relu")])
 def test_explicit_kernel_backend_is_refused(backend, option, value):
     # Refused by name, before availability: the same ValueError on any machine.  FBP's
-    # split backend has both options (tests/test_split_dropin.py); MFH has none but torch.
+    # split and triton backends have both options (tests/test_split_dropin.py); MFH has
+    # none but torch.
     x, y, wx, wy, bx, by = _params((2, 3), (2, 1), 3, 4, 4)
-    if backend != "split":
+    if backend == "cuda":
         with pytest.raises(ValueError, match=option) as info:
             fbp_kernels.fbp(x, y, wx[0], wy[0], bx[0], by[0], factor=2, backend=backend,
                             **{option: value})
@@ -393,13 +394,23 @@ def test_explicit_kernel_backend_is_refused(backend, option, value):
 
 @pytest.mark.parametrize("backend", [backend_param("triton")])
 def test_direct_operator_use_is_refused(backend):
+    # Backend triton has the options in its wide kernels, which recompute the projections:
+    # keeping them, or a factor too wide for a tile, is refused with the reason.
     x, y, wx, wy, bx, by = _params((2,), (2,), 3, 4, 4)
-    with pytest.raises(ValueError, match="norm_dims"):
-        ops.fbp_forward(x, y, wx[0], wy[0], bx[0], by[0], None, 2, 0.0, True, 1e-6, "none",
+    with pytest.raises(ValueError, match="save_projections"):
+        ops.fbp_forward(x, y, wx[0], wy[0], bx[0], by[0], None, 2, 0.0, True, 1e-6, "both",
                         backend, 2, None)
-    with pytest.raises(ValueError, match="activation"):
+    with pytest.raises(ValueError, match="save_projections"):
         ops.FBPFunction.apply(x, y, wx[0], wy[0], bx[0], by[0], None, 2, 0.0, True, 1e-6,
-                              "none", backend, 1, "tanh")
+                              "both", backend, 1, "tanh")
+    from fbp_kernels.backends import triton_wide as W
+
+    wide = 4 * W.pick_wide_config(x.dtype, x.device).block_n  # no tile holds one group
+    xw, yw = torch.randn(2, 3, dtype=x.dtype), torch.randn(2, 4, dtype=x.dtype)
+    with pytest.raises(ValueError, match=f"factor={wide + 1}"):
+        ops.fbp_forward(xw, yw, torch.randn((wide + 1) * 2, 3, dtype=x.dtype),
+                        torch.randn((wide + 1) * 2, 4, dtype=x.dtype), None, None, None,
+                        wide + 1, 0.0, True, 1e-6, "none", backend, 1, "relu")
 
 
 @pytest.mark.parametrize("backend", [backend_param("triton", mfh_ops.unsupported_reason)])

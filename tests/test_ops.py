@@ -80,7 +80,7 @@ def test_triton_forward_launches(monkeypatch):
             return self.kernel[grid]
 
     for mod, name in ((K, "_fbp_fwd_kernel"), (K, "_fbp_bwd_kernel"), (K, "_row_dot_kernel"),
-                      (W, "_wide_fwd_kernel"), (W, "_finish_kernel"), (W, "_wide_bwd_kernel"),
+                      (W, "_wide_fwd_kernel"), (W, "_finish_kernel"), (W, "_wide_grad_kernel"),
                       (W, "_grad_pooled_kernel")):
         monkeypatch.setattr(mod, name, Counting(name, getattr(mod, name)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,7 +95,7 @@ def test_triton_forward_launches(monkeypatch):
     assert launches == ["_wide_fwd_kernel", "_finish_kernel"]
     launches.clear()
     out.sum().backward()
-    assert launches == ["_grad_pooled_kernel", "_wide_bwd_kernel"]
+    assert launches == ["_grad_pooled_kernel", "_wide_grad_kernel", "_wide_grad_kernel"]
 
 
 def test_eager_function_and_registered_op_agree_bitwise(backend, device):

@@ -1,8 +1,8 @@
 """``norm_dims`` (joint L2 normalisation) and ``activation`` (relu/tanh on both
-projections) in backend ``split`` (issue 12, item 6): forward and every gradient
-against the reference, in every memory mode, with dropout, broadcast row maps,
-chunking (groups never cut; a group larger than the budget), degenerate groups and
-all four dtypes; routing (``auto`` takes ``split`` on a CUDA device only).
+projections) in backends ``split`` and ``triton`` (issue 12, item 6): forward and every
+gradient against the reference, with dropout, broadcast, degenerate groups and all four
+dtypes (both backends); split's memory modes and chunking (groups never cut; a group
+larger than the budget); routing (``auto`` takes ``split`` on a CUDA device only).
 
 Tolerances, per dtype (as tests/test_correctness.py, and why):
 - float64: the same maths in another order (a hand-written backward against
@@ -46,6 +46,17 @@ NAMES = ["out", "dx", "dy", "dweight_x", "dweight_y", "dbias_x", "dbias_y"]
 SAME = dict(atol=1e-12, rtol=1e-12)
 
 
+def _backends():
+    """split, and triton where it runs (its wide kernels carry both options)."""
+    yield "split"
+    why = backends.unsupported_reason("triton", DEVICE)
+    yield pytest.param("triton", marks=[pytest.mark.skip(reason=f"backend 'triton': {why}")]
+                       if why else [])
+
+
+BACKENDS = list(_backends())
+
+
 def _inputs(xs, ys, m, n, k, o, dtype=torch.float64, bias=True):
     """Leaves ``x (*xs, m), y (*ys, n), wx, wy, bx, by`` with nn.Linear-like scales."""
     g = lambda *s, std=1.0: (torch.randn(*s, dtype=torch.float64, device=DEVICE)  # noqa: E731
@@ -74,15 +85,16 @@ def _mask(seed, tensors, rate):
 
 
 def _split_and_reference(tensors, k, *, norm_dims, activation, dropout=0.0, save=False,
-                         g=None, seed=5):
-    """``([out, *grads] of split, the same of the float64 reference, the cotangent)``
-    on the same inputs and dropout mask."""
+                         g=None, seed=5, backend="split"):
+    """``([out, *grads] of ``backend`` (split), the same of the float64 reference, the
+    cotangent)`` on the same inputs and dropout mask (split's: every Triton kernel draws
+    the same stream, triton_dropout.py)."""
     mask = None
     if dropout:
         torch.manual_seed(seed)
         mask = _mask(int(functional.dropout_seed(True, dropout)), tensors, dropout)
         torch.manual_seed(seed)  # fbp() draws the same seed again
-    out = fbp_kernels.fbp(*tensors, factor=k, backend="split", dropout=dropout,
+    out = fbp_kernels.fbp(*tensors, factor=k, backend=backend, dropout=dropout,
                           training=bool(dropout), norm_dims=norm_dims,
                           activation=activation, save_projections=save)
     if g is None:
@@ -133,13 +145,15 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference(case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(case, backend):
     (xs, ys, m, n, k, o), activation, norm_dims, dtype = case
-    blocks = -(-o // E.pick_epilogue_config(6, o, k, activation=activation).block_o)
-    assert blocks == (2 if (k, o) == (5, 9) else 1)  # the epilogue path meant
+    if backend == "split":
+        blocks = -(-o // E.pick_epilogue_config(6, o, k, activation=activation).block_o)
+        assert blocks == (2 if (k, o) == (5, 9) else 1)  # the epilogue path meant
     tensors = _inputs(xs, ys, m, n, k, o, dtype)
     got, exp, g = _split_and_reference(tensors, k, norm_dims=norm_dims,
-                                       activation=activation)
+                                       activation=activation, backend=backend)
     if dtype == torch.float64:
         _assert_all_close(got, exp, EXACT_TOL[dtype])
     else:
@@ -175,32 +189,36 @@ def test_gpu_tiles_with_an_activation(monkeypatch):
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_low_precision(activation, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision(activation, dtype, backend):
     # Co-attention with groups of 4 regions; fp16/bf16 outputs go through the fp32
     # scratch (rounded once).
     k, o = 5, 6
     tensors = _inputs((3, 4), (3, 1), 16, 12, k, o, dtype)
-    got, exact, g = _split_and_reference(tensors, k, norm_dims=2, activation=activation)
+    got, exact, g = _split_and_reference(tensors, k, norm_dims=2, activation=activation,
+                                         backend=backend)
     _assert_within_eager_error(got, exact, tensors, k, g, norm_dims=2,
                                activation=activation)
 
 
 @pytest.mark.parametrize("norm_dims, activation", [(2, "relu"), (3, "tanh")])
-def test_dropout(norm_dims, activation):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout(norm_dims, activation, backend):
     # The mask is the one split (and the fused kernels) draw, fed to the reference.
     k, o = 3, 4
     tensors = _inputs((2, 3), (2, 1), 5, 4, k, o)
     got, exp, _ = _split_and_reference(tensors, k, norm_dims=norm_dims,
-                                       activation=activation, dropout=0.3)
+                                       activation=activation, dropout=0.3, backend=backend)
     _assert_all_close(got, exp, EXACT_TOL[torch.float64])
-    kept = fbp_kernels.fbp(*tensors, factor=k, backend="split", norm_dims=norm_dims,
+    kept = fbp_kernels.fbp(*tensors, factor=k, backend=backend, norm_dims=norm_dims,
                            activation=activation)
     assert (kept - got[0]).abs().max() > 1e-3  # the mask dropped something
 
 
 @pytest.mark.parametrize("xs, ys", [((2, 3), (2, 1)), ((2, 1), (2, 3)), ((4,), ()),
                                     ((2, 3), (3,))], ids=str)
-def test_broadcast_row_maps(xs, ys):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_row_maps(xs, ys, backend):
     # Shared projections read through row maps (the question once per sample, a y
     # shared by every row, one list of questions for all samples); norm_dims over the
     # whole batch too.
@@ -209,15 +227,16 @@ def test_broadcast_row_maps(xs, ys):
     for norm_dims in sorted({2, nd}):
         tensors = _inputs(xs, ys, 4, 3, k, o)
         got, exp, _ = _split_and_reference(tensors, k, norm_dims=norm_dims,
-                                           activation="tanh")
+                                           activation="tanh", backend=backend)
         _assert_all_close(got, exp, EXACT_TOL[torch.float64], f"norm_dims={norm_dims} ")
 
 
-def test_without_normalisation_the_options_still_apply():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_normalisation_the_options_still_apply(backend):
     # normalize=False: the activation acts, norm_dims has nothing to normalise.
     k, o = 3, 2
     tensors = _inputs((2, 3), (2, 1), 4, 5, k, o)
-    out = fbp_kernels.fbp(*tensors, factor=k, backend="split", normalize=False,
+    out = fbp_kernels.fbp(*tensors, factor=k, backend=backend, normalize=False,
                           norm_dims=2, activation="relu")
     ref = reference.fbp(*tensors, factor=k, normalize=False, norm_dims=2, activation="relu")
     g = torch.randn_like(ref)
@@ -398,7 +417,8 @@ def test_level0_step_is_a_multiple_of_whole_groups(budget):
 # ----------------------------------------------------------------------------- degenerate
 
 @pytest.mark.parametrize("activation", [None, "relu", "tanh"], ids=str)
-def test_zero_group_has_zero_gradient_and_zero_rows_inside_a_group_are_exact(activation):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_group_has_zero_gradient_and_zero_rows_inside_a_group_are_exact(activation, backend):
     # Sample 1: every region zero, no bias -> a degenerate group (zero output, zero
     # gradient, nothing flows into its question).  Sample 0: one zero region inside a
     # live group (its rows' t = 0 but the group norm is not): exact gradients.
@@ -406,7 +426,8 @@ def test_zero_group_has_zero_gradient_and_zero_rows_inside_a_group_are_exact(act
     with torch.no_grad():
         tensors[0][1] = 0.0
         tensors[0][0, 2] = 0.0
-    got, exp, _ = _split_and_reference(tensors, 2, norm_dims=2, activation=activation)
+    got, exp, _ = _split_and_reference(tensors, 2, norm_dims=2, activation=activation,
+                                       backend=backend)
     out, dx, dy = got[:3]
     assert (out[1] == 0).all() and (out[0, 2] == 0).all() and (out[0] != 0).any()
     assert all(torch.isfinite(t).all() for t in got)
@@ -416,18 +437,20 @@ def test_zero_group_has_zero_gradient_and_zero_rows_inside_a_group_are_exact(act
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_zero_group_is_finite_in_every_dtype(dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_group_is_finite_in_every_dtype(dtype, backend):
     tensors = _inputs((2, 3), (2, 1), 4, 3, 2, 3, dtype=dtype, bias=False)
     with torch.no_grad():
         tensors[0][0] = 0.0
-    out = fbp_kernels.fbp(*tensors, factor=2, backend="split", norm_dims=2,
+    out = fbp_kernels.fbp(*tensors, factor=2, backend=backend, norm_dims=2,
                           activation="tanh")
     grads = _grads(out, tensors, torch.ones_like(out))
     assert (out[0] == 0).all() and all(torch.isfinite(g).all() for g in grads)
     assert (grads[1][0] == 0).all()
 
 
-def test_relu_kink_has_zero_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_kink_has_zero_gradient(backend):
     # Pre-activations exactly 0 (zero input, zero bias on columns 0-1): relu's gradient
     # is 0 there, as torch.relu's; other columns live.
     x = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
@@ -438,7 +461,7 @@ def test_relu_kink_has_zero_gradient():
     bx = torch.zeros(6, dtype=torch.float64)
     bx[2:] = 1.0 + torch.rand(4, dtype=torch.float64)
     bx.requires_grad_()
-    out = fbp_kernels.fbp(x, y, wx, wy, bx, by, factor=2, backend="split",
+    out = fbp_kernels.fbp(x, y, wx, wy, bx, by, factor=2, backend=backend,
                           activation="relu", norm_dims=2)
     ref = reference.fbp(x, y, wx, wy, bx, by, factor=2, activation="relu", norm_dims=2)
     g = torch.randn_like(ref)
@@ -492,18 +515,17 @@ def test_auto_takes_split_on_cuda_only(monkeypatch):
     assert functional.route_drop_in("auto", 2, None, cuda, ops.MFH_DROP_IN_BACKENDS) == "torch"
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_fused_kernel_backends_still_refuse(backend):
+def test_cuda_backend_still_refuses():
     tensors = _inputs((2, 3), (2, 1), 3, 4, 2, 2)
     for option in ({"norm_dims": 2}, {"activation": "tanh"}):
         with pytest.raises(ValueError) as info:
-            fbp_kernels.fbp(*tensors, factor=2, backend=backend, **option)
+            fbp_kernels.fbp(*tensors, factor=2, backend="cuda", **option)
         msg = str(info.value)
-        assert repr(backend) in msg and "['split', 'torch']" in msg
+        assert "'cuda'" in msg and "['split', 'triton', 'torch']" in msg
         assert next(iter(option)) in msg
 
 
-def test_operators_run_split_and_refuse_triton():
+def test_operators_run_split_and_triton():
     x, y, wx, wy, bx, by = [t.detach() for t in _inputs((2, 3), (2, 1), 3, 4, 2, 2)]
     out = ops.fbp_forward(x, y, wx, wy, bx, by, None, 2, 0.0, True, 1e-6, "both", "split",
                           2, "tanh")
@@ -511,9 +533,11 @@ def test_operators_run_split_and_refuse_triton():
     assert_close(out[0], ref, **EXACT_TOL[torch.float64], name="op out")
     assert out[2].shape == (2, 3, 4) and out[3].shape == (2, 1, 4)  # fake kernel's shapes
     if backends.unsupported_reason("triton", DEVICE) is None:
-        with pytest.raises(ValueError, match="norm_dims=2"):
-            ops.fbp_forward(x, y, wx, wy, bx, by, None, 2, 0.0, True, 1e-6, "none",
-                            "triton", 2, None)
+        out = ops.fbp_forward(x, y, wx, wy, bx, by, None, 2, 0.0, True, 1e-6, "none",
+                              "triton", 2, "tanh")
+        assert_close(out[0], ref, **EXACT_TOL[torch.float64], name="triton op out")
+        # The norm output holds each row's group norm (one value per sample here).
+        assert torch.equal(out[1], out[1][:, :1].expand(2, 3))
 
 
 def test_compiled_graph_runs_split_with_the_options():

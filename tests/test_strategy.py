@@ -95,7 +95,7 @@ def test_explain_names_the_wide_kernels_the_triton_backend_runs(monkeypatch):
     wx, wy = torch.randn(12, 4, device=DEVICE), torch.randn(12, 6, device=DEVICE)
     plan = fbp_kernels.explain(x, y, wx, wy, factor=3, backend="triton")
     cfg = W.pick_wide_config(torch.float32, DEVICE, 7)
-    assert "_wide_fwd_kernel" in plan.kernels and "_wide_bwd_kernel" in plan.kernels
+    assert "_wide_fwd_kernel" in plan.kernels and "_wide_grad_kernel" in plan.kernels
     assert f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" in plan.tile, plan.tile
     fbp_kernels.fbp(x, y, wx, wy, factor=3, backend="triton")
     assert launched and launched[0] is W._wide_fwd_kernel, launched

@@ -54,12 +54,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     combos = {(r["kernel"], r["arch"], r["dtype"], r["config"]) for r in rows}
     # (fwd, bwd, row_dot) x archs x dtypes x configs, plus the mask kernel per arch, plus
     # the split epilogues (fwd, bwd) x archs x dtypes x their five tile shapes, and the
-    # wide forward (three pooling paths; on sm_90 half through TMA, plus the pointer
-    # fallback and the small-batch 128x64 tile) plus its row finish per arch and dtype
-    wide = 3 * (3 + 1) + (3 + 1) + 2 * (5 + 1)
-    # the wide backward (three pooling paths, plus the pointer fallback on sm_90 half)
-    # and its ds kernel per arch and dtype
-    wide_bwd = 3 * (3 + 1) + (3 + 1) + 2 * (4 + 1)
+    # wide forward (three pooling paths and co-attention; on sm_90 half through TMA, plus
+    # the pointer fallback and the small-batch 128x64 tile) plus its row finish per arch
+    # and dtype
+    wide = 3 * (3 + 1 + 1) + (3 + 1 + 1) + 2 * (5 + 1 + 1)
+    # the wide backward (three pooling paths, co-attention's first pass and six activation
+    # builds, plus on sm_90 half the pointer fallback) and its ds kernel per arch and dtype
+    wide_bwd = 3 * (3 + 1 + 6 + 1) + (3 + 1 + 6 + 1) + 2 * (4 + 1 + 6 + 1)
     # the split drop-in variants (activation, joint norm; 9 builds, 7 for fp32 which has no
     # fp32-output variant) at two shapes per arch and dtype
     dropin = 2 * 2 * (9 + 9 + 7)
@@ -108,17 +109,34 @@ def test_hopper_training_forward_main_loop_meets_the_thresholds(compile_rows):
     """Issue 12 item 9: the sm_90 bf16 training build of the forward main loop (the wide
     forward at the MFB default: factor 5, dropout, bias, aligned unit-stride operands,
     which the launcher reads through TMA) has wgmma, TMA, >= 64 FLOP per byte from L2
-    and >= 64 KiB in flight per SM.  (The backward main loop does not yet: see
-    PERFORMANCE.md / the README's status of issue 12.)"""
+    and >= 64 KiB in flight per SM."""
     import torch
 
     from fbp_kernels.backends import triton_compile as tc, triton_wide as W
 
     cfg = W.WIDE_CONFIGS[W.config_family(torch.bfloat16, (9, 0))]
     assert cfg.tma  # the launcher's sm_90 half config reads descriptors
-    name, _cfg, factor, desc = tc.wide_builds(90, "bf16")[0]
-    assert (factor, desc) == (5, True)
+    name, _cfg, factor, desc, shared = tc.wide_builds(90, "bf16")[0]
+    assert (factor, desc, shared) == (5, True, False)
     r = _row(compile_rows[1], "wide_fwd", 90, "bf16", name)
+    assert r["tensor_cores"] == "wgmma" and r["tma"], r
+    assert r["flop_per_byte"] >= 64, r
+    assert r["inflight_bytes_per_sm"] >= 64 * 1024, r
+    assert r["stack_bytes"] == 0 and r["num_stages"] >= 4, r
+
+
+def test_hopper_training_backward_main_loop_meets_the_thresholds(compile_rows):
+    """Issue 12 item 9, the backward: the sm_90 bf16 build of the wide backward's passes
+    at the MFB default (factor 5, dropout, bias, TMA operands) has wgmma, TMA, >= 64 FLOP
+    per byte from L2, >= 64 KiB in flight per SM, >= 4 stages and no spills."""
+    import torch
+
+    from fbp_kernels.backends import triton_compile as tc, triton_wide as W
+
+    assert W.WIDE_BWD_CONFIGS[W.bwd_config_family(torch.bfloat16, (9, 0))].tma
+    name, _cfg, factor, desc, act, _pass, shared = tc.wide_bwd_builds(90, "bf16")[0]
+    assert (factor, desc, act, shared) == (5, True, 0, False)
+    r = _row(compile_rows[1], "wide_bwd", 90, "bf16", name)
     assert r["tensor_cores"] == "wgmma" and r["tma"], r
     assert r["flop_per_byte"] >= 64, r
     assert r["inflight_bytes_per_sm"] >= 64 * 1024, r

@@ -38,7 +38,8 @@ def test_every_pooling_path_matches_the_reference(factor, dtype):
     cfg = W.pick_wide_config(dtype)
     assert W.supports(factor, cfg)
     # 19 rows x 7 outputs: tiles cut through rows and output groups (16-row tiles,
-    # 16 // factor outputs per tile in the interpreter).
+    # 32 // factor outputs per tile in the interpreter, rounded so tiles start at a
+    # multiple of 4 columns).
     args = _inputs(19, 21, 18, factor, 7, dtype)
     z = fbp_kernels.fbp(*args, factor=factor, backend="triton")
     ref = fbp_reference(*[a.double() for a in args], factor=factor)
@@ -154,7 +155,7 @@ def _record_backward(monkeypatch):
     real = W.launch
 
     def spy(kernel, grid, *args, **kw):
-        if kernel is W._wide_bwd_kernel:
+        if kernel is W._wide_grad_kernel:
             seen.append((kw["X_DESC"], kw["W_DESC"], kw["POOL"]))
         return real(kernel, grid, *args, **kw)
 
@@ -174,7 +175,8 @@ def test_backward_on_the_wide_main_loop_matches_the_reference(monkeypatch, facto
     got = torch.autograd.grad(z, args, g)
     want = torch.autograd.grad(fbp_reference(*args, factor=factor, normalize=normalize),
                                args, g)
-    assert seen == [(True, True, W.pool_mode(factor))]
+    # Two passes: C recomputed -> dA, then A recomputed -> dC.
+    assert seen == [(True, True, W.pool_mode(factor))] * 2
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -196,7 +198,7 @@ def test_backward_with_dropout_and_a_zero_row(monkeypatch):
     mask = backends.resolve("triton", DEVICE).dropout_mask(seed, (18, 30), 0.3, DEVICE)
     zr = fbp_reference(*args, factor=5, dropout=0.3, dropout_mask=mask)
     want = torch.autograd.grad(zr, args, g)
-    assert seen == [(True, True, 2)]
+    assert seen == [(True, True, 2)] * 2
     assert got[0][3].abs().max() == 0 and got[1][3].abs().max() == 0
     # rtol 1e-7: Triton passes Python floats as fp32 scalars, so every kernel's 1/(1-p)
     # carries fp32 rounding (2.4e-8 relative here); the forward's row norm cancels it,
@@ -215,3 +217,102 @@ def test_backward_gradcheck_through_descriptors_and_pointers(monkeypatch):
         args = [t.requires_grad_() for t in _inputs(5, 8, 6, 3, 4, torch.float64)]
         assert torch.autograd.gradcheck(
             lambda *a: fbp_kernels.fbp(*a, factor=3, backend="triton"), args)
+
+
+def test_backward_tile_families():
+    """The backward's tile per target: sm_90 half through TMA at 128 x 128 / 16 warps,
+    the pointer-loop tile for operands TMA cannot read, the activation tiles; the
+    interpreter runs its own small tile whatever the options."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    fam = W.bwd_config_family
+    assert fam(bf16, (9, 0)) == "sm90-half" and W.WIDE_BWD_CONFIGS["sm90-half"].tma
+    assert fam(bf16, (9, 0), descriptors=False) == "half"
+    assert fam(bf16, (9, 0), "tanh") == "sm90-half-act"
+    assert fam(bf16, (9, 0), "relu", descriptors=False) == "half-act"
+    assert fam(bf16, (8, 0)) == "half" and fam(bf16, (8, 0), "relu") == "half-act"
+    assert fam(f32, (9, 0), "relu") == fam(f32, (8, 0)) == "fp32"
+    assert not any(c.tma for k, c in W.WIDE_BWD_CONFIGS.items() if not k.startswith("sm90"))
+    assert W.pick_wide_bwd_config(bf16, None, "relu", False) is W.INTERPRETER_WIDE
+
+
+def test_coattention_layout():
+    """Which input is shared by how many consecutive broadcast rows, and what stays a
+    plain broadcast (materialised)."""
+    from fbp_kernels.backends.triton_backend import coattention_layout
+
+    def lay(xs, ys):
+        co = coattention_layout(torch.zeros(*xs, 3), torch.zeros(*ys, 2))
+        return None if co is None else (co.r, co.swapped, tuple(co.shared.shape))
+
+    assert lay((4, 5), (4, 1)) == (5, False, (4, 2))         # regions x question
+    assert lay((4, 1), (4, 5)) == (5, True, (4, 3))          # the mirror: x shared
+    assert lay((2, 3, 4), (2, 1, 1)) == (12, False, (2, 2))  # shared over two dimensions
+    assert lay((6,), ()) == (6, False, (1, 2))               # one y for every row
+    assert lay((2, 3, 4), (1, 1, 1)) == (24, False, (1, 2))
+    assert lay((2, 3, 4), (2, 3, 1)) == (4, False, (6, 2))
+    assert lay((5, 3, 4), (1, 3, 1)) == (4, False, (15, 2))  # leading broadcast: per group
+    assert lay((4, 5), (4, 5)) is None and lay((4, 5), (1, 5)) is None  # not trailing
+    assert lay((1, 5), (4, 1)) is None                       # neither covers the batch
+
+
+def _record_shared(monkeypatch):
+    seen = []
+    real = W.launch
+
+    def spy(kernel, grid, *args, **kw):
+        if "SHARED" in kw:
+            seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel),
+                         kw["SHARED"]))
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(W, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("xs, ys", [((3, 5), (3, 1)), ((3, 1), (3, 5)), ((2, 3, 4), (2, 1, 1)),
+                                    ((6,), ())], ids=str)
+@pytest.mark.parametrize("activation, norm_dims", [(None, 1), ("tanh", 2)])
+def test_coattention_reads_the_shared_projection_per_group(monkeypatch, xs, ys, activation,
+                                                          norm_dims):
+    """Co-attention without copies: the shared input's projection is formed once per
+    group and read per row (forward and the backward's first pass: SHARED), dC summed
+    over each group; forward and all six gradients against the reference, with dropout
+    (the kernels' own mask fed to the reference)."""
+    seen = _record_shared(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    k, o, m, n = 5, 6, 9, 7
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    args = [r(*xs, m), r(*ys, n), r(k * o, m) / 3, r(k * o, n) / 3, r(k * o), r(k * o)]
+    args = [a.to(DEVICE).requires_grad_() for a in args]
+    torch.manual_seed(3)
+    z = fbp_kernels.fbp(*args, factor=k, backend="triton", dropout=0.25, training=True,
+                        activation=activation, norm_dims=norm_dims)
+    torch.manual_seed(3)
+    seed = int(fbp_kernels.functional.dropout_seed(True, 0.25))
+    batch = torch.broadcast_shapes(xs, ys)
+    mask = backends.resolve("triton", DEVICE).dropout_mask(seed, (*batch, k * o), 0.25, DEVICE)
+    ref = fbp_reference(*args, factor=k, dropout=0.25, dropout_mask=mask,
+                        activation=activation, norm_dims=norm_dims)
+    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    gz = torch.randn(z.shape, generator=g, dtype=z.dtype).to(DEVICE)
+    got = torch.autograd.grad(z, args, gz)
+    want = torch.autograd.grad(ref, args, gz)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)  # 1/(1-p) in fp32
+    assert seen == [("_wide_fwd_kernel", True), ("_wide_grad_kernel", True),
+                    ("_wide_grad_kernel", False)], seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_coattention_low_precision(dtype):
+    """The shared projection is rounded to the input dtype once (as eager rounds its
+    projections): within the same bounds as the plain path."""
+    args = _inputs(12, 20, 12, 5, 7, torch.float64)
+    x = args[0].view(3, 4, 20)
+    y = args[1].view(3, 4, 12)[:, :1]
+    low = [t.to(dtype) for t in (x, y, *args[2:])]
+    z = fbp_kernels.fbp(*low, factor=5, backend="triton")
+    ref = fbp_reference(*[t.double() for t in low], factor=5)
+    err = ((z.double() - ref).norm() / ref.norm()).item()
+    assert err < TOLS[dtype], err

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
+import math
+
 import torch
 from torch import Tensor
+
+from ..reference import NORM_DELTA, row_norm
 
 
 class ForwardResult(NamedTuple):
@@ -92,3 +96,23 @@ def kept(save_projections) -> Tuple[bool, bool]:
     if isinstance(save_projections, str):
         return save_projections == "x", save_projections == "y"
     return bool(save_projections), bool(save_projections)
+
+
+def group_rows(batch, norm_dims: int) -> int:
+    """Rows per normalisation group: the product of the last ``norm_dims - 1`` batch
+    dimensions (1 for ``norm_dims=1``)."""
+    if norm_dims <= 1:
+        return 1
+    return math.prod(batch[len(batch) - (norm_dims - 1):])
+
+
+def join_groups(z_rows: Tensor, out: Tensor, norm: Tensor, group: int) -> None:
+    """Turn row-normalised ``z_rows = t / max(||t_row||, delta)`` (``(rows, o)``, with
+    the row norms in ``norm (rows,)``) into ``out = t / max(||t_group||, delta)`` for
+    groups of ``group`` consecutive rows, and ``norm`` into each row's group norm.
+    ``z_rows`` may be ``out`` itself."""
+    rn = norm.view(-1, group)
+    gn = row_norm(rn, keepdim=True)  # (groups, 1): sqrt(sum of row norms^2), scaled
+    scale = rn.clamp_min(NORM_DELTA) / gn.clamp_min(NORM_DELTA)
+    torch.mul(z_rows, scale.view(-1, 1), out=out)  # fp32/fp64 maths; one rounding to out
+    rn.copy_(gn.expand(-1, group))

@@ -69,12 +69,11 @@ import torch
 from torch import Tensor
 
 from .. import strategy
-from ..reference import NORM_DELTA, row_norm
 from . import triton_backend
 from . import triton_kernels as K
 from . import triton_split as E
 from ._common import (BackwardResult, ForwardResult, acc_dtype, as_rows, broadcast_batch,
-                      flatten_rows, kept)
+                      flatten_rows, group_rows, join_groups, kept)
 
 NAME = "split"
 
@@ -184,40 +183,6 @@ def _level0_step(lay: _Layout, ko: int, dtype: torch.dtype, backward: bool,
     return step
 
 
-def group_rows(batch, norm_dims: int) -> int:
-    """Rows per normalisation group: the product of the last ``norm_dims - 1`` batch
-    dimensions (1 for ``norm_dims=1``)."""
-    if norm_dims <= 1:
-        return 1
-    return math.prod(batch[len(batch) - (norm_dims - 1):])
-
-
-def _join_groups(z_rows: Tensor, out: Tensor, norm: Tensor, group: int) -> None:
-    """Turn row-normalised ``z_rows = t / max(||t_row||, delta)`` (``(rows, o)``, with
-    the row norms in ``norm (rows,)``) into ``out = t / max(||t_group||, delta)`` for
-    groups of ``group`` consecutive rows, and ``norm`` into each row's group norm.
-    ``z_rows`` may be ``out`` itself."""
-    rn = norm.view(-1, group)
-    gn = row_norm(rn, keepdim=True)  # (groups, 1): sqrt(sum of row norms^2), scaled
-    scale = rn.clamp_min(NORM_DELTA) / gn.clamp_min(NORM_DELTA)
-    torch.mul(z_rows, scale.view(-1, 1), out=out)  # fp32/fp64 maths; one rounding to out
-    rn.copy_(gn.expand(-1, group))
-
-
-def _group_pairs(z2: Tensor, g2: Tensor, n2: Tensor, group: int) -> Tensor:
-    """``(rows, 2)``: each row's group norm (``n2``, saved by forward) and its group's
-    ``<z, g>``, the pair the epilogue's ``GROUP_ZG`` mode reads."""
-    rows, o = z2.shape
-    zg = torch.empty((rows,), dtype=n2.dtype, device=z2.device)
-    if rows:
-        cfg = K.pick_config(rows, o, z2.dtype, z2.device)
-        K.launch(K._row_dot_kernel, (-(-rows // cfg.block_m),), z2, g2, zg, rows, o,
-                 z2.stride(0), g2.stride(0), BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o,
-                 num_warps=cfg.num_warps)
-    zg = zg.view(-1, group).sum(1, keepdim=True).expand(-1, group)
-    return torch.stack((n2.view(-1, group), zg), dim=-1).view(rows, 2)
-
-
 def _project(inp, weight, bias, out=None):
     """``inp @ weight^T + bias`` by cuBLAS (CPU BLAS under the interpreter)."""
     if out is None:
@@ -300,7 +265,7 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
             E.epilogue_forward(projs[0], projs[1], z_rows,
                                norm[r0:r1] if normalize else None, row_offset=r0, **opts)
             if group > 1:  # the chunk holds whole groups (_level0_step)
-                _join_groups(z_rows, out[r0:r1], norm[r0:r1], group)
+                join_groups(z_rows, out[r0:r1], norm[r0:r1], group)
     return ForwardResult(out_full, norm.view(lay.batch) if normalize else None,
                          _saved_view(saved[0], x, lay) if saved[0] is not None else None,
                          _saved_view(saved[1], y, lay) if saved[1] is not None else None)
@@ -361,7 +326,7 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     n2 = norm.reshape(rows) if normalize else None
     if group > 1:
         with _device_guard(x.device):
-            n2 = _group_pairs(z2, g2, n2, group)  # (rows, 2): whole groups, before chunking
+            n2 = K.group_pairs(z2, g2, n2, group)  # (rows, 2): whole groups, before chunking
     ops = ((lay.x, weight_x, bias_x), (lay.y, weight_y, bias_y))
     saved = (_source_rows(a, lay, x) if a is not None else None,
              _source_rows(c, lay, y) if c is not None else None)

@@ -201,10 +201,10 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
 
 
 def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = False,
-                 **overrides):
+                 shared: bool = False, **overrides):
     """The wide fused forward (``triton_wide``) for one tile and factor; ``desc``: x, y
     and the weights as TMA tensor descriptors (the launcher's choice for aligned,
-    unit-stride operands on sm_90)."""
+    unit-stride operands on sm_90); ``shared``: co-attention (C read per group)."""
     from . import triton_wide as W
 
     sig = _common_signature(dtype)
@@ -220,52 +220,57 @@ def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = Fals
     for name in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
                  "stride_sr"):
         sig[name] = "i32"
-    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32"})
+    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "ps_ptr": f"*{dtype}",
+                "group_r": "i32"})
     block_j, block_jp = W.tile_outputs(cfg, factor)
     consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
               "FACTOR": factor, "HAS_BIAS": True, "DROPOUT": True, "DOT_FP32": False,
               "PRECISION": precision, "POOL": W.pool_mode(factor), "HALF": dtype != "fp32",
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_J": block_j,
               "BLOCK_JP": block_jp, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
-              "X_DESC": desc, "W_DESC": desc, **overrides}
+              "X_DESC": desc, "W_DESC": desc, "ACTIVATION": 0, "IDX64": False,
+              "SHARED": shared, **overrides}
     return _source(W._wide_fwd_kernel, sig, consts)
 
 
 def _wide_bwd_source(dtype: str, cfg, factor: int, precision: str, desc: bool = False,
+                     activation: int = 0, act_pass: int = 0, shared: bool = False,
                      **overrides):
-    """The wide backward products kernel (``triton_wide._wide_bwd_kernel``)."""
+    """One pass of the wide backward (``triton_wide._wide_grad_kernel``): one input and
+    one weight (TMA descriptors with ``desc``), ``activation``/``act_pass`` as the
+    launcher passes them (0/0 without an activation, else pass 1 or 2); ``shared``: the
+    co-attention pass reading the shared projection per group."""
     from . import triton_wide as W
 
     if desc:
-        sig = {"x_src": f"tensordesc<{dtype}[{cfg.block_m},{cfg.block_k}]>",
-               "y_src": f"tensordesc<{dtype}[{cfg.block_m},{cfg.block_k}]>",
-               "wx_src": f"tensordesc<{dtype}[{cfg.block_n},{cfg.block_k}]>",
-               "wy_src": f"tensordesc<{dtype}[{cfg.block_n},{cfg.block_k}]>"}
+        sig = {"in_src": f"tensordesc<{dtype}[{cfg.block_m},{cfg.block_k}]>",
+               "w_src": f"tensordesc<{dtype}[{cfg.block_n},{cfg.block_k}]>"}
     else:
-        sig = {name: f"*{dtype}" for name in ("x_src", "y_src", "wx_src", "wy_src")}
-    sig.update({"bx_ptr": f"*{dtype}", "by_ptr": f"*{dtype}", "ds_ptr": "*fp32",
-                "da_ptr": f"*{dtype}", "dc_ptr": f"*{dtype}"})
-    for name in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
-                 "stride_dr"):
+        sig = {name: f"*{dtype}" for name in ("in_src", "w_src")}
+    sig.update({"b_ptr": f"*{dtype}", "ds_ptr": "*fp32", "other_ptr": f"*{dtype}",
+                "this_ptr": f"*{dtype}"})
+    for name in ("rows", "WIDTH", "O", "stride_ir", "stride_wr", "stride_dr"):
         sig[name] = "i32"
-    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32"})
+    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "ps_ptr": f"*{dtype}",
+                "group_r": "i32"})
     block_j, block_jp = W.tile_outputs(cfg, factor)
-    consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
-              "FACTOR": factor, "HAS_BIAS": True, "DROPOUT": True,
-              "DOT_FP32": False, "PRECISION": precision, "POOL": W.pool_mode(factor),
-              "HALF": dtype != "fp32", "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-              "BLOCK_J": block_j, "BLOCK_JP": block_jp, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "X_DESC": desc,
-              "W_DESC": desc, **overrides}
-    return _source(W._wide_bwd_kernel, sig, consts)
+    consts = {"stride_ik": 1, "stride_wk": 1, "FACTOR": factor, "HAS_BIAS": True,
+              "DROPOUT": True, "DOT_FP32": False, "PRECISION": precision,
+              "POOL": W.pool_mode(factor), "HALF": dtype != "fp32", "BLOCK_M": cfg.block_m,
+              "BLOCK_N": cfg.block_n, "BLOCK_J": block_j, "BLOCK_JP": block_jp,
+              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "X_DESC": desc,
+              "W_DESC": desc, "ACTIVATION": activation, "ACT_PASS": act_pass, "IDX64": False,
+              "SHARED": shared, **overrides}
+    return _source(W._wide_grad_kernel, sig, consts)
 
 
-def _grad_pooled_source(dtype: str):
+def _grad_pooled_source(dtype: str, group: bool = False):
     from . import triton_wide as W
 
-    sig = {"g_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "norm_ptr": "*fp32", "ds_ptr": "*fp32",
-           "O": "i32", "stride_gr": "i32", "stride_zr": "i32", "stride_dr": "i32",
-           "sqrt_eps": "fp32"}
-    return _source(W._grad_pooled_kernel, sig, {"BLOCK_O": 1024})
+    sig = {"g_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "norm_ptr": "*fp32", "zg_ptr": "*fp32",
+           "ds_ptr": "*fp32", "O": "i32", "stride_gr": "i32", "stride_zr": "i32",
+           "stride_dr": "i32", "sqrt_eps": "fp32"}
+    return _source(W._grad_pooled_kernel, sig, {"GROUP_ZG": group, "BLOCK_O": 1024})
 
 
 def _finish_source(dtype: str):
@@ -302,11 +307,11 @@ _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def wide_builds(arch: int, dtype: str):
-    """``(config name, WideConfig, factor, descriptors?)`` of the wide forward that the
-    launcher can run on ``arch``: every pooling path (``WIDE_FACTORS``), through TMA
-    descriptors where the config uses them, plus the pointer fallback for operands that
-    do not qualify (``triton_wide.descriptor_ok``), and the small-batch tile where it
-    differs (``triton_wide.SMALL_ROWS``)."""
+    """``(config name, WideConfig, factor, descriptors?, shared?)`` of the wide forward
+    that the launcher can run on ``arch``: every pooling path (``WIDE_FACTORS``), through
+    TMA descriptors where the config uses them, plus the pointer fallback for operands
+    that do not qualify (``triton_wide.descriptor_ok``), the small-batch tile where it
+    differs (``triton_wide.SMALL_ROWS``), and co-attention (C read per group)."""
     import torch
 
     from . import triton_wide as W
@@ -315,37 +320,62 @@ def wide_builds(arch: int, dtype: str):
     cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap)]
     small = W.WIDE_CONFIGS[W.config_family(tdt, cap, rows=1)]
     f0 = WIDE_FACTORS[0]
-    if not cfg.tma:
-        builds = [(f"K{f}", cfg, f, False) for f in WIDE_FACTORS]
-    else:
-        builds = [(f"K{f}-tma", cfg, f, True) for f in WIDE_FACTORS] + \
-            [(f"K{f0}-ptr", cfg, f0, False)]
+    tag = "-tma" if cfg.tma else ""
+    builds = [(f"K{f}{tag}", cfg, f, cfg.tma, False) for f in WIDE_FACTORS]
+    if cfg.tma:
+        builds.append((f"K{f0}-ptr", cfg, f0, False, False))
+    builds.append((f"K{f0}-coatt{tag}", cfg, f0, cfg.tma, True))
     if small != cfg:
-        builds.append((f"K{f0}-small", small, f0, small.tma))
+        builds.append((f"K{f0}-small", small, f0, small.tma, False))
     return builds
 
 
+#: The activation builds of the wide backward: (tag, ACTIVATION, ACT_PASS) at factors 5
+#: and 1 (pass 2, which reads and writes both buffers, is the heaviest; factor 1's
+#: unpooled ds tile is the widest).
+WIDE_BWD_ACT_VARIANTS = (("relu1", 1, 1), ("relu2", 1, 2), ("tanh2", 2, 2))
+WIDE_BWD_ACT_FACTORS = (5, 1)
+
+
 def wide_bwd_builds(arch: int, dtype: str):
-    """The wide backward's builds: every pooling path, TMA where its config uses it, plus
-    the pointer fallback."""
+    """The wide backward's builds, ``(config name, WideConfig, factor, descriptors?,
+    activation, act_pass)``: every pooling path, TMA where its config uses it, the
+    pointer fallback (at its own tile, ``bwd_config_family``), and on sm_90 the
+    activation tile (``WIDE_BWD_ACT_VARIANTS``)."""
     import torch
 
     from . import triton_wide as W
 
-    cfg = W.WIDE_BWD_CONFIGS[W.config_family(getattr(torch, _TORCH_DTYPES[dtype]),
-                                             (arch // 10, arch % 10))]
-    if not cfg.tma:
-        return [(f"K{f}", cfg, f, False) for f in WIDE_FACTORS]
-    return [(f"K{f}-tma", cfg, f, True) for f in WIDE_FACTORS] + \
-        [(f"K{WIDE_FACTORS[0]}-ptr", cfg, WIDE_FACTORS[0], False)]
+    tdt, cap = getattr(torch, _TORCH_DTYPES[dtype]), (arch // 10, arch % 10)
+    cfg = W.WIDE_BWD_CONFIGS[W.bwd_config_family(tdt, cap)]
+    f0 = WIDE_FACTORS[0]
+    tag = "-tma" if cfg.tma else ""
+    builds = [(f"K{f}{tag}", cfg, f, cfg.tma, 0, 0, False) for f in WIDE_FACTORS]
+    if cfg.tma:
+        ptr_cfg = W.WIDE_BWD_CONFIGS[W.bwd_config_family(tdt, cap, descriptors=False)]
+        builds.append((f"K{f0}-ptr", ptr_cfg, f0, False, 0, 0, False))
+    # Co-attention's first pass (the shared projection read per group, no main loop).
+    builds.append((f"K{f0}-coatt{tag}", cfg, f0, cfg.tma, 0, 0, True))
+    act_cfg = W.WIDE_BWD_CONFIGS[W.bwd_config_family(tdt, cap, "relu")]
+    builds += [(f"K{f}-{name}" + ("-tma" if act_cfg.tma else ""), act_cfg, f, act_cfg.tma,
+                act, ap, False)
+               for f in WIDE_BWD_ACT_FACTORS for name, act, ap in WIDE_BWD_ACT_VARIANTS]
+    return builds
+
+
+#: Kernels launched with ``triton_kernels.one_cta_registers`` (``maxnreg``): compiled
+#: with it here too, so the report describes what runs.
+BOUNDED_KERNELS = ("fbp_fwd", "split_fwd", "mask")
 
 
 def _compile_row(triton, target, kernel, arch, dtype, cfg_name, num_warps, num_stages,
                  source_fn, loop: Optional[MainLoop] = None) -> CompileRow:
     row = CompileRow(kernel, arch, dtype, cfg_name, num_warps, -1, -1, -1, "none", False)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if kernel in BOUNDED_KERNELS:
+        options["maxnreg"] = min(255, 65536 // (32 * num_warps))
     try:
-        compiled = triton.compile(source_fn(), target=target,
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        compiled = triton.compile(source_fn(), target=target, options=options)
         res = _resources(compiled.asm["cubin"])
         ptx = compiled.asm["ptx"]
         row.registers = res["registers"]
@@ -437,18 +467,19 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                         cfg.num_warps, 1,
                         lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o, bc,
                                                act, group, f32)))
-            for cfg_name, wcfg, f, desc in wide_bwd_builds(arch, dtype):
+            for cfg_name, wcfg, f, desc, act, ap, sh in wide_bwd_builds(arch, dtype):
                 rows.append(_compile_row(
                     triton, target, "wide_bwd", arch, dtype, cfg_name, wcfg.num_warps,
-                    wcfg.num_stages, lambda: _wide_bwd_source(dtype, wcfg, f, precision, desc),
+                    wcfg.num_stages,
+                    lambda: _wide_bwd_source(dtype, wcfg, f, precision, desc, act, ap, sh),
                     MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k, wcfg.num_stages,
                              elem[dtype])))
             rows.append(_compile_row(triton, target, "grad_pool", arch, dtype, "default", 4, 1,
                                      lambda: _grad_pooled_source(dtype)))
-            for cfg_name, wcfg, f, desc in wide_builds(arch, dtype):
+            for cfg_name, wcfg, f, desc, sh in wide_builds(arch, dtype):
                 rows.append(_compile_row(
                     triton, target, "wide_fwd", arch, dtype, cfg_name, wcfg.num_warps,
-                    wcfg.num_stages, lambda: _wide_source(dtype, wcfg, f, precision, desc),
+                    wcfg.num_stages, lambda: _wide_source(dtype, wcfg, f, precision, desc, sh),
                     MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k, wcfg.num_stages,
                              elem[dtype])))
             rows.append(_compile_row(triton, target, "finish", arch, dtype, "default", 4, 1,

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_dropout import keep_elements
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NORM_DELTA = 1e-12
 _NORM_DELTA = tl.constexpr(NORM_DELTA)  # usable inside kernels
@@ -57,10 +59,9 @@ _NORM_DELTA = tl.constexpr(NORM_DELTA)  # usable inside kernels
 
 @triton.jit
 def _keep_mask(seed, rows_i64, cols_i64, KO, drop_p):
-    """Dropout keep-mask for elements (row, col) of the (rows, K*o) product: Philox
-    keyed by the seed and the element's linear index (int64, so no wrap past 2^32)."""
-    r = tl.rand(seed, rows_i64[:, None] * KO + cols_i64[None, :])
-    return r >= drop_p
+    """Dropout keep-mask for elements (row, col) of the (rows, K*o) product: the shared
+    stream of :mod:`triton_dropout` (int64 rows, so no wrap past 2^31 elements)."""
+    return keep_elements(seed, rows_i64[:, None], cols_i64[None, :], KO, drop_p)
 
 
 # Addressing: every program turns its tile origin into int64 *scalar* base pointers
@@ -456,6 +457,18 @@ def _row_block_counters(n: int, device: torch.device) -> torch.Tensor:
 _INTERPRETER_LOCK = threading.RLock() if INTERPRET else None
 
 
+def one_cta_registers(num_warps: int) -> dict:
+    """Launch option ``maxnreg``: the registers one CTA of ``num_warps`` warps may hold on
+    an SM (65536 / threads, at most 255), CUDA's ``__launch_bounds__(threads, 1)``.
+
+    For the kernels whose elementwise dropout (``triton_dropout.keep_elements``) ptxas
+    otherwise fit into 96-168 registers with 8 B of spills (the first kernel's forward,
+    the split forward epilogue, the mask kernel; Triton 3.6 and 3.8): with the bound they
+    compile clean.  Not applied to every kernel: some others then spilled 8-24 B
+    (ptxas spent the larger budget elsewhere).  Empty under the interpreter."""
+    return {} if INTERPRET else {"maxnreg": min(255, 65536 // (32 * num_warps))}
+
+
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, one at a time under the interpreter."""
     with _INTERPRETER_LOCK if _INTERPRETER_LOCK is not None else contextlib.nullcontext():
@@ -559,7 +572,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
         FACTOR=factor, HAS_BIAS=has_bias, DROPOUT=seed is not None, NORMALIZE=normalize,
         STORE_AC=save_projections, DOT_FP32=dot_fp32, PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **one_cta_registers(cfg.num_warps),
     )
     return out_full, (norm if normalize else None), a, c
 
@@ -614,5 +627,20 @@ def dropout_keep_mask(seed: int, rows: int, ko: int, rate: float, device) -> tor
     if rows and ko:
         bm, bc = (16, 16) if INTERPRET else MASK_BLOCKS
         launch(_dropout_mask_kernel, (triton.cdiv(rows, bm), triton.cdiv(ko, bc)),
-            mask, seed, rows, ko, float(rate), BLOCK_M=bm, BLOCK_C=bc)
+            mask, seed, rows, ko, float(rate), BLOCK_M=bm, BLOCK_C=bc,
+            **one_cta_registers(4))
     return mask.bool()
+
+
+def group_pairs(z2: torch.Tensor, g2: torch.Tensor, n2: torch.Tensor, group: int) -> torch.Tensor:
+    """``(rows, 2)``: each row's group norm (``n2``, saved by forward) and its group's
+    ``<z, g>``, the pair the epilogue's ``GROUP_ZG`` mode reads."""
+    rows, o = z2.shape
+    zg = torch.empty((rows,), dtype=n2.dtype, device=z2.device)
+    if rows:
+        cfg = pick_config(rows, o, z2.dtype, z2.device)
+        launch(_row_dot_kernel, (-(-rows // cfg.block_m),), z2, g2, zg, rows, o,
+               z2.stride(0), g2.stride(0), BLOCK_M=cfg.block_m, BLOCK_O=cfg.block_o,
+               num_warps=cfg.num_warps)
+    zg = zg.view(-1, group).sum(1, keepdim=True).expand(-1, group)
+    return torch.stack((n2.view(-1, group), zg), dim=-1).view(rows, 2)

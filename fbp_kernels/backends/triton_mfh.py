@@ -33,9 +33,9 @@ atomics: deterministic.
 
 Limits: order 1..``MAX_ORDER`` (the blocks are unrolled at compile time, one
 pointer argument per block; the literature uses orders 2 and 3).  Dropout:
-block ``l`` keeps element ``(r, col)`` when
-``tl.rand(block_seed(seed, l), r * K*o + col) >= rate`` (Philox), the rule of
-the FBP kernels, so block 0 draws exactly FBP's Triton mask.
+block ``l`` keeps element ``(r, col)`` by the FBP kernels' rule
+(:mod:`triton_dropout`) keyed by ``block_seed(seed, l)``, so block 0 draws exactly
+FBP's Triton mask.
 
 ``python -m fbp_kernels.backends.triton_mfh`` (with ``TRITON_INTERPRET`` unset)
 compiles both kernels for sm_80 and sm_90 without a GPU and reports registers and
@@ -57,6 +57,7 @@ from ..reference import NORM_DELTA, row_norm
 from ._common import acc_dtype, flatten_rows, unflatten_grad
 from .torch_backend import grad_pooled
 from .torch_mfh import MFHBackwardResult, MFHForwardResult, block_seed
+from .triton_dropout import keep_elements
 # Shared with the FBP kernels: the projection tile, launch-config type, dropout mask
 # kernel, dot settings and availability rules are the same for both operations.
 from .triton_backend import unsupported_reason  # noqa: F401  (backend contract)
@@ -91,7 +92,7 @@ def _ac(x_base, y_base, wx_ptr, wy_ptr, bx_ptr, by_ptr, col0, rm, m_mask, lc, o_
 def _drop(v, seed, rows_i64, cols_i64, KO, drop_p, keep_scale, DROPOUT: tl.constexpr):
     """``v * mask / (1 - rate)`` with the block's Philox mask (identity without dropout)."""
     if DROPOUT:
-        keep = tl.rand(seed, rows_i64[:, None] * KO + cols_i64[None, :]) >= drop_p
+        keep = keep_elements(seed, rows_i64[:, None], cols_i64[None, :], KO, drop_p)
         v = tl.where(keep, v * keep_scale, 0.0)
     return v
 

@@ -26,12 +26,12 @@ Norms are overflow-safe: ``||t||`` is accumulated as ``mx * sqrt(sum((t/mx)^2))`
 a running maximum ``mx`` (rescaled when a later block has a larger value), so rows
 whose ``t^2`` sum exceeds the dtype's range still get the right norm.
 
-Dropout keeps element ``(row, col)`` of the ``(rows, K*o)`` product when Philox
-(``tl.rand``) keyed by the seed and the element's int64 linear index ``row*K*o + col``
-is ``>= p``: the same index and the same draw as the fused kernels in
-:mod:`triton_kernels`, so both strategies give the same mask for one seed (tested),
-and ``backend="auto"`` switching between them never changes the random stream.
-``row`` is the global row: launchers pass the chunk's first row.
+Dropout keeps element ``(row, col)`` of the ``(rows, K*o)`` product by the shared
+stream of :mod:`triton_dropout` (word ``col % 4`` of one Philox call per four columns
+of a row, int64 rows): the same draw as the fused kernels in :mod:`triton_kernels` and
+:mod:`triton_wide`, so every strategy gives the same mask for one seed (tested), and
+``backend="auto"`` switching between them never changes the random stream.  ``row``
+is the global row: launchers pass the chunk's first row.
 
 Projection activations (``ACTIVATION``: 0 none, 1 relu, 2 tanh) act on ``A`` and ``C``
 as the kernels load them, so the buffers hold (and ``save_projections`` keeps) the
@@ -58,7 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import INTERPRET, NORM_DELTA, launch
+from .triton_kernels import INTERPRET, NORM_DELTA, launch, one_cta_registers
+from .triton_dropout import keep_elements
 
 _NORM_DELTA = tl.constexpr(NORM_DELTA)
 
@@ -106,9 +107,8 @@ def _row_map(ptr, row0, rr, D1, s0, s1, stride_r, BROADCAST: tl.constexpr):
 @triton.jit
 def _dropped(p, seed, grow, cols, KO, drop_p, keep_scale):
     """Dropout on a (BLOCK_R, BLOCK_O, BLOCK_F) tile; ``grow`` are global int64 rows.
-    Same Philox index as ``triton_kernels._keep_mask``: ``row * K*o + col``."""
-    idx = grow[:, None, None] * KO + cols[None, :, :].to(tl.int64)
-    keep = tl.rand(seed, idx) >= drop_p
+    The shared stream (:mod:`triton_dropout`), as ``triton_kernels._keep_mask``."""
+    keep = keep_elements(seed, grow[:, None, None], cols[None, :, :].to(tl.int64), KO, drop_p)
     return tl.where(keep, p * keep_scale, 0.0)
 
 
@@ -551,7 +551,7 @@ def epilogue_forward(a, c, out, norm, *, factor: int, dropout: float, seed, norm
         ONE_BLOCK=o <= cfg.block_o,
         BROADCAST=_broadcast_needed(cfg, d1, (a_map, c_map), (a, c, out)),
         BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, BLOCK_F=cfg.block_f, **options,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **one_cta_registers(cfg.num_warps),
     )
 
 

@@ -31,13 +31,26 @@ ticket counters are not).  Cost: writing and reading ``rows x o`` fp32 (8 bytes 
 output, ~2 us at rows 1024 on an H200) and one more launch.
 
 Backward (lean mode, nothing saved): a row kernel forms ``ds = dL/ds`` (rows x o, fp32)
-from (g, z, ||t||); ``_wide_bwd_kernel`` recomputes A and C on the same main loop,
-expands ds to the tile's projected columns by the pooling's transpose and writes
-``dA = dp * C``, ``dC = dp * A`` as contiguous (BLOCK_M, BLOCK_N) blocks of row-major
-(rows, K*o) buffers; cuBLAS then runs the four gradient GEMMs and the bias sums
-(deterministic).  With saved projections the first kernel's backward still runs.
+from (g, z, ||t||); then :func:`_wide_grad_kernel` runs twice on the forward's main loop,
+each pass recomputing one projection for one (BLOCK_M, BLOCK_N) tile and writing the
+other's gradient: C -> ``dA = dp * act(C)``, A -> ``dC = dp * act(A)``, with ds expanded to
+the tile's projected columns by the pooling's transpose, stored as contiguous blocks of
+row-major (rows, K*o) buffers.  Each projection is recomputed once, as in a single
+kernel, but each pass holds one accumulator, so the 128 x 128 / 16-warp tile fits
+(64 FLOP per L2 byte; the single kernel spilled there).  cuBLAS then runs the four
+gradient GEMMs and the bias sums (deterministic).  With saved projections the first
+kernel's backward still runs.
 
-Dropout: the fused kernels' stream (Philox keyed by the seed and ``row * K*o + col``).
+Projection activations (``ACTIVATION``: relu, tanh, triton_split's helpers) act on both
+projections after the bias; backward's pass 1 also parks ``act'(C)`` in dC and pass 2
+finishes ``dA *= act'(A)``, ``dC *= act'(C)`` (exact derivatives; each buffer read and
+written once more).  Joint normalisation (``norm_dims > 1``, ``group`` consecutive rows
+per norm): the finish kernel normalises rows in place in the fp32 scratch and
+``_common.join_groups`` rescales whole groups into the output; backward passes each
+row's group ``<z, g>`` to the ds kernel (``GROUP_ZG``).
+
+Dropout: the shared stream of :mod:`triton_dropout`, drawn one Philox call per four
+elements (tiles start at multiples of 4 columns, :func:`tile_outputs`).
 Grid: grouped row-tile order (Triton tutorial 03): ``GROUP_M`` row tiles share each
 weight tile while it is in L2.
 """
@@ -51,8 +64,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_dropout import keep_tile
 from .triton_kernels import INTERPRET, launch
-from .triton_split import _scaled_sumsq
+from .triton_split import ACTIVATION_CODES, _activate, _activate_with_grad, _scaled_sumsq
 
 _NORM_DELTA = tl.constexpr(1e-12)
 
@@ -88,26 +102,60 @@ def _pool(p, FACTOR: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _unpool(s, FACTOR: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_JP: tl.constexpr, HALF_POOL: tl.constexpr):
+            BLOCK_N: tl.constexpr):
     """The transpose of :func:`_pool`: ``(BLOCK_M, BLOCK_JP) -> (BLOCK_M, BLOCK_N)`` with
-    column ``c`` = ``s[:, c // FACTOR]`` (zero past the tile's outputs)."""
+    column ``c`` = ``s[:, c // FACTOR]``.  For factors that are not powers of two a
+    register gather (exact; the selection product's hi/lo bf16 pair of tensor-core
+    products, used before, cost the 128 x 128 / 16-warp backward pass 24 B of spills with
+    Triton 3.6 at 128 registers, the gather 79-98 registers and none)."""
     if POOL == 0:
         e = s
     elif POOL == 1:
         e = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_M, BLOCK_N // FACTOR, FACTOR)),
                        (BLOCK_M, BLOCK_N))
     else:
-        jj = tl.arange(0, BLOCK_JP)
         cc = tl.arange(0, BLOCK_N)
-        sel = jj[:, None] == (cc[None, :] // FACTOR)
-        if HALF_POOL:
-            hi = s.to(tl.bfloat16)
-            lo = (s - hi.to(tl.float32)).to(tl.bfloat16)
-            sel_h = sel.to(tl.bfloat16)
-            e = tl.dot(hi, sel_h) + tl.dot(lo, sel_h)
-        else:
-            e = tl.dot(s, sel.to(s.dtype), input_precision="ieee", out_dtype=s.dtype)
+        e = tl.gather(s, tl.broadcast_to((cc // FACTOR)[None, :], (BLOCK_M, BLOCK_N)), axis=1)
     return e
+
+
+@triton.jit
+def _keep(seed, row0_32, row0, rm, col0_32, KO, drop_p, BLOCK_N: tl.constexpr,
+          IDX64: tl.constexpr):
+    """The tile's dropout keep-mask (the shared stream, one Philox per four elements:
+    tile origins are multiples of 4 columns, :func:`tile_outputs`).  Rows as int32 when
+    ``rows * K*o < 2^31`` (the same draws: Philox's high counter word is then 0) at half
+    the index registers."""
+    if IDX64:
+        return keep_tile(seed, row0 + rm, col0_32, KO, drop_p, BLOCK_N)
+    else:
+        return keep_tile(seed, row0_32 + rm, col0_32, KO, drop_p, BLOCK_N)
+
+
+@triton.jit
+def _shared_tile(ps_ptr, row0_32, rm, tile_ok, col0_32, rn, KO, group_r):
+    """The (BLOCK_M, BLOCK_N) tile of a shared projection ``Ps (groups, K*o)`` (bias
+    included) for broadcast rows ``row0 + rm``: row ``r`` reads group ``r // group_r``
+    (co-attention: ``group_r`` regions per question).  int64 base at the tile's first
+    group, int32 in-tile offsets (BLOCK_M * K*o < 2^31: launcher check)."""
+    g0 = row0_32 // group_r
+    gi = (row0_32 + rm) // group_r - g0
+    base = g0.to(tl.int64) * KO + col0_32
+    return tl.load(ps_ptr + base + gi[:, None] * KO + rn[None, :], mask=tile_ok, other=0.0)
+
+
+@triton.jit
+def _tile_of(pid, rows, O, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+             GROUP_M: tl.constexpr):
+    """``(row tile, output tile)`` of program ``pid`` in grouped order (Triton tutorial
+    03): ``GROUP_M`` consecutive row tiles walk the output tiles together, so each
+    weight tile is reused from L2 by the group's row tiles."""
+    num_m = tl.cdiv(rows, BLOCK_M)
+    num_j = tl.cdiv(O, BLOCK_J)
+    in_group = GROUP_M * num_j
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
 
 
 @triton.jit
@@ -164,22 +212,19 @@ def _wide_fwd_kernel(
     stride_sr,
     # scalars
     seed, drop_p, keep_scale,
+    # SHARED: C read from ps_ptr (groups, K*o), group_r broadcast rows per group
+    ps_ptr, group_r,
     # meta-parameters
     FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, POOL: tl.constexpr,
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_JP: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     X_DESC: tl.constexpr = False, W_DESC: tl.constexpr = False,
+    # projection activation: 0 none, 1 relu, 2 tanh (triton_split.ACTIVATION_CODES);
+    # IDX64: rows * K*o >= 2^31 (dropout's row indices in int64)
+    ACTIVATION: tl.constexpr = 0, IDX64: tl.constexpr = False, SHARED: tl.constexpr = False,
 ):
-    # Grouped order: GROUP_M consecutive row tiles walk the output tiles together.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(rows, BLOCK_M)
-    num_j = tl.cdiv(O, BLOCK_J)
-    in_group = GROUP_M * num_j
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_j = (pid % in_group) // group_size
+    pid_m, pid_j = _tile_of(tl.program_id(0), rows, O, BLOCK_M, BLOCK_J, GROUP_M)
 
     # Tile origins: int32 where they are TMA coordinates (the launcher checks rows and
     # factor*o < 2^31), int64 where they scale a stride.
@@ -195,37 +240,57 @@ def _wide_fwd_kernel(
     m_mask = rm < rows - row0_32
     n_ok = (rn < BLOCK_J * FACTOR) & (rn < (O - j0) * FACTOR)
 
+    if SHARED:
+        # Co-attention: y's projection was formed once per group (cuBLAS, bias included)
+        # and is read per row instead of running the y main loop for every region.  Read,
+        # activated and masked (dropout's kept elements and scale, on C instead of A)
+        # before the x loop, then parked in the input dtype: its 64-bit addresses and the
+        # Philox temporaries are live while nothing else is (after the loop, beside A,
+        # the 128 x 128 / 16-warp tile spilled 24-32 B).
+        c = _shared_tile(ps_ptr, row0_32, rm, m_mask[:, None] & n_ok[None, :], col0_32, rn,
+                         KO, group_r)
+        park: tl.constexpr = c.dtype
+        c = _activate(c.to(tl.float64 if park == tl.float64 else tl.float32), ACTIVATION)
+        if DROPOUT:
+            c = tl.where(_keep(seed, row0_32, row0, rm, col0_32, KO, drop_p, BLOCK_N, IDX64),
+                         c * keep_scale, 0.0)
+        c = c.to(park)
     a = _wide_projection(x_src, wx_src, row0_32 if X_DESC else row0,
                          col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, M,
                          stride_xr, stride_xk, stride_wxr, stride_wxk, X_DESC, W_DESC,
                          BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
     if HAS_BIAS:
         a += tl.load(bx_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(a.dtype)[None, :]
-    if DROPOUT and HALF:
-        # Half inputs: applied to A before the y pass rather than to the product (the same
-        # kept elements of (row, col), the same 1/(1-p) scale), so the Philox temporaries
-        # are live while only A is: after the product they pushed the 128 x 128 / 16-warp
-        # tile past its 128-register cap (48-72 B of spills with Triton 3.6 and 3.8).
-        # fp32/fp64 keep it on the product (on A, sm_90 fp32 spilled 8 B).
-        idx = (row0 + rm)[:, None] * KO + (col0_32 + rn)[None, :]
-        a = tl.where(tl.rand(seed, idx) >= drop_p, a * keep_scale, 0.0)
-    if HALF:
-        # Park A in the input dtype while C accumulates (16 instead of 32 registers per
-        # thread at 128 x 128 / 16 warps); eager rounds its projections the same way.
-        if X_DESC:
-            a = a.to(x_src.dtype)
-        else:
-            a = a.to(x_src.dtype.element_ty)
-    c = _wide_projection(y_src, wy_src, row0_32 if X_DESC else row0,
-                         col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, N,
-                         stride_yr, stride_yk, stride_wyr, stride_wyk, X_DESC, W_DESC,
-                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
-    if HAS_BIAS:
-        c += tl.load(by_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(c.dtype)[None, :]
-    p = a.to(c.dtype) * c
-    if DROPOUT and not HALF:
-        idx = (row0 + rm)[:, None] * KO + (col0_32 + rn)[None, :]
-        p = tl.where(tl.rand(seed, idx) >= drop_p, p * keep_scale, 0.0)
+    a = _activate(a, ACTIVATION)
+    if SHARED:
+        p = a * c.to(a.dtype)
+    else:
+        if DROPOUT and HALF:
+            # Half inputs: applied to A before the y pass rather than to the product (the
+            # same kept elements of (row, col), the same 1/(1-p) scale), so the Philox
+            # temporaries are live while only A is: after the product they pushed the
+            # 128 x 128 / 16-warp tile past its 128-register cap (48-72 B of spills with
+            # Triton 3.6 and 3.8).  fp32/fp64 keep it on the product (on A, sm_90 fp32
+            # spilled 8 B).
+            a = tl.where(_keep(seed, row0_32, row0, rm, col0_32, KO, drop_p, BLOCK_N,
+                               IDX64), a * keep_scale, 0.0)
+        if HALF:
+            # Park A in the input dtype while C accumulates (16 instead of 32 registers per
+            # thread at 128 x 128 / 16 warps); eager rounds its projections the same way.
+            if X_DESC:
+                a = a.to(x_src.dtype)
+            else:
+                a = a.to(x_src.dtype.element_ty)
+        c = _wide_projection(y_src, wy_src, row0_32 if X_DESC else row0,
+                             col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, N,
+                             stride_yr, stride_yk, stride_wyr, stride_wyk, X_DESC, W_DESC,
+                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+        if HAS_BIAS:
+            c += tl.load(by_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(c.dtype)[None, :]
+        p = a.to(c.dtype) * _activate(c, ACTIVATION)
+        if DROPOUT and not HALF:
+            p = tl.where(_keep(seed, row0_32, row0, rm, col0_32, KO, drop_p, BLOCK_N,
+                               IDX64), p * keep_scale, 0.0)
     p = tl.where(n_ok[None, :], p, 0.0)
     s = _pool(p, FACTOR, POOL, BLOCK_M, BLOCK_N, BLOCK_JP, HALF and not DOT_FP32)
     jj = tl.arange(0, BLOCK_JP)
@@ -235,37 +300,43 @@ def _wide_fwd_kernel(
 
 
 @triton.jit
-def _wide_bwd_kernel(
-    # operands as in the forward, then the backward's inputs and outputs
-    x_src, y_src, wx_src, wy_src, bx_ptr, by_ptr, ds_ptr, da_ptr, dc_ptr,
-    # sizes
-    rows, M, N, O,
-    # strides
-    stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
-    stride_dr,
+def _wide_grad_kernel(
+    # one projection's operands (pointers, or TMA descriptors when X_DESC / W_DESC), then
+    # ds = dL/ds and the two gradient buffers this pass writes
+    in_src, w_src, b_ptr, ds_ptr, other_ptr, this_ptr,
+    # sizes: rows, the input's width, outputs
+    rows, WIDTH, O,
+    # strides (the input's and the weight's unused for descriptor operands)
+    stride_ir, stride_ik, stride_wr, stride_wk, stride_dr,
     # scalars
     seed, drop_p, keep_scale,
+    # SHARED: P read from ps_ptr (groups, K*o), group_r broadcast rows per group
+    ps_ptr, group_r,
     # meta-parameters
     FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     POOL: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_JP: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, X_DESC: tl.constexpr = False, W_DESC: tl.constexpr = False,
+    GROUP_M: tl.constexpr, X_DESC: tl.constexpr, W_DESC: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACT_PASS: tl.constexpr, IDX64: tl.constexpr,
+    SHARED: tl.constexpr,
 ):
-    """``dA = dp * C`` and ``dC = dp * A`` for one (BLOCK_M, BLOCK_N) tile of the
-    (rows, K*o) products, A and C recomputed by the forward's main loop (one K pass per
-    projection for every factor group), ``dp[r, col] = ds[r, col // K] * keep / (1-p)``
-    with ``ds = dL/ds`` from :func:`_grad_pooled_kernel`.  dA/dC are stored as
-    contiguous (BLOCK_M, BLOCK_N) blocks of row-major (rows, K*o) buffers."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(rows, BLOCK_M)
-    num_j = tl.cdiv(O, BLOCK_J)
-    in_group = GROUP_M * num_j
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_j = (pid % in_group) // group_size
+    """One projection's share of the backward products, on the forward's main loop.
 
+    Recomputes this side's pre-activation projection ``P`` (A or C) for one
+    (BLOCK_M, BLOCK_N) tile of the (rows, K*o) products and writes the *other* side's
+    gradient ``other = dp * act(P)``, ``dp[r, col] = ds[r, col // K] * keep / (1-p)``.
+    The launcher runs it twice, on (y, W_y) -> dA and on (x, W_x) -> dC, so each
+    projection is recomputed once and each pass has a single accumulator: the 128 x 128
+    / 16-warp tile fits (the one-kernel backward, with A, C, the mask and ds live
+    together, spilled at that tile and ran 128 x 64, 42.7 FLOP per L2 byte).
+
+    With an activation each gradient also needs its own side's ``act'``, which the
+    other pass holds: ``ACT_PASS`` 1 (the first pass) writes ``this = act'(P)``; 2 (the
+    second) multiplies: ``this *= act'(P)`` (``this`` holds the first pass's
+    ``dp * act(C)``) and ``other *= `` the first pass's ``act'(C)``.  Buffers are
+    row-major (rows, K*o); blocks are stored whole and contiguous."""
+    pid_m, pid_j = _tile_of(tl.program_id(0), rows, O, BLOCK_M, BLOCK_J, GROUP_M)
     row0_32 = pid_m * BLOCK_M
     row0 = row0_32.to(tl.int64)
     j0 = pid_j * BLOCK_J
@@ -277,70 +348,79 @@ def _wide_bwd_kernel(
     m_mask = rm < rows - row0_32
     n_ok = (rn < BLOCK_J * FACTOR) & (rn < (O - j0) * FACTOR)
 
-    a = _wide_projection(x_src, wx_src, row0_32 if X_DESC else row0,
-                         col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, M,
-                         stride_xr, stride_xk, stride_wxr, stride_wxk, X_DESC, W_DESC,
-                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
-    if HAS_BIAS:
-        a += tl.load(bx_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(a.dtype)[None, :]
-    acc_dtype: tl.constexpr = a.dtype
-    if HALF:
-        park: tl.constexpr = x_src.dtype if X_DESC else x_src.dtype.element_ty
+    if SHARED:
+        # Co-attention's shared side: its projection per group (bias included), no loop.
+        p = _shared_tile(ps_ptr, row0_32, rm, m_mask[:, None] & n_ok[None, :], col0_32, rn,
+                         KO, group_r)
+        p = p.to(tl.float64 if p.dtype == tl.float64 else tl.float32)
     else:
-        park: tl.constexpr = acc_dtype
-    a = a.to(park)
-    if DROPOUT:
-        # The keep mask (0/1, exact in any dtype), drawn while only A is live and parked
-        # beside it; the 1/(1-p) scale is applied to ds in the accumulator dtype.
-        idx = (row0 + rm)[:, None] * KO + (col0_32 + rn)[None, :]
-        keep = (tl.rand(seed, idx) >= drop_p).to(park)
-    c = _wide_projection(y_src, wy_src, row0_32 if X_DESC else row0,
-                         col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, N,
-                         stride_yr, stride_yk, stride_wyr, stride_wyk, X_DESC, W_DESC,
-                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
-    if HAS_BIAS:
-        c += tl.load(by_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(c.dtype)[None, :]
-    c = c.to(park)
-
-    # ds = dL/ds over the tile's outputs, (BLOCK_M, BLOCK_JP), then expanded to its
-    # projected columns (col -> output col // K) by the pooling's transpose: whole-row
-    # loads of the pooled tensor instead of a per-column gather (64-bit addresses for
-    # every element), and ds formed beforehand (loading g, z, ||t||, z.g here spilled
-    # the factor-1 and -2 builds).
-    jj = tl.arange(0, BLOCK_JP)
-    j_ok = (jj < BLOCK_J) & (jj < O - j0)
-    ds = tl.load(ds_ptr + row0 * stride_dr + rm[:, None] * stride_dr + (j0 + jj)[None, :],
-                 mask=m_mask[:, None] & j_ok[None, :], other=0.0).to(acc_dtype)
-    ds = _unpool(ds, FACTOR, POOL, BLOCK_M, BLOCK_N, BLOCK_JP, HALF and not DOT_FP32)
-    if DROPOUT:
-        ds = ds * keep.to(acc_dtype) * keep_scale
-    ds = tl.where(n_ok[None, :], ds, 0.0)
+        p = _wide_projection(in_src, w_src, row0_32 if X_DESC else row0,
+                             col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, WIDTH,
+                             stride_ir, stride_ik, stride_wr, stride_wk, X_DESC, W_DESC,
+                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+        if HAS_BIAS:
+            p += tl.load(b_ptr + col0_32 + rn, mask=n_ok, other=0.0).to(p.dtype)[None, :]
+    acc_dtype: tl.constexpr = p.dtype
+    # After the main loop: a (BLOCK_M, BLOCK_N) predicate live across it cost the 16-warp
+    # tile 16 B of spills (Triton 3.6).
     tile_ok = m_mask[:, None] & n_ok[None, :]
     # int64 tile origin, int32 in-tile offsets (BLOCK_M * K*o < 2^31: launcher check)
     base = row0 * KO + col0_32
     offs = rm[:, None] * KO + rn[None, :]
-    tl.store(da_ptr + base + offs, (ds * c.to(acc_dtype)).to(da_ptr.dtype.element_ty),
-             mask=tile_ok)
-    tl.store(dc_ptr + base + offs, (ds * a.to(acc_dtype)).to(dc_ptr.dtype.element_ty),
-             mask=tile_ok)
+    if ACTIVATION != 0:
+        q, dq = _activate_with_grad(p, ACTIVATION)
+        if ACT_PASS == 2:
+            dq = dq * tl.load(this_ptr + base + offs, mask=tile_ok, other=0.0).to(acc_dtype)
+        tl.store(this_ptr + base + offs, dq.to(this_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        q = p
+    # Park act(P) in the input dtype (half: 16 instead of 32 registers per thread at
+    # 128 x 128 / 16 warps) while ds is expanded, with the dropout mask folded in (exact:
+    # 0 or the value) while nothing else is live: drawn beside ds, the Philox
+    # temporaries and the int64 indices spilled this tile by 300-700 B.
+    if HALF:
+        q = q.to(other_ptr.dtype.element_ty)
+    if DROPOUT:
+        q = tl.where(_keep(seed, row0_32, row0, rm, col0_32, KO, drop_p, BLOCK_N, IDX64),
+                     q, 0.0).to(q.dtype)
+
+    # ds over the tile's outputs, (BLOCK_M, BLOCK_JP), expanded to its projected columns
+    # (col -> output col // K) by the pooling's transpose: whole-row loads of the pooled
+    # tensor instead of a per-column gather (a 64-bit address per element).
+    jj = tl.arange(0, BLOCK_JP)
+    j_ok = (jj < BLOCK_J) & (jj < O - j0)
+    ds = tl.load(ds_ptr + row0 * stride_dr + rm[:, None] * stride_dr + (j0 + jj)[None, :],
+                 mask=m_mask[:, None] & j_ok[None, :], other=0.0).to(acc_dtype)
+    ds = _unpool(ds, FACTOR, POOL, BLOCK_M, BLOCK_N)
+    if DROPOUT:
+        ds = ds * keep_scale
+    g = ds * q.to(acc_dtype)
+    if ACT_PASS == 2:
+        g = g * tl.load(other_ptr + base + offs, mask=tile_ok, other=0.0).to(acc_dtype)
+    tl.store(other_ptr + base + offs, g.to(other_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
-def _grad_pooled_kernel(g_ptr, z_ptr, norm_ptr, ds_ptr, O, stride_gr, stride_zr, stride_dr,
-                        sqrt_eps, BLOCK_O: tl.constexpr):
+def _grad_pooled_kernel(g_ptr, z_ptr, norm_ptr, zg_ptr, ds_ptr, O, stride_gr, stride_zr,
+                        stride_dr, sqrt_eps, GROUP_ZG: tl.constexpr, BLOCK_O: tl.constexpr):
     """One row per program: ``ds = dL/ds`` from the cotangent ``g``, the output ``z`` and
-    ``||t||``: ``dt = (g - z <z, g>) / r`` (zero for a degenerate row, ``r <= delta``),
-    ``ds = dt * 0.5 / (|t| + sqrt(eps))`` with ``t = z r``."""
+    ``r = ||t||``: ``dt = (g - z <z, g>) / r`` (zero for a degenerate row, ``r <= delta``),
+    ``ds = dt * 0.5 / (|t| + sqrt(eps))`` with ``t = z r``.  ``GROUP_ZG`` (joint
+    normalisation): ``norm`` holds each row's group norm and ``zg`` its group's
+    ``<z, g>``, precomputed over whole groups; otherwise the row's own dot is taken."""
     row = tl.program_id(0).to(tl.int64)
     acc_dtype = ds_ptr.dtype.element_ty
-    zg = tl.zeros((BLOCK_O,), dtype=acc_dtype)
-    for o0 in range(0, O, BLOCK_O):
-        jj = o0 + tl.arange(0, BLOCK_O)
-        ok = jj < O
-        g = tl.load(g_ptr + row * stride_gr + jj, mask=ok, other=0.0).to(acc_dtype)
-        z = tl.load(z_ptr + row * stride_zr + jj, mask=ok, other=0.0).to(acc_dtype)
-        zg += z * g
-    dot = tl.sum(zg, axis=0)
+    if GROUP_ZG:
+        dot = tl.load(zg_ptr + row)
+    else:
+        zg = tl.zeros((BLOCK_O,), dtype=acc_dtype)
+        for o0 in range(0, O, BLOCK_O):
+            jj = o0 + tl.arange(0, BLOCK_O)
+            ok = jj < O
+            g = tl.load(g_ptr + row * stride_gr + jj, mask=ok, other=0.0).to(acc_dtype)
+            z = tl.load(z_ptr + row * stride_zr + jj, mask=ok, other=0.0).to(acc_dtype)
+            zg += z * g
+        dot = tl.sum(zg, axis=0)
     norm = tl.load(norm_ptr + row)
     r = tl.maximum(norm, _NORM_DELTA)
     live = norm > _NORM_DELTA
@@ -428,21 +508,29 @@ WIDE_CONFIGS = {
     "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
     "fp32": WideConfig(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
 }
-#: The backward products kernel (same main loop, a heavier epilogue: A, C, the dropout
-#: scale and ds live together).  The 16-warp 128 x 128 tile spills there (72-480 B with
-#: Triton 3.6 and 3.8) so half precision runs 128 x 64 x 64 with 8 warps (42.7 FLOP/B),
-#: through TMA on sm_90: 163-243 registers, no spills; fp32 64 x 64 x 32 with 8 warps and
-#: 2 stages, 122-190 registers (64 x 64 x 16 with 3 stages spilled 8 B on sm_90 with
-#: Triton 3.6).
+#: The backward's two passes (:func:`_wide_grad_kernel`: one projection recomputed per
+#: pass, so one accumulator): the forward's 128 x 128 x 64 / 16-warp tile through TMA on
+#: sm_90 (64 FLOP per L2 byte, 96 KiB in flight), 96-127 registers, no spills with
+#: Triton 3.6 and 3.8 since the dropout mask takes one Philox per four elements (one per
+#: element spilled 300-700 B; the one-kernel backward with A, C, mask and ds live spilled
+#: at this tile and ran 128 x 64, 42.7 FLOP/B).  With an activation each pass also
+#: reads and writes the other buffer: ``sm90-half-act`` 64 x 128 x 64 / 8 warps (no
+#: spills; 128 x 128 spilled 8-320 B).  sm_80 half 128 x 64 x 64 / 8 warps (cp.async,
+#: 4 stages), also the sm_90 tile for operands TMA cannot read; with an activation
+#: ``half-act`` 64 x 64 x 64 / 8 warps / 3 stages (128 x 64 spilled 24-112 B at factor 1).
+#: fp32 64 x 64 x 32 / 8 warps / 2 stages, activation or not.
 WIDE_BWD_CONFIGS = {
-    "sm90-half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4,
+    "sm90-half": WideConfig(block_m=128, block_n=128, block_k=64, num_warps=16, num_stages=4,
                             tma=True),
+    "sm90-half-act": WideConfig(block_m=64, block_n=128, block_k=64, num_warps=8,
+                                num_stages=4, tma=True),
     "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
+    "half-act": WideConfig(block_m=64, block_n=64, block_k=64, num_warps=8, num_stages=3),
     "fp32": WideConfig(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=2),
 }
 #: The interpreter runs the descriptor path wherever operands qualify (the shared suites
 #: then cover it); tests replace this with ``tma=False`` to pin the pointer path.
-INTERPRETER_WIDE = WideConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1,
+INTERPRETER_WIDE = WideConfig(block_m=16, block_n=32, block_k=16, num_warps=1, num_stages=1,
                               group_m=2, tma=True)
 
 
@@ -454,11 +542,17 @@ def pool_mode(factor: int) -> int:
 
 def tile_outputs(cfg: WideConfig, factor: int):
     """``(BLOCK_J, BLOCK_JP)``: outputs per tile and the width of the pooled tile (a
-    power of two; >= 16 for the selection product, which tl.dot needs)."""
-    block_j = cfg.block_n // factor
+    power of two; >= 16 for the selection product, which tl.dot needs).
+
+    ``BLOCK_J * factor`` is a multiple of 4, so every tile starts at a multiple of 4
+    columns and draws its dropout mask one Philox per four elements
+    (:func:`triton_dropout.keep_tile`): at factor 5 and 128 columns, 24 outputs (120
+    columns) instead of 25.  ``BLOCK_J`` is 0 when a tile cannot hold such a group."""
+    step = 4 // math.gcd(factor, 4)
+    block_j = cfg.block_n // factor // step * step
     if pool_mode(factor) < 2:
         return block_j, block_j
-    return block_j, max(16, triton.next_power_of_2(block_j))
+    return block_j, max(16, triton.next_power_of_2(max(block_j, 1)))
 
 
 #: Row counts up to which sm_90 runs the narrower ``half`` tile (see WIDE_CONFIGS).
@@ -482,12 +576,28 @@ def pick_wide_config(dtype: torch.dtype, device=None, rows=None) -> WideConfig:
     return WIDE_CONFIGS[config_family(dtype, cap, rows)]
 
 
-def pick_wide_bwd_config(dtype: torch.dtype, device=None) -> WideConfig:
+def bwd_config_family(dtype: torch.dtype, capability=(9, 0), activation=None,
+                      descriptors: bool = True) -> str:
+    """The ``WIDE_BWD_CONFIGS`` key for the backward passes.  ``descriptors``: whether
+    the operands qualify for TMA (:func:`descriptor_ok`); sm_90's tiles are sized for
+    descriptor loads (no address registers: through pointers the 128 x 128 / 16-warp
+    tile spilled 16-40 B), so operands that do not take the pointer-loop tile (sm_80's,
+    cp.async)."""
+    fam = config_family(dtype, capability)
+    if fam == "fp32":
+        return fam
+    if fam == "sm90-half" and not descriptors:
+        fam = "half"
+    return fam + "-act" if activation is not None else fam
+
+
+def pick_wide_bwd_config(dtype: torch.dtype, device=None, activation=None,
+                         descriptors: bool = True) -> WideConfig:
     if INTERPRET:
         return INTERPRETER_WIDE
     cap = torch.cuda.get_device_capability(device) if device is not None and \
         torch.device(device).type == "cuda" else (9, 0)
-    return WIDE_BWD_CONFIGS[config_family(dtype, cap)]
+    return WIDE_BWD_CONFIGS[bwd_config_family(dtype, cap, activation, descriptors)]
 
 
 def descriptor_ok(t: torch.Tensor) -> bool:
@@ -508,44 +618,61 @@ def _operand(t: torch.Tensor, use_desc: bool, block):
 
 
 def supports(factor: int, cfg: WideConfig) -> bool:
-    """A tile must hold at least one output group (``BLOCK_N >= factor``)."""
-    return cfg.block_n // factor >= 1
+    """A tile must hold at least one output group whose columns are a multiple of 4
+    (:func:`tile_outputs`): factor <= BLOCK_N / 4 for odd factors."""
+    return tile_outputs(cfg, factor)[0] >= 1
 
 
 # ----------------------------------------------------------------------------- launcher
 
 
-def _main_loop_args(cfg: WideConfig, x2, y2, wx, wy, bx, by):
-    """What the forward and backward kernels' shared main loop takes: ``(operands,
-    strides, meta)`` = the six operand arguments (TMA descriptors or tensors, then the
-    biases), the eight operand strides, and the main loop's meta-parameters."""
-    from .triton_kernels import _bias_args, dot_settings
+def _main_loop_args(cfg: WideConfig, inputs, weights, has_bias: bool):
+    """What the kernels' shared main loop takes: ``(operands, strides, meta)`` = the
+    inputs then the weights (TMA descriptors or tensors), their strides in that order,
+    and the main loop's meta-parameters.  ``inputs``/``weights``: ``(x2, y2)`` /
+    ``(wx, wy)`` for the forward, one of each for a backward pass; TMA is chosen per
+    operand kind, so every member of ``inputs`` (of ``weights``) must qualify."""
+    from .triton_kernels import dot_settings
 
-    bx_, by_, has_bias = _bias_args(bx, by, wx)
-    dot_fp32, precision = dot_settings(x2.dtype)
+    dtype = inputs[0].dtype
+    dot_fp32, precision = dot_settings(dtype)
     # In the interpreter DOT_FP32 also routes the half pooling product through fp32.
-    dot_fp32 = dot_fp32 or (INTERPRET and x2.dtype in (torch.float16, torch.bfloat16))
-    # TMA per operand pair (x, y) and (weights): one flag each, so both members qualify.
-    x_desc = cfg.tma and descriptor_ok(x2) and descriptor_ok(y2)
-    w_desc = cfg.tma and descriptor_ok(wx) and descriptor_ok(wy)
-    operands = [_operand(t, x_desc, (cfg.block_m, cfg.block_k)) for t in (x2, y2)] + \
-        [_operand(t, w_desc, (cfg.block_n, cfg.block_k)) for t in (wx, wy)] + [bx_, by_]
-    strides = (x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1),
-               wx.stride(0), wx.stride(1), wy.stride(0), wy.stride(1))
+    dot_fp32 = dot_fp32 or (INTERPRET and dtype in (torch.float16, torch.bfloat16))
+    x_desc = cfg.tma and all(descriptor_ok(t) for t in inputs)
+    w_desc = cfg.tma and all(descriptor_ok(t) for t in weights)
+    operands = [_operand(t, x_desc, (cfg.block_m, cfg.block_k)) for t in inputs] + \
+        [_operand(t, w_desc, (cfg.block_n, cfg.block_k)) for t in weights]
+    strides = tuple(st for t in (*inputs, *weights) for st in (t.stride(0), t.stride(1)))
     meta = dict(HAS_BIAS=has_bias, DOT_FP32=dot_fp32, PRECISION=precision,
-                HALF=x2.dtype in (torch.float16, torch.bfloat16), BLOCK_M=cfg.block_m,
+                HALF=dtype in (torch.float16, torch.bfloat16), BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                 X_DESC=x_desc, W_DESC=w_desc, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     return operands, strides, meta
 
 
+def _dropout_args(dropout: float, seed):
+    """``(seed, p, 1/(1-p))`` as the kernels take them, and their ``DROPOUT`` flag."""
+    return (seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout)), \
+        seed is not None
+
+
+def shared_projection(y2, wy, by):
+    """``y2 @ wy^T + by`` by cuBLAS: the shared side's projection, once per group."""
+    return torch.addmm(by, y2, wy.t()) if by is not None else y2 @ wy.t()
+
+
 def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
-                 batch=None):
+                 batch=None, activation=None, group=1, shared=0):
     """``(out (*batch, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``.
 
-    ``out`` is allocated at its final shape (``triton_kernels.output_buffer``)."""
-    from .triton_kernels import TileConfig, _int32_safe, output_buffer
+    ``out`` is allocated at its final shape (``triton_kernels.output_buffer``).
+    ``activation`` acts on both projections; ``group > 1``: one L2 norm per ``group``
+    consecutive rows (``norm_dims > 1``), ``norm`` then holds each row's group norm.
+    ``shared = R > 0``: co-attention, ``y2`` is ``(rows / R, n)``, one row per group of
+    ``R`` consecutive rows; its projection is formed once per group and read per row."""
+    from ._common import join_groups
+    from .triton_kernels import TileConfig, _bias_args, _int32_safe, output_buffer
 
     rows, m = x2.shape
     n, o = y2.shape[1], wx.shape[0] // factor
@@ -561,30 +688,47 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
     x2, y2, wx, wy = _int32_safe(TileConfig(cfg.block_m, block_j, cfg.block_k, cfg.num_warps,
                                             cfg.num_stages), x2, y2, wx, wy, factor)
     s = torch.empty((rows, o), dtype=acc, device=x2.device)
-    operands, strides, meta = _main_loop_args(cfg, x2, y2, wx, wy, bx, by)
+    bx_, by_, has_bias = _bias_args(bx, by, wx)
+    if shared:
+        ps = shared_projection(y2, wy, by)
+        # y's main loop does not run: its operand slots repeat x's (never read).
+        operands, strides, meta = _main_loop_args(cfg, (x2, x2), (wx, wx), has_bias)
+    else:
+        ps = s  # never read
+        operands, strides, meta = _main_loop_args(cfg, (x2, y2), (wx, wy), has_bias)
+    drop_args, use_dropout = _dropout_args(dropout, seed)
     grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
     launch(_wide_fwd_kernel, grid,
-        *operands, s,
+        *operands, bx_, by_, s,
         rows, m, n, o,
         *strides, s.stride(0),
-        seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
-        FACTOR=factor, DROPOUT=seed is not None, POOL=pool_mode(factor),
-        BLOCK_J=block_j, BLOCK_JP=block_jp, **meta,
+        *drop_args, ps, max(shared, 1),
+        FACTOR=factor, DROPOUT=use_dropout, POOL=pool_mode(factor),
+        BLOCK_J=block_j, BLOCK_JP=block_jp, ACTIVATION=ACTIVATION_CODES[activation],
+        IDX64=rows * wx.shape[0] >= 2 ** 31, SHARED=bool(shared), **meta,
     )
+    joint = normalize and group > 1
+    # A joint norm finishes each row in place in the fp32 scratch (normalised by its own
+    # norm), then rescales whole groups into the output (one rounding, at the end).
+    dest = s if joint else out
     block_o = min(triton.next_power_of_2(o), 16 if INTERPRET else 1024)
     launch(_finish_kernel, (rows,),
-        s, out, norm if normalize else s, rows, o, s.stride(0), out.stride(0), float(eps),
+        s, dest, norm if normalize else s, rows, o, s.stride(0), dest.stride(0), float(eps),
         math.sqrt(eps), NORMALIZE=normalize, BLOCK_R=1, BLOCK_O=block_o,
         num_warps=1 if INTERPRET else 4)
+    if joint:
+        join_groups(s, out, norm, group)
     return out_full, norm
 
 
 def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, dropout, seed,
-                           normalize, eps):
-    """``(dA, dC)``, each (rows, K*o) in the input dtype, with A and C recomputed by the
-    wide main loop (the backward of :func:`wide_forward`; ``out``/``norm`` are its
-    outputs, ``grad`` the (rows, o) cotangent)."""
-    from .triton_kernels import TileConfig, _int32_safe
+                           normalize, eps, activation=None, group=1, shared=0):
+    """``(dA, dC)``, each (rows, K*o) in the input dtype: the gradients of the
+    (pre-activation) projections, recomputed by the wide main loop, one pass per
+    projection (the backward of :func:`wide_forward`; ``out``/``norm`` are its outputs,
+    ``grad`` the (rows, o) cotangent, ``activation``/``group``/``shared`` as there).
+    With ``shared``, dC is per broadcast row: the caller sums each group's rows."""
+    from .triton_kernels import TileConfig, _int32_safe, group_pairs
 
     rows, m = x2.shape
     n, ko = y2.shape[1], wx.shape[0]
@@ -593,7 +737,8 @@ def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, d
     dc = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
     if rows == 0:
         return da, dc
-    cfg = pick_wide_bwd_config(x2.dtype, x2.device)
+    cfg = pick_wide_bwd_config(x2.dtype, x2.device, activation,
+                               all(descriptor_ok(t) for t in (x2, y2, wx, wy)))
     block_j, block_jp = tile_outputs(cfg, factor)
     x2, y2, wx, wy = _int32_safe(TileConfig(cfg.block_m, block_j, cfg.block_k, cfg.num_warps,
                                             cfg.num_stages), x2, y2, wx, wy, factor)
@@ -603,20 +748,40 @@ def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, d
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if normalize:
         ds = torch.empty((rows, o), dtype=acc, device=x2.device)
-        launch(_grad_pooled_kernel, (rows,), grad, out, norm, ds, o, grad.stride(0),
-               out.stride(0), ds.stride(0), math.sqrt(eps),
+        joint = group > 1
+        # Joint norm: each row's group <z, g>, summed over whole groups first.
+        zg = group_pairs(out, grad, norm, group)[:, 1].contiguous() if joint else ds
+        launch(_grad_pooled_kernel, (rows,), grad, out, norm, zg, ds, o, grad.stride(0),
+               out.stride(0), ds.stride(0), math.sqrt(eps), GROUP_ZG=joint,
                BLOCK_O=min(triton.next_power_of_2(o), 16 if INTERPRET else 1024),
                num_warps=1 if INTERPRET else 4)
     else:
         ds = grad  # dL/ds is the cotangent itself
-    operands, strides, meta = _main_loop_args(cfg, x2, y2, wx, wy, bx, by)
+    drop_args, use_dropout = _dropout_args(dropout, seed)
+    act = ACTIVATION_CODES[activation]
     grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
-    launch(_wide_bwd_kernel, grid,
-        *operands, ds, da, dc,
-        rows, m, n, o,
-        *strides, ds.stride(0),
-        seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
-        FACTOR=factor, DROPOUT=seed is not None, POOL=pool_mode(factor),
-        BLOCK_J=block_j, BLOCK_JP=block_jp, **meta,
-    )
+    # Pass 1 recomputes C and writes dA (= dp * act(C)); pass 2 recomputes A and writes
+    # dC.  With an activation, pass 1 also parks act'(C) in dC and pass 2 finishes both.
+    # Both passes add a bias, zeros for a layer without one: the bias-free build of the
+    # factor-5 sm_90 tile spilled 128 B (with the add it does not; the cost is one
+    # (K*o,) vector).
+    zeros = wx.new_zeros(ko) if bx is None or by is None else None
+    # Co-attention: pass 1 reads y's projection per group (formed again here by cuBLAS,
+    # G x K*o) instead of recomputing it for every region.
+    ps = shared_projection(y2, wy, by) if shared else ds
+    for inp, w, b, other, this, act_pass, from_ps in (
+            (y2, wy, by, da, dc, 1, bool(shared)), (x2, wx, bx, dc, da, 2, False)):
+        if from_ps:
+            inp, w = x2, wx  # operand slots never read
+        operands, strides, meta = _main_loop_args(cfg, (inp,), (w,), True)
+        launch(_wide_grad_kernel, grid,
+            *operands, b.contiguous() if b is not None else zeros, ds, other, this,
+            rows, inp.shape[1], o,
+            *strides, ds.stride(0),
+            *drop_args, ps, max(shared, 1),
+            FACTOR=factor, DROPOUT=use_dropout, POOL=pool_mode(factor),
+            BLOCK_J=block_j, BLOCK_JP=block_jp, ACTIVATION=act,
+            ACT_PASS=act_pass if act else 0, IDX64=rows * ko >= 2 ** 31, SHARED=from_ps,
+            **meta,
+        )
     return da, dc
