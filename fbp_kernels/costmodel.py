@@ -49,8 +49,9 @@ PROVIDERS = ("floor", "eager", "compile", "fused", "split")
 #: ``"<provider>+saved"`` is also accepted for fused and split (``save_projections=True``:
 #: the forward keeps A and C, the backward reads them instead of recomputing).
 SAVED_SUFFIX = "+saved"
-#: ``"split+keep_x"`` / ``"split+keep_y"``: ``save_projections="x"``/``"y"`` (one projection
-#: kept, the other recomputed in backward).
+#: ``"split+keep_x"`` / ``"split+keep_y"`` (and ``"fused+keep_x"`` / ``"fused+keep_y"``):
+#: ``save_projections="x"``/``"y"`` (one projection kept, the other recomputed in
+#: backward).
 KEEP_SUFFIX = "+keep_"
 MODES = ("forward", "backward", "forward+backward")
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
@@ -773,7 +774,8 @@ def coattention_side(s: Shape) -> Optional[str]:
 
 
 def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
-                    shared: Optional[str] = None) -> List[KernelCost]:
+                    shared: Optional[str] = None,
+                    shared_rows: Optional[int] = None) -> List[KernelCost]:
     """The wide forward (triton_wide.py): a (BLOCK_M, BLOCK_N) tile covers BLOCK_N //
     factor outputs of every factor group, one K loop over x and one over y (no factor
     re-reads), grouped tile order; then the row-finishing kernel over the fp32 pooled
@@ -781,8 +783,10 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
     main loop in the backward's two passes (C recomputed -> dA, A -> dC: each projection
     once, as in the forward), after the ds kernel (reads g and z twice, writes ds in
     fp32); each pass reads ds, together they write dA, dC (rows x K*o each).
-    ``shared`` (co-attention): that input's main loop does not run; its projection, formed
-    once per group by cuBLAS (not priced here), is read per row from L2."""
+    ``shared`` (co-attention, or the projection the middle memory mode keeps): that
+    input's main loop does not run; its projection, formed by cuBLAS (not priced here)
+    with ``shared_rows`` rows (default: that input's), is read once from HBM and per row
+    from L2."""
     e, k, R = s.elem, s.ko, s.rows
     f = wide_facts(s.dtype, gpu, R, "wide_bwd" if backward else "wide_fwd")
     bm, bn = f.block_m, f.block_o
@@ -810,7 +814,8 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
     hbm = xy + w + xy * (n_j - 1) * (1 - h_xy) + w * (groups - 1) * (1 - h_w)
     scratch = R * s.o * 4
     if shared is not None:
-        groups_rows = s.ry if shared == "y" else s.rx
+        groups_rows = shared_rows if shared_rows is not None else \
+            (s.ry if shared == "y" else s.rx)
         hbm += groups_rows * k * e                        # the shared projection, once
         l2 += R * k * e                                   # read per row
     if backward:
@@ -846,11 +851,14 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
 
 
 def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
-           saved: bool = False) -> List[KernelCost]:
-    """The Triton forward: the wide main loop + row finish (the one-launch kernel when the
-    projections are kept, or the factor exceeds the wide tile); backward = row-dot kernel + one fused dA/dC
-    kernel (recomputing A, C in its main loop, or loading them with +saved) + 4 cuBLAS
-    GEMMs + 2 bias reductions.  Broadcast inputs are materialised (flatten_rows)."""
+           saved: bool = False, keep: Optional[str] = None) -> List[KernelCost]:
+    """The Triton backend.  Forward: the wide main loop + row finish (the one-launch
+    kernel when both projections are kept, or the factor exceeds the wide tile);
+    backward: the wide kernels' ds + two passes (or the one-launch dA/dC kernel loading
+    A, C with +saved) + 4 cuBLAS GEMMs + 2 bias reductions.  Co-attention reads the
+    shared side's projection (once per group); ``keep`` ``"x"``/``"y"`` (the middle
+    mode) reads that side's kept projection (cuBLAS in forward, saved for backward) in
+    place of its main loop.  Other broadcasts are materialised (flatten_rows)."""
     d, e, k, R = s.dtype, s.elem, s.ko, s.rows
     cfg = pick_tile(R, s.o, s.dtype, gpu.sms)
     ff = kernel_facts("fbp_fwd", cfg, s.dtype, gpu)
@@ -867,18 +875,31 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
                                        R * width * e, R * width, gpu, elem_bytes=e))
         return res
 
-    wide_fwd = fwd and wide_supported(s, gpu) and not (saved and train)
-    wide_bwd = bwd and not saved and wide_supported(s, gpu)
+    wide_fwd = fwd and wide_supported(s, gpu) and (keep is not None or not (saved and train))
+    wide_bwd = bwd and (keep is not None or not saved) and wide_supported(s, gpu)
     co = coattention_side(s) if wide_fwd or wide_bwd else None
-    co_rows, co_width = (s.ry, s.n) if co == "y" else (s.rx, s.m)
+    slot = keep or co            # the side read from its projection, if any
+    grouped = slot is not None and slot == co   # one projection row per group of rows
+    own_rows = s.ry if slot == "y" else s.rx
+    co_rows = own_rows if grouped else R
+    co_width = s.n if slot == "y" else s.m
 
-    def shared_projection():
-        return [gemm(f"shared projection ({co}, once per group)", co_rows, k, co_width, d,
-                     gpu)] if co is not None else copies()
+    def shared_projection(phase):
+        if slot is None:
+            return copies()
+        res = [] if grouped else copies()
+        if keep is None or phase == "forward":  # a kept one is saved for backward
+            label = f"kept projection ({keep})" if keep else \
+                f"shared projection ({co}, once per group)"
+            res.append(gemm(label, own_rows if keep else co_rows, k, co_width, d, gpu))
+        if not grouped and own_rows != R:
+            res.append(elementwise("kept projection to rows", own_rows * k * e, R * k * e,
+                                   R * k, gpu, elem_bytes=e))
+        return res
 
     if wide_fwd:
-        out += shared_projection()
-        out += _wide_main_loop(s, gpu, shared=co)
+        out += shared_projection("forward")
+        out += _wide_main_loop(s, gpu, shared=slot, shared_rows=co_rows)
     elif fwd:
         store_ac = saved and train
         out += copies()
@@ -894,8 +915,8 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
             tail_us=n_o * gpu.l2_latency_us))   # serial row-norm finish: n_o round trips
         out[-1] = _with_host(out[-1], HOST_US["fbp_call"])
     if wide_bwd:
-        out += shared_projection()
-        out += _wide_main_loop(s, gpu, backward=True, shared=co)
+        out += shared_projection("backward")
+        out += _wide_main_loop(s, gpu, backward=True, shared=slot, shared_rows=co_rows)
     elif bwd:
         out += copies()
         out.append(elementwise("row dot <z, g>", 2 * R * s.o * e, R * 4, R * s.o, gpu,
@@ -909,7 +930,7 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
             f"{fb.ctas_per_sm} CTA/SM)", s, gpu, fb, recompute=not saved,
             extra_hbm=io_hbm, extra_l2=io_l2, tail_us=0.0))
         out[-1] = _with_host(out[-1], HOST_US["fbp_call"])
-    if bwd and co is not None:
+    if bwd and grouped:
         # Co-attention: the shared side's gradient rows summed per group first, its two
         # GEMMs then run on one row per group.
         res = _resident(2 * R * k * e, gpu)
@@ -1055,8 +1076,9 @@ def kernels(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
         if base not in ("fused", "split"):
             raise ValueError(f"{provider!r}: only fused and split have a +saved variant")
     for side in ("x", "y"):
-        if provider == f"split{KEEP_SUFFIX}{side}":
-            base, keep = "split", side
+        for strategy in ("split", "fused"):
+            if provider == f"{strategy}{KEEP_SUFFIX}{side}":
+                base, keep = strategy, side
     if base not in _BUILDERS:
         raise ValueError(f"provider must be one of {PROVIDERS} (or fused+saved, "
                          f"split+saved), got {provider!r}")
@@ -1067,7 +1089,7 @@ def kernels(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
         return build(shape, gpu, train, fwd, bwd, saved=saved, budget_bytes=split_budget_bytes,
                      keep=keep)
     if base == "fused":
-        return build(shape, gpu, train, fwd, bwd, saved=saved)
+        return build(shape, gpu, train, fwd, bwd, saved=saved, keep=keep)
     return build(shape, gpu, train, fwd, bwd)
 
 

@@ -169,7 +169,7 @@ def _autocast(dtype: Optional[torch.dtype], tensors):
 #: ``save_projections`` values -> the mode the operators carry: what forward keeps.
 PROJECTION_MODES = {False: "none", True: "both", "x": "x", "y": "y"}
 #: Backends that can keep one projection and recompute the other.
-ONE_PROJECTION_BACKENDS = ("split", "torch")
+ONE_PROJECTION_BACKENDS = ops.ONE_PROJECTION_BACKENDS
 
 
 def projection_mode(save_projections) -> str:
@@ -241,8 +241,8 @@ def _prepare(tensors, factor, dropout, eps, backend, save_projections=False, nor
         # Every drop-in backend (split, torch) keeps any of the projection modes.
         return cast_dtype, tensors, backend_name_or_raise(routed, device), mode
     if mode in ("x", "y"):
-        # Only the split and torch backends keep one projection: auto takes split where
-        # it runs, else torch; an explicit other backend is refused.
+        # The split, triton and torch backends keep one projection: auto takes split where
+        # it runs (the cost model's choice, strategy.py), else torch; cuda is refused.
         if backend == "auto":
             split_ok = device.type == "cuda" and backends.unsupported_reason(
                 "split", device) is None
@@ -406,7 +406,8 @@ def fbp(
         save_projections: ``True`` keeps the two ``(..., factor*o)`` projections for
             backward instead of recomputing them (two GEMMs fewer in backward, ``factor``
             times more activation memory); ``"x"`` or ``"y"`` keeps only that input's
-            (half the memory, one GEMM recomputed; backends ``split`` and ``torch``).
+            (half the memory, one GEMM recomputed; backends ``split``, ``triton`` and
+            ``torch``).
             Default ``False``: recompute both.  With ``activation`` backend
             ``torch`` keeps the activated projections and ``split`` the pre-activation
             ones (its epilogue applies the activation as it reads them).
@@ -419,9 +420,10 @@ def fbp(
             (after their biases) before the product, as block.bootstrap's and mmf's
             ``activ_input``; relu's gradient at exactly 0 is 0 (PyTorch's convention).
 
-        ``norm_dims != 1`` and ``activation`` run on backends ``split`` and ``torch``:
+        ``norm_dims != 1`` and ``activation`` run on backends ``split``, ``triton``
+        (its wide kernels; not with ``save_projections=True``) and ``torch``:
         ``backend="auto"`` takes ``split`` on a CUDA device where Triton runs, else
-        ``torch``; ``"triton"`` and ``"cuda"`` raise ValueError.
+        ``torch``; ``"cuda"`` raises ValueError.
 
     Returns:
         ``(..., o)`` with ``o = weight_x.shape[0] // factor``, in the inputs' dtype

@@ -193,6 +193,9 @@ def fbp_forward(
     return (res.out, _or_empty(res.norm, x), _or_empty(res.a, x), _or_empty(res.c, x))
 
 
+#: Backends that can keep one projection and recompute the other (the middle mode).
+ONE_PROJECTION_BACKENDS = ("split", "triton", "torch")
+
 #: The operators' projection mode -> the backends' ``save_projections`` (bool, or the
 #: name of the one input whose projection is kept).
 _BACKEND_KEEP = {"none": False, "both": True, "x": "x", "y": "y"}
@@ -201,9 +204,9 @@ _BACKEND_KEEP = {"none": False, "both": True, "x": "x", "y": "y"}
 def backend_keep(mode: str, backend: str):
     """The backend-level option for ``mode``; keeping one projection only where the
     backend can (the front end routes such calls there, so this guards direct op use)."""
-    if mode in ("x", "y") and backend not in ("torch", "split"):
+    if mode in ("x", "y") and backend not in ONE_PROJECTION_BACKENDS:
         raise ValueError(f"save_projections={mode!r} (keep one projection) is supported by "
-                         f"backends ['split', 'torch'], not {backend!r}")
+                         f"backends {list(ONE_PROJECTION_BACKENDS)}, not {backend!r}")
     return _BACKEND_KEEP[mode]
 
 
@@ -236,8 +239,9 @@ def _(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize
     if backend == "cuda":
         # The CUDA kernels never form the projections; they recompute them instead.
         keep_a = keep_c = False
-    if backend in ("torch", "split"):
-        # Each input projected at its own leading shape (no broadcast copy).
+    if backend in ("torch", "split") or save_projections in ("x", "y"):
+        # Each input projected at its own leading shape (no broadcast copy; triton's
+        # middle mode too, its one-launch kernel stores both at the broadcast rows).
         a_shape, c_shape = (*x.shape[:-1], ko), (*y.shape[:-1], ko)
     else:
         # Kernel backends work on broadcast rows.

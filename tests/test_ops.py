@@ -20,8 +20,9 @@ def _op_args(tensors, backend, **kw):
 
 @pytest.mark.parametrize("variant", ["plain", "dropout", "saved", "keep_x", "raw"])
 def test_opcheck_forward(variant, backend, device):
-    if variant == "keep_x" and backend not in ("torch", "split"):
-        pytest.skip(f"keeping one projection is a split/torch mode; {backend!r} refuses it")
+    if variant == "keep_x" and backend not in ops.ONE_PROJECTION_BACKENDS:
+        pytest.skip(f"keeping one projection is a {'/'.join(ops.ONE_PROJECTION_BACKENDS)} "
+                    f"mode; {backend!r} refuses it")
     tensors = make_inputs(CASE, torch.float32, device)
     kw = {"dropout": dict(seed=torch.tensor(5), dropout=0.25),
           "saved": dict(save_projections="both"), "keep_x": dict(save_projections="x"),

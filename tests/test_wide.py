@@ -316,3 +316,67 @@ def test_coattention_low_precision(dtype):
     ref = fbp_reference(*[t.double() for t in low], factor=5)
     err = ((z.double() - ref).norm() / ref.norm()).item()
     assert err < TOLS[dtype], err
+
+
+@pytest.mark.parametrize("xs, ys, keep", [
+    ((4,), (4,), "x"), ((4,), (4,), "y"),
+    ((3, 5), (3, 1), "y"),      # co-attention, the shared question's projection kept
+    ((3, 5), (3, 1), "x"),      # ... the regions' kept: the question materialised
+    ((3, 1), (3, 5), "x"),      # the mirror (x shared, slots swapped)
+    ((1, 4), (3, 4), "x"),      # a plain broadcast: the kept projection copied to rows
+], ids=str)
+@pytest.mark.parametrize("activation, norm_dims", [(None, 1), ("relu", 2)])
+def test_middle_memory_mode_reads_the_kept_projection(monkeypatch, xs, ys, keep, activation,
+                                                      norm_dims):
+    """save_projections="x"/"y" on the wide kernels (issue 12 item 4): forward keeps that
+    input's pre-activation projection at its own leading shape (and nothing else of
+    width K*o), the kernels read it in place of its main loop (SHARED in the forward
+    and the backward's first pass), and forward and all six gradients match the
+    reference, with dropout (the kernels' own mask)."""
+    seen = _record_shared(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    k, o, m, n = 3, 5, 6, 7
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    args = [r(*xs, m), r(*ys, n), r(k * o, m) / 3, r(k * o, n) / 3, r(k * o), r(k * o)]
+    args = [a.to(DEVICE).requires_grad_() for a in args]
+    saved = []
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z = fbp_kernels.fbp(*args, factor=k, backend="triton", dropout=0.25, training=True,
+                            activation=activation, norm_dims=norm_dims, save_projections=keep)
+    inp, w, b = (args[0], args[2], args[4]) if keep == "x" else (args[1], args[3], args[5])
+    wide = [t for t in saved if t.dim() >= 1 and t.shape[-1] == k * o and t.dim() > 1]
+    assert len(wide) == 1 and wide[0].shape == (*inp.shape[:-1], k * o), \
+        [tuple(t.shape) for t in wide]
+    torch.testing.assert_close(wide[0], torch.nn.functional.linear(inp, w, b).detach(),
+                               rtol=1e-13, atol=1e-13)
+    torch.manual_seed(3)
+    seed = int(fbp_kernels.functional.dropout_seed(True, 0.25))
+    batch = torch.broadcast_shapes(xs, ys)
+    mask = backends.resolve("triton", DEVICE).dropout_mask(seed, (*batch, k * o), 0.25, DEVICE)
+    ref = fbp_reference(*args, factor=k, dropout=0.25, dropout_mask=mask,
+                        activation=activation, norm_dims=norm_dims)
+    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    gz = torch.randn(z.shape, generator=g, dtype=z.dtype).to(DEVICE)
+    got = torch.autograd.grad(z, args, gz)
+    want = torch.autograd.grad(ref, args, gz)
+    for a, b_ in zip(got, want):
+        assert a.shape == b_.shape
+        torch.testing.assert_close(a, b_, rtol=1e-7, atol=1e-12)  # 1/(1-p) in fp32
+    assert seen == [("_wide_fwd_kernel", True), ("_wide_grad_kernel", True),
+                    ("_wide_grad_kernel", False)], seen
+
+
+def test_middle_memory_mode_low_precision_and_refusals():
+    """bf16: within the plain path's bound; save_projections=True with an activation is
+    refused (the wide kernels keep at most one projection), naming the way out."""
+    args = _inputs(12, 20, 12, 5, 7, torch.float64)
+    low = [t.to(torch.bfloat16) for t in args]
+    ref = fbp_reference(*[t.double() for t in low], factor=5)
+    for keep in ("x", "y"):
+        z = fbp_kernels.fbp(*low, factor=5, backend="triton", save_projections=keep)
+        err = ((z.double() - ref).norm() / ref.norm()).item()
+        assert err < TOLS[torch.bfloat16], (keep, err)
+    with pytest.raises(ValueError, match="at most one projection"):
+        fbp_kernels.fbp(*args, factor=5, backend="triton", save_projections=True,
+                        activation="relu")

@@ -8,14 +8,18 @@ GEMMs of the backward.
 Backward memory: besides the gradients themselves, backward allocates ``dA`` and
 ``dC`` (each ``rows x factor*o`` in the input dtype) and one fp32 per row for
 ``<z, g>``; they are freed when backward returns.  Nothing of width ``factor*o``
-is saved between forward and backward unless ``save_projections=True``.
+is saved between forward and backward unless ``save_projections`` says so: ``True``
+keeps both (the one-launch kernel stores them), ``"x"``/``"y"`` keeps that input's
+pre-activation projection at its own leading shape (cuBLAS forms it; the wide kernels
+read it in place of that side's main loop, forward and backward, as they read
+co-attention's shared projection: one recomputed GEMM in backward instead of two).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -92,10 +96,10 @@ def drop_in_problem(factor: int, dtype: torch.dtype, device, save_projections,
                     activation: Optional[str] = None) -> Optional[str]:
     """Why ``norm_dims != 1`` / ``activation`` cannot run here (None when they can): only
     the wide kernels carry them, and those recompute the projections."""
-    if save_projections:
+    if save_projections is True:
         return ("backend 'triton' implements norm_dims/activation in its wide kernels, "
-                "which recompute the projections: save_projections must be False "
-                "(backend 'split' keeps them)")
+                "which keep at most one projection: save_projections must be False, "
+                "'x' or 'y' (backend 'split' keeps both)")
     # Every tile the launchers may pick: training-sized and small batches, the backward.
     tiles = (W.pick_wide_config(dtype, device, None), W.pick_wide_config(dtype, device, 1),
              W.pick_wide_bwd_config(dtype, device, activation))
@@ -116,41 +120,113 @@ def _uses_drop_in(factor, x, save_projections, norm_dims, activation) -> bool:
     return True
 
 
-def _wide_operands(x, y, weight_x, weight_y, bias_x, bias_y):
-    """``(x2, y2, wx, wy, bx, by, shared, co)`` for the wide kernels: co-attention inputs
-    as (plain rows, one shared row per group), the shared one second (the product is
-    symmetric, so a shared x swaps places with y, weights and biases with it); other
-    broadcasts as materialised rows (``shared = 0``)."""
+class WideLayout(NamedTuple):
+    """The wide kernels' operands.  ``x2 (rows, .)`` runs its main loop; ``y2`` runs one
+    too (``r == 0``) or is read from its projection ``y2 @ wy^T + by`` (``r > 0``: one
+    ``y2`` row per ``r`` consecutive rows; co-attention's shared input, or a kept
+    projection at ``r = 1``).  ``swapped``: the slots hold (y, x), weights and biases
+    with them (the product is symmetric).  ``grad_x``/``grad_y``: a slot's input
+    gradient, ``(len(x2) or len(y2), width)``, to its input's shape (summing broadcast
+    rows)."""
+
+    x2: torch.Tensor
+    y2: torch.Tensor
+    wx: torch.Tensor
+    wy: torch.Tensor
+    bx: Optional[torch.Tensor]
+    by: Optional[torch.Tensor]
+    r: int
+    swapped: bool
+    grad_x: Callable
+    grad_y: Callable
+    lead: tuple  # the y slot's rows as broadcast dimensions (for its kept projection)
+
+
+def _wide_layout(x, y, weight_x, weight_y, bias_x, bias_y, keep=None) -> WideLayout:
+    """The wide kernels' operands for ``(x, y)``.  Co-attention (``coattention_layout``):
+    the shared input in the y slot, one row per group.  ``keep`` ``"x"`` / ``"y"`` (the
+    middle memory mode): that input in the y slot, read from its kept projection; if it
+    is not co-attention's shared input its rows are the broadcast rows.  Other broadcasts
+    are materialised rows."""
+    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
     co = coattention_layout(x, y)
-    if co is None:
-        x2, y2, _ = flatten_rows(x, y)
-        return x2, y2, weight_x, weight_y, bias_x, bias_y, 0, None
-    if co.swapped:
-        return co.plain, co.shared, weight_y, weight_x, bias_y, bias_x, co.r, co
-    return co.plain, co.shared, weight_x, weight_y, bias_x, bias_y, co.r, co
+    swapped = keep == "x" if keep is not None else co is not None and co.swapped
+    plain, other = (y, x) if swapped else (x, y)
+    wx, wy, bx, by = ((weight_y, weight_x, bias_y, bias_x) if swapped else
+                      (weight_x, weight_y, bias_x, bias_y))
+    if co is not None and co.swapped == swapped:
+        # The y slot is co-attention's shared input: one row per group of co.r rows.
+        return WideLayout(co.plain, co.shared, wx, wy, bx, by, co.r, swapped,
+                          lambda d: d.view(plain.shape),
+                          lambda d: d.view(co.shared_shape).sum_to_size(other.shape),
+                          tuple(co.shared_shape[:-1]))
+    x2, y2 = as_rows(plain.expand(*batch, plain.shape[-1])), \
+        as_rows(other.expand(*batch, other.shape[-1]))
+    return WideLayout(x2, y2, wx, wy, bx, by, 1 if keep is not None else 0, swapped,
+                      lambda d: unflatten_grad(d, batch, plain),
+                      lambda d: unflatten_grad(d, batch, other), tuple(batch))
+
+
+def _kept_rows(proj, lay: WideLayout) -> torch.Tensor:
+    """A kept projection (its input's leading shape, ``(..., K*o)``) as the wide kernels
+    read it: one row per row of the y slot (broadcast rows copied, as for its input)."""
+    ko = proj.shape[-1]
+    nd = len(lay.lead)
+    pad = (1,) * (nd - (proj.dim() - 1))
+    return as_rows(proj.reshape(*pad, *proj.shape[:-1], ko).expand(*lay.lead, ko))
+
+
+def _kept_side(save_projections) -> Optional[str]:
+    return save_projections if save_projections in ("x", "y") else None
+
+
+def kept_problem(factor: int, dtype: torch.dtype, device, activation=None) -> Optional[str]:
+    """Why ``save_projections="x"/"y"`` cannot run here (None when it can): the wide
+    kernels read the kept projection, so their tiles must hold a factor group."""
+    tiles = (W.pick_wide_config(dtype, device, None), W.pick_wide_config(dtype, device, 1),
+             W.pick_wide_bwd_config(dtype, device, activation))
+    if not all(W.supports(factor, cfg) for cfg in tiles):
+        return (f"backend 'triton' keeps one projection in its wide kernels, whose tiles "
+                f"hold at most {min(c.block_n for c in tiles)} projected columns: "
+                f"factor={factor} is too large (use backend='split')")
+    return None
 
 
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float,
-            save_projections: bool, norm_dims: int = 1,
+            save_projections=False, norm_dims: int = 1,
             activation: Optional[str] = None) -> ForwardResult:
     drop_in = _uses_drop_in(factor, x, save_projections, norm_dims, activation)
+    keep = _kept_side(save_projections)
+    if keep is not None:
+        problem = kept_problem(factor, x.dtype, x.device, activation)
+        if problem is not None:
+            raise ValueError(problem)
     batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
     rows = math.prod(batch)
     wide_cfg = W.pick_wide_config(x.dtype, x.device, rows)
-    if drop_in or (not save_projections and W.supports(factor, wide_cfg)):
+    if drop_in or keep is not None or (not save_projections and
+                                       W.supports(factor, wide_cfg)):
         # The wide main loop: one K pass per projection for every factor group, and a
         # row-finishing kernel instead of the ticket protocol (triton_wide.py).
-        x2, y2, wx, wy, bx, by, shared, _co = _wide_operands(x, y, weight_x, weight_y,
-                                                             bias_x, bias_y)
+        lay = _wide_layout(x, y, weight_x, weight_y, bias_x, bias_y, keep)
+        proj = rows_proj = None
+        if keep is not None:
+            # The middle memory mode: the kept input's pre-activation projection at its
+            # own leading shape (cuBLAS), read by the kernel in place of its main loop.
+            inp = x if keep == "x" else y
+            proj = torch.nn.functional.linear(inp, lay.wy, lay.by)
+            rows_proj = _kept_rows(proj, lay)
         with _device_guard(x.device):
-            out, norm = W.wide_forward(x2, y2, wx, wy, bx, by,
+            out, norm = W.wide_forward(lay.x2, lay.y2, lay.wx, lay.wy, lay.bx, lay.by,
                                        factor=factor, dropout=dropout, seed=seed,
                                        normalize=normalize, eps=eps, batch=batch,
                                        activation=activation,
                                        group=group_rows(batch, norm_dims) if normalize
-                                       and rows else 1, shared=shared)
-        return ForwardResult(out, norm.view(batch) if norm is not None else None, None, None)
+                                       and rows else 1, shared=lay.r,
+                                       projection=rows_proj)
+        return ForwardResult(out, norm.view(batch) if norm is not None else None,
+                             proj if keep == "x" else None, proj if keep == "y" else None)
     x2, y2, batch = flatten_rows(x, y)
     with _device_guard(x.device):
         out, norm, a, c = K.fused_forward(x2, y2, weight_x, weight_y, bias_x, bias_y,
@@ -168,18 +244,22 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
              eps: float, norm_dims: int = 1,
              activation: Optional[str] = None) -> BackwardResult:
-    kept_any = a is not None or c is not None
-    drop_in = _uses_drop_in(factor, x, kept_any, norm_dims, activation)
+    # One kept projection (the middle mode) comes at its input's leading shape.
+    keep = "x" if a is not None and c is None else "y" if c is not None and a is None \
+        else None
+    both = a is not None and c is not None
+    drop_in = _uses_drop_in(factor, x, both, norm_dims, activation)
     ko = weight_x.shape[0]
     o = ko // factor
     g2 = grad.reshape(-1, o)
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
-    if drop_in or (not kept_any and W.supports(
+    if drop_in or keep is not None or (not both and W.supports(
             factor, W.pick_wide_bwd_config(x.dtype, x.device, activation))):
         return _wide_backward(g2, x, y, weight_x, weight_y, bias_x, bias_y, out, norm,
                               factor=factor, dropout=dropout, seed=seed, normalize=normalize,
-                              eps=eps, norm_dims=norm_dims, activation=activation)
+                              eps=eps, norm_dims=norm_dims, activation=activation,
+                              keep=keep, proj=a if keep == "x" else c)
     x2, y2, batch = flatten_rows(x, y)
     with _device_guard(x.device):
         da, dc = K.fused_backward_products(
@@ -204,33 +284,31 @@ def _gradients(da, dc, x2, y2, wx, wy, bx, by, shape_x, shape_y) -> BackwardResu
 
 
 def _wide_backward(g2, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, *, factor,
-                   dropout, seed, normalize, eps, norm_dims, activation) -> BackwardResult:
-    """Lean mode on the wide kernels: dA, dC recomputed (triton_wide), then the GEMMs.
-    Co-attention: dC comes per broadcast row and is summed over each group first, so the
-    shared side's GEMMs run on one row per group."""
+                   dropout, seed, normalize, eps, norm_dims, activation, keep=None,
+                   proj=None) -> BackwardResult:
+    """dA, dC from the wide kernels (triton_wide), then the GEMMs.  Lean mode: both
+    projections recomputed; ``keep`` ``"x"``/``"y"``: that one read from ``proj``.  The y
+    slot's dC (co-attention's shared input) comes per broadcast row and is summed over
+    each group first, so that side's GEMMs run on one row per group."""
     o = g2.shape[1]
-    x2, y2, wx, wy, bx, by, shared, co = _wide_operands(x, y, weight_x, weight_y, bias_x,
-                                                        bias_y)
+    lay = _wide_layout(x, y, weight_x, weight_y, bias_x, bias_y, keep)
     batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
     out2 = out.reshape(-1, o) if normalize else g2
     if out2.stride(-1) != 1:
         out2 = out2.contiguous()
     with _device_guard(x.device):
         da, dc = W.wide_backward_products(
-            g2, x2, y2, wx, wy, bx, by, out2, norm.reshape(-1) if norm is not None else None,
+            g2, lay.x2, lay.y2, lay.wx, lay.wy, lay.bx, lay.by, out2,
+            norm.reshape(-1) if norm is not None else None,
             factor=factor, dropout=dropout, seed=seed, normalize=normalize, eps=eps,
             activation=activation,
-            group=group_rows(batch, norm_dims) if normalize and x2.shape[0] else 1,
-            shared=shared)
-    if co is None:
-        return _gradients(da, dc, x2, y2, wx, wy, bx, by,
-                          lambda d: unflatten_grad(d, batch, x),
-                          lambda d: unflatten_grad(d, batch, y))
-    dc = dc.view(-1, shared, dc.shape[1]).sum(1)   # one row per group
-    plain, other = (y, x) if co.swapped else (x, y)
-    res = _gradients(da, dc, x2, y2, wx, wy, bx, by, lambda d: d.view(plain.shape),
-                     lambda d: d.view(co.shared_shape).sum_to_size(other.shape))
-    if co.swapped:
+            group=group_rows(batch, norm_dims) if normalize and lay.x2.shape[0] else 1,
+            shared=lay.r, projection=_kept_rows(proj, lay) if proj is not None else None)
+    if lay.r > 1:
+        dc = dc.view(-1, lay.r, dc.shape[1]).sum(1)   # one row per group
+    res = _gradients(da, dc, lay.x2, lay.y2, lay.wx, lay.wy, lay.bx, lay.by, lay.grad_x,
+                     lay.grad_y)
+    if lay.swapped:
         return BackwardResult(res.dy, res.dx, res.dweight_y, res.dweight_x, res.dbias_y,
                               res.dbias_x)
     return res

@@ -354,8 +354,9 @@ def wide_bwd_builds(arch: int, dtype: str):
     if cfg.tma:
         ptr_cfg = W.WIDE_BWD_CONFIGS[W.bwd_config_family(tdt, cap, descriptors=False)]
         builds.append((f"K{f0}-ptr", ptr_cfg, f0, False, 0, 0, False))
-    # Co-attention's first pass (the shared projection read per group, no main loop).
-    builds.append((f"K{f0}-coatt{tag}", cfg, f0, cfg.tma, 0, 0, True))
+    # Co-attention's shared pass (its projection read per group: no main loop, so no
+    # matrix instruction, no TMA copy and no FLOP per byte; named without "-tma").
+    builds.append((f"K{f0}-coatt", cfg, f0, cfg.tma, 0, 0, True))
     act_cfg = W.WIDE_BWD_CONFIGS[W.bwd_config_family(tdt, cap, "relu")]
     builds += [(f"K{f}-{name}" + ("-tma" if act_cfg.tma else ""), act_cfg, f, act_cfg.tma,
                 act, ap, False)
@@ -472,8 +473,8 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                     triton, target, "wide_bwd", arch, dtype, cfg_name, wcfg.num_warps,
                     wcfg.num_stages,
                     lambda: _wide_bwd_source(dtype, wcfg, f, precision, desc, act, ap, sh),
-                    MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k, wcfg.num_stages,
-                             elem[dtype])))
+                    None if sh else MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k,
+                                             wcfg.num_stages, elem[dtype])))
             rows.append(_compile_row(triton, target, "grad_pool", arch, dtype, "default", 4, 1,
                                      lambda: _grad_pooled_source(dtype)))
             for cfg_name, wcfg, f, desc, sh in wide_builds(arch, dtype):

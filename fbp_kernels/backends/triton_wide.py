@@ -159,6 +159,30 @@ def _tile_of(pid, rows, O, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
 
 
 @triton.jit
+def _tile_frame(rows, O, FACTOR: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of the (rows, K*o) products, for the forward and both
+    backward passes: ``(row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok)``.
+
+    Tile origins come twice: int32 where they are TMA coordinates (the launcher checks
+    rows and K*o < 2^31), int64 where they scale a stride.  ``m_mask`` compares in int32
+    (rows < 2^31): in int64 the 16-warp tile spilled 112-184 B.  ``n_ok`` keeps the
+    tile's whole factor groups (``BLOCK_J * FACTOR`` columns) inside K*o."""
+    pid_m, pid_j = _tile_of(tl.program_id(0), rows, O, BLOCK_M, BLOCK_J, GROUP_M)
+    row0_32 = pid_m * BLOCK_M
+    row0 = row0_32.to(tl.int64)
+    j0 = pid_j * BLOCK_J
+    col0_32 = j0 * FACTOR  # first projected column of the tile
+    col0 = col0_32.to(tl.int64)
+    KO = O * FACTOR
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_mask = rm < rows - row0_32
+    n_ok = (rn < BLOCK_J * FACTOR) & (rn < (O - j0) * FACTOR)
+    return row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok
+
+
+@triton.jit
 def _wide_projection(in_src, w_src, row0, col0, rm, m_mask, rn, n_ok, width, stride_ir,
                      stride_ik, stride_wr, stride_wk, IN_DESC: tl.constexpr,
                      W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -224,21 +248,8 @@ def _wide_fwd_kernel(
     # IDX64: rows * K*o >= 2^31 (dropout's row indices in int64)
     ACTIVATION: tl.constexpr = 0, IDX64: tl.constexpr = False, SHARED: tl.constexpr = False,
 ):
-    pid_m, pid_j = _tile_of(tl.program_id(0), rows, O, BLOCK_M, BLOCK_J, GROUP_M)
-
-    # Tile origins: int32 where they are TMA coordinates (the launcher checks rows and
-    # factor*o < 2^31), int64 where they scale a stride.
-    row0_32 = pid_m * BLOCK_M
-    row0 = row0_32.to(tl.int64)
-    j0 = pid_j * BLOCK_J
-    col0_32 = j0 * FACTOR  # first projected column of the tile
-    col0 = col0_32.to(tl.int64)
-    KO = O * FACTOR
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
-    # int32 compare (rows < 2^31): with int64 here the 16-warp tile spilled 112-184 B.
-    m_mask = rm < rows - row0_32
-    n_ok = (rn < BLOCK_J * FACTOR) & (rn < (O - j0) * FACTOR)
+    row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
+        rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
     if SHARED:
         # Co-attention: y's projection was formed once per group (cuBLAS, bias included)
@@ -336,17 +347,8 @@ def _wide_grad_kernel(
     second) multiplies: ``this *= act'(P)`` (``this`` holds the first pass's
     ``dp * act(C)``) and ``other *= `` the first pass's ``act'(C)``.  Buffers are
     row-major (rows, K*o); blocks are stored whole and contiguous."""
-    pid_m, pid_j = _tile_of(tl.program_id(0), rows, O, BLOCK_M, BLOCK_J, GROUP_M)
-    row0_32 = pid_m * BLOCK_M
-    row0 = row0_32.to(tl.int64)
-    j0 = pid_j * BLOCK_J
-    col0_32 = j0 * FACTOR
-    col0 = col0_32.to(tl.int64)
-    KO = O * FACTOR
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
-    m_mask = rm < rows - row0_32
-    n_ok = (rn < BLOCK_J * FACTOR) & (rn < (O - j0) * FACTOR)
+    row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
+        rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
     if SHARED:
         # Co-attention's shared side: its projection per group (bias included), no loop.
@@ -496,9 +498,11 @@ class WideConfig:
 #:   after the product (48-72 B), hence the mask on A before the y pass.
 #: - ``half`` (sm_80, where there is no TMA: cp.async): 128 x 64 x 64, 8 warps,
 #:   4 stages (3 in flight, 72 KiB), mma.sync; 128 x 128 spills there (104-280 B).
-#:   Also sm_90's tile at rows <= SMALL_ROWS: twice the output tiles (84 instead of 40 at
-#:   o = 1000, factor 5) for 132 SMs when a single row tile exists; the cost model puts
-#:   rows = 1 at 18 us with it against 31 us with the 128 x 128 tile (H200, bf16).
+#:   Also sm_90's tile at rows <= SMALL_ROWS: twice the output tiles (84 instead of 42 at
+#:   o = 1000, factor 5) for 132 SMs when a single row tile exists, two CTAs per SM (128
+#:   registers, 96 KiB).  The cost model puts both tiles at 28 us at rows = 1 (H200,
+#:   bf16; compute-bound on the padded rows), so small batches are the split strategy's
+#:   (15 us there, see strategy.py).
 #: - ``fp32``: tl.dot on FMA units with operands in registers (IEEE, PyTorch's default):
 #:   64 x 64 x 32 with 8 warps, 104-128 registers, no spills (4 warps spilled 40-56 B on
 #:   sm_90 with Triton 3.6).
@@ -662,15 +666,28 @@ def shared_projection(y2, wy, by):
     return torch.addmm(by, y2, wy.t()) if by is not None else y2 @ wy.t()
 
 
+def _projection_rows(projection, y2, wy, by):
+    """The shared side's projection as the kernels read it: row-major ``(len(y2), K*o)``
+    (``_shared_tile``'s row stride is K*o), formed here when not given."""
+    if projection is None:
+        return shared_projection(y2, wy, by)
+    if projection.shape != (y2.shape[0], wy.shape[0]):
+        raise ValueError(f"the kept projection has shape {tuple(projection.shape)}, "
+                         f"expected {(y2.shape[0], wy.shape[0])}")
+    return projection.to(y2.dtype).contiguous()
+
+
 def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
-                 batch=None, activation=None, group=1, shared=0):
+                 batch=None, activation=None, group=1, shared=0, projection=None):
     """``(out (*batch, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``.
 
     ``out`` is allocated at its final shape (``triton_kernels.output_buffer``).
     ``activation`` acts on both projections; ``group > 1``: one L2 norm per ``group``
     consecutive rows (``norm_dims > 1``), ``norm`` then holds each row's group norm.
-    ``shared = R > 0``: co-attention, ``y2`` is ``(rows / R, n)``, one row per group of
-    ``R`` consecutive rows; its projection is formed once per group and read per row."""
+    ``shared = R > 0``: y's projection is read, not recomputed: ``y2`` is ``(rows / R,
+    n)``, one row per group of ``R`` consecutive rows (co-attention; ``R = 1``: a kept
+    projection), and ``projection`` that side's pre-activation ``y2 @ wy^T + by``
+    ``(rows / R, K*o)``, or None to form it here (cuBLAS, once per group)."""
     from ._common import join_groups
     from .triton_kernels import TileConfig, _bias_args, _int32_safe, output_buffer
 
@@ -690,7 +707,7 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
     s = torch.empty((rows, o), dtype=acc, device=x2.device)
     bx_, by_, has_bias = _bias_args(bx, by, wx)
     if shared:
-        ps = shared_projection(y2, wy, by)
+        ps = _projection_rows(projection, y2, wy, by)
         # y's main loop does not run: its operand slots repeat x's (never read).
         operands, strides, meta = _main_loop_args(cfg, (x2, x2), (wx, wx), has_bias)
     else:
@@ -722,12 +739,14 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
 
 
 def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, dropout, seed,
-                           normalize, eps, activation=None, group=1, shared=0):
+                           normalize, eps, activation=None, group=1, shared=0,
+                           projection=None):
     """``(dA, dC)``, each (rows, K*o) in the input dtype: the gradients of the
     (pre-activation) projections, recomputed by the wide main loop, one pass per
     projection (the backward of :func:`wide_forward`; ``out``/``norm`` are its outputs,
-    ``grad`` the (rows, o) cotangent, ``activation``/``group``/``shared`` as there).
-    With ``shared``, dC is per broadcast row: the caller sums each group's rows."""
+    ``grad`` the (rows, o) cotangent, ``activation``/``group``/``shared``/``projection``
+    as there: with ``shared`` the first pass reads y's projection instead of recomputing
+    it).  With ``shared``, dC is per broadcast row: the caller sums each group's rows."""
     from .triton_kernels import TileConfig, _int32_safe, group_pairs
 
     rows, m = x2.shape
@@ -767,8 +786,9 @@ def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, d
     # (K*o,) vector).
     zeros = wx.new_zeros(ko) if bx is None or by is None else None
     # Co-attention: pass 1 reads y's projection per group (formed again here by cuBLAS,
-    # G x K*o) instead of recomputing it for every region.
-    ps = shared_projection(y2, wy, by) if shared else ds
+    # G x K*o, unless kept) instead of recomputing it for every region; a kept
+    # projection (shared = 1) is read per row.
+    ps = _projection_rows(projection, y2, wy, by) if shared else ds
     for inp, w, b, other, this, act_pass, from_ps in (
             (y2, wy, by, da, dc, 1, bool(shared)), (x2, wx, bx, dc, da, 2, False)):
         if from_ps:
