@@ -126,7 +126,7 @@ projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
     // Output of the first column and the position in its group: one division per quad.
     int64_t j = col / p.factor, f = col - j * p.factor;
     const Acc* ds_row = p.ds + row * p.o;
-    const uint64_t index = static_cast<uint64_t>(row * K + col);
+    const uint64_t index = dropout_index(row, col, K);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       Acc dp = Acc(0);

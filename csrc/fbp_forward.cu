@@ -109,7 +109,7 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
       load4(pc + r * kLd + c4, c);
       load4(bx_s + c4, bx);
       load4(by_s + c4, by);
-      const uint64_t index = static_cast<uint64_t>((row0 + r) * K + cbeg + c4);
+      const uint64_t index = dropout_index(row0 + r, cbeg + c4, K);
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         Acc prod = (a[u] + bx[u]) * (c[u] + by[u]);

@@ -68,15 +68,23 @@ FBP_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
 }
 
 // ---------------------------------------------------------------------------
-// The dropout rule: a pure function of (seed, element index), four elements per
-// Philox call.  Element i of the (rows, factor*o) product (i = row * factor*o + col,
-// int64) is kept when
-//     u = (word[i & 3] >> 8) / 2^24 >= rate,
-//     word = philox4x32_10(counter = (lo32(i >> 2), hi32(i >> 2), 0, 0),
+// The dropout rule: a pure function of (seed, element), four elements per Philox call,
+// the Triton kernels' rule (fbp_kernels/backends/triton_dropout.py), so every GPU
+// backend draws the same mask.  Element (row, col) of the (rows, K) product (K =
+// factor*o) has the stream index i = row * K4 + col, K4 = K rounded up to a multiple of
+// 4 (dropout_index; int64): four consecutive columns of one row form group g = i >> 2 =
+// row * ceil(K / 4) + col / 4 (a row's last group may be short).  It is kept when
+//     u = uniform(word[i & 3]) >= rate,
+//     word = philox4x32_10(counter = (lo32(g), hi32(g), 0, 0),
 //                          key = (lo32(seed), hi32(seed)))
-// (word[0..3] = x, y, z, w).  u has 24 random bits, exact in float.  Four
-// consecutive indices 4g..4g+3 share one call, so a thread that walks consecutive
-// columns draws one Philox per four elements (two when its run straddles a group).
+// (word[0..3] = x, y, z, w), uniform = Triton's uint_to_uniform_float: the word as
+// int32, negative values bit-flipped, times 4.6566127342e-10 in fp32.  A thread that
+// walks consecutive columns of a row draws one Philox per four elements.
+
+FBP_HD uint64_t dropout_index(int64_t row, int64_t col, int64_t K) {
+  return static_cast<uint64_t>(row) * static_cast<uint64_t>((K + 3) & ~int64_t(3)) +
+         static_cast<uint64_t>(col);
+}
 
 FBP_HD Philox4 dropout_block(uint64_t seed, uint64_t group) {
   return philox4x32_10(
@@ -88,12 +96,17 @@ FBP_HD uint32_t philox_word(const Philox4& r, unsigned component) {
   return component == 0 ? r.x : component == 1 ? r.y : component == 2 ? r.z : r.w;
 }
 
-// Keep-test of one Philox word: the same comparison as the torch backend (u >= rate keeps).
+// Keep-test of one Philox word (u >= rate keeps), u as Triton's uint_to_uniform_float
+// forms it: ~s equals Triton's -s - 1 for negative s without its int32 overflow at
+// INT_MIN; int32 -> fp32 rounds to nearest there as here, then one fp32 multiply.
 FBP_HD bool keep_word(uint32_t word, float rate) {
-  return static_cast<float>(word >> 8) * (1.0f / 16777216.0f) >= rate;
+  int32_t s = static_cast<int32_t>(word);
+  if (s < 0) s = ~s;
+  return static_cast<float>(s) * 4.6566127342e-10f >= rate;
 }
 
-// Keep-mask of one element (one Philox call; the CPU/GPU mask op and tests).
+// Keep-mask of one element by its stream index (one Philox call; the CPU/GPU mask op
+// and tests).
 FBP_HD bool dropout_keep(uint64_t seed, uint64_t index, float rate) {
   return keep_word(philox_word(dropout_block(seed, index >> 2), index & 3u), rate);
 }

@@ -241,9 +241,13 @@ def _prepare(tensors, factor, dropout, eps, backend, save_projections=False, nor
         # Every drop-in backend (split, torch) keeps any of the projection modes.
         return cast_dtype, tensors, backend_name_or_raise(routed, device), mode
     if mode in ("x", "y"):
-        # The split, triton and torch backends keep one projection: auto takes split where
-        # it runs (the cost model's choice, strategy.py), else torch; cuda is refused.
+        # The split, triton and torch backends keep one projection; cuda is refused.
+        # auto: eager takes the cost model's choice for this shape in this mode
+        # (strategy.choose); compiled graphs split where it runs, else torch.
         if backend == "auto":
+            if device.type == "cuda" and not torch.compiler.is_compiling():
+                return cast_dtype, tensors, _auto_for_shape(*tensors[:4], factor,
+                                                            keep=mode), mode
             split_ok = device.type == "cuda" and backends.unsupported_reason(
                 "split", device) is None
             name = "split" if split_ok else backend_name_or_raise("torch", device)
@@ -257,11 +261,13 @@ def _prepare(tensors, factor, dropout, eps, backend, save_projections=False, nor
     if backend == "auto" and device.type == "cuda" and not torch.compiler.is_compiling():
         # Eager: the cost model's choice for this very shape (strategy.py); compiled
         # graphs take the device-level choice (one constant per trace).
-        return cast_dtype, tensors, _auto_for_shape(*tensors[:4], factor), mode
+        return cast_dtype, tensors, _auto_for_shape(*tensors[:4], factor,
+                                                    keep=mode == "both"), mode
     return cast_dtype, tensors, backend_name_or_raise(backend, device), mode
 
 
-def _auto_for_shape(x, y, weight_x, weight_y, factor) -> str:
+def _auto_for_shape(x, y, weight_x, weight_y, factor, keep=False) -> str:
+    """strategy.choose for this call's shape; ``keep``: its ``save_projections``."""
     batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
     rows = 1
     for d in batch:
@@ -270,7 +276,7 @@ def _auto_for_shape(x, y, weight_x, weight_y, factor) -> str:
                                               or weight_x.requires_grad
                                               or weight_y.requires_grad)
     return strategy.choose(x.device, rows, x.shape[-1], y.shape[-1], factor,
-                           weight_x.shape[0] // factor, x.dtype, needs_grad)[0]
+                           weight_x.shape[0] // factor, x.dtype, needs_grad, keep)[0]
 
 
 @torch.compiler.assume_constant_result

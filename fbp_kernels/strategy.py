@@ -4,7 +4,8 @@ On a CUDA tensor ``auto`` chooses between the two Triton strategies, ``split`` (
 projections + one fused epilogue) and ``triton`` (the one-launch fused kernel), by the
 cost model's predicted time (:mod:`fbp_kernels.costmodel`: a roofline on the kernels'
 launch configurations and compile facts, for the GPU it recognises) for the shape
-at hand: forward only when no gradient is needed, forward+backward otherwise.  Until
+at hand: forward only when no gradient is needed, forward+backward otherwise, in the
+call's memory mode (``save_projections``).  Until
 GPU measurements replace the predictions, the model puts ``split`` ahead at every
 batch size of the MFB default (H200, bf16, forward: the wide fused kernel 98 us
 against split 61 and a floor of 54 at 1024 rows; 31 against 15 and 12 at one row;
@@ -83,17 +84,23 @@ def _model_dtype(dtype: torch.dtype) -> Optional[str]:
     return _MODEL_DTYPES.get(dtype)
 
 
+#: ``save_projections`` -> the cost model's provider suffix for that memory mode.
+_MODEL_SUFFIX = {False: "", True: "+saved", "x": "+keep_x", "y": "+keep_y"}
+
+
 @functools.lru_cache(maxsize=4096)
 def _predict(device_name: str, rows: int, m: int, n: int, factor: int, o: int, dtype: str,
-             mode: str):
-    """Predicted microseconds per strategy; ``None`` when the model is unavailable."""
+             mode: str, suffix: str = ""):
+    """Predicted microseconds per strategy (in the memory mode of ``suffix``); ``None``
+    when the model is unavailable."""
     try:
         from . import costmodel
     except ImportError:
         return None
     gpu = costmodel.gpu_for(device_name)
     shape = costmodel.Shape(rows=rows, m=m, n=n, factor=factor, o=o, dtype=dtype)
-    return {p: costmodel.predict(p, shape, gpu, mode).time_us for p in ("split", "fused")}
+    return {p: costmodel.predict(p + suffix, shape, gpu, mode).time_us
+            for p in ("split", "fused")}
 
 
 def _device_name(device: torch.device) -> str:
@@ -101,24 +108,32 @@ def _device_name(device: torch.device) -> str:
 
 
 def choose(device: torch.device, rows: int, m: int, n: int, factor: int, o: int,
-           dtype: torch.dtype, needs_grad: bool):
-    """``(backend name, reason, predicted us per strategy)`` for ``backend="auto"``."""
+           dtype: torch.dtype, needs_grad: bool, save_projections=False):
+    """``(backend name, reason, predicted us per strategy)`` for ``backend="auto"``, in
+    the memory mode ``save_projections`` (False, True, "x", "y")."""
     device = torch.device(device)
     if device.type != "cuda":
         return "torch", (f"{device.type} tensors: plain PyTorch (BLAS) is the fast path; "
                          f"the Triton interpreter is for tests only"), {}
+    one = save_projections in ("x", "y")
     have = {name: backends.unsupported_reason(name, device) is None
             for name in ("split", "triton", "cuda")}
+    if one and have["triton"]:
+        from .backends.triton_backend import kept_problem
+
+        # The middle mode runs on triton's wide kernels only where their tiles fit.
+        have["triton"] = kept_problem(factor, dtype, device) is None
     if not (have["split"] or have["triton"]):
-        name = "cuda" if have["cuda"] else "torch"
+        # cuda recomputes both projections: it cannot keep one.
+        name = "cuda" if have["cuda"] and not one else "torch"
         return name, "Triton is not usable here", {}
     if not (have["split"] and have["triton"]):
         name = "split" if have["split"] else "triton"
         return name, "the only Triton strategy available", {}
     mode = "forward+backward" if needs_grad else "forward"
     mdtype = _model_dtype(dtype)
-    preds = _predict(_device_name(device), rows, m, n, factor, o, mdtype, mode) \
-        if mdtype is not None else None
+    preds = _predict(_device_name(device), rows, m, n, factor, o, mdtype, mode,
+                     _MODEL_SUFFIX[save_projections]) if mdtype is not None else None
     if not preds:
         why = ("no cost model for float64 (gradcheck precision); split is the default"
                if mdtype is None else "cost model unavailable; split is the default")
@@ -157,6 +172,14 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
         from .backends import triton_wide as W
 
         wide = W.pick_wide_config(dtype, device, rows)
+        if save_projections in ("x", "y"):
+            kept = {"x": "A", "y": "C"}[save_projections]
+            return (f"cuBLAS {kept} (kept) + Triton _wide_fwd_kernel reading it + "
+                    f"_finish_kernel (backward: _grad_pooled_kernel + _wide_grad_kernel "
+                    f"twice, {kept} read, the other recomputed, + 4 cuBLAS GEMMs)",
+                    f"forward {wide.block_m}x{wide.block_n}x{wide.block_k}, "
+                    f"{wide.num_warps} warps ({W.tile_outputs(wide, factor)[0]} outputs "
+                    f"per tile)")
         if not save_projections and W.supports(factor, wide):
             bwd = W.pick_wide_bwd_config(dtype, device)
             tiles = lambda c: (f"{c.block_m}x{c.block_n}x{c.block_k}, {c.num_warps} warps, "  # noqa: E731
@@ -196,7 +219,8 @@ def explain(x, y, weight_x, weight_y=None, *, factor: int, backend: str = "auto"
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, y, weight_x, weight_y))
     if backend == "auto":
-        name, reason, preds = choose(device, rows, m, n, factor, o, x.dtype, needs_grad)
+        name, reason, preds = choose(device, rows, m, n, factor, o, x.dtype, needs_grad,
+                                     save_projections)
     else:
         name = backends.resolve(backend, device).NAME
         reason, preds = "requested explicitly", {}

@@ -247,15 +247,18 @@ def test_philox_known_answers(ops):
 
 def expected_keep(ops, index, seed, rate):
     """The dropout rule computed independently of ``dropout_keep``, from the raw Philox
-    operator: element i is kept when word ``i & 3`` of philox4x32_10(counter =
-    (lo32(i >> 2), hi32(i >> 2), 0, 0), key = seed), shifted right by 8 and divided by
-    2^24, is >= rate (as float32)."""
+    operator: stream index i is kept when word ``i & 3`` of philox4x32_10(counter =
+    (lo32(i >> 2), hi32(i >> 2), 0, 0), key = seed), read as Triton's
+    uint_to_uniform_float (int32, negatives bit-flipped, x 4.6566127342e-10 in fp32),
+    is >= rate."""
     group = index >> 2
     zeros = torch.zeros_like(group)
     counter = torch.stack([group & 0xFFFFFFFF, group >> 32, zeros, zeros], dim=1)
     words = ops.philox4x32_10(counter, seed)  # (N, 4), each word in [0, 2^32)
     word = words.gather(1, (index & 3).view(-1, 1)).view(-1)
-    u = (word >> 8).to(torch.float32) / 2.0 ** 24  # 24 bits: exact in float32
+    s = torch.where(word >= 2 ** 31, word - 2 ** 32, word)  # as int32
+    s = torch.where(s < 0, -s - 1, s).to(torch.float32)  # exact: |s| < 2^31, one rounding
+    u = s * torch.tensor(4.6566127342e-10, dtype=torch.float32)
     return u >= torch.tensor(rate, dtype=torch.float32)
 
 
@@ -273,6 +276,24 @@ def test_dropout_keep_follows_the_four_per_call_rule(ops, seed):
     keep = ops.dropout_keep(torch.arange(40000, dtype=torch.int64), seed, 0.5).view(-1, 4)
     mixed = (keep.any(1) & ~keep.all(1)).float().mean().item()
     assert abs(mixed - (1 - 2 / 16)) < 0.02, mixed
+
+
+@pytest.mark.parametrize("seed", [1234, 2**40 + 17, 2**62 - 3], ids=["small", "high-word", "top"])
+@pytest.mark.parametrize("ko", [1, 7, 12, 30])
+def test_mask_is_the_triton_kernels_stream(ops, seed, ko):
+    """Both GPU backends draw one mask: cuda_backend.dropout_mask (rows of K = ko
+    columns, stream index row * K4 + col) against the Triton stream's NumPy reference,
+    also for rows whose group index passes 2^32 (through the operator directly)."""
+    from fbp_kernels.backends import cuda_backend as C
+    from philox_ref import expected_keep as triton_rule
+
+    for rate in (0.1, 0.5):
+        got = C.dropout_mask(seed, (37, ko), rate, "cpu").numpy()
+        assert (got == triton_rule(seed, 37, ko, rate)).all(), (seed, ko, rate)
+    row0, k4 = 2**31 + 5, (ko + 3) // 4 * 4
+    index = (row0 + torch.arange(3))[:, None] * k4 + torch.arange(ko)[None, :]
+    got = ops.dropout_keep(index.to(torch.int64), seed, 0.5).numpy()
+    assert (got == triton_rule(seed, 3, ko, 0.5, row0=row0)).all()
 
 
 def test_dropout_keep_is_a_function_of_seed_and_index(ops):

@@ -19,8 +19,9 @@ def _fake_gpu(monkeypatch, preds):
 def test_auto_picks_the_strategy_with_the_lower_prediction(monkeypatch):
     seen = []
 
-    def preds(device, rows, m, n, factor, o, dtype, mode):
+    def preds(device, rows, m, n, factor, o, dtype, mode, suffix=""):
         seen.append((rows, mode, dtype))
+        assert suffix == ""  # the lean mode
         # made-up numbers (the rule is under test here): fused wins at 16 rows, split at 1024
         return {"split": 100.0 + rows, "fused": 4.0 * rows}
 
@@ -41,6 +42,31 @@ def test_auto_picks_the_strategy_with_the_lower_prediction(monkeypatch):
             assert seen[-1][2] == expect
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_auto_prices_the_memory_mode_it_runs(monkeypatch):
+    """save_projections reaches the model as the provider suffix of its mode; the middle
+    mode never picks triton where its wide tiles cannot hold a factor group, nor cuda
+    (which recomputes both projections)."""
+    seen = []
+
+    def preds(device, rows, m, n, factor, o, dtype, mode, suffix=""):
+        seen.append(suffix)
+        return {"split": 50.0, "fused": 10.0}  # made up: fused ahead
+
+    _fake_gpu(monkeypatch, preds)
+    cuda = torch.device("cuda")
+    for keep, suffix in ((False, ""), (True, "+saved"), ("x", "+keep_x"), ("y", "+keep_y")):
+        name, _, _ = strategy.choose(cuda, 64, 64, 32, 5, 10, torch.bfloat16, True, keep)
+        assert name == "triton" and seen[-1] == suffix, (keep, name, seen)
+    # factor 200 exceeds every wide tile (at most 128 projected columns): split, unpriced.
+    n = len(seen)
+    name, why, _ = strategy.choose(cuda, 64, 64, 32, 200, 10, torch.bfloat16, True, "x")
+    assert name == "split" and len(seen) == n, why
+    monkeypatch.setattr(strategy.backends, "unsupported_reason",
+                        lambda name, dev: None if name == "cuda" else "no Triton")
+    assert strategy.choose(cuda, 64, 64, 32, 5, 10, torch.bfloat16, True, "y")[0] == "torch"
+    assert strategy.choose(cuda, 64, 64, 32, 5, 10, torch.bfloat16, True)[0] == "cuda"
 
 
 def test_auto_without_a_model_or_for_float64_runs_split(monkeypatch):

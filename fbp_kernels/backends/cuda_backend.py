@@ -20,10 +20,12 @@ projections tile by tile and writes ``da = dp*c`` and ``dc = dp*a`` as transient
 ``save_projections=True`` is accepted and falls back to recomputation (``a`` and
 ``c`` are not returned): the fused forward never materialises them.
 
-Dropout: element ``i = row * factor*o + column`` is kept when word ``i & 3`` of
-Philox4x32-10(counter = ``(lo32(i >> 2), hi32(i >> 2), 0, 0)``, key = ``seed``),
-shifted right by 8 and divided by 2^24, is ``>= rate``: a pure function of
-``(seed, i)`` with one Philox call per four consecutive elements;
+Dropout: the Triton kernels' stream (:mod:`triton_dropout`), so both GPU backends
+draw the same mask: element ``(row, col)`` of the ``(rows, K)`` product has stream
+index ``i = row * K4 + col`` (``K4`` = ``K = factor*o`` rounded up to a multiple of 4)
+and is kept when Triton's uniform of word ``i & 3`` of Philox4x32-10(counter =
+``(lo32(i >> 2), hi32(i >> 2), 0, 0)``, key = ``seed``) is ``>= rate``: a pure
+function of ``(seed, row, col)`` with one Philox call per four columns of a row;
 :func:`dropout_mask` returns the same mask for tests.
 """
 
@@ -68,13 +70,16 @@ def _ops():
 
 
 def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
-    """The keep-mask (bool, ``shape``) the kernels apply for ``seed``: element ``i`` of
-    the contiguous ``(..., factor*o)`` product is kept when
-    ``(philox4x32_10((i >> 2) lo, (i >> 2) hi, 0, 0; seed)[i & 3] >> 8) / 2^24 >= rate``
-    (see the module docstring)."""
+    """The keep-mask (bool, ``shape``) the kernels apply for ``seed`` to the
+    ``(..., K)`` product (rows = the leading elements): the stream index of ``(row,
+    col)`` is ``row * K4 + col``, ``K4`` = ``K`` rounded up to 4 (module docstring)."""
     shape = torch.Size(shape)
-    index = torch.arange(shape.numel(), device=device, dtype=torch.int64).view(shape)
-    return _ops().dropout_keep(index, int(seed), float(rate))
+    ko = shape[-1] if len(shape) else 1
+    rows = shape.numel() // ko if ko else 0
+    k4 = (ko + 3) // 4 * 4
+    index = (torch.arange(rows, device=device, dtype=torch.int64)[:, None] * k4 +
+             torch.arange(ko, device=device, dtype=torch.int64)[None, :])
+    return _ops().dropout_keep(index, int(seed), float(rate)).view(shape)
 
 
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
