@@ -157,10 +157,11 @@ for arch in {tuple(archs)!r}:
                 out.append(dict(row.__dict__))
         if "wide_fwd" in {tuple(kernels)!r}:
             # The launcher's build at factor 5 (TMA descriptors where the tile uses them),
-            # and its small-batch tile where that differs.
+            # and its small-batch tiles where they differ.
             builds = tc.wide_builds(arch, dtype)
             picks = [("wide", builds[0])] + [("wide-small", b) for b in builds
-                                             if b[0].endswith("-small")]
+                                             if b[0].endswith("-small")] + \
+                [("wide-tiny", b) for b in builds if b[0].endswith("-tiny")]
             for config, (_name, wcfg, f, desc, _shared) in picks:
                 row = tc._compile_row(triton, target, "wide_fwd", arch, dtype, config,
                                       wcfg.num_warps, wcfg.num_stages,
@@ -204,7 +205,8 @@ def refresh_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py") -> int:
             "COMPILE_FACTS = {"]
     for key in sorted(live["facts"], key=lambda k: (k[1], ("fp32", "fp16", "bf16").index(k[2]),
                                                    ("tiny", "small", "medium", "large",
-                                                    "wide", "wide-small").index(k[3]),
+                                                    "wide", "wide-small",
+                                                    "wide-tiny").index(k[3]),
                                                    k[0] != "fbp_fwd")):
         w, regs, stack, smem, tc = live["facts"][key]
         body.append(f'    ("{key[0]}", {key[1]}, "{key[2]}", "{key[3]}"): '

@@ -298,11 +298,14 @@ TILE_CONFIGS = {
 #: match.  "sm90-half" runs on sm_90+, "half" on sm_80 (wide_family).
 WIDE_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
               "half": (128, 64, 64, 8, 4, 8, False),
+              "tiny": (16, 64, 128, 4, 4, 8, False),
               "fp32": (64, 64, 32, 8, 3, 8, False)}
 
 
 #: triton_wide.SMALL_ROWS: up to this many rows sm_90 runs the "half" tile.
 WIDE_SMALL_ROWS = 64
+#: triton_wide.TINY_ROWS: up to this many rows half precision runs the "tiny" tile.
+WIDE_TINY_ROWS = 16
 
 
 #: The wide backward's tiles (triton_wide.WIDE_BWD_CONFIGS), same layout; the model
@@ -325,6 +328,8 @@ def wide_family(dtype: str, arch: int, rows: Optional[int] = None) -> str:
     """The WIDE_TILES key the launcher (triton_wide.config_family) uses on ``arch``."""
     if dtype not in ("fp16", "bf16"):
         return "fp32"
+    if rows is not None and rows <= WIDE_TINY_ROWS:
+        return "tiny"
     small = rows is not None and rows <= WIDE_SMALL_ROWS
     return "sm90-half" if arch >= 90 and not small else "half"
 
@@ -354,6 +359,7 @@ COMPILE_FACTS = {
     ("fbp_bwd", 80, "fp16", "large"): (8, 254, 0, 16384, "mma"),
     ("wide_fwd", 80, "fp16", "wide"): (8, 199, 0, 73728, "mma"),
     ("wide_bwd", 80, "fp16", "wide"): (8, 234, 0, 24576, "mma"),
+    ("wide_fwd", 80, "fp16", "wide-tiny"): (4, 126, 0, 61440, "mma"),
     ("fbp_fwd", 80, "bf16", "tiny"): (4, 162, 0, 16384, "mma"),
     ("fbp_bwd", 80, "bf16", "tiny"): (4, 166, 0, 16384, "mma"),
     ("fbp_fwd", 80, "bf16", "small"): (4, 192, 0, 20480, "mma"),
@@ -364,6 +370,7 @@ COMPILE_FACTS = {
     ("fbp_bwd", 80, "bf16", "large"): (8, 254, 0, 16384, "mma"),
     ("wide_fwd", 80, "bf16", "wide"): (8, 199, 0, 73728, "mma"),
     ("wide_bwd", 80, "bf16", "wide"): (8, 234, 0, 24576, "mma"),
+    ("wide_fwd", 80, "bf16", "wide-tiny"): (4, 126, 0, 61440, "mma"),
     ("fbp_fwd", 90, "fp32", "tiny"): (4, 118, 0, 16384, "none"),
     ("fbp_bwd", 90, "fp32", "tiny"): (4, 106, 0, 16384, "none"),
     ("fbp_fwd", 90, "fp32", "small"): (4, 252, 0, 12288, "none"),
@@ -385,6 +392,7 @@ COMPILE_FACTS = {
     ("wide_fwd", 90, "fp16", "wide"): (16, 127, 0, 131104, "wgmma"),
     ("wide_bwd", 90, "fp16", "wide"): (16, 80, 0, 131104, "wgmma"),
     ("wide_fwd", 90, "fp16", "wide-small"): (8, 128, 0, 98304, "wgmma"),
+    ("wide_fwd", 90, "fp16", "wide-tiny"): (4, 116, 0, 61440, "mma"),
     ("fbp_fwd", 90, "bf16", "tiny"): (4, 156, 0, 16384, "mma"),
     ("fbp_bwd", 90, "bf16", "tiny"): (4, 123, 0, 16384, "mma"),
     ("fbp_fwd", 90, "bf16", "small"): (4, 178, 0, 20480, "mma"),
@@ -396,6 +404,7 @@ COMPILE_FACTS = {
     ("wide_fwd", 90, "bf16", "wide"): (16, 127, 0, 131104, "wgmma"),
     ("wide_bwd", 90, "bf16", "wide"): (16, 79, 0, 131104, "wgmma"),
     ("wide_fwd", 90, "bf16", "wide-small"): (8, 128, 0, 98304, "wgmma"),
+    ("wide_fwd", 90, "bf16", "wide-tiny"): (4, 116, 0, 61440, "mma"),
 }
 # END COMPILE FACTS
 
@@ -743,7 +752,8 @@ def wide_supported(s: Shape, gpu: Optional[GPU] = None) -> bool:
 def wide_facts(dtype: str, gpu: GPU, rows: Optional[int] = None,
                kernel: str = "wide_fwd") -> KernelFacts:
     """Facts of the wide forward at the tile it runs for ``rows`` (compiled at factor 5):
-    config "wide", or "wide-small" where sm_90's small-batch tile differs; ``kernel``
+    config "wide", "wide-tiny" for the tiny tile, or "wide-small" where sm_90's
+    small-batch tile differs; ``kernel``
     "wide_bwd": the backward's passes (one tile for every row count)."""
     arch = 90 if gpu.arch >= 90 else 80
     fact_dtype = "fp32" if dtype == "tf32" else dtype
@@ -751,7 +761,8 @@ def wide_facts(dtype: str, gpu: GPU, rows: Optional[int] = None,
         fam, config, tiles = wide_family(dtype, arch), "wide", WIDE_BWD_TILES
     else:
         fam = wide_family(dtype, arch, rows)
-        config = "wide-small" if fam != wide_family(dtype, arch) else "wide"
+        config = "wide-tiny" if fam == "tiny" else \
+            "wide-small" if fam != wide_family(dtype, arch) else "wide"
         tiles = WIDE_TILES
     warps, regs, _stack, smem, tc = COMPILE_FACTS[(kernel, arch, fact_dtype, config)]
     if dtype == "tf32":

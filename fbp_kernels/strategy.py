@@ -6,11 +6,11 @@ cost model's predicted time (:mod:`fbp_kernels.costmodel`: a roofline on the ker
 launch configurations and compile facts, for the GPU it recognises) for the shape
 at hand: forward only when no gradient is needed, forward+backward otherwise, in the
 call's memory mode (``save_projections``).  Until
-GPU measurements replace the predictions, the model puts ``split`` ahead at every
-batch size of the MFB default (H200, bf16, forward: the wide fused kernel 98 us
-against split 61 and a floor of 54 at 1024 rows; 31 against 15 and 12 at one row;
-README's table), so that is what ``auto`` runs today; the per-shape rule is here so
-that a faster fused main loop takes over where its predictions (then measurements) win.
+GPU measurements replace the predictions, the model puts ``split`` ahead at training
+batches of the MFB default (H200, bf16, forward: the wide fused kernel 98 us against
+split 61 and a floor of 54 at 1024 rows) and the wide kernel's weight-streaming tile
+ahead for small-batch inference (13 us against 15 and 12 at rows <= 16; README's
+table); measurements will replace both.
 Without Triton, ``cuda`` (the C++ extension) then ``torch``.  On the CPU ``torch``:
 BLAS wins there, and the Triton interpreter is a testing tool, never a default.
 

@@ -119,12 +119,21 @@ def test_fused_waves_for_its_real_grid():
     assert cm.wide_tile_outputs(128, 5) == 24 and cm.wide_tile_outputs(128, 2) == 64
     assert cm.wide_tile_outputs(64, 6) == 10 and cm.wide_tile_outputs(64, 17) == 0
     assert p.bytes_in_flight_per_sm == 3 * (128 + 128) * 64 * 2
-    # rows 1 (<= SMALL_ROWS): the 128x64 tile, one row tile x 84 output tiles; two CTAs
+    # rows 64 (<= SMALL_ROWS): the 128x64 tile, one row tile x 84 output tiles; two CTAs
     # per SM (128 registers x 256 threads, 96 KiB of shared memory each) -> 84 / 264.
-    small = cm.wide_facts("bf16", H200, rows=1)
+    small = cm.wide_facts("bf16", H200, rows=64)
     assert (small.block_m, small.block_o, small.ctas_per_sm) == (128, 64, 2)
-    assert cm.predict("fused", cm.Shape(rows=1, **MFB), H200).waves == \
+    assert cm.predict("fused", cm.Shape(rows=64, **MFB), H200).waves == \
         pytest.approx(84 / (132 * 2))
+    # rows 1 (<= TINY_ROWS): the 16x64 tile, 84 output tiles; three CTAs per SM (116
+    # registers x 128 threads; 60 KiB + 1 KiB reserved of 228 KiB shared) -> 84 / 396.
+    tiny = cm.wide_facts("bf16", H200, rows=1)
+    assert (tiny.block_m, tiny.block_o, tiny.ctas_per_sm) == (16, 64, 3)
+    p1 = cm.predict("fused", cm.Shape(rows=1, **MFB), H200)
+    assert p1.waves == pytest.approx(84 / (132 * 3))
+    # ... which streams the weights: HBM-bound, within 1.1x of the two-GEMM floor.
+    assert p1.kernels[0].bound == "hbm"
+    assert p1.time_us < 1.1 * cm.predict("floor", cm.Shape(rows=1, **MFB), H200).time_us
     # sm_80 (A100) runs the 128x64 tile: 64 // 5 = 12 outputs -> 8 x 84 = 672 CTAs.
     assert cm.predict("fused", cm.Shape(rows=1024, **MFB), cm.GPUS["A100"]).waves == \
         pytest.approx(672 / 108)
@@ -177,9 +186,10 @@ def test_wide_tile_table_matches_the_kernel():
     for arch, cap in ((80, (8, 0)), (90, (9, 0))):
         for dt, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16),
                         ("fp32", torch.float32)):
-            for rows in (None, 1, W.SMALL_ROWS, W.SMALL_ROWS + 1):
+            for rows in (None, 1, W.TINY_ROWS, W.TINY_ROWS + 1, W.SMALL_ROWS,
+                         W.SMALL_ROWS + 1):
                 assert cm.wide_family(dt, arch, rows) == W.config_family(tdt, cap, rows)
-    assert cm.WIDE_SMALL_ROWS == W.SMALL_ROWS
+    assert cm.WIDE_SMALL_ROWS == W.SMALL_ROWS and cm.WIDE_TINY_ROWS == W.TINY_ROWS
     assert set(cm.WIDE_BWD_TILES) == set(W.WIDE_BWD_CONFIGS)
     for fam, cfg in W.WIDE_BWD_CONFIGS.items():
         assert cm.WIDE_BWD_TILES[fam] == (cfg.block_m, cfg.block_n, cfg.block_k,

@@ -55,9 +55,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     # (fwd, bwd, row_dot) x archs x dtypes x configs, plus the mask kernel per arch, plus
     # the split epilogues (fwd, bwd) x archs x dtypes x their five tile shapes, and the
     # wide forward (three pooling paths and co-attention; on sm_90 half through TMA, plus
-    # the pointer fallback and the small-batch 128x64 tile) plus its row finish per arch
-    # and dtype
-    wide = 3 * (3 + 1 + 1) + (3 + 1 + 1) + 2 * (5 + 1 + 1)
+    # the pointer fallback and the small-batch 128x64 tile; the tiny 16x64 tile for half
+    # on both) plus its row finish per arch and dtype
+    wide = (3 + 1 + 1) + 2 * (3 + 1 + 1 + 1) + (3 + 1 + 1) + 2 * (5 + 1 + 1 + 1)
     # the wide backward (three pooling paths, co-attention's first pass and six activation
     # builds, plus on sm_90 half the pointer fallback) and its ds kernel per arch and dtype
     wide_bwd = 3 * (3 + 1 + 6 + 1) + (3 + 1 + 6 + 1) + 2 * (4 + 1 + 6 + 1)
@@ -92,10 +92,12 @@ def test_hopper_half_precision_uses_wgmma(compile_rows):
             assert r["tensor_cores"] == "wgmma", r
         if r["dtype"] in ("fp16", "bf16"):
             assert r["tensor_cores"] in ("mma", "wgmma"), r
-    # The wide forward and backward: wgmma on Hopper, mma.sync on Ampere, every pooling path.
+    # The wide forward and backward: wgmma on Hopper, mma.sync on Ampere, every pooling path;
+    # the tiny small-batch tile mma.sync on both (16 rows: wgmma's tiles have 64).
     wide = [r for r in rows if r["kernel"] in ("wide_fwd", "wide_bwd") and r["dtype"] != "fp32"
             and not _loop_free(r)]
-    assert wide and all(r["tensor_cores"] == ("wgmma" if r["arch"] == 90 else "mma")
+    assert wide and all(r["tensor_cores"] == ("wgmma" if r["arch"] == 90 and
+                                              not r["config"].endswith("-tiny") else "mma")
                         for r in wide), wide
 
 
@@ -175,7 +177,8 @@ def test_report_fields_are_consistent(compile_rows):
         assert (r["flop_per_byte"] is not None) == has_loop, r
         assert (r["inflight_bytes_per_sm"] is not None) == has_loop, r
         assert r["tma"] == r["config"].endswith("-tma"), r
-        if r["kernel"] == "wide_fwd" and r["arch"] == 80 or r["config"].endswith("-small"):
+        if r["kernel"] == "wide_fwd" and r["arch"] == 80 or \
+                r["config"].endswith(("-small", "-tiny")):
             # sm_80 and the small-batch tile: cp.async with >= 3 stages, mma.sync
             if r["dtype"] != "fp32":
                 assert r["cp_async"] and r["num_stages"] >= 3, r

@@ -310,15 +310,17 @@ def wide_builds(arch: int, dtype: str):
     """``(config name, WideConfig, factor, descriptors?, shared?)`` of the wide forward
     that the launcher can run on ``arch``: every pooling path (``WIDE_FACTORS``), through
     TMA descriptors where the config uses them, plus the pointer fallback for operands
-    that do not qualify (``triton_wide.descriptor_ok``), the small-batch tile where it
-    differs (``triton_wide.SMALL_ROWS``), and co-attention (C read per group)."""
+    that do not qualify (``triton_wide.descriptor_ok``), the small-batch tiles where they
+    differ (``triton_wide.SMALL_ROWS``, ``TINY_ROWS``), and co-attention (C read per
+    group)."""
     import torch
 
     from . import triton_wide as W
 
     tdt, cap = getattr(torch, _TORCH_DTYPES[dtype]), (arch // 10, arch % 10)
     cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap)]
-    small = W.WIDE_CONFIGS[W.config_family(tdt, cap, rows=1)]
+    small = W.WIDE_CONFIGS[W.config_family(tdt, cap, rows=W.SMALL_ROWS)]
+    tiny = W.WIDE_CONFIGS[W.config_family(tdt, cap, rows=1)]
     f0 = WIDE_FACTORS[0]
     tag = "-tma" if cfg.tma else ""
     builds = [(f"K{f}{tag}", cfg, f, cfg.tma, False) for f in WIDE_FACTORS]
@@ -327,6 +329,8 @@ def wide_builds(arch: int, dtype: str):
     builds.append((f"K{f0}-coatt{tag}", cfg, f0, cfg.tma, True))
     if small != cfg:
         builds.append((f"K{f0}-small", small, f0, small.tma, False))
+    if tiny not in (cfg, small):
+        builds.append((f"K{f0}-tiny", tiny, f0, tiny.tma, False))
     return builds
 
 

@@ -503,6 +503,14 @@ class WideConfig:
 #:   registers, 96 KiB).  The cost model puts both tiles at 28 us at rows = 1 (H200,
 #:   bf16; compute-bound on the padded rows), so small batches are the split strategy's
 #:   (15 us there, see strategy.py).
+#: - ``tiny`` (rows <= TINY_ROWS, sm_80 and sm_90): the small-batch path.  A batch of a
+#:   few rows is a weight stream (30.7 MB of bf16 weights at the MFB default, 6.4 us at
+#:   4.8 TB/s), but a 128-row tile pads it 128-fold on the tensor cores: the cost model
+#:   puts the ``half`` tile compute-bound at 28 us for one row.  16 x 64 x 128 with 4
+#:   warps pads 16-fold (mma.sync: wgmma needs 64-row tiles), 84 tiles of 12 outputs
+#:   and 3 of 4 stages of (16 + 64) x 128 in flight (60 KiB per CTA, two CTAs per SM):
+#:   weight-streaming bound, 13.3 us against split's 15.2 and a floor of 12.3 (H200,
+#:   bf16, rows 1-16, predicted).
 #: - ``fp32``: tl.dot on FMA units with operands in registers (IEEE, PyTorch's default):
 #:   64 x 64 x 32 with 8 warps, 104-128 registers, no spills (4 warps spilled 40-56 B on
 #:   sm_90 with Triton 3.6).
@@ -510,6 +518,7 @@ WIDE_CONFIGS = {
     "sm90-half": WideConfig(block_m=128, block_n=128, block_k=64, num_warps=16, num_stages=4,
                             tma=True),
     "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
+    "tiny": WideConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4),
     "fp32": WideConfig(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
 }
 #: The backward's two passes (:func:`_wide_grad_kernel`: one projection recomputed per
@@ -561,6 +570,8 @@ def tile_outputs(cfg: WideConfig, factor: int):
 
 #: Row counts up to which sm_90 runs the narrower ``half`` tile (see WIDE_CONFIGS).
 SMALL_ROWS = 64
+#: Row counts up to which half precision runs the ``tiny`` (weight-streaming) tile.
+TINY_ROWS = 16
 
 
 def config_family(dtype: torch.dtype, capability=(9, 0), rows=None) -> str:
@@ -568,6 +579,8 @@ def config_family(dtype: torch.dtype, capability=(9, 0), rows=None) -> str:
     ``rows`` rows (None: a training-sized batch)."""
     if dtype not in (torch.float16, torch.bfloat16):
         return "fp32"
+    if rows is not None and rows <= TINY_ROWS:
+        return "tiny"
     small = rows is not None and rows <= SMALL_ROWS
     return "sm90-half" if tuple(capability) >= (9, 0) and not small else "half"
 
