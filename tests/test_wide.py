@@ -269,6 +269,26 @@ def _record_shared(monkeypatch):
     return seen
 
 
+def _assert_matches_reference_with_the_kernels_mask(z, args, g, xs, ys, k, o, activation,
+                                                    norm_dims):
+    """``z = fbp(*args, dropout=0.25, training=True, ...)`` drawn after
+    ``torch.manual_seed(3)``: forward and all six gradients against the fp64 reference
+    fed the kernels' own keep-mask for the same seed."""
+    torch.manual_seed(3)
+    seed = int(fbp_kernels.functional.dropout_seed(True, 0.25))
+    batch = torch.broadcast_shapes(xs, ys)
+    mask = backends.resolve("triton", DEVICE).dropout_mask(seed, (*batch, k * o), 0.25, DEVICE)
+    ref = fbp_reference(*args, factor=k, dropout=0.25, dropout_mask=mask,
+                        activation=activation, norm_dims=norm_dims)
+    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    gz = torch.randn(z.shape, generator=g, dtype=z.dtype).to(DEVICE)
+    got = torch.autograd.grad(z, args, gz)
+    want = torch.autograd.grad(ref, args, gz)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)  # 1/(1-p) in fp32
+
+
 @pytest.mark.parametrize("xs, ys", [((3, 5), (3, 1)), ((3, 1), (3, 5)), ((2, 3, 4), (2, 1, 1)),
                                     ((6,), ())], ids=str)
 @pytest.mark.parametrize("activation, norm_dims", [(None, 1), ("tanh", 2)])
@@ -287,19 +307,8 @@ def test_coattention_reads_the_shared_projection_per_group(monkeypatch, xs, ys, 
     torch.manual_seed(3)
     z = fbp_kernels.fbp(*args, factor=k, backend="triton", dropout=0.25, training=True,
                         activation=activation, norm_dims=norm_dims)
-    torch.manual_seed(3)
-    seed = int(fbp_kernels.functional.dropout_seed(True, 0.25))
-    batch = torch.broadcast_shapes(xs, ys)
-    mask = backends.resolve("triton", DEVICE).dropout_mask(seed, (*batch, k * o), 0.25, DEVICE)
-    ref = fbp_reference(*args, factor=k, dropout=0.25, dropout_mask=mask,
-                        activation=activation, norm_dims=norm_dims)
-    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
-    gz = torch.randn(z.shape, generator=g, dtype=z.dtype).to(DEVICE)
-    got = torch.autograd.grad(z, args, gz)
-    want = torch.autograd.grad(ref, args, gz)
-    for a, b in zip(got, want):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)  # 1/(1-p) in fp32
+    _assert_matches_reference_with_the_kernels_mask(z, args, g, xs, ys, k, o, activation,
+                                                    norm_dims)
     assert seen == [("_wide_fwd_kernel", True), ("_wide_grad_kernel", True),
                     ("_wide_grad_kernel", False)], seen
 
@@ -350,19 +359,8 @@ def test_middle_memory_mode_reads_the_kept_projection(monkeypatch, xs, ys, keep,
         [tuple(t.shape) for t in wide]
     torch.testing.assert_close(wide[0], torch.nn.functional.linear(inp, w, b).detach(),
                                rtol=1e-13, atol=1e-13)
-    torch.manual_seed(3)
-    seed = int(fbp_kernels.functional.dropout_seed(True, 0.25))
-    batch = torch.broadcast_shapes(xs, ys)
-    mask = backends.resolve("triton", DEVICE).dropout_mask(seed, (*batch, k * o), 0.25, DEVICE)
-    ref = fbp_reference(*args, factor=k, dropout=0.25, dropout_mask=mask,
-                        activation=activation, norm_dims=norm_dims)
-    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
-    gz = torch.randn(z.shape, generator=g, dtype=z.dtype).to(DEVICE)
-    got = torch.autograd.grad(z, args, gz)
-    want = torch.autograd.grad(ref, args, gz)
-    for a, b_ in zip(got, want):
-        assert a.shape == b_.shape
-        torch.testing.assert_close(a, b_, rtol=1e-7, atol=1e-12)  # 1/(1-p) in fp32
+    _assert_matches_reference_with_the_kernels_mask(z, args, g, xs, ys, k, o, activation,
+                                                    norm_dims)
     assert seen == [("_wide_fwd_kernel", True), ("_wide_grad_kernel", True),
                     ("_wide_grad_kernel", False)], seen
 

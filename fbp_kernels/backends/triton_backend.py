@@ -100,13 +100,22 @@ def drop_in_problem(factor: int, dtype: torch.dtype, device, save_projections,
         return ("backend 'triton' implements norm_dims/activation in its wide kernels, "
                 "which keep at most one projection: save_projections must be False, "
                 "'x' or 'y' (backend 'split' keeps both)")
-    # Every tile the launchers may pick: training-sized and small batches, the backward.
-    tiles = (W.pick_wide_config(dtype, device, None), W.pick_wide_config(dtype, device, 1),
+    return _wide_tiles_problem(factor, dtype, device, activation,
+                               "implements norm_dims/activation in its wide kernels")
+
+
+def _wide_tiles_problem(factor, dtype, device, activation, feature) -> Optional[str]:
+    """Why ``feature`` (which only the wide kernels have) cannot run at ``factor``: every
+    tile the launchers may pick (training-sized and small batches, the backward) must
+    hold a factor group."""
+    tiles = (W.pick_wide_config(dtype, device, None),
+             W.pick_wide_config(dtype, device, W.SMALL_ROWS),
+             W.pick_wide_config(dtype, device, 1),
              W.pick_wide_bwd_config(dtype, device, activation))
     if not all(W.supports(factor, cfg) for cfg in tiles):
-        return (f"backend 'triton' implements norm_dims/activation in its wide kernels, "
-                f"whose tiles hold at most {min(c.block_n for c in tiles)} projected "
-                f"columns: factor={factor} is too large (use backend='split')")
+        return (f"backend 'triton' {feature}, whose tiles hold at most "
+                f"{min(c.block_n for c in tiles)} projected columns: factor={factor} is "
+                f"too large (use backend='split')")
     return None
 
 
@@ -183,13 +192,8 @@ def _kept_side(save_projections) -> Optional[str]:
 def kept_problem(factor: int, dtype: torch.dtype, device, activation=None) -> Optional[str]:
     """Why ``save_projections="x"/"y"`` cannot run here (None when it can): the wide
     kernels read the kept projection, so their tiles must hold a factor group."""
-    tiles = (W.pick_wide_config(dtype, device, None), W.pick_wide_config(dtype, device, 1),
-             W.pick_wide_bwd_config(dtype, device, activation))
-    if not all(W.supports(factor, cfg) for cfg in tiles):
-        return (f"backend 'triton' keeps one projection in its wide kernels, whose tiles "
-                f"hold at most {min(c.block_n for c in tiles)} projected columns: "
-                f"factor={factor} is too large (use backend='split')")
-    return None
+    return _wide_tiles_problem(factor, dtype, device, activation,
+                               "keeps one projection in its wide kernels")
 
 
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
