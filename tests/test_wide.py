@@ -269,6 +269,14 @@ def _record_shared(monkeypatch):
     return seen
 
 
+def _broadcast_args(g, xs, ys, k, o, m, n):
+    """fp64 ``(x (*xs, m), y (*ys, n), W_x, W_y, b_x, b_y)`` needing gradients, drawn
+    from ``g``."""
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    args = [r(*xs, m), r(*ys, n), r(k * o, m) / 3, r(k * o, n) / 3, r(k * o), r(k * o)]
+    return [a.to(DEVICE).requires_grad_() for a in args]
+
+
 def _assert_matches_reference_with_the_kernels_mask(z, args, g, xs, ys, k, o, activation,
                                                     norm_dims):
     """``z = fbp(*args, dropout=0.25, training=True, ...)`` drawn after
@@ -301,9 +309,7 @@ def test_coattention_reads_the_shared_projection_per_group(monkeypatch, xs, ys, 
     seen = _record_shared(monkeypatch)
     g = torch.Generator().manual_seed(7)
     k, o, m, n = 5, 6, 9, 7
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    args = [r(*xs, m), r(*ys, n), r(k * o, m) / 3, r(k * o, n) / 3, r(k * o), r(k * o)]
-    args = [a.to(DEVICE).requires_grad_() for a in args]
+    args = _broadcast_args(g, xs, ys, k, o, m, n)
     torch.manual_seed(3)
     z = fbp_kernels.fbp(*args, factor=k, backend="triton", dropout=0.25, training=True,
                         activation=activation, norm_dims=norm_dims)
@@ -345,9 +351,7 @@ def test_middle_memory_mode_reads_the_kept_projection(monkeypatch, xs, ys, keep,
     seen = _record_shared(monkeypatch)
     g = torch.Generator().manual_seed(11)
     k, o, m, n = 3, 5, 6, 7
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    args = [r(*xs, m), r(*ys, n), r(k * o, m) / 3, r(k * o, n) / 3, r(k * o), r(k * o)]
-    args = [a.to(DEVICE).requires_grad_() for a in args]
+    args = _broadcast_args(g, xs, ys, k, o, m, n)
     saved = []
     torch.manual_seed(3)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
