@@ -299,6 +299,8 @@ TILE_CONFIGS = {
 WIDE_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
               "half": (128, 64, 64, 8, 4, 8, False),
               "tiny": (16, 64, 128, 4, 4, 8, False),
+              # MFH's chained blocks (not priced here: the model covers FBP)
+              "sm90-half-chain": (64, 128, 64, 8, 4, 8, True),
               "fp32": (64, 64, 32, 8, 3, 8, False)}
 
 

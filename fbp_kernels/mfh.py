@@ -99,8 +99,8 @@ def check_mfh_inputs(x, y, weights_x, weights_y, biases_x, biases_y, factor, ord
 def _prepare(args, factor, order, dropout, eps, backend, norm_dims=1, activation=None):
     """Autocast and check :func:`mfh`'s arguments; returns ``(autocast dtype or None,
     [x, y, weights_x, weights_y, biases_x, biases_y], backend)`` with the per-block
-    lists, ``backend`` being the one to run when ``norm_dims``/``activation`` decide it
-    (``functional.route_drop_in``), else the requested one."""
+    lists and ``backend`` the requested one (a named backend is checked against
+    ``norm_dims``/``activation`` by ``functional.route_drop_in``)."""
     x, y, weights_x, weights_y, biases_x, biases_y = args
     # Cast before the checks, as fbp() does, so autocast's low-precision activations
     # mix with fp32 parameters like in nn.Linear; malformed arguments pass through
@@ -116,13 +116,16 @@ def _prepare(args, factor, order, dropout, eps, backend, norm_dims=1, activation
                              dropout, eps)
     check_drop_in(norm_dims, activation)
     check_norm_dims(norm_dims, len(broadcast_batch(x.shape[:-1], y.shape[:-1])))
-    backend = route_drop_in(backend, norm_dims, activation, x.device,
-                            ops.MFH_DROP_IN_BACKENDS) or backend
+    if backend != "auto":
+        # A named backend must have the options; auto's MFH candidates all do, and
+        # mfh_ops.resolve checks the problem (order, factor) against each.
+        backend = route_drop_in(backend, norm_dims, activation, x.device,
+                                ops.MFH_DROP_IN_BACKENDS) or backend
     if not torch.compiler.is_compiling():
         # A clear error here rather than from inside the op.  Skipped while tracing:
         # resolving imports modules, which Dynamo refuses to trace; the op resolves
         # again when it runs, so a bad backend still fails there.
-        mfh_ops.resolve(backend, x.device, len(lists[0]))
+        mfh_ops.resolve(backend, x.device, len(lists[0]), factor)
     return cast_dtype, [x, y, *lists], backend
 
 
@@ -162,16 +165,17 @@ def mfh(
         normalize: per block, zero-safe signed square root then L2 normalisation;
             ``False`` returns the raw sum-pooled values of every block.
         eps: smoothing of the signed square root.
-        backend: ``"auto"``, ``"torch"`` (or another backend with an MFH
-            implementation).
+        backend: ``"auto"`` (``triton`` on CUDA tensors where its tiles hold the
+            factor, else ``torch``), ``"triton"`` (FBP's wide kernels, one launch per
+            block, any order) or ``"torch"``.
         norm_dims: per block, the L2 norm spans the ``o`` outputs and the last
             ``norm_dims - 1`` batch dimensions (mmf's ``layers.MFH`` normalises all
             regions of a sample together: ``norm_dims=2`` on ``(N, C, ...)``), as in
             :func:`fbp_kernels.fbp`.
         activation: ``None``, ``"relu"`` or ``"tanh"`` on every block's two
             projections (block.bootstrap / mmf ``activ_input``), as in
-            :func:`fbp_kernels.fbp`; with either option set, ``auto`` runs backend
-            ``torch`` and an explicit kernel backend raises ValueError.
+            :func:`fbp_kernels.fbp`.  Both options run on ``triton`` and ``torch``;
+            another explicit backend raises ValueError.
 
     Returns:
         ``(..., order*o)``: block ``l``'s ``o`` outputs at ``[..., l*o:(l+1)*o]``, in

@@ -49,10 +49,10 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(_MFH_MODULES[name])
 
 
-def unsupported_reason(name: str, device: torch.device,
-                       order: Optional[int] = None) -> Optional[str]:
-    """Why backend ``name`` cannot run MFH (of ``order``, if given) on ``device``, or
-    ``None`` when it can."""
+def unsupported_reason(name: str, device: torch.device, order: Optional[int] = None,
+                       factor: Optional[int] = None) -> Optional[str]:
+    """Why backend ``name`` cannot run MFH (of ``order`` blocks and ``factor``, where
+    given) on ``device``, or ``None`` when it can."""
     if name not in _MFH_MODULES:
         return (f"backend {name!r} has no MFH implementation; MFH runs on "
                 f"{sorted(_MFH_MODULES)} (or backend='auto')")
@@ -61,14 +61,16 @@ def unsupported_reason(name: str, device: torch.device,
     except ImportError as exc:  # optional dependency (Triton) missing
         return f"backend {name!r} cannot be imported: {exc}"
     reason = module.unsupported_reason(torch.device(device))
-    max_order = getattr(module, "MAX_ORDER", None)
-    if reason is None and order is not None and max_order is not None and order > max_order:
-        reason = f"its MFH kernels support order <= {max_order}, got order {order}"
+    problem = getattr(module, "unsupported_problem", None)
+    if reason is None and problem is not None:
+        reason = problem(order, factor)
     return reason
 
 
-def resolve(name: str, device: torch.device, order: Optional[int] = None) -> ModuleType:
-    """The MFH implementation for backend ``name`` on ``device``.
+def resolve(name: str, device: torch.device, order: Optional[int] = None,
+            factor: Optional[int] = None) -> ModuleType:
+    """The MFH implementation for backend ``name`` on ``device`` (for ``order`` blocks
+    and ``factor``, where given).
 
     ``"auto"`` takes the first of ``_AUTO_ON_CUDA`` that can run on a CUDA device,
     else the plain-PyTorch one (on CPU the interpreter is a testing tool, never an
@@ -78,13 +80,13 @@ def resolve(name: str, device: torch.device, order: Optional[int] = None) -> Mod
     if name == "auto":
         if device.type == "cuda":
             for cand in _AUTO_ON_CUDA:
-                if unsupported_reason(cand, device, order) is None:
+                if unsupported_reason(cand, device, order, factor) is None:
                     return _load(cand)
         return _load("torch")
     if name not in backends.NAMES:
         raise ValueError(f"backend must be 'auto' or one of {list(backends.NAMES)}, "
                          f"got {name!r}")
-    reason = unsupported_reason(name, device, order)
+    reason = unsupported_reason(name, device, order, factor)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run MFH on device {device}: "
                                       f"{reason}")
@@ -115,7 +117,7 @@ def mfh_forward(
     ``normalize`` is false, and per row whatever ``norm_dims`` (each row holds its
     group's norm)."""
     check_concrete_eps(eps)
-    impl = resolve(backend, x.device, len(weights_x))
+    impl = resolve(backend, x.device, len(weights_x), factor)
     extra = drop_in_options(impl.NAME, norm_dims, activation, MFH_DROP_IN_BACKENDS)
     res = impl.forward(x, y, list(weights_x), list(weights_y), _from_markers(biases_x),
                        _from_markers(biases_y), factor=factor, dropout=dropout,
@@ -144,7 +146,7 @@ def mfh_backward(
 ) -> List[Tensor]:
     """Returns ``[dx, dy, *dweights_x, *dweights_y, *dbiases_x, *dbiases_y]``, a bias
     gradient being an empty marker where the bias is one."""
-    impl = resolve(backend, x.device, len(weights_x))
+    impl = resolve(backend, x.device, len(weights_x), factor)
     extra = drop_in_options(impl.NAME, norm_dims, activation, MFH_DROP_IN_BACKENDS)
     res = impl.backward(grad, x, y, list(weights_x), list(weights_y),
                         _from_markers(biases_x), _from_markers(biases_y),

@@ -133,8 +133,8 @@ def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
 #: end routes calls that use them here, the operators refuse others.
 DROP_IN_BACKENDS = ("split", "triton", "torch")
 
-#: The same for MFH (``fbp_kernels.mfh``): only its plain-PyTorch backend has them.
-MFH_DROP_IN_BACKENDS = ("torch",)
+#: The same for MFH (``fbp_kernels.mfh``): its Triton blocks are FBP's wide kernels.
+MFH_DROP_IN_BACKENDS = ("triton", "torch")
 
 
 def drop_in_in_use(norm_dims: int, activation: Optional[str]) -> List[str]:

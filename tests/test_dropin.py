@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import fbp_kernels
 from fbp_kernels import functional, mfh_ops, ops, reference
-from fbp_kernels.backends import torch_backend, torch_mfh
+from fbp_kernels.backends import torch_backend
 from fbp_kernels.reference import DEFAULT_EPS
 from conftest import DEVICE, backend_param
 from helpers import assert_close
@@ -196,11 +196,17 @@ def test_fbp_torch_backend_matches_reference(norm_dims, activation, dropout, sav
         assert_close(got, exp, **TOL, name=f"d{name}")
 
 
+MFH_BACKENDS = [backend_param(n, mfh_ops.unsupported_reason) for n in ops.MFH_DROP_IN_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", MFH_BACKENDS)
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("norm_dims", [1, 2, 3])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop"])
-def test_mfh_torch_backend_matches_reference(order, norm_dims, activation, dropout):
+def test_mfh_backends_match_reference(order, norm_dims, activation, dropout, backend):
+    """Both MFH backends (torch; triton, FBP's wide kernels per block, through the
+    interpreter here) against the reference, with each backend's own dropout masks."""
     k, o = 2, 3
     params = _params((2, 4), (2, 1), 5, 6, k * o, order=order)
     x, y, wx, wy, bx, by = _leaves(*params)
@@ -208,10 +214,12 @@ def test_mfh_torch_backend_matches_reference(order, norm_dims, activation, dropo
     masks = None
     if dropout:
         seed = _drawn_seed(11)
-        masks = torch_mfh.block_masks(seed, (*batch, k * o), dropout, order, x.device)
+        masks = mfh_ops.resolve(backend, x.device).block_masks(
+            seed, (*batch, k * o), dropout, order, x.device)
         torch.manual_seed(11)
     out = fbp_kernels.mfh(x, y, wx, wy, bx, by, factor=k, dropout=dropout,
-                          training=bool(dropout), norm_dims=norm_dims, activation=activation)
+                          training=bool(dropout), norm_dims=norm_dims, activation=activation,
+                          backend=backend)
     ref = reference.mfh(x, y, wx, wy, bx, by, factor=k, dropout=dropout,
                         dropout_masks=masks, norm_dims=norm_dims, activation=activation)
     assert_close(out, ref, **TOL, name="out")
@@ -221,10 +229,13 @@ def test_mfh_torch_backend_matches_reference(order, norm_dims, activation, dropo
         assert_close(got, exp, **TOL, name=f"grad of input {i}")
 
 
-def test_order_1_mfh_is_fbp_with_the_options():
+@pytest.mark.parametrize("backend", MFH_BACKENDS)
+def test_order_1_mfh_is_fbp_with_the_options(backend):
+    # triton: one kernel family and one operand layout, so order 1 runs FBP's own
+    # launches (bitwise equal; here co-attention's, y's projection once per group)
     k, o = 3, 2
     x, y, wx, wy, bx, by = _params((2, 3), (2, 1), 4, 5, k * o)
-    kw = dict(factor=k, norm_dims=2, activation="tanh")
+    kw = dict(factor=k, norm_dims=2, activation="tanh", backend=backend)
     assert torch.equal(fbp_kernels.mfh(x, y, wx, wy, bx, by, **kw),
                        fbp_kernels.fbp(x, y, wx[0], wy[0], bx[0], by[0], **kw))
 
@@ -375,12 +386,12 @@ def test_auto_routes_to_torch():
     assert functional.route_drop_in("auto", 2, None) == "torch"
 
 
-@pytest.mark.parametrize("backend", ["triton", "split", "cuda"])
+@pytest.mark.parametrize("backend", ["split", "cuda"])
 @pytest.mark.parametrize("option,value", [("norm_dims", 2), ("activation", "relu")])
 def test_explicit_kernel_backend_is_refused(backend, option, value):
     # Refused by name, before availability: the same ValueError on any machine.  FBP's
-    # split and triton backends have both options (tests/test_split_dropin.py); MFH has
-    # none but torch.
+    # split and triton backends have both options (tests/test_split_dropin.py); MFH's
+    # triton and torch (the only MFH backends).
     x, y, wx, wy, bx, by = _params((2, 3), (2, 1), 3, 4, 4)
     if backend == "cuda":
         with pytest.raises(ValueError, match=option) as info:
@@ -389,7 +400,7 @@ def test_explicit_kernel_backend_is_refused(backend, option, value):
         assert "torch" in str(info.value) and repr(backend) in str(info.value)
     with pytest.raises(ValueError, match=option) as info:
         fbp_kernels.mfh(x, y, wx, wy, bx, by, factor=2, backend=backend, **{option: value})
-    assert "['torch']" in str(info.value) and repr(backend) in str(info.value)
+    assert "['triton', 'torch']" in str(info.value) and repr(backend) in str(info.value)
 
 
 @pytest.mark.parametrize("backend", [backend_param("triton")])
@@ -414,11 +425,19 @@ def test_direct_operator_use_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", [backend_param("triton", mfh_ops.unsupported_reason)])
-def test_direct_mfh_operator_use_is_refused(backend):
-    x, y, wx, wy, bx, by = _params((2,), (2,), 3, 4, 4, order=2)
-    with pytest.raises(ValueError, match="activation"):
-        mfh_ops.mfh_forward(x, y, wx, wy, bx, by, None, 2, 0.0, True, 1e-6, backend, 1,
-                            "relu")
+def test_mfh_factor_too_wide_for_the_tiles_falls_back_or_is_refused(backend):
+    # MFH's triton blocks need whole factor groups in every tile: a wider factor is
+    # refused by name, with the reason, and auto (on CUDA) takes torch instead.
+    from fbp_kernels.backends import triton_wide as W
+
+    wide = 4 * W.pick_wide_config(torch.float64).block_n + 1  # odd: no tile holds a group
+    assert mfh_ops.unsupported_reason(backend, DEVICE, 2, wide) is not None
+    assert mfh_ops.unsupported_reason(backend, DEVICE, 2, 3) is None
+    assert mfh_ops.resolve("auto", torch.device("cuda"), 2, wide).NAME == "torch"
+    x, y, wx, wy, bx, by = _params((2,), (2,), 3, 4, 2 * wide, order=2)
+    with pytest.raises(fbp_kernels.BackendUnavailableError, match=f"factor {wide}"):
+        fbp_kernels.mfh(x, y, wx, wy, bx, by, factor=wide, backend=backend,
+                        activation="relu")
 
 
 # --- bad values ------------------------------------------------------------------------

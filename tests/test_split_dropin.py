@@ -510,9 +510,9 @@ def test_auto_takes_split_on_cuda_only(monkeypatch):
     assert ops.DROP_IN_BACKENDS[0] == "split"
     monkeypatch.setattr(functional, "_backend_or_problem", lambda n, d: "\0Bno Triton")
     assert functional.route_drop_in("auto", 2, "relu", cuda) == "torch"
-    # MFH has no split backend: auto keeps torch for it everywhere.
+    # MFH has no split backend; its triton blocks (FBP's wide kernels) have the options.
     monkeypatch.setattr(functional, "_backend_or_problem", lambda n, d: n)
-    assert functional.route_drop_in("auto", 2, None, cuda, ops.MFH_DROP_IN_BACKENDS) == "torch"
+    assert functional.route_drop_in("auto", 2, None, cuda, ops.MFH_DROP_IN_BACKENDS) == "triton"
 
 
 def test_cuda_backend_still_refuses():

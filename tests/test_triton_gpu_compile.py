@@ -64,8 +64,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     # the split drop-in variants (activation, joint norm; 9 builds, 7 for fp32 which has no
     # fp32-output variant) at two shapes per arch and dtype
     dropin = 2 * 2 * (9 + 9 + 7)
+    # MFH's chained builds of the wide kernels (forward, two backward passes, pass 2 with
+    # an activation, co-attention's forward and first pass; the forward's tiny tile for
+    # half) per arch and dtype
+    mfh = 2 * (6 + 7 + 7)
     assert len(combos) == len(rows) == \
-        3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd + dropin, log
+        3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd + dropin + mfh, log
     assert {r["kernel"] for r in rows} == {"fbp_fwd", "fbp_bwd", "row_dot", "mask",
                                            "split_fwd", "split_bwd", "wide_fwd", "finish",
                                            "wide_bwd", "grad_pool"}
@@ -150,6 +154,32 @@ def test_hopper_training_backward_main_loop_meets_the_thresholds(compile_rows):
     assert r["flop_per_byte"] >= 64, r
     assert r["inflight_bytes_per_sm"] >= 64 * 1024, r
     assert r["stack_bytes"] == 0 and r["num_stages"] >= 4, r
+
+
+def test_mfh_chained_blocks_compile_on_the_wide_main_loop(compile_rows):
+    """Issue 12 item 7: MFH runs FBP's wide kernels with its chained options (the
+    running product read and stored, the gradient carried between blocks).  Every such
+    build is in the report, compiled, spill-free, and on sm_90 half precision keeps the
+    main loop's wgmma and TMA (the small-batch tile mma.sync, as FBP's; co-attention's
+    first backward pass has no main loop)."""
+    from fbp_kernels.backends import triton_compile as tc
+
+    for arch in (80, 90):
+        for dtype in ("fp32", "fp16", "bf16"):
+            builds = tc.mfh_builds(arch, dtype)
+            assert len(builds) == (6 if dtype == "fp32" else 7)
+            for kernel, name, _cfg, desc, _consts in builds:
+                r = _row(compile_rows[1], kernel, arch, dtype, name)
+                assert r["ok"] and r["stack_bytes"] == 0, r
+                if _loop_free(r):
+                    assert not r["tma"] and r["tensor_cores"] == "none", r
+                    continue
+                assert r["tma"] == desc, r
+                if dtype != "fp32":
+                    tiny = name.endswith("-tiny")
+                    assert r["tensor_cores"] == ("wgmma" if arch == 90 and not tiny
+                                                 else "mma"), r
+                    assert desc == (arch == 90 and not tiny), r
 
 
 def test_ampere_forward_main_loop_uses_cp_async_with_three_stages(compile_rows):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fbp_kernels
-from fbp_kernels import backends
+from fbp_kernels import backends, reference
 from fbp_kernels.reference import fbp as fbp_reference
 
 from conftest import DEVICE
@@ -384,16 +384,34 @@ def test_middle_memory_mode_low_precision_and_refusals():
                         activation="relu")
 
 
-GPU_TILES = ["sm90-half", "half", "tiny", "fp32"]
+def _fbp_on(x, y, wx, wy, bx, by, *, factor, backend, **kw):
+    """FBP on ``backend`` ("reference": the specification)."""
+    if backend == "reference":
+        return fbp_reference(x, y, wx, wy, bx, by, factor=factor, **kw)
+    return fbp_kernels.fbp(x, y, wx, wy, bx, by, factor=factor, backend=backend, **kw)
+
+
+def _mfh_of_pairs(x, y, wx0, wy0, bx0, by0, wx1, wy1, bx1, by1, *, factor, backend, **kw):
+    """An order-2 MFH from flat per-block tensors, on ``backend`` ("reference": the
+    specification)."""
+    blocks = ([wx0, wx1], [wy0, wy1], [bx0, bx1], [by0, by1])
+    if backend == "reference":
+        return reference.mfh(x, y, *blocks, factor=factor, **kw)
+    return fbp_kernels.mfh(x, y, *blocks, factor=factor, backend=backend, **kw)
+
+
+GPU_TILES = ["sm90-half", "half", "tiny", "sm90-half-chain", "fp32"]
 
 
 @pytest.mark.parametrize("family", GPU_TILES)
 def test_every_gpu_tile_runs_in_the_interpreter(monkeypatch, family):
     """The GPU tiles themselves (not the interpreter's 16 x 32 x 16) through the
     interpreter: each one's constexprs (BLOCK_J/BLOCK_JP, a BLOCK_K wider than m, the
-    tiny tile's 16 rows) give the reference's forward and gradients."""
+    tiny tile's 16 rows) give the reference's forward and gradients; MFH's chained tile
+    runs an order-2 MFH (its chained kernels)."""
     assert sorted(GPU_TILES) == sorted(W.WIDE_CONFIGS)
     cfg = W.WIDE_CONFIGS[family]
+    mfh = family == "sm90-half-chain"
     if cfg.tma and DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) < (9, 0):
         pytest.skip("TMA descriptors need sm_90")
     # Both launchers take this tile (the forward's and the backward's pick), on a GPU as
@@ -404,9 +422,14 @@ def test_every_gpu_tile_runs_in_the_interpreter(monkeypatch, family):
     # 20 rows: two 16-row tiles (one partial) for tiny, one partial tile otherwise;
     # factor 5 x o 30: 3 (64 columns) or 2 (128) output tiles, the last partial.
     args = [a.requires_grad_() for a in _inputs(20, 40, 24, 5, 30, dtype)]
-    z = fbp_kernels.fbp(*args, factor=5, backend="triton")
+    if mfh:
+        # Two blocks: the second block's parameters are the first's in reversed row order.
+        second = [t.detach().flip(0).requires_grad_() for t in args[2:]]
+        args = args + second
+    op = _mfh_of_pairs if mfh else _fbp_on
+    z = op(*args, factor=5, backend="triton")
     exact = [a.detach().double().requires_grad_() for a in args]
-    ref = fbp_reference(*exact, factor=5)
+    ref = op(*exact, factor=5, backend="reference")
     err = ((z.double() - ref).norm() / ref.norm()).item()
     assert err < TOLS[dtype], (family, err)
     # Gradients at eps 1e-2: at the default 1e-6 the signed sqrt's slope at pooled values
@@ -414,16 +437,19 @@ def test_every_gpu_tile_runs_in_the_interpreter(monkeypatch, family):
     # so every low-precision backend, eager included, errs by 15-30% (measured) on
     # this small problem, and by how much depends on where its roundings fall.  With
     # slope <= 5 the bound below is about the kernels, not about that conditioning.
-    z = fbp_kernels.fbp(*args, factor=5, backend="triton", eps=1e-2)
-    ref = fbp_reference(*exact, factor=5, eps=1e-2)
+    z = op(*args, factor=5, backend="triton", eps=1e-2)
+    ref = op(*exact, factor=5, eps=1e-2, backend="reference")
     g = torch.randn(z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     got = torch.autograd.grad(z, args, g.to(dtype))
     want = torch.autograd.grad(ref, exact, g)
     # Bound: twice the eager reference's own error in the same dtype, plus a floor of a
     # few units in the last place (as tests/test_split_dropin.py).
-    eager = torch.autograd.grad(fbp_reference(*args, factor=5, eps=1e-2), args, g.to(dtype))
+    eager = torch.autograd.grad(op(*args, factor=5, eps=1e-2, backend="reference"), args,
+                                g.to(dtype))
     floor = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
-    for name, a, e, b in zip(["dx", "dy", "dwx", "dwy", "dbx", "dby"], got, eager, want):
+    names = ["dx", "dy", "dwx", "dwy", "dbx", "dby"]
+    names += [f"{n}[1]" for n in names[2:]] if mfh else []
+    for name, a, e, b in zip(names, got, eager, want):
         rel = ((a.double() - b).norm() / b.norm()).item()
         rel_eager = ((e.double() - b).norm() / b.norm()).item()
         assert rel <= 2 * rel_eager + floor, (family, name, rel, rel_eager)

@@ -221,7 +221,7 @@ def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = Fals
                  "stride_sr"):
         sig[name] = "i32"
     sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "ps_ptr": f"*{dtype}",
-                "group_r": "i32"})
+                "group_r": "i32", "prev_ptr": f"*{dtype}", "chain_ptr": f"*{dtype}"})
     block_j, block_jp = W.tile_outputs(cfg, factor)
     consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
               "FACTOR": factor, "HAS_BIAS": True, "DROPOUT": True, "DOT_FP32": False,
@@ -229,7 +229,7 @@ def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = Fals
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_J": block_j,
               "BLOCK_JP": block_jp, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
               "X_DESC": desc, "W_DESC": desc, "ACTIVATION": 0, "IDX64": False,
-              "SHARED": shared, **overrides}
+              "SHARED": shared, "PREV": False, "CHAIN": False, **overrides}
     return _source(W._wide_fwd_kernel, sig, consts)
 
 
@@ -252,7 +252,8 @@ def _wide_bwd_source(dtype: str, cfg, factor: int, precision: str, desc: bool = 
     for name in ("rows", "WIDTH", "O", "stride_ir", "stride_wr", "stride_dr"):
         sig[name] = "i32"
     sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "ps_ptr": f"*{dtype}",
-                "group_r": "i32"})
+                "group_r": "i32", "carry_ptr": f"*{dtype}", "prev_ptr": f"*{dtype}",
+                "next_ptr": f"*{dtype}"})
     block_j, block_jp = W.tile_outputs(cfg, factor)
     consts = {"stride_ik": 1, "stride_wk": 1, "FACTOR": factor, "HAS_BIAS": True,
               "DROPOUT": True, "DOT_FP32": False, "PRECISION": precision,
@@ -260,7 +261,7 @@ def _wide_bwd_source(dtype: str, cfg, factor: int, precision: str, desc: bool = 
               "BLOCK_N": cfg.block_n, "BLOCK_J": block_j, "BLOCK_JP": block_jp,
               "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "X_DESC": desc,
               "W_DESC": desc, "ACTIVATION": activation, "ACT_PASS": act_pass, "IDX64": False,
-              "SHARED": shared, **overrides}
+              "SHARED": shared, "CARRY": False, "PREV": False, "NEXT": 0, **overrides}
     return _source(W._wide_grad_kernel, sig, consts)
 
 
@@ -365,6 +366,52 @@ def wide_bwd_builds(arch: int, dtype: str):
     builds += [(f"K{f}-{name}" + ("-tma" if act_cfg.tma else ""), act_cfg, f, act_cfg.tma,
                 act, ap, False)
                for f in WIDE_BWD_ACT_FACTORS for name, act, ap in WIDE_BWD_ACT_VARIANTS]
+    return builds
+
+
+#: MFH's builds of the wide kernels (:mod:`triton_mfh`): (kernel, tag, activation,
+#: constexprs).  The forward multiplies the previous block's product in and stores its
+#: own (``PREV``, ``CHAIN``); the backward's two passes carry the later blocks' gradient
+#: (``CARRY``, ``PREV``, ``NEXT`` 1 or 2); pass 2 with an activation reads and writes the
+#: most.  At the MFB default factor, on the training tiles.
+MFH_VARIANTS = (
+    ("wide_fwd", "mfh", None, {"PREV": True, "CHAIN": True}),
+    ("wide_fwd", "mfh-tiny", None, {"PREV": True, "CHAIN": True}),
+    ("wide_bwd", "mfh1", None, {"CARRY": True, "PREV": True, "NEXT": 1}),
+    ("wide_bwd", "mfh2", None, {"CARRY": True, "PREV": True, "NEXT": 2, "ACT_PASS": 0}),
+    ("wide_bwd", "relu2-mfh", "relu", {"CARRY": True, "PREV": True, "NEXT": 2,
+                                       "ACTIVATION": 1, "ACT_PASS": 2}),
+    # co-attention: the shared side's projection read per group (the backward's pass 1
+    # then has no main loop: no "-tma" in its name)
+    ("wide_fwd", "coatt-mfh", None, {"PREV": True, "CHAIN": True, "SHARED": True}),
+    ("wide_bwd", "coatt-mfh1", None, {"CARRY": True, "PREV": True, "NEXT": 1,
+                                      "SHARED": True}),
+)
+
+
+def mfh_builds(arch: int, dtype: str):
+    """``(kernel, config name, WideConfig, descriptors?, constexpr overrides)`` of MFH's
+    builds (``MFH_VARIANTS``) at the tiles its launchers pick for a training batch (the
+    chained tiles), and the forward's small-batch tile for half precision."""
+    import torch
+
+    from . import triton_wide as W
+
+    tdt, cap = getattr(torch, _TORCH_DTYPES[dtype]), (arch // 10, arch % 10)
+    f0 = WIDE_FACTORS[0]
+    builds = []
+    for kernel, tag, act, consts in MFH_VARIANTS:
+        if tag.endswith("-tiny"):
+            if dtype == "fp32":
+                continue  # fp32 has one tile for every row count
+            cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap, rows=1, chained=True)]
+        elif kernel == "wide_fwd":
+            cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap, chained=True)]
+        else:
+            cfg = W.WIDE_BWD_CONFIGS[W.bwd_config_family(tdt, cap, act, chained=True)]
+        loop_free = kernel == "wide_bwd" and consts.get("SHARED", False)
+        builds.append((kernel, f"K{f0}-{tag}" + ("-tma" if cfg.tma and not loop_free else ""),
+                       cfg, cfg.tma, consts))
     return builds
 
 
@@ -489,6 +536,15 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                              elem[dtype])))
             rows.append(_compile_row(triton, target, "finish", arch, dtype, "default", 4, 1,
                                      lambda: _finish_source(dtype)))
+            for kernel, cfg_name, wcfg, desc, consts in mfh_builds(arch, dtype):
+                make = _wide_source if kernel == "wide_fwd" else _wide_bwd_source
+                rows.append(_compile_row(
+                    triton, target, kernel, arch, dtype, cfg_name, wcfg.num_warps,
+                    wcfg.num_stages,
+                    lambda: make(dtype, wcfg, WIDE_FACTORS[0], precision, desc, **consts),
+                    None if kernel == "wide_bwd" and consts.get("SHARED") else
+                    MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k, wcfg.num_stages,
+                             elem[dtype])))
         # The dropout-mask kernel (tests and debugging) has no dtype or tile variants.
         rows.append(_compile_row(triton, target, "mask", arch, "-", "default", 4, 3,
                                  _mask_source))

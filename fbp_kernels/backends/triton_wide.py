@@ -238,6 +238,9 @@ def _wide_fwd_kernel(
     seed, drop_p, keep_scale,
     # SHARED: C read from ps_ptr (groups, K*o), group_r broadcast rows per group
     ps_ptr, group_r,
+    # MFH's running product, (rows, K*o) row-major: PREV multiplies the previous block's
+    # into this one's, CHAIN stores this block's for the next
+    prev_ptr, chain_ptr,
     # meta-parameters
     FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, POOL: tl.constexpr,
@@ -247,6 +250,7 @@ def _wide_fwd_kernel(
     # projection activation: 0 none, 1 relu, 2 tanh (triton_split.ACTIVATION_CODES);
     # IDX64: rows * K*o >= 2^31 (dropout's row indices in int64)
     ACTIVATION: tl.constexpr = 0, IDX64: tl.constexpr = False, SHARED: tl.constexpr = False,
+    PREV: tl.constexpr = False, CHAIN: tl.constexpr = False,
 ):
     row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
         rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
@@ -265,6 +269,12 @@ def _wide_fwd_kernel(
         if DROPOUT:
             c = tl.where(_keep(seed, row0_32, row0, rm, col0_32, KO, drop_p, BLOCK_N, IDX64),
                          c * keep_scale, 0.0)
+        if PREV:
+            # MFH: the previous block's product folded into C here too, while no
+            # accumulator is live (after the loop the fp32 sm_80 tile spilled 8 B with
+            # Triton 3.6).
+            c = c * tl.load(prev_ptr + row0 * KO + col0_32 + rm[:, None] * KO + rn[None, :],
+                            mask=m_mask[:, None] & n_ok[None, :], other=0.0).to(c.dtype)
         c = c.to(park)
     a = _wide_projection(x_src, wx_src, row0_32 if X_DESC else row0,
                          col0_32 if W_DESC else col0, rm, m_mask, rn, n_ok, M,
@@ -303,6 +313,16 @@ def _wide_fwd_kernel(
             p = tl.where(_keep(seed, row0_32, row0, rm, col0_32, KO, drop_p, BLOCK_N,
                                IDX64), p * keep_scale, 0.0)
     p = tl.where(n_ok[None, :], p, 0.0)
+    if PREV or CHAIN:
+        # MFH: p_l = drop(q_l) * p_{l-1}, and p_l is what block l+1 multiplies in.
+        # int64 tile origin, int32 in-tile offsets (BLOCK_M * K*o < 2^31: launcher check)
+        tile_ok = m_mask[:, None] & n_ok[None, :]
+        base = row0 * KO + col0_32
+        offs = rm[:, None] * KO + rn[None, :]
+        if PREV and not SHARED:
+            p = p * tl.load(prev_ptr + base + offs, mask=tile_ok, other=0.0).to(p.dtype)
+        if CHAIN:
+            tl.store(chain_ptr + base + offs, p.to(chain_ptr.dtype.element_ty), mask=tile_ok)
     s = _pool(p, FACTOR, POOL, BLOCK_M, BLOCK_N, BLOCK_JP, HALF and not DOT_FP32)
     jj = tl.arange(0, BLOCK_JP)
     j_ok = (jj < BLOCK_J) & (jj < O - j0)
@@ -323,6 +343,9 @@ def _wide_grad_kernel(
     seed, drop_p, keep_scale,
     # SHARED: P read from ps_ptr (groups, K*o), group_r broadcast rows per group
     ps_ptr, group_r,
+    # MFH (row-major (rows, K*o)): the gradient carried from the later blocks, the
+    # previous block's running product, and the carry this block passes on
+    carry_ptr, prev_ptr, next_ptr,
     # meta-parameters
     FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -330,7 +353,8 @@ def _wide_grad_kernel(
     BLOCK_J: tl.constexpr, BLOCK_JP: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, X_DESC: tl.constexpr, W_DESC: tl.constexpr,
     ACTIVATION: tl.constexpr, ACT_PASS: tl.constexpr, IDX64: tl.constexpr,
-    SHARED: tl.constexpr,
+    SHARED: tl.constexpr, CARRY: tl.constexpr = False, PREV: tl.constexpr = False,
+    NEXT: tl.constexpr = 0,
 ):
     """One projection's share of the backward products, on the forward's main loop.
 
@@ -346,7 +370,13 @@ def _wide_grad_kernel(
     other pass holds: ``ACT_PASS`` 1 (the first pass) writes ``this = act'(P)``; 2 (the
     second) multiplies: ``this *= act'(P)`` (``this`` holds the first pass's
     ``dp * act(C)``) and ``other *= `` the first pass's ``act'(C)``.  Buffers are
-    row-major (rows, K*o); blocks are stored whole and contiguous."""
+    row-major (rows, K*o); blocks are stored whole and contiguous.
+
+    MFH block ``l`` (:mod:`triton_mfh`): ``dp = drop(e_l + carry) * p_{l-1}`` with
+    ``e_l`` the unpooled ds, ``carry`` (``CARRY``) what the later blocks pass back and
+    ``p_{l-1}`` (``PREV``) the previous block's running product.  The carry for block
+    ``l-1`` is ``u * act(A) * act(C)``, ``u = drop(e_l + carry)``: pass 1 stores
+    ``u * act(C)`` (``NEXT`` 1), pass 2 multiplies it by ``act(A)`` (``NEXT`` 2)."""
     row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
         rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
@@ -385,6 +415,11 @@ def _wide_grad_kernel(
     if DROPOUT:
         q = tl.where(_keep(seed, row0_32, row0, rm, col0_32, KO, drop_p, BLOCK_N, IDX64),
                      q, 0.0).to(q.dtype)
+    if NEXT == 2:
+        # u * act(C) from pass 1, times act(A) (the mask again: idempotent)
+        nxt = tl.load(next_ptr + base + offs, mask=tile_ok, other=0.0).to(acc_dtype)
+        tl.store(next_ptr + base + offs, (nxt * q.to(acc_dtype)).to(next_ptr.dtype.element_ty),
+                 mask=tile_ok)
 
     # ds over the tile's outputs, (BLOCK_M, BLOCK_JP), expanded to its projected columns
     # (col -> output col // K) by the pooling's transpose: whole-row loads of the pooled
@@ -394,9 +429,15 @@ def _wide_grad_kernel(
     ds = tl.load(ds_ptr + row0 * stride_dr + rm[:, None] * stride_dr + (j0 + jj)[None, :],
                  mask=m_mask[:, None] & j_ok[None, :], other=0.0).to(acc_dtype)
     ds = _unpool(ds, FACTOR, POOL, BLOCK_M, BLOCK_N)
+    if CARRY:
+        ds += tl.load(carry_ptr + base + offs, mask=tile_ok, other=0.0).to(acc_dtype)
     if DROPOUT:
         ds = ds * keep_scale
     g = ds * q.to(acc_dtype)
+    if NEXT == 1:
+        tl.store(next_ptr + base + offs, g.to(next_ptr.dtype.element_ty), mask=tile_ok)
+    if PREV:
+        g = g * tl.load(prev_ptr + base + offs, mask=tile_ok, other=0.0).to(acc_dtype)
     if ACT_PASS == 2:
         g = g * tl.load(other_ptr + base + offs, mask=tile_ok, other=0.0).to(acc_dtype)
     tl.store(other_ptr + base + offs, g.to(other_ptr.dtype.element_ty), mask=tile_ok)
@@ -511,6 +552,11 @@ class WideConfig:
 #:   and 3 of 4 stages of (16 + 64) x 128 in flight (60 KiB per CTA, two CTAs per SM):
 #:   weight-streaming bound, 13.3 us against split's 15.2 and a floor of 12.3 (H200,
 #:   bf16, rows 1-16, predicted).
+#: - ``sm90-half-chain``: MFH's chained blocks (``PREV``/``CHAIN``: the previous block's
+#:   running product read and this block's stored, a (BLOCK_M, BLOCK_N) tile each):
+#:   64 x 128 x 64, 8 warps, 4 stages through TMA, 178 registers, no spills (Triton 3.8);
+#:   the 128 x 128 / 16-warp tile spilled 104-112 B there (the tile's 64-bit addresses
+#:   on top of the product, at 128 registers per thread).  42.7 FLOP per L2 byte.
 #: - ``fp32``: tl.dot on FMA units with operands in registers (IEEE, PyTorch's default):
 #:   64 x 64 x 32 with 8 warps, 104-128 registers, no spills (4 warps spilled 40-56 B on
 #:   sm_90 with Triton 3.6).
@@ -519,6 +565,8 @@ WIDE_CONFIGS = {
                             tma=True),
     "half": WideConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4),
     "tiny": WideConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4),
+    "sm90-half-chain": WideConfig(block_m=64, block_n=128, block_k=64, num_warps=8,
+                                  num_stages=4, tma=True),
     "fp32": WideConfig(block_m=64, block_n=64, block_k=32, num_warps=8, num_stages=3),
 }
 #: The backward's two passes (:func:`_wide_grad_kernel`: one projection recomputed per
@@ -531,7 +579,10 @@ WIDE_CONFIGS = {
 #: spills; 128 x 128 spilled 8-320 B).  sm_80 half 128 x 64 x 64 / 8 warps (cp.async,
 #: 4 stages), also the sm_90 tile for operands TMA cannot read; with an activation
 #: ``half-act`` 64 x 64 x 64 / 8 warps / 3 stages (128 x 64 spilled 24-112 B at factor 1).
-#: fp32 64 x 64 x 32 / 8 warps / 2 stages, activation or not.
+#: fp32 64 x 64 x 32 / 8 warps / 2 stages, activation or not.  MFH's chained passes
+#: (``CARRY``/``PREV``/``NEXT``: up to three more (BLOCK_M, BLOCK_N) tiles read or written)
+#: take the activation tiles too: at 128 x 128 / 16 warps they spilled 16-136 B, at
+#: 64 x 128 / 8 warps 163-255 registers and none, activation included.
 WIDE_BWD_CONFIGS = {
     "sm90-half": WideConfig(block_m=128, block_n=128, block_k=64, num_warps=16, num_stages=4,
                             tma=True),
@@ -574,47 +625,54 @@ SMALL_ROWS = 64
 TINY_ROWS = 16
 
 
-def config_family(dtype: torch.dtype, capability=(9, 0), rows=None) -> str:
+def config_family(dtype: torch.dtype, capability=(9, 0), rows=None,
+                  chained: bool = False) -> str:
     """The ``WIDE_CONFIGS`` key for a dtype on a device of this compute capability, for
-    ``rows`` rows (None: a training-sized batch)."""
+    ``rows`` rows (None: a training-sized batch); ``chained``: an MFH block that reads
+    or stores a running product."""
     if dtype not in (torch.float16, torch.bfloat16):
         return "fp32"
     if rows is not None and rows <= TINY_ROWS:
         return "tiny"
     small = rows is not None and rows <= SMALL_ROWS
-    return "sm90-half" if tuple(capability) >= (9, 0) and not small else "half"
+    if tuple(capability) >= (9, 0) and not small:
+        return "sm90-half-chain" if chained else "sm90-half"
+    return "half"
 
 
-def pick_wide_config(dtype: torch.dtype, device=None, rows=None) -> WideConfig:
+def _capability(device):
+    return torch.cuda.get_device_capability(device) if device is not None and \
+        torch.device(device).type == "cuda" else (9, 0)
+
+
+def pick_wide_config(dtype: torch.dtype, device=None, rows=None,
+                     chained: bool = False) -> WideConfig:
     if INTERPRET:
         return INTERPRETER_WIDE
-    cap = torch.cuda.get_device_capability(device) if device is not None and \
-        torch.device(device).type == "cuda" else (9, 0)
-    return WIDE_CONFIGS[config_family(dtype, cap, rows)]
+    return WIDE_CONFIGS[config_family(dtype, _capability(device), rows, chained)]
 
 
 def bwd_config_family(dtype: torch.dtype, capability=(9, 0), activation=None,
-                      descriptors: bool = True) -> str:
+                      descriptors: bool = True, chained: bool = False) -> str:
     """The ``WIDE_BWD_CONFIGS`` key for the backward passes.  ``descriptors``: whether
     the operands qualify for TMA (:func:`descriptor_ok`); sm_90's tiles are sized for
     descriptor loads (no address registers: through pointers the 128 x 128 / 16-warp
     tile spilled 16-40 B), so operands that do not take the pointer-loop tile (sm_80's,
-    cp.async)."""
+    cp.async).  ``chained``: an MFH block's passes (the activation tile)."""
     fam = config_family(dtype, capability)
     if fam == "fp32":
         return fam
     if fam == "sm90-half" and not descriptors:
         fam = "half"
-    return fam + "-act" if activation is not None else fam
+    return fam + "-act" if activation is not None or chained else fam
 
 
 def pick_wide_bwd_config(dtype: torch.dtype, device=None, activation=None,
-                         descriptors: bool = True) -> WideConfig:
+                         descriptors: bool = True, chained: bool = False) -> WideConfig:
     if INTERPRET:
         return INTERPRETER_WIDE
-    cap = torch.cuda.get_device_capability(device) if device is not None and \
-        torch.device(device).type == "cuda" else (9, 0)
-    return WIDE_BWD_CONFIGS[bwd_config_family(dtype, cap, activation, descriptors)]
+    return WIDE_BWD_CONFIGS[bwd_config_family(dtype, _capability(device), activation,
+                                              descriptors, chained)]
 
 
 def descriptor_ok(t: torch.Tensor) -> bool:
@@ -690,34 +748,33 @@ def _projection_rows(projection, y2, wy, by):
     return projection.to(y2.dtype).contiguous()
 
 
-def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
-                 batch=None, activation=None, group=1, shared=0, projection=None):
-    """``(out (*batch, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``.
+def _checked_operands(cfg: WideConfig, x2, y2, wx, wy, factor):
+    """In-tile offsets are int32 (tile origins are int64 scalars): copy exotic strides, or
+    refuse, exactly as the first kernel's launcher does (its check covers the (rows,
+    K*o) buffers too: MFH's products, the backward's gradients)."""
+    from .triton_kernels import TileConfig, _int32_safe
 
-    ``out`` is allocated at its final shape (``triton_kernels.output_buffer``).
-    ``activation`` acts on both projections; ``group > 1``: one L2 norm per ``group``
-    consecutive rows (``norm_dims > 1``), ``norm`` then holds each row's group norm.
-    ``shared = R > 0``: y's projection is read, not recomputed: ``y2`` is ``(rows / R,
-    n)``, one row per group of ``R`` consecutive rows (co-attention; ``R = 1``: a kept
-    projection), and ``projection`` that side's pre-activation ``y2 @ wy^T + by``
-    ``(rows / R, K*o)``, or None to form it here (cuBLAS, once per group)."""
-    from ._common import join_groups
-    from .triton_kernels import TileConfig, _bias_args, _int32_safe, output_buffer
+    block_j = tile_outputs(cfg, factor)[0]
+    return _int32_safe(TileConfig(cfg.block_m, block_j, cfg.block_k, cfg.num_warps,
+                                  cfg.num_stages), x2, y2, wx, wy, factor)
+
+
+def wide_pooled(x2, y2, wx, wy, bx, by, s, *, factor, dropout, seed, activation=None,
+                shared=0, projection=None, prev=None, chain=None):
+    """The main kernel: the pooled sums ``s = sumpool(drop(act(A) * act(C)))`` into ``s``
+    (fp32 (rows, o), any row stride).  ``shared``/``projection``: see
+    :func:`wide_forward`.  MFH: ``prev`` (rows, K*o) multiplies the previous block's
+    running product in before pooling, ``chain`` (rows, K*o) receives this block's."""
+    from .triton_kernels import _bias_args
 
     rows, m = x2.shape
     n, o = y2.shape[1], wx.shape[0] // factor
-    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    out_full, out = output_buffer(x2, o, batch)
-    norm = torch.empty((rows,), dtype=acc, device=x2.device) if normalize else None
     if rows == 0:
-        return out_full, norm
-    cfg = pick_wide_config(x2.dtype, x2.device, rows)
+        return
+    chained = prev is not None or chain is not None
+    cfg = pick_wide_config(x2.dtype, x2.device, rows, chained)
     block_j, block_jp = tile_outputs(cfg, factor)
-    # In-tile offsets are int32 (tile origins are int64 scalars): copy exotic strides, or
-    # refuse, exactly as the first kernel's launcher does.
-    x2, y2, wx, wy = _int32_safe(TileConfig(cfg.block_m, block_j, cfg.block_k, cfg.num_warps,
-                                            cfg.num_stages), x2, y2, wx, wy, factor)
-    s = torch.empty((rows, o), dtype=acc, device=x2.device)
+    x2, y2, wx, wy = _checked_operands(cfg, x2, y2, wx, wy, factor)
     bx_, by_, has_bias = _bias_args(bx, by, wx)
     if shared:
         ps = _projection_rows(projection, y2, wy, by)
@@ -733,10 +790,23 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
         rows, m, n, o,
         *strides, s.stride(0),
         *drop_args, ps, max(shared, 1),
+        prev if prev is not None else s, chain if chain is not None else s,
         FACTOR=factor, DROPOUT=use_dropout, POOL=pool_mode(factor),
         BLOCK_J=block_j, BLOCK_JP=block_jp, ACTIVATION=ACTIVATION_CODES[activation],
-        IDX64=rows * wx.shape[0] >= 2 ** 31, SHARED=bool(shared), **meta,
+        IDX64=rows * wx.shape[0] >= 2 ** 31, SHARED=bool(shared), PREV=prev is not None,
+        CHAIN=chain is not None, **meta,
     )
+
+
+def finish_rows(s, out, norm, *, normalize, eps, group=1):
+    """``out`` (rows, o, any row stride) from the pooled sums ``s`` (fp32, rows x o):
+    signed square root and L2 norm (``norm`` (rows,) receives each row's, or its group's
+    with ``group > 1`` consecutive rows per norm), or ``s`` cast when not normalising."""
+    from ._common import join_groups
+
+    rows, o = s.shape
+    if rows == 0:
+        return
     joint = normalize and group > 1
     # A joint norm finishes each row in place in the fp32 scratch (normalised by its own
     # norm), then rescales whole groups into the output (one rounding, at the end).
@@ -748,47 +818,71 @@ def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, ep
         num_warps=1 if INTERPRET else 4)
     if joint:
         join_groups(s, out, norm, group)
+
+
+def wide_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, eps,
+                 batch=None, activation=None, group=1, shared=0, projection=None):
+    """``(out (*batch, o), norm (rows,) or None)`` from ``(rows, m)`` / ``(rows, n)``.
+
+    ``out`` is allocated at its final shape (``triton_kernels.output_buffer``).
+    ``activation`` acts on both projections; ``group > 1``: one L2 norm per ``group``
+    consecutive rows (``norm_dims > 1``), ``norm`` then holds each row's group norm.
+    ``shared = R > 0``: y's projection is read, not recomputed: ``y2`` is ``(rows / R,
+    n)``, one row per group of ``R`` consecutive rows (co-attention; ``R = 1``: a kept
+    projection), and ``projection`` that side's pre-activation ``y2 @ wy^T + by``
+    ``(rows / R, K*o)``, or None to form it here (cuBLAS, once per group)."""
+    from .triton_kernels import output_buffer
+
+    rows = x2.shape[0]
+    o = wx.shape[0] // factor
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    out_full, out = output_buffer(x2, o, batch)
+    norm = torch.empty((rows,), dtype=acc, device=x2.device) if normalize else None
+    s = torch.empty((rows, o), dtype=acc, device=x2.device)
+    wide_pooled(x2, y2, wx, wy, bx, by, s, factor=factor, dropout=dropout, seed=seed,
+                activation=activation, shared=shared, projection=projection)
+    finish_rows(s, out, norm, normalize=normalize, eps=eps, group=group)
     return out_full, norm
 
 
-def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, dropout, seed,
-                           normalize, eps, activation=None, group=1, shared=0,
-                           projection=None):
-    """``(dA, dC)``, each (rows, K*o) in the input dtype: the gradients of the
-    (pre-activation) projections, recomputed by the wide main loop, one pass per
-    projection (the backward of :func:`wide_forward`; ``out``/``norm`` are its outputs,
-    ``grad`` the (rows, o) cotangent, ``activation``/``group``/``shared``/``projection``
-    as there: with ``shared`` the first pass reads y's projection instead of recomputing
-    it).  With ``shared``, dC is per broadcast row: the caller sums each group's rows."""
-    from .triton_kernels import TileConfig, _int32_safe, group_pairs
+def pooled_grad(grad, out, norm, *, normalize, eps, group=1):
+    """``ds = dL/ds`` (fp32 (rows, o)) from the cotangent ``grad`` and the forward's ``out``
+    and ``norm`` (:func:`finish_rows`'s; row strides any, ``norm`` contiguous); ``grad``
+    itself when not normalising."""
+    from .triton_kernels import group_pairs
 
-    rows, m = x2.shape
-    n, ko = y2.shape[1], wx.shape[0]
-    o = ko // factor
-    da = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
-    dc = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+    if not normalize:
+        return grad  # dL/ds is the cotangent itself
+    rows, o = grad.shape
+    ds = torch.empty((rows, o), dtype=norm.dtype, device=grad.device)
     if rows == 0:
-        return da, dc
+        return ds
+    joint = group > 1
+    # Joint norm: each row's group <z, g>, summed over whole groups first.
+    zg = group_pairs(out, grad, norm, group)[:, 1].contiguous() if joint else ds
+    launch(_grad_pooled_kernel, (rows,), grad, out, norm, zg, ds, o, grad.stride(0),
+           out.stride(0), ds.stride(0), math.sqrt(eps), GROUP_ZG=joint,
+           BLOCK_O=min(triton.next_power_of_2(o), 16 if INTERPRET else 1024),
+           num_warps=1 if INTERPRET else 4)
+    return ds
+
+
+def wide_grad_passes(ds, x2, y2, wx, wy, bx, by, da, dc, *, factor, dropout, seed,
+                     activation=None, shared=0, projection=None, carry=None, prev=None,
+                     next_carry=None):
+    """Fill ``da``/``dc`` (rows, K*o, input dtype) from ``ds = dL/ds`` (rows, o): the two
+    passes of :func:`_wide_grad_kernel`.  MFH block ``l``: ``carry`` is the gradient the
+    later blocks pass back, ``prev`` the previous block's running product (both
+    (rows, K*o)), and ``next_carry`` receives the carry for block ``l-1``."""
+    rows, ko = x2.shape[0], wx.shape[0]
+    o = ko // factor
+    if rows == 0:
+        return
+    chained = carry is not None or prev is not None or next_carry is not None
     cfg = pick_wide_bwd_config(x2.dtype, x2.device, activation,
-                               all(descriptor_ok(t) for t in (x2, y2, wx, wy)))
+                               all(descriptor_ok(t) for t in (x2, y2, wx, wy)), chained)
     block_j, block_jp = tile_outputs(cfg, factor)
-    x2, y2, wx, wy = _int32_safe(TileConfig(cfg.block_m, block_j, cfg.block_k, cfg.num_warps,
-                                            cfg.num_stages), x2, y2, wx, wy, factor)
-    if cfg.block_m * ko >= 2 ** 31:
-        raise ValueError(f"factor*o = {ko} too large for the wide backward's int32 in-tile "
-                         f"offsets; use backend='torch'")
-    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    if normalize:
-        ds = torch.empty((rows, o), dtype=acc, device=x2.device)
-        joint = group > 1
-        # Joint norm: each row's group <z, g>, summed over whole groups first.
-        zg = group_pairs(out, grad, norm, group)[:, 1].contiguous() if joint else ds
-        launch(_grad_pooled_kernel, (rows,), grad, out, norm, zg, ds, o, grad.stride(0),
-               out.stride(0), ds.stride(0), math.sqrt(eps), GROUP_ZG=joint,
-               BLOCK_O=min(triton.next_power_of_2(o), 16 if INTERPRET else 1024),
-               num_warps=1 if INTERPRET else 4)
-    else:
-        ds = grad  # dL/ds is the cotangent itself
+    x2, y2, wx, wy = _checked_operands(cfg, x2, y2, wx, wy, factor)
     drop_args, use_dropout = _dropout_args(dropout, seed)
     act = ACTIVATION_CODES[activation]
     grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(o, block_j),)
@@ -802,8 +896,8 @@ def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, d
     # G x K*o, unless kept) instead of recomputing it for every region; a kept
     # projection (shared = 1) is read per row.
     ps = _projection_rows(projection, y2, wy, by) if shared else ds
-    for inp, w, b, other, this, act_pass, from_ps in (
-            (y2, wy, by, da, dc, 1, bool(shared)), (x2, wx, bx, dc, da, 2, False)):
+    for inp, w, b, other, this, act_pass, from_ps, nxt in (
+            (y2, wy, by, da, dc, 1, bool(shared), 1), (x2, wx, bx, dc, da, 2, False, 2)):
         if from_ps:
             inp, w = x2, wx  # operand slots never read
         operands, strides, meta = _main_loop_args(cfg, (inp,), (w,), True)
@@ -812,9 +906,29 @@ def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, d
             rows, inp.shape[1], o,
             *strides, ds.stride(0),
             *drop_args, ps, max(shared, 1),
+            ds if carry is None else carry, ds if prev is None else prev,
+            ds if next_carry is None else next_carry,
             FACTOR=factor, DROPOUT=use_dropout, POOL=pool_mode(factor),
             BLOCK_J=block_j, BLOCK_JP=block_jp, ACTIVATION=act,
             ACT_PASS=act_pass if act else 0, IDX64=rows * ko >= 2 ** 31, SHARED=from_ps,
-            **meta,
+            CARRY=carry is not None, PREV=prev is not None,
+            NEXT=nxt if next_carry is not None else 0, **meta,
         )
+
+
+def wide_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, *, factor, dropout, seed,
+                           normalize, eps, activation=None, group=1, shared=0,
+                           projection=None):
+    """``(dA, dC)``, each (rows, K*o) in the input dtype: the gradients of the
+    (pre-activation) projections, recomputed by the wide main loop, one pass per
+    projection (the backward of :func:`wide_forward`; ``out``/``norm`` are its outputs,
+    ``grad`` the (rows, o) cotangent, ``activation``/``group``/``shared``/``projection``
+    as there: with ``shared`` the first pass reads y's projection instead of recomputing
+    it).  With ``shared``, dC is per broadcast row: the caller sums each group's rows."""
+    rows, ko = x2.shape[0], wx.shape[0]
+    da = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+    dc = torch.empty((rows, ko), dtype=x2.dtype, device=x2.device)
+    ds = pooled_grad(grad, out, norm, normalize=normalize, eps=eps, group=group)
+    wide_grad_passes(ds, x2, y2, wx, wy, bx, by, da, dc, factor=factor, dropout=dropout,
+                     seed=seed, activation=activation, shared=shared, projection=projection)
     return da, dc
