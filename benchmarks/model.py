@@ -253,7 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="bf16", choices=sorted(cm.DTYPE_BYTES))
     ap.add_argument("--mode", default="forward", choices=(*cm.MODES, "all"))
     ap.add_argument("--providers", default=",".join(TABLE_PROVIDERS),
-                    help="comma-separated: " + ", ".join(TABLE_PROVIDERS))
+                    help="comma-separated: " + ", ".join(TABLE_PROVIDERS) +
+                    "; also cuda (the C++ extension), fused+keep_x/y, split+keep_x/y")
     ap.add_argument("--sweep", choices=("rows", "coatt"), default="rows",
                     help="rows: the --rows list at the given widths; coatt: B 64 x R 100 "
                          "regions with one question per sample, and the same flattened")

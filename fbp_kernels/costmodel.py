@@ -45,7 +45,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-PROVIDERS = ("floor", "eager", "compile", "fused", "split")
+PROVIDERS = ("floor", "eager", "compile", "fused", "split", "cuda")
 #: ``"<provider>+saved"`` is also accepted for fused and split (``save_projections=True``:
 #: the forward keeps A and C, the backward reads them instead of recomputing).
 SAVED_SUFFIX = "+saved"
@@ -317,6 +317,32 @@ WIDE_BWD_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
                   "half": (128, 64, 64, 8, 4, 8, False),
                   "half-act": (64, 64, 64, 8, 3, 8, False),
                   "fp32": (64, 64, 32, 8, 2, 8, False)}
+
+
+#: The CUDA extension's GEMM engines (csrc/fbp_tile.cuh, cuda_compile.TILES): family ->
+#: (BM, BN, BK, threads, stages).  Half precision runs the cp.async engine (its operands
+#: 16-byte aligned and contiguous along K, as nn.Linear's and row-major inputs are), fp32
+#: the FMA engine (IEEE; the extension does not use TF32).
+CUDA_TILES = {"half": (64, 64, 32, 128, 3), "fp32": (64, 64, 16, 256, 1)}
+#: The CUDA kernels' compile facts (``python -m fbp_kernels.backends.cuda_compile``,
+#: sm_80/sm_90, with the nvcc of CUDA_COMPILE_FACTS_SOURCE; tests/test_cuda_compile.py
+#: compares them with a live build): (kernel, arch, dtype) -> (registers, static shared
+#: memory bytes, tensor-core SASS) of the engine the launcher picks (CUDA_TILES).
+CUDA_COMPILE_FACTS_SOURCE = "nvcc Build cuda_13.0.r13.0/compiler.36424714_0, 2026-12-02"
+CUDA_COMPILE_FACTS = {
+    ("fused_forward", 80, "fp16"): (130, 48640, "HMMA"),
+    ("fused_forward", 80, "bf16"): (148, 48640, "HMMA"),
+    ("fused_forward", 80, "fp32"): (71, 35328, "none"),
+    ("fused_forward", 90, "fp16"): (127, 48640, "HMMA"),
+    ("fused_forward", 90, "bf16"): (146, 48640, "HMMA"),
+    ("fused_forward", 90, "fp32"): (80, 35328, "none"),
+    ("projection_grads", 80, "fp16"): (94, 48640, "HMMA"),
+    ("projection_grads", 80, "bf16"): (96, 48640, "HMMA"),
+    ("projection_grads", 80, "fp32"): (76, 35328, "none"),
+    ("projection_grads", 90, "fp16"): (96, 48640, "HMMA"),
+    ("projection_grads", 90, "bf16"): (96, 48640, "HMMA"),
+    ("projection_grads", 90, "fp32"): (78, 35328, "none"),
+}
 
 
 def wide_tile_outputs(block_n: int, factor: int) -> int:
@@ -786,6 +812,28 @@ def coattention_side(s: Shape) -> Optional[str]:
     return None
 
 
+def _tile_traffic(e: int, R: int, width: int, k: int, bm: int, bn: int, n_m: int,
+                  n_j: int, group: int, gpu: GPU) -> Tuple[float, float]:
+    """``(L2 -> SM bytes, HBM bytes)`` of a grid of (bm rows, bn projected columns) tiles,
+    each reading its rows of the inputs (``width`` = m + n columns, or one side's) and its
+    columns of the weights over the whole K, ``n_m`` row tiles by ``n_j`` output tiles
+    in groups of ``group`` row tiles (grouped order; ``group = n_m``: row tiles fastest).
+
+    L2 reuse: a group of row tiles keeps its input rows while it walks the output tiles;
+    weights are re-read once per group, from HBM unless the rest of the resident L2
+    holds them.  Assumption: hit fraction = min(1, room / size)."""
+    xy, w = R * width * e, k * width * e
+    ctas = n_m * n_j
+    l2 = e * width * (R * n_j + n_j * bn * n_m)
+    cap = L2_RESIDENT_FRACTION * gpu.l2_mb * 1e6
+    groups = math.ceil(n_m / group)
+    group_xy = min(R, group * bm) * width * e
+    h_xy = min(1.0, cap / max(1.0, group_xy + min(w, ctas * bn * width * e)))
+    h_w = min(1.0, max(0.0, cap - group_xy) / w)
+    hbm = xy + w + xy * (n_j - 1) * (1 - h_xy) + w * (groups - 1) * (1 - h_w)
+    return l2, hbm
+
+
 def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
                     shared: Optional[str] = None,
                     shared_rows: Optional[int] = None) -> List[KernelCost]:
@@ -809,22 +857,12 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
     n_m, n_j = math.ceil(R / bm), math.ceil(s.o / bj)
     ctas = n_m * n_j
     width = s.m + s.n - {"x": s.m, "y": s.n, None: 0}[shared]
-    xy, w = R * width * e, k * width * e
     flops = 2.0 * R * k * width
     # MMAs issued: padded rows and columns, plus the pooling product (hi + lo halves for
     # half inputs; none for power-of-two factors).
     pool = 0.0 if bjp == bj else 2.0 * (2 if e == 2 else 1) * bm * bn * bjp * ctas
     padded = 2.0 * n_m * bm * n_j * bn * width + pool
-    l2 = e * width * (R * n_j + n_j * bn * n_m)
-    # L2 reuse under grouped order: a group of GROUP_M row tiles keeps its x/y rows while
-    # it walks the output tiles; weights are re-read once per group, from HBM unless the
-    # rest of the resident L2 holds them.  Assumption: hit fraction = min(1, room / size).
-    cap = L2_RESIDENT_FRACTION * gpu.l2_mb * 1e6
-    groups = math.ceil(n_m / group)
-    group_xy = min(R, group * bm) * width * e
-    h_xy = min(1.0, cap / max(1.0, group_xy + min(w, ctas * bn * width * e)))
-    h_w = min(1.0, max(0.0, cap - group_xy) / w)
-    hbm = xy + w + xy * (n_j - 1) * (1 - h_xy) + w * (groups - 1) * (1 - h_w)
+    l2, hbm = _tile_traffic(e, R, width, k, bm, bn, n_m, n_j, group, gpu)
     scratch = R * s.o * 4
     if shared is not None:
         groups_rows = shared_rows if shared_rows is not None else \
@@ -959,19 +997,122 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
                             l2_only_bytes=R * k * e if res else 0, elem_bytes=e,
                             launches=2)]
     elif bwd:
-        res = _resident(2 * R * k * e, gpu)
-        out += [gemm("dx = dA W_x", R, s.m, k, d, gpu, a_in_l2=res),
-                gemm("dW_x = dA^T x", k, s.m, R, d, gpu),
-                gemm("dy = dC W_y", R, s.n, k, d, gpu, a_in_l2=res),
-                gemm("dW_y = dC^T y", k, s.n, R, d, gpu),
-                # db_x = dA.sum(0), db_y = dC.sum(0): two reductions, one per gradient.
-                elementwise("bias sums (2)", 0 if res else R * k * e, k * e, R * k,
-                            gpu, l2_only_bytes=R * k * e if res else 0, elem_bytes=e,
-                            launches=2)]
-        for rr, width, label in ((s.rx, s.m, "dx"), (s.ry, s.n, "dy")):
-            if rr != R:
-                out.append(elementwise(f"{label} sum_to_size", R * width * e, rr * width * e,
-                                       R * width, gpu, elem_bytes=e))
+        out += _grad_gemms(s, gpu)
+    return out
+
+
+def _materialise(s: Shape, gpu: GPU) -> List[KernelCost]:
+    """Copies of the broadcast inputs to one row per broadcast row (flatten_rows)."""
+    e, R = s.elem, s.rows
+    return [elementwise(f"materialise broadcast {label}", rr * width * e, R * width * e,
+                        R * width, gpu, elem_bytes=e)
+            for rr, width, label in ((s.rx, s.m, "x"), (s.ry, s.n, "y")) if rr != R]
+
+
+def _grad_gemms(s: Shape, gpu: GPU) -> List[KernelCost]:
+    """From dA, dC (rows x K*o each, just written): the four cuBLAS gradient GEMMs, the
+    two bias sums and, for materialised broadcasts, the input gradients' sums."""
+    d, e, k, R = s.dtype, s.elem, s.ko, s.rows
+    res = _resident(2 * R * k * e, gpu)
+    out = [gemm("dx = dA W_x", R, s.m, k, d, gpu, a_in_l2=res),
+           gemm("dW_x = dA^T x", k, s.m, R, d, gpu),
+           gemm("dy = dC W_y", R, s.n, k, d, gpu, a_in_l2=res),
+           gemm("dW_y = dC^T y", k, s.n, R, d, gpu),
+           # db_x = dA.sum(0), db_y = dC.sum(0): two reductions, one per gradient.
+           elementwise("bias sums (2)", 0 if res else R * k * e, k * e, R * k,
+                       gpu, l2_only_bytes=R * k * e if res else 0, elem_bytes=e,
+                       launches=2)]
+    for rr, width, label in ((s.rx, s.m, "dx"), (s.ry, s.n, "dy")):
+        if rr != R:
+            out.append(elementwise(f"{label} sum_to_size", R * width * e, rr * width * e,
+                                   R * width, gpu, elem_bytes=e))
+    return out
+
+
+def cuda_facts(kernel: str, dtype: str, gpu: GPU) -> KernelFacts:
+    """The CUDA extension's ``kernel`` ("fused_forward" / "projection_grads") as the
+    model sees it: its engine's tile (CUDA_TILES) and compile facts (CUDA_COMPILE_FACTS)
+    at the nearest compiled arch.  tf32 runs the fp32 (FMA) engine."""
+    arch = 90 if gpu.arch >= 90 else 80
+    fact_dtype = "fp32" if dtype == "tf32" else dtype
+    bm, bn, bk, threads, stages = CUDA_TILES["fp32" if fact_dtype == "fp32" else "half"]
+    regs, smem, sass = CUDA_COMPILE_FACTS[(kernel, arch, fact_dtype)]
+    warps = threads // 32
+    stage = (bm + bn) * bk * DTYPE_BYTES[fact_dtype]
+    return KernelFacts(kernel, "cuda", bm, bn, bk, warps, stages, regs, smem,
+                       "mma" if sass == "HMMA" else "none",
+                       ctas_per_sm(regs, warps, smem, gpu), stages, stage)
+
+
+def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
+    """The CUDA extension's fused kernels (csrc/fbp_forward.cu, fbp_backward.cu): a (64
+    rows, 64 projected columns) tile covers ``64 // factor`` outputs of every factor
+    group (12 at factor 5, 60 of its 64 columns), one GEMM over x and one over y per
+    tile (WMMA 16x16x16, priced as Triton's mma.sync: TRITON_MMA_EFFICIENCY, an
+    assumption), 32 FLOP per L2 byte; grid (row tiles, output tiles) with row tiles
+    fastest.  Forward: the product, dropout, pooling and t / the row's partial sums of
+    squares in the epilogue; backward (``projection_grads``): A and C recomputed, ds
+    read, dA and dC written."""
+    e, k, R = s.elem, s.ko, s.rows
+    f = cuda_facts("projection_grads" if backward else "fused_forward", s.dtype, gpu)
+    bm, bn = f.block_m, f.block_o
+    bj = max(1, bn // s.factor)
+    chunks = math.ceil(bj * s.factor / bn)  # column chunks per tile (factor > BN)
+    n_m, n_j = math.ceil(R / bm), math.ceil(s.o / bj)
+    ctas = n_m * n_j
+    width = s.m + s.n
+    flops = 2.0 * R * k * width
+    padded = 2.0 * n_m * bm * n_j * chunks * bn * width
+    l2, hbm = _tile_traffic(e, R, width, k, bm, chunks * bn, n_m, n_j, n_m, gpu)
+    if backward:
+        d_hbm, d_l2 = _intermediate(2 * R * k * e, gpu)   # dA, dC for the four GEMMs
+        ds = R * s.o * 4
+        hbm += d_hbm / 2 + (0 if _resident(ds, gpu) else ds)
+        l2 += d_l2 / 2 + ds
+    else:
+        # t (fp32 scratch for half inputs, the output itself for fp32) and the (e, q)
+        # partial sums of squares, (rows, output tiles, 2) fp32.
+        written = R * s.o * 4 + R * n_j * 2 * 4
+        hbm += written
+        l2 += written
+    peak_key = s.dtype if f.tensor_cores != "none" else "fp32"
+    eff = TRITON_MMA_EFFICIENCY[(f.tensor_cores, 90 if gpu.arch >= 90 else 80)]
+    tflops = gpu.tensor_tflops[peak_key] * eff * flops / padded
+    slots = gpu.sms * f.ctas_per_sm
+    # Two GEMMs (x pass, y pass) per tile, each a pipeline fill, once per wave.
+    tail = math.ceil(ctas / slots) * 2 * chunks * gpu.l2_latency_us
+    inflight = max(1, f.num_stages - 1) * (min(R, bm) + bn) * f.block_k * e
+    name = "cuda dA/dC (A, C recomputed)" if backward else "cuda fused forward"
+    return _cost(f"{name} ({bm}x{bn}x{f.block_k}, {bj} outputs/tile, {f.num_warps} warps, "
+                 f"{f.num_stages} stage{'s' if f.num_stages > 1 else ''}, "
+                 f"{f.ctas_per_sm} CTA/SM)", gpu, flops=flops, tflops=tflops, hbm=hbm,
+                 l2=l2, ctas=ctas, per_sm=f.ctas_per_sm, inflight_cta=inflight,
+                 tail_us=tail, host_us=HOST_US["eager_op"] + HOST_US["fbp_call"])
+
+
+def _cuda(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool) -> List[KernelCost]:
+    """The CUDA C++ backend (never run on a GPU yet: predicted from its compile facts).
+    Broadcasts are materialised; forward: the fused kernel, then the row-norm finish (one
+    warp per row: reads t and the partials, writes z and ||t||); backward: the ds kernel
+    (one warp per row), the dA/dC kernel, the four cuBLAS GEMMs and the bias sums."""
+    e, R = s.elem, s.rows
+    out: List[KernelCost] = []
+    if fwd:
+        out += _materialise(s, gpu)
+        out.append(_cuda_main_loop(s, gpu, backward=False))
+        n_j = math.ceil(s.o / max(1, CUDA_TILES["half"][1] // s.factor))
+        t = R * s.o * 4
+        t_hbm, t_l2 = (0.0, t) if _resident(t, gpu) else (t, 0.0)
+        out.append(elementwise("cuda row-norm finish", t_hbm + R * n_j * 8,
+                               R * s.o * e + R * 4, R * s.o, gpu, l2_only_bytes=t_l2,
+                               elem_bytes=4, host_us=0.0))
+    if bwd:
+        out += _materialise(s, gpu)
+        out.append(elementwise("cuda ds = dL/ds (row dot, rescale)", 2 * R * s.o * e,
+                               R * s.o * 4, R * s.o, gpu, n_inputs=2, elem_bytes=e,
+                               host_us=0.0))
+        out.append(_cuda_main_loop(s, gpu, backward=True))
+        out += _grad_gemms(s, gpu)
     return out
 
 
@@ -1052,7 +1193,7 @@ def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = 
 
 
 _BUILDERS = {"floor": _floor, "eager": _eager, "compile": _compile, "fused": _fused,
-             "split": _split}
+             "split": _split, "cuda": _cuda}
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,8 @@ def test_floor_is_the_fastest_provider():
         s = cm.Shape(rows=rows, **MFB)
         for mode in cm.MODES:
             floor = cm.predict("floor", s, H200, mode).time_us
-            for prov in ("eager", "compile", "fused", "split", "fused+saved", "split+saved"):
+            for prov in ("eager", "compile", "fused", "split", "fused+saved", "split+saved",
+                         "cuda"):
                 assert cm.predict(prov, s, H200, mode).time_us >= floor, (rows, mode, prov)
 
 
@@ -303,6 +304,30 @@ def test_every_dtype_predicts():
     f32 = cm.predict("floor", cm.Shape(rows=4096, dtype="fp32", **MFB), H200).time_us
     b16 = cm.predict("floor", cm.Shape(rows=4096, dtype="bf16", **MFB), H200).time_us
     assert f32 > 5 * b16
+
+
+def test_cuda_provider_by_hand():
+    """The CUDA extension's forward at the MFB default, rows 1024: 64-row x 64-column
+    tiles of 64 // 5 = 12 outputs -> 16 x 84 = 1344 CTAs, two GEMMs' FLOPs on the 60
+    useful of 64 columns (padded MMAs: 64/60 more), 32 FLOP per L2 byte per k-step;
+    then the row-norm finish.  Slower than the wide Triton kernels and than split (its
+    main loop has a quarter of their operand reuse) but never faster than the floor."""
+    s = cm.Shape(rows=1024, **MFB)
+    ks = cm.kernels("cuda", s, H200, "forward")
+    assert [k.name.split(" (")[0] for k in ks] == ["cuda fused forward",
+                                                   "cuda row-norm finish"]
+    main = ks[0]
+    assert main.ctas == 16 * 84
+    assert main.flops == 2.0 * 1024 * 5000 * (2048 + 1024)
+    f = cm.cuda_facts("fused_forward", "bf16", H200)
+    assert (f.block_m, f.block_o, f.block_k, f.num_warps, f.num_stages) == (64, 64, 32, 4, 3)
+    assert 2 * 64 * 64 * 32 / ((64 + 64) * 32 * 2) == 32.0
+    for mode in cm.MODES:
+        t = {p: cm.predict(p, s, H200, mode).time_us for p in ("floor", "split", "cuda")}
+        assert t["floor"] < t["split"] < t["cuda"], (mode, t)
+    # backward: ds, dA/dC, four GEMMs, bias sums
+    names = [k.name.split(" (")[0] for k in cm.kernels("cuda", s, H200, "backward")]
+    assert names[:2] == ["cuda ds = dL/ds", "cuda dA/dC"] and len(names) == 7, names
 
 
 def test_costmodel_imports_with_the_standard_library_only():

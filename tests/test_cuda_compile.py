@@ -223,6 +223,37 @@ def test_derived_fields_are_consistent(report):
 
 
 @needs_nvcc
+def test_cost_model_facts_match_the_build(report):
+    """costmodel.CUDA_TILES / CUDA_COMPILE_FACTS are the engines the launcher picks
+    (cp.async for half precision, FMA for fp32) as this nvcc compiles them: the cost
+    model's CUDA provider cannot drift from the kernels.  (Registers depend on the
+    compiler: with another nvcc than the table's the comparison is skipped.)"""
+    from fbp_kernels import costmodel as cm
+
+    for dtype in ("fp16", "bf16", "fp32"):
+        engine = cuda_compile.ASYNC_ENGINE_OF_DTYPE.get(dtype,
+                                                        cuda_compile.ENGINE_OF_DTYPE[dtype])
+        tile = cuda_compile.TILES[engine]
+        assert cm.CUDA_TILES["fp32" if dtype == "fp32" else "half"] == \
+            (tile.bm, tile.bn, tile.bk, tile.threads, tile.stages), dtype
+    version = cuda_compile._nvcc_version(cuda_compile.find_nvcc())
+    if not cm.CUDA_COMPILE_FACTS_SOURCE.startswith(f"nvcc {version}"):
+        pytest.skip(f"the table is {cm.CUDA_COMPILE_FACTS_SOURCE!r}, this nvcc {version!r}")
+    _, rows, _ = report
+    assert len(cm.CUDA_COMPILE_FACTS) == 2 * 2 * 3
+    for (kernel, arch, dtype), facts in cm.CUDA_COMPILE_FACTS.items():
+        engine = cuda_compile.ASYNC_ENGINE_OF_DTYPE.get(dtype,
+                                                        cuda_compile.ENGINE_OF_DTYPE[dtype])
+        found = [r for r in rows if (r["kernel"], r["arch"], r["dtype"], r["config"]) ==
+                 (kernel, arch, dtype, engine)]
+        assert len(found) == 1, (kernel, arch, dtype, engine)
+        r = found[0]
+        assert (r["registers"], r["shared_bytes"], r["tensor_cores"]) == facts, (
+            f"{kernel} sm_{arch} {dtype}: built {r['registers']} regs, {r['shared_bytes']} B, "
+            f"{r['tensor_cores']}; costmodel.CUDA_COMPILE_FACTS has {facts}")
+
+
+@needs_nvcc
 def test_issue12_thresholds_are_reported_not_enforced(report):
     """The gap to issue 12's main-loop thresholds, printed (docs/cuda.md records it)."""
     _, rows, log = report
