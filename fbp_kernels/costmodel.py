@@ -415,7 +415,7 @@ COMPILE_FACTS = {
     ("fbp_bwd", 90, "fp16", "small"): (4, 212, 0, 20480, "mma"),
     ("fbp_fwd", 90, "fp16", "medium"): (4, 198, 0, 24576, "mma"),
     ("fbp_bwd", 90, "fp16", "medium"): (4, 239, 0, 24576, "mma"),
-    ("fbp_fwd", 90, "fp16", "large"): (8, 161, 0, 24576, "wgmma"),
+    ("fbp_fwd", 90, "fp16", "large"): (8, 158, 0, 24576, "wgmma"),
     ("fbp_bwd", 90, "fp16", "large"): (8, 217, 0, 24576, "wgmma"),
     ("wide_fwd", 90, "fp16", "wide"): (16, 127, 0, 131104, "wgmma"),
     ("wide_bwd", 90, "fp16", "wide"): (16, 80, 0, 131104, "wgmma"),
@@ -427,7 +427,7 @@ COMPILE_FACTS = {
     ("fbp_bwd", 90, "bf16", "small"): (4, 212, 0, 20480, "mma"),
     ("fbp_fwd", 90, "bf16", "medium"): (4, 232, 0, 24576, "mma"),
     ("fbp_bwd", 90, "bf16", "medium"): (4, 239, 0, 24576, "mma"),
-    ("fbp_fwd", 90, "bf16", "large"): (8, 215, 0, 24576, "wgmma"),
+    ("fbp_fwd", 90, "bf16", "large"): (8, 217, 0, 24576, "wgmma"),
     ("fbp_bwd", 90, "bf16", "large"): (8, 217, 0, 24576, "wgmma"),
     ("wide_fwd", 90, "bf16", "wide"): (16, 127, 0, 131104, "wgmma"),
     ("wide_bwd", 90, "bf16", "wide"): (16, 79, 0, 131104, "wgmma"),
@@ -954,6 +954,10 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
     elif fwd:
         store_ac = saved and train
         out += copies()
+        # The row norm's ticket counters, zeroed per call (a memset of one int32 per row
+        # block; never cached, so CUDA graphs own theirs).
+        out.append(elementwise("zero row-block tickets", 0, math.ceil(R / ff.block_m) * 4,
+                               math.ceil(R / ff.block_m), gpu, elem_bytes=4))
         # Scratch: t (fp32, rows x o) written, re-read by the finishing CTA (.cg, L2);
         # partial sums (n_o x rows fp32); the output.  t is dirty in L2 and written back.
         scratch_hbm = R * s.o * (4 + e) + (2 * R * k * e if store_ac else 0)

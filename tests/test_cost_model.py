@@ -102,8 +102,8 @@ def test_occupancy_from_registers_and_shared_memory():
     # Shared memory limits too: 100 KiB per CTA on a 228 KiB SM -> 2.
     assert cm.ctas_per_sm(32, 4, 100 * 1024, H200) == 2
     f = cm.kernel_facts("fbp_fwd", "large", "bf16", H200)
-    # 215 registers since its launch bound (one_cta_registers): still one 8-warp CTA.
-    assert (f.registers, f.ctas_per_sm, f.tensor_cores) == (215, 1, "wgmma")
+    # 217 registers since its launch bound (one_cta_registers): still one 8-warp CTA.
+    assert (f.registers, f.ctas_per_sm, f.tensor_cores) == (217, 1, "wgmma")
     # 3 buffers of (64 + 64) x 32 bf16 = 8 KiB, 2 in flight: 16 KiB per SM.
     assert (f.buffers, f.stage_bytes) == (3, 8192)
 
@@ -137,18 +137,21 @@ def test_fused_waves_for_its_real_grid():
     # sm_80 (A100) runs the 128x64 tile: 64 // 5 = 12 outputs -> 8 x 84 = 672 CTAs.
     assert cm.predict("fused", cm.Shape(rows=1024, **MFB), cm.GPUS["A100"]).waves == \
         pytest.approx(672 / 108)
-    # The one-launch kernel still runs when training keeps the projections (+saved):
+    # The one-launch kernel still runs when training keeps the projections (+saved),
+    # after the memset of its row blocks' tickets (zeroed per call):
     # large tile 64x64 -> 16 row tiles x ceil(1000/64) = 16 -> 256 CTAs, 1.94 waves.
-    legacy = cm.kernels("fused+saved", cm.Shape(rows=1024, **MFB), H200, "forward+backward")[0]
+    ks = cm.kernels("fused+saved", cm.Shape(rows=1024, **MFB), H200, "forward+backward")
+    assert ks[0].name == "zero row-block tickets" and ks[0].hbm_bytes == 16 * 4
+    legacy = ks[1]
     assert legacy.waves == pytest.approx(256 / 132) and legacy.bytes_in_flight_per_sm == 2 * 8192
     # rows 256: medium 32x64 -> 8 x 16 = 128 CTAs at 2 per SM -> 128 / 264 waves.
-    legacy = cm.kernels("fused+saved", cm.Shape(rows=256, **MFB), H200, "forward+backward")[0]
+    legacy = cm.kernels("fused+saved", cm.Shape(rows=256, **MFB), H200, "forward+backward")[1]
     assert legacy.waves == pytest.approx(128 / 264)
     # rows 1: "small" would give 16 programs < 132 SMs, so "tiny" 16x16: 63 CTAs at 3 per
     # SM (156 registers, allocated in 8s: 160 x 128 threads = 20480 of 65536).
     assert cm.pick_tile(1, 1000, "bf16", 132) == "tiny"
     assert cm.kernel_facts("fbp_fwd", "tiny", "bf16", H200).registers == 156
-    legacy = cm.kernels("fused+saved", cm.Shape(rows=1, **MFB), H200, "forward+backward")[0]
+    legacy = cm.kernels("fused+saved", cm.Shape(rows=1, **MFB), H200, "forward+backward")[1]
     assert legacy.waves == pytest.approx(63 / (132 * 3))
     # o = 1000 never picks "small" (PERFORMANCE.md: dead configuration) ...
     assert {cm.pick_tile(r, 1000, "bf16", 132) for r in range(1, 33)} == {"tiny"}
@@ -171,7 +174,7 @@ def test_fused_reads_x_and_y_once_per_output_tile_through_l2():
     # once per factor group:
     assert p.flops / main == pytest.approx(2 * 1024 * 5000 * 3072 / main) and \
         58 < p.flops / main < 64
-    legacy = cm.kernels("fused+saved", cm.Shape(rows=1024, **MFB), H200, "forward+backward")[0]
+    legacy = cm.kernels("fused+saved", cm.Shape(rows=1024, **MFB), H200, "forward+backward")[1]
     old = 2 * 3072 * (5 * 1024 * 16 + 5000 * 16)
     assert legacy.flops / old == pytest.approx(32, rel=0.02)
 

@@ -1,7 +1,8 @@
 """CUDA graphs and concurrent streams: the claims the interpreter cannot check.
 
 The wide forward (backend ``triton``) and the split strategy keep no state between
-launches (no ticket counters: whole rows per program in their row-finishing kernels),
+launches (no ticket counters: whole rows per program in their row-finishing kernels;
+the first one-launch kernel, ``save_projections=True``, zeroes its tickets per call),
 so a captured graph replays correctly, two graphs replay independently, and two
 streams can run the op at once.  Reasoning: every buffer a launch touches is allocated
 by that call (the caching allocator hands graph-private pools to captures), and no
@@ -48,8 +49,8 @@ def test_captured_graph_replays_match_eager(backend):
 @cuda_only
 @pytest.mark.parametrize("backend", STRATEGIES)
 def test_two_graphs_replayed_on_two_streams_do_not_interfere(backend):
-    # The first one-launch kernel's cached counters would be shared here; these
-    # strategies have none.
+    # A ticket buffer cached per stream (the first kernel's, before) would be shared by
+    # both graphs here; these strategies have none (the first kernel: test below).
     probs = [_problem(seed=s) for s in (4, 5)]
     for p in probs:
         fbp_kernels.fbp(*p, factor=5, backend=backend)
@@ -160,3 +161,37 @@ def test_mfh_at_the_mfb_widths_on_the_gpu_matches_the_reference(dtype, question_
         rel = ((a.double() - b).norm() / b.norm()).item()
         rel_eager = ((e.double() - b).norm() / b.norm()).item()
         assert rel <= 2 * rel_eager + floor, (dtype, question_rows, i, rel, rel_eager)
+
+
+@cuda_only
+def test_first_kernel_graphs_on_two_streams_and_a_row_norm_stress():
+    """The first one-launch kernel (``save_projections=True`` on backend triton): its row
+    norm's last program per row block finishes the row through an atomic ticket.  Two
+    graphs captured on one stream, replayed concurrently on two streams, each give the
+    eager result (their ticket buffers are their own), and many launches with many
+    output tiles per row (o 2000 at 16-32 outputs per tile: 60-125 tickets per row
+    block) are bitwise equal to the first run."""
+    kw = dict(factor=5, backend="triton", save_projections=True)
+    probs = [_problem(rows=512, o=400, seed=s) for s in (6, 7)]
+    for p in probs:
+        fbp_kernels.fbp(*p, **kw)
+    torch.cuda.synchronize()
+    graphs, outs = [], []
+    capture = torch.cuda.Stream()
+    for p in probs:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=capture):
+            outs.append(fbp_kernels.fbp(*p, **kw))
+        graphs.append(g)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for _ in range(20):
+        for g, s in zip(graphs, streams):
+            with torch.cuda.stream(s):
+                g.replay()
+    torch.cuda.synchronize()
+    for p, out in zip(probs, outs):
+        assert torch.equal(out, fbp_kernels.fbp(*p, **kw))
+    x, y, wx, wy = _problem(rows=2048, m=256, n=128, o=2000, seed=8)
+    first = fbp_kernels.fbp(x, y, wx, wy, **kw)
+    for _ in range(50):
+        assert torch.equal(fbp_kernels.fbp(x, y, wx, wy, **kw), first)

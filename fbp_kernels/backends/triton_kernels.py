@@ -17,8 +17,11 @@ for ``|t|`` near 1e19), then
 takes a ticket from a per-row-block counter (``atomic_add``, acq_rel, after a CTA
 barrier so the whole tile is published).  The program that draws the last ticket
 combines the partials in tile order (deterministic), writes ``||t||`` and rescales the
-row block's ``t`` into the output, then resets the counter to 0 so the cached
-counter buffer is ready for the next launch.  Cost: an extra read and write of
+row block's ``t`` into the output.  The counters are zeroed per call (one memset of
+``rows / BLOCK_M`` int32) from the caching allocator, never cached: a buffer kept per
+stream was shared by every CUDA graph captured on that stream, so two such graphs
+replayed at once on two streams would have drawn each other's tickets (issue 12 item
+8); a graph now captures its own zeroed buffer and its memset.  Cost: an extra read and write of
 ``rows x o`` fp32 (``8*o`` bytes per row, against ``2*K*o*(m+n)`` FLOPs per row of
 GEMM work) and a serial tail of ``o/BLOCK_O`` tiny tile copies per row block.  The
 alternatives are worse at one end: a program owning whole rows leaves most SMs idle
@@ -232,8 +235,6 @@ def _finish_normalised(s, rm, offs_o, m_mask, tile_mask, pid_m, pid_o, row0, row
                          other=0.0, cache_modifier=".cg")
             tl.store(out_base + rm[:, None] * stride_or + cols_o[None, :],
                      (tt * inv[:, None]).to(out_ptr.dtype.element_ty), mask=msk)
-        # Leave the counter clean for the next launch (the buffer is cached).
-        tl.atomic_xchg(counter_ptr + pid_m, 0, sem="relaxed", scope="gpu")
 
 
 # ----------------------------------------------------------------------------- backward
@@ -423,29 +424,6 @@ def dot_settings(dtype: torch.dtype):
     return dot_fp32, "ieee"
 
 
-# ----------------------------------------------------------------------------- counters
-
-
-_COUNTERS: dict = {}
-
-
-def _row_block_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 tickets, one per row block, cached per (device, stream).
-
-    The finishing program resets its counter to 0, so the buffer is clean after
-    every launch and needs no memset; separate streams get separate buffers so
-    concurrent launches cannot share tickets.
-    """
-    if device.type != "cuda":
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -555,7 +533,8 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
         # Per output tile and row: sum((t/max)^2), then (second half) max |t|.
         partial = torch.empty((2 * grid[1], rows), dtype=acc, device=x2.device)
         norm = torch.empty((rows,), dtype=acc, device=x2.device)
-        counters = _row_block_counters(grid[0], x2.device)
+        # Zeroed per call, never cached (module docstring: graphs and streams).
+        counters = torch.zeros(grid[0], dtype=torch.int32, device=x2.device)
     else:
         t = partial = norm = counters = out  # never touched
     bx_, by_, has_bias = _bias_args(bx, by, wx)

@@ -26,8 +26,8 @@ for the main loops (1-2% at the MFB default).
 Row norm without a serial tail or cross-program state: the main kernel writes the
 pooled ``s`` (fp32 scratch, ``rows x o``) and a second small kernel finishes each row
 (signed square root, overflow-safe ``||t||``, rescale) with whole rows per program.
-No counters, so CUDA graphs and concurrent streams are safe (the first kernel's cached
-ticket counters are not).  Cost: writing and reading ``rows x o`` fp32 (8 bytes per
+No counters (the first kernel's tickets need a zeroed buffer per call), nothing shared
+between launches.  Cost: writing and reading ``rows x o`` fp32 (8 bytes per
 output, ~2 us at rows 1024 on an H200) and one more launch.
 
 Backward (lean mode, nothing saved): a row kernel forms ``ds = dL/ds`` (rows x o, fp32)
