@@ -128,6 +128,70 @@ def assumptions_text(gpu: cm.GPU) -> str:
             f"{cm.COMPILE_FACTS_SOURCE}")
 
 
+# ----------------------------------------------------------------------------- targets
+
+
+#: Issue 12's targets (bf16 on an H200 at the MFB widths), as the model evaluates them:
+#: (label, rows, mode, memory mode, ratio, threshold).  ``ratio`` "floor": the shipped
+#: design's time over the floor (at most the threshold); "eager": eager's time over the
+#: design's (at least the threshold).  The shipped design is the faster of the
+#: strategies auto chooses between (fused, split) in that memory mode.
+TARGETS = (
+    ("forward within 1.15x of the two-GEMM floor", (1024, 4096, 16384), "forward", "", "floor", 1.15),
+    ("forward >= 1.5x faster than eager", (1024, 4096, 16384), "forward", "", "eager", 1.5),
+    ("rows <= 16 forward within 1.5x of the weight-streaming floor", (1, 16), "forward", "",
+     "floor", 1.5),
+    ("forward+backward within 1.45x of the six-GEMM floor (lean)", (1024, 4096, 16384),
+     "forward+backward", "", "floor", 1.45),
+    ("forward+backward within 1.3x of the six-GEMM floor (middle: keep x)",
+     (1024, 4096, 16384), "forward+backward", "+keep_x", "floor", 1.3),
+)
+
+
+def predicted_targets(gpu: cm.GPU) -> List[dict]:
+    """Each target of TARGETS, and co-attention's (>= 1.3x faster than the same problem
+    flattened, forward and forward+backward), at its worst shape: the value, the provider
+    that gives it, and whether the prediction meets the threshold."""
+    out = []
+    for label, rows_list, mode, suffix, ratio, threshold in TARGETS:
+        worst = None
+        for rows in rows_list:
+            shape = cm.Shape(rows=rows, **MFB)
+            preds = {p: cm.predict(p + suffix, shape, gpu, mode) for p in ("fused", "split")}
+            best = min(preds, key=lambda p: preds[p].time_us)
+            base = cm.predict("floor" if ratio == "floor" else "eager", shape, gpu, mode)
+            value = preds[best].time_us / base.time_us if ratio == "floor" else \
+                base.time_us / preds[best].time_us
+            bad = value > threshold if ratio == "floor" else value < threshold
+            if worst is None or (value > worst["value"] if ratio == "floor"
+                                 else value < worst["value"]):
+                worst = dict(target=label, rows=rows, provider=best + suffix, value=value,
+                             threshold=threshold, met=not bad)
+        out.append(worst)
+    (_, co), (_, flat) = coatt_shapes()
+    for mode in ("forward", "forward+backward"):
+        t = {}
+        for name, shape in (("co", co), ("flat", flat)):
+            preds = {p: cm.predict(p, shape, gpu, mode).time_us for p in ("fused", "split")}
+            t[name] = min(preds.items(), key=lambda kv: kv[1])
+        value = t["flat"][1] / t["co"][1]
+        out.append(dict(target=f"coatt {mode} >= 1.3x faster than flattened",
+                        rows=co.rows, provider=t["co"][0], value=value, threshold=1.3,
+                        met=value >= 1.3))
+    return out
+
+
+def format_targets(rows: List[dict], gpu: cm.GPU) -> str:
+    lines = [f"Issue 12's targets as the cost model predicts them ({gpu.name}, bf16, MFB "
+             f"widths; the faster of fused and split; worst shape):",
+             "| target | worst at rows | provider | predicted | threshold | |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['rows']} | {r['provider']} | {r['value']:.2f} | "
+                     f"{r['threshold']:g} | {'met' if r['met'] else 'missed'} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- facts
 
 
@@ -265,6 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--breakdown", action="store_true", help="print every kernel's cost")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--targets", action="store_true",
+                    help="issue 12's targets as the model predicts them, met or missed")
     ap.add_argument("--refresh-facts", action="store_true",
                     help="recompile the Triton kernels (~1 min) and rewrite "
                          "costmodel.COMPILE_FACTS")
@@ -278,6 +344,9 @@ def main(argv=None) -> int:
         print(f"wrote {n} compile facts to fbp_kernels/costmodel.py")
         return 0
     gpu = apply_overrides(cm.GPUS[args.gpu], args.overrides)
+    if args.targets:
+        print(format_targets(predicted_targets(gpu), gpu))
+        return 0
     others = [gpu if k == gpu.name else cm.GPUS[k] for k in ("H100", "H200", "A100")]
     modes = cm.MODES if args.mode == "all" else (args.mode,)
     providers = [p for p in args.providers.split(",") if p]

@@ -347,6 +347,35 @@ def test_costmodel_imports_with_the_standard_library_only():
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_predicted_targets_table(capsys):
+    """Issue 12's targets as the model predicts them: each row's value recomputed here
+    from predict() at its worst shape, its verdict from its threshold, and the CLI."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import model
+
+    rows = model.predicted_targets(H200)
+    assert len(rows) == len(model.TARGETS) + 2
+    for r, (label, rows_list, mode, suffix, ratio, threshold) in zip(rows, model.TARGETS):
+        assert r["target"] == label and r["rows"] in rows_list
+        s = cm.Shape(rows=r["rows"], **MFB)
+        mine = cm.predict(r["provider"], s, H200, mode).time_us
+        base = cm.predict("floor" if ratio == "floor" else "eager", s, H200, mode).time_us
+        assert r["value"] == pytest.approx(mine / base if ratio == "floor" else base / mine)
+        assert r["met"] == (r["value"] <= threshold if ratio == "floor"
+                            else r["value"] >= threshold)
+        # the worst shape: no other shape of the target is worse for the shipped design
+        for rows_ in rows_list:
+            s2 = cm.Shape(rows=rows_, **MFB)
+            t = min(cm.predict(p + suffix, s2, H200, mode).time_us for p in ("fused", "split"))
+            b = cm.predict("floor" if ratio == "floor" else "eager", s2, H200, mode).time_us
+            v = t / b if ratio == "floor" else b / t
+            assert (v <= r["value"] + 1e-12) if ratio == "floor" else (v >= r["value"] - 1e-12)
+    assert all(r["threshold"] == 1.3 and "coatt" in r["target"] for r in rows[-2:])
+    assert model.main(["--targets"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("| met |") + text.count("| missed |") == len(rows)
+
+
 def test_model_cli_table_and_coatt_sweep(tmp_path, capsys):
     sys.path.insert(0, str(ROOT))
     from benchmarks import model
