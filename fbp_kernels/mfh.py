@@ -96,6 +96,28 @@ def check_mfh_inputs(x, y, weights_x, weights_y, biases_x, biases_y, factor, ord
     return weights_x, weights_y, biases_x, biases_y
 
 
+def _auto_for_shape(x, y, lists, factor) -> str:
+    """strategy.choose_mfh for this call: its rows, widths, order, dtype and whether a
+    gradient is needed; ``lists``: (weights_x, weights_y, biases_x, biases_y)."""
+    from . import strategy
+
+    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
+    rows, rx, ry = 1, 1, 1
+    for d in batch:
+        rows *= d
+    for d in x.shape[:-1]:
+        rx *= d
+    for d in y.shape[:-1]:
+        ry *= d
+    weights_x = lists[0]
+    params = [t for seq in lists for t in seq if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, *params))
+    return strategy.choose_mfh(x.device, rows, x.shape[-1], y.shape[-1], factor,
+                               weights_x[0].shape[0] // factor, len(weights_x), x.dtype,
+                               needs_grad, x_rows=min(max(rx, 1), max(rows, 1)),
+                               y_rows=min(max(ry, 1), max(rows, 1)))[0]
+
+
 def _prepare(args, factor, order, dropout, eps, backend, norm_dims=1, activation=None):
     """Autocast and check :func:`mfh`'s arguments; returns ``(autocast dtype or None,
     [x, y, weights_x, weights_y, biases_x, biases_y], backend)`` with the per-block
@@ -122,6 +144,11 @@ def _prepare(args, factor, order, dropout, eps, backend, norm_dims=1, activation
         backend = route_drop_in(backend, norm_dims, activation, x.device,
                                 ops.MFH_DROP_IN_BACKENDS) or backend
     if not torch.compiler.is_compiling():
+        if backend == "auto" and x.device.type == "cuda":
+            # Per shape, from the cost model (strategy.choose_mfh); forward and backward
+            # then run the same backend (each draws its own dropout masks).  Under
+            # torch.compile the op resolves "auto" itself (triton on CUDA).
+            backend = _auto_for_shape(x, y, lists, factor)
         # A clear error here rather than from inside the op.  Skipped while tracing:
         # resolving imports modules, which Dynamo refuses to trace; the op resolves
         # again when it runs, so a bad backend still fails there.
@@ -165,9 +192,11 @@ def mfh(
         normalize: per block, zero-safe signed square root then L2 normalisation;
             ``False`` returns the raw sum-pooled values of every block.
         eps: smoothing of the signed square root.
-        backend: ``"auto"`` (``triton`` on CUDA tensors where its tiles hold the
-            factor, else ``torch``), ``"triton"`` (FBP's wide kernels, one launch per
-            block, any order) or ``"torch"``.
+        backend: ``"auto"`` (on CUDA tensors ``triton`` or ``torch``, whichever the
+            cost model predicts faster for the call's shape: ``strategy.choose_mfh``;
+            ``torch`` on other devices or where triton's tiles cannot hold the
+            factor), ``"triton"`` (FBP's wide kernels, one launch per block, any order)
+            or ``"torch"``.
         norm_dims: per block, the L2 norm spans the ``o`` outputs and the last
             ``norm_dims - 1`` batch dimensions (mmf's ``layers.MFH`` normalises all
             regions of a sample together: ``norm_dims=2`` on ``(N, C, ...)``), as in

@@ -19,6 +19,9 @@ default shape (shape-dependent Python choices would add guards and recompiles); 
 strategies draw the same dropout masks, so the two differ only in rounding.
 
 Override with ``backend="split"`` / ``"triton"`` / ``"cuda"`` / ``"torch"``.
+
+MFH (:func:`choose_mfh`): on a CUDA tensor ``triton`` (FBP's wide kernels per block) or
+``torch``, by ``costmodel.predict_mfh``, which prices MFH from FBP's providers.
 """
 
 from __future__ import annotations
@@ -143,6 +146,56 @@ def choose(device: torch.device, rows: int, m: int, n: int, factor: int, o: int,
     other = "fused" if best == "split" else "split"
     return name, (f"cost model ({mode}): {best} {preds[best]:.1f} us < {other} "
                   f"{preds[other]:.1f} us predicted"), dict(preds)
+
+
+@functools.lru_cache(maxsize=4096)
+def _predict_mfh(device_name: str, rows: int, m: int, n: int, factor: int, o: int,
+                 order: int, dtype: str, mode: str, x_rows: int, y_rows: int):
+    """Predicted microseconds of MFH's backends (costmodel.predict_mfh); ``None`` when
+    the model is unavailable."""
+    try:
+        from . import costmodel
+    except ImportError:
+        return None
+    gpu = costmodel.gpu_for(device_name)
+    shape = costmodel.Shape(rows=rows, m=m, n=n, factor=factor, o=o, dtype=dtype,
+                            x_rows=x_rows, y_rows=y_rows)
+    return {p: costmodel.predict_mfh(p, shape, gpu, mode, order) for p in ("fused", "torch")}
+
+
+def choose_mfh(device: torch.device, rows: int, m: int, n: int, factor: int, o: int,
+               order: int, dtype: torch.dtype, needs_grad: bool,
+               x_rows: Optional[int] = None, y_rows: Optional[int] = None):
+    """``(backend name, reason, predicted us per backend)`` for ``mfh(..., backend="auto")``
+    on a tensor of ``device``: ``triton`` (FBP's wide kernels per block) or ``torch``
+    (cuBLAS projections and PyTorch's elementwise kernels per block), whichever the cost
+    model predicts faster for this shape (costmodel.predict_mfh: H200, bf16, MFB widths,
+    order 2: triton at rows 1, 27 us forward against 84; torch at training batches, rows
+    1024 forward+backward 650 us against 738).  ``x_rows`` / ``y_rows``: the inputs'
+    distinct rows (co-attention)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch", (f"{device.type} tensors: plain PyTorch (BLAS) is the fast path; "
+                         f"the Triton interpreter is for tests only"), {}
+    from . import mfh_ops
+
+    problem = mfh_ops.unsupported_reason("triton", device, order, factor)
+    if problem is not None:
+        return "torch", f"backend triton cannot run it: {problem}", {}
+    mode = "forward+backward" if needs_grad else "forward"
+    mdtype = _model_dtype(dtype)
+    if mdtype is None or min(rows, m, n, o) < 1:
+        return "triton", "no cost model for this problem; triton is the default", {}
+    preds = _predict_mfh(_device_name(device), rows, m, n, factor, o, order, mdtype, mode,
+                         x_rows if x_rows is not None else rows,
+                         y_rows if y_rows is not None else rows)
+    if not preds:
+        return "triton", "cost model unavailable; triton is the default", {}
+    best = min(preds, key=preds.get)
+    other = "torch" if best == "fused" else "fused"
+    return ("triton" if best == "fused" else "torch"), (
+        f"cost model ({mode}, order {order}): {best} {preds[best]:.1f} us < {other} "
+        f"{preds[other]:.1f} us predicted"), dict(preds)
 
 
 def auto_backend(device: torch.device) -> str:

@@ -146,3 +146,82 @@ def test_auto_on_a_gpu_runs_what_explain_says():
     z_auto = fbp_kernels.fbp(x, y, wx, wy, factor=5)
     z_named = fbp_kernels.fbp(x, y, wx, wy, factor=5, backend=plan.backend)
     assert torch.equal(z_auto, z_named)
+
+
+# ----------------------------------------------------------------------------- MFH
+
+
+def test_mfh_auto_picks_the_backend_the_model_predicts_faster(monkeypatch):
+    """On a (pretended) H200, bf16, MFB widths, order 2: the real cost model puts triton
+    ahead for small-batch inference and torch at training batches (costmodel.predict_mfh
+    prices both from FBP's providers); the choice follows the predictions."""
+    from fbp_kernels import costmodel as cm, mfh_ops
+
+    monkeypatch.setattr(mfh_ops, "unsupported_reason", lambda name, dev, order=None,
+                        factor=None: None)
+    monkeypatch.setattr(strategy, "_device_name", lambda dev: "NVIDIA H200")
+    cuda = torch.device("cuda")
+    h200 = cm.GPUS["H200"]
+    for rows, grad in ((1, False), (16, False), (1024, True), (16384, True)):
+        name, why, preds = strategy.choose_mfh(cuda, rows, 2048, 1024, 5, 1000, 2,
+                                               torch.bfloat16, grad)
+        mode = "forward+backward" if grad else "forward"
+        shape = cm.Shape(rows=rows, m=2048, n=1024, factor=5, o=1000)
+        want = {p: cm.predict_mfh(p, shape, h200, mode, 2) for p in ("fused", "torch")}
+        assert preds == pytest.approx(want), rows
+        assert name == ("triton" if want["fused"] < want["torch"] else "torch"), (rows, why)
+    assert strategy.choose_mfh(cuda, 1, 2048, 1024, 5, 1000, 2, torch.bfloat16,
+                               False)[0] == "triton"
+    assert strategy.choose_mfh(cuda, 16384, 2048, 1024, 5, 1000, 2, torch.bfloat16,
+                               True)[0] == "torch"
+    # float64 (gradcheck) has no model: triton, the default on CUDA
+    name, why, _ = strategy.choose_mfh(cuda, 8, 4, 4, 2, 3, 2, torch.float64, True)
+    assert name == "triton" and "no cost model" in why
+    # a factor no wide tile holds, or a device without Triton: torch
+    monkeypatch.setattr(mfh_ops, "unsupported_reason", lambda name, dev, order=None,
+                        factor=None: "its wide tiles cannot hold whole groups")
+    name, why, _ = strategy.choose_mfh(cuda, 8, 4, 4, 33, 3, 2, torch.bfloat16, True)
+    assert name == "torch" and "wide tiles" in why
+    assert strategy.choose_mfh(torch.device("cpu"), 8, 4, 4, 2, 3, 2, torch.bfloat16,
+                               True)[0] == "torch"
+
+
+def test_predict_mfh_is_fbp_at_order_one_and_grows_with_order():
+    from fbp_kernels import costmodel as cm
+
+    h200 = cm.GPUS["H200"]
+    s = cm.Shape(rows=1024, m=2048, n=1024, factor=5, o=1000)
+    for mode in cm.MODES:
+        assert cm.predict_mfh("fused", s, h200, mode, 1) == pytest.approx(
+            cm.predict("fused", s, h200, mode).time_us)
+        assert cm.predict_mfh("floor", s, h200, mode, 3) == pytest.approx(
+            3 * cm.predict("floor", s, h200, mode).time_us)
+        for p in cm.MFH_PROVIDERS:
+            t = [cm.predict_mfh(p, s, h200, mode, k) for k in (1, 2, 3)]
+            assert t[0] < t[1] < t[2], (p, mode, t)
+            assert t[1] >= cm.predict_mfh("floor", s, h200, mode, 2), (p, mode)
+    with pytest.raises(ValueError, match="provider"):
+        cm.predict_mfh("split", s, h200)
+    with pytest.raises(ValueError, match="order"):
+        cm.predict_mfh("fused", s, h200, "forward", 0)
+
+
+@cuda_only
+def test_mfh_auto_on_a_gpu_runs_what_choose_mfh_says(monkeypatch):
+    from fbp_kernels import mfh_ops
+
+    seen = []
+    real = mfh_ops.resolve
+
+    def spy(name, *a, **k):
+        seen.append(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(mfh_ops, "resolve", spy)
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(4, 32, device="cuda", dtype=torch.bfloat16)
+    wx = [torch.randn(50, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    wy = [torch.randn(50, 32, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    fbp_kernels.mfh(x, y, wx, wy, factor=5)
+    want = strategy.choose_mfh(x.device, 4, 64, 32, 5, 10, 2, torch.bfloat16, False)[0]
+    assert seen and set(seen) == {want}, seen
