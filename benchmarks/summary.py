@@ -26,9 +26,14 @@ LEGEND = ("cells: median ms, speedup over the eager reference (x), time over the
           "(f: 1.00 = as fast as the bare matmuls)")
 
 
+#: The same for MFH (costmodel.predict_mfh: MFH priced from FBP's providers).
+MFH_MODEL_PROVIDERS = {"reference": "eager", "floor": "floor", "triton": "fused",
+                       "torch": "torch"}
+
+
 def model_shape(problem: Problem) -> Optional[costmodel.Shape]:
-    """The cost model's view of a benchmark problem (FBP only: MFH is not modelled)."""
-    if problem.order != 1 or problem.dtype not in costmodel.DTYPE_BYTES:
+    """The cost model's view of a benchmark problem (for MFH, one block's widths)."""
+    if problem.dtype not in costmodel.DTYPE_BYTES:
         return None
     if problem.regions > 1:
         return costmodel.Shape(problem.rows, problem.m, problem.n, problem.factor, problem.o,
@@ -40,9 +45,13 @@ def model_shape(problem: Problem) -> Optional[costmodel.Shape]:
 def predicted_ms(problem: Problem, provider: str, mode: str,
                  gpu: costmodel.GPU) -> Optional[float]:
     """The model's time for a measured provider, in ms, or None when it has no model."""
-    shape, name = model_shape(problem), MODEL_PROVIDERS.get(provider)
+    mfh = problem.order > 1
+    shape = model_shape(problem)
+    name = (MFH_MODEL_PROVIDERS if mfh else MODEL_PROVIDERS).get(provider)
     if shape is None or name is None:
         return None
+    if mfh:
+        return costmodel.predict_mfh(name, shape, gpu, mode, problem.order) / 1e3
     return costmodel.predict(name, shape, gpu, mode).time_us / 1e3
 
 
@@ -183,7 +192,7 @@ def markdown(rows: Sequence[Row], env: Dict[str, object], command: str,
     lines += _bandwidth_lines(idx, str(env["device"]), peak_gbps)
     if gpu:
         lines += measured_vs_predicted_lines(idx, costmodel.gpu_for_name(str(env["device"])))
-    elif "fbp" in ops:  # MFH has no cost model
+    elif "fbp" in ops:  # the predicted table is FBP's (MFH's: docs/mfh.md)
         lines += predicted_gpu_lines()
     if compile_report:
         keys = list(compile_report[0].keys())

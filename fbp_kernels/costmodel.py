@@ -1286,8 +1286,8 @@ def predict(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
                       bound, tuple(notes), launches, host, tuple(ks))
 
 
-#: The MFH backends priced by :func:`predict_mfh`.
-MFH_PROVIDERS = ("floor", "fused", "torch")
+#: The MFH providers priced by :func:`predict_mfh`.
+MFH_PROVIDERS = ("floor", "eager", "fused", "torch")
 
 
 def predict_mfh(provider: str, shape: Shape, gpu: GPU, mode: str = "forward",
@@ -1304,6 +1304,9 @@ def predict_mfh(provider: str, shape: Shape, gpu: GPU, mode: str = "forward",
     - ``torch`` (backend torch): per block eager's forward kernels and one more product
       kernel per boundary; backward: per block both projections recomputed (the floor's
       forward GEMMs) and eager's backward kernels;
+    - ``eager`` (``reference.mfh`` under autograd, which keeps every block's
+      projections): ``torch``'s forward; backward: eager's backward kernels per block
+      and, per boundary, one more kernel for the running product's gradient;
     - ``floor``: the GEMMs, ``order`` times FBP's.
 
     The (rows, K*o) traffic is priced at the streaming HBM rate (an upper bound where it
@@ -1329,12 +1332,13 @@ def predict_mfh(provider: str, shape: Shape, gpu: GPU, mode: str = "forward",
             total += edges * (t("fused", "forward") + stream(2 * width_bytes)) + \
                 order * t("fused", "backward") + edges * stream(3 * width_bytes)
         return total
+    product = elementwise("p *= p_prev", 2 * width_bytes, width_bytes,
+                          shape.rows * shape.ko, gpu, elem_bytes=shape.elem).time_us
     if fwd:
-        product = elementwise("p *= p_prev", 2 * width_bytes, width_bytes,
-                              shape.rows * shape.ko, gpu, elem_bytes=shape.elem).time_us
         total += order * t("eager", "forward") + edges * product
     if bwd:
-        total += order * (t("floor", "forward") + t("eager", "backward"))
+        total += order * t("eager", "backward")
+        total += order * t("floor", "forward") if provider == "torch" else edges * product
     return total
 
 

@@ -342,3 +342,23 @@ def test_coatt_sweep_measures_broadcast_inputs(tmp_path):
     rows = read_csv(tmp_path / "results.csv")
     assert rows and {r.regions for r in rows} == {3}
     assert {r.provider for r in rows if r.metric == TIME_MEDIAN} >= {"reference", "floor"}
+
+
+def test_mfh_problems_get_the_cost_models_mfh_prediction():
+    """A GPU run of ``--op mfh`` puts costmodel.predict_mfh beside each measured MFH
+    provider (reference -> eager, triton -> fused, torch, floor); FBP keeps predict."""
+    from fbp_kernels import costmodel as cm
+    from benchmarks.problems import Problem
+
+    h200 = cm.GPUS["H200"]
+    mfh = Problem(1024, 2048, 1024, 5, 1000, "bf16", order=3)
+    shape = cm.Shape(1024, 2048, 1024, 5, 1000, "bf16")
+    for prov, name in (("reference", "eager"), ("triton", "fused"), ("torch", "torch"),
+                       ("floor", "floor")):
+        for mode in cm.MODES:
+            assert summary.predicted_ms(mfh, prov, mode, h200) == pytest.approx(
+                cm.predict_mfh(name, shape, h200, mode, 3) / 1e3)
+    assert summary.predicted_ms(mfh, "split", "forward", h200) is None  # no MFH split
+    fbp = Problem(1024, 2048, 1024, 5, 1000, "bf16")
+    assert summary.predicted_ms(fbp, "triton", "forward", h200) == pytest.approx(
+        cm.predict("fused", shape, h200, "forward").time_us / 1e3)
