@@ -369,6 +369,26 @@ def test_middle_memory_mode_reads_the_kept_projection(monkeypatch, xs, ys, keep,
                     ("_wide_grad_kernel", False)], seen
 
 
+def test_middle_memory_mode_forward_does_not_copy_the_kept_inputs_rows(monkeypatch):
+    """A plain broadcast of the kept input: its forward reads only the kept projection,
+    so its rows are a zero-stride view, not a materialised copy (backward, whose weight
+    gradient reads them, builds its own layout; the result still matches the reference:
+    test_middle_memory_mode_reads_the_kept_projection)."""
+    seen = []
+    real = W.wide_forward
+
+    def spy(x2, y2, *a, **k):
+        seen.append((tuple(x2.shape), tuple(y2.shape), y2.stride(0)))
+        return real(x2, y2, *a, **k)
+
+    monkeypatch.setattr(W, "wide_forward", spy)
+    g = torch.Generator().manual_seed(5)
+    args = _broadcast_args(g, (1, 4), (3, 4), 3, 5, 6, 7)
+    fbp_kernels.fbp(*args, factor=3, backend="triton", save_projections="x")
+    # slots swapped (x kept): the y slot holds x's 12 broadcast rows of width 6
+    assert seen == [((12, 7), (12, 6), 0)], seen
+
+
 def test_middle_memory_mode_low_precision_and_refusals():
     """bf16: within the plain path's bound; save_projections=True with an activation is
     refused (the wide kernels keep at most one projection), naming the way out."""

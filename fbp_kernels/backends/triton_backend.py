@@ -151,12 +151,15 @@ class WideLayout(NamedTuple):
     lead: tuple  # the y slot's rows as broadcast dimensions (for its kept projection)
 
 
-def _wide_layout(x, y, weight_x, weight_y, bias_x, bias_y, keep=None) -> WideLayout:
+def _wide_layout(x, y, weight_x, weight_y, bias_x, bias_y, keep=None,
+                 kept_rows: bool = True) -> WideLayout:
     """The wide kernels' operands for ``(x, y)``.  Co-attention (``coattention_layout``):
     the shared input in the y slot, one row per group.  ``keep`` ``"x"`` / ``"y"`` (the
     middle memory mode): that input in the y slot, read from its kept projection; if it
-    is not co-attention's shared input its rows are the broadcast rows.  Other broadcasts
-    are materialised rows."""
+    is not co-attention's shared input its rows are the broadcast rows, or with
+    ``kept_rows=False`` (the forward: the kernels read only the projection) a
+    zero-stride view of that shape instead of a copy.  Other broadcasts are
+    materialised rows."""
     batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
     co = coattention_layout(x, y)
     swapped = keep == "x" if keep is not None else co is not None and co.swapped
@@ -169,8 +172,14 @@ def _wide_layout(x, y, weight_x, weight_y, bias_x, bias_y, keep=None) -> WideLay
                           lambda d: d.view(plain.shape),
                           lambda d: d.view(co.shared_shape).sum_to_size(other.shape),
                           tuple(co.shared_shape[:-1]))
-    x2, y2 = as_rows(plain.expand(*batch, plain.shape[-1])), \
-        as_rows(other.expand(*batch, other.shape[-1]))
+    x2 = as_rows(plain.expand(*batch, plain.shape[-1]))
+    rows = x2.shape[0]
+    if keep is not None and not kept_rows and tuple(other.shape[:-1]) != tuple(batch):
+        # Never read (the kept projection stands in for its main loop); the backward,
+        # whose weight gradient reads them, builds its own layout.
+        y2 = other.new_empty((1, other.shape[-1])).expand(rows, other.shape[-1])
+    else:
+        y2 = as_rows(other.expand(*batch, other.shape[-1]))
     return WideLayout(x2, y2, wx, wy, bx, by, 1 if keep is not None else 0, swapped,
                       lambda d: unflatten_grad(d, batch, plain),
                       lambda d: unflatten_grad(d, batch, other), tuple(batch))
@@ -213,7 +222,7 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
                                        W.supports(factor, wide_cfg)):
         # The wide main loop: one K pass per projection for every factor group, and a
         # row-finishing kernel instead of the ticket protocol (triton_wide.py).
-        lay = _wide_layout(x, y, weight_x, weight_y, bias_x, bias_y, keep)
+        lay = _wide_layout(x, y, weight_x, weight_y, bias_x, bias_y, keep, kept_rows=False)
         proj = rows_proj = None
         if keep is not None:
             # The middle memory mode: the kept input's pre-activation projection at its
