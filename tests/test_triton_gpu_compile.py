@@ -64,12 +64,14 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     # the split drop-in variants (activation, joint norm; 9 builds, 7 for fp32 which has no
     # fp32-output variant) at two shapes per arch and dtype
     dropin = 2 * 2 * (9 + 9 + 7)
-    # MFH's chained builds of the wide kernels (forward, two backward passes, pass 2 with
-    # an activation, co-attention's forward and first pass; the forward's tiny tile for
-    # half) per arch and dtype
-    mfh = 2 * (6 + 7 + 7)
+    # MFH's chained builds of the wide kernels (forward, with tanh, two backward passes,
+    # pass 2 with an activation, co-attention's forward and first pass; the forward's
+    # tiny tile for half) per arch and dtype
+    mfh = 2 * (7 + 8 + 8)
+    # the wide forward with tanh on both projections, at the training tile
+    act_fwd = 2 * 3
     assert len(combos) == len(rows) == \
-        3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd + dropin + mfh, log
+        3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd + dropin + mfh + act_fwd, log
     assert {r["kernel"] for r in rows} == {"fbp_fwd", "fbp_bwd", "row_dot", "mask",
                                            "split_fwd", "split_bwd", "wide_fwd", "finish",
                                            "wide_bwd", "grad_pool"}
@@ -167,7 +169,7 @@ def test_mfh_chained_blocks_compile_on_the_wide_main_loop(compile_rows):
     for arch in (80, 90):
         for dtype in ("fp32", "fp16", "bf16"):
             builds = tc.mfh_builds(arch, dtype)
-            assert len(builds) == (6 if dtype == "fp32" else 7)
+            assert len(builds) == (7 if dtype == "fp32" else 8)
             for kernel, name, _cfg, desc, _consts in builds:
                 r = _row(compile_rows[1], kernel, arch, dtype, name)
                 assert r["ok"] and r["stack_bytes"] == 0, r

@@ -335,6 +335,19 @@ def wide_builds(arch: int, dtype: str):
     return builds
 
 
+def wide_fwd_act_builds(arch: int, dtype: str):
+    """``(config name, WideConfig, descriptors?, ACTIVATION)`` of the wide forward with a
+    projection activation (tanh: the one with more live temporaries) at the training
+    tile, factor 5."""
+    import torch
+
+    from . import triton_wide as W
+
+    tdt, cap = getattr(torch, _TORCH_DTYPES[dtype]), (arch // 10, arch % 10)
+    cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap)]
+    return [(f"K{WIDE_FACTORS[0]}-tanh" + ("-tma" if cfg.tma else ""), cfg, cfg.tma, 2)]
+
+
 #: The activation builds of the wide backward: (tag, ACTIVATION, ACT_PASS) at factors 5
 #: and 1 (pass 2, which reads and writes both buffers, is the heaviest; factor 1's
 #: unpooled ds tile is the widest).
@@ -377,6 +390,7 @@ def wide_bwd_builds(arch: int, dtype: str):
 MFH_VARIANTS = (
     ("wide_fwd", "mfh", None, {"PREV": True, "CHAIN": True}),
     ("wide_fwd", "mfh-tiny", None, {"PREV": True, "CHAIN": True}),
+    ("wide_fwd", "tanh-mfh", None, {"PREV": True, "CHAIN": True, "ACTIVATION": 2}),
     ("wide_bwd", "mfh1", None, {"CARRY": True, "PREV": True, "NEXT": 1}),
     ("wide_bwd", "mfh2", None, {"CARRY": True, "PREV": True, "NEXT": 2, "ACT_PASS": 0}),
     ("wide_bwd", "relu2-mfh", "relu", {"CARRY": True, "PREV": True, "NEXT": 2,
@@ -536,6 +550,14 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                              elem[dtype])))
             rows.append(_compile_row(triton, target, "finish", arch, dtype, "default", 4, 1,
                                      lambda: _finish_source(dtype)))
+            for cfg_name, wcfg, desc, act in wide_fwd_act_builds(arch, dtype):
+                rows.append(_compile_row(
+                    triton, target, "wide_fwd", arch, dtype, cfg_name, wcfg.num_warps,
+                    wcfg.num_stages,
+                    lambda: _wide_source(dtype, wcfg, WIDE_FACTORS[0], precision, desc,
+                                         ACTIVATION=act),
+                    MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k, wcfg.num_stages,
+                             elem[dtype])))
             for kernel, cfg_name, wcfg, desc, consts in mfh_builds(arch, dtype):
                 make = _wide_source if kernel == "wide_fwd" else _wide_bwd_source
                 rows.append(_compile_row(
