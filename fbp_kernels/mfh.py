@@ -101,21 +101,9 @@ def _auto_for_shape(x, y, lists, factor) -> str:
     gradient is needed; ``lists``: (weights_x, weights_y, biases_x, biases_y)."""
     from . import strategy
 
-    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
-    rows, rx, ry = 1, 1, 1
-    for d in batch:
-        rows *= d
-    for d in x.shape[:-1]:
-        rx *= d
-    for d in y.shape[:-1]:
-        ry *= d
-    weights_x = lists[0]
     params = [t for seq in lists for t in seq if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, *params))
-    return strategy.choose_mfh(x.device, rows, x.shape[-1], y.shape[-1], factor,
-                               weights_x[0].shape[0] // factor, len(weights_x), x.dtype,
-                               needs_grad, x_rows=min(max(rx, 1), max(rows, 1)),
-                               y_rows=min(max(ry, 1), max(rows, 1)))[0]
+    return strategy.choose_mfh_for(x, y, lists[0], factor, needs_grad)[0]
 
 
 def _prepare(args, factor, order, dropout, eps, backend, norm_dims=1, activation=None):

@@ -198,6 +198,23 @@ def choose_mfh(device: torch.device, rows: int, m: int, n: int, factor: int, o: 
         f"{preds[other]:.1f} us predicted"), dict(preds)
 
 
+def choose_mfh_for(x, y, weights_x, factor: int, needs_grad: bool):
+    """:func:`choose_mfh` for tensors: ``x (..., m)``, ``y (..., n)`` (broadcast leading
+    dimensions; the inputs' own rows are the distinct ones) and the per-block
+    ``weights_x``."""
+    rows = rx = ry = 1
+    for d in backends_batch(x, y):
+        rows *= d
+    for d in x.shape[:-1]:
+        rx *= d
+    for d in y.shape[:-1]:
+        ry *= d
+    return choose_mfh(x.device, rows, x.shape[-1], y.shape[-1], factor,
+                      weights_x[0].shape[0] // factor, len(weights_x), x.dtype, needs_grad,
+                      x_rows=min(max(rx, 1), max(rows, 1)),
+                      y_rows=min(max(ry, 1), max(rows, 1)))
+
+
 def auto_backend(device: torch.device) -> str:
     """The device-level choice (MFB default shape, forward+backward): what ``auto``
     runs under ``torch.compile``."""
@@ -278,6 +295,48 @@ def explain(x, y, weight_x, weight_y=None, *, factor: int, backend: str = "auto"
         name = backends.resolve(backend, device).NAME
         reason, preds = "requested explicitly", {}
     kernels, tile = _describe(name, rows, o, factor, x.dtype, device, save_projections)
+    return Plan(name, kernels, tile, reason, preds)
+
+
+def explain_mfh(x, y, weights_x, weights_y=None, *, factor: int, backend: str = "auto",
+                training: bool = False, needs_grad: Optional[bool] = None) -> Plan:
+    """Which backend, kernels and tiles ``mfh(x, y, weights_x, weights_y, ...)`` runs, and
+    why: :func:`explain` for MFH (``weights_x``: the per-block list; ``weights_y`` is
+    accepted for symmetry with ``mfh`` and not needed).  An explicit backend that cannot
+    run here raises ``BackendUnavailableError``, as ``mfh`` would."""
+    from . import mfh_ops
+
+    device = x.device
+    weights_x = list(weights_x)
+    order = len(weights_x)
+    rows = 1
+    for d in backends_batch(x, y):
+        rows *= d
+    if needs_grad is None:
+        params = [*weights_x, *(weights_y or [])]
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, y, *params))
+    if backend == "auto":
+        name, reason, preds = choose_mfh_for(x, y, weights_x, factor, needs_grad)
+    else:
+        name = mfh_ops.resolve(backend, device, order, factor).NAME
+        reason, preds = "requested explicitly", {}
+    if name == "triton":
+        from .backends import triton_wide as W
+
+        fwd = W.pick_wide_config(x.dtype, device, rows, chained=order > 1)
+        bwd = W.pick_wide_bwd_config(x.dtype, device, chained=order > 1)
+        tiles = lambda c: (f"{c.block_m}x{c.block_n}x{c.block_k}, {c.num_warps} warps, "  # noqa: E731
+                           f"{c.num_stages} stages{', TMA' if c.tma else ''}")
+        kernels = (f"per block ({order}): Triton _wide_fwd_kernel (the running product read "
+                   f"and stored: PREV/CHAIN) + _finish_kernel; backward: the products "
+                   f"recomputed, then per block _grad_pooled_kernel + _wide_grad_kernel "
+                   f"twice (CARRY/PREV/NEXT) + 4 cuBLAS GEMMs")
+        tile = f"forward {tiles(fwd)}; backward {tiles(bwd)}"
+    else:
+        kernels = (f"per block ({order}): F.linear x2, products, pooling, normalisation "
+                   f"(hand-written backward, projections recomputed)")
+        tile = "-"
     return Plan(name, kernels, tile, reason, preds)
 
 

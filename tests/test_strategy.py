@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fbp_kernels
-from fbp_kernels import backends, strategy
+from fbp_kernels import backends, mfh_ops, strategy
 
 from conftest import DEVICE, cuda_only
 
@@ -225,3 +225,42 @@ def test_mfh_auto_on_a_gpu_runs_what_choose_mfh_says(monkeypatch):
     fbp_kernels.mfh(x, y, wx, wy, factor=5)
     want = strategy.choose_mfh(x.device, 4, 64, 32, 5, 10, 2, torch.bfloat16, False)[0]
     assert seen and set(seen) == {want}, seen
+
+
+def test_explain_mfh_on_the_cpu_and_by_name():
+    x, y = torch.randn(3, 4), torch.randn(3, 5)
+    wx, wy = [torch.randn(6, 4) for _ in range(2)], [torch.randn(6, 5) for _ in range(2)]
+    plan = fbp_kernels.explain_mfh(x, y, wx, wy, factor=2)
+    assert plan.backend == "torch" and "cpu" in plan.reason and "per block (2)" in plan.kernels
+    with pytest.raises(backends.BackendUnavailableError):
+        fbp_kernels.explain_mfh(x, y, wx, wy, factor=2, backend="cuda")
+
+
+@pytest.mark.skipif(mfh_ops.unsupported_reason("triton", DEVICE) is not None,
+                    reason="backend 'triton' cannot run MFH here")
+def test_explain_mfh_names_the_chained_tiles(monkeypatch):
+    """On triton: the wide kernels per block at the chained tile the launchers pick; with
+    auto, the backend, reason and predictions are choose_mfh's for the call's shape."""
+    from fbp_kernels.backends import triton_wide as W
+
+    x, y = torch.randn(7, 4, device=DEVICE), torch.randn(7, 6, device=DEVICE)
+    wx = [torch.randn(12, 4, device=DEVICE) for _ in range(3)]
+    plan = fbp_kernels.explain_mfh(x, y, wx, factor=3, backend="triton")
+    fwd = W.pick_wide_config(torch.float32, DEVICE, 7, chained=True)
+    assert plan.backend == "triton" and "per block (3)" in plan.kernels
+    assert f"forward {fwd.block_m}x{fwd.block_n}x{fwd.block_k}" in plan.tile, plan.tile
+    seen = []
+
+    def choose(*a, **k):
+        seen.append((a, k))
+        return "torch", "cost model: made up", {"fused": 2.0, "torch": 1.0}
+
+    monkeypatch.setattr(strategy, "choose_mfh", choose)
+    big = torch.empty(64, 100, 2048, dtype=torch.bfloat16, device="meta")
+    q = torch.empty(64, 1, 1024, dtype=torch.bfloat16, device="meta")
+    w = [torch.empty(5000, 2048, dtype=torch.bfloat16, device="meta") for _ in range(2)]
+    plan = fbp_kernels.explain_mfh(big, q, w, factor=5, needs_grad=True)
+    assert plan.backend == "torch" and plan.predicted_us == {"fused": 2.0, "torch": 1.0}
+    (args, kw), = seen
+    assert args[1:] == (6400, 2048, 1024, 5, 1000, 2, torch.bfloat16, True)
+    assert kw == {"x_rows": 6400, "y_rows": 64}
