@@ -10,15 +10,19 @@
 #      compiler's arithmetic, the ticket protocol or CUDA graphs            <= 220 s
 #   4. the benchmark (measured beside the cost model's prediction)          <= 160 s
 # Results and logs go under $OUT (the device tool's output folder), a short summary
-# is printed last.  GPU_CHECK_TESTS / GPU_CHECK_BENCH override the pytest selection
-# and the benchmark arguments.  Runs with the machine's own Python (FBP_SYSTEM_PYTHON).
+# is printed last.  GPU_CHECK_TESTS (a pytest -k expression) / GPU_CHECK_BENCH override
+# the test selection and the benchmark arguments.  The test files whose checks only a
+# GPU can make (graphs and streams, real sizes, large offsets, the wide and split
+# kernels, auto) run first, so a timeout cuts the rest, not them.  Runs with the
+# machine's own Python (FBP_SYSTEM_PYTHON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-TESTS=${GPU_CHECK_TESTS:-"-k split or strategy or triton or wide or cuda_graphs or cuda_backend or dropout or determinism or large_offsets or correctness or gradcheck"}
-BENCH=${GPU_CHECK_BENCH:-"--sweep rows --no-compile"}
+TESTS=${GPU_CHECK_TESTS:-"split or strategy or triton or wide or cuda_graphs or cuda_backend or dropout or determinism or large_offsets or correctness or gradcheck"}
+FIRST="tests/test_cuda_graphs.py tests/test_large_offsets.py tests/test_wide.py tests/test_split.py tests/test_strategy.py tests/test_correctness.py tests/test_cuda_backend.py"
+BENCH=${GPU_CHECK_BENCH:-"--sweep rows,coatt --no-compile"}
 
 {
   date -u
@@ -38,8 +42,11 @@ MAX_JOBS=${MAX_JOBS:-16} timeout 120 "$PY" -c \
 build_rc=$?
 echo "cuda extension build rc $build_rc (124 = timed out): see cuda_build.log"
 
+# The -k expression is one argument (it has spaces); FIRST's files before the rest, as
+# files (given a directory too, pytest collects in the directory's order).
+REST=$(for f in tests/test_*.py; do case " $FIRST " in *" $f "*) ;; *) echo "$f" ;; esac; done)
 # shellcheck disable=SC2086
-timeout 220 "$PY" -m pytest tests -q -p no:cacheprovider -rs $TESTS \
+timeout 220 "$PY" -m pytest $FIRST $REST -q -p no:cacheprovider -rs -k "$TESTS" \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 tests_rc=$?
 

@@ -362,3 +362,30 @@ def test_mfh_problems_get_the_cost_models_mfh_prediction():
     fbp = Problem(1024, 2048, 1024, 5, 1000, "bf16")
     assert summary.predicted_ms(fbp, "triton", "forward", h200) == pytest.approx(
         cm.predict("fused", shape, h200, "forward").time_us / 1e3)
+
+
+def test_gpu_check_script_passes_the_selection_as_one_expression(tmp_path):
+    """scripts/gpu_check.sh (``make gpu-check``) with a stub interpreter that records its
+    arguments: pytest gets ``-k`` and the whole selection as one argument (unquoted, the
+    expression's words became file names and nothing was collected), the GPU-only
+    files first and every test file once, and the benchmark its sweeps."""
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "py"
+    stub.write_text("#!/usr/bin/env bash\nfor a in \"$@\"; do printf '%s\\x1f' \"$a\" >> "
+                    f"{log}; done; echo >> {log}\n")
+    stub.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PY": str(stub), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines() if line]
+    (pytest_args,) = [c for c in calls if c[:2] == ["-m", "pytest"]]
+    k = pytest_args.index("-k")
+    assert pytest_args[k + 1].startswith("split or strategy or triton"), pytest_args[k + 1]
+    files = [a for a in pytest_args if a.startswith("tests/")]
+    assert files[0] == "tests/test_cuda_graphs.py"
+    assert sorted(files) == sorted(str(p.relative_to(root)) for p in
+                                   (root / "tests").glob("test_*.py"))
+    (bench,) = [c for c in calls if c and c[0] == "benchmarks/run.py"]
+    assert bench[bench.index("--sweep") + 1] == "rows,coatt"
