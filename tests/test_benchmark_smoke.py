@@ -389,3 +389,5 @@ def test_gpu_check_script_passes_the_selection_as_one_expression(tmp_path):
                                    (root / "tests").glob("test_*.py"))
     (bench,) = [c for c in calls if c and c[0] == "benchmarks/run.py"]
     assert bench[bench.index("--sweep") + 1] == "rows,coatt"
+    # no new problem after 100 s: results are written inside the phase's 130 s timeout
+    assert float(bench[bench.index("--time-budget") + 1]) < 130
