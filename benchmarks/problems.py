@@ -104,7 +104,7 @@ SWEEP_GROUPS = {"width": ("m", "n"), "all": tuple(SWEEP_FIELDS)}
 GPU_PLAN = Plan(
     centre=Problem(rows=1024, m=2048, n=1024, factor=5, o=1000, dtype="bf16"),
     values={
-        "rows": (1, 4, 16, 64, 256, 1024, 4096, 8192),
+        "rows": (1, 4, 16, 64, 256, 1024, 4096, 16384),
         "m": (512, 1024, 2048, 4096),
         "n": (512, 1024, 2048, 4096),
         "factor": (1, 2, 3, 5, 8, 10),
