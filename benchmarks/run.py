@@ -117,6 +117,17 @@ def backend_names(op: str, device: torch.device) -> List[str]:
         return []
     if device.type != "cuda":
         return ["torch"]
+    if op == "mfh":
+        # MFH's backends (triton: FBP's wide kernels per block; torch); split and cuda
+        # have no MFH implementation.
+        from fbp_kernels import mfh_ops
+
+        names = [n for n in mfh_ops._MFH_MODULES if mfh_ops.unsupported_reason(n, device) is None]
+        for name in mfh_ops._MFH_MODULES:
+            if name not in names:
+                print(f"backend {name!r} not measured: "
+                      f"{mfh_ops.unsupported_reason(name, device)}")
+        return names
     names = fbp_kernels.available_backends(device)
     for name in backends.NAMES:
         if name not in names:
