@@ -135,7 +135,8 @@ def _prepare(args, factor, order, dropout, eps, backend, norm_dims=1, activation
         if backend == "auto" and x.device.type == "cuda":
             # Per shape, from the cost model (strategy.choose_mfh); forward and backward
             # then run the same backend (each draws its own dropout masks).  Under
-            # torch.compile the op resolves "auto" itself (triton on CUDA).
+            # torch.compile the ops resolve "auto" to the device-level choice
+            # (strategy.auto_mfh_backend: the model at the MFB default shape).
             backend = _auto_for_shape(x, y, lists, factor)
         # A clear error here rather than from inside the op.  Skipped while tracing:
         # resolving imports modules, which Dynamo refuses to trace; the op resolves

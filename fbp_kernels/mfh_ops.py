@@ -41,7 +41,6 @@ _MFH_MODULES = {
     "triton": "fbp_kernels.backends.triton_mfh",
     "torch": "fbp_kernels.backends.torch_mfh",
 }
-_AUTO_ON_CUDA: Tuple[str, ...] = ("triton",)
 
 
 
@@ -72,16 +71,22 @@ def resolve(name: str, device: torch.device, order: Optional[int] = None,
     """The MFH implementation for backend ``name`` on ``device`` (for ``order`` blocks
     and ``factor``, where given).
 
-    ``"auto"`` takes the first of ``_AUTO_ON_CUDA`` that can run on a CUDA device,
-    else the plain-PyTorch one (on CPU the interpreter is a testing tool, never an
-    automatic choice).  A named backend that cannot run raises
+    ``"auto"`` (what the ops see under ``torch.compile``, or when called directly: the
+    front end otherwise resolves it per shape) takes the device-level choice on a CUDA
+    device, ``strategy.auto_mfh_backend`` (the cost model at the MFB default shape, as
+    FBP's compiled path), when it can run this ``order`` and ``factor``; else the
+    plain-PyTorch one (on CPU the interpreter is a testing tool, never an automatic
+    choice).  It depends only on the device, order and factor, so the forward and
+    backward ops agree.  A named backend that cannot run raises
     :class:`BackendUnavailableError` with the reason.
     """
     if name == "auto":
         if device.type == "cuda":
-            for cand in _AUTO_ON_CUDA:
-                if unsupported_reason(cand, device, order, factor) is None:
-                    return _load(cand)
+            from . import strategy
+
+            cand = strategy.auto_mfh_backend(device, order if order is not None else 2)
+            if unsupported_reason(cand, device, order, factor) is None:
+                return _load(cand)
         return _load("torch")
     if name not in backends.NAMES:
         raise ValueError(f"backend must be 'auto' or one of {list(backends.NAMES)}, "

@@ -215,6 +215,14 @@ def choose_mfh_for(x, y, weights_x, factor: int, needs_grad: bool):
                       y_rows=min(max(ry, 1), max(rows, 1)))
 
 
+def auto_mfh_backend(device: torch.device, order: int = 2) -> str:
+    """MFH's device-level choice (MFB default shape, ``order`` blocks, bf16,
+    forward+backward): what ``auto`` runs under ``torch.compile``, as FBP's
+    :func:`auto_backend`."""
+    rows, m, n, factor, o = DEFAULT_SHAPE
+    return choose_mfh(device, rows, m, n, factor, o, order, torch.bfloat16, True)[0]
+
+
 def auto_backend(device: torch.device) -> str:
     """The device-level choice (MFB default shape, forward+backward): what ``auto``
     runs under ``torch.compile``."""

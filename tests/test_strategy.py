@@ -264,3 +264,23 @@ def test_explain_mfh_names_the_chained_tiles(monkeypatch):
     (args, kw), = seen
     assert args[1:] == (6400, 2048, 1024, 5, 1000, 2, torch.bfloat16, True)
     assert kw == {"x_rows": 6400, "y_rows": 64}
+
+
+def test_mfh_ops_auto_is_the_device_level_choice(monkeypatch):
+    """What the MFH ops run for "auto" (under torch.compile, or called directly): the
+    model's choice at the MFB default training shape, the same for the forward and the
+    backward op (it depends on the device, order and factor only)."""
+    from fbp_kernels import costmodel as cm
+
+    monkeypatch.setattr(mfh_ops, "unsupported_reason", lambda name, dev, order=None,
+                        factor=None: None)
+    monkeypatch.setattr(strategy, "_device_name", lambda dev: "NVIDIA H200")
+    cuda = torch.device("cuda")
+    shape = cm.Shape(rows=1024, m=2048, n=1024, factor=5, o=1000)
+    for order in (2, 3):
+        t = {p: cm.predict_mfh(p, shape, cm.GPUS["H200"], "forward+backward", order)
+             for p in ("fused", "torch")}
+        want = "triton" if t["fused"] < t["torch"] else "torch"
+        assert strategy.auto_mfh_backend(cuda, order) == want
+        assert mfh_ops.resolve("auto", cuda, order, 5).NAME == want
+    assert mfh_ops.resolve("auto", torch.device("cpu"), 2, 5).NAME == "torch"
