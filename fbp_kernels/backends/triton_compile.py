@@ -390,6 +390,7 @@ def wide_bwd_builds(arch: int, dtype: str):
 MFH_VARIANTS = (
     ("wide_fwd", "mfh", None, {"PREV": True, "CHAIN": True}),
     ("wide_fwd", "mfh-tiny", None, {"PREV": True, "CHAIN": True}),
+    ("wide_fwd", "mfh-small", None, {"PREV": True, "CHAIN": True}),
     ("wide_fwd", "tanh-mfh", None, {"PREV": True, "CHAIN": True, "ACTIVATION": 2}),
     ("wide_bwd", "mfh1", None, {"CARRY": True, "PREV": True, "NEXT": 1}),
     ("wide_bwd", "mfh2", None, {"CARRY": True, "PREV": True, "NEXT": 2, "ACT_PASS": 0}),
@@ -406,7 +407,8 @@ MFH_VARIANTS = (
 def mfh_builds(arch: int, dtype: str):
     """``(kernel, config name, WideConfig, descriptors?, constexpr overrides)`` of MFH's
     builds (``MFH_VARIANTS``) at the tiles its launchers pick for a training batch (the
-    chained tiles), and the forward's small-batch tile for half precision."""
+    chained tiles), and the forward's small-batch tiles for half precision where they
+    differ (rows <= TINY_ROWS, and rows <= SMALL_ROWS on sm_90)."""
     import torch
 
     from . import triton_wide as W
@@ -415,10 +417,14 @@ def mfh_builds(arch: int, dtype: str):
     f0 = WIDE_FACTORS[0]
     builds = []
     for kernel, tag, act, consts in MFH_VARIANTS:
-        if tag.endswith("-tiny"):
+        if tag.endswith(("-tiny", "-small")):
             if dtype == "fp32":
                 continue  # fp32 has one tile for every row count
-            cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap, rows=1, chained=True)]
+            rows = 1 if tag.endswith("-tiny") else W.SMALL_ROWS
+            cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap, rows=rows, chained=True)]
+            if tag.endswith("-small") and \
+                    cfg == W.WIDE_CONFIGS[W.config_family(tdt, cap, chained=True)]:
+                continue  # sm_80: the training tile already
         elif kernel == "wide_fwd":
             cfg = W.WIDE_CONFIGS[W.config_family(tdt, cap, chained=True)]
         else:
