@@ -425,15 +425,14 @@ def test_direct_operator_use_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", [backend_param("triton", mfh_ops.unsupported_reason)])
-def test_mfh_factor_too_wide_for_the_tiles_falls_back_or_is_refused(backend):
+def test_mfh_factor_too_wide_for_the_tiles_is_refused(backend):
     # MFH's triton blocks need whole factor groups in every tile: a wider factor is
-    # refused by name, with the reason, and auto (on CUDA) takes torch instead.
+    # refused by name, with the reason (auto then takes torch: test_strategy.py).
     from fbp_kernels.backends import triton_wide as W
 
     wide = 4 * W.pick_wide_config(torch.float64).block_n + 1  # odd: no tile holds a group
     assert mfh_ops.unsupported_reason(backend, DEVICE, 2, wide) is not None
     assert mfh_ops.unsupported_reason(backend, DEVICE, 2, 3) is None
-    assert mfh_ops.resolve("auto", torch.device("cuda"), 2, wide).NAME == "torch"
     x, y, wx, wy, bx, by = _params((2,), (2,), 3, 4, 2 * wide, order=2)
     with pytest.raises(fbp_kernels.BackendUnavailableError, match=f"factor {wide}"):
         fbp_kernels.mfh(x, y, wx, wy, bx, by, factor=wide, backend=backend,

@@ -296,6 +296,17 @@ def _gradients(da, dc, x2, y2, wx, wy, bx, by, shape_x, shape_y) -> BackwardResu
                           dc.sum(0) if by is not None else None)
 
 
+def _slot_gradients(da, dc, lay: WideLayout, wx, wy, bx, by) -> BackwardResult:
+    """:func:`_gradients` of one (dA, dC) pair in the layout's slots, the input gradients
+    as rows (``lay.grad_x``/``grad_y`` bring them to their inputs' shapes).  The y slot's
+    dC (co-attention's shared input) comes per broadcast row and is summed over each
+    group first, so that side's GEMMs run on one row per group.  ``wx``..``by``: the
+    slots' parameters (MFH passes each block's)."""
+    if lay.r > 1:
+        dc = dc.view(-1, lay.r, dc.shape[1]).sum(1)   # one row per group
+    return _gradients(da, dc, lay.x2, lay.y2, wx, wy, bx, by, lambda d: d, lambda d: d)
+
+
 def _wide_backward(g2, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, *, factor,
                    dropout, seed, normalize, eps, norm_dims, activation, keep=None,
                    proj=None) -> BackwardResult:
@@ -317,10 +328,8 @@ def _wide_backward(g2, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, *, f
             activation=activation,
             group=group_rows(batch, norm_dims) if normalize and lay.x2.shape[0] else 1,
             shared=lay.r, projection=_kept_rows(proj, lay) if proj is not None else None)
-    if lay.r > 1:
-        dc = dc.view(-1, lay.r, dc.shape[1]).sum(1)   # one row per group
-    res = _gradients(da, dc, lay.x2, lay.y2, lay.wx, lay.wy, lay.bx, lay.by, lay.grad_x,
-                     lay.grad_y)
+    res = _slot_gradients(da, dc, lay, lay.wx, lay.wy, lay.bx, lay.by)
+    res = res._replace(dx=lay.grad_x(res.dx), dy=lay.grad_y(res.dy))
     if lay.swapped:
         return BackwardResult(res.dy, res.dx, res.dweight_y, res.dweight_x, res.dbias_y,
                               res.dbias_x)

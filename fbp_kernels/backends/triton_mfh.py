@@ -29,7 +29,8 @@ blocks pass back to the block's unpooled ``ds``, ``PREV`` multiplies ``p_{l-1}``
 ``NEXT`` forms the carry for block ``l-1`` (``u * act(C)`` in pass 1, times ``act(A)`` in
 pass 2).  cuBLAS runs each block's four gradient GEMMs and bias sums (no atomics:
 deterministic).  Transient: ``P - 1`` products, two carries and one block's dA/dC,
-each ``(rows, K*o)``.
+each ``(rows, K*o)`` (with co-attention also each block's shared projection, one row
+per group, formed once and read by both uses).
 
 Broadcasts take FBP's operand layout (``triton_backend._wide_layout``): co-attention
 (regions ``(B, R, m)`` with one question ``(B, 1, n)``, or the mirror) reads the shared
@@ -161,6 +162,11 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
     kw = dict(factor=factor, dropout=dropout, activation=activation, shared=lay.r)
 
     with TB._device_guard(x.device):
+        # Co-attention: each block's shared projection (one row per group) formed once,
+        # read by the products' recompute and by the block's first backward pass.
+        projs: List[Optional[torch.Tensor]] = [
+            W.shared_projection(lay.y2, wy, by) if lay.r else None
+            for _wx, wy, _bx, by in blocks]
         # The running products p_0 .. p_{P-2} again (the last feeds nothing in backward).
         chains: List[Optional[torch.Tensor]] = []
         scratch = torch.empty((rows, o), dtype=acc, device=x.device)
@@ -168,7 +174,7 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
         for l, (wx, wy, bx, by) in enumerate(blocks[:-1]):
             chain = torch.empty((rows, ko), dtype=x.dtype, device=x.device)
             W.wide_pooled(lay.x2, lay.y2, wx, wy, bx, by, scratch, seed=_seed(seed, l),
-                          prev=prev, chain=chain, **kw)
+                          prev=prev, chain=chain, projection=projs[l], **kw)
             chains.append(chain)
             prev = chain
         del scratch
@@ -190,19 +196,17 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
             nxt = torch.empty((rows, ko), dtype=x.dtype, device=x.device) if l > 0 else None
             W.wide_grad_passes(ds, lay.x2, lay.y2, wx, wy, bx, by, da, dc,
                                seed=_seed(seed, l), carry=carry,
-                               prev=chains[l - 1] if l > 0 else None, next_carry=nxt, **kw)
+                               prev=chains[l - 1] if l > 0 else None, next_carry=nxt,
+                               projection=projs[l], **kw)
             carry = nxt
+            projs[l] = None
             if l > 0:
                 chains[l - 1] = None  # block l-1 needs p_{l-2}, not p_{l-1}
-            if lay.r > 1:
-                dc = dc.view(-1, lay.r, ko).sum(1)  # co-attention: one row per group
-            # The gradient GEMMs are plain GEMMs: cuBLAS (or CPU BLAS) runs them at peak.
-            gx, gy = da @ wx, dc @ wy
-            dx2 = gx if dx2 is None else dx2.add_(gx)
-            dy2 = gy if dy2 is None else dy2.add_(gy)
-            dwx[l], dwy[l] = da.t() @ lay.x2, dc.t() @ lay.y2
-            dbx[l] = da.sum(0) if bx is not None else None
-            dby[l] = dc.sum(0) if by is not None else None
+            # FBP's GEMMs and bias sums (cuBLAS), co-attention's dC summed per group.
+            r = TB._slot_gradients(da, dc, lay, wx, wy, bx, by)
+            dx2 = r.dx if dx2 is None else dx2.add_(r.dx)
+            dy2 = r.dy if dy2 is None else dy2.add_(r.dy)
+            dwx[l], dwy[l], dbx[l], dby[l] = r.dweight_x, r.dweight_y, r.dbias_x, r.dbias_y
     dx, dy = lay.grad_x(dx2), lay.grad_y(dy2)
     if lay.swapped:
         return MFHBackwardResult(dy, dx, dwy, dwx, dby, dbx)
