@@ -5,11 +5,14 @@
 //        r = max(||t||, delta);  dt = (g - z <z, g>) / r   (0 if ||t|| <= delta: a
 //        degenerate row, e.g. all zeros, gets zero gradient; see reference.py)
 //        t = z r;                ds = dt * 0.5 / (|t| + sqrt(eps))
+//    With joint normalisation (norm_dims > 1) grad_pooled_group_kernel takes <z, g>
+//    over each group of consecutive rows instead, one block per group.
 // 2. projection_grads_kernel, per (BM rows, BN projected columns) tile: stage the
 //    tile's biases in shared memory, recompute a and c with the forward's GEMM
 //    tiles, then, four consecutive columns per thread (one Philox call per four)
 //        dp = ds[row, col / factor] * keep(seed, row*K + col) / (1 - rate)
-//        da = dp * c,  dc = dp * a
+//        da = dp * act(c) act'(a),  dc = dp * act(a) act'(c)   (act: the activation,
+//        identity by default; act' from the activated value, fbp_math.cuh)
 //    written to two transient (rows, K) buffers in the input dtype.  The binding
 //    then forms dx = da W_x, dW_x = da^T x, db_x = sum_rows da (same for y) with
 //    cuBLAS and frees them.  Peak extra memory: 2 * rows * K input-dtype values plus
@@ -19,6 +22,7 @@
 
 #include "fbp_launch.h"
 #include "fbp_math.cuh"
+#include "fbp_reduce.cuh"
 #include "fbp_tile.cuh"
 
 namespace fbp {
@@ -43,6 +47,25 @@ __global__ void grad_pooled_kernel(const T* grad, const T* out, const Acc* norm,
     ds[row * o + j] = pooled_grad(to_acc<Acc>(g[j]), to_acc<Acc>(z[j]), dot, nrm, sqrt_eps);
 }
 
+// Joint normalisation (norm_dims > 1): one block of kGroupThreads per group of `group`
+// consecutive rows, <z, g> over the group's group * o outputs (block_sum_fixed's fixed
+// order), then ds as grad_pooled_kernel with the group's norm (held by every row).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kGroupThreads)
+grad_pooled_group_kernel(const T* grad, const T* out, const Acc* norm, Acc* ds,
+                         int64_t group, int64_t o, Acc sqrt_eps) {
+  __shared__ Acc scratch[kGroupThreads / 32];
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * group;
+  const int64_t begin = first_row * o, end = begin + group * o;
+  Acc dot = Acc(0);
+  for (int64_t j = begin + threadIdx.x; j < end; j += kGroupThreads)
+    dot += to_acc<Acc>(out[j]) * to_acc<Acc>(grad[j]);
+  dot = block_sum_fixed<kGroupThreads>(dot, scratch);
+  const Acc nrm = norm[first_row];
+  for (int64_t j = begin + threadIdx.x; j < end; j += kGroupThreads)
+    ds[j] = pooled_grad(to_acc<Acc>(grad[j]), to_acc<Acc>(out[j]), dot, nrm, sqrt_eps);
+}
+
 template <typename T, typename Acc>
 struct ProjectionGradParams {
   Matrix<T> x, y, wx, wy;
@@ -55,6 +78,7 @@ struct ProjectionGradParams {
   float rate;
   Acc scale;
   uint64_t seed;
+  int activation;  // Activation code (fbp_math.cuh), block-uniform
   bool dropout;
 };
 
@@ -134,8 +158,11 @@ projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
         dp = ds_row[j];
         if (p.dropout) dp = drop.keep(index + u) ? dp * p.scale : Acc(0);
       }
-      da[u] = dp * (c[u] + by[u]);
-      dc[u] = dp * (a[u] + bx[u]);
+      // Gradients at the pre-activations, from the activated values alone.
+      const Acc av = activate(a[u] + bx[u], p.activation);
+      const Acc cv = activate(c[u] + by[u], p.activation);
+      da[u] = dp * cv * activation_grad(av, p.activation);
+      dc[u] = dp * av * activation_grad(cv, p.activation);
       if (++f == p.factor) {
         f = 0;
         ++j;
@@ -163,6 +190,14 @@ Grid grid_for(int64_t rows, int64_t K) {
 template <typename T>
 cudaError_t grad_pooled_typed(const GradPooledArgs& a, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
+  if (a.norm_group > 1) {
+    grad_pooled_group_kernel<T, Acc><<<static_cast<unsigned>(a.rows / a.norm_group),
+                                       kGroupThreads, 0, stream>>>(
+        static_cast<const T*>(a.grad), static_cast<const T*>(a.out),
+        static_cast<const Acc*>(a.norm), static_cast<Acc*>(a.ds), a.norm_group, a.o,
+        static_cast<Acc>(std::sqrt(a.eps)));
+    return cudaGetLastError();
+  }
   constexpr int kRowsPerBlock = 8;
   grad_pooled_kernel<T, Acc><<<static_cast<unsigned>((a.rows + kRowsPerBlock - 1) / kRowsPerBlock),
                                kRowsPerBlock * 32, 0, stream>>>(
@@ -193,6 +228,7 @@ cudaError_t projection_grads_with(const ProjectionGradArgs& a, cudaStream_t stre
   p.rate = static_cast<float>(a.dropout.rate);
   p.scale = static_cast<Acc>(1.0 / (1.0 - a.dropout.rate));
   p.seed = a.dropout.seed;
+  p.activation = a.activation;
   projection_grads_kernel<T, E><<<dim3(static_cast<unsigned>(grid.x),
                                        static_cast<unsigned>(grid.y)),
                                   E::kThreads, 0, stream>>>(p);

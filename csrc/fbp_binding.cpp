@@ -2,16 +2,24 @@
 // (shape-only) kernels for torch.compile/FakeTensor, and the CUDA kernels.
 //
 //   torch.ops.fbp_kernels_cuda.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y,
-//       factor, dropout, seed, normalize, eps) -> (out (rows, o), norm (rows) or (0,))
+//       factor, dropout, seed, normalize, eps, activation=0, norm_group=1)
+//       -> (out (rows, o), norm (rows) or (0,))
 //   torch.ops.fbp_kernels_cuda.fbp_backward(grad, x, y, weight_x, weight_y, bias_x,
-//       bias_y, out, norm, factor, dropout, seed, normalize, eps)
-//       -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,))
+//       bias_y, out, norm, factor, dropout, seed, normalize, eps, activation=0,
+//       norm_group=1) -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,))
+//       activation: 0 none, 1 relu, 2 tanh on both projections (fbp_math.cuh);
+//       norm_group: rows per joint-normalisation group (norm_dims > 1; consecutive
+//       rows, dividing rows), each row's norm entry holding its group's norm
 //   torch.ops.fbp_kernels_cuda.dropout_keep(index, seed, rate) -> bool mask
 //   torch.ops.fbp_kernels_cuda.philox4x32_10(counter (N, 4), key) -> (N, 4)  [CPU, tests]
-//   torch.ops.fbp_kernels_cuda.row_norm(t (rows, o), outputs_per_tile) -> (rows)  [CPU, tests]
-//   torch.ops.fbp_kernels_cuda.grad_pooled(grad, out, norm, eps) -> ds  [CPU, tests]
-//       the forward's overflow-safe row norm and the backward's dL/ds, run on the
-//       CPU through the kernels' own __host__ __device__ math (fbp_math.cuh)
+//   torch.ops.fbp_kernels_cuda.row_norm(t (rows, o), outputs_per_tile, rows_per_group=1)
+//       -> (rows)  [CPU, tests]
+//   torch.ops.fbp_kernels_cuda.grad_pooled(grad, out, norm, eps, rows_per_group=1) -> ds
+//       [CPU, tests]
+//   torch.ops.fbp_kernels_cuda.activation(v, code) -> (act, d act / d v)  [CPU, tests]
+//       the forward's overflow-safe row norm, the backward's dL/ds and the projection
+//       activations, run on the CPU through the kernels' own __host__ __device__ math
+//       (fbp_math.cuh)
 //   torch.ops.fbp_kernels_cuda.cp_async_staging(x, y, weight_x, weight_y) -> bool
 //       whether fp16/bf16 GEMM tiles would be fed by cp.async (FBP_CUDA_STAGING)
 //
@@ -93,6 +101,17 @@ void check_forward_args(const Tensor& x, const Tensor& y, const Tensor& wx, cons
   }
   TORCH_CHECK(dropout >= 0.0 && dropout < 1.0, "fbp: dropout must be in [0, 1), got ", dropout);
   TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "fbp: eps must be a finite float > 0, got ", eps);
+}
+
+// activation code and joint-normalisation group of the operators.
+void check_drop_in_args(int64_t rows, int64_t activation, int64_t norm_group) {
+  TORCH_CHECK(activation == kActNone || activation == kActRelu || activation == kActTanh,
+              "fbp cuda: activation must be 0 (none), 1 (relu) or 2 (tanh), got ", activation);
+  TORCH_CHECK(norm_group >= 1 && rows % norm_group == 0, "fbp cuda: norm_group (rows per "
+              "joint-normalisation group) must be >= 1 and divide the ", rows, " rows, got ",
+              norm_group);
+  TORCH_CHECK(norm_group == 1 || rows / norm_group <= INT_MAX, "fbp cuda: too many "
+              "normalisation groups for the grid (", rows / norm_group, ")");
 }
 
 void check_backward_args(const Tensor& grad, const Tensor& x, const Tensor& wx,
@@ -210,8 +229,10 @@ std::tuple<Tensor, Tensor> forward_meta(const Tensor& x, const Tensor& y, const 
                                         const Tensor& wy, const std::optional<Tensor>& bx,
                                         const std::optional<Tensor>& by, int64_t factor,
                                         double dropout, std::optional<int64_t> seed,
-                                        bool normalize, double eps) {
+                                        bool normalize, double eps, int64_t activation,
+                                        int64_t norm_group) {
   check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
+  check_drop_in_args(x.size(0), activation, norm_group);
   const int64_t rows = x.size(0), o = wx.size(0) / factor;
   Tensor out = at::empty({rows, o}, x.options());
   Tensor norm = normalize ? at::empty({rows}, x.options().dtype(acc_type(x.scalar_type())))
@@ -223,8 +244,10 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
                                         const Tensor& wy, const std::optional<Tensor>& bx,
                                         const std::optional<Tensor>& by, int64_t factor,
                                         double dropout, std::optional<int64_t> seed,
-                                        bool normalize, double eps) {
-  auto [out, norm] = forward_meta(x, y, wx, wy, bx, by, factor, dropout, seed, normalize, eps);
+                                        bool normalize, double eps, int64_t activation,
+                                        int64_t norm_group) {
+  auto [out, norm] = forward_meta(x, y, wx, wy, bx, by, factor, dropout, seed, normalize, eps,
+                                  activation, norm_group);
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(at::cuda::getDeviceProperties(x.get_device())->major >= 8,
@@ -264,6 +287,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   args.dropout = dropout_arg(dropout, seed);
   args.normalize = normalize;
   args.eps = eps;
+  args.activation = static_cast<int>(activation);
+  args.norm_group = norm_group;
   args.async_staging = use_async_staging(x, y, wx, wy);
   C10_CUDA_CHECK(launch_forward(args, at::cuda::getCurrentCUDAStream()));
   return {out, norm};
@@ -276,8 +301,9 @@ Grads backward_meta(const Tensor& grad, const Tensor& x, const Tensor& y, const 
                     const Tensor& wy, const std::optional<Tensor>& bx,
                     const std::optional<Tensor>& by, const Tensor& out, const Tensor& norm,
                     int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
-                    double eps) {
+                    double eps, int64_t activation, int64_t norm_group) {
   check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
+  check_drop_in_args(x.size(0), activation, norm_group);
   check_backward_args(grad, x, wx, out, norm, factor, normalize);
   return {at::empty_like(x, at::MemoryFormat::Contiguous),
           at::empty_like(y, at::MemoryFormat::Contiguous),
@@ -291,8 +317,9 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
                     const Tensor& wy, const std::optional<Tensor>& bx,
                     const std::optional<Tensor>& by, const Tensor& out, const Tensor& norm,
                     int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
-                    double eps) {
+                    double eps, int64_t activation, int64_t norm_group) {
   check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
+  check_drop_in_args(x.size(0), activation, norm_group);
   check_backward_args(grad, x, wx, out, norm, factor, normalize);
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -308,7 +335,7 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
     const Tensor g = grad.contiguous(), z = out.contiguous(), nrm = norm.contiguous();
     ds = at::empty({rows, o}, x.options().dtype(acc));
     GradPooledArgs pooled{dtype, g.data_ptr(), z.data_ptr(), nrm.data_ptr(), ds.data_ptr(),
-                          rows, o, eps};
+                          rows, o, eps, norm_group};
     C10_CUDA_CHECK(launch_grad_pooled(pooled, stream));
   } else {
     ds = grad.to(acc).contiguous();
@@ -331,6 +358,7 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.o = o;
   args.factor = factor;
   args.dropout = dropout_arg(dropout, seed);
+  args.activation = static_cast<int>(activation);
   args.async_staging = rows > 0 && use_async_staging(x, y, wx, wy);
   C10_CUDA_CHECK(launch_projection_grads(args, stream));
   ds.reset();  // the transient buffers go as soon as the GEMMs have consumed them
@@ -406,72 +434,103 @@ Tensor philox_cpu(const Tensor& counter, int64_t key) {
 // functions (fbp_math.cuh), so the parts that decide finiteness can be tested
 // without a GPU.
 
+// The finishing kernels' combine of n scaled parts (e, q), in their order: `threads`
+// threads (32: finish_norm_kernel's warp per row; kGroupThreads: a joint-normalisation
+// group's block, fbp_reduce.cuh) each add parts t, t + threads, ... rescaled to the
+// largest exponent; each warp adds its lanes by the xor butterfly (every lane ends with
+// the same bits: IEEE addition commutes); the warp totals are added in warp order.
 template <typename Acc>
-void row_norm_rows(const Acc* t, Acc* norm, int64_t rows, int64_t o, int64_t per_tile) {
-  const int64_t n_tiles = (o + per_tile - 1) / per_tile;
-  std::vector<Acc> parts(2 * n_tiles);
-  for (int64_t row = 0; row < rows; ++row) {
-    const Acc* trow = t + row * o;
-    // The forward kernel: one scaled part (e, q) per output tile.
-    for (int64_t i = 0; i < n_tiles; ++i) {
-      const int64_t j0 = i * per_tile, n = std::min<int64_t>(per_tile, o - j0);
-      norm_partial(trow + j0, static_cast<int>(n), 1, parts[2 * i], parts[2 * i + 1]);
-    }
-    // finish_norm_kernel: the largest exponent of a non-empty part, then 32 lane sums
-    // (lane l takes parts l, l + 32, ...) added by the same xor butterfly.
-    int E = kNoExponent;
-    for (int64_t i = 0; i < n_tiles; ++i) {
-      const int e = static_cast<int>(parts[2 * i]);
-      if (parts[2 * i + 1] > Acc(0) && e > E) E = e;
-    }
-    Acc lanes[32];
-    for (int l = 0; l < 32; ++l) {
-      lanes[l] = Acc(0);
-      for (int64_t i = l; i < n_tiles; i += 32)
-        lanes[l] += norm_rescale(parts[2 * i], parts[2 * i + 1], E);
-    }
+Acc combine_parts(const Acc* parts, int64_t n, int threads) {
+  int E = kNoExponent;
+  for (int64_t i = 0; i < n; ++i) {
+    const int e = static_cast<int>(parts[2 * i]);
+    if (parts[2 * i + 1] > Acc(0) && e > E) E = e;
+  }
+  std::vector<Acc> lanes(threads, Acc(0));
+  for (int l = 0; l < threads; ++l)
+    for (int64_t i = l; i < n; i += threads)
+      lanes[l] += norm_rescale(parts[2 * i], parts[2 * i + 1], E);
+  Acc total = Acc(0);
+  for (int w = 0; w < threads / 32; ++w) {
+    Acc* warp = lanes.data() + 32 * w;
     for (int offset = 16; offset > 0; offset /= 2) {
       Acc next[32];
-      for (int l = 0; l < 32; ++l) next[l] = lanes[l] + lanes[l ^ offset];
-      std::copy(next, next + 32, lanes);
+      for (int l = 0; l < 32; ++l) next[l] = warp[l] + warp[l ^ offset];
+      std::copy(next, next + 32, warp);
     }
-    norm[row] = norm_from(E, lanes[0]);
+    // finish_norm_kernel uses the butterfly's result directly: 0 + x == x here.
+    total += warp[0];
+  }
+  return norm_from(E, total);
+}
+
+// ||t|| per row (or per group of `group` consecutive rows, written to each of its rows)
+// of t (rows, o): the forward kernel's parts, one per (row, output tile of per_tile
+// outputs), then the finisher's combine.
+template <typename Acc>
+void row_norm_rows(const Acc* t, Acc* norm, int64_t rows, int64_t o, int64_t per_tile,
+                   int64_t group) {
+  const int64_t n_tiles = (o + per_tile - 1) / per_tile;
+  std::vector<Acc> parts(2 * n_tiles * group);
+  for (int64_t row0 = 0; row0 < rows; row0 += group) {
+    for (int64_t r = 0; r < group; ++r) {
+      const Acc* trow = t + (row0 + r) * o;
+      for (int64_t i = 0; i < n_tiles; ++i) {
+        const int64_t j0 = i * per_tile, n = std::min<int64_t>(per_tile, o - j0);
+        Acc* part = parts.data() + 2 * (r * n_tiles + i);
+        norm_partial(trow + j0, static_cast<int>(n), 1, part[0], part[1]);
+      }
+    }
+    const Acc nrm = combine_parts(parts.data(), group * n_tiles, group > 1 ? kGroupThreads : 32);
+    for (int64_t r = 0; r < group; ++r) norm[row0 + r] = nrm;
   }
 }
 
+void check_group(int64_t rows, int64_t group) {
+  TORCH_CHECK(group >= 1 && rows % group == 0, "fbp: rows_per_group must be >= 1 and divide "
+              "the ", rows, " rows, got ", group);
+}
+
 // ||t|| per row of t (rows, o), fp32 or fp64, as the forward kernel and its finisher
-// compute it with `outputs_per_tile` outputs per block.
-Tensor row_norm_cpu(const Tensor& t, int64_t outputs_per_tile) {
+// compute it with `outputs_per_tile` outputs per block (per group of rows_per_group
+// consecutive rows with joint normalisation).
+Tensor row_norm_cpu(const Tensor& t, int64_t outputs_per_tile, int64_t rows_per_group) {
   TORCH_CHECK(t.dim() == 2 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
               "fbp: t must be a 2-D float32 or float64 tensor, got ", t.scalar_type(), " ",
               t.sizes());
   TORCH_CHECK(outputs_per_tile >= 1, "fbp: outputs_per_tile must be >= 1, got ",
               outputs_per_tile);
+  check_group(t.size(0), rows_per_group);
   const Tensor tc = t.contiguous();
   Tensor norm = at::empty({t.size(0)}, t.options());
   if (t.scalar_type() == at::kFloat)
     row_norm_rows(tc.data_ptr<float>(), norm.data_ptr<float>(), t.size(0), t.size(1),
-                  outputs_per_tile);
+                  outputs_per_tile, rows_per_group);
   else
     row_norm_rows(tc.data_ptr<double>(), norm.data_ptr<double>(), t.size(0), t.size(1),
-                  outputs_per_tile);
+                  outputs_per_tile, rows_per_group);
   return norm;
 }
 
+// ds per element, <z, g> taken over each group of `group` consecutive rows (the
+// kernels' rule; summed here in plain order, the kernels in their reduction order).
 template <typename Acc>
 void grad_pooled_rows(const Acc* g, const Acc* z, const Acc* norm, Acc* ds, int64_t rows,
-                      int64_t o, Acc sqrt_eps) {
-  for (int64_t row = 0; row < rows; ++row) {
+                      int64_t o, Acc sqrt_eps, int64_t group) {
+  for (int64_t row0 = 0; row0 < rows; row0 += group) {
+    const int64_t begin = row0 * o, end = begin + group * o;
     Acc dot = Acc(0);
-    for (int64_t j = 0; j < o; ++j) dot += z[row * o + j] * g[row * o + j];
-    for (int64_t j = 0; j < o; ++j)
-      ds[row * o + j] = pooled_grad(g[row * o + j], z[row * o + j], dot, norm[row], sqrt_eps);
+    for (int64_t j = begin; j < end; ++j) dot += z[j] * g[j];
+    for (int64_t j = begin; j < end; ++j)
+      ds[j] = pooled_grad(g[j], z[j], dot, norm[row0], sqrt_eps);
   }
 }
 
 // ds = dL/ds (rows, o) from grad, out (rows, o) and norm (rows), all in one dtype
-// (fp32 or fp64): what grad_pooled_kernel computes per element.
-Tensor grad_pooled_cpu(const Tensor& grad, const Tensor& out, const Tensor& norm, double eps) {
+// (fp32 or fp64): what grad_pooled_kernel (grad_pooled_group_kernel for
+// rows_per_group > 1) computes per element.
+Tensor grad_pooled_cpu(const Tensor& grad, const Tensor& out, const Tensor& norm, double eps,
+                       int64_t rows_per_group) {
   TORCH_CHECK(grad.dim() == 2 && out.sizes() == grad.sizes() && norm.dim() == 1 &&
                   norm.size(0) == grad.size(0),
               "fbp: grad_pooled needs grad, out (rows, o) and norm (rows,), got ", grad.sizes(),
@@ -480,16 +539,40 @@ Tensor grad_pooled_cpu(const Tensor& grad, const Tensor& out, const Tensor& norm
   TORCH_CHECK((d == at::kFloat || d == at::kDouble) && out.scalar_type() == d &&
                   norm.scalar_type() == d,
               "fbp: grad_pooled needs one dtype, float32 or float64");
+  check_group(grad.size(0), rows_per_group);
   const Tensor g = grad.contiguous(), z = out.contiguous(), n = norm.contiguous();
   Tensor ds = at::empty_like(g);
   if (d == at::kFloat)
     grad_pooled_rows(g.data_ptr<float>(), z.data_ptr<float>(), n.data_ptr<float>(),
                      ds.data_ptr<float>(), g.size(0), g.size(1),
-                     static_cast<float>(std::sqrt(eps)));
+                     static_cast<float>(std::sqrt(eps)), rows_per_group);
   else
     grad_pooled_rows(g.data_ptr<double>(), z.data_ptr<double>(), n.data_ptr<double>(),
-                     ds.data_ptr<double>(), g.size(0), g.size(1), std::sqrt(eps));
+                     ds.data_ptr<double>(), g.size(0), g.size(1), std::sqrt(eps),
+                     rows_per_group);
   return ds;
+}
+
+// (activate(v), its derivative from the activated value) elementwise, fp32 or fp64:
+// the kernels' activation math on the CPU.
+std::tuple<Tensor, Tensor> activation_cpu(const Tensor& v, int64_t code) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
+              "fbp: activation takes float32 or float64, got ", v.scalar_type());
+  check_drop_in_args(0, code, 1);
+  const Tensor vc = v.contiguous();
+  Tensor act = at::empty_like(vc), grad = at::empty_like(vc);
+  const int c = static_cast<int>(code);
+  auto run = [&](auto* src, auto* a, auto* g) {
+    for (int64_t i = 0; i < vc.numel(); ++i) {
+      a[i] = activate(src[i], c);
+      g[i] = activation_grad(a[i], c);
+    }
+  };
+  if (v.scalar_type() == at::kFloat)
+    run(vc.data_ptr<float>(), act.data_ptr<float>(), grad.data_ptr<float>());
+  else
+    run(vc.data_ptr<double>(), act.data_ptr<double>(), grad.data_ptr<double>());
+  return {act, grad};
 }
 
 }  // namespace
@@ -497,17 +580,19 @@ Tensor grad_pooled_cpu(const Tensor& grad, const Tensor& out, const Tensor& norm
 
 TORCH_LIBRARY(fbp_kernels_cuda, m) {
   m.def("fbp_forward(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, Tensor? bias_x, "
-        "Tensor? bias_y, int factor, float dropout, int? seed, bool normalize, float eps) "
-        "-> (Tensor out, Tensor norm)");
+        "Tensor? bias_y, int factor, float dropout, int? seed, bool normalize, float eps, "
+        "int activation=0, int norm_group=1) -> (Tensor out, Tensor norm)");
   m.def("fbp_backward(Tensor grad, Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, "
         "Tensor? bias_x, Tensor? bias_y, Tensor out, Tensor norm, int factor, float dropout, "
-        "int? seed, bool normalize, float eps) "
+        "int? seed, bool normalize, float eps, int activation=0, int norm_group=1) "
         "-> (Tensor dx, Tensor dy, Tensor dweight_x, Tensor dweight_y, Tensor dbias_x, "
         "Tensor dbias_y)");
   m.def("dropout_keep(Tensor index, int seed, float rate) -> Tensor");
   m.def("philox4x32_10(Tensor counter, int key) -> Tensor");
-  m.def("row_norm(Tensor t, int outputs_per_tile) -> Tensor");
-  m.def("grad_pooled(Tensor grad, Tensor out, Tensor norm, float eps) -> Tensor");
+  m.def("row_norm(Tensor t, int outputs_per_tile, int rows_per_group=1) -> Tensor");
+  m.def("grad_pooled(Tensor grad, Tensor out, Tensor norm, float eps, int rows_per_group=1) "
+        "-> Tensor");
+  m.def("activation(Tensor v, int code) -> (Tensor act, Tensor grad)");
   m.def("cp_async_staging(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y) -> bool");
 }
 
@@ -529,6 +614,7 @@ TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CPU, m) {
   m.impl("philox4x32_10", &fbp::philox_cpu);
   m.impl("row_norm", &fbp::row_norm_cpu);
   m.impl("grad_pooled", &fbp::grad_pooled_cpu);
+  m.impl("activation", &fbp::activation_cpu);
   m.impl("cp_async_staging", &fbp::cp_async_staging_op);
 }
 

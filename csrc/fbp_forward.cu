@@ -30,6 +30,7 @@
 
 #include "fbp_launch.h"
 #include "fbp_math.cuh"
+#include "fbp_reduce.cuh"
 #include "fbp_tile.cuh"
 
 namespace fbp {
@@ -50,6 +51,7 @@ struct ForwardParams {
   float rate;              // dropout rate; keep when u >= rate
   Acc scale;               // 1 / (1 - rate)
   uint64_t seed;
+  int activation;          // Activation code (fbp_math.cuh), block-uniform
   bool dropout, normalize;
 };
 
@@ -99,7 +101,7 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
     const int width = static_cast<int>(col_end - cbeg < E::BN ? col_end - cbeg : E::BN);
     const bool last = cbeg + E::BN >= col_end;
 
-    // 1. Elementwise: pa <- dropout((a + b_x) (c + b_y)), four columns per thread.
+    // 1. Elementwise: pa <- dropout(act(a + b_x) act(c + b_y)), four columns per thread.
     DropoutStream drop(p.seed, p.rate);  // per chunk: no RNG state live across the GEMMs
     for (int e = threadIdx.x; e < nr * kQuads; e += E::kThreads) {
       const int r = e / kQuads, c4 = (e % kQuads) * 4;  // constant divisor: shifts
@@ -112,7 +114,7 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
       const uint64_t index = dropout_index(row0 + r, cbeg + c4, K);
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        Acc prod = (a[u] + bx[u]) * (c[u] + by[u]);
+        Acc prod = activate(a[u] + bx[u], p.activation) * activate(c[u] + by[u], p.activation);
         if (p.dropout && c4 + u < width) prod = drop.keep(index + u) ? prod * p.scale : Acc(0);
         a[u] = prod;
       }
@@ -165,6 +167,37 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
     part[0] = e;
     part[1] = q;
   }
+}
+
+// Joint normalisation (norm_dims > 1), one block of kGroupThreads per group of
+// `group` consecutive rows: ||t|| of the group from its group * n_tiles parts (a
+// contiguous run of `partial`), combined as finish_norm_kernel does (largest exponent,
+// rescaled sums) in block_sum_fixed's order; every row of the group gets the group's
+// norm, and the group's group * o outputs are scaled by it.
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kGroupThreads)
+finish_group_norm_kernel(const Acc* t_buf, const Acc* partial, T* out, Acc* norm,
+                         int64_t group, int64_t o, int n_tiles) {
+  __shared__ int e_scratch[kGroupThreads / 32];
+  __shared__ Acc q_scratch[kGroupThreads / 32];
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * group;
+  const int64_t n_parts = group * n_tiles;
+  const Acc* part = partial + first_row * 2 * n_tiles;
+  int E = kNoExponent;
+  for (int64_t i = threadIdx.x; i < n_parts; i += kGroupThreads) {
+    const int e = static_cast<int>(part[2 * i]);
+    if (part[2 * i + 1] > Acc(0) && e > E) E = e;
+  }
+  E = block_max<kGroupThreads>(E, e_scratch);
+  Acc q = Acc(0);
+  for (int64_t i = threadIdx.x; i < n_parts; i += kGroupThreads)
+    q += norm_rescale(part[2 * i], part[2 * i + 1], E);
+  const Acc nrm = norm_from(E, block_sum_fixed<kGroupThreads>(q, q_scratch));
+  for (int64_t r = threadIdx.x; r < group; r += kGroupThreads) norm[first_row + r] = nrm;
+  const Acc denom = nrm > Acc(kNormDelta) ? nrm : Acc(kNormDelta);
+  const int64_t begin = first_row * o, end = begin + group * o;
+  for (int64_t j = begin + threadIdx.x; j < end; j += kGroupThreads)
+    out[j] = from_acc<T>(t_buf[j] / denom);
 }
 
 // One warp per row: ||t|| from the scaled parts (e_i, q_i) in a fixed order, then
@@ -238,12 +271,19 @@ cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   p.rate = static_cast<float>(a.dropout.rate);
   p.scale = static_cast<Acc>(1.0 / (1.0 - a.dropout.rate));
   p.seed = a.dropout.seed;
+  p.activation = a.activation;
   p.normalize = a.normalize;
 
   fused_forward_kernel<T, E><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)),
                                E::kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || !a.normalize) return err;
+  if (a.norm_group > 1) {
+    finish_group_norm_kernel<T, Acc><<<static_cast<unsigned>(a.rows / a.norm_group),
+                                       kGroupThreads, 0, stream>>>(
+        p.t_buf, p.partial, p.out, static_cast<Acc*>(a.norm), a.norm_group, a.o, p.n_tiles);
+    return cudaGetLastError();
+  }
   constexpr int kRowsPerBlock = 8;
   finish_norm_kernel<T, Acc><<<static_cast<unsigned>((a.rows + kRowsPerBlock - 1) / kRowsPerBlock),
                                kRowsPerBlock * 32, 0, stream>>>(

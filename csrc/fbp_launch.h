@@ -38,6 +38,12 @@ struct DropoutArg {
   double rate;
 };
 
+// Threads of the blocks that finish a joint-normalisation group (norm_dims > 1; one
+// block per group, fbp_reduce.cuh), 8 warps: a group of R regions at the MFB widths
+// holds R * 1000 outputs, and one warp per group (the per-row kernels' shape) would
+// leave most SMs idle at batch 64.  The CPU mirror of the row norm uses it too.
+constexpr int kGroupThreads = 256;
+
 struct Grid {
   int64_t x, y;  // x: row tiles, y: output (forward) or column (backward) tiles
 };
@@ -57,13 +63,16 @@ struct ForwardArgs {
   DropoutArg dropout;
   bool normalize;
   double eps;
+  int activation;      // fbp_math.cuh Activation code, on both projections (bias included)
+  int64_t norm_group;  // rows per joint-normalisation group (norm_dims > 1), divides rows
   bool async_staging;  // fp16/bf16: WmmaAsyncEngine (every operand cp_async_operand_ok, sm_80+)
 };
 Grid forward_grid(DType dtype, int64_t rows, int64_t o, int64_t factor);
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
 
 // ds = dL/ds (rows, o) acc dtype, from grad and out (rows, o) contiguous input
-// dtype and norm (rows) acc dtype.
+// dtype and norm (rows) acc dtype; with norm_group > 1, <z, g> is taken over each group
+// of norm_group consecutive rows (whose norm entries all hold the group's norm).
 struct GradPooledArgs {
   DType dtype;
   const void* grad;
@@ -72,11 +81,13 @@ struct GradPooledArgs {
   void* ds;
   int64_t rows, o;
   double eps;
+  int64_t norm_group;
 };
 cudaError_t launch_grad_pooled(const GradPooledArgs& args, cudaStream_t stream);
 
-// da = dp * c and dc = dp * a, (rows, K) contiguous input dtype, projections
-// recomputed tile by tile, dp = ds[row, col / factor] * keep / (1 - rate).
+// da = dp * act(c) * act'(a) and dc = dp * act(a) * act'(c) (gradients with respect to
+// the pre-activation projections, bias included), (rows, K) contiguous input dtype,
+// projections recomputed tile by tile, dp = ds[row, col / factor] * keep / (1 - rate).
 struct ProjectionGradArgs {
   DType dtype;
   MatrixArg x, y, weight_x, weight_y;
@@ -87,6 +98,7 @@ struct ProjectionGradArgs {
   void* dc;
   int64_t rows, o, factor;
   DropoutArg dropout;
+  int activation;      // as ForwardArgs::activation
   bool async_staging;  // as ForwardArgs::async_staging
 };
 Grid projection_grads_grid(DType dtype, int64_t rows, int64_t K);

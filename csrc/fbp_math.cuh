@@ -1,6 +1,6 @@
 // Math shared by the forward and backward kernels (and, for Philox, the CPU
-// test operator): the zero-safe signed square root, its derivative, and the
-// counter-based dropout mask.  Everything here is __host__ __device__ so the
+// test operator): the zero-safe signed square root, its derivative, the projection
+// activations, and the counter-based dropout mask.  Everything here is __host__ __device__ so the
 // binding file can compile it for the CPU too.
 #pragma once
 
@@ -33,6 +33,32 @@ template <typename Acc>
 FBP_HD Acc signed_sqrt_grad_from_t(Acc t, Acc sqrt_eps) {
   using std::abs;
   return Acc(0.5) / (abs(t) + sqrt_eps);
+}
+
+// ---------------------------------------------------------------------------
+// Projection activations (the `activation` option), applied to both projections
+// (bias included) before the product.  Codes as the Triton kernels' ACTIVATION
+// constexpr (fbp_kernels/backends/_common.ACTIVATION_CODES): 0 none, 1 relu, 2 tanh.
+// The backward needs only the activated value: relu' = (act > 0), 0 at the kink as
+// torch.relu's; tanh' = 1 - act^2 (PyTorch's tanh backward).  So the kernels never
+// keep a pre-activation.
+enum Activation : int { kActNone = 0, kActRelu = 1, kActTanh = 2 };
+
+template <typename Acc>
+FBP_HD Acc activate(Acc v, int activation) {
+  using std::tanh;
+  // NaN passes through, as torch.relu's.
+  if (activation == kActRelu) return v < Acc(0) ? Acc(0) : v;
+  if (activation == kActTanh) return tanh(v);
+  return v;
+}
+
+// d activate / d v, from act = activate(v) alone.
+template <typename Acc>
+FBP_HD Acc activation_grad(Acc act, int activation) {
+  if (activation == kActRelu) return act > Acc(0) ? Acc(1) : Acc(0);
+  if (activation == kActTanh) return Acc(1) - act * act;
+  return Acc(1);
 }
 
 // ---------------------------------------------------------------------------

@@ -331,19 +331,19 @@ CUDA_TILES = {"half": (64, 64, 32, 128, 3), "fp32": (64, 64, 16, 256, 1)}
 #: sm_80/sm_90, with the nvcc of CUDA_COMPILE_FACTS_SOURCE; tests/test_cuda_compile.py
 #: compares them with a live build): (kernel, arch, dtype) -> (registers, static shared
 #: memory bytes, tensor-core SASS) of the engine the launcher picks (CUDA_TILES).
-CUDA_COMPILE_FACTS_SOURCE = "nvcc Build cuda_13.0.r13.0/compiler.36424714_0, 2026-12-02"
+CUDA_COMPILE_FACTS_SOURCE = "nvcc Build cuda_13.0.r13.0/compiler.36424714_0, 2026-12-03"
 CUDA_COMPILE_FACTS = {
     ("fused_forward", 80, "fp16"): (130, 48640, "HMMA"),
-    ("fused_forward", 80, "bf16"): (148, 48640, "HMMA"),
+    ("fused_forward", 80, "bf16"): (156, 48640, "HMMA"),
     ("fused_forward", 80, "fp32"): (71, 35328, "none"),
-    ("fused_forward", 90, "fp16"): (127, 48640, "HMMA"),
-    ("fused_forward", 90, "bf16"): (146, 48640, "HMMA"),
+    ("fused_forward", 90, "fp16"): (129, 48640, "HMMA"),
+    ("fused_forward", 90, "bf16"): (148, 48640, "HMMA"),
     ("fused_forward", 90, "fp32"): (80, 35328, "none"),
-    ("projection_grads", 80, "fp16"): (94, 48640, "HMMA"),
+    ("projection_grads", 80, "fp16"): (90, 48640, "HMMA"),
     ("projection_grads", 80, "bf16"): (96, 48640, "HMMA"),
     ("projection_grads", 80, "fp32"): (76, 35328, "none"),
-    ("projection_grads", 90, "fp16"): (96, 48640, "HMMA"),
-    ("projection_grads", 90, "bf16"): (96, 48640, "HMMA"),
+    ("projection_grads", 90, "fp16"): (92, 48640, "HMMA"),
+    ("projection_grads", 90, "bf16"): (102, 48640, "HMMA"),
     ("projection_grads", 90, "fp32"): (78, 35328, "none"),
 }
 

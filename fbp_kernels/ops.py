@@ -129,9 +129,10 @@ def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
 #: ``backend="auto"`` prefers them on a CUDA device (``functional.route_drop_in``; on
 #: other devices auto takes ``torch``, as it does without these options).  ``triton``
 #: has them in its wide kernels (lean memory mode, factor up to a tile's width: see
-#: ``triton_backend.drop_in_problem``); the C++ extension (``cuda``) does not.  The front
-#: end routes calls that use them here, the operators refuse others.
-DROP_IN_BACKENDS = ("split", "triton", "torch")
+#: ``triton_backend.drop_in_problem``); the C++ extension (``cuda``) in its fused
+#: kernels, after the Triton ones because it has never run on a GPU.  The front end
+#: routes calls that use them here, the operators refuse others.
+DROP_IN_BACKENDS = ("split", "triton", "cuda", "torch")
 
 #: The same for MFH (``fbp_kernels.mfh``): its Triton blocks are FBP's wide kernels.
 MFH_DROP_IN_BACKENDS = ("triton", "torch")

@@ -232,6 +232,31 @@ def test_cpp_checks_options(ops, factor, dropout, eps, message):
         ops.fbp_forward(*_meta_args(), factor, dropout, None, True, eps)
 
 
+@pytest.mark.parametrize("activation,norm_group,message", [
+    (3, 1, r"activation must be 0 \(none\), 1 \(relu\) or 2 \(tanh\), got 3"),
+    (-1, 1, "activation must be"),
+    (0, 3, "norm_group .* must be >= 1 and divide the 4 rows, got 3"),
+    (0, 0, "norm_group"),
+])
+def test_cpp_checks_drop_in_options(ops, activation, norm_group, message):
+    args = _meta_args()
+    with pytest.raises(RuntimeError, match=message):
+        ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, activation, norm_group)
+    grad = torch.empty(4, 2, device="meta")
+    with pytest.raises(RuntimeError, match=message):
+        ops.fbp_backward(grad, *args, grad, torch.empty(4, device="meta"), 3, 0.0, None, True,
+                         1e-6, activation, norm_group)
+
+
+def test_meta_kernels_take_the_drop_in_options(ops):
+    # Groups of 2 of the 4 rows, tanh: the shapes do not depend on either option.
+    args = _meta_args()
+    out, norm = ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, 2, 2)
+    assert out.shape == (4, 2) and norm.shape == (4,)
+    grads = ops.fbp_backward(out, *args, out, norm, 3, 0.0, None, True, 1e-6, 2, 2)
+    assert [g.shape for g in grads[:4]] == [a.shape for a in args[:4]]
+
+
 def test_philox_known_answers(ops):
     """Random123's known-answer vectors for Philox4x32-10 (kat_vectors)."""
     counters = torch.tensor([[0, 0, 0, 0], [0xFFFFFFFF] * 4,
@@ -370,6 +395,93 @@ def test_grad_pooled_matches_the_torch_backend_rule(ops, dtype, tol):
     assert (got[degenerate] == 0).all() and (ref[degenerate] == 0).all()
     assert (got[~degenerate] != 0).any(1).all()
     assert torch.allclose(got, ref, rtol=tol, atol=0), (got - ref).abs().max()
+
+
+# ------------------------------------------------------------------ drop-in options
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_activation_math_is_torchs(ops, dtype):
+    """The kernels' activate / activation_grad (fbp_math.cuh) on the CPU against torch:
+    relu exactly (NaN passes through, gradient 0 at the kink as torch.relu's), tanh
+    within 4 ulp of torch.tanh (two libms), the gradient 1 - act^2 from the kernel's
+    own activated value."""
+    v = torch.tensor([-3.0, -1e-30, 0.0, -0.0, 1e-30, 0.25, 2.0, 30.0, -30.0, float("nan"),
+                      float("inf"), -float("inf")], dtype=dtype)
+    v = torch.cat([v, torch.randn(200, dtype=torch.float64).to(dtype) * 3])
+    ulp = torch.finfo(dtype).eps
+    for code, name in ((0, None), (1, "relu"), (2, "tanh")):
+        act, grad = ops.activation(v, code)
+        leaf = v.clone().requires_grad_()
+        ref = leaf if name is None else getattr(torch, name)(leaf)
+        (ref_grad,) = torch.autograd.grad(ref, leaf, torch.ones_like(ref))
+        if name == "tanh":
+            assert torch.allclose(act, ref.detach(), rtol=4 * ulp, atol=0, equal_nan=True)
+            # From the kernel's own activated value (1 ulp of room: a compiler may
+            # contract 1 - act*act into one fused multiply-add); +-inf give 0.
+            assert torch.allclose(grad, 1 - act * act, rtol=ulp, atol=ulp, equal_nan=True)
+        else:
+            assert torch.equal(act.isnan(), ref.isnan())
+            finite = ~act.isnan()
+            assert torch.equal(act[finite], ref.detach()[finite])
+            assert torch.equal(grad[finite], ref_grad[finite])
+        if name == "relu":
+            assert grad[2] == 0 and grad[3] == 0 and act[3] == 0  # the kink
+    with pytest.raises(RuntimeError, match="activation must be"):
+        ops.activation(v, 5)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-14)], ids=str)
+@pytest.mark.parametrize("per_tile", [1, 5, 12])
+def test_group_norm_is_one_norm_per_group_of_rows(ops, dtype, rtol, per_tile):
+    """Joint normalisation: the forward's parts of a group's rows combined by the
+    group finisher's order (one block of kGroupThreads), overflow-safe as per row;
+    every row of a group holds the same bits."""
+    t = _norm_rows(dtype)  # 6 rows: huge, tiny, ordinary, zero, mixed, huge
+    for group in (2, 3, 6):
+        got = ops.row_norm(t, per_tile, group)
+        exact = torch.linalg.vector_norm(t.double().view(-1, group * t.shape[1]), dim=1)
+        assert torch.isfinite(got).all(), got
+        per_group = got.view(-1, group)
+        assert torch.equal(per_group, per_group[:, :1].expand_as(per_group))
+        assert torch.allclose(per_group[:, 0].double(), exact, rtol=rtol, atol=0), (got, exact)
+    assert torch.equal(ops.row_norm(t, per_tile, 1), ops.row_norm(t, per_tile))
+    with pytest.raises(RuntimeError, match="rows_per_group must be >= 1 and divide the 6 rows"):
+        ops.row_norm(t, per_tile, 4)
+
+
+def test_group_norm_order_covers_every_thread(ops):
+    # More parts than the block has threads (300 rows x 3 tiles > 256): each thread
+    # walks several, and the sum still matches the exact norm.
+    t = torch.rand(300, 30, dtype=torch.float64) + 0.5
+    got = ops.row_norm(t, 12, 300)
+    assert got.unique().numel() == 1
+    assert got[0].item() == pytest.approx(t.norm().item(), rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=str)
+def test_group_grad_pooled_matches_the_torch_backend_rule(ops, dtype, tol):
+    """ds with <z, g> over groups of 3 consecutive rows, against torch_backend's
+    norm_dims=2 rule on the (groups, 3, o) view; a degenerate group gets zero."""
+    from fbp_kernels.backends import torch_backend
+
+    g = torch.Generator().manual_seed(6)
+    groups, group, o, eps = 3, 3, 7, 1e-6
+    grad = torch.randn(groups, group, o, generator=g, dtype=torch.float64).to(dtype)
+    out = torch.randn(groups, group, o, generator=g, dtype=torch.float64)
+    out = (out / out.flatten(1).norm(dim=1)[:, None, None]).to(dtype)
+    out[2] = 0
+    norm = torch.tensor([2.5, 0.7, 0.0], dtype=dtype)[:, None].expand(groups, group)
+    got = ops.grad_pooled(grad.view(-1, o), out.view(-1, o), norm.reshape(-1), eps, group)
+    ref = torch_backend.grad_pooled(grad, out, norm, normalize=True, eps=eps, norm_dims=2)
+    assert (got.view(groups, group, o)[2] == 0).all()
+    # <z, g> is summed in another order: its rounding moves each element by up to a
+    # few ulp of the largest magnitude (g - z<z, g> cancels), hence atol scaled by it.
+    scale = ref.abs().max().item()
+    assert torch.allclose(got.view_as(ref), ref, rtol=tol, atol=tol * scale), \
+        (got.view_as(ref) - ref).abs().max()
+    # Row by row it is a different rule (the option did something).
+    rowwise = ops.grad_pooled(grad.view(-1, o), out.view(-1, o), norm.reshape(-1), eps)
+    assert not torch.allclose(rowwise, got, rtol=1e-3)
 
 
 # ------------------------------------------------------------------ operand staging

@@ -30,7 +30,8 @@ DTYPES = ("fp16", "bf16", "fp32", "fp64")
 GEMM = cuda_compile.GEMM_KERNELS
 EXPECTED = ({(k, d, cuda_compile.ENGINE_OF_DTYPE[d]) for k in GEMM for d in DTYPES}
             | {(k, d, e) for k in GEMM for d, e in cuda_compile.ASYNC_ENGINE_OF_DTYPE.items()}
-            | {(k, d, "default") for k in ("finish_norm", "grad_pooled") for d in DTYPES}
+            | {(k, d, "default") for k in ("finish_norm", "grad_pooled", "finish_group_norm",
+                                           "grad_pooled_group") for d in DTYPES}
             | {("dropout_keep", "-", "default")})
 
 
@@ -89,6 +90,9 @@ def test_tile_table_matches_the_headers():
         rows = re.findall(r"constexpr int kRowsPerBlock = (\d+);", (CSRC / source).read_text())
         assert rows and all(int(r) * 32 == cuda_compile.ROW_KERNEL_THREADS["finish_norm"]
                             for r in rows), source
+    group = _constant((CSRC / "fbp_launch.h").read_text(), "kGroupThreads")
+    assert all(cuda_compile.ROW_KERNEL_THREADS[k] == group
+               for k in ("finish_group_norm", "grad_pooled_group"))
     forward = (CSRC / "fbp_forward.cu").read_text()
     keep = forward[forward.index("cudaError_t launch_dropout_keep"):]
     assert _constant(keep, "kThreads") == cuda_compile.ROW_KERNEL_THREADS["dropout_keep"]

@@ -389,15 +389,11 @@ def test_auto_routes_to_torch():
 @pytest.mark.parametrize("backend", ["split", "cuda"])
 @pytest.mark.parametrize("option,value", [("norm_dims", 2), ("activation", "relu")])
 def test_explicit_kernel_backend_is_refused(backend, option, value):
-    # Refused by name, before availability: the same ValueError on any machine.  FBP's
-    # split and triton backends have both options (tests/test_split_dropin.py); MFH's
-    # triton and torch (the only MFH backends).
+    # Refused by name, before availability: the same ValueError on any machine.  Every
+    # FBP backend has both options (tests/test_split_dropin.py); MFH's triton and torch
+    # (the only MFH backends with them).
     x, y, wx, wy, bx, by = _params((2, 3), (2, 1), 3, 4, 4)
-    if backend == "cuda":
-        with pytest.raises(ValueError, match=option) as info:
-            fbp_kernels.fbp(x, y, wx[0], wy[0], bx[0], by[0], factor=2, backend=backend,
-                            **{option: value})
-        assert "torch" in str(info.value) and repr(backend) in str(info.value)
+    assert backend in ops.DROP_IN_BACKENDS
     with pytest.raises(ValueError, match=option) as info:
         fbp_kernels.mfh(x, y, wx, wy, bx, by, factor=2, backend=backend, **{option: value})
     assert "['triton', 'torch']" in str(info.value) and repr(backend) in str(info.value)

@@ -47,11 +47,13 @@ SAME = dict(atol=1e-12, rtol=1e-12)
 
 
 def _backends():
-    """split, and triton where it runs (its wide kernels carry both options)."""
+    """split, and triton and cuda where they run (their fused kernels carry both
+    options; cuda's only on a GPU)."""
     yield "split"
-    why = backends.unsupported_reason("triton", DEVICE)
-    yield pytest.param("triton", marks=[pytest.mark.skip(reason=f"backend 'triton': {why}")]
-                       if why else [])
+    for name in ("triton", "cuda"):
+        why = backends.unsupported_reason(name, DEVICE)
+        yield pytest.param(name, marks=[pytest.mark.skip(reason=f"backend {name!r}: {why}")]
+                           if why else [])
 
 
 BACKENDS = list(_backends())
@@ -515,14 +517,20 @@ def test_auto_takes_split_on_cuda_only(monkeypatch):
     assert functional.route_drop_in("auto", 2, None, cuda, ops.MFH_DROP_IN_BACKENDS) == "triton"
 
 
-def test_cuda_backend_still_refuses():
+def test_cuda_backend_takes_the_options():
+    # Routed to cuda like any drop-in backend: on the CPU it is then unavailable (the
+    # device is named), never refused for the options; keeping one projection is
+    # refused by name (cuda recomputes both).
+    assert "cuda" in ops.DROP_IN_BACKENDS
+    assert ops.DROP_IN_BACKENDS.index("cuda") > ops.DROP_IN_BACKENDS.index("triton")
+    assert ops.drop_in_options("cuda", 2, "tanh") == {"norm_dims": 2, "activation": "tanh"}
     tensors = _inputs((2, 3), (2, 1), 3, 4, 2, 2)
-    for option in ({"norm_dims": 2}, {"activation": "tanh"}):
-        with pytest.raises(ValueError) as info:
-            fbp_kernels.fbp(*tensors, factor=2, backend="cuda", **option)
-        msg = str(info.value)
-        assert "'cuda'" in msg and "['split', 'triton', 'torch']" in msg
-        assert next(iter(option)) in msg
+    if DEVICE.type == "cpu":
+        for option in ({"norm_dims": 2}, {"activation": "tanh"}):
+            with pytest.raises(backends.BackendUnavailableError, match="CUDA device"):
+                fbp_kernels.fbp(*tensors, factor=2, backend="cuda", **option)
+    with pytest.raises(ValueError, match="keep one projection"):
+        ops.backend_keep("x", "cuda")
 
 
 def test_operators_run_split_and_triton():

@@ -98,6 +98,11 @@ def kept(save_projections) -> Tuple[bool, bool]:
     return bool(save_projections), bool(save_projections)
 
 
+#: ``activation`` -> the kernels' code for it (the Triton kernels' ``ACTIVATION``
+#: constexpr and the CUDA kernels' ``Activation``, csrc/fbp_math.cuh).
+ACTIVATION_CODES = {None: 0, "relu": 1, "tanh": 2}
+
+
 def group_rows(batch, norm_dims: int) -> int:
     """Rows per normalisation group: the product of the last ``norm_dims - 1`` batch
     dimensions (1 for ``norm_dims=1``)."""

@@ -17,6 +17,14 @@ Backward: ``ds`` from ``(g, z, ||t||)``, then a kernel that recomputes the
 projections tile by tile and writes ``da = dp*c`` and ``dc = dp*a`` as transient
 ``(rows, factor*o)`` buffers in the input dtype, then cuBLAS for ``dx, dW, db``.
 
+Drop-in options (``ops.DROP_IN_BACKENDS``): ``activation`` (relu/tanh on both
+projections, bias included) is applied in the forward's elementwise pass and
+differentiated in the backward's from the activated values (``da = dp act(c)
+act'(a)``); ``norm_dims > 1`` normalises groups of consecutive flattened rows, each
+finished by one 256-thread block (the norm and ``<z, g>`` over the group in a fixed
+order), so only the finishing kernels differ.  Never run on a GPU, like the rest of
+this backend; the CPU mirrors of that math are tested (tests/test_cuda_backend.py).
+
 ``save_projections=True`` is accepted and falls back to recomputation (``a`` and
 ``c`` are not returned): the fused forward never materialises them.
 
@@ -37,7 +45,8 @@ import torch
 from torch import Tensor
 
 from . import cuda_build
-from ._common import BackwardResult, ForwardResult, flatten_rows, unflatten_grad
+from ._common import (ACTIVATION_CODES, BackwardResult, ForwardResult, flatten_rows,
+                      group_rows, unflatten_grad)
 
 NAME = "cuda"
 
@@ -82,12 +91,21 @@ def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
     return _ops().dropout_keep(index, int(seed), float(rate)).view(shape)
 
 
+def _norm_group(batch, norm_dims: int, normalize: bool) -> int:
+    # Rows per joint-normalisation group: consecutive rows of the flattened batch.
+    return group_rows(batch, norm_dims) if normalize and batch.numel() else 1
+
+
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
-            seed: Optional[int], normalize: bool, eps: float,
-            save_projections: bool) -> ForwardResult:
+            seed: Optional[int], normalize: bool, eps: float, save_projections: bool,
+            norm_dims: int = 1, activation: Optional[str] = None) -> ForwardResult:
+    """``norm`` per row ``(...)``; with ``norm_dims > 1`` each row holds its group's
+    norm (the last ``norm_dims - 1`` batch dimensions)."""
     x2, y2, batch = flatten_rows(x, y)
     out, norm = _ops().fbp_forward(x2, y2, weight_x, weight_y, bias_x, bias_y, factor,
-                                   float(dropout), seed, bool(normalize), float(eps))
+                                   float(dropout), seed, bool(normalize), float(eps),
+                                   ACTIVATION_CODES[activation],
+                                   _norm_group(batch, norm_dims, normalize))
     o = weight_x.shape[0] // factor
     return ForwardResult(out.view(*batch, o), norm.view(batch) if normalize else None,
                          None, None)
@@ -95,7 +113,8 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
 
 def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
-             eps: float) -> BackwardResult:
+             eps: float, norm_dims: int = 1,
+             activation: Optional[str] = None) -> BackwardResult:
     # a and c are never saved by this backend's forward: the kernel recomputes them.
     x2, y2, batch = flatten_rows(x, y)
     o = weight_x.shape[0] // factor
@@ -104,7 +123,8 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     norm2 = norm.reshape(-1) if normalize else out2.new_empty(0)
     dx, dy, dwx, dwy, dbx, dby = _ops().fbp_backward(
         g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor, float(dropout),
-        seed, bool(normalize), float(eps))
+        seed, bool(normalize), float(eps), ACTIVATION_CODES[activation],
+        _norm_group(batch, norm_dims, normalize))
     return BackwardResult(unflatten_grad(dx, batch, x), unflatten_grad(dy, batch, y), dwx, dwy,
                           dbx if bias_x is not None else None,
                           dby if bias_y is not None else None)

@@ -83,9 +83,11 @@ ASYNC_ENGINE_OF_DTYPE = {"fp16": "WmmaAsyncEngine", "bf16": "WmmaAsyncEngine"}
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 
 #: Threads per block of the kernels that are not GEMM tiles: one warp per row,
-#: kRowsPerBlock = 8 rows per block (fbp_forward.cu, fbp_backward.cu); dropout_keep
-#: runs kThreads = 256 (fbp_forward.cu). Checked against the sources by the tests.
-ROW_KERNEL_THREADS = {"finish_norm": 256, "grad_pooled": 256, "dropout_keep": 256}
+#: kRowsPerBlock = 8 rows per block (fbp_forward.cu, fbp_backward.cu); one block of
+#: kGroupThreads = 256 per joint-normalisation group (fbp_launch.h); dropout_keep runs
+#: kThreads = 256 (fbp_forward.cu). Checked against the sources by the tests.
+ROW_KERNEL_THREADS = {"finish_norm": 256, "grad_pooled": 256, "finish_group_norm": 256,
+                      "grad_pooled_group": 256, "dropout_keep": 256}
 
 #: Kernels built on a GEMM engine (their tile gives flop_per_byte and bytes in flight).
 GEMM_KERNELS = ("fused_forward", "projection_grads")
@@ -115,7 +117,7 @@ ISSUE12_THRESHOLDS = {"tensor_cores": "HGMMA", "tma": True, "flop_per_byte": 64.
 
 @dataclass
 class KernelFacts:
-    kernel: str            # fused_forward, finish_norm, dropout_keep, grad_pooled, ...
+    kernel: str            # fused_forward, finish_norm, dropout_keep, grad_pooled, ... (_FAMILY)
     arch: int
     dtype: str             # fp16 / bf16 / fp32 / fp64, "-" for dropout_keep
     config: str            # the engine (TILES key) for GEMM kernels, "default" otherwise
@@ -246,8 +248,8 @@ def source_key(csrc: Path, arch: int, flags: List[str], nvcc_version: str, sourc
 
 # ------------------------------------------------------------------ parsing
 
-_FAMILY = re.compile(r"(fused_forward|finish_norm|grad_pooled|projection_grads|dropout_keep)"
-                     r"_kernel")
+_FAMILY = re.compile(r"(fused_forward|finish_group_norm|finish_norm|grad_pooled_group|"
+                     r"grad_pooled|projection_grads|dropout_keep)_kernel")
 _DTYPE = [("__nv_bfloat16", "bf16"), ("__half", "fp16"), ("double", "fp64"), ("float", "fp32")]
 
 

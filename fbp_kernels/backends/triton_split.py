@@ -58,6 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import ACTIVATION_CODES
 from .triton_kernels import INTERPRET, NORM_DELTA, launch, one_cta_registers
 from .triton_dropout import keep_elements
 
@@ -110,10 +111,6 @@ def _dropped(p, seed, grow, cols, KO, drop_p, keep_scale):
     The shared stream (:mod:`triton_dropout`), as ``triton_kernels._keep_mask``."""
     keep = keep_elements(seed, grow[:, None, None], cols[None, :, :].to(tl.int64), KO, drop_p)
     return tl.where(keep, p * keep_scale, 0.0)
-
-
-#: ``ACTIVATION`` codes of the kernels.
-ACTIVATION_CODES = {None: 0, "relu": 1, "tanh": 2}
 
 
 @triton.jit
@@ -226,7 +223,7 @@ def _split_fwd_dropin_kernel(
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
     ONE_BLOCK: tl.constexpr, BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_F: tl.constexpr,
-    # 0 none, 1 relu, 2 tanh (ACTIVATION_CODES)
+    # 0 none, 1 relu, 2 tanh (_common.ACTIVATION_CODES)
     ACTIVATION: tl.constexpr = 0,
 ):
     """The forward epilogue with a projection activation (see _split_fwd_kernel)."""

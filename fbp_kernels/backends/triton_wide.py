@@ -66,7 +66,8 @@ import triton.language as tl
 
 from .triton_dropout import keep_tile
 from .triton_kernels import INTERPRET, launch
-from .triton_split import ACTIVATION_CODES, _activate, _activate_with_grad, _scaled_sumsq
+from ._common import ACTIVATION_CODES
+from .triton_split import _activate, _activate_with_grad, _scaled_sumsq
 
 _NORM_DELTA = tl.constexpr(1e-12)
 
@@ -247,7 +248,7 @@ def _wide_fwd_kernel(
     HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_JP: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     X_DESC: tl.constexpr = False, W_DESC: tl.constexpr = False,
-    # projection activation: 0 none, 1 relu, 2 tanh (triton_split.ACTIVATION_CODES);
+    # projection activation: 0 none, 1 relu, 2 tanh (_common.ACTIVATION_CODES);
     # IDX64: rows * K*o >= 2^31 (dropout's row indices in int64)
     ACTIVATION: tl.constexpr = 0, IDX64: tl.constexpr = False, SHARED: tl.constexpr = False,
     PREV: tl.constexpr = False, CHAIN: tl.constexpr = False,
