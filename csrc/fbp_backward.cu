@@ -110,13 +110,17 @@ template <typename T> struct BackwardMinBlocks<WmmaEngine<T>> { static constexpr
 template <typename T> struct BackwardMinBlocks<WmmaAsyncEngine<T>> {
   static constexpr int value = 4;
 };
+// One 147 KiB CTA per SM: the whole register file (255 per thread) is allowed.
+template <typename T> struct BackwardMinBlocks<WmmaWideEngine<T>> {
+  static constexpr int value = 1;
+};
 
 template <typename T, class E>
 __global__ void __launch_bounds__(E::kThreads, BackwardMinBlocks<E>::value)
 projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;
-  __shared__ __align__(128) unsigned char smem[Smem::kBytes];
+  unsigned char* smem = tile_smem<E>();
   Acc* pc = reinterpret_cast<Acc*>(smem);
   Acc* pa = reinterpret_cast<Acc*>(smem + Smem::kUnionBytes);
   Acc* bx_s = reinterpret_cast<Acc*>(smem + Smem::kBiasOffset);
@@ -229,29 +233,20 @@ cudaError_t projection_grads_with(const ProjectionGradArgs& a, cudaStream_t stre
   p.scale = static_cast<Acc>(1.0 / (1.0 - a.dropout.rate));
   p.seed = a.dropout.seed;
   p.activation = a.activation;
+  int dynamic_smem = 0;
+  const cudaError_t err = launch_smem<E>(projection_grads_kernel<T, E>, &dynamic_smem);
+  if (err != cudaSuccess) return err;
   projection_grads_kernel<T, E><<<dim3(static_cast<unsigned>(grid.x),
                                        static_cast<unsigned>(grid.y)),
-                                  E::kThreads, 0, stream>>>(p);
+                                  E::kThreads, dynamic_smem, stream>>>(p);
   return cudaGetLastError();
-}
-
-// The engine: as forward_typed (fbp_forward.cu).
-template <typename T>
-cudaError_t projection_grads_typed(const ProjectionGradArgs& a, cudaStream_t stream) {
-  using Async = typename AsyncEngineFor<T>::type;
-  if constexpr (!std::is_void<Async>::value) {
-    if (a.async_staging) return projection_grads_with<T, Async>(a, stream);
-  } else {
-    if (a.async_staging) return cudaErrorInvalidValue;  // no cp.async engine for this dtype
-  }
-  return projection_grads_with<T, typename EngineFor<T>::type>(a, stream);
 }
 
 }  // namespace
 
-Grid projection_grads_grid(DType dtype, int64_t rows, int64_t K) {
-  return dispatch_dtype(dtype, [&](auto tag) {
-    return grid_for<typename EngineFor<typename decltype(tag)::type>::type>(rows, K);
+Grid projection_grads_grid(DType dtype, Engine engine, int64_t rows, int64_t K) {
+  return dispatch_engine(dtype, engine, Grid{0, 0}, [&](auto, auto e) {
+    return grid_for<typename decltype(e)::type>(rows, K);
   });
 }
 
@@ -262,10 +257,12 @@ cudaError_t launch_grad_pooled(const GradPooledArgs& args, cudaStream_t stream) 
   });
 }
 
+// On the engine the binding chose, as launch_forward (fbp_forward.cu).
 cudaError_t launch_projection_grads(const ProjectionGradArgs& args, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
-  return dispatch_dtype(args.dtype, [&](auto tag) {
-    return projection_grads_typed<typename decltype(tag)::type>(args, stream);
+  return dispatch_engine(args.dtype, args.engine, cudaErrorInvalidValue, [&](auto t, auto e) {
+    return projection_grads_with<typename decltype(t)::type, typename decltype(e)::type>(args,
+                                                                                          stream);
   });
 }
 

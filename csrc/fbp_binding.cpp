@@ -22,6 +22,10 @@
 //       (fbp_math.cuh)
 //   torch.ops.fbp_kernels_cuda.cp_async_staging(x, y, weight_x, weight_y) -> bool
 //       whether fp16/bf16 GEMM tiles would be fed by cp.async (FBP_CUDA_STAGING)
+//   torch.ops.fbp_kernels_cuda.gemm_engine(x, y, weight_x, weight_y) -> str
+//       which engine the fused kernels would run: "default", "async" or "wide"
+//   torch.ops.fbp_kernels_cuda.engine_tile(engine, dtype) -> int[]
+//       [BM, BN, BK, threads, stages, shared bytes per block] of an engine (fbp_tile.cuh)
 //
 // x and y are 2-D (rows, m) / (rows, n): the Python glue flattens and broadcasts
 // leading dimensions (backends/_common.flatten_rows).  Any strides are accepted
@@ -166,13 +170,16 @@ Tensor maybe_contiguous(const std::optional<Tensor>& b) {
 Tensor empty_marker(const Tensor& like) { return at::empty({0}, like.options()); }
 
 // ------------------------------------------------------------------ operand staging
-// FBP_CUDA_STAGING selects how the fp16/bf16 GEMM tiles are fed: "auto" (default) the
-// 3-stage cp.async engine (WmmaAsyncEngine) when every operand allows it, else the
-// synchronous one; "sync" always the synchronous one; "async" always the cp.async one
-// for fp16/bf16, an error when their operands or the GPU do not allow it (tests use it
+// FBP_CUDA_STAGING selects the GEMM engine of the fp16/bf16 fused kernels: "auto"
+// (default) the 128x128 cp.async engine (WmmaWideEngine) when every operand allows
+// cp.async, the GPU's per-block shared memory holds it and there are more than
+// kWideEngineAboveRows rows, else the 64x64 cp.async one
+// (WmmaAsyncEngine) when the operands allow it, else the synchronous one; "sync" always
+// the synchronous one; "async" always the 64x64 cp.async one and "wide" always the
+// 128x128 one, an error when their operands or the GPU do not allow it (tests use them
 // to know which path ran; fp32/fp64 have no cp.async engine and are unaffected).  Read
 // per call, so a test can switch it.
-enum class Staging { kAuto, kSync, kAsync };
+enum class Staging { kAuto, kSync, kAsync, kWide };
 
 Staging staging_mode() {
   const char* v = std::getenv("FBP_CUDA_STAGING");
@@ -180,10 +187,12 @@ Staging staging_mode() {
   if (mode.empty() || mode == "auto") return Staging::kAuto;
   if (mode == "sync") return Staging::kSync;
   if (mode == "async") return Staging::kAsync;
-  TORCH_CHECK(false, "fbp cuda: FBP_CUDA_STAGING must be auto, sync or async, got '", mode, "'");
+  if (mode == "wide") return Staging::kWide;
+  TORCH_CHECK(false, "fbp cuda: FBP_CUDA_STAGING must be auto, sync, async or wide, got '", mode,
+              "'");
 }
 
-// Why x, y and the weights cannot take the cp.async engine ("" when they can).  The
+// Why x, y and the weights cannot take a cp.async engine ("" when they can).  The
 // compute-capability part applies to CUDA tensors only.
 std::string cp_async_refusal(const Tensor& x, const Tensor& y, const Tensor& wx,
                              const Tensor& wy) {
@@ -206,22 +215,68 @@ std::string cp_async_refusal(const Tensor& x, const Tensor& y, const Tensor& wx,
   return "";
 }
 
-bool use_async_staging(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
-  const Staging mode = staging_mode();
-  const auto d = x.scalar_type();
-  if (mode == Staging::kSync || (d != at::kHalf && d != at::kBFloat16)) return false;
-  const std::string refusal = cp_async_refusal(x, y, wx, wy);
-  TORCH_CHECK(mode != Staging::kAsync || refusal.empty(),
-              "fbp cuda: FBP_CUDA_STAGING=async, but ", refusal);
-  return refusal.empty();
+// Why the wide engine does not fit the GPU ("" when it does; CPU tensors: the layout
+// rule alone, as on a GPU with room for it).
+std::string wide_refusal(const Tensor& x) {
+  if (!x.is_cuda()) return "";
+  const EngineInfo wide = engine_info(kernel_dtype(x.scalar_type()), Engine::kAsyncWide);
+  const size_t limit = at::cuda::getDeviceProperties(x.get_device())->sharedMemPerBlockOptin;
+  if (static_cast<size_t>(wide.smem_bytes) <= limit) return "";
+  return "the GPU allows " + std::to_string(limit) + " bytes of shared memory per block, the " +
+         "128x128 engine needs " + std::to_string(wide.smem_bytes);
 }
 
-// The operator form (CPU and CUDA): whether the kernels would stage these operands
-// with cp.async under the current FBP_CUDA_STAGING.
-bool cp_async_staging_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+Engine choose_engine(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+  const Staging mode = staging_mode();
+  const auto d = x.scalar_type();
+  if (mode == Staging::kSync || (d != at::kHalf && d != at::kBFloat16)) return Engine::kDefault;
+  const std::string refusal = cp_async_refusal(x, y, wx, wy);
+  TORCH_CHECK(mode == Staging::kAuto || refusal.empty(), "fbp cuda: FBP_CUDA_STAGING=",
+              mode == Staging::kWide ? "wide" : "async", ", but ", refusal);
+  if (!refusal.empty()) return Engine::kDefault;
+  if (mode == Staging::kAsync) return Engine::kAsync;
+  const std::string too_big = wide_refusal(x);
+  TORCH_CHECK(mode != Staging::kWide || too_big.empty(), "fbp cuda: FBP_CUDA_STAGING=wide, but ",
+              too_big);
+  if (mode == Staging::kAuto && x.size(0) <= kWideEngineAboveRows) return Engine::kAsync;
+  return too_big.empty() ? Engine::kAsyncWide : Engine::kAsync;
+}
+
+void check_operands_2d(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
+                       const char* op) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && wx.dim() == 2 && wy.dim() == 2,
-              "fbp: cp_async_staging takes the 2-D operands of fbp_forward");
-  return use_async_staging(x, y, wx, wy);
+              "fbp: ", op, " takes the 2-D operands of fbp_forward");
+}
+
+// The operator forms (CPU and CUDA): whether the kernels would stage these operands
+// with cp.async, and with which engine, under the current FBP_CUDA_STAGING.
+bool cp_async_staging_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+  check_operands_2d(x, y, wx, wy, "cp_async_staging");
+  return choose_engine(x, y, wx, wy) != Engine::kDefault;
+}
+
+std::string gemm_engine_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+  check_operands_2d(x, y, wx, wy, "gemm_engine");
+  switch (choose_engine(x, y, wx, wy)) {
+    case Engine::kAsyncWide: return "wide";
+    case Engine::kAsync: return "async";
+    default: return "default";
+  }
+}
+
+// [BM, BN, BK, threads, stages, shared bytes per block] of engine "default" / "async" /
+// "wide" for `dtype` (empty when the dtype has no such engine): the tile table of the
+// compile report and the cost model, from the headers themselves.
+std::vector<int64_t> engine_tile_op(c10::string_view engine, at::ScalarType dtype) {
+  check_float(at::empty({0}, at::TensorOptions().dtype(dtype)), "dtype");
+  const std::string name(engine);
+  TORCH_CHECK(name == "default" || name == "async" || name == "wide",
+              "fbp: engine must be default, async or wide, got '", name, "'");
+  const Engine e = name == "wide" ? Engine::kAsyncWide
+                                  : name == "async" ? Engine::kAsync : Engine::kDefault;
+  const EngineInfo info = engine_info(kernel_dtype(dtype), e);
+  if (info.threads == 0) return {};
+  return {info.bm, info.bn, info.bk, info.threads, info.stages, info.smem_bytes};
 }
 
 // ------------------------------------------------------------------ forward
@@ -257,7 +312,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   const int64_t rows = x.size(0), o = wx.size(0) / factor;
   if (rows == 0) return {out, norm};
   const DType dtype = kernel_dtype(x.scalar_type());
-  const Grid grid = forward_grid(dtype, rows, o, factor);
+  const Engine engine = choose_engine(x, y, wx, wy);
+  const Grid grid = forward_grid(dtype, engine, rows, o, factor);
   check_grid(grid, "out_features", o);
   const Tensor bias_x = maybe_contiguous(bx), bias_y = maybe_contiguous(by);
   // Scratch, freed on return (stream-ordered by the caching allocator): per output
@@ -289,7 +345,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   args.eps = eps;
   args.activation = static_cast<int>(activation);
   args.norm_group = norm_group;
-  args.async_staging = use_async_staging(x, y, wx, wy);
+  args.engine = engine;
   C10_CUDA_CHECK(launch_forward(args, at::cuda::getCurrentCUDAStream()));
   return {out, norm};
 }
@@ -327,7 +383,8 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   const DType dtype = kernel_dtype(x.scalar_type());
   const int64_t rows = x.size(0), K = wx.size(0), o = K / factor;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Grid grid = projection_grads_grid(dtype, rows, K);
+  const Engine engine = rows > 0 ? choose_engine(x, y, wx, wy) : Engine::kDefault;
+  const Grid grid = projection_grads_grid(dtype, engine, rows, K);
   check_grid(grid, "factor * out_features", K);
   // dL/ds (rows, o) in the accumulation dtype.
   Tensor ds;
@@ -359,7 +416,7 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.factor = factor;
   args.dropout = dropout_arg(dropout, seed);
   args.activation = static_cast<int>(activation);
-  args.async_staging = rows > 0 && use_async_staging(x, y, wx, wy);
+  args.engine = engine;
   C10_CUDA_CHECK(launch_projection_grads(args, stream));
   ds.reset();  // the transient buffers go as soon as the GEMMs have consumed them
   Tensor dx = at::mm(da, wx);
@@ -594,6 +651,9 @@ TORCH_LIBRARY(fbp_kernels_cuda, m) {
         "-> Tensor");
   m.def("activation(Tensor v, int code) -> (Tensor act, Tensor grad)");
   m.def("cp_async_staging(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y) -> bool");
+  m.def("gemm_engine(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y) -> str");
+  // No tensor arguments, so no dispatch key: one kernel for every backend.
+  m.def("engine_tile(str engine, ScalarType dtype) -> int[]", &fbp::engine_tile_op);
 }
 
 TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CUDA, m) {
@@ -601,6 +661,7 @@ TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CUDA, m) {
   m.impl("fbp_backward", &fbp::backward_impl);
   m.impl("dropout_keep", &fbp::dropout_keep_gpu);
   m.impl("cp_async_staging", &fbp::cp_async_staging_op);
+  m.impl("gemm_engine", &fbp::gemm_engine_op);
 }
 
 TORCH_LIBRARY_IMPL(fbp_kernels_cuda, Meta, m) {
@@ -616,6 +677,7 @@ TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CPU, m) {
   m.impl("grad_pooled", &fbp::grad_pooled_cpu);
   m.impl("activation", &fbp::activation_cpu);
   m.impl("cp_async_staging", &fbp::cp_async_staging_op);
+  m.impl("gemm_engine", &fbp::gemm_engine_op);
 }
 
 // Lets `import fbp_kernels._C` (the ahead-of-time build) load the library and so

@@ -60,13 +60,17 @@ struct ForwardParams {
 // (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
 // spill): 3 for every engine (WMMA 120-156 registers, FMA 71-80).
 template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
+// One 147 KiB CTA per SM: the whole register file (255 per thread) is allowed.
+template <typename T> struct ForwardMinBlocks<WmmaWideEngine<T>> {
+  static constexpr int value = 1;
+};
 
 template <typename T, class E>
 __global__ void __launch_bounds__(E::kThreads, ForwardMinBlocks<E>::value)
 fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;
-  __shared__ __align__(128) unsigned char smem[Smem::kBytes];
+  unsigned char* smem = tile_smem<E>();
   Acc* pc = reinterpret_cast<Acc*>(smem);  // aliases the staged inputs
   Acc* pa = reinterpret_cast<Acc*>(smem + Smem::kUnionBytes);
   Acc* bx_s = reinterpret_cast<Acc*>(smem + Smem::kBiasOffset);
@@ -274,9 +278,12 @@ cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   p.activation = a.activation;
   p.normalize = a.normalize;
 
+  int dynamic_smem = 0;
+  cudaError_t err = launch_smem<E>(fused_forward_kernel<T, E>, &dynamic_smem);
+  if (err != cudaSuccess) return err;
   fused_forward_kernel<T, E><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)),
-                               E::kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+                               E::kThreads, dynamic_smem, stream>>>(p);
+  err = cudaGetLastError();
   if (err != cudaSuccess || !a.normalize) return err;
   if (a.norm_group > 1) {
     finish_group_norm_kernel<T, Acc><<<static_cast<unsigned>(a.rows / a.norm_group),
@@ -291,19 +298,6 @@ cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The engine: the cp.async one for fp16/bf16 when the binding found every operand
-// eligible (cp_async_operand_ok, sm_80+), else the synchronous one.
-template <typename T>
-cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
-  using Async = typename AsyncEngineFor<T>::type;
-  if constexpr (!std::is_void<Async>::value) {
-    if (a.async_staging) return forward_with<T, Async>(a, stream);
-  } else {
-    if (a.async_staging) return cudaErrorInvalidValue;  // no cp.async engine for this dtype
-  }
-  return forward_with<T, typename EngineFor<T>::type>(a, stream);
-}
-
 __global__ void dropout_keep_kernel(const int64_t* index, bool* keep, int64_t numel,
                                     uint64_t seed, float rate) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -312,16 +306,26 @@ __global__ void dropout_keep_kernel(const int64_t* index, bool* keep, int64_t nu
 
 }  // namespace
 
-Grid forward_grid(DType dtype, int64_t rows, int64_t o, int64_t factor) {
-  return dispatch_dtype(dtype, [&](auto tag) {
-    return grid_for<typename EngineFor<typename decltype(tag)::type>::type>(rows, o, factor);
+Grid forward_grid(DType dtype, Engine engine, int64_t rows, int64_t o, int64_t factor) {
+  return dispatch_engine(dtype, engine, Grid{0, 0}, [&](auto, auto e) {
+    return grid_for<typename decltype(e)::type>(rows, o, factor);
   });
 }
 
+EngineInfo engine_info(DType dtype, Engine engine) {
+  return dispatch_engine(dtype, engine, EngineInfo{0, 0, 0, 0, 0, 0}, [&](auto, auto e) {
+    using E = typename decltype(e)::type;
+    return EngineInfo{E::BM, E::BN, E::BK, E::kThreads, E::kStages, TileSmem<E>::kBytes};
+  });
+}
+
+// On the engine the binding chose (every operand cp_async_operand_ok for the cp.async
+// ones, and the wide one only where the GPU's shared memory holds it); an engine the
+// dtype does not have is an invalid value.
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream) {
   if (args.rows == 0) return cudaSuccess;
-  return dispatch_dtype(args.dtype, [&](auto tag) {
-    return forward_typed<typename decltype(tag)::type>(args, stream);
+  return dispatch_engine(args.dtype, args.engine, cudaErrorInvalidValue, [&](auto t, auto e) {
+    return forward_with<typename decltype(t)::type, typename decltype(e)::type>(args, stream);
   });
 }
 

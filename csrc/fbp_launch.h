@@ -21,6 +21,27 @@ struct MatrixArg {
   int64_t rows, cols, stride_row, stride_col;
 };
 
+// The GEMM engine of the fused kernels (csrc/fbp_tile.cuh):
+//   kDefault   EngineFor<T>: synchronous WMMA 64x64 (fp16/bf16), FMA (fp32/fp64)
+//   kAsync     WmmaAsyncEngine: the 64x64 tile, 3-stage cp.async (fp16/bf16, sm_80+)
+//   kAsyncWide WmmaWideEngine: 128x128, 4-stage cp.async, ~147 KiB of shared memory
+//              (fp16/bf16, GPUs whose per-block opt-in limit holds it: sm_80, sm_90)
+enum class Engine : int { kDefault, kAsync, kAsyncWide };
+
+// FBP_CUDA_STAGING=auto takes the wide engine only above this many rows: up to one
+// 128-row tile, the 64x64 tile's twice-as-many output tiles keep more SMs streaming the
+// weights (the cost model, H200 bf16 at the MFB widths: forward 31 us against 40 us
+// at rows <= 128, even at 192, 50 against 40 us at 256; costmodel.CUDA_WIDE_ABOVE_ROWS).
+constexpr int64_t kWideEngineAboveRows = 128;
+
+// What the binding needs to know of an engine (host side, fbp_forward.cu): its tile
+// and the shared memory one block of either fused kernel takes (TileSmem); threads == 0
+// when `dtype` has no such engine.
+struct EngineInfo {
+  int bm, bn, bk, threads, stages, smem_bytes;
+};
+EngineInfo engine_info(DType dtype, Engine engine);
+
 // Can this operand be staged with 16-byte cp.async (WmmaAsyncEngine, fp16/bf16)?
 // Contiguous along K, and every row starts 16-byte aligned: the base pointer and the
 // row stride (in elements of element_bytes each) are multiples of 16 bytes.
@@ -65,9 +86,9 @@ struct ForwardArgs {
   double eps;
   int activation;      // fbp_math.cuh Activation code, on both projections (bias included)
   int64_t norm_group;  // rows per joint-normalisation group (norm_dims > 1), divides rows
-  bool async_staging;  // fp16/bf16: WmmaAsyncEngine (every operand cp_async_operand_ok, sm_80+)
+  Engine engine;       // kAsync/kAsyncWide: every operand cp_async_operand_ok, sm_80+
 };
-Grid forward_grid(DType dtype, int64_t rows, int64_t o, int64_t factor);
+Grid forward_grid(DType dtype, Engine engine, int64_t rows, int64_t o, int64_t factor);
 cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream);
 
 // ds = dL/ds (rows, o) acc dtype, from grad and out (rows, o) contiguous input
@@ -99,9 +120,9 @@ struct ProjectionGradArgs {
   int64_t rows, o, factor;
   DropoutArg dropout;
   int activation;      // as ForwardArgs::activation
-  bool async_staging;  // as ForwardArgs::async_staging
+  Engine engine;       // as ForwardArgs::engine
 };
-Grid projection_grads_grid(DType dtype, int64_t rows, int64_t K);
+Grid projection_grads_grid(DType dtype, Engine engine, int64_t rows, int64_t K);
 cudaError_t launch_projection_grads(const ProjectionGradArgs& args, cudaStream_t stream);
 
 // keep[i] = dropout keep-mask of linear element index[i] (fbp_math.cuh: dropout_keep).

@@ -14,6 +14,8 @@
 //     128 threads = 2x2 warps of 32x32; half and bfloat16; synchronous staging.
 //   WmmaAsyncEngine<T>: the same tile fed by a 3-stage cp.async pipeline (sm_80+,
 //     16-byte-aligned operands contiguous along K; never run yet).
+//   WmmaWideEngine<T>: a 128x128x32 tile, 256 threads, 4-stage cp.async pipeline, for
+//     GPUs with >= 147 KiB of shared memory per block (sm_80, sm_90); never run yet.
 //
 // The caller provides `in_smem` (kInputBytes) for the staged input tiles; the
 // output tile may alias it (the K loop ends with a barrier before the store).
@@ -28,6 +30,7 @@
 #include "fbp_launch.h"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fbp {
 
@@ -80,6 +83,7 @@ template <typename T, typename AccT, int BM_, int BN_>
 struct FmaEngine {
   using Acc = AccT;
   static constexpr int BM = BM_, BN = BN_, BK = 16;
+  static constexpr int kStages = 1;     // synchronous staging
   static constexpr int kThreads = 256;  // 16 x 16 threads
   static constexpr int TM = BM / 16, TN = BN / 16;
   // Staged tiles are k-major ([BK][BM + kPad], [BK][BN + kPad]) so that the inner
@@ -170,6 +174,7 @@ template <typename T>
 struct WmmaEngine {
   using Acc = float;
   static constexpr int BM = 64, BN = 64, BK = 32;
+  static constexpr int kStages = 1;      // synchronous: load, barrier, compute, barrier
   static constexpr int kThreads = 128;  // 4 warps, 2 x 2, each 32 x 32
   static constexpr int kLdIn = BK + 8;   // multiple of 8 halves (wmma), staggers banks
   static constexpr int kLdOut = BN + 4;  // multiple of 4 floats (wmma store)
@@ -232,10 +237,10 @@ struct WmmaEngine {
   }
 };
 
-// ----------------------------------------------------------------- cp.async WMMA engine
-// The same 64x64x32 WMMA tile as WmmaEngine, fed by a 3-stage cp.async pipeline:
-// 16-byte cp.async.cg.shared.global copies (8 halves), one commit group per k-tile,
-// two k-tiles in flight while the third is multiplied, one barrier per k-step.
+// ----------------------------------------------------------------- cp.async WMMA engines
+// WMMA tiles fed by a multi-stage cp.async pipeline: 16-byte cp.async.cg.shared.global
+// copies (8 halves), one commit group per k-tile, kStages - 1 k-tiles in flight while
+// one is multiplied, one barrier per k-step.
 // Requires (checked on the host, fbp_launch.h: cp_async_operand_ok) operands
 // contiguous along K with 16-byte-aligned rows (base pointer and row stride); the
 // K tail and rows/columns outside the matrices are zero-filled by cp.async's
@@ -270,12 +275,18 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-template <typename T>
-struct WmmaAsyncEngine {
+// The cp.async WMMA main loop for a (BM, BN) tile computed by kWarpsM x kWarpsN warps,
+// each owning a (BM / kWarpsM, BN / kWarpsN) block of 16x16 accumulator fragments, fed by
+// a kStages-deep pipeline of BK = 32 k-tiles.  Two instances (below): the 64x64 tile of
+// WmmaEngine's grid, and the 128x128 one.
+template <typename T, int BM_, int BN_, int kWarpsM_, int kWarpsN_, int kStages_>
+struct WmmaPipeline {
   using Acc = float;
-  static constexpr int BM = 64, BN = 64, BK = 32;
-  static constexpr int kStages = 3;
-  static constexpr int kThreads = 128;  // 4 warps, 2 x 2, each 32 x 32
+  static constexpr int BM = BM_, BN = BN_, BK = 32;
+  static constexpr int kStages = kStages_;
+  static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kFragsM = BM / kWarpsM / 16, kFragsN = BN / kWarpsN / 16;
   // 40 halves = 80 bytes per row: 16-byte aligned for cp.async and wmma; ldmatrix's
   // 8 rows of 16 bytes start at banks 0, 20, 8, 28, 16, 4, 24, 12: conflict-free.
   static constexpr int kLdIn = BK + 8;
@@ -287,6 +298,7 @@ struct WmmaAsyncEngine {
   static constexpr int kCopiesPerThread = (BM + BN) * kChunks / kThreads;
   static_assert(sizeof(T) == 2 && (BM + BN) * kChunks % kThreads == 0, "tile split");
   static_assert(BM * kChunks % kThreads == 0, "A and W copies split at a fixed iteration");
+  static_assert(kFragsM * kWarpsM * 16 == BM && kFragsN * kWarpsN * 16 == BN, "warp grid");
 
   // Issues the copies of k-tile [k0, k0 + BK) of A rows row0.. and W rows col0.. into
   // one stage buffer ([BM][kLdIn] A, then [BN][kLdIn] W).
@@ -322,13 +334,14 @@ struct WmmaAsyncEngine {
       using namespace nvcuda;
       T* stages = reinterpret_cast<T*>(in_smem);
       const int warp = threadIdx.x / 32;
-      const int wr = warp / 2, wc = warp % 2;
+      const int wr = warp / kWarpsN, wc = warp % kWarpsN;
+      constexpr int kWarpRows = BM / kWarpsM, kWarpCols = BN / kWarpsN;
       const int64_t ktiles = (A.cols + BK - 1) / BK;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragsM][kFragsN];
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
       // Prologue: k-tiles 0 .. kStages-2 in flight, one commit group each (empty groups
       // past the end keep the group count uniform for wait_group).
@@ -350,36 +363,52 @@ struct WmmaAsyncEngine {
         const T* Ws = As + BM * kLdIn;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[kFragsM];
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[kFragsN];
 #pragma unroll
-          for (int i = 0; i < 2; ++i)
-            wmma::load_matrix_sync(fa[i], As + (wr * 32 + i * 16) * kLdIn + kk, kLdIn);
+          for (int i = 0; i < kFragsM; ++i)
+            wmma::load_matrix_sync(fa[i], As + (wr * kWarpRows + i * 16) * kLdIn + kk, kLdIn);
 #pragma unroll
-          for (int j = 0; j < 2; ++j)
-            wmma::load_matrix_sync(fb[j], Ws + (wc * 32 + j * 16) * kLdIn + kk, kLdIn);
+          for (int j = 0; j < kFragsN; ++j)
+            wmma::load_matrix_sync(fb[j], Ws + (wc * kWarpCols + j * 16) * kLdIn + kk, kLdIn);
 #pragma unroll
-          for (int i = 0; i < 2; ++i)
+          for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+            for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
       }
       cp_async_wait<0>();  // only empty groups remain; drain before the aliasing store
       __syncthreads();
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-          wmma::store_matrix_sync(out + (wr * 32 + i * 16) * kLdOut + wc * 32 + j * 16,
-                                  acc[i][j], kLdOut, wmma::mem_row_major);
+        for (int j = 0; j < kFragsN; ++j)
+          wmma::store_matrix_sync(
+              out + (wr * kWarpRows + i * 16) * kLdOut + wc * kWarpCols + j * 16, acc[i][j],
+              kLdOut, wmma::mem_row_major);
     }
   }
 };
 
+// WmmaEngine's 64x64x32 tile (4 warps of 32x32, the same grid), 3 stages: 47.5 KiB of
+// shared memory, so it runs wherever the synchronous engine does (sm_80+).
+template <typename T>
+struct WmmaAsyncEngine : WmmaPipeline<T, 64, 64, 2, 2, 3> {};
+
+// The 128x128x32 tile, 8 warps of 64x32, 4 stages: 64 FLOP per byte staged (twice the
+// 64x64 tile's, which the cost model finds L2-bound at training sizes on an H200) and
+// three 16 KiB k-tiles in flight.  ~147 KiB of dynamic shared memory (one CTA per SM):
+// within sm_80's and sm_90's opt-in limits (163 / 227 KiB), not sm_86/sm_89's (99 KiB),
+// where the binding keeps WmmaAsyncEngine.
+template <typename T>
+struct WmmaWideEngine : WmmaPipeline<T, 128, 128, 2, 4, 4> {};
+
 // Shared memory of a fused kernel: the staged inputs, aliased by the c tile (used
 // only after the last K stage), then the a tile, then the BN-column slices of both
 // biases (staged once per block and column chunk, not re-read per (pair, column)).
-// 128-byte aligned for wmma.
+// 128-byte aligned for wmma.  Up to 48 KiB it is a static array (visible in ptxas's
+// report); beyond, dynamic shared memory the launcher opts into (kDynamic).
+// cuda_compile.tile_smem_bytes mirrors this layout.
 template <class E>
 struct TileSmem {
   using Acc = typename E::Acc;
@@ -388,9 +417,21 @@ struct TileSmem {
       round_up(E::kInputBytes > kTileBytes ? E::kInputBytes : kTileBytes, 128);
   static constexpr int kBiasOffset = kUnionBytes + round_up(kTileBytes, 128);
   static constexpr int kBytes = kBiasOffset + round_up(2 * E::BN * int(sizeof(Acc)), 128);
-  static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
+  static constexpr bool kDynamic = kBytes > 48 * 1024;
   static_assert(E::kLdOut % 4 == 0, "epilogue reads 4 columns as one 16-byte vector");
 };
+
+// The fused kernels' shared buffer: a static array, or the dynamic allocation.
+template <class E>
+__device__ __forceinline__ unsigned char* tile_smem() {
+  if constexpr (TileSmem<E>::kDynamic) {
+    extern __shared__ __align__(128) unsigned char fbp_dynamic_smem[];
+    return fbp_dynamic_smem;
+  } else {
+    __shared__ __align__(128) unsigned char buffer[TileSmem<E>::kBytes];
+    return buffer;
+  }
+}
 
 // Stages bias[col0 : col0 + BN] (zero outside [0, K) or without a bias) of both
 // projections into shared memory, in the accumulation type.  The caller's next
@@ -433,14 +474,27 @@ template <> struct EngineFor<__nv_bfloat16> { using type = WmmaEngine<__nv_bfloa
 template <> struct EngineFor<float> { using type = FmaEngine<float, float, 64, 64>; };
 template <> struct EngineFor<double> { using type = FmaEngine<double, double, 32, 64>; };
 
-// The cp.async engine of a dtype, where there is one (fp16, bf16); `void` otherwise.
-// It must tile like EngineFor<T> (same grid and scratch sizes on the host).
+// The cp.async engines of a dtype, where there are (fp16, bf16); `void` otherwise.
+// AsyncEngineFor tiles like EngineFor<T> (same grid); WideEngineFor has its own
+// (forward_grid and projection_grads_grid take the engine).
 template <typename T> struct AsyncEngineFor { using type = void; };
 template <> struct AsyncEngineFor<__half> { using type = WmmaAsyncEngine<__half>; };
 template <> struct AsyncEngineFor<__nv_bfloat16> { using type = WmmaAsyncEngine<__nv_bfloat16>; };
+template <typename T> struct WideEngineFor { using type = void; };
+template <> struct WideEngineFor<__half> { using type = WmmaWideEngine<__half>; };
+template <> struct WideEngineFor<__nv_bfloat16> { using type = WmmaWideEngine<__nv_bfloat16>; };
 static_assert(WmmaAsyncEngine<__half>::BM == WmmaEngine<__half>::BM &&
                   WmmaAsyncEngine<__half>::BN == WmmaEngine<__half>::BN,
               "the cp.async engine must share the synchronous engine's grid");
+
+// The engine `engine` selects for element type T (void: none for this dtype).
+template <typename T, Engine engine>
+struct EngineSelect {
+  using type = std::conditional_t<engine == Engine::kAsyncWide, typename WideEngineFor<T>::type,
+                                  std::conditional_t<engine == Engine::kAsync,
+                                                     typename AsyncEngineFor<T>::type,
+                                                     typename EngineFor<T>::type>>;
+};
 
 
 // Calls f(Tag<T>{}) with the kernel element type of `dtype` (host side).
@@ -453,6 +507,43 @@ auto dispatch_dtype(DType dtype, F&& f) {
     case DType::kFloat: return f(Tag<float>{});
     default: return f(Tag<double>{});
   }
+}
+
+// Calls f(Tag<T>{}, Tag<E>{}) with the element type of `dtype` and the engine `engine`
+// selects for it, or returns `none` where that dtype has no such engine (host side).
+template <class R, class F>
+R dispatch_engine(DType dtype, Engine engine, R none, F&& f) {
+  return dispatch_dtype(dtype, [&](auto tag) -> R {
+    using T = typename decltype(tag)::type;
+    auto call = [&](auto e) -> R {
+      if constexpr (std::is_void<typename decltype(e)::type>::value) {
+        return none;
+      } else {
+        return f(tag, e);
+      }
+    };
+    switch (engine) {
+      case Engine::kAsyncWide: return call(Tag<typename EngineSelect<T, Engine::kAsyncWide>::type>{});
+      case Engine::kAsync: return call(Tag<typename EngineSelect<T, Engine::kAsync>::type>{});
+      default: return call(Tag<typename EngineSelect<T, Engine::kDefault>::type>{});
+    }
+  });
+}
+
+// Dynamic shared memory to launch `kernel` (a fused kernel on engine E) with: 0 for a
+// static buffer; else TileSmem<E>::kBytes, after opting the kernel into it on the
+// current device (per call: the attribute is per device, and the call is cheap host
+// work, not a stream operation, so CUDA-graph capture is unaffected).
+template <class E, class Kernel>
+cudaError_t launch_smem(Kernel kernel, int* bytes) {
+  *bytes = 0;
+  if constexpr (TileSmem<E>::kDynamic) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TileSmem<E>::kBytes);
+    if (err != cudaSuccess) return err;
+    *bytes = TileSmem<E>::kBytes;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace fbp

@@ -322,29 +322,44 @@ WIDE_BWD_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
                   "fp32": (64, 64, 32, 8, 2, 8, False)}
 
 
-#: The CUDA extension's GEMM engines (csrc/fbp_tile.cuh, cuda_compile.TILES): family ->
-#: (BM, BN, BK, threads, stages).  Half precision runs the cp.async engine (its operands
-#: 16-byte aligned and contiguous along K, as nn.Linear's and row-major inputs are), fp32
-#: the FMA engine (IEEE; the extension does not use TF32).
-CUDA_TILES = {"half": (64, 64, 32, 128, 3), "fp32": (64, 64, 16, 256, 1)}
+#: The CUDA extension's GEMM engines (csrc/fbp_tile.cuh, cuda_compile.TILES; the names
+#: are FBP_CUDA_STAGING's): engine -> (BM, BN, BK, threads, stages).  Half precision runs
+#: a cp.async engine (its operands 16-byte aligned and contiguous along K, as
+#: nn.Linear's and row-major inputs are): the 128x128 one (WmmaWideEngine, 147 KiB of
+#: shared memory, within the A100's and H100's per-block limit) above
+#: CUDA_WIDE_ABOVE_ROWS rows, the 64x64 one (WmmaAsyncEngine) up to them; fp32 the FMA
+#: engine (IEEE; the extension does not use TF32).
+CUDA_TILES = {"wide": (128, 128, 32, 256, 4), "async": (64, 64, 32, 128, 3),
+              "fp32": (64, 64, 16, 256, 1)}
+#: csrc/fbp_launch.h kWideEngineAboveRows (the binding's auto rule; a test compares).
+CUDA_WIDE_ABOVE_ROWS = 128
 #: The CUDA kernels' compile facts (``python -m fbp_kernels.backends.cuda_compile``,
 #: sm_80/sm_90, with the nvcc of CUDA_COMPILE_FACTS_SOURCE; tests/test_cuda_compile.py
-#: compares them with a live build): (kernel, arch, dtype) -> (registers, static shared
-#: memory bytes, tensor-core SASS) of the engine the launcher picks (CUDA_TILES).
+#: compares them with a live build): (kernel, arch, dtype, engine) -> (registers, shared
+#: memory bytes per CTA, static + dynamic, tensor-core SASS) of the engines the
+#: launcher picks (CUDA_TILES).
 CUDA_COMPILE_FACTS_SOURCE = "nvcc Build cuda_13.0.r13.0/compiler.36424714_0, 2026-12-03"
 CUDA_COMPILE_FACTS = {
-    ("fused_forward", 80, "fp16"): (130, 48640, "HMMA"),
-    ("fused_forward", 80, "bf16"): (156, 48640, "HMMA"),
-    ("fused_forward", 80, "fp32"): (71, 35328, "none"),
-    ("fused_forward", 90, "fp16"): (129, 48640, "HMMA"),
-    ("fused_forward", 90, "bf16"): (148, 48640, "HMMA"),
-    ("fused_forward", 90, "fp32"): (80, 35328, "none"),
-    ("projection_grads", 80, "fp16"): (90, 48640, "HMMA"),
-    ("projection_grads", 80, "bf16"): (96, 48640, "HMMA"),
-    ("projection_grads", 80, "fp32"): (76, 35328, "none"),
-    ("projection_grads", 90, "fp16"): (92, 48640, "HMMA"),
-    ("projection_grads", 90, "bf16"): (102, 48640, "HMMA"),
-    ("projection_grads", 90, "fp32"): (78, 35328, "none"),
+    ("fused_forward", 80, "fp16", "wide"): (197, 150528, "HMMA"),
+    ("fused_forward", 80, "bf16", "wide"): (212, 150528, "HMMA"),
+    ("fused_forward", 90, "fp16", "wide"): (196, 150528, "HMMA"),
+    ("fused_forward", 90, "bf16", "wide"): (210, 150528, "HMMA"),
+    ("fused_forward", 80, "fp16", "async"): (131, 48640, "HMMA"),
+    ("fused_forward", 80, "bf16", "async"): (156, 48640, "HMMA"),
+    ("fused_forward", 90, "fp16", "async"): (130, 48640, "HMMA"),
+    ("fused_forward", 90, "bf16", "async"): (148, 48640, "HMMA"),
+    ("fused_forward", 80, "fp32", "fp32"): (71, 35328, "none"),
+    ("fused_forward", 90, "fp32", "fp32"): (80, 35328, "none"),
+    ("projection_grads", 80, "fp16", "wide"): (130, 150528, "HMMA"),
+    ("projection_grads", 80, "bf16", "wide"): (177, 150528, "HMMA"),
+    ("projection_grads", 90, "fp16", "wide"): (136, 150528, "HMMA"),
+    ("projection_grads", 90, "bf16", "wide"): (177, 150528, "HMMA"),
+    ("projection_grads", 80, "fp16", "async"): (90, 48640, "HMMA"),
+    ("projection_grads", 80, "bf16", "async"): (96, 48640, "HMMA"),
+    ("projection_grads", 90, "fp16", "async"): (92, 48640, "HMMA"),
+    ("projection_grads", 90, "bf16", "async"): (102, 48640, "HMMA"),
+    ("projection_grads", 80, "fp32", "fp32"): (76, 35328, "none"),
+    ("projection_grads", 90, "fp32", "fp32"): (78, 35328, "none"),
 }
 
 
@@ -1036,14 +1051,23 @@ def _grad_gemms(s: Shape, gpu: GPU) -> List[KernelCost]:
     return out
 
 
-def cuda_facts(kernel: str, dtype: str, gpu: GPU) -> KernelFacts:
-    """The CUDA extension's ``kernel`` ("fused_forward" / "projection_grads") as the
-    model sees it: its engine's tile (CUDA_TILES) and compile facts (CUDA_COMPILE_FACTS)
-    at the nearest compiled arch.  tf32 runs the fp32 (FMA) engine."""
+def cuda_engine(dtype: str, rows: int) -> str:
+    """The CUDA_TILES engine the extension's launcher runs for ``dtype`` at ``rows``
+    (FBP_CUDA_STAGING=auto, operands cp.async-eligible).  tf32 runs the fp32 (FMA) one."""
+    if dtype in ("fp32", "tf32"):
+        return "fp32"
+    return "wide" if rows > CUDA_WIDE_ABOVE_ROWS else "async"
+
+
+def cuda_facts(kernel: str, dtype: str, gpu: GPU, rows: int) -> KernelFacts:
+    """The CUDA extension's ``kernel`` ("fused_forward" / "projection_grads") at ``rows``
+    as the model sees it: its engine's tile (CUDA_TILES) and compile facts
+    (CUDA_COMPILE_FACTS) at the nearest compiled arch."""
     arch = 90 if gpu.arch >= 90 else 80
     fact_dtype = "fp32" if dtype == "tf32" else dtype
-    bm, bn, bk, threads, stages = CUDA_TILES["fp32" if fact_dtype == "fp32" else "half"]
-    regs, smem, sass = CUDA_COMPILE_FACTS[(kernel, arch, fact_dtype)]
+    engine = cuda_engine(dtype, rows)
+    bm, bn, bk, threads, stages = CUDA_TILES[engine]
+    regs, smem, sass = CUDA_COMPILE_FACTS[(kernel, arch, fact_dtype, engine)]
     warps = threads // 32
     stage = (bm + bn) * bk * DTYPE_BYTES[fact_dtype]
     return KernelFacts(kernel, "cuda", bm, bn, bk, warps, stages, regs, smem,
@@ -1052,16 +1076,16 @@ def cuda_facts(kernel: str, dtype: str, gpu: GPU) -> KernelFacts:
 
 
 def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
-    """The CUDA extension's fused kernels (csrc/fbp_forward.cu, fbp_backward.cu): a (64
-    rows, 64 projected columns) tile covers ``64 // factor`` outputs of every factor
-    group (12 at factor 5, 60 of its 64 columns), one GEMM over x and one over y per
-    tile (WMMA 16x16x16, priced as Triton's mma.sync: TRITON_MMA_EFFICIENCY, an
-    assumption), 32 FLOP per L2 byte; grid (row tiles, output tiles) with row tiles
-    fastest.  Forward: the product, dropout, pooling and t / the row's partial sums of
+    """The CUDA extension's fused kernels (csrc/fbp_forward.cu, fbp_backward.cu): a (BM
+    rows, BN projected columns) tile (CUDA_TILES: 128 x 128 for half precision above
+    CUDA_WIDE_ABOVE_ROWS rows, else 64 x 64) covers ``BN // factor`` outputs of every factor group (25 at factor 5, 125
+    of its 128 columns), one GEMM over x and one over y per tile (WMMA 16x16x16, priced
+    as Triton's mma.sync: TRITON_MMA_EFFICIENCY, an assumption), BM*BN/(BM+BN) FLOP per
+    L2 byte (64 half, 32 fp32); grid (row tiles, output tiles) with row tiles fastest.  Forward: the product, dropout, pooling and t / the row's partial sums of
     squares in the epilogue; backward (``projection_grads``): A and C recomputed, ds
     read, dA and dC written."""
     e, k, R = s.elem, s.ko, s.rows
-    f = cuda_facts("projection_grads" if backward else "fused_forward", s.dtype, gpu)
+    f = cuda_facts("projection_grads" if backward else "fused_forward", s.dtype, gpu, R)
     bm, bn = f.block_m, f.block_o
     bj = max(1, bn // s.factor)
     chunks = math.ceil(bj * s.factor / bn)  # column chunks per tile (factor > BN)
@@ -1107,7 +1131,8 @@ def _cuda(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool) -> List[KernelC
     if fwd:
         out += _materialise(s, gpu)
         out.append(_cuda_main_loop(s, gpu, backward=False))
-        n_j = math.ceil(s.o / max(1, CUDA_TILES["half"][1] // s.factor))
+        tile_n = CUDA_TILES[cuda_engine(s.dtype, R)][1]
+        n_j = math.ceil(s.o / max(1, tile_n // s.factor))
         t = R * s.o * 4
         t_hbm, t_l2 = (0.0, t) if _resident(t, gpu) else (t, 0.0)
         out.append(elementwise("cuda row-norm finish", t_hbm + R * n_j * 8,

@@ -310,21 +310,28 @@ def test_every_dtype_predicts():
 
 
 def test_cuda_provider_by_hand():
-    """The CUDA extension's forward at the MFB default, rows 1024: 64-row x 64-column
-    tiles of 64 // 5 = 12 outputs -> 16 x 84 = 1344 CTAs, two GEMMs' FLOPs on the 60
-    useful of 64 columns (padded MMAs: 64/60 more), 32 FLOP per L2 byte per k-step;
-    then the row-norm finish.  Slower than the wide Triton kernels and than split (its
-    main loop has a quarter of their operand reuse) but never faster than the floor."""
+    """The CUDA extension's forward at the MFB default, rows 1024: 128-row x 128-column
+    tiles (the cp.async wide engine) of 128 // 5 = 25 outputs -> 8 x 40 = 320 CTAs, two
+    GEMMs' FLOPs on the 125 useful of 128 columns, 64 FLOP per L2 byte per k-step; then
+    the row-norm finish.  Slower than split (its WMMA main loop is priced at mma.sync's
+    efficiency, below cuBLAS's) but never faster than the floor."""
     s = cm.Shape(rows=1024, **MFB)
     ks = cm.kernels("cuda", s, H200, "forward")
     assert [k.name.split(" (")[0] for k in ks] == ["cuda fused forward",
                                                    "cuda row-norm finish"]
     main = ks[0]
-    assert main.ctas == 16 * 84
+    assert main.ctas == 8 * 40
     assert main.flops == 2.0 * 1024 * 5000 * (2048 + 1024)
-    f = cm.cuda_facts("fused_forward", "bf16", H200)
-    assert (f.block_m, f.block_o, f.block_k, f.num_warps, f.num_stages) == (64, 64, 32, 4, 3)
-    assert 2 * 64 * 64 * 32 / ((64 + 64) * 32 * 2) == 32.0
+    f = cm.cuda_facts("fused_forward", "bf16", H200, 1024)
+    assert (f.block_m, f.block_o, f.block_k, f.num_warps, f.num_stages) == (128, 128, 32, 8, 4)
+    assert f.ctas_per_sm == 1  # 150528 B of shared memory, 210 registers x 256 threads
+    assert 2 * 128 * 128 * 32 / ((128 + 128) * 32 * 2) == 64.0
+    # fp32 keeps the 64x64 FMA tile: 64 // 5 = 12 outputs, 16 x 84 CTAs; half precision
+    # up to 128 rows the 64x64 cp.async tile (2 x 84 CTAs at rows 128), above it 128x128.
+    fp32 = cm.kernels("cuda", cm.Shape(rows=1024, **{**MFB, "dtype": "fp32"}), H200, "forward")
+    assert fp32[0].ctas == 16 * 84
+    assert cm.kernels("cuda", cm.Shape(rows=128, **MFB), H200, "forward")[0].ctas == 2 * 84
+    assert cm.kernels("cuda", cm.Shape(rows=129, **MFB), H200, "forward")[0].ctas == 2 * 40
     for mode in cm.MODES:
         t = {p: cm.predict(p, s, H200, mode).time_us for p in ("floor", "split", "cuda")}
         assert t["floor"] < t["split"] < t["cuda"], (mode, t)

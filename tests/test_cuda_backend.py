@@ -7,10 +7,12 @@ Without nvcc the build tests skip with the missing tool named.  With nvcc but no
 ``test_correctness.py`` also runs its whole suite for backend ``cuda``.
 """
 
+import re
 import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from fbp_kernels.backends import cuda_backend, cuda_build
 from helpers import CASES, Case, assert_close, detached64, grads, make_inputs, reference_fbp
 from test_correctness import compare
 
+CSRC = Path(cuda_build.CSRC)
 MISSING = cuda_build.missing_requirements()
 needs_toolchain = pytest.mark.skipif(
     bool(MISSING), reason="cannot build the CUDA extension here: " + "; ".join(MISSING))
@@ -512,9 +515,72 @@ def test_cp_async_staging_rule(ops, monkeypatch):
     with pytest.raises(RuntimeError, match="FBP_CUDA_STAGING=async, but x is not contiguous"):
         ops.cp_async_staging(*_operands(m=7))
     assert not ops.cp_async_staging(*_operands(dtype=torch.float32))  # no cp.async engine
+    monkeypatch.setenv("FBP_CUDA_STAGING", "wide")
+    assert ops.cp_async_staging(*_operands())
+    with pytest.raises(RuntimeError, match="FBP_CUDA_STAGING=wide, but x is not contiguous"):
+        ops.cp_async_staging(*_operands(m=7))
     monkeypatch.setenv("FBP_CUDA_STAGING", "fast")
-    with pytest.raises(RuntimeError, match="must be auto, sync or async"):
+    with pytest.raises(RuntimeError, match="must be auto, sync, async or wide"):
         ops.cp_async_staging(*_operands())
+
+
+def test_gemm_engine_rule(ops, monkeypatch):
+    """Which engine the fused kernels run: auto takes the 128x128 one wherever cp.async
+    may above kWideEngineAboveRows rows (on CPU tensors the layout rule alone: no GPU's
+    shared memory to check), the 64x64 cp.async one up to them; the environment forces
+    each; fp32/fp64 always run the FMA one ("default")."""
+    from fbp_kernels import costmodel as cm
+
+    header = (CSRC / "fbp_launch.h").read_text()
+    above = int(re.search(r"kWideEngineAboveRows = (\d+);", header).group(1))
+    assert above == cm.CUDA_WIDE_ABOVE_ROWS
+    monkeypatch.delenv("FBP_CUDA_STAGING", raising=False)
+    assert ops.gemm_engine(*_operands(rows=above + 1)) == "wide"
+    assert ops.gemm_engine(*_operands(rows=above)) == "async"
+    assert ops.gemm_engine(*_operands(rows=above + 1, m=7)) == "default"
+    assert ops.gemm_engine(*_operands(rows=above + 1, dtype=torch.float32)) == "default"
+    for mode, few, many in (("sync", "default", "default"), ("async", "async", "async"),
+                            ("wide", "wide", "wide"), ("auto", "async", "wide")):
+        monkeypatch.setenv("FBP_CUDA_STAGING", mode)
+        assert ops.gemm_engine(*_operands(dtype=torch.bfloat16)) == few, mode
+        assert ops.gemm_engine(*_operands(rows=above + 1, dtype=torch.bfloat16)) == many, mode
+        assert ops.gemm_engine(*_operands(dtype=torch.float64)) == "default", mode
+
+
+def test_engine_tiles_are_the_report_and_model_tables(ops):
+    """The tiles of the built engines (fbp_tile.cuh's constants, through engine_tile)
+    are cuda_compile.TILES / DYNAMIC_SMEM_BYTES and the cost model's CUDA_TILES: the
+    compile report's FLOP per byte, bytes in flight and occupancy, and the model's
+    prediction, describe the kernels that run."""
+    from fbp_kernels import costmodel as cm
+    from fbp_kernels.backends import cuda_compile as cc
+
+    names = {"default": cc.ENGINE_OF_DTYPE, "async": cc.ASYNC_ENGINE_OF_DTYPE,
+             "wide": cc.WIDE_ENGINE_OF_DTYPE}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+              "fp64": torch.float64}
+    for engine, table in names.items():
+        for name, dtype in dtypes.items():
+            got = ops.engine_tile(engine, dtype)
+            if name not in table:
+                assert got == [], (engine, name)
+                continue
+            bm, bn, bk, threads, stages, smem = got
+            tile = cc.TILES[table[name]]
+            assert (bm, bn, bk, threads, stages) == tuple(tile), (engine, name)
+            dynamic = cc.DYNAMIC_SMEM_BYTES.get(table[name])
+            assert (smem > 48 * 1024) == (dynamic is not None), (engine, name, smem)
+            if dynamic is not None:
+                assert smem == dynamic
+    for engine, dtype in (("wide", torch.bfloat16), ("async", torch.float16),
+                          ("fp32", torch.float32)):
+        got = ops.engine_tile("default" if engine == "fp32" else engine, dtype)
+        assert cm.CUDA_TILES[engine] == tuple(got[:5]), engine
+        name = str(dtype).replace("torch.float", "fp").replace("torch.bfloat", "bf")
+        for kernel in ("fused_forward", "projection_grads"):
+            assert cm.CUDA_COMPILE_FACTS[(kernel, 90, name, engine)][1] == got[5], engine
+    with pytest.raises(RuntimeError, match="engine must be default, async or wide"):
+        ops.engine_tile("huge", torch.float16)
 
 
 def test_default_kernels_do_not_spill(ops):
@@ -527,12 +593,13 @@ def test_default_kernels_do_not_spill(ops):
     assert wanted <= archs, f"built for {sorted(archs)}, expected {sorted(wanted)}"
     fused = [r for r in rows if "fused_forward_kernel" in r.kernel
              or "projection_grads_kernel" in r.kernel]
-    # 4 dtypes x 2 fused kernels, plus both for the fp16/bf16 cp.async engine, per arch
-    assert len(fused) == 12 * len(wanted), cuda_build.format_resource_usage(fused)
+    # 4 dtypes x 2 fused kernels, plus both for each fp16/bf16 cp.async engine, per arch
+    assert len(fused) == 16 * len(wanted), cuda_build.format_resource_usage(fused)
     spilling = [r for r in rows if r.spills]
     assert not spilling, "kernels spill:\n" + cuda_build.format_resource_usage(spilling)
-    # Static shared memory is capped at 48 KiB per CTA; cuobjdump's SHARED counts the
-    # 1 KiB system reserve on top of it on sm_90 (not on sm_80).
+    # Static shared memory is capped at 48 KiB per CTA (the wide engine's 147 KiB is
+    # dynamic); cuobjdump's SHARED counts the 1 KiB system reserve on top of it on sm_90
+    # (not on sm_80).
     assert all(r.shared - (1024 if r.arch == "sm_90" and r.shared else 0) <= 48 * 1024
                for r in rows), cuda_build.format_resource_usage(rows)
 
@@ -606,11 +673,11 @@ ALIGNED_CASES = [LARGE_CASES[0], Case((37,), (37,), 24, 16, 5, 19),
 
 @cuda_only
 @gpu
-@pytest.mark.parametrize("staging", ["async", "sync"])
+@pytest.mark.parametrize("staging", ["wide", "async", "sync"])
 @pytest.mark.parametrize("case", ALIGNED_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_both_staging_paths_match_reference(case, dtype, staging, monkeypatch):
-    """The cp.async engine (forced: an error if it could not run) and the synchronous
+    """The cp.async engines (forced: an error if one could not run) and the synchronous
     one, each against the reference with test_correctness's low-precision bound."""
     monkeypatch.setenv("FBP_CUDA_STAGING", staging)
     compare(case, dtype, "cuda", torch.device("cuda"))
@@ -638,6 +705,29 @@ def test_cp_async_engine_is_bitwise_the_synchronous_one(ops, case, dtype, monkey
             results.append([out] + grads(out, inputs, g))
         for name, a, b in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], *results):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("case", ALIGNED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_wide_engine_is_bitwise_the_64x64_one_before_the_norm(ops, case, dtype, monkeypatch):
+    """The 128x128 engine runs each element's WMMA sequence (k-tiles of 32, in order) as
+    the 64x64 one does, and the epilogue sums each group's products in the same order;
+    only the row norm's per-tile parts differ with the tile's outputs.  So without the
+    norm the forward and every gradient agree bit for bit, dropout included."""
+    tensors = make_inputs(case, dtype, "cuda")
+    results = []
+    for staging in ("wide", "async"):
+        monkeypatch.setenv("FBP_CUDA_STAGING", staging)
+        assert ops.gemm_engine(tensors[0].reshape(-1, case.m), tensors[1].reshape(-1, case.n),
+                               tensors[2], tensors[3]) == staging
+        torch.manual_seed(4)
+        out = fbp_kernels.fbp(*tensors, factor=case.factor, dropout=0.2, training=True,
+                              normalize=False, backend="cuda")
+        results.append([out] + grads(out, tensors, torch.ones_like(out)))
+    for name, a, b in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], *results):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
 
 
 @cuda_only

@@ -67,6 +67,7 @@ class Tile(NamedTuple):
 TILES: Dict[str, Tile] = {
     "WmmaEngine": Tile(64, 64, 32, 128, 1),
     "WmmaAsyncEngine": Tile(64, 64, 32, 128, 3),
+    "WmmaWideEngine": Tile(128, 128, 32, 256, 4),
     "FmaEngine<float>": Tile(64, 64, 16, 256, 1),
     "FmaEngine<double>": Tile(32, 64, 16, 256, 1),
 }
@@ -78,6 +79,15 @@ ENGINE_OF_DTYPE = {"fp16": "WmmaEngine", "bf16": "WmmaEngine", "fp32": "FmaEngin
 #: The cp.async engine of a dtype (AsyncEngineFor<T>), chosen at run time when every
 #: operand is 16-byte aligned and contiguous along K (FBP_CUDA_STAGING; docs/cuda.md).
 ASYNC_ENGINE_OF_DTYPE = {"fp16": "WmmaAsyncEngine", "bf16": "WmmaAsyncEngine"}
+#: The 128x128 cp.async engine of a dtype (WideEngineFor<T>): what the launcher runs
+#: for aligned fp16/bf16 operands on sm_80 and sm_90 (FBP_CUDA_STAGING=auto).
+WIDE_ENGINE_OF_DTYPE = {"fp16": "WmmaWideEngine", "bf16": "WmmaWideEngine"}
+
+#: Dynamic shared memory per CTA of the engines whose fused kernels take more than the
+#: 48 KiB a static array may (TileSmem<E>::kBytes; ptxas reports no static buffer for
+#: them): the stages (4 x 256 rows x 40 halves), the fp32 a tile (128 x 132), the
+#: biases.  Checked against the built extension (torch.ops.fbp_kernels_cuda.engine_tile).
+DYNAMIC_SMEM_BYTES = {"WmmaWideEngine": 4 * 256 * 40 * 2 + 128 * 132 * 4 + 2 * 128 * 4}
 
 #: Bytes per element of each input dtype (the operand tiles are loaded in it).
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
@@ -127,7 +137,7 @@ class KernelFacts:
     registers: int
     stack_bytes: int
     local_bytes: int
-    shared_bytes: int      # static shared memory per CTA that the kernel declares (ptxas)
+    shared_bytes: int      # shared memory per CTA: static (ptxas) + dynamic (DYNAMIC_SMEM_BYTES)
     shared_bytes_cuobjdump: int  # cuobjdump's SHARED (sm_90: + the 1 KiB system reserve)
     spill_stores: int
     spill_loads: int
@@ -362,7 +372,7 @@ def kernel_facts(source: str, arch: int, cubin: str, log: str) -> List[KernelFac
         threads = tile.threads if tile else ROW_KERNEL_THREADS.get(family, 0)
         opcodes = sass.get(raw, set())
         info = ptxas.get(raw, {})
-        declared = info.get("smem", shared)
+        declared = info.get("smem", shared) + DYNAMIC_SMEM_BYTES.get(engine, 0)
         ctas, limit = ctas_per_sm(regs, declared, threads, arch) if threads else (0, "unknown")
         row = KernelFacts(
             kernel=family, arch=arch, dtype=dtype,
