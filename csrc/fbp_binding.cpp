@@ -2,11 +2,14 @@
 // (shape-only) kernels for torch.compile/FakeTensor, and the CUDA kernels.
 //
 //   torch.ops.fbp_kernels_cuda.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y,
-//       factor, dropout, seed, normalize, eps, activation=0, norm_group=1)
-//       -> (out (rows, o), norm (rows) or (0,))
+//       factor, dropout, seed, normalize, eps, activation=0, norm_group=1, keep_x=False,
+//       keep_y=False) -> (out (rows, o), norm (rows) or (0,), a, c (rows, K) or (0,))
 //   torch.ops.fbp_kernels_cuda.fbp_backward(grad, x, y, weight_x, weight_y, bias_x,
 //       bias_y, out, norm, factor, dropout, seed, normalize, eps, activation=0,
-//       norm_group=1) -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,))
+//       norm_group=1, a=None, c=None)
+//       -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,))
+//       a, c: the raw projections x W_x^T, y W_y^T (no bias, before the activation) the
+//       forward kept (the memory modes), read instead of recomputed
 //       activation: 0 none, 1 relu, 2 tanh on both projections (fbp_math.cuh);
 //       norm_group: rows per joint-normalisation group (norm_dims > 1; consecutive
 //       rows, dividing rows), each row's norm entry holding its group's norm
@@ -116,6 +119,19 @@ void check_drop_in_args(int64_t rows, int64_t activation, int64_t norm_group) {
               norm_group);
   TORCH_CHECK(norm_group == 1 || rows / norm_group <= INT_MAX, "fbp cuda: too many "
               "normalisation groups for the grid (", rows / norm_group, ")");
+}
+
+// A projection the forward kept (keep_x / keep_y): (rows, K) in x's dtype and device.
+void check_kept(const std::optional<Tensor>& kept, const Tensor& x, const Tensor& wx,
+                const char* name) {
+  if (!kept.has_value()) return;
+  const Tensor& t = *kept;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == wx.size(0), "fbp: ", name,
+              " (a kept projection) must have shape (", x.size(0), ", ", wx.size(0), "), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), "fbp: ", name,
+              " (a kept projection) must have x's dtype and device, got ", t.scalar_type(),
+              " on ", t.device());
 }
 
 void check_backward_args(const Tensor& grad, const Tensor& x, const Tensor& wx,
@@ -280,29 +296,34 @@ std::vector<int64_t> engine_tile_op(c10::string_view engine, at::ScalarType dtyp
 }
 
 // ------------------------------------------------------------------ forward
-std::tuple<Tensor, Tensor> forward_meta(const Tensor& x, const Tensor& y, const Tensor& wx,
-                                        const Tensor& wy, const std::optional<Tensor>& bx,
-                                        const std::optional<Tensor>& by, int64_t factor,
-                                        double dropout, std::optional<int64_t> seed,
-                                        bool normalize, double eps, int64_t activation,
-                                        int64_t norm_group) {
+// (out, norm, a, c): a and c are the raw projections x W_x^T, y W_y^T (rows, K) in the
+// input dtype when keep_x / keep_y (the memory modes that keep them for backward), else
+// (0,) markers.
+using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+ForwardOut forward_meta(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
+                        const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
+                        int64_t factor, double dropout, std::optional<int64_t> seed,
+                        bool normalize, double eps, int64_t activation, int64_t norm_group,
+                        bool keep_x, bool keep_y) {
   check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
   check_drop_in_args(x.size(0), activation, norm_group);
-  const int64_t rows = x.size(0), o = wx.size(0) / factor;
+  const int64_t rows = x.size(0), K = wx.size(0), o = K / factor;
   Tensor out = at::empty({rows, o}, x.options());
   Tensor norm = normalize ? at::empty({rows}, x.options().dtype(acc_type(x.scalar_type())))
                           : empty_marker(x);
-  return {out, norm};
+  Tensor a = keep_x ? at::empty({rows, K}, x.options()) : empty_marker(x);
+  Tensor c = keep_y ? at::empty({rows, K}, x.options()) : empty_marker(x);
+  return {out, norm, a, c};
 }
 
-std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx,
-                                        const Tensor& wy, const std::optional<Tensor>& bx,
-                                        const std::optional<Tensor>& by, int64_t factor,
-                                        double dropout, std::optional<int64_t> seed,
-                                        bool normalize, double eps, int64_t activation,
-                                        int64_t norm_group) {
-  auto [out, norm] = forward_meta(x, y, wx, wy, bx, by, factor, dropout, seed, normalize, eps,
-                                  activation, norm_group);
+ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
+                        const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
+                        int64_t factor, double dropout, std::optional<int64_t> seed,
+                        bool normalize, double eps, int64_t activation, int64_t norm_group,
+                        bool keep_x, bool keep_y) {
+  auto [out, norm, a, c] = forward_meta(x, y, wx, wy, bx, by, factor, dropout, seed, normalize,
+                                        eps, activation, norm_group, keep_x, keep_y);
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(at::cuda::getDeviceProperties(x.get_device())->major >= 8,
@@ -310,7 +331,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), o = wx.size(0) / factor;
-  if (rows == 0) return {out, norm};
+  if (rows == 0) return {out, norm, a, c};
   const DType dtype = kernel_dtype(x.scalar_type());
   const Engine engine = choose_engine(x, y, wx, wy);
   const Grid grid = forward_grid(dtype, engine, rows, o, factor);
@@ -337,6 +358,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   args.norm = normalize ? norm.data_ptr() : nullptr;
   args.t_scratch = t_scratch.defined() ? t_scratch.data_ptr() : nullptr;
   args.partial = partial.defined() ? partial.data_ptr() : nullptr;
+  args.keep_x = keep_x ? a.data_ptr() : nullptr;
+  args.keep_y = keep_y ? c.data_ptr() : nullptr;
   args.rows = rows;
   args.o = o;
   args.factor = factor;
@@ -347,7 +370,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& y, const 
   args.norm_group = norm_group;
   args.engine = engine;
   C10_CUDA_CHECK(launch_forward(args, at::cuda::getCurrentCUDAStream()));
-  return {out, norm};
+  return {out, norm, a, c};
 }
 
 // ------------------------------------------------------------------ backward
@@ -357,10 +380,13 @@ Grads backward_meta(const Tensor& grad, const Tensor& x, const Tensor& y, const 
                     const Tensor& wy, const std::optional<Tensor>& bx,
                     const std::optional<Tensor>& by, const Tensor& out, const Tensor& norm,
                     int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
-                    double eps, int64_t activation, int64_t norm_group) {
+                    double eps, int64_t activation, int64_t norm_group,
+                    const std::optional<Tensor>& a, const std::optional<Tensor>& c) {
   check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
   check_drop_in_args(x.size(0), activation, norm_group);
   check_backward_args(grad, x, wx, out, norm, factor, normalize);
+  check_kept(a, x, wx, "a");
+  check_kept(c, x, wx, "c");
   return {at::empty_like(x, at::MemoryFormat::Contiguous),
           at::empty_like(y, at::MemoryFormat::Contiguous),
           at::empty_like(wx, at::MemoryFormat::Contiguous),
@@ -373,10 +399,13 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
                     const Tensor& wy, const std::optional<Tensor>& bx,
                     const std::optional<Tensor>& by, const Tensor& out, const Tensor& norm,
                     int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
-                    double eps, int64_t activation, int64_t norm_group) {
+                    double eps, int64_t activation, int64_t norm_group,
+                    const std::optional<Tensor>& a, const std::optional<Tensor>& c) {
   check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
   check_drop_in_args(x.size(0), activation, norm_group);
   check_backward_args(grad, x, wx, out, norm, factor, normalize);
+  check_kept(a, x, wx, "a");
+  check_kept(c, x, wx, "c");
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x.scalar_type());
@@ -400,6 +429,7 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   Tensor da = at::empty({rows, K}, x.options());
   Tensor dc = at::empty({rows, K}, x.options());
   const Tensor bias_x = maybe_contiguous(bx), bias_y = maybe_contiguous(by);
+  const Tensor kept_a = maybe_contiguous(a), kept_c = maybe_contiguous(c);
   ProjectionGradArgs args{};
   args.dtype = dtype;
   args.x = matrix_arg(x);
@@ -409,6 +439,8 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.bias_x = optional_ptr(bias_x);
   args.bias_y = optional_ptr(bias_y);
   args.ds = ds.data_ptr();
+  args.kept_x = optional_ptr(kept_a);
+  args.kept_y = optional_ptr(kept_c);
   args.da = da.data_ptr();
   args.dc = dc.data_ptr();
   args.rows = rows;
@@ -638,10 +670,12 @@ std::tuple<Tensor, Tensor> activation_cpu(const Tensor& v, int64_t code) {
 TORCH_LIBRARY(fbp_kernels_cuda, m) {
   m.def("fbp_forward(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, Tensor? bias_x, "
         "Tensor? bias_y, int factor, float dropout, int? seed, bool normalize, float eps, "
-        "int activation=0, int norm_group=1) -> (Tensor out, Tensor norm)");
+        "int activation=0, int norm_group=1, bool keep_x=False, bool keep_y=False) "
+        "-> (Tensor out, Tensor norm, Tensor a, Tensor c)");
   m.def("fbp_backward(Tensor grad, Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, "
         "Tensor? bias_x, Tensor? bias_y, Tensor out, Tensor norm, int factor, float dropout, "
-        "int? seed, bool normalize, float eps, int activation=0, int norm_group=1) "
+        "int? seed, bool normalize, float eps, int activation=0, int norm_group=1, "
+        "Tensor? a=None, Tensor? c=None) "
         "-> (Tensor dx, Tensor dy, Tensor dweight_x, Tensor dweight_y, Tensor dbias_x, "
         "Tensor dbias_y)");
   m.def("dropout_keep(Tensor index, int seed, float rate) -> Tensor");

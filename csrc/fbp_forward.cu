@@ -44,6 +44,8 @@ struct ForwardParams {
   T* out;                  // (rows, o)
   Acc* t_buf;              // (rows, o): may alias out when T == Acc
   Acc* partial;            // (rows, n_tiles, 2) scaled parts (e, q) of sum t^2
+  T* keep_x;               // (rows, K) or nullptr: the raw projections, kept for backward
+  T* keep_y;
   int64_t rows, o, factor;
   int outs_per_tile;       // BO
   int n_tiles;
@@ -58,12 +60,16 @@ struct ForwardParams {
 // CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
 // 65536 / (minBlocks * threads)).  The highest value without spills on sm_80 and sm_90
 // (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
-// spill): 3 for every engine (WMMA 120-156 registers, FMA 71-80).
+// spill): 3 for the 64-row engines (WMMA 112-156 registers, fp32 FMA 71-80), except
+// the ones below.
 template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
 // One 147 KiB CTA per SM: the whole register file (255 per thread) is allowed.
 template <typename T> struct ForwardMinBlocks<WmmaWideEngine<T>> {
   static constexpr int value = 1;
 };
+// fp64 (gradcheck precision): 80 registers spill 8-16 bytes since the kept-projection
+// stores; 2 CTAs per SM allow 128.
+template <> struct ForwardMinBlocks<EngineFor<double>::type> { static constexpr int value = 2; };
 
 template <typename T, class E>
 __global__ void __launch_bounds__(E::kThreads, ForwardMinBlocks<E>::value)
@@ -104,6 +110,10 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
     __syncthreads();
     const int width = static_cast<int>(col_end - cbeg < E::BN ? col_end - cbeg : E::BN);
     const bool last = cbeg + E::BN >= col_end;
+    // The memory modes that keep a projection: this tile's columns of it, before the
+    // elementwise pass overwrites pa (no barrier needed: both only read pa and pc).
+    if (p.keep_x != nullptr) store_tile<E>(pa, p.keep_x, row0, nr, cbeg, width, K);
+    if (p.keep_y != nullptr) store_tile<E>(pc, p.keep_y, row0, nr, cbeg, width, K);
 
     // 1. Elementwise: pa <- dropout(act(a + b_x) act(c + b_y)), four columns per thread.
     DropoutStream drop(p.seed, p.rate);  // per chunk: no RNG state live across the GEMMs
@@ -256,6 +266,8 @@ cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   p.out = static_cast<T*>(a.out);
   p.t_buf = nullptr;
   p.partial = nullptr;
+  p.keep_x = static_cast<T*>(a.keep_x);
+  p.keep_y = static_cast<T*>(a.keep_y);
   if (a.normalize) {
     // fp32/fp64: t goes straight into out and is scaled in place by the finisher;
     // fp16/bf16 need the fp32 scratch so that z is rounded once.

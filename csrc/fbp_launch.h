@@ -80,6 +80,8 @@ struct ForwardArgs {
   void* t_scratch;  // (rows, o) acc dtype for fp16/bf16 with normalize; else nullptr
   void* partial;    // (rows, 2 * forward_grid().y) acc dtype when normalize; else nullptr:
                     // per output tile the scaled part (e, q) of the row's sum of t^2
+  void* keep_x;     // (rows, K) contiguous input dtype or nullptr: the raw projection
+  void* keep_y;     // x W_x^T (no bias, before the activation) written for backward
   int64_t rows, o, factor;
   DropoutArg dropout;
   bool normalize;
@@ -115,6 +117,8 @@ struct ProjectionGradArgs {
   const void* bias_x;
   const void* bias_y;
   const void* ds;  // (rows, o) acc dtype, contiguous
+  const void* kept_x;  // (rows, K) contiguous input dtype or nullptr: the forward's keep_x,
+  const void* kept_y;  // read instead of recomputing that projection
   void* da;
   void* dc;
   int64_t rows, o, factor;

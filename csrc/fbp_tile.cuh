@@ -449,6 +449,31 @@ __device__ __forceinline__ void stage_biases(const T* bias_x, const T* bias_y, i
   }
 }
 
+// The valid (nr rows, width columns) part of an accumulator tile (row stride kLdOut) to
+// dst (rows, K) contiguous in the input dtype, at (row0, col0): a projection kept for
+// backward.  Consecutive threads take consecutive columns (coalesced).
+template <class E, typename T>
+__device__ __forceinline__ void store_tile(const typename E::Acc* tile, T* dst, int64_t row0,
+                                           int nr, int64_t col0, int width, int64_t K) {
+  for (int e = threadIdx.x; e < nr * E::BN; e += E::kThreads) {
+    const int r = e / E::BN, c = e % E::BN;  // constant divisor: shifts
+    if (c < width) dst[(row0 + r) * K + col0 + c] = from_acc<T>(tile[r * E::kLdOut + c]);
+  }
+}
+
+// The inverse: a kept projection's (BM, BN) tile into shared memory, zero outside the
+// valid part (as the GEMM engines leave it).  The caller's next barrier publishes it.
+template <class E, typename T>
+__device__ __forceinline__ void load_tile(const T* src, int64_t row0, int nr, int64_t col0,
+                                          int width, int64_t K, typename E::Acc* tile) {
+  using Acc = typename E::Acc;
+  for (int e = threadIdx.x; e < E::BM * E::BN; e += E::kThreads) {
+    const int r = e / E::BN, c = e % E::BN;
+    tile[r * E::kLdOut + c] =
+        r < nr && c < width ? to_acc<Acc>(src[(row0 + r) * K + col0 + c]) : Acc(0);
+  }
+}
+
 // Four consecutive accumulator values from / to shared memory, 16-byte aligned.
 __device__ __forceinline__ void load4(const float* p, float v[4]) {
   const float4 q = *reinterpret_cast<const float4*>(p);

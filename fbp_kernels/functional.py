@@ -241,7 +241,7 @@ def _prepare(tensors, factor, dropout, eps, backend, save_projections=False, nor
         # Every drop-in backend (split, torch) keeps any of the projection modes.
         return cast_dtype, tensors, backend_name_or_raise(routed, device), mode
     if mode in ("x", "y"):
-        # The split, triton and torch backends keep one projection; cuda is refused.
+        # Backends in ONE_PROJECTION_BACKENDS keep one projection.
         # auto: eager takes the cost model's choice for this shape in this mode
         # (strategy.choose); compiled graphs split where it runs, else torch.
         if backend == "auto":

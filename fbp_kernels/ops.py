@@ -195,7 +195,7 @@ def fbp_forward(
 
 
 #: Backends that can keep one projection and recompute the other (the middle mode).
-ONE_PROJECTION_BACKENDS = ("split", "triton", "torch")
+ONE_PROJECTION_BACKENDS = ("split", "triton", "cuda", "torch")
 
 #: The operators' projection mode -> the backends' ``save_projections`` (bool, or the
 #: name of the one input whose projection is kept).
@@ -237,15 +237,13 @@ def _(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize
     norm = x.new_empty(batch, dtype=norm_dtype) if normalize else _empty(x)
     keep_a = save_projections in ("both", "x")
     keep_c = save_projections in ("both", "y")
-    if backend == "cuda":
-        # The CUDA kernels never form the projections; they recompute them instead.
-        keep_a = keep_c = False
-    if backend in ("torch", "split") or save_projections in ("x", "y"):
+    if backend in ("torch", "split") or (save_projections in ("x", "y") and backend != "cuda"):
         # Each input projected at its own leading shape (no broadcast copy; triton's
         # middle mode too, its one-launch kernel stores both at the broadcast rows).
         a_shape, c_shape = (*x.shape[:-1], ko), (*y.shape[:-1], ko)
     else:
-        # Kernel backends work on broadcast rows.
+        # Kernel backends work on broadcast rows (cuda in every mode: its fused kernels
+        # write the kept projections of the flattened, broadcast rows).
         a_shape = c_shape = (*batch, ko)
     a = x.new_empty(a_shape) if keep_a else _empty(x)
     c = y.new_empty(c_shape) if keep_c else _empty(x)

@@ -127,8 +127,8 @@ def choose(device: torch.device, rows: int, m: int, n: int, factor: int, o: int,
         # The middle mode runs on triton's wide kernels only where their tiles fit.
         have["triton"] = kept_problem(factor, dtype, device) is None
     if not (have["split"] or have["triton"]):
-        # cuda recomputes both projections: it cannot keep one.
-        name = "cuda" if have["cuda"] and not one else "torch"
+        # cuda keeps any of the projections (its fused kernels write and read them).
+        name = "cuda" if have["cuda"] else "torch"
         return name, "Triton is not usable here", {}
     if not (have["split"] and have["triton"]):
         name = "split" if have["split"] else "triton"

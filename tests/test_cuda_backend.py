@@ -189,8 +189,9 @@ def test_meta_kernels_give_shapes(ops, dtype, norm_dtype, normalize):
     x, y = torch.empty(rows, m, **meta), torch.empty(rows, n, **meta)
     wx, wy = torch.empty(factor * o, m, **meta), torch.empty(factor * o, n, **meta)
     bx = torch.empty(factor * o, **meta)
-    out, norm = ops.fbp_forward(x, y, wx, wy, bx, None, factor, 0.1, 5, normalize, 1e-6)
+    out, norm, a, c = ops.fbp_forward(x, y, wx, wy, bx, None, factor, 0.1, 5, normalize, 1e-6)
     assert out.shape == (rows, o) and out.dtype == dtype and out.device.type == "meta"
+    assert a.shape == c.shape == (0,)  # the lean mode keeps no projection
     assert norm.shape == ((rows,) if normalize else (0,))
     if normalize:
         assert norm.dtype == norm_dtype
@@ -254,10 +255,29 @@ def test_cpp_checks_drop_in_options(ops, activation, norm_group, message):
 def test_meta_kernels_take_the_drop_in_options(ops):
     # Groups of 2 of the 4 rows, tanh: the shapes do not depend on either option.
     args = _meta_args()
-    out, norm = ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, 2, 2)
-    assert out.shape == (4, 2) and norm.shape == (4,)
+    out, norm, a, c = ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, 2, 2)
+    assert out.shape == (4, 2) and norm.shape == (4,) and a.shape == c.shape == (0,)
     grads = ops.fbp_backward(out, *args, out, norm, 3, 0.0, None, True, 1e-6, 2, 2)
     assert [g.shape for g in grads[:4]] == [a.shape for a in args[:4]]
+
+
+@pytest.mark.parametrize("keep_x,keep_y", [(True, True), (True, False), (False, True)])
+def test_meta_kernels_keep_the_projections(ops, keep_x, keep_y):
+    # The memory modes: the kept raw projections are (rows, K) in the input dtype, and
+    # backward takes them back (shape and dtype checked).
+    args = _meta_args(dtype=torch.bfloat16)
+    out, norm, a, c = ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, 0, 1, keep_x, keep_y)
+    for t, kept in ((a, keep_x), (c, keep_y)):
+        assert t.shape == ((4, 6) if kept else (0,)) and t.dtype == torch.bfloat16
+    back = dict(a=a if keep_x else None, c=c if keep_y else None)
+    grads = ops.fbp_backward(out, *args, out, norm, 3, 0.0, None, True, 1e-6, 0, 1, **back)
+    assert [g.shape for g in grads[:4]] == [t.shape for t in args[:4]]
+    with pytest.raises(RuntimeError, match=r"a \(a kept projection\) must have shape \(4, 6\)"):
+        ops.fbp_backward(out, *args, out, norm, 3, 0.0, None, True, 1e-6, 0, 1,
+                         a=torch.empty(4, 5, device="meta", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="must have x's dtype"):
+        ops.fbp_backward(out, *args, out, norm, 3, 0.0, None, True, 1e-6, 0, 1,
+                         c=torch.empty(4, 6, device="meta"))
 
 
 def test_philox_known_answers(ops):
@@ -732,6 +752,50 @@ def test_wide_engine_is_bitwise_the_64x64_one_before_the_norm(ops, case, dtype, 
 
 @cuda_only
 @gpu
+@pytest.mark.parametrize("keep", [True, "x", "y"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_memory_modes_give_the_lean_gradients_bitwise(ops, dtype, keep):
+    """fp32/fp64: a kept projection is the forward tile's own accumulator, stored in the
+    accumulation dtype, and the backward's engine would recompute exactly those bits
+    (same engine, same k order per element), so every memory mode gives the lean mode's
+    results bit for bit, dropout included; the kept tensors are x W_x^T and y W_y^T."""
+    for case in LARGE_CASES:
+        tensors = make_inputs(case, dtype, "cuda")
+        results = []
+        for mode in (False, keep):
+            torch.manual_seed(3)
+            out = fbp_kernels.fbp(*tensors, factor=case.factor, dropout=0.2, training=True,
+                                  backend="cuda", save_projections=mode)
+            results.append([out] + grads(out, tensors, torch.ones_like(out)))
+        for name, a, b in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], *results):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+        x, y, wx, wy = (t.detach() for t in tensors[:4])
+        res = cuda_backend.forward(x, y, wx, wy, None, None, factor=case.factor, dropout=0.0,
+                                   seed=None, normalize=True, eps=1e-6, save_projections=keep)
+        batch = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+        for got, inp, w, wanted in ((res.a, x, wx, keep in (True, "x")),
+                                    (res.c, y, wy, keep in (True, "y"))):
+            if not wanted:
+                assert got is None
+                continue
+            assert got.shape == (*batch, w.shape[0])
+            assert_close(got, (inp @ w.t()).expand_as(got), atol=1e-5, rtol=1e-5, name="kept")
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("keep", [True, "x", "y"], ids=str)
+@pytest.mark.parametrize("case", ALIGNED_CASES[:3], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_memory_modes_in_half_precision_match_reference(ops, case, dtype, keep):
+    """fp16/bf16: the kept projection is rounded to the input dtype (the lean mode
+    recomputes it in fp32), so the gradients are held to test_correctness's
+    low-precision bound against the reference instead of bitwise."""
+    compare(case, dtype, "cuda", torch.device("cuda"), save_projections=keep)
+
+
+@cuda_only
+@gpu
 def test_gpu_mask_equals_cpu_mask(ops):
     index = torch.arange(5000, dtype=torch.int64)
     assert torch.equal(ops.dropout_keep(index.cuda(), 77, 0.4).cpu(),
@@ -768,8 +832,15 @@ def test_opcheck_on_the_compiled_operators(ops, normalize):
     x, y, wx, wy, bx, by = make_inputs(case, torch.float32, "cuda", requires_grad=False)
     args = (x, y, wx, wy, bx, by, case.factor, 0.2, 7, normalize, 1e-6)
     torch.library.opcheck(ops.fbp_forward.default, args)
-    out, norm = ops.fbp_forward(*args)
+    out, norm, _, _ = ops.fbp_forward(*args)
     grad = torch.randn_like(out)
     torch.library.opcheck(ops.fbp_backward.default,
                           (grad, x, y, wx, wy, bx, by, out, norm, case.factor, 0.2, 7,
                            normalize, 1e-6))
+    # The memory mode that keeps both projections, forward and backward.
+    keep = args + (0, 1, True, True)
+    torch.library.opcheck(ops.fbp_forward.default, keep)
+    out, norm, a, c = ops.fbp_forward(*keep)
+    torch.library.opcheck(ops.fbp_backward.default,
+                          (grad, x, y, wx, wy, bx, by, out, norm, case.factor, 0.2, 7,
+                           normalize, 1e-6, 0, 1, a, c))

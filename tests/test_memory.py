@@ -38,9 +38,8 @@ def test_backend_saves_no_expanded_activation(save_projections, backend, device)
     ko = CASE.factor * CASE.o
     extra = _extra(saved, tensors, out)
     wide = [t for t in extra if t.shape[-1] == ko]
-    if save_projections and backend != "cuda":
-        # The opt-in mode keeps exactly the two projections (the CUDA backend
-        # documents that it always recomputes them).
+    if save_projections:
+        # The opt-in mode keeps exactly the two projections.
         assert len(wide) == 2, [tuple(t.shape) for t in extra]
     else:
         assert not wide, f"saved (.., factor*o) tensors: {[tuple(t.shape) for t in wide]}"

@@ -264,10 +264,11 @@ def test_keeping_one_projection_is_refused_where_unsupported():
             fbp_kernels.fbp(*args, factor=1, backend="split", save_projections=bad)
     with pytest.raises(ValueError, match="save_projections"):
         fbp_kernels.FactorizedBilinearPooling(3, 3, 2, factor=1, save_projections="z")
-    # The cuda backend recomputes both projections: the operators refuse the middle mode
-    # there (the front end checks the backend exists first, so this is the op's guard).
+    # Every backend keeps any of the projections now (cuda's fused kernels write and read
+    # them); the operators' guard refuses a backend outside ONE_PROJECTION_BACKENDS.
     from fbp_kernels import ops
 
-    with pytest.raises(ValueError, match="split"):
-        ops.backend_keep("x", "cuda")
+    with pytest.raises(ValueError, match="keep one projection.*'split'"):
+        ops.backend_keep("x", "nope")
     assert ops.backend_keep("y", "triton") == "y" and ops.backend_keep("both", "cuda") is True
+    assert ops.backend_keep("x", "cuda") == "x"

@@ -519,8 +519,7 @@ def test_auto_takes_split_on_cuda_only(monkeypatch):
 
 def test_cuda_backend_takes_the_options():
     # Routed to cuda like any drop-in backend: on the CPU it is then unavailable (the
-    # device is named), never refused for the options; keeping one projection is
-    # refused by name (cuda recomputes both).
+    # device is named), never refused for the options, nor for keeping one projection.
     assert "cuda" in ops.DROP_IN_BACKENDS
     assert ops.DROP_IN_BACKENDS.index("cuda") > ops.DROP_IN_BACKENDS.index("triton")
     assert ops.drop_in_options("cuda", 2, "tanh") == {"norm_dims": 2, "activation": "tanh"}
@@ -529,8 +528,7 @@ def test_cuda_backend_takes_the_options():
         for option in ({"norm_dims": 2}, {"activation": "tanh"}):
             with pytest.raises(backends.BackendUnavailableError, match="CUDA device"):
                 fbp_kernels.fbp(*tensors, factor=2, backend="cuda", **option)
-    with pytest.raises(ValueError, match="keep one projection"):
-        ops.backend_keep("x", "cuda")
+    assert ops.backend_keep("x", "cuda") == "x" and "cuda" in ops.ONE_PROJECTION_BACKENDS
 
 
 def test_operators_run_split_and_triton():

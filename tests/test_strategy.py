@@ -46,8 +46,8 @@ def test_auto_picks_the_strategy_with_the_lower_prediction(monkeypatch):
 
 def test_auto_prices_the_memory_mode_it_runs(monkeypatch):
     """save_projections reaches the model as the provider suffix of its mode; the middle
-    mode never picks triton where its wide tiles cannot hold a factor group, nor cuda
-    (which recomputes both projections)."""
+    mode never picks triton where its wide tiles cannot hold a factor group; without
+    Triton it takes cuda in every mode (its fused kernels keep any projection)."""
     seen = []
 
     def preds(device, rows, m, n, factor, o, dtype, mode, suffix=""):
@@ -65,8 +65,10 @@ def test_auto_prices_the_memory_mode_it_runs(monkeypatch):
     assert name == "split" and len(seen) == n, why
     monkeypatch.setattr(strategy.backends, "unsupported_reason",
                         lambda name, dev: None if name == "cuda" else "no Triton")
-    assert strategy.choose(cuda, 64, 64, 32, 5, 10, torch.bfloat16, True, "y")[0] == "torch"
+    assert strategy.choose(cuda, 64, 64, 32, 5, 10, torch.bfloat16, True, "y")[0] == "cuda"
     assert strategy.choose(cuda, 64, 64, 32, 5, 10, torch.bfloat16, True)[0] == "cuda"
+    monkeypatch.setattr(strategy.backends, "unsupported_reason", lambda name, dev: "none here")
+    assert strategy.choose(cuda, 64, 64, 32, 5, 10, torch.bfloat16, True, "y")[0] == "torch"
 
 
 def test_auto_without_a_model_or_for_float64_runs_split(monkeypatch):

@@ -26,8 +26,10 @@ finished by one 256-thread block (the norm and ``<z, g>`` over the group in a fi
 order), so only the finishing kernels differ.  Never run on a GPU, like the rest of
 this backend; the CPU mirrors of that math are tested (tests/test_cuda_backend.py).
 
-``save_projections=True`` is accepted and falls back to recomputation (``a`` and
-``c`` are not returned): the fused forward never materialises them.
+Memory modes (``save_projections``): ``True`` / ``"x"`` / ``"y"`` make the fused forward
+also write that projection, ``x W_x^T`` (no bias, before the activation; ``(..., K)`` at
+the broadcast rows, input dtype) from its tile, and the backward's kernel read it
+instead of recomputing it (one GEMM fewer per kept side); ``False`` keeps neither.
 
 Dropout: the Triton kernels' stream (:mod:`triton_dropout`), so both GPU backends
 draw the same mask: element ``(row, col)`` of the ``(rows, K)`` product has stream
@@ -47,7 +49,7 @@ from torch import Tensor
 
 from . import cuda_build
 from ._common import (ACTIVATION_CODES, BackwardResult, ForwardResult, flatten_rows,
-                      group_rows, unflatten_grad)
+                      group_rows, kept, unflatten_grad)
 
 NAME = "cuda"
 
@@ -103,20 +105,24 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
     """``norm`` per row ``(...)``; with ``norm_dims > 1`` each row holds its group's
     norm (the last ``norm_dims - 1`` batch dimensions)."""
     x2, y2, batch = flatten_rows(x, y)
-    out, norm = _ops().fbp_forward(x2, y2, weight_x, weight_y, bias_x, bias_y, factor,
-                                   float(dropout), seed, bool(normalize), float(eps),
-                                   ACTIVATION_CODES[activation],
-                                   _norm_group(batch, norm_dims, normalize))
-    o = weight_x.shape[0] // factor
-    return ForwardResult(out.view(*batch, o), norm.view(batch) if normalize else None,
-                         None, None)
+    keep_x, keep_y = kept(save_projections)
+    out, norm, a, c = _ops().fbp_forward(x2, y2, weight_x, weight_y, bias_x, bias_y, factor,
+                                         float(dropout), seed, bool(normalize), float(eps),
+                                         ACTIVATION_CODES[activation],
+                                         _norm_group(batch, norm_dims, normalize),
+                                         keep_x, keep_y)
+    ko = weight_x.shape[0]
+    return ForwardResult(out.view(*batch, ko // factor),
+                         norm.view(batch) if normalize else None,
+                         a.view(*batch, ko) if keep_x else None,
+                         c.view(*batch, ko) if keep_y else None)
 
 
 def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              factor: int, dropout: float, seed: Optional[int], normalize: bool,
              eps: float, norm_dims: int = 1,
              activation: Optional[str] = None) -> BackwardResult:
-    # a and c are never saved by this backend's forward: the kernel recomputes them.
+    # a, c: the raw projections the forward kept (None: recomputed tile by tile).
     x2, y2, batch = flatten_rows(x, y)
     o = weight_x.shape[0] // factor
     g2 = grad.reshape(-1, o)
@@ -125,7 +131,9 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
     dx, dy, dwx, dwy, dbx, dby = _ops().fbp_backward(
         g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor, float(dropout),
         seed, bool(normalize), float(eps), ACTIVATION_CODES[activation],
-        _norm_group(batch, norm_dims, normalize))
+        _norm_group(batch, norm_dims, normalize),
+        None if a is None else a.reshape(-1, weight_x.shape[0]),
+        None if c is None else c.reshape(-1, weight_x.shape[0]))
     return BackwardResult(unflatten_grad(dx, batch, x), unflatten_grad(dy, batch, y), dwx, dwy,
                           dbx if bias_x is not None else None,
                           dby if bias_y is not None else None)
