@@ -72,8 +72,9 @@ struct ProjectionGradParams {
   const T* bias_x;
   const T* bias_y;
   const Acc* ds;  // (rows, o)
-  const T* kept_x;  // (rows, K) or nullptr: the forward's kept projection, read instead of
-  const T* kept_y;  // recomputed
+  const T* src_x;  // (rows / div_x, K) or nullptr: a projection read instead of recomputed
+  const T* src_y;
+  int64_t div_x, div_y;
   T* da;          // (rows, K)
   T* dc;
   int64_t rows, o, factor;
@@ -138,19 +139,8 @@ projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
   const bool vec_store = (K & 3) == 0;
 
   stage_biases<E>(p.bias_x, p.bias_y, col0, K, bx_s, by_s);
-  // A kept projection is read instead of recomputed.  x's GEMM runs first: its stages
-  // alias pc, which a kept c is loaded into only after it (the engines end with a
-  // barrier once the stages are read).
-  if (p.kept_x != nullptr) {
-    load_tile<E>(p.kept_x, row0, nr, col0, width, K, pa);
-  } else {
-    E::gemm(p.x, row0, p.wx, col0, smem, pa);
-  }
-  if (p.kept_y != nullptr) {
-    load_tile<E>(p.kept_y, row0, nr, col0, width, K, pc);
-  } else {
-    E::gemm(p.y, row0, p.wy, col0, smem, pc);
-  }
+  project_tiles<E>(p.x, p.wx, p.src_x, p.div_x, p.y, p.wy, p.src_y, p.div_y, row0, nr, col0,
+                   width, K, smem, pa, pc);
   __syncthreads();
   DropoutStream drop(p.seed, p.rate);
   // Four consecutive columns per thread (one Philox call per four elements when
@@ -236,8 +226,10 @@ cudaError_t projection_grads_with(const ProjectionGradArgs& a, cudaStream_t stre
   p.bias_x = static_cast<const T*>(a.bias_x);
   p.bias_y = static_cast<const T*>(a.bias_y);
   p.ds = static_cast<const Acc*>(a.ds);
-  p.kept_x = static_cast<const T*>(a.kept_x);
-  p.kept_y = static_cast<const T*>(a.kept_y);
+  p.src_x = static_cast<const T*>(a.src_x);
+  p.src_y = static_cast<const T*>(a.src_y);
+  p.div_x = a.div_x;
+  p.div_y = a.div_y;
   p.da = static_cast<T*>(a.da);
   p.dc = static_cast<T*>(a.dc);
   p.rows = a.rows;

@@ -3,13 +3,18 @@
 //
 //   torch.ops.fbp_kernels_cuda.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y,
 //       factor, dropout, seed, normalize, eps, activation=0, norm_group=1, keep_x=False,
-//       keep_y=False) -> (out (rows, o), norm (rows) or (0,), a, c (rows, K) or (0,))
+//       keep_y=False, rows_per_x=1, rows_per_y=1)
+//       -> (out (rows, o), norm (rows) or (0,), a (x rows, K) or (0,), c (y rows, K) or (0,))
 //   torch.ops.fbp_kernels_cuda.fbp_backward(grad, x, y, weight_x, weight_y, bias_x,
 //       bias_y, out, norm, factor, dropout, seed, normalize, eps, activation=0,
-//       norm_group=1, a=None, c=None)
+//       norm_group=1, a=None, c=None, rows_per_x=1, rows_per_y=1)
 //       -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,))
 //       a, c: the raw projections x W_x^T, y W_y^T (no bias, before the activation) the
-//       forward kept (the memory modes), read instead of recomputed
+//       forward kept (the memory modes), read instead of recomputed.
+//       rows_per_x / rows_per_y: broadcast row r reads row r / rows_per of that input
+//       (co-attention: regions (B*R, m) with one question row per sample, rows_per_y = R),
+//       rows = x rows * rows_per_x = y rows * rows_per_y; a shared input is projected
+//       once per row (cuBLAS) and its gradient summed per group before its GEMMs
 //       activation: 0 none, 1 relu, 2 tanh on both projections (fbp_math.cuh);
 //       norm_group: rows per joint-normalisation group (norm_dims > 1; consecutive
 //       rows, dividing rows), each row's norm entry holding its group's norm
@@ -67,14 +72,21 @@ void check_float(const Tensor& t, const char* name) {
               "fbp: ", name, " has dtype ", d, "; supported: float16, bfloat16, float32, float64");
 }
 
-// The same rules as fbp_kernels.functional.check_inputs, for the 2-D operator form.
-void check_forward_args(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
-                        const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
-                        int64_t factor, double dropout, double eps) {
+// The same rules as fbp_kernels.functional.check_inputs, for the 2-D operator form, where
+// broadcast row r reads row r / rows_per_x of x and r / rows_per_y of y (co-attention: the
+// shared input has one row per group of rows_per consecutive rows).  Returns the rows.
+int64_t check_forward_args(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
+                           const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
+                           int64_t factor, double dropout, double eps, int64_t rows_per_x,
+                           int64_t rows_per_y) {
   TORCH_CHECK(x.dim() == 2, "fbp: x must be 2-D (rows, m), got shape ", x.sizes());
   TORCH_CHECK(y.dim() == 2, "fbp: y must be 2-D (rows, n), got shape ", y.sizes());
-  TORCH_CHECK(x.size(0) == y.size(0), "fbp: x and y must have the same number of rows, got ",
-              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(rows_per_x >= 1 && rows_per_y >= 1, "fbp: rows_per_x and rows_per_y must be >= 1, "
+              "got ", rows_per_x, " and ", rows_per_y);
+  const int64_t rows = x.size(0) * rows_per_x;
+  TORCH_CHECK(rows == y.size(0) * rows_per_y, "fbp: x and y must have the same number of rows, "
+              "got ", x.sizes(), " and ", y.sizes(), " (", rows_per_x, " and ", rows_per_y,
+              " rows per row)");
   TORCH_CHECK(wx.dim() == 2 && wy.dim() == 2, "fbp: weight_x and weight_y must be 2-D, got ",
               wx.sizes(), " and ", wy.sizes());
   TORCH_CHECK(factor >= 1, "fbp: factor must be >= 1, got ", factor);
@@ -108,6 +120,7 @@ void check_forward_args(const Tensor& x, const Tensor& y, const Tensor& wx, cons
   }
   TORCH_CHECK(dropout >= 0.0 && dropout < 1.0, "fbp: dropout must be in [0, 1), got ", dropout);
   TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "fbp: eps must be a finite float > 0, got ", eps);
+  return rows;
 }
 
 // activation code and joint-normalisation group of the operators.
@@ -121,14 +134,15 @@ void check_drop_in_args(int64_t rows, int64_t activation, int64_t norm_group) {
               "normalisation groups for the grid (", rows / norm_group, ")");
 }
 
-// A projection the forward kept (keep_x / keep_y): (rows, K) in x's dtype and device.
-void check_kept(const std::optional<Tensor>& kept, const Tensor& x, const Tensor& wx,
-                const char* name) {
+// A projection the forward kept (keep_x / keep_y): (the side's rows, K) in x's dtype and
+// device.
+void check_kept(const std::optional<Tensor>& kept, const Tensor& side, const Tensor& x,
+                const Tensor& wx, const char* name) {
   if (!kept.has_value()) return;
   const Tensor& t = *kept;
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == wx.size(0), "fbp: ", name,
-              " (a kept projection) must have shape (", x.size(0), ", ", wx.size(0), "), got ",
-              t.sizes());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == side.size(0) && t.size(1) == wx.size(0), "fbp: ",
+              name, " (a kept projection) must have shape (", side.size(0), ", ", wx.size(0),
+              "), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), "fbp: ", name,
               " (a kept projection) must have x's dtype and device, got ", t.scalar_type(),
               " on ", t.device());
@@ -136,8 +150,8 @@ void check_kept(const std::optional<Tensor>& kept, const Tensor& x, const Tensor
 
 void check_backward_args(const Tensor& grad, const Tensor& x, const Tensor& wx,
                          const Tensor& out, const Tensor& norm, int64_t factor,
-                         bool normalize) {
-  const int64_t rows = x.size(0), o = wx.size(0) / factor;
+                         bool normalize, int64_t rows) {
+  const int64_t o = wx.size(0) / factor;
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == rows && grad.size(1) == o,
               "fbp: grad must have shape (", rows, ", ", o, "), got ", grad.sizes());
   TORCH_CHECK(out.sizes() == grad.sizes(), "fbp: out must have shape ", grad.sizes(), ", got ",
@@ -242,7 +256,8 @@ std::string wide_refusal(const Tensor& x) {
          "128x128 engine needs " + std::to_string(wide.smem_bytes);
 }
 
-Engine choose_engine(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+Engine choose_engine(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
+                     int64_t rows) {
   const Staging mode = staging_mode();
   const auto d = x.scalar_type();
   if (mode == Staging::kSync || (d != at::kHalf && d != at::kBFloat16)) return Engine::kDefault;
@@ -254,7 +269,7 @@ Engine choose_engine(const Tensor& x, const Tensor& y, const Tensor& wx, const T
   const std::string too_big = wide_refusal(x);
   TORCH_CHECK(mode != Staging::kWide || too_big.empty(), "fbp cuda: FBP_CUDA_STAGING=wide, but ",
               too_big);
-  if (mode == Staging::kAuto && x.size(0) <= kWideEngineAboveRows) return Engine::kAsync;
+  if (mode == Staging::kAuto && rows <= kWideEngineAboveRows) return Engine::kAsync;
   return too_big.empty() ? Engine::kAsyncWide : Engine::kAsync;
 }
 
@@ -268,12 +283,12 @@ void check_operands_2d(const Tensor& x, const Tensor& y, const Tensor& wx, const
 // with cp.async, and with which engine, under the current FBP_CUDA_STAGING.
 bool cp_async_staging_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
   check_operands_2d(x, y, wx, wy, "cp_async_staging");
-  return choose_engine(x, y, wx, wy) != Engine::kDefault;
+  return choose_engine(x, y, wx, wy, x.size(0)) != Engine::kDefault;
 }
 
 std::string gemm_engine_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
   check_operands_2d(x, y, wx, wy, "gemm_engine");
-  switch (choose_engine(x, y, wx, wy)) {
+  switch (choose_engine(x, y, wx, wy, x.size(0))) {
     case Engine::kAsyncWide: return "wide";
     case Engine::kAsync: return "async";
     default: return "default";
@@ -296,47 +311,62 @@ std::vector<int64_t> engine_tile_op(c10::string_view engine, at::ScalarType dtyp
 }
 
 // ------------------------------------------------------------------ forward
-// (out, norm, a, c): a and c are the raw projections x W_x^T, y W_y^T (rows, K) in the
-// input dtype when keep_x / keep_y (the memory modes that keep them for backward), else
-// (0,) markers.
+// (out, norm, a, c): a and c are the raw projections x W_x^T (x's rows, K) and y W_y^T
+// (y's rows, K) in the input dtype when keep_x / keep_y (the memory modes that keep them
+// for backward), else (0,) markers.
 using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 ForwardOut forward_meta(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
                         const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
                         int64_t factor, double dropout, std::optional<int64_t> seed,
                         bool normalize, double eps, int64_t activation, int64_t norm_group,
-                        bool keep_x, bool keep_y) {
-  check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
-  check_drop_in_args(x.size(0), activation, norm_group);
-  const int64_t rows = x.size(0), K = wx.size(0), o = K / factor;
+                        bool keep_x, bool keep_y, int64_t rows_per_x, int64_t rows_per_y) {
+  const int64_t rows = check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps,
+                                          rows_per_x, rows_per_y);
+  check_drop_in_args(rows, activation, norm_group);
+  const int64_t K = wx.size(0), o = K / factor;
   Tensor out = at::empty({rows, o}, x.options());
   Tensor norm = normalize ? at::empty({rows}, x.options().dtype(acc_type(x.scalar_type())))
                           : empty_marker(x);
-  Tensor a = keep_x ? at::empty({rows, K}, x.options()) : empty_marker(x);
-  Tensor c = keep_y ? at::empty({rows, K}, x.options()) : empty_marker(x);
+  Tensor a = keep_x ? at::empty({x.size(0), K}, x.options()) : empty_marker(x);
+  Tensor c = keep_y ? at::empty({y.size(0), K}, x.options()) : empty_marker(x);
   return {out, norm, a, c};
+}
+
+// The raw projection of a shared input (rows_per > 1: one row per group), formed once by
+// cuBLAS for the kernels to read per group; undefined for a per-row input.
+Tensor shared_projection(const Tensor& side, const Tensor& w, int64_t rows_per,
+                         const std::optional<Tensor>& kept) {
+  if (rows_per == 1) return Tensor();
+  return kept.has_value() ? kept->contiguous() : at::mm(side, w.t());
 }
 
 ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
                         const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
                         int64_t factor, double dropout, std::optional<int64_t> seed,
                         bool normalize, double eps, int64_t activation, int64_t norm_group,
-                        bool keep_x, bool keep_y) {
-  auto [out, norm, a, c] = forward_meta(x, y, wx, wy, bx, by, factor, dropout, seed, normalize,
-                                        eps, activation, norm_group, keep_x, keep_y);
+                        bool keep_x, bool keep_y, int64_t rows_per_x, int64_t rows_per_y) {
+  auto [out, norm, a, c] =
+      forward_meta(x, y, wx, wy, bx, by, factor, dropout, seed, normalize, eps, activation,
+                   norm_group, keep_x, keep_y, rows_per_x, rows_per_y);
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(at::cuda::getDeviceProperties(x.get_device())->major >= 8,
                 "fbp cuda: bfloat16 needs compute capability >= 8.0 (tensor-core bf16)");
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), o = wx.size(0) / factor;
+  const int64_t rows = out.size(0), o = out.size(1);
   if (rows == 0) return {out, norm, a, c};
   const DType dtype = kernel_dtype(x.scalar_type());
-  const Engine engine = choose_engine(x, y, wx, wy);
+  const Engine engine = choose_engine(x, y, wx, wy, rows);
   const Grid grid = forward_grid(dtype, engine, rows, o, factor);
   check_grid(grid, "out_features", o);
   const Tensor bias_x = maybe_contiguous(bx), bias_y = maybe_contiguous(by);
+  // A shared input's projection, once per group (and it is what keep returns for it).
+  const Tensor px = shared_projection(x, wx, rows_per_x, std::nullopt);
+  const Tensor py = shared_projection(y, wy, rows_per_y, std::nullopt);
+  if (keep_x && px.defined()) a = px;
+  if (keep_y && py.defined()) c = py;
   // Scratch, freed on return (stream-ordered by the caching allocator): per output
   // tile the power-of-two-scaled part (e, q) of each row's sum of t^2, and for
   // fp16/bf16 the fp32 t itself.
@@ -358,8 +388,12 @@ ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, cons
   args.norm = normalize ? norm.data_ptr() : nullptr;
   args.t_scratch = t_scratch.defined() ? t_scratch.data_ptr() : nullptr;
   args.partial = partial.defined() ? partial.data_ptr() : nullptr;
-  args.keep_x = keep_x ? a.data_ptr() : nullptr;
-  args.keep_y = keep_y ? c.data_ptr() : nullptr;
+  args.keep_x = keep_x && !px.defined() ? a.data_ptr() : nullptr;
+  args.keep_y = keep_y && !py.defined() ? c.data_ptr() : nullptr;
+  args.src_x = optional_ptr(px);
+  args.src_y = optional_ptr(py);
+  args.div_x = rows_per_x;
+  args.div_y = rows_per_y;
   args.rows = rows;
   args.o = o;
   args.factor = factor;
@@ -376,17 +410,33 @@ ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, cons
 // ------------------------------------------------------------------ backward
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
+int64_t check_all_backward_args(const Tensor& grad, const Tensor& x, const Tensor& y,
+                                const Tensor& wx, const Tensor& wy,
+                                const std::optional<Tensor>& bx,
+                                const std::optional<Tensor>& by, const Tensor& out,
+                                const Tensor& norm, int64_t factor, double dropout,
+                                bool normalize, double eps, int64_t activation,
+                                int64_t norm_group, const std::optional<Tensor>& a,
+                                const std::optional<Tensor>& c, int64_t rows_per_x,
+                                int64_t rows_per_y) {
+  const int64_t rows = check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps,
+                                          rows_per_x, rows_per_y);
+  check_drop_in_args(rows, activation, norm_group);
+  check_backward_args(grad, x, wx, out, norm, factor, normalize, rows);
+  check_kept(a, x, x, wx, "a");
+  check_kept(c, y, x, wx, "c");
+  return rows;
+}
+
 Grads backward_meta(const Tensor& grad, const Tensor& x, const Tensor& y, const Tensor& wx,
                     const Tensor& wy, const std::optional<Tensor>& bx,
                     const std::optional<Tensor>& by, const Tensor& out, const Tensor& norm,
                     int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
                     double eps, int64_t activation, int64_t norm_group,
-                    const std::optional<Tensor>& a, const std::optional<Tensor>& c) {
-  check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
-  check_drop_in_args(x.size(0), activation, norm_group);
-  check_backward_args(grad, x, wx, out, norm, factor, normalize);
-  check_kept(a, x, wx, "a");
-  check_kept(c, x, wx, "c");
+                    const std::optional<Tensor>& a, const std::optional<Tensor>& c,
+                    int64_t rows_per_x, int64_t rows_per_y) {
+  check_all_backward_args(grad, x, y, wx, wy, bx, by, out, norm, factor, dropout, normalize,
+                          eps, activation, norm_group, a, c, rows_per_x, rows_per_y);
   return {at::empty_like(x, at::MemoryFormat::Contiguous),
           at::empty_like(y, at::MemoryFormat::Contiguous),
           at::empty_like(wx, at::MemoryFormat::Contiguous),
@@ -395,24 +445,35 @@ Grads backward_meta(const Tensor& grad, const Tensor& x, const Tensor& y, const 
           by.has_value() ? at::empty_like(*by) : empty_marker(x)};
 }
 
+// dx, dW, db of one side from its (rows, K) projection gradient d: a shared input's
+// gradient is first summed over each group of rows_per rows (deterministic, one pass),
+// so its GEMMs run on its own rows.
+std::tuple<Tensor, Tensor, Tensor> side_grads(Tensor d, const Tensor& side, const Tensor& w,
+                                              bool has_bias, int64_t rows_per) {
+  if (rows_per > 1) d = d.view({side.size(0), rows_per, d.size(1)}).sum(1);
+  Tensor dside = at::mm(d, w);
+  Tensor dw = at::mm(d.t(), side);
+  Tensor db = has_bias ? d.sum(0) : empty_marker(side);
+  return {dside, dw, db};
+}
+
 Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const Tensor& wx,
                     const Tensor& wy, const std::optional<Tensor>& bx,
                     const std::optional<Tensor>& by, const Tensor& out, const Tensor& norm,
                     int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
                     double eps, int64_t activation, int64_t norm_group,
-                    const std::optional<Tensor>& a, const std::optional<Tensor>& c) {
-  check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps);
-  check_drop_in_args(x.size(0), activation, norm_group);
-  check_backward_args(grad, x, wx, out, norm, factor, normalize);
-  check_kept(a, x, wx, "a");
-  check_kept(c, x, wx, "c");
+                    const std::optional<Tensor>& a, const std::optional<Tensor>& c,
+                    int64_t rows_per_x, int64_t rows_per_y) {
+  const int64_t rows =
+      check_all_backward_args(grad, x, y, wx, wy, bx, by, out, norm, factor, dropout, normalize,
+                              eps, activation, norm_group, a, c, rows_per_x, rows_per_y);
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x.scalar_type());
   const DType dtype = kernel_dtype(x.scalar_type());
-  const int64_t rows = x.size(0), K = wx.size(0), o = K / factor;
+  const int64_t K = wx.size(0), o = K / factor;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Engine engine = rows > 0 ? choose_engine(x, y, wx, wy) : Engine::kDefault;
+  const Engine engine = rows > 0 ? choose_engine(x, y, wx, wy, rows) : Engine::kDefault;
   const Grid grid = projection_grads_grid(dtype, engine, rows, K);
   check_grid(grid, "factor * out_features", K);
   // dL/ds (rows, o) in the accumulation dtype.
@@ -429,7 +490,12 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   Tensor da = at::empty({rows, K}, x.options());
   Tensor dc = at::empty({rows, K}, x.options());
   const Tensor bias_x = maybe_contiguous(bx), bias_y = maybe_contiguous(by);
-  const Tensor kept_a = maybe_contiguous(a), kept_c = maybe_contiguous(c);
+  // Each side's projection is read where it exists (kept, or a shared input's, formed
+  // here when not kept: one row per group), else recomputed tile by tile.
+  Tensor px = shared_projection(x, wx, rows_per_x, a);
+  Tensor py = shared_projection(y, wy, rows_per_y, c);
+  if (!px.defined() && a.has_value()) px = a->contiguous();
+  if (!py.defined() && c.has_value()) py = c->contiguous();
   ProjectionGradArgs args{};
   args.dtype = dtype;
   args.x = matrix_arg(x);
@@ -439,8 +505,10 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.bias_x = optional_ptr(bias_x);
   args.bias_y = optional_ptr(bias_y);
   args.ds = ds.data_ptr();
-  args.kept_x = optional_ptr(kept_a);
-  args.kept_y = optional_ptr(kept_c);
+  args.src_x = optional_ptr(px);
+  args.src_y = optional_ptr(py);
+  args.div_x = rows_per_x;
+  args.div_y = rows_per_y;
   args.da = da.data_ptr();
   args.dc = dc.data_ptr();
   args.rows = rows;
@@ -451,13 +519,10 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.engine = engine;
   C10_CUDA_CHECK(launch_projection_grads(args, stream));
   ds.reset();  // the transient buffers go as soon as the GEMMs have consumed them
-  Tensor dx = at::mm(da, wx);
-  Tensor dwx = at::mm(da.t(), x);
-  Tensor dbx = bx.has_value() ? da.sum(0) : empty_marker(x);
-  da.reset();
-  Tensor dy = at::mm(dc, wy);
-  Tensor dwy = at::mm(dc.t(), y);
-  Tensor dby = by.has_value() ? dc.sum(0) : empty_marker(x);
+  px.reset();
+  py.reset();
+  auto [dx, dwx, dbx] = side_grads(std::move(da), x, wx, bx.has_value(), rows_per_x);
+  auto [dy, dwy, dby] = side_grads(std::move(dc), y, wy, by.has_value(), rows_per_y);
   return {dx, dy, dwx, dwy, dbx, dby};
 }
 
@@ -670,12 +735,12 @@ std::tuple<Tensor, Tensor> activation_cpu(const Tensor& v, int64_t code) {
 TORCH_LIBRARY(fbp_kernels_cuda, m) {
   m.def("fbp_forward(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, Tensor? bias_x, "
         "Tensor? bias_y, int factor, float dropout, int? seed, bool normalize, float eps, "
-        "int activation=0, int norm_group=1, bool keep_x=False, bool keep_y=False) "
-        "-> (Tensor out, Tensor norm, Tensor a, Tensor c)");
+        "int activation=0, int norm_group=1, bool keep_x=False, bool keep_y=False, "
+        "int rows_per_x=1, int rows_per_y=1) -> (Tensor out, Tensor norm, Tensor a, Tensor c)");
   m.def("fbp_backward(Tensor grad, Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, "
         "Tensor? bias_x, Tensor? bias_y, Tensor out, Tensor norm, int factor, float dropout, "
         "int? seed, bool normalize, float eps, int activation=0, int norm_group=1, "
-        "Tensor? a=None, Tensor? c=None) "
+        "Tensor? a=None, Tensor? c=None, int rows_per_x=1, int rows_per_y=1) "
         "-> (Tensor dx, Tensor dy, Tensor dweight_x, Tensor dweight_y, Tensor dbias_x, "
         "Tensor dbias_y)");
   m.def("dropout_keep(Tensor index, int seed, float rate) -> Tensor");

@@ -46,6 +46,9 @@ struct ForwardParams {
   Acc* partial;            // (rows, n_tiles, 2) scaled parts (e, q) of sum t^2
   T* keep_x;               // (rows, K) or nullptr: the raw projections, kept for backward
   T* keep_y;
+  const T* src_x;          // (rows / div_x, K) or nullptr: a projection given, not computed
+  const T* src_y;
+  int64_t div_x, div_y;
   int64_t rows, o, factor;
   int outs_per_tile;       // BO
   int n_tiles;
@@ -67,9 +70,9 @@ template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
 template <typename T> struct ForwardMinBlocks<WmmaWideEngine<T>> {
   static constexpr int value = 1;
 };
-// fp64 (gradcheck precision): 80 registers spill 8-16 bytes since the kept-projection
-// stores; 2 CTAs per SM allow 128.
-template <> struct ForwardMinBlocks<EngineFor<double>::type> { static constexpr int value = 2; };
+// fp64 (gradcheck precision): with the kept-projection stores and the given-projection
+// loads it spills at 80 and at 128 registers (3 and 2 CTAs per SM); one CTA allows 255.
+template <> struct ForwardMinBlocks<EngineFor<double>::type> { static constexpr int value = 1; };
 
 template <typename T, class E>
 __global__ void __launch_bounds__(E::kThreads, ForwardMinBlocks<E>::value)
@@ -105,10 +108,10 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
   Acc carry = Acc(0);
   for (int64_t cbeg = col_begin;; cbeg += E::BN) {
     stage_biases<E>(p.bias_x, p.bias_y, cbeg, K, bx_s, by_s);
-    E::gemm(p.x, row0, p.wx, cbeg, smem, pa);
-    E::gemm(p.y, row0, p.wy, cbeg, smem, pc);
-    __syncthreads();
     const int width = static_cast<int>(col_end - cbeg < E::BN ? col_end - cbeg : E::BN);
+    project_tiles<E>(p.x, p.wx, p.src_x, p.div_x, p.y, p.wy, p.src_y, p.div_y, row0, nr, cbeg,
+                     width, K, smem, pa, pc);
+    __syncthreads();
     const bool last = cbeg + E::BN >= col_end;
     // The memory modes that keep a projection: this tile's columns of it, before the
     // elementwise pass overwrites pa (no barrier needed: both only read pa and pc).
@@ -268,6 +271,10 @@ cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   p.partial = nullptr;
   p.keep_x = static_cast<T*>(a.keep_x);
   p.keep_y = static_cast<T*>(a.keep_y);
+  p.src_x = static_cast<const T*>(a.src_x);
+  p.src_y = static_cast<const T*>(a.src_y);
+  p.div_x = a.div_x;
+  p.div_y = a.div_y;
   if (a.normalize) {
     // fp32/fp64: t goes straight into out and is scaled in place by the finisher;
     // fp16/bf16 need the fp32 scratch so that z is rounded once.

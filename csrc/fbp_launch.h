@@ -82,6 +82,12 @@ struct ForwardArgs {
                     // per output tile the scaled part (e, q) of the row's sum of t^2
   void* keep_x;     // (rows, K) contiguous input dtype or nullptr: the raw projection
   void* keep_y;     // x W_x^T (no bias, before the activation) written for backward
+  // A side's raw projection given instead of computed (co-attention: the shared input,
+  // projected once per group by the binding), (rows / div, K) contiguous input dtype,
+  // broadcast row r reading row r / div; nullptr: that side's GEMM runs.
+  const void* src_x;
+  const void* src_y;
+  int64_t div_x, div_y;
   int64_t rows, o, factor;
   DropoutArg dropout;
   bool normalize;
@@ -117,8 +123,11 @@ struct ProjectionGradArgs {
   const void* bias_x;
   const void* bias_y;
   const void* ds;  // (rows, o) acc dtype, contiguous
-  const void* kept_x;  // (rows, K) contiguous input dtype or nullptr: the forward's keep_x,
-  const void* kept_y;  // read instead of recomputing that projection
+  // A side's raw projection read instead of recomputed (the forward kept it, or the
+  // co-attention binding projected the shared input once), as ForwardArgs::src_x.
+  const void* src_x;
+  const void* src_y;
+  int64_t div_x, div_y;
   void* da;
   void* dc;
   int64_t rows, o, factor;

@@ -461,16 +461,43 @@ __device__ __forceinline__ void store_tile(const typename E::Acc* tile, T* dst, 
   }
 }
 
-// The inverse: a kept projection's (BM, BN) tile into shared memory, zero outside the
-// valid part (as the GEMM engines leave it).  The caller's next barrier publishes it.
+// The inverse: a given projection's (BM, BN) tile into shared memory, broadcast row r
+// reading row r / div of src (rows / div, K) (div 1: a kept projection; > 1: the shared
+// input of co-attention, one row per group), zero outside the valid part (as the GEMM
+// engines leave it).  The caller's next barrier publishes it.
 template <class E, typename T>
-__device__ __forceinline__ void load_tile(const T* src, int64_t row0, int nr, int64_t col0,
-                                          int width, int64_t K, typename E::Acc* tile) {
+__device__ __forceinline__ void load_tile(const T* src, int64_t div, int64_t row0, int nr,
+                                          int64_t col0, int width, int64_t K,
+                                          typename E::Acc* tile) {
   using Acc = typename E::Acc;
   for (int e = threadIdx.x; e < E::BM * E::BN; e += E::kThreads) {
     const int r = e / E::BN, c = e % E::BN;
+    const int64_t src_row = div == 1 ? row0 + r : (row0 + r) / div;
     tile[r * E::kLdOut + c] =
-        r < nr && c < width ? to_acc<Acc>(src[(row0 + r) * K + col0 + c]) : Acc(0);
+        r < nr && c < width ? to_acc<Acc>(src[src_row * K + col0 + c]) : Acc(0);
+  }
+}
+
+// Both projection tiles of a fused kernel: each side's GEMM, or its given projection
+// (load_tile).  x's side first: the GEMM's stages alias the c tile, which a given c is
+// loaded into only after it (the engines end with a barrier once the stages are read).
+template <class E, typename T>
+__device__ __forceinline__ void project_tiles(const Matrix<T>& x, const Matrix<T>& wx,
+                                              const T* src_x, int64_t div_x,
+                                              const Matrix<T>& y, const Matrix<T>& wy,
+                                              const T* src_y, int64_t div_y, int64_t row0,
+                                              int nr, int64_t col0, int width, int64_t K,
+                                              unsigned char* smem, typename E::Acc* pa,
+                                              typename E::Acc* pc) {
+  if (src_x != nullptr) {
+    load_tile<E>(src_x, div_x, row0, nr, col0, width, K, pa);
+  } else {
+    E::gemm(x, row0, wx, col0, smem, pa);
+  }
+  if (src_y != nullptr) {
+    load_tile<E>(src_y, div_y, row0, nr, col0, width, K, pc);
+  } else {
+    E::gemm(y, row0, wy, col0, smem, pc);
   }
 }
 

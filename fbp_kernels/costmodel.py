@@ -340,26 +340,26 @@ CUDA_WIDE_ABOVE_ROWS = 128
 #: launcher picks (CUDA_TILES).
 CUDA_COMPILE_FACTS_SOURCE = "nvcc Build cuda_13.0.r13.0/compiler.36424714_0, 2026-12-03"
 CUDA_COMPILE_FACTS = {
-    ("fused_forward", 80, "fp16", "wide"): (208, 150528, "HMMA"),
-    ("fused_forward", 80, "bf16", "wide"): (224, 150528, "HMMA"),
-    ("fused_forward", 90, "fp16", "wide"): (208, 150528, "HMMA"),
-    ("fused_forward", 90, "bf16", "wide"): (222, 150528, "HMMA"),
-    ("fused_forward", 80, "fp16", "async"): (150, 48640, "HMMA"),
-    ("fused_forward", 80, "bf16", "async"): (160, 48640, "HMMA"),
-    ("fused_forward", 90, "fp16", "async"): (147, 48640, "HMMA"),
-    ("fused_forward", 90, "bf16", "async"): (144, 48640, "HMMA"),
+    ("fused_forward", 80, "fp16", "wide"): (204, 150528, "HMMA"),
+    ("fused_forward", 80, "bf16", "wide"): (212, 150528, "HMMA"),
+    ("fused_forward", 90, "fp16", "wide"): (203, 150528, "HMMA"),
+    ("fused_forward", 90, "bf16", "wide"): (210, 150528, "HMMA"),
+    ("fused_forward", 80, "fp16", "async"): (139, 48640, "HMMA"),
+    ("fused_forward", 80, "bf16", "async"): (166, 48640, "HMMA"),
+    ("fused_forward", 90, "fp16", "async"): (136, 48640, "HMMA"),
+    ("fused_forward", 90, "bf16", "async"): (146, 48640, "HMMA"),
     ("fused_forward", 80, "fp32", "fp32"): (80, 35328, "none"),
     ("fused_forward", 90, "fp32", "fp32"): (80, 35328, "none"),
     ("projection_grads", 80, "fp16", "wide"): (131, 150528, "HMMA"),
-    ("projection_grads", 80, "bf16", "wide"): (178, 150528, "HMMA"),
+    ("projection_grads", 80, "bf16", "wide"): (174, 150528, "HMMA"),
     ("projection_grads", 90, "fp16", "wide"): (136, 150528, "HMMA"),
-    ("projection_grads", 90, "bf16", "wide"): (178, 150528, "HMMA"),
+    ("projection_grads", 90, "bf16", "wide"): (174, 150528, "HMMA"),
     ("projection_grads", 80, "fp16", "async"): (92, 48640, "HMMA"),
     ("projection_grads", 80, "bf16", "async"): (96, 48640, "HMMA"),
     ("projection_grads", 90, "fp16", "async"): (94, 48640, "HMMA"),
     ("projection_grads", 90, "bf16", "async"): (104, 48640, "HMMA"),
-    ("projection_grads", 80, "fp32", "fp32"): (64, 35328, "none"),
-    ("projection_grads", 90, "fp32", "fp32"): (72, 35328, "none"),
+    ("projection_grads", 80, "fp32", "fp32"): (78, 35328, "none"),
+    ("projection_grads", 90, "fp32", "fp32"): (80, 35328, "none"),
 }
 
 
@@ -821,7 +821,7 @@ def wide_facts(dtype: str, gpu: GPU, rows: Optional[int] = None,
 
 def coattention_side(s: Shape) -> Optional[str]:
     """``"y"`` / ``"x"``: the input the wide kernels read per group of rows (co-attention,
-    triton_backend.coattention_layout: the other input covers every broadcast row), or
+    _common.coattention_layout: the other input covers every broadcast row), or
     None (no broadcast, or one the wide path materialises)."""
     if s.rx == s.rows and s.ry < s.rows:
         return "y"
@@ -1091,10 +1091,16 @@ def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
     chunks = math.ceil(bj * s.factor / bn)  # column chunks per tile (factor > BN)
     n_m, n_j = math.ceil(R / bm), math.ceil(s.o / bj)
     ctas = n_m * n_j
-    width = s.m + s.n
+    # Co-attention: the shared input's projection (formed once per group by cuBLAS) is
+    # read per tile in place of its GEMM: only the per-row side's width is multiplied.
+    shared = coattention_side(s)
+    width = {None: s.m + s.n, "y": s.m, "x": s.n}[shared]
     flops = 2.0 * R * k * width
     padded = 2.0 * n_m * bm * n_j * chunks * bn * width
     l2, hbm = _tile_traffic(e, R, width, k, bm, chunks * bn, n_m, n_j, n_m, gpu)
+    if shared is not None:
+        l2 += R * k * e                          # the tiles of the shared projection
+        hbm += (s.ry if shared == "y" else s.rx) * k * e
     if backward:
         d_hbm, d_l2 = _intermediate(2 * R * k * e, gpu)   # dA, dC for the four GEMMs
         ds = R * s.o * 4
@@ -1111,7 +1117,7 @@ def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
     tflops = gpu.tensor_tflops[peak_key] * eff * flops / padded
     slots = gpu.sms * f.ctas_per_sm
     # Two GEMMs (x pass, y pass) per tile, each a pipeline fill, once per wave.
-    tail = math.ceil(ctas / slots) * 2 * chunks * gpu.l2_latency_us
+    tail = math.ceil(ctas / slots) * (2 if shared is None else 1) * chunks * gpu.l2_latency_us
     inflight = max(1, f.num_stages - 1) * (min(R, bm) + bn) * f.block_k * e
     name = "cuda dA/dC (A, C recomputed)" if backward else "cuda fused forward"
     return _cost(f"{name} ({bm}x{bn}x{f.block_k}, {bj} outputs/tile, {f.num_warps} warps, "
@@ -1123,13 +1129,22 @@ def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
 
 def _cuda(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool) -> List[KernelCost]:
     """The CUDA C++ backend (never run on a GPU yet: predicted from its compile facts).
-    Broadcasts are materialised; forward: the fused kernel, then the row-norm finish (one
-    warp per row: reads t and the partials, writes z and ||t||); backward: the ds kernel
-    (one warp per row), the dA/dC kernel, the four cuBLAS GEMMs and the bias sums."""
-    e, R = s.elem, s.rows
+    Co-attention's shared input is projected once per group (a cuBLAS GEMM on its own
+    rows, forward and again in backward) and its gradient summed per group before its
+    GEMMs; other broadcasts are materialised.  Forward: the fused kernel, then the
+    row-norm finish (one warp per row: reads t and the partials, writes z and ||t||);
+    backward: the ds kernel (one warp per row), the dA/dC kernel, the four cuBLAS GEMMs
+    and the bias sums."""
+    d, e, k, R = s.dtype, s.elem, s.ko, s.rows
+    shared = coattention_side(s)
     out: List[KernelCost] = []
+
+    def shared_projection():
+        rr, width = (s.ry, s.n) if shared == "y" else (s.rx, s.m)
+        return [gemm(f"shared projection ({shared} W^T, once per group)", rr, k, width, d, gpu)]
+
     if fwd:
-        out += _materialise(s, gpu)
+        out += _materialise(s, gpu) if shared is None else shared_projection()
         out.append(_cuda_main_loop(s, gpu, backward=False))
         tile_n = CUDA_TILES[cuda_engine(s.dtype, R)][1]
         n_j = math.ceil(s.o / max(1, tile_n // s.factor))
@@ -1139,12 +1154,26 @@ def _cuda(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool) -> List[KernelC
                                R * s.o * e + R * 4, R * s.o, gpu, l2_only_bytes=t_l2,
                                elem_bytes=4, host_us=0.0))
     if bwd:
-        out += _materialise(s, gpu)
+        out += _materialise(s, gpu) if shared is None else shared_projection()
         out.append(elementwise("cuda ds = dL/ds (row dot, rescale)", 2 * R * s.o * e,
                                R * s.o * 4, R * s.o, gpu, n_inputs=2, elem_bytes=e,
                                host_us=0.0))
         out.append(_cuda_main_loop(s, gpu, backward=True))
-        out += _grad_gemms(s, gpu)
+        if shared is None:
+            out += _grad_gemms(s, gpu)
+        else:
+            rr, width = (s.ry, s.n) if shared == "y" else (s.rx, s.m)
+            pw = s.m if shared == "y" else s.n
+            res = _resident(2 * R * k * e, gpu)
+            out += [elementwise(f"d{shared} projection summed per group", R * k * e,
+                                rr * k * e, R * k, gpu, elem_bytes=e),
+                    gemm("d(per-row input) = dP W", R, pw, k, d, gpu, a_in_l2=res),
+                    gemm("dW (per-row side)", k, pw, R, d, gpu),
+                    gemm("d(shared input) = dP_group W", rr, width, k, d, gpu),
+                    gemm("dW (shared side)", k, width, rr, d, gpu),
+                    elementwise("bias sums (2)", 0 if res else (R + rr) * k * e, k * e,
+                                (R + rr) * k, gpu, l2_only_bytes=R * k * e if res else 0,
+                                elem_bytes=e, launches=2)]
     return out
 
 

@@ -237,13 +237,12 @@ def _(x, y, weight_x, weight_y, bias_x, bias_y, seed, factor, dropout, normalize
     norm = x.new_empty(batch, dtype=norm_dtype) if normalize else _empty(x)
     keep_a = save_projections in ("both", "x")
     keep_c = save_projections in ("both", "y")
-    if backend in ("torch", "split") or (save_projections in ("x", "y") and backend != "cuda"):
+    if backend in ("torch", "split", "cuda") or save_projections in ("x", "y"):
         # Each input projected at its own leading shape (no broadcast copy; triton's
         # middle mode too, its one-launch kernel stores both at the broadcast rows).
         a_shape, c_shape = (*x.shape[:-1], ko), (*y.shape[:-1], ko)
     else:
-        # Kernel backends work on broadcast rows (cuda in every mode: its fused kernels
-        # write the kept projections of the flattened, broadcast rows).
+        # triton's kernels keep both at the broadcast rows.
         a_shape = c_shape = (*batch, ko)
     a = x.new_empty(a_shape) if keep_a else _empty(x)
     c = y.new_empty(c_shape) if keep_c else _empty(x)

@@ -340,6 +340,29 @@ def test_cuda_provider_by_hand():
     assert names[:2] == ["cuda ds = dL/ds", "cuda dA/dC"] and len(names) == 7, names
 
 
+def test_cuda_coattention_by_hand():
+    """Co-attention on the CUDA backend (B 64, R 100 regions, one question per sample):
+    the question is projected once per sample by cuBLAS (64 rows), the fused kernel
+    multiplies only the regions' side (2 * 6400 * 5000 * 2048 FLOP) and reads the
+    question's projection per tile; nothing is materialised.  Backward: the question
+    projection again, its gradient summed per sample before its GEMMs on 64 rows.
+    Faster than the same problem flattened (which copies and re-projects the question
+    per region)."""
+    co = cm.Shape(rows=6400, y_rows=64, **MFB)
+    flat = cm.Shape(rows=6400, **MFB)
+    fwd = cm.kernels("cuda", co, H200, "forward")
+    names = [k.name.split(" (")[0] for k in fwd]
+    assert names == ["shared projection", "cuda fused forward", "cuda row-norm finish"], names
+    assert fwd[0].flops == 2.0 * 64 * 5000 * 1024
+    assert fwd[1].flops == 2.0 * 6400 * 5000 * 2048
+    bwd = [k.name.split(" (")[0] for k in cm.kernels("cuda", co, H200, "backward")]
+    assert bwd[0] == "shared projection" and "dy projection summed per group" in bwd
+    assert not any("materialise" in n for n in names + bwd)
+    for mode in cm.MODES:
+        assert cm.predict("cuda", co, H200, mode).time_us < \
+            cm.predict("cuda", flat, H200, mode).time_us, mode
+
+
 def test_costmodel_imports_with_the_standard_library_only():
     """Loaded as a lone file in a fresh interpreter: no torch, no triton at import."""
     code = ("import importlib.util, sys\n"

@@ -507,6 +507,117 @@ def test_group_grad_pooled_matches_the_torch_backend_rule(ops, dtype, tol):
     assert not torch.allclose(rowwise, got, rtol=1e-3)
 
 
+# ------------------------------------------------------------------ the Python glue
+
+class _ModelOps:
+    """The operators' contract (csrc/fbp_binding.cpp) written in PyTorch, to test the
+    glue's layouts on the CPU: broadcast row r reads row r // rows_per of each input; a
+    kept projection is x W^T at that input's rows; the math is torch_backend's on the
+    expanded rows (the kernels' own math is tested through the CPU mirrors above and,
+    on a GPU, against the reference)."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _expand(t, per):
+        return t.repeat_interleave(per, 0)
+
+    def fbp_forward(self, x, y, wx, wy, bx, by, factor, dropout, seed, normalize, eps,
+                    activation, group, keep_x, keep_y, per_x, per_y):
+        from fbp_kernels.backends import torch_backend
+
+        self.calls.append(("forward", x.shape, y.shape, per_x, per_y))
+        xr, yr = self._expand(x, per_x), self._expand(y, per_y)
+        act = {0: None, 1: "relu", 2: "tanh"}[activation]
+        nd = 2 if group > 1 else 1
+        lead = (xr.shape[0] // group, group) if nd == 2 else (xr.shape[0],)
+        res = torch_backend.forward(xr.view(*lead, -1), yr.view(*lead, -1), wx, wy, bx, by,
+                                    factor=factor, dropout=dropout, seed=seed,
+                                    normalize=normalize, eps=eps, save_projections=False,
+                                    norm_dims=nd, activation=act)
+        empty = x.new_empty(0)
+        return (res.out.reshape(xr.shape[0], -1),
+                res.norm.reshape(-1) if normalize else empty,
+                x @ wx.t() if keep_x else empty, y @ wy.t() if keep_y else empty)
+
+    def fbp_backward(self, grad, x, y, wx, wy, bx, by, out, norm, factor, dropout, seed,
+                     normalize, eps, activation, group, a, c, per_x, per_y):
+        from fbp_kernels.backends import torch_backend
+
+        self.calls.append(("backward", x.shape, y.shape, per_x, per_y,
+                           None if a is None else a.shape, None if c is None else c.shape))
+        for kept, side, w in ((a, x, wx), (c, y, wy)):
+            assert kept is None or torch.allclose(kept, side @ w.t())  # what forward kept
+        xr, yr = self._expand(x, per_x), self._expand(y, per_y)
+        act = {0: None, 1: "relu", 2: "tanh"}[activation]
+        nd = 2 if group > 1 else 1
+        lead = (xr.shape[0] // group, group) if nd == 2 else (xr.shape[0],)
+        g = torch_backend.backward(grad.view(*lead, -1), xr.view(*lead, -1), yr.view(*lead, -1),
+                                   wx, wy, bx, by, out.view(*lead, -1),
+                                   norm.view(lead) if normalize else None, None, None,
+                                   factor=factor, dropout=dropout, seed=seed,
+                                   normalize=normalize, eps=eps, norm_dims=nd, activation=act)
+        dx = g.dx.reshape(x.shape[0], per_x, -1).sum(1)
+        dy = g.dy.reshape(y.shape[0], per_y, -1).sum(1)
+        empty = x.new_empty(0)
+        return (dx, dy, g.dweight_x, g.dweight_y,
+                g.dbias_x if bx is not None else empty, g.dbias_y if by is not None else empty)
+
+
+@pytest.mark.parametrize("xs,ys,per", [
+    ((2, 3), (2, 1), (1, 3)),        # regions x question: y once per sample
+    ((2, 1), (2, 3), (3, 1)),        # the mirror
+    ((6,), (), (1, 6)),              # one y for every row
+    ((5, 3, 4), (1, 3, 1), (1, 4)),  # shared rows broadcast on a leading dimension
+    ((2, 1, 3), (1, 2, 1), (1, 1)),  # crossed broadcast: materialised
+    ((4,), (4,), (1, 1)),
+], ids=str)
+@pytest.mark.parametrize("keep", [False, True, "x", "y"], ids=str)
+def test_glue_layouts_against_a_model_of_the_operators(monkeypatch, xs, ys, per, keep):
+    """cuda_backend's layouts on the CPU, with the operators replaced by a PyTorch model of
+    their contract: co-attention passes the shared input once per group (rows_per), kept
+    projections come back at their input's own leading shape, every gradient lands on its
+    input's shape, all equal to backend torch's on the original tensors."""
+    from fbp_kernels.backends import torch_backend
+
+    model = _ModelOps()
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: model)
+    g = torch.Generator().manual_seed(2)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    m, n, k, o = 4, 3, 2, 3
+    x, y, wx, wy, bx, by = r(*xs, m), r(*ys, n), r(k * o, m), r(k * o, n), r(k * o), r(k * o)
+    opts = dict(factor=k, dropout=0.0, seed=None, normalize=True, eps=1e-6)
+    nd = 2 if len(torch.broadcast_shapes(xs, ys)) >= 2 else 1
+    got = cuda_backend.forward(x, y, wx, wy, bx, by, save_projections=keep, norm_dims=nd,
+                               activation="tanh", **opts)
+    ref = torch_backend.forward(x, y, wx, wy, bx, by, save_projections=False, norm_dims=nd,
+                                activation="tanh", **opts)
+    assert model.calls[0][3:] == per
+    assert_close(got.out, ref.out, atol=1e-12, rtol=1e-10, name="out")
+    keep_x, keep_y = keep in (True, "x"), keep in (True, "y")
+    for proj, inp, w, wanted in ((got.a, x, wx, keep_x), (got.c, y, wy, keep_y)):
+        if wanted:
+            assert proj.shape == (*inp.shape[:-1], k * o)
+            assert_close(proj, inp @ w.t(), atol=1e-12, rtol=1e-12, name="kept")
+        else:
+            assert proj is None
+    grad = r(*got.out.shape)
+    gb = cuda_backend.backward(grad, x, y, wx, wy, bx, by, got.out, got.norm, got.a, got.c,
+                               norm_dims=nd, activation="tanh", **opts)
+    rb = torch_backend.backward(grad, x, y, wx, wy, bx, by, ref.out, ref.norm, None, None,
+                                norm_dims=nd, activation="tanh", **opts)
+    for name in gb._fields:
+        a, e = getattr(gb, name), getattr(rb, name)
+        assert a.shape == e.shape, name
+        assert_close(a, e, atol=1e-10, rtol=1e-8, name=name)
+    # A kept projection is read back unless its input is a materialised broadcast.
+    call = model.calls[-1]
+    materialised = per == (1, 1) and xs != ys
+    assert (call[5] is not None) == (keep_x and not materialised)
+    assert (call[6] is not None) == (keep_y and not materialised)
+
+
 # ------------------------------------------------------------------ operand staging
 
 def _operands(m=16, n=24, rows=5, ko=12, dtype=torch.float16):

@@ -238,7 +238,7 @@ def test_backward_tile_families():
 def test_coattention_layout():
     """Which input is shared by how many consecutive broadcast rows, and what stays a
     plain broadcast (materialised)."""
-    from fbp_kernels.backends.triton_backend import coattention_layout
+    from fbp_kernels.backends._common import coattention_layout
 
     def lay(xs, ys):
         co = coattention_layout(torch.zeros(*xs, 3), torch.zeros(*ys, 2))

@@ -1,8 +1,13 @@
 """Backend ``cuda``: fused CUDA C++ kernels from ``csrc/`` (see docs/cuda.md).
 
 The compiled operators (``torch.ops.fbp_kernels_cuda.*``) take 2-D ``(rows, width)``
-inputs; this module broadcasts and flattens the leading dimensions
-(:func:`._common.flatten_rows`) and sums gradients back to each input's shape.
+inputs; this module flattens the leading dimensions and sums gradients back to each
+input's shape.  Co-attention (regions ``(B, R, m)`` with a question ``(B, 1, n)``, or the
+mirror; ``_common.coattention_layout``) is not copied per region: the shared input is
+passed with one row per group (``rows_per_y = R``), the binding projects it once per
+group (cuBLAS) and the fused kernels read that projection per row in place of its GEMM;
+its gradient is summed per group before its GEMMs.  Other broadcasts are materialised
+(:func:`._common.flatten_rows`).
 
 Forward: one fused kernel per (64-row, output) tile computes both projections
 (tensor cores for fp16/bf16, FMA for fp32/fp64), the product, dropout, the sum
@@ -42,14 +47,15 @@ function of ``(seed, row, col)`` with one Philox call per four columns of a row;
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import cuda_build
-from ._common import (ACTIVATION_CODES, BackwardResult, ForwardResult, flatten_rows,
-                      group_rows, kept, unflatten_grad)
+from ._common import (ACTIVATION_CODES, BackwardResult, ForwardResult, as_rows,
+                      broadcast_batch, coattention_layout, flatten_rows, group_rows, kept,
+                      unflatten_grad)
 
 NAME = "cuda"
 
@@ -99,23 +105,78 @@ def _norm_group(batch, norm_dims: int, normalize: bool) -> int:
     return group_rows(batch, norm_dims) if normalize and batch.numel() else 1
 
 
+class _Side(NamedTuple):
+    """How the kernels read one input: ``rows`` (2-D), broadcast row ``r`` reading row
+    ``r // per``; ``lead`` the leading shape ``rows`` has (the broadcast batch, or
+    co-attention's shared shape); ``grad`` maps a gradient of ``rows`` to the input's
+    shape; ``reads_kept``: whether a kept projection is read back (a materialised
+    broadcast recomputes it rather than copy it per broadcast row)."""
+
+    rows: Tensor
+    per: int
+    lead: tuple
+    grad: Callable[[Tensor], Tensor]
+    reads_kept: bool
+
+
+def _sides(x, y) -> Tuple[_Side, _Side, torch.Size]:
+    """The kernels' operands: co-attention's shared input (``_common.coattention_layout``)
+    is read once per group of ``R`` rows, never copied per row; other broadcasts are
+    materialised rows (``flatten_rows``)."""
+    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
+    co = coattention_layout(x, y)
+    if co is not None:
+        plain, other = (y, x) if co.swapped else (x, y)
+        per_row = _Side(co.plain, 1, tuple(batch), lambda d: d.view(plain.shape), True)
+        shared = _Side(co.shared, co.r, tuple(co.shared_shape[:-1]),
+                       lambda d: d.view(co.shared_shape).sum_to_size(other.shape), True)
+        return (shared, per_row, batch) if co.swapped else (per_row, shared, batch)
+    x2, y2, _ = flatten_rows(x, y)
+    full = [tuple(t.shape[:-1]) == tuple(batch) for t in (x, y)]
+    return (_Side(x2, 1, tuple(batch), lambda d: unflatten_grad(d, batch, x), full[0]),
+            _Side(y2, 1, tuple(batch), lambda d: unflatten_grad(d, batch, y), full[1]),
+            batch)
+
+
+def _own_projection(proj: Tensor, side: _Side, inp: Tensor) -> Tensor:
+    """A kept projection as the operators return it (``side.rows``' rows) at the
+    input's own leading shape, ``(*inp.shape[:-1], K)``: rows repeated by a broadcast are
+    taken once."""
+    ko = proj.shape[-1]
+    own = tuple(inp.shape[:-1])
+    padded = (1,) * (len(side.lead) - len(own)) + own
+    full = proj.view(*side.lead, ko)
+    pick = tuple(slice(0, 1) if p == 1 and f != 1 else slice(None)
+                 for p, f in zip(padded, side.lead))
+    return full[pick].reshape(*own, ko)
+
+
+def _kept_rows(proj: Optional[Tensor], side: _Side) -> Optional[Tensor]:
+    """A kept projection (its input's own leading shape) as the kernels read it:
+    ``side.rows``' rows (expanded where its input broadcasts), or None to recompute."""
+    if proj is None or not side.reads_kept:
+        return None
+    ko = proj.shape[-1]
+    pad = (1,) * (len(side.lead) - (proj.dim() - 1))
+    return as_rows(proj.reshape(*pad, *proj.shape[:-1], ko).expand(*side.lead, ko))
+
+
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float, save_projections: bool,
             norm_dims: int = 1, activation: Optional[str] = None) -> ForwardResult:
     """``norm`` per row ``(...)``; with ``norm_dims > 1`` each row holds its group's
-    norm (the last ``norm_dims - 1`` batch dimensions)."""
-    x2, y2, batch = flatten_rows(x, y)
+    norm (the last ``norm_dims - 1`` batch dimensions).  Kept projections come back at
+    their input's own leading shape (as backends ``torch`` and ``split`` keep them)."""
+    sx, sy, batch = _sides(x, y)
     keep_x, keep_y = kept(save_projections)
-    out, norm, a, c = _ops().fbp_forward(x2, y2, weight_x, weight_y, bias_x, bias_y, factor,
-                                         float(dropout), seed, bool(normalize), float(eps),
-                                         ACTIVATION_CODES[activation],
-                                         _norm_group(batch, norm_dims, normalize),
-                                         keep_x, keep_y)
-    ko = weight_x.shape[0]
-    return ForwardResult(out.view(*batch, ko // factor),
+    out, norm, a, c = _ops().fbp_forward(
+        sx.rows, sy.rows, weight_x, weight_y, bias_x, bias_y, factor, float(dropout), seed,
+        bool(normalize), float(eps), ACTIVATION_CODES[activation],
+        _norm_group(batch, norm_dims, normalize), keep_x, keep_y, sx.per, sy.per)
+    return ForwardResult(out.view(*batch, weight_x.shape[0] // factor),
                          norm.view(batch) if normalize else None,
-                         a.view(*batch, ko) if keep_x else None,
-                         c.view(*batch, ko) if keep_y else None)
+                         _own_projection(a, sx, x) if keep_x else None,
+                         _own_projection(c, sy, y) if keep_y else None)
 
 
 def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
@@ -123,17 +184,16 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              eps: float, norm_dims: int = 1,
              activation: Optional[str] = None) -> BackwardResult:
     # a, c: the raw projections the forward kept (None: recomputed tile by tile).
-    x2, y2, batch = flatten_rows(x, y)
+    sx, sy, batch = _sides(x, y)
     o = weight_x.shape[0] // factor
     g2 = grad.reshape(-1, o)
     out2 = out.reshape(-1, o) if out is not None else g2  # None without normalize: unread
     norm2 = norm.reshape(-1) if normalize else out2.new_empty(0)
     dx, dy, dwx, dwy, dbx, dby = _ops().fbp_backward(
-        g2, x2, y2, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor, float(dropout),
-        seed, bool(normalize), float(eps), ACTIVATION_CODES[activation],
-        _norm_group(batch, norm_dims, normalize),
-        None if a is None else a.reshape(-1, weight_x.shape[0]),
-        None if c is None else c.reshape(-1, weight_x.shape[0]))
-    return BackwardResult(unflatten_grad(dx, batch, x), unflatten_grad(dy, batch, y), dwx, dwy,
+        g2, sx.rows, sy.rows, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor,
+        float(dropout), seed, bool(normalize), float(eps), ACTIVATION_CODES[activation],
+        _norm_group(batch, norm_dims, normalize), _kept_rows(a, sx), _kept_rows(c, sy),
+        sx.per, sy.per)
+    return BackwardResult(sx.grad(dx), sy.grad(dy), dwx, dwy,
                           dbx if bias_x is not None else None,
                           dby if bias_y is not None else None)

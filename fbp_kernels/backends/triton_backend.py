@@ -23,8 +23,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ._common import (BackwardResult, ForwardResult, as_rows, broadcast_batch, flatten_rows,
-                      group_rows, unflatten_grad)
+from ._common import (BackwardResult, CoAttention, ForwardResult, as_rows, broadcast_batch,
+                      coattention_layout, flatten_rows, group_rows, unflatten_grad)
 from . import triton_kernels as K
 from . import triton_wide as W
 
@@ -55,41 +55,6 @@ def dropout_mask(seed: int, shape, rate: float, device) -> torch.Tensor:
         rows *= d
     with _device_guard(torch.device(device)):
         return K.dropout_keep_mask(seed, rows, ko, rate, device).view(shape)
-
-
-class CoAttention(NamedTuple):
-    """One input shared by each group of ``r`` consecutive broadcast rows: regions
-    ``(B, R, m)`` with a question ``(B, 1, n)`` (or the mirror, ``swapped``)."""
-
-    plain: torch.Tensor          # (rows, w): the per-row input as rows
-    shared: torch.Tensor         # (rows / r, w'): one row per group
-    r: int
-    swapped: bool                # the shared input is x (weights swap with it)
-    shared_shape: tuple          # the shape ``shared`` was expanded to, for its gradient
-    batch: torch.Size
-
-
-def coattention_layout(x, y) -> Optional[CoAttention]:
-    """The co-attention layout of ``(x, y)``, or None.  One input must cover the whole
-    broadcast batch; the other is 1 on its last ``d >= 1`` batch dimensions (``R`` =
-    their product > 1 rows per group) and broadcasts on the rest (those rows, one per
-    group, are expanded: ``rows / R`` of them, not ``rows``)."""
-    batch = broadcast_batch(x.shape[:-1], y.shape[:-1])
-    nd = len(batch)
-    for plain, other, swapped in ((x, y, False), (y, x, True)):
-        if tuple(plain.shape[:-1]) != tuple(batch):
-            continue
-        lead = (1,) * (nd - (other.dim() - 1)) + tuple(other.shape[:-1])
-        t = nd
-        while t > 0 and lead[t - 1] == 1:
-            t -= 1
-        r = math.prod(batch[t:])
-        if r <= 1:
-            continue
-        shape = (*batch[:t], *lead[t:], other.shape[-1])
-        shared = as_rows(other.reshape(*lead, other.shape[-1]).expand(shape))
-        return CoAttention(as_rows(plain), shared, r, swapped, shape, batch)
-    return None
 
 
 def drop_in_problem(factor: int, dtype: torch.dtype, device, save_projections,
