@@ -118,8 +118,8 @@ def backend_names(op: str, device: torch.device) -> List[str]:
     if device.type != "cuda":
         return ["torch"]
     if op == "mfh":
-        # MFH's backends (triton: FBP's wide kernels per block; torch); split and cuda
-        # have no MFH implementation.
+        # MFH's backends (triton: FBP's wide kernels per block; cuda: FBP's fused C++
+        # kernels per block; torch); split has no MFH implementation.
         from fbp_kernels import mfh_ops
 
         names = [n for n in mfh_ops._MFH_MODULES if mfh_ops.unsupported_reason(n, device) is None]

@@ -75,6 +75,9 @@ struct ProjectionGradParams {
   const T* src_x;  // (rows / div_x, K) or nullptr: a projection read instead of recomputed
   const T* src_y;
   int64_t div_x, div_y;
+  const T* prev;       // (rows, K) or nullptr: MFH's previous block product p_{l-1}
+  const T* carry_in;   // (rows, K) or nullptr: the gradient later blocks pass to p_l
+  T* carry_out;        // (rows, K) or nullptr: the gradient this block passes to p_{l-1}
   T* da;          // (rows, K)
   T* dc;
   int64_t rows, o, factor;
@@ -158,18 +161,26 @@ projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
     int64_t j = col / p.factor, f = col - j * p.factor;
     const Acc* ds_row = p.ds + row * p.o;
     const uint64_t index = dropout_index(row, col, K);
+    const int64_t at = row * K + col;  // (row, column) in the (rows, K) MFH buffers
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
+      // MFH (torch_mfh's notation): G = e + carry (e: this block's pooled gradient
+      // repeated, carry: what later blocks pass back), u = G * dropout, dq = u * p_{l-1};
+      // the carry to block l-1 is u * q with q = act(a) act(c).  FBP: dq = u = e * drop.
       Acc dp = Acc(0);
-      if (c4 + u < width) {
+      const bool valid = c4 + u < width;
+      if (valid) {
         dp = ds_row[j];
+        if (p.carry_in != nullptr) dp += to_acc<Acc>(p.carry_in[at + u]);
         if (p.dropout) dp = drop.keep(index + u) ? dp * p.scale : Acc(0);
       }
       // Gradients at the pre-activations, from the activated values alone.
       const Acc av = activate(a[u] + bx[u], p.activation);
       const Acc cv = activate(c[u] + by[u], p.activation);
-      da[u] = dp * cv * activation_grad(av, p.activation);
-      dc[u] = dp * av * activation_grad(cv, p.activation);
+      if (p.carry_out != nullptr && valid) p.carry_out[at + u] = from_acc<T>(dp * av * cv);
+      const Acc dq = p.prev != nullptr && valid ? dp * to_acc<Acc>(p.prev[at + u]) : dp;
+      da[u] = dq * cv * activation_grad(av, p.activation);
+      dc[u] = dq * av * activation_grad(cv, p.activation);
       if (++f == p.factor) {
         f = 0;
         ++j;
@@ -230,6 +241,9 @@ cudaError_t projection_grads_with(const ProjectionGradArgs& a, cudaStream_t stre
   p.src_y = static_cast<const T*>(a.src_y);
   p.div_x = a.div_x;
   p.div_y = a.div_y;
+  p.prev = static_cast<const T*>(a.prev);
+  p.carry_in = static_cast<const T*>(a.carry_in);
+  p.carry_out = static_cast<T*>(a.carry_out);
   p.da = static_cast<T*>(a.da);
   p.dc = static_cast<T*>(a.dc);
   p.rows = a.rows;

@@ -3,18 +3,24 @@
 //
 //   torch.ops.fbp_kernels_cuda.fbp_forward(x, y, weight_x, weight_y, bias_x, bias_y,
 //       factor, dropout, seed, normalize, eps, activation=0, norm_group=1, keep_x=False,
-//       keep_y=False, rows_per_x=1, rows_per_y=1)
-//       -> (out (rows, o), norm (rows) or (0,), a (x rows, K) or (0,), c (y rows, K) or (0,))
+//       keep_y=False, rows_per_x=1, rows_per_y=1, prev=None, chain=False)
+//       -> (out (rows, o), norm (rows) or (0,), a (x rows, K) or (0,), c (y rows, K) or (0,),
+//           p (rows, K) or (0,))
 //   torch.ops.fbp_kernels_cuda.fbp_backward(grad, x, y, weight_x, weight_y, bias_x,
 //       bias_y, out, norm, factor, dropout, seed, normalize, eps, activation=0,
-//       norm_group=1, a=None, c=None, rows_per_x=1, rows_per_y=1)
-//       -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,))
+//       norm_group=1, a=None, c=None, rows_per_x=1, rows_per_y=1, prev=None, carry=None,
+//       carry_out=False)
+//       -> (dx, dy, dweight_x, dweight_y, dbias_x or (0,), dbias_y or (0,), carry_next)
 //       a, c: the raw projections x W_x^T, y W_y^T (no bias, before the activation) the
 //       forward kept (the memory modes), read instead of recomputed.
 //       rows_per_x / rows_per_y: broadcast row r reads row r / rows_per of that input
 //       (co-attention: regions (B*R, m) with one question row per sample, rows_per_y = R),
 //       rows = x rows * rows_per_x = y rows * rows_per_y; a shared input is projected
-//       once per row (cuBLAS) and its gradient summed per group before its GEMMs
+//       once per row (cuBLAS) and its gradient summed per group before its GEMMs.
+//       prev / chain / carry / carry_out: one block of MFH (backends/cuda_mfh.py): the
+//       previous block's product multiplied in, this block's product returned as p; in
+//       backward the gradient later blocks pass to this block's product (carry) and the
+//       one this block passes on (carry_next)
 //       activation: 0 none, 1 relu, 2 tanh on both projections (fbp_math.cuh);
 //       norm_group: rows per joint-normalisation group (norm_dims > 1; consecutive
 //       rows, dividing rows), each row's norm entry holding its group's norm
@@ -146,6 +152,19 @@ void check_kept(const std::optional<Tensor>& kept, const Tensor& side, const Ten
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), "fbp: ", name,
               " (a kept projection) must have x's dtype and device, got ", t.scalar_type(),
               " on ", t.device());
+}
+
+// An MFH chain buffer (a block product or the gradient passed along the chain): (rows, K)
+// in x's dtype and device.
+void check_chain(const std::optional<Tensor>& t, int64_t rows, const Tensor& x,
+                 const Tensor& wx, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == wx.size(0), "fbp: ", name,
+              " (an MFH chain buffer) must have shape (", rows, ", ", wx.size(0), "), got ",
+              t->sizes());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(), "fbp: ", name,
+              " (an MFH chain buffer) must have x's dtype and device, got ", t->scalar_type(),
+              " on ", t->device());
 }
 
 void check_backward_args(const Tensor& grad, const Tensor& x, const Tensor& wx,
@@ -311,26 +330,30 @@ std::vector<int64_t> engine_tile_op(c10::string_view engine, at::ScalarType dtyp
 }
 
 // ------------------------------------------------------------------ forward
-// (out, norm, a, c): a and c are the raw projections x W_x^T (x's rows, K) and y W_y^T
+// (out, norm, a, c, p): a and c are the raw projections x W_x^T (x's rows, K) and y W_y^T
 // (y's rows, K) in the input dtype when keep_x / keep_y (the memory modes that keep them
-// for backward), else (0,) markers.
-using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+// for backward), else (0,) markers; p (rows, K) is the block's product when chain (MFH:
+// what the next block multiplies in), else a marker.
+using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 ForwardOut forward_meta(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
                         const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
                         int64_t factor, double dropout, std::optional<int64_t> seed,
                         bool normalize, double eps, int64_t activation, int64_t norm_group,
-                        bool keep_x, bool keep_y, int64_t rows_per_x, int64_t rows_per_y) {
+                        bool keep_x, bool keep_y, int64_t rows_per_x, int64_t rows_per_y,
+                        const std::optional<Tensor>& prev, bool chain) {
   const int64_t rows = check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps,
                                           rows_per_x, rows_per_y);
   check_drop_in_args(rows, activation, norm_group);
   const int64_t K = wx.size(0), o = K / factor;
+  check_chain(prev, rows, x, wx, "prev");
   Tensor out = at::empty({rows, o}, x.options());
   Tensor norm = normalize ? at::empty({rows}, x.options().dtype(acc_type(x.scalar_type())))
                           : empty_marker(x);
   Tensor a = keep_x ? at::empty({x.size(0), K}, x.options()) : empty_marker(x);
   Tensor c = keep_y ? at::empty({y.size(0), K}, x.options()) : empty_marker(x);
-  return {out, norm, a, c};
+  Tensor p = chain ? at::empty({rows, K}, x.options()) : empty_marker(x);
+  return {out, norm, a, c, p};
 }
 
 // The raw projection of a shared input (rows_per > 1: one row per group), formed once by
@@ -345,10 +368,11 @@ ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, cons
                         const std::optional<Tensor>& bx, const std::optional<Tensor>& by,
                         int64_t factor, double dropout, std::optional<int64_t> seed,
                         bool normalize, double eps, int64_t activation, int64_t norm_group,
-                        bool keep_x, bool keep_y, int64_t rows_per_x, int64_t rows_per_y) {
-  auto [out, norm, a, c] =
+                        bool keep_x, bool keep_y, int64_t rows_per_x, int64_t rows_per_y,
+                        const std::optional<Tensor>& prev, bool chain) {
+  auto [out, norm, a, c, p] =
       forward_meta(x, y, wx, wy, bx, by, factor, dropout, seed, normalize, eps, activation,
-                   norm_group, keep_x, keep_y, rows_per_x, rows_per_y);
+                   norm_group, keep_x, keep_y, rows_per_x, rows_per_y, prev, chain);
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(at::cuda::getDeviceProperties(x.get_device())->major >= 8,
@@ -356,7 +380,7 @@ ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, cons
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = out.size(0), o = out.size(1);
-  if (rows == 0) return {out, norm, a, c};
+  if (rows == 0) return {out, norm, a, c, p};
   const DType dtype = kernel_dtype(x.scalar_type());
   const Engine engine = choose_engine(x, y, wx, wy, rows);
   const Grid grid = forward_grid(dtype, engine, rows, o, factor);
@@ -394,6 +418,9 @@ ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, cons
   args.src_y = optional_ptr(py);
   args.div_x = rows_per_x;
   args.div_y = rows_per_y;
+  const Tensor prev_c = maybe_contiguous(prev);
+  args.prev = optional_ptr(prev_c);
+  args.chain = chain ? p.data_ptr() : nullptr;
   args.rows = rows;
   args.o = o;
   args.factor = factor;
@@ -404,11 +431,13 @@ ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, cons
   args.norm_group = norm_group;
   args.engine = engine;
   C10_CUDA_CHECK(launch_forward(args, at::cuda::getCurrentCUDAStream()));
-  return {out, norm, a, c};
+  return {out, norm, a, c, p};
 }
 
 // ------------------------------------------------------------------ backward
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// (dx, dy, dW_x, dW_y, db_x, db_y, carry): carry (rows, K) is the gradient an MFH block
+// passes to the previous block's product when carry_out, else a marker.
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 int64_t check_all_backward_args(const Tensor& grad, const Tensor& x, const Tensor& y,
                                 const Tensor& wx, const Tensor& wy,
@@ -418,13 +447,16 @@ int64_t check_all_backward_args(const Tensor& grad, const Tensor& x, const Tenso
                                 bool normalize, double eps, int64_t activation,
                                 int64_t norm_group, const std::optional<Tensor>& a,
                                 const std::optional<Tensor>& c, int64_t rows_per_x,
-                                int64_t rows_per_y) {
+                                int64_t rows_per_y, const std::optional<Tensor>& prev,
+                                const std::optional<Tensor>& carry) {
   const int64_t rows = check_forward_args(x, y, wx, wy, bx, by, factor, dropout, eps,
                                           rows_per_x, rows_per_y);
   check_drop_in_args(rows, activation, norm_group);
   check_backward_args(grad, x, wx, out, norm, factor, normalize, rows);
   check_kept(a, x, x, wx, "a");
   check_kept(c, y, x, wx, "c");
+  check_chain(prev, rows, x, wx, "prev");
+  check_chain(carry, rows, x, wx, "carry");
   return rows;
 }
 
@@ -434,15 +466,19 @@ Grads backward_meta(const Tensor& grad, const Tensor& x, const Tensor& y, const 
                     int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
                     double eps, int64_t activation, int64_t norm_group,
                     const std::optional<Tensor>& a, const std::optional<Tensor>& c,
-                    int64_t rows_per_x, int64_t rows_per_y) {
-  check_all_backward_args(grad, x, y, wx, wy, bx, by, out, norm, factor, dropout, normalize,
-                          eps, activation, norm_group, a, c, rows_per_x, rows_per_y);
+                    int64_t rows_per_x, int64_t rows_per_y, const std::optional<Tensor>& prev,
+                    const std::optional<Tensor>& carry, bool carry_out) {
+  const int64_t rows =
+      check_all_backward_args(grad, x, y, wx, wy, bx, by, out, norm, factor, dropout, normalize,
+                              eps, activation, norm_group, a, c, rows_per_x, rows_per_y, prev,
+                              carry);
   return {at::empty_like(x, at::MemoryFormat::Contiguous),
           at::empty_like(y, at::MemoryFormat::Contiguous),
           at::empty_like(wx, at::MemoryFormat::Contiguous),
           at::empty_like(wy, at::MemoryFormat::Contiguous),
           bx.has_value() ? at::empty_like(*bx) : empty_marker(x),
-          by.has_value() ? at::empty_like(*by) : empty_marker(x)};
+          by.has_value() ? at::empty_like(*by) : empty_marker(x),
+          carry_out ? at::empty({rows, wx.size(0)}, x.options()) : empty_marker(x)};
 }
 
 // dx, dW, db of one side from its (rows, K) projection gradient d: a shared input's
@@ -463,10 +499,12 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
                     int64_t factor, double dropout, std::optional<int64_t> seed, bool normalize,
                     double eps, int64_t activation, int64_t norm_group,
                     const std::optional<Tensor>& a, const std::optional<Tensor>& c,
-                    int64_t rows_per_x, int64_t rows_per_y) {
+                    int64_t rows_per_x, int64_t rows_per_y, const std::optional<Tensor>& prev,
+                    const std::optional<Tensor>& carry, bool carry_out) {
   const int64_t rows =
       check_all_backward_args(grad, x, y, wx, wy, bx, by, out, norm, factor, dropout, normalize,
-                              eps, activation, norm_group, a, c, rows_per_x, rows_per_y);
+                              eps, activation, norm_group, a, c, rows_per_x, rows_per_y, prev,
+                              carry);
   TORCH_CHECK(x.is_cuda(), "fbp cuda: expected CUDA tensors, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x.scalar_type());
@@ -509,6 +547,11 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.src_y = optional_ptr(py);
   args.div_x = rows_per_x;
   args.div_y = rows_per_y;
+  const Tensor prev_c = maybe_contiguous(prev), carry_c = maybe_contiguous(carry);
+  Tensor carry_next = carry_out ? at::empty({rows, K}, x.options()) : empty_marker(x);
+  args.prev = optional_ptr(prev_c);
+  args.carry_in = optional_ptr(carry_c);
+  args.carry_out = carry_out ? carry_next.data_ptr() : nullptr;
   args.da = da.data_ptr();
   args.dc = dc.data_ptr();
   args.rows = rows;
@@ -523,7 +566,7 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   py.reset();
   auto [dx, dwx, dbx] = side_grads(std::move(da), x, wx, bx.has_value(), rows_per_x);
   auto [dy, dwy, dby] = side_grads(std::move(dc), y, wy, by.has_value(), rows_per_y);
-  return {dx, dy, dwx, dwy, dbx, dby};
+  return {dx, dy, dwx, dwy, dbx, dby, carry_next};
 }
 
 // ------------------------------------------------------------------ dropout mask
@@ -736,13 +779,15 @@ TORCH_LIBRARY(fbp_kernels_cuda, m) {
   m.def("fbp_forward(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, Tensor? bias_x, "
         "Tensor? bias_y, int factor, float dropout, int? seed, bool normalize, float eps, "
         "int activation=0, int norm_group=1, bool keep_x=False, bool keep_y=False, "
-        "int rows_per_x=1, int rows_per_y=1) -> (Tensor out, Tensor norm, Tensor a, Tensor c)");
+        "int rows_per_x=1, int rows_per_y=1, Tensor? prev=None, bool chain=False) "
+        "-> (Tensor out, Tensor norm, Tensor a, Tensor c, Tensor p)");
   m.def("fbp_backward(Tensor grad, Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, "
         "Tensor? bias_x, Tensor? bias_y, Tensor out, Tensor norm, int factor, float dropout, "
         "int? seed, bool normalize, float eps, int activation=0, int norm_group=1, "
-        "Tensor? a=None, Tensor? c=None, int rows_per_x=1, int rows_per_y=1) "
+        "Tensor? a=None, Tensor? c=None, int rows_per_x=1, int rows_per_y=1, Tensor? prev=None, "
+        "Tensor? carry=None, bool carry_out=False) "
         "-> (Tensor dx, Tensor dy, Tensor dweight_x, Tensor dweight_y, Tensor dbias_x, "
-        "Tensor dbias_y)");
+        "Tensor dbias_y, Tensor carry_next)");
   m.def("dropout_keep(Tensor index, int seed, float rate) -> Tensor");
   m.def("philox4x32_10(Tensor counter, int key) -> Tensor");
   m.def("row_norm(Tensor t, int outputs_per_tile, int rows_per_group=1) -> Tensor");

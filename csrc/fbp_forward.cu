@@ -49,6 +49,8 @@ struct ForwardParams {
   const T* src_x;          // (rows / div_x, K) or nullptr: a projection given, not computed
   const T* src_y;
   int64_t div_x, div_y;
+  const T* prev;           // (rows, K) or nullptr: MFH's previous block product, multiplied in
+  T* chain;                // (rows, K) or nullptr: this block's product, for the next block
   int64_t rows, o, factor;
   int outs_per_tile;       // BO
   int n_tiles;
@@ -118,7 +120,9 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
     if (p.keep_x != nullptr) store_tile<E>(pa, p.keep_x, row0, nr, cbeg, width, K);
     if (p.keep_y != nullptr) store_tile<E>(pc, p.keep_y, row0, nr, cbeg, width, K);
 
-    // 1. Elementwise: pa <- dropout(act(a + b_x) act(c + b_y)), four columns per thread.
+    // 1. Elementwise: pa <- dropout(act(a + b_x) act(c + b_y) [* prev]), four columns per
+    // thread; MFH's chained blocks multiply the previous block's product in and store
+    // their own (input dtype, as eager rounds it) for the next block.
     DropoutStream drop(p.seed, p.rate);  // per chunk: no RNG state live across the GEMMs
     for (int e = threadIdx.x; e < nr * kQuads; e += E::kThreads) {
       const int r = e / kQuads, c4 = (e % kQuads) * 4;  // constant divisor: shifts
@@ -129,10 +133,14 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
       load4(bx_s + c4, bx);
       load4(by_s + c4, by);
       const uint64_t index = dropout_index(row0 + r, cbeg + c4, K);
+      const int64_t at = (row0 + r) * K + cbeg + c4;  // (row, column) in the (rows, K) chain
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         Acc prod = activate(a[u] + bx[u], p.activation) * activate(c[u] + by[u], p.activation);
-        if (p.dropout && c4 + u < width) prod = drop.keep(index + u) ? prod * p.scale : Acc(0);
+        const bool valid = c4 + u < width;
+        if (p.prev != nullptr && valid) prod *= to_acc<Acc>(p.prev[at + u]);
+        if (p.dropout && valid) prod = drop.keep(index + u) ? prod * p.scale : Acc(0);
+        if (p.chain != nullptr && valid) p.chain[at + u] = from_acc<T>(prod);
         a[u] = prod;
       }
       store4(pa + r * kLd + c4, a);
@@ -275,6 +283,8 @@ cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   p.src_y = static_cast<const T*>(a.src_y);
   p.div_x = a.div_x;
   p.div_y = a.div_y;
+  p.prev = static_cast<const T*>(a.prev);
+  p.chain = static_cast<T*>(a.chain);
   if (a.normalize) {
     // fp32/fp64: t goes straight into out and is scaled in place by the finisher;
     // fp16/bf16 need the fp32 scratch so that z is rounded once.

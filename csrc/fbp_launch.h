@@ -88,6 +88,11 @@ struct ForwardArgs {
   const void* src_x;
   const void* src_y;
   int64_t div_x, div_y;
+  // MFH's chained blocks (fbp_kernels/backends/cuda_mfh.py), (rows, K) contiguous input
+  // dtype or nullptr: the previous block's product, multiplied into this block's
+  // before dropout and pooling; and this block's product, written for the next.
+  const void* prev;
+  void* chain;
   int64_t rows, o, factor;
   DropoutArg dropout;
   bool normalize;
@@ -128,6 +133,12 @@ struct ProjectionGradArgs {
   const void* src_x;
   const void* src_y;
   int64_t div_x, div_y;
+  // MFH's backward through the chain, (rows, K) contiguous input dtype or nullptr:
+  // the previous block's product; the gradient later blocks pass to this block's
+  // product (added to its pooled gradient); the gradient this block passes on.
+  const void* prev;
+  const void* carry_in;
+  void* carry_out;
   void* da;
   void* dc;
   int64_t rows, o, factor;

@@ -39,6 +39,7 @@ from .ops import (MFH_DROP_IN_BACKENDS, _empty, _none_if_marker, _seed_value,
 #: Backend name -> its MFH module, in the order ``"auto"`` prefers them on CUDA.
 _MFH_MODULES = {
     "triton": "fbp_kernels.backends.triton_mfh",
+    "cuda": "fbp_kernels.backends.cuda_mfh",
     "torch": "fbp_kernels.backends.torch_mfh",
 }
 

@@ -134,8 +134,9 @@ def _seed_value(seed: Optional[Tensor]) -> Optional[int]:
 #: routes calls that use them here, the operators refuse others.
 DROP_IN_BACKENDS = ("split", "triton", "cuda", "torch")
 
-#: The same for MFH (``fbp_kernels.mfh``): its Triton blocks are FBP's wide kernels.
-MFH_DROP_IN_BACKENDS = ("triton", "torch")
+#: The same for MFH (``fbp_kernels.mfh``): its Triton blocks are FBP's wide kernels, its
+#: CUDA blocks FBP's fused C++ kernels.
+MFH_DROP_IN_BACKENDS = ("triton", "cuda", "torch")
 
 
 def drop_in_in_use(norm_dims: int, activation: Optional[str]) -> List[str]:

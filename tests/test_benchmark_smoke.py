@@ -394,14 +394,14 @@ def test_gpu_check_script_passes_the_selection_as_one_expression(tmp_path):
 
 
 def test_mfh_benchmark_measures_only_mfh_backends(monkeypatch):
-    """On a GPU, ``--op mfh`` measures MFH's backends (triton, torch): split and cuda
-    have no MFH implementation and would only record failures."""
+    """On a GPU, ``--op mfh`` measures MFH's backends (triton, cuda, torch): split has no
+    MFH implementation and would only record failures."""
     from benchmarks import run
     from fbp_kernels import mfh_ops
 
     monkeypatch.setattr(mfh_ops, "unsupported_reason", lambda name, dev, *a: None)
-    assert run.backend_names("mfh", torch.device("cuda")) == ["triton", "torch"]
+    assert run.backend_names("mfh", torch.device("cuda")) == ["triton", "cuda", "torch"]
     monkeypatch.setattr(mfh_ops, "unsupported_reason",
-                        lambda name, dev, *a: "no Triton" if name == "triton" else None)
+                        lambda name, dev, *a: None if name == "torch" else "not built")
     assert run.backend_names("mfh", torch.device("cuda")) == ["torch"]
     assert run.backend_names("mfh", torch.device("cpu")) == ["torch"]

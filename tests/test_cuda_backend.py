@@ -189,15 +189,16 @@ def test_meta_kernels_give_shapes(ops, dtype, norm_dtype, normalize):
     x, y = torch.empty(rows, m, **meta), torch.empty(rows, n, **meta)
     wx, wy = torch.empty(factor * o, m, **meta), torch.empty(factor * o, n, **meta)
     bx = torch.empty(factor * o, **meta)
-    out, norm, a, c = ops.fbp_forward(x, y, wx, wy, bx, None, factor, 0.1, 5, normalize, 1e-6)
+    out, norm, a, c, _ = ops.fbp_forward(x, y, wx, wy, bx, None, factor, 0.1, 5, normalize, 1e-6)
     assert out.shape == (rows, o) and out.dtype == dtype and out.device.type == "meta"
     assert a.shape == c.shape == (0,)  # the lean mode keeps no projection
     assert norm.shape == ((rows,) if normalize else (0,))
     if normalize:
         assert norm.dtype == norm_dtype
     grad = torch.empty(rows, o, **meta)
-    dx, dy, dwx, dwy, dbx, dby = ops.fbp_backward(grad, x, y, wx, wy, bx, None, out, norm,
-                                                  factor, 0.1, 5, normalize, 1e-6)
+    dx, dy, dwx, dwy, dbx, dby, carry = ops.fbp_backward(grad, x, y, wx, wy, bx, None, out,
+                                                         norm, factor, 0.1, 5, normalize, 1e-6)
+    assert carry.shape == (0,)  # FBP passes nothing along an MFH chain
     assert (dx.shape, dy.shape, dwx.shape, dwy.shape) == (x.shape, y.shape, wx.shape, wy.shape)
     assert dbx.shape == (factor * o,) and dby.shape == (0,)
     assert all(t.dtype == dtype for t in (dx, dy, dwx, dwy, dbx))
@@ -255,7 +256,7 @@ def test_cpp_checks_drop_in_options(ops, activation, norm_group, message):
 def test_meta_kernels_take_the_drop_in_options(ops):
     # Groups of 2 of the 4 rows, tanh: the shapes do not depend on either option.
     args = _meta_args()
-    out, norm, a, c = ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, 2, 2)
+    out, norm, a, c, _ = ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, 2, 2)
     assert out.shape == (4, 2) and norm.shape == (4,) and a.shape == c.shape == (0,)
     grads = ops.fbp_backward(out, *args, out, norm, 3, 0.0, None, True, 1e-6, 2, 2)
     assert [g.shape for g in grads[:4]] == [a.shape for a in args[:4]]
@@ -266,7 +267,7 @@ def test_meta_kernels_keep_the_projections(ops, keep_x, keep_y):
     # The memory modes: the kept raw projections are (rows, K) in the input dtype, and
     # backward takes them back (shape and dtype checked).
     args = _meta_args(dtype=torch.bfloat16)
-    out, norm, a, c = ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, 0, 1, keep_x, keep_y)
+    out, norm, a, c, _ = ops.fbp_forward(*args, 3, 0.0, None, True, 1e-6, 0, 1, keep_x, keep_y)
     for t, kept in ((a, keep_x), (c, keep_y)):
         assert t.shape == ((4, 6) if kept else (0,)) and t.dtype == torch.bfloat16
     back = dict(a=a if keep_x else None, c=c if keep_y else None)
@@ -524,7 +525,7 @@ class _ModelOps:
         return t.repeat_interleave(per, 0)
 
     def fbp_forward(self, x, y, wx, wy, bx, by, factor, dropout, seed, normalize, eps,
-                    activation, group, keep_x, keep_y, per_x, per_y):
+                    activation, group, keep_x, keep_y, per_x, per_y, prev, chain):
         from fbp_kernels.backends import torch_backend
 
         self.calls.append(("forward", x.shape, y.shape, per_x, per_y))
@@ -537,12 +538,14 @@ class _ModelOps:
                                     normalize=normalize, eps=eps, save_projections=False,
                                     norm_dims=nd, activation=act)
         empty = x.new_empty(0)
+        assert prev is None and not chain  # FBP (MFH's chain: test_cuda_mfh.py)
         return (res.out.reshape(xr.shape[0], -1),
                 res.norm.reshape(-1) if normalize else empty,
-                x @ wx.t() if keep_x else empty, y @ wy.t() if keep_y else empty)
+                x @ wx.t() if keep_x else empty, y @ wy.t() if keep_y else empty, empty)
 
     def fbp_backward(self, grad, x, y, wx, wy, bx, by, out, norm, factor, dropout, seed,
-                     normalize, eps, activation, group, a, c, per_x, per_y):
+                     normalize, eps, activation, group, a, c, per_x, per_y, prev, carry,
+                     carry_out):
         from fbp_kernels.backends import torch_backend
 
         self.calls.append(("backward", x.shape, y.shape, per_x, per_y,
@@ -561,8 +564,10 @@ class _ModelOps:
         dx = g.dx.reshape(x.shape[0], per_x, -1).sum(1)
         dy = g.dy.reshape(y.shape[0], per_y, -1).sum(1)
         empty = x.new_empty(0)
+        assert prev is None and carry is None and not carry_out
         return (dx, dy, g.dweight_x, g.dweight_y,
-                g.dbias_x if bx is not None else empty, g.dbias_y if by is not None else empty)
+                g.dbias_x if bx is not None else empty, g.dbias_y if by is not None else empty,
+                empty)
 
 
 @pytest.mark.parametrize("xs,ys,per", [
@@ -788,7 +793,7 @@ def test_huge_pooled_values_keep_a_finite_norm(ops, o):
     case = Case((9,), (9,), 8, 6, 2, o)
     x, y, wx, wy, bx, by = make_inputs(case, torch.float32, "cuda", requires_grad=False)
     x, y = x * 1e18, y * 1e18
-    out, norm = ops.fbp_forward(x, y, wx, wy, bx, by, case.factor, 0.0, None, True, 1e-6)
+    out, norm, *_ = ops.fbp_forward(x, y, wx, wy, bx, by, case.factor, 0.0, None, True, 1e-6)
     assert torch.isfinite(norm).all() and torch.isfinite(out).all()
     exact = reference_fbp(detached64([x, y, wx, wy, bx, by]), case)
     assert_close(out, exact, atol=2e-5, rtol=2e-4, name="out")
@@ -943,7 +948,7 @@ def test_opcheck_on_the_compiled_operators(ops, normalize):
     x, y, wx, wy, bx, by = make_inputs(case, torch.float32, "cuda", requires_grad=False)
     args = (x, y, wx, wy, bx, by, case.factor, 0.2, 7, normalize, 1e-6)
     torch.library.opcheck(ops.fbp_forward.default, args)
-    out, norm, _, _ = ops.fbp_forward(*args)
+    out, norm, _, _, _ = ops.fbp_forward(*args)
     grad = torch.randn_like(out)
     torch.library.opcheck(ops.fbp_backward.default,
                           (grad, x, y, wx, wy, bx, by, out, norm, case.factor, 0.2, 7,
@@ -951,7 +956,15 @@ def test_opcheck_on_the_compiled_operators(ops, normalize):
     # The memory mode that keeps both projections, forward and backward.
     keep = args + (0, 1, True, True)
     torch.library.opcheck(ops.fbp_forward.default, keep)
-    out, norm, a, c = ops.fbp_forward(*keep)
+    out, norm, a, c, _ = ops.fbp_forward(*keep)
     torch.library.opcheck(ops.fbp_backward.default,
                           (grad, x, y, wx, wy, bx, by, out, norm, case.factor, 0.2, 7,
                            normalize, 1e-6, 0, 1, a, c))
+    # One chained MFH block: the previous product in, this one's out; the carry both ways.
+    chain = args + (0, 1, False, False, 1, 1, torch.randn(9, 12, device="cuda"), True)
+    torch.library.opcheck(ops.fbp_forward.default, chain)
+    out, norm, _, _, p = ops.fbp_forward(*chain)
+    torch.library.opcheck(ops.fbp_backward.default,
+                          (grad, x, y, wx, wy, bx, by, out, norm, case.factor, 0.2, 7,
+                           normalize, 1e-6, 0, 1, None, None, 1, 1, p, torch.randn_like(p),
+                           True))

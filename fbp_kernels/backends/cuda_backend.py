@@ -100,7 +100,7 @@ def dropout_mask(seed: int, shape, rate: float, device) -> Tensor:
     return _ops().dropout_keep(index, int(seed), float(rate)).view(shape)
 
 
-def _norm_group(batch, norm_dims: int, normalize: bool) -> int:
+def norm_group(batch, norm_dims: int, normalize: bool) -> int:
     # Rows per joint-normalisation group: consecutive rows of the flattened batch.
     return group_rows(batch, norm_dims) if normalize and batch.numel() else 1
 
@@ -119,7 +119,7 @@ class _Side(NamedTuple):
     reads_kept: bool
 
 
-def _sides(x, y) -> Tuple[_Side, _Side, torch.Size]:
+def sides(x, y) -> Tuple[_Side, _Side, torch.Size]:
     """The kernels' operands: co-attention's shared input (``_common.coattention_layout``)
     is read once per group of ``R`` rows, never copied per row; other broadcasts are
     materialised rows (``flatten_rows``)."""
@@ -161,18 +161,45 @@ def _kept_rows(proj: Optional[Tensor], side: _Side) -> Optional[Tensor]:
     return as_rows(proj.reshape(*pad, *proj.shape[:-1], ko).expand(*side.lead, ko))
 
 
+def run_forward(sx: _Side, sy: _Side, weight_x, weight_y, bias_x, bias_y, *, factor: int,
+                dropout: float, seed: Optional[int], normalize: bool, eps: float,
+                norm_group: int, activation: Optional[str], keep_x: bool = False,
+                keep_y: bool = False, prev: Optional[Tensor] = None, chain: bool = False):
+    """The forward operator on ``sides`` operands: ``(out, norm, a, c, p)`` as 2-D rows
+    (csrc/fbp_binding.cpp); ``prev`` / ``chain``: one MFH block (cuda_mfh)."""
+    return _ops().fbp_forward(
+        sx.rows, sy.rows, weight_x, weight_y, bias_x, bias_y, factor, float(dropout), seed,
+        bool(normalize), float(eps), ACTIVATION_CODES[activation], norm_group, keep_x, keep_y,
+        sx.per, sy.per, prev, chain)
+
+
+def run_backward(g2: Tensor, sx: _Side, sy: _Side, weight_x, weight_y, bias_x, bias_y,
+                 out2: Tensor, norm2: Tensor, *, factor: int, dropout: float,
+                 seed: Optional[int], normalize: bool, eps: float, norm_group: int,
+                 activation: Optional[str], a2: Optional[Tensor] = None,
+                 c2: Optional[Tensor] = None, prev: Optional[Tensor] = None,
+                 carry: Optional[Tensor] = None, carry_out: bool = False):
+    """The backward operator on ``sides`` operands: ``(dx, dy, dW_x, dW_y, db_x, db_y,
+    carry_next)`` with dx, dy on the operands' rows."""
+    return _ops().fbp_backward(
+        g2, sx.rows, sy.rows, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor,
+        float(dropout), seed, bool(normalize), float(eps), ACTIVATION_CODES[activation],
+        norm_group, a2, c2, sx.per, sy.per, prev, carry, carry_out)
+
+
 def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: float,
             seed: Optional[int], normalize: bool, eps: float, save_projections: bool,
             norm_dims: int = 1, activation: Optional[str] = None) -> ForwardResult:
     """``norm`` per row ``(...)``; with ``norm_dims > 1`` each row holds its group's
     norm (the last ``norm_dims - 1`` batch dimensions).  Kept projections come back at
     their input's own leading shape (as backends ``torch`` and ``split`` keep them)."""
-    sx, sy, batch = _sides(x, y)
+    sx, sy, batch = sides(x, y)
     keep_x, keep_y = kept(save_projections)
-    out, norm, a, c = _ops().fbp_forward(
-        sx.rows, sy.rows, weight_x, weight_y, bias_x, bias_y, factor, float(dropout), seed,
-        bool(normalize), float(eps), ACTIVATION_CODES[activation],
-        _norm_group(batch, norm_dims, normalize), keep_x, keep_y, sx.per, sy.per)
+    out, norm, a, c, _ = run_forward(
+        sx, sy, weight_x, weight_y, bias_x, bias_y, factor=factor, dropout=dropout,
+        seed=seed, normalize=normalize, eps=eps,
+        norm_group=norm_group(batch, norm_dims, normalize), activation=activation,
+        keep_x=keep_x, keep_y=keep_y)
     return ForwardResult(out.view(*batch, weight_x.shape[0] // factor),
                          norm.view(batch) if normalize else None,
                          _own_projection(a, sx, x) if keep_x else None,
@@ -184,16 +211,16 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
              eps: float, norm_dims: int = 1,
              activation: Optional[str] = None) -> BackwardResult:
     # a, c: the raw projections the forward kept (None: recomputed tile by tile).
-    sx, sy, batch = _sides(x, y)
+    sx, sy, batch = sides(x, y)
     o = weight_x.shape[0] // factor
     g2 = grad.reshape(-1, o)
     out2 = out.reshape(-1, o) if out is not None else g2  # None without normalize: unread
     norm2 = norm.reshape(-1) if normalize else out2.new_empty(0)
-    dx, dy, dwx, dwy, dbx, dby = _ops().fbp_backward(
-        g2, sx.rows, sy.rows, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor,
-        float(dropout), seed, bool(normalize), float(eps), ACTIVATION_CODES[activation],
-        _norm_group(batch, norm_dims, normalize), _kept_rows(a, sx), _kept_rows(c, sy),
-        sx.per, sy.per)
+    dx, dy, dwx, dwy, dbx, dby, _ = run_backward(
+        g2, sx, sy, weight_x, weight_y, bias_x, bias_y, out2, norm2, factor=factor,
+        dropout=dropout, seed=seed, normalize=normalize, eps=eps,
+        norm_group=norm_group(batch, norm_dims, normalize), activation=activation,
+        a2=_kept_rows(a, sx), c2=_kept_rows(c, sy))
     return BackwardResult(sx.grad(dx), sy.grad(dy), dwx, dwy,
                           dbx if bias_x is not None else None,
                           dby if bias_y is not None else None)
