@@ -340,26 +340,26 @@ CUDA_WIDE_ABOVE_ROWS = 128
 #: launcher picks (CUDA_TILES).
 CUDA_COMPILE_FACTS_SOURCE = "nvcc Build cuda_13.0.r13.0/compiler.36424714_0, 2026-12-03"
 CUDA_COMPILE_FACTS = {
-    ("fused_forward", 80, "fp16", "wide"): (204, 150528, "HMMA"),
+    ("fused_forward", 80, "fp16", "wide"): (195, 150528, "HMMA"),
     ("fused_forward", 80, "bf16", "wide"): (212, 150528, "HMMA"),
-    ("fused_forward", 90, "fp16", "wide"): (203, 150528, "HMMA"),
+    ("fused_forward", 90, "fp16", "wide"): (205, 150528, "HMMA"),
     ("fused_forward", 90, "bf16", "wide"): (210, 150528, "HMMA"),
     ("fused_forward", 80, "fp16", "async"): (139, 48640, "HMMA"),
-    ("fused_forward", 80, "bf16", "async"): (166, 48640, "HMMA"),
+    ("fused_forward", 80, "bf16", "async"): (156, 48640, "HMMA"),
     ("fused_forward", 90, "fp16", "async"): (136, 48640, "HMMA"),
     ("fused_forward", 90, "bf16", "async"): (146, 48640, "HMMA"),
     ("fused_forward", 80, "fp32", "fp32"): (80, 35328, "none"),
     ("fused_forward", 90, "fp32", "fp32"): (80, 35328, "none"),
     ("projection_grads", 80, "fp16", "wide"): (131, 150528, "HMMA"),
-    ("projection_grads", 80, "bf16", "wide"): (174, 150528, "HMMA"),
+    ("projection_grads", 80, "bf16", "wide"): (150, 150528, "HMMA"),
     ("projection_grads", 90, "fp16", "wide"): (136, 150528, "HMMA"),
-    ("projection_grads", 90, "bf16", "wide"): (174, 150528, "HMMA"),
-    ("projection_grads", 80, "fp16", "async"): (92, 48640, "HMMA"),
+    ("projection_grads", 90, "bf16", "wide"): (150, 150528, "HMMA"),
+    ("projection_grads", 80, "fp16", "async"): (96, 48640, "HMMA"),
     ("projection_grads", 80, "bf16", "async"): (96, 48640, "HMMA"),
-    ("projection_grads", 90, "fp16", "async"): (94, 48640, "HMMA"),
-    ("projection_grads", 90, "bf16", "async"): (104, 48640, "HMMA"),
-    ("projection_grads", 80, "fp32", "fp32"): (78, 35328, "none"),
-    ("projection_grads", 90, "fp32", "fp32"): (80, 35328, "none"),
+    ("projection_grads", 90, "fp16", "async"): (98, 48640, "HMMA"),
+    ("projection_grads", 90, "bf16", "async"): (96, 48640, "HMMA"),
+    ("projection_grads", 80, "fp32", "fp32"): (64, 35328, "none"),
+    ("projection_grads", 90, "fp32", "fp32"): (72, 35328, "none"),
 }
 
 
