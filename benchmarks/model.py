@@ -6,6 +6,7 @@
     python benchmarks/model.py --rows 1024 --m 2048 --n 1024 --factor 5 --o 1000 --dtype bf16
     python benchmarks/model.py --refresh-facts          # recompile the Triton kernels and
                                                         # rewrite costmodel.COMPILE_FACTS
+    python benchmarks/model.py --refresh-cuda-facts     # the same for the CUDA kernels
 
 Every number is a prediction (benchmarks/README.md, "The cost model"): FLOPs, HBM bytes,
 L2->SM bytes, bytes in flight per SM and waves of the call's longest kernel on ``--gpu``,
@@ -23,7 +24,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -285,6 +286,47 @@ def refresh_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py") -> int:
     return len(live["facts"])
 
 
+#: costmodel.CUDA_TILES engine -> the compile report's config for each dtype.
+CUDA_ENGINE_CONFIGS = {"wide": "WmmaWideEngine", "async": "WmmaAsyncEngine",
+                       "fp32": "FmaEngine<float>"}
+
+
+def refresh_cuda_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py",
+                       rows: Optional[list] = None) -> int:
+    """Rewrite costmodel.CUDA_COMPILE_FACTS (registers, shared bytes, tensor-core SASS per
+    (kernel, arch, dtype, engine)) and its source line from a live nvcc build
+    (``python -m fbp_kernels.backends.cuda_compile``; ``rows``: its JSON rows, for
+    tests).  Returns the number of entries rewritten."""
+    import re
+
+    from fbp_kernels.backends import cuda_compile
+
+    if rows is None:
+        rows = [r.__dict__ for res in cuda_compile.compile_all() for r in res.kernels]
+        version = cuda_compile._nvcc_version(cuda_compile.find_nvcc())
+    else:
+        version = None
+    facts = {(r["kernel"], r["arch"], r["dtype"], r["config"]):
+             (r["registers"], r["shared_bytes"], r["tensor_cores"]) for r in rows}
+    text = path.read_text()
+    count = 0
+
+    def entry(m):
+        nonlocal count
+        kernel, arch, dtype, engine = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        regs, smem, tc = facts[(kernel, arch, dtype, CUDA_ENGINE_CONFIGS[engine])]
+        count += 1
+        return f'("{kernel}", {arch}, "{dtype}", "{engine}"): ({regs}, {smem}, "{tc}")'
+
+    text = re.sub(r'\("(\w+)", (\d+), "(\w+)", "(\w+)"\): \(\d+, \d+, "\w+"\)', entry, text)
+    if version is not None:
+        date = datetime.date.today().isoformat()
+        text = re.sub(r'CUDA_COMPILE_FACTS_SOURCE = "[^"]*"',
+                      f'CUDA_COMPILE_FACTS_SOURCE = "nvcc {version}, {date}"', text)
+    path.write_text(text)
+    return count
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -334,6 +376,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--refresh-facts", action="store_true",
                     help="recompile the Triton kernels (~1 min) and rewrite "
                          "costmodel.COMPILE_FACTS")
+    ap.add_argument("--refresh-cuda-facts", action="store_true",
+                    help="recompile the CUDA kernels (nvcc, ~30 s) and rewrite "
+                         "costmodel.CUDA_COMPILE_FACTS")
     return ap.parse_args(argv)
 
 
@@ -342,6 +387,10 @@ def main(argv=None) -> int:
     if args.refresh_facts:
         n = refresh_facts()
         print(f"wrote {n} compile facts to fbp_kernels/costmodel.py")
+        return 0
+    if args.refresh_cuda_facts:
+        n = refresh_cuda_facts()
+        print(f"wrote {n} CUDA compile facts to fbp_kernels/costmodel.py")
         return 0
     gpu = apply_overrides(cm.GPUS[args.gpu], args.overrides)
     if args.targets:

@@ -537,3 +537,26 @@ def test_fused_middle_mode_reads_the_kept_projection():
     # the y loop); the flops are the lean forward's.
     fwd = [cm.predict(p, s, H200, "forward") for p in ("fused", "fused+keep_x")]
     assert fwd[0].flops == pytest.approx(fwd[1].flops)
+
+
+def test_refresh_cuda_facts_rewrites_every_entry(tmp_path):
+    """benchmarks/model.py --refresh-cuda-facts: each CUDA_COMPILE_FACTS entry is taken
+    from the compile report's row of its (kernel, arch, dtype, engine config), nothing
+    else in the file changes (here from report rows made up from the table, one
+    changed)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import model
+
+    copy = tmp_path / "costmodel.py"
+    text = (ROOT / "fbp_kernels" / "costmodel.py").read_text()
+    copy.write_text(text)
+    rows = [dict(kernel=k, arch=a, dtype=d, config=model.CUDA_ENGINE_CONFIGS[e],
+                 registers=regs + (7 if (k, a, d, e) == ("fused_forward", 90, "bf16", "wide")
+                                   else 0),
+                 shared_bytes=smem, tensor_cores=tc)
+            for (k, a, d, e), (regs, smem, tc) in cm.CUDA_COMPILE_FACTS.items()]
+    assert model.refresh_cuda_facts(copy, rows) == len(cm.CUDA_COMPILE_FACTS)
+    new = copy.read_text()
+    regs, smem, tc = cm.CUDA_COMPILE_FACTS[("fused_forward", 90, "bf16", "wide")]
+    assert f'("fused_forward", 90, "bf16", "wide"): ({regs + 7}, {smem}, "{tc}")' in new
+    assert new.replace(f"({regs + 7}, {smem}", f"({regs}, {smem}", 1) == text
