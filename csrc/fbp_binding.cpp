@@ -16,7 +16,7 @@
 //       rows_per_x / rows_per_y: broadcast row r reads row r / rows_per of that input
 //       (co-attention: regions (B*R, m) with one question row per sample, rows_per_y = R),
 //       rows = x rows * rows_per_x = y rows * rows_per_y; a shared input is projected
-//       once per row (cuBLAS) and its gradient summed per group before its GEMMs.
+//       once per group (cuBLAS) and its gradient summed per group before its GEMMs.
 //       prev / chain / carry / carry_out: one block of MFH (backends/cuda_mfh.py): the
 //       previous block's product multiplied in, this block's product returned as p; in
 //       backward the gradient later blocks pass to this block's product (carry) and the

@@ -115,14 +115,12 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
                      width, K, smem, pa, pc);
     __syncthreads();
     const bool last = cbeg + E::BN >= col_end;
-    // The memory modes that keep a projection: this tile's columns of it, before the
-    // elementwise pass overwrites pa (no barrier needed: both only read pa and pc).
-    if (p.keep_x != nullptr) store_tile<E>(pa, p.keep_x, row0, nr, cbeg, width, K);
-    if (p.keep_y != nullptr) store_tile<E>(pc, p.keep_y, row0, nr, cbeg, width, K);
 
     // 1. Elementwise: pa <- dropout(act(a + b_x) act(c + b_y) [* prev]), four columns per
     // thread; MFH's chained blocks multiply the previous block's product in and store
-    // their own (input dtype, as eager rounds it) for the next block.
+    // their own (input dtype, as eager rounds it) for the next block.  The memory modes
+    // that keep a projection write the raw a / c here, by the thread that overwrites
+    // them (a separate pass over pa would race with this one's stores).
     DropoutStream drop(p.seed, p.rate);  // per chunk: no RNG state live across the GEMMs
     for (int e = threadIdx.x; e < nr * kQuads; e += E::kThreads) {
       const int r = e / kQuads, c4 = (e % kQuads) * 4;  // constant divisor: shifts
@@ -136,8 +134,10 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
       const int64_t at = (row0 + r) * K + cbeg + c4;  // (row, column) in the (rows, K) chain
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        Acc prod = activate(a[u] + bx[u], p.activation) * activate(c[u] + by[u], p.activation);
         const bool valid = c4 + u < width;
+        if (p.keep_x != nullptr && valid) p.keep_x[at + u] = from_acc<T>(a[u]);
+        if (p.keep_y != nullptr && valid) p.keep_y[at + u] = from_acc<T>(c[u]);
+        Acc prod = activate(a[u] + bx[u], p.activation) * activate(c[u] + by[u], p.activation);
         if (p.prev != nullptr && valid) prod *= to_acc<Acc>(p.prev[at + u]);
         if (p.dropout && valid) prod = drop.keep(index + u) ? prod * p.scale : Acc(0);
         if (p.chain != nullptr && valid) p.chain[at + u] = from_acc<T>(prod);

@@ -14,8 +14,9 @@
 namespace fbp {
 
 // Sum of v over the block, in the fixed order above; every thread gets the result.
-// `scratch` holds kThreads / 32 values; the call begins and ends with a barrier, so a
-// block may call it repeatedly with the same scratch.
+// `scratch` holds kThreads / 32 values; the call begins with a barrier (no thread
+// overwrites scratch while another still reads the previous call's), so a block may
+// call it repeatedly with the same scratch.
 template <int kThreads, typename Acc>
 __device__ __forceinline__ Acc block_sum_fixed(Acc v, Acc* scratch) {
 #pragma unroll

@@ -449,19 +449,7 @@ __device__ __forceinline__ void stage_biases(const T* bias_x, const T* bias_y, i
   }
 }
 
-// The valid (nr rows, width columns) part of an accumulator tile (row stride kLdOut) to
-// dst (rows, K) contiguous in the input dtype, at (row0, col0): a projection kept for
-// backward.  Consecutive threads take consecutive columns (coalesced).
-template <class E, typename T>
-__device__ __forceinline__ void store_tile(const typename E::Acc* tile, T* dst, int64_t row0,
-                                           int nr, int64_t col0, int width, int64_t K) {
-  for (int e = threadIdx.x; e < nr * E::BN; e += E::kThreads) {
-    const int r = e / E::BN, c = e % E::BN;  // constant divisor: shifts
-    if (c < width) dst[(row0 + r) * K + col0 + c] = from_acc<T>(tile[r * E::kLdOut + c]);
-  }
-}
-
-// The inverse: a given projection's (BM, BN) tile into shared memory, broadcast row r
+// A given projection's (BM, BN) tile into shared memory, broadcast row r
 // reading row r / div of src (rows / div, K) (div 1: a kept projection; > 1: the shared
 // input of co-attention, one row per group), zero outside the valid part (as the GEMM
 // engines leave it).  The caller's next barrier publishes it.

@@ -519,6 +519,7 @@ class _ModelOps:
 
     def __init__(self):
         self.calls = []
+        self.kept_requests = []
 
     @staticmethod
     def _expand(t, per):
@@ -529,6 +530,7 @@ class _ModelOps:
         from fbp_kernels.backends import torch_backend
 
         self.calls.append(("forward", x.shape, y.shape, per_x, per_y))
+        self.kept_requests.append((keep_x, keep_y))
         xr, yr = self._expand(x, per_x), self._expand(y, per_y)
         act = {0: None, 1: "relu", 2: "tanh"}[activation]
         nd = 2 if group > 1 else 1
@@ -616,11 +618,13 @@ def test_glue_layouts_against_a_model_of_the_operators(monkeypatch, xs, ys, per,
         a, e = getattr(gb, name), getattr(rb, name)
         assert a.shape == e.shape, name
         assert_close(a, e, atol=1e-10, rtol=1e-8, name=name)
-    # A kept projection is read back unless its input is a materialised broadcast.
-    call = model.calls[-1]
+    # A kept projection is written by the kernels and read back unless its input is a
+    # materialised broadcast (then it is the input's own rows, formed outside them).
     materialised = per == (1, 1) and xs != ys
+    call = model.calls[-1]
     assert (call[5] is not None) == (keep_x and not materialised)
     assert (call[6] is not None) == (keep_y and not materialised)
+    assert model.kept_requests == [(keep_x and not materialised, keep_y and not materialised)]
 
 
 # ------------------------------------------------------------------ operand staging

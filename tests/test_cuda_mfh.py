@@ -56,11 +56,11 @@ class _ChainOps:
         self.calls.append(("forward", prev is not None, chain))
         a, c = self._product(x, y, wx, wy, bx, by, activation, per_x, per_y)
         p = a * c if prev is None else a * c * prev
-        s = p.view(p.shape[0], -1, factor).sum(-1)
+        s = p.view(p.shape[0], p.shape[1] // factor, factor).sum(-1)
         empty = x.new_empty(0)
         if normalize:
-            z, norm = torch_backend.normalized(s.view(-1, group, s.shape[-1]), eps,
-                                               2 if group > 1 else 1)
+            z, norm = torch_backend.normalized(s.view(s.shape[0] // group, group, s.shape[-1]),
+                                               eps, 2 if group > 1 else 1)
             z, norm = z.reshape(s.shape), norm.reshape(-1)
         else:
             z, norm = s, empty
@@ -164,3 +164,12 @@ def test_block_masks_are_the_triton_kernels_stream():
     want = triton_mfh.block_masks(seed, shape, 0.3, 3, "cpu")
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert not torch.equal(got[0], got[1])  # the blocks' streams differ
+
+
+def test_an_empty_batch_gives_empty_outputs(monkeypatch):
+    # cuda_mfh shapes the concatenated output explicitly: a 0-row batch has no -1 to infer.
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: _ChainOps())
+    x, y, wx, wy, bx, by = _params((0, 3), (0, 1), 4, 3, 6, 2)
+    res = cuda_mfh.forward(x, y, wx, wy, bx, by, factor=2, dropout=0.0, seed=None,
+                           normalize=True, eps=1e-6)
+    assert res.out.shape == (0, 3, 2 * 3) and res.norms.shape == (0, 3, 2)

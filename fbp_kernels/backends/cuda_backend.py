@@ -151,6 +151,15 @@ def _own_projection(proj: Tensor, side: _Side, inp: Tensor) -> Tensor:
     return full[pick].reshape(*own, ko)
 
 
+def _kept_projection(proj: Tensor, side: _Side, inp: Tensor, weight: Tensor) -> Tensor:
+    """What ``save_projections`` keeps of one side: the operators' kept projection, or for
+    a materialised broadcast (which backward recomputes; the kernels never wrote its
+    broadcast rows' copy) the projection of the input's own rows, by cuBLAS."""
+    if side.reads_kept:
+        return _own_projection(proj, side, inp)
+    return (as_rows(inp) @ weight.t()).view(*inp.shape[:-1], weight.shape[0])
+
+
 def _kept_rows(proj: Optional[Tensor], side: _Side) -> Optional[Tensor]:
     """A kept projection (its input's own leading shape) as the kernels read it:
     ``side.rows``' rows (expanded where its input broadcasts), or None to recompute."""
@@ -199,11 +208,11 @@ def forward(x, y, weight_x, weight_y, bias_x, bias_y, *, factor: int, dropout: f
         sx, sy, weight_x, weight_y, bias_x, bias_y, factor=factor, dropout=dropout,
         seed=seed, normalize=normalize, eps=eps,
         norm_group=norm_group(batch, norm_dims, normalize), activation=activation,
-        keep_x=keep_x, keep_y=keep_y)
+        keep_x=keep_x and sx.reads_kept, keep_y=keep_y and sy.reads_kept)
     return ForwardResult(out.view(*batch, weight_x.shape[0] // factor),
                          norm.view(batch) if normalize else None,
-                         _own_projection(a, sx, x) if keep_x else None,
-                         _own_projection(c, sy, y) if keep_y else None)
+                         _kept_projection(a, sx, x, weight_x) if keep_x else None,
+                         _kept_projection(c, sy, y, weight_y) if keep_y else None)
 
 
 def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,

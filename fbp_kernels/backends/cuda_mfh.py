@@ -45,6 +45,7 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
     """``x (..., m)``, ``y (..., n)``, per block ``weights_x[l] (K*o, m)`` etc. ->
     ``out (..., P*o)`` and the per-block norms ``(..., P)`` (None without normalising)."""
     order = len(weights_x)
+    o = weights_x[0].shape[0] // factor
     sx, sy, batch = CB.sides(x, y)
     group = CB.norm_group(batch, norm_dims, normalize)
     outs, norms, prev = [], [], None
@@ -56,7 +57,7 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
         outs.append(out)
         norms.append(norm)
         prev = p if l < order - 1 else None
-    out = torch.cat(outs, dim=-1).view(*batch, -1)
+    out = torch.cat(outs, dim=-1).view(*batch, order * o)  # explicit: batch may be empty
     if not normalize:
         return MFHForwardResult(out, None)
     return MFHForwardResult(out, torch.stack(norms, dim=-1).view(*batch, order))
