@@ -1,6 +1,8 @@
 """CUDA graphs and concurrent streams: the claims the interpreter cannot check.
 
-The wide forward (backend ``triton``) and the split strategy keep no state between
+The wide forward (backend ``triton``), the split strategy and the CUDA C++ kernels
+(backend ``cuda``: a separate finishing kernel per row or group, dynamic shared memory
+opted into per call, host work only outside the stream) keep no state between
 launches (no ticket counters: whole rows per program in their row-finishing kernels;
 the first one-launch kernel, ``save_projections=True``, zeroes its tickets per call),
 so a captured graph replays correctly, two graphs replay independently, and two
@@ -15,9 +17,12 @@ import torch
 
 import fbp_kernels
 
-from conftest import cuda_only
+from fbp_kernels import mfh_ops
 
-STRATEGIES = ["split", "triton"]
+from conftest import backend_param, cuda_only
+
+STRATEGIES = ["split", "triton", backend_param("cuda")]
+MFH_KERNELS = [backend_param(n, mfh_ops.unsupported_reason) for n in ("triton", "cuda")]
 
 
 def _problem(rows=256, m=512, n=256, factor=5, o=100, dtype=torch.bfloat16, seed=0):
@@ -47,9 +52,11 @@ def test_captured_graph_replays_match_eager(backend):
 
 
 @cuda_only
-@pytest.mark.parametrize("backend,options", [("split", {}), ("triton", {}),
-                                             ("triton", {"save_projections": True})],
-                         ids=["split", "triton", "triton-first-kernel"])
+@pytest.mark.parametrize("backend,options", [
+    ("split", {}), ("triton", {}), ("triton", {"save_projections": True}),
+    pytest.param("cuda", {}, marks=backend_param("cuda").marks),
+    pytest.param("cuda", {"save_projections": True}, marks=backend_param("cuda").marks)],
+    ids=["split", "triton", "triton-first-kernel", "cuda", "cuda-keep"])
 def test_two_graphs_replayed_on_two_streams_do_not_interfere(backend, options):
     """Two graphs captured on one stream, replayed concurrently on two streams, each give
     the eager result.  The first one-launch kernel (``save_projections=True``) finishes
@@ -111,31 +118,35 @@ def _mfh_problem(rows=256, m=512, n=256, factor=5, o=100, order=2, dtype=torch.b
 
 
 @cuda_only
-def test_mfh_captured_graph_replays_match_eager():
-    # MFH's triton blocks are FBP's stateless kernels with per-call buffers (the running
-    # products and the carries): a captured graph replays to the eager result.
+@pytest.mark.parametrize("backend", MFH_KERNELS)
+def test_mfh_captured_graph_replays_match_eager(backend):
+    # MFH's triton and cuda blocks are FBP's stateless kernels with per-call buffers (the
+    # running products and the carries): a captured graph replays to the eager result.
     x, y, wx, wy = _mfh_problem()
     static_x, static_y = x.clone(), y.clone()
-    fbp_kernels.mfh(static_x, static_y, wx, wy, factor=5, backend="triton")
+    fbp_kernels.mfh(static_x, static_y, wx, wy, factor=5, backend=backend)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = fbp_kernels.mfh(static_x, static_y, wx, wy, factor=5, backend="triton")
+        static_out = fbp_kernels.mfh(static_x, static_y, wx, wy, factor=5, backend=backend)
     for seed in (1, 2):
         nx, ny, _, _ = _mfh_problem(seed=seed)
         static_x.copy_(nx)
         static_y.copy_(ny)
         graph.replay()
-        want = fbp_kernels.mfh(nx, ny, wx, wy, factor=5, backend="triton")
+        want = fbp_kernels.mfh(nx, ny, wx, wy, factor=5, backend=backend)
         torch.cuda.synchronize()
         assert torch.equal(static_out, want), seed
 
 
 @cuda_only
+@pytest.mark.parametrize("backend", MFH_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("question_rows", [None, 8], ids=["rows", "coatt"])
-def test_mfh_at_the_mfb_widths_on_the_gpu_matches_the_reference(dtype, question_rows):
-    """The compiled chained kernels (sm_90: the 64 x 128 wgmma/TMA tile) at the MFB
+def test_mfh_at_the_mfb_widths_on_the_gpu_matches_the_reference(dtype, question_rows,
+                                                                   backend):
+    """The compiled chained kernels (triton on sm_90: the 64 x 128 wgmma/TMA tile; cuda:
+    the 128x128 cp.async WMMA engine, its co-attention shared projection) at the MFB
     default widths, order 3, plain rows and co-attention: the output and every gradient
     within twice eager's own error in the same dtype (plus a floor) of the fp64
     reference; gradients at eps 1e-2 (at 1e-6 the signed sqrt's slope makes even eager
@@ -153,7 +164,7 @@ def test_mfh_at_the_mfb_widths_on_the_gpu_matches_the_reference(dtype, question_
         x_, y_, *w = ts
         return fn(x_, y_, w[:3], w[3:], factor=5, eps=1e-2, **kw)
 
-    z = call(fbp_kernels.mfh, leaves, backend="triton")
+    z = call(fbp_kernels.mfh, leaves, backend=backend)
     ref = call(reference.mfh, exact)
     eager = call(reference.mfh, leaves)
     g = torch.randn(ref.shape, device="cuda", dtype=torch.float64,
@@ -166,7 +177,8 @@ def test_mfh_at_the_mfb_widths_on_the_gpu_matches_the_reference(dtype, question_
     for i, (a, e, b) in enumerate(outs):
         rel = ((a.double() - b).norm() / b.norm()).item()
         rel_eager = ((e.double() - b).norm() / b.norm()).item()
-        assert rel <= 2 * rel_eager + floor, (dtype, question_rows, i, rel, rel_eager)
+        assert rel <= 2 * rel_eager + floor, (backend, dtype, question_rows, i, rel,
+                                              rel_eager)
 
 
 @cuda_only

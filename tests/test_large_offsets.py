@@ -7,7 +7,7 @@ fit int32.  The real >2^31 run needs a GPU (8 GB of backward buffers)."""
 import pytest
 import torch
 
-from conftest import cuda_only
+from conftest import backend_param, cuda_only
 
 K = pytest.importorskip("fbp_kernels.backends.triton_kernels",
                         reason="Triton backend not importable")
@@ -38,8 +38,10 @@ def test_host_guard_refuses_what_no_copy_can_fix():
 
 
 @cuda_only
-def test_expanded_product_past_2_31_elements_on_gpu():
-    """rows * factor * o = 2^31: backward's dA/dC buffers pass 2^31 elements."""
+@pytest.mark.parametrize("backend", ["triton", backend_param("cuda")])
+def test_expanded_product_past_2_31_elements_on_gpu(backend):
+    """rows * factor * o = 2^31: backward's dA/dC buffers pass 2^31 elements (triton's
+    kernels and the CUDA C++ ones: int64 offsets throughout)."""
     import fbp_kernels
 
     torch.manual_seed(0)
@@ -49,7 +51,7 @@ def test_expanded_product_past_2_31_elements_on_gpu():
     y = torch.randn(rows, n, device=dev, dtype=dt, requires_grad=True)
     wx = (torch.randn(factor * o, m, device=dev) * m**-0.5).to(dt).requires_grad_()
     wy = (torch.randn(factor * o, n, device=dev) * n**-0.5).to(dt).requires_grad_()
-    out = fbp_kernels.fbp(x, y, wx, wy, factor=factor, backend="triton")
+    out = fbp_kernels.fbp(x, y, wx, wy, factor=factor, backend=backend)
     g = torch.randn_like(out)
     dx, dwx = torch.autograd.grad(out, (x, wx), g)
     # Check the last rows (whose offsets pass 2^31) against the torch backend on them.
