@@ -28,7 +28,7 @@ LEGEND = ("cells: median ms, speedup over the eager reference (x), time over the
 
 #: The same for MFH (costmodel.predict_mfh: MFH priced from FBP's providers).
 MFH_MODEL_PROVIDERS = {"reference": "eager", "floor": "floor", "triton": "fused",
-                       "torch": "torch"}
+                       "cuda": "cuda", "torch": "torch"}
 
 
 def model_shape(problem: Problem) -> Optional[costmodel.Shape]:

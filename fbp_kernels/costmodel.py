@@ -1341,7 +1341,7 @@ def predict(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
 
 
 #: The MFH providers priced by :func:`predict_mfh`.
-MFH_PROVIDERS = ("floor", "eager", "fused", "torch")
+MFH_PROVIDERS = ("floor", "eager", "fused", "cuda", "torch")
 
 
 def predict_mfh(provider: str, shape: Shape, gpu: GPU, mode: str = "forward",
@@ -1355,6 +1355,9 @@ def predict_mfh(provider: str, shape: Shape, gpu: GPU, mode: str = "forward",
       ``order - 1`` block boundaries; backward: the ``order - 1`` products recomputed by
       the forward kernel, ``order`` wide backwards, and per block boundary the product
       read and the carry written and read (PREV, CARRY, NEXT);
+    - ``cuda`` (backend cuda, FBP's fused C++ kernels per block): the same chain of
+      launches and (rows, K*o) traffic on the ``cuda`` FBP provider (prev / chain in the
+      forward, prev / carry / carry_out in the backward);
     - ``torch`` (backend torch): per block eager's forward kernels and one more product
       kernel per boundary; backward: per block both projections recomputed (the floor's
       forward GEMMs) and eager's backward kernels;
@@ -1379,12 +1382,12 @@ def predict_mfh(provider: str, shape: Shape, gpu: GPU, mode: str = "forward",
     if provider == "floor":
         return order * t("floor", mode)
     total = 0.0
-    if provider == "fused":
+    if provider in ("fused", "cuda"):
         if fwd:
-            total += order * t("fused", "forward") + edges * stream(2 * width_bytes)
+            total += order * t(provider, "forward") + edges * stream(2 * width_bytes)
         if bwd:
-            total += edges * (t("fused", "forward") + stream(2 * width_bytes)) + \
-                order * t("fused", "backward") + edges * stream(3 * width_bytes)
+            total += edges * (t(provider, "forward") + stream(2 * width_bytes)) + \
+                order * t(provider, "backward") + edges * stream(3 * width_bytes)
         return total
     product = elementwise("p *= p_prev", 2 * width_bytes, width_bytes,
                           shape.rows * shape.ko, gpu, elem_bytes=shape.elem).time_us

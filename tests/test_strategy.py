@@ -194,8 +194,9 @@ def test_predict_mfh_is_fbp_at_order_one_and_grows_with_order():
     h200 = cm.GPUS["H200"]
     s = cm.Shape(rows=1024, m=2048, n=1024, factor=5, o=1000)
     for mode in cm.MODES:
-        assert cm.predict_mfh("fused", s, h200, mode, 1) == pytest.approx(
-            cm.predict("fused", s, h200, mode).time_us)
+        for kernels in ("fused", "cuda"):
+            assert cm.predict_mfh(kernels, s, h200, mode, 1) == pytest.approx(
+                cm.predict(kernels, s, h200, mode).time_us)
         assert cm.predict_mfh("floor", s, h200, mode, 3) == pytest.approx(
             3 * cm.predict("floor", s, h200, mode).time_us)
         for p in cm.MFH_PROVIDERS:
