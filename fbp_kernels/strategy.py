@@ -272,7 +272,23 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
                 f"BLOCK_M={cfg.block_m} BLOCK_O={cfg.block_o} BLOCK_K={cfg.block_k}, "
                 f"{cfg.num_warps} warps, {cfg.num_stages} stages")
     if name == "cuda":
-        return "CUDA extension fbp_forward / fbp_backward (csrc/)", "see docs/cuda.md"
+        from . import costmodel
+
+        kernels = ("CUDA fused_forward_kernel + finish_norm_kernel (backward: "
+                   "grad_pooled_kernel + projection_grads_kernel + 4 cuBLAS GEMMs; csrc/)")
+        if save_projections:
+            kernels += "; kept projections written by the forward, read by the backward"
+        short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+        if dtype not in short:
+            return kernels, "FMA 32x64x16, 256 threads (fp64)"
+        engine = costmodel.cuda_engine(short[dtype], rows)
+        bm, bn, bk, threads, stages = costmodel.CUDA_TILES[engine]
+        how = {"wide": "cp.async WMMA, 147 KiB of shared memory",
+               "async": "cp.async WMMA", "fp32": "FMA"}[engine]
+        note = ("; synchronous WMMA 64x64x32 if an operand is not 16-byte aligned along K"
+                if engine != "fp32" else "")
+        return kernels, (f"{bm}x{bn}x{bk}, {threads} threads, {stages} stage(s), {how}: "
+                         f"{max(1, bn // factor)} outputs per tile{note} (docs/cuda.md)")
     return ("PyTorch: F.linear x2, product, pooling, normalisation (hand-written backward)",
             "-")
 

@@ -287,3 +287,19 @@ def test_mfh_ops_auto_is_the_device_level_choice(monkeypatch):
         assert strategy.auto_mfh_backend(cuda, order) == want
         assert mfh_ops.resolve("auto", cuda, order, 5).NAME == want
     assert mfh_ops.resolve("auto", torch.device("cpu"), 2, 5).NAME == "torch"
+
+
+def test_explain_names_the_cuda_engine_and_tile():
+    """The CUDA backend's plan: its kernels and the engine the launcher runs for the
+    dtype and rows (the binding's rule, mirrored by costmodel.cuda_engine)."""
+    cpu = torch.device("cpu")
+    kernels, tile = strategy._describe("cuda", 1024, 1000, 5, torch.bfloat16, cpu, False)
+    assert "fused_forward_kernel" in kernels and "projection_grads_kernel" in kernels
+    assert tile.startswith("128x128x32, 256 threads, 4 stage(s), cp.async") and "25 outputs" in tile
+    _, tile = strategy._describe("cuda", 128, 1000, 5, torch.float16, cpu, False)
+    assert tile.startswith("64x64x32, 128 threads, 3 stage(s)") and "12 outputs" in tile
+    _, tile = strategy._describe("cuda", 1024, 1000, 5, torch.float32, cpu, False)
+    assert tile.startswith("64x64x16, 256 threads, 1 stage(s), FMA")
+    kernels, tile = strategy._describe("cuda", 8, 10, 2, torch.float64, cpu, True)
+    assert "kept projections" in kernels and "fp64" in tile
+
