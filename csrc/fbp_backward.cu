@@ -9,8 +9,11 @@
 //    over each group of consecutive rows instead, one block per group.
 // 2. projection_grads_kernel, per (BM rows, BN projected columns) tile: stage the
 //    tile's biases in shared memory, recompute a and c with the forward's GEMM
-//    tiles, then, four consecutive columns per thread (one Philox call per four)
-//        dp = ds[row, col / factor] * keep(seed, row*K + col) / (1 - rate)
+//    tiles (or read a kept / shared projection), then, four consecutive columns per
+//    thread (one Philox call per four)
+//        dp = (ds[row, col / factor] + carry) * keep(seed, row*K + col) / (1 - rate)
+//    (carry: MFH's gradient from later blocks; the carry to the previous block is
+//    dp act(a) act(c), and MFH multiplies dp by the previous block's product first)
 //        da = dp * act(c) act'(a),  dc = dp * act(a) act'(c)   (act: the activation,
 //        identity by default; act' from the activated value, fbp_math.cuh)
 //    written to two transient (rows, K) buffers in the input dtype.  The binding

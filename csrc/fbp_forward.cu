@@ -5,15 +5,19 @@
 // block owns BM rows x BO outputs, i.e. the BO * factor projected columns that
 // feed them, walked in chunks of BN columns (one chunk unless factor > BN).  For
 // each chunk it stages the chunk's biases in shared memory, computes the a and c
-// tiles into shared memory (fp32/fp64), then
+// tiles into shared memory (fp32/fp64; a side whose projection is given -- co-attention's
+// shared input, formed once per group by the binding -- is loaded instead), then
 //   1. an elementwise pass: each thread takes four consecutive columns of a row
-//      (16-byte vector reads), forms (a + b_x)(c + b_y), applies dropout (one Philox
-//      call per four columns) and writes the product back over the a tile;
+//      (16-byte vector reads), forms act(a + b_x) act(c + b_y) (times MFH's previous
+//      block product `prev`), applies dropout (one Philox call per four columns) and
+//      writes the product back over the a tile; the memory modes write the raw a / c
+//      here and MFH's chained blocks their product (`keep_x/keep_y`, `chain`);
 //   2. a pooling pass over the block's valid (row, output) pairs only: each thread
 //      sums the `factor` products of each of its pairs and writes the result out
 //      (s, or t and its copy for the row norm) at once.  The pair index advances by a
 //      precomputed (rows, outputs) step: no division in the loop, no array of sums.
-// No (rows, factor*o) intermediate ever reaches global memory.
+// No (rows, factor*o) intermediate reaches global memory unless asked for: a kept
+// projection (the memory modes) or MFH's chained product.
 //
 // Row norms need every output of a row, which lives in several blocks.  Each block
 // writes t = signed_sqrt(s) (to `out` itself for fp32/fp64, to an fp32 (rows, o)
@@ -65,7 +69,7 @@ struct ForwardParams {
 // CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
 // 65536 / (minBlocks * threads)).  The highest value without spills on sm_80 and sm_90
 // (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
-// spill): 3 for the 64-row engines (WMMA 112-156 registers, fp32 FMA 71-80), except
+// spill): 3 for the 64-row engines (WMMA 133-166 registers, fp32 FMA 79-80), except
 // the ones below.
 template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
 // One 147 KiB CTA per SM: the whole register file (255 per thread) is allowed.

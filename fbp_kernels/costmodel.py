@@ -1080,8 +1080,10 @@ def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
     rows, BN projected columns) tile (CUDA_TILES: 128 x 128 for half precision above
     CUDA_WIDE_ABOVE_ROWS rows, else 64 x 64) covers ``BN // factor`` outputs of every factor group (25 at factor 5, 125
     of its 128 columns), one GEMM over x and one over y per tile (WMMA 16x16x16, priced
-    as Triton's mma.sync: TRITON_MMA_EFFICIENCY, an assumption), BM*BN/(BM+BN) FLOP per
-    L2 byte (64 half, 32 fp32); grid (row tiles, output tiles) with row tiles fastest.  Forward: the product, dropout, pooling and t / the row's partial sums of
+    as Triton's mma.sync: TRITON_MMA_EFFICIENCY, an assumption),
+    2*BM*BN/((BM+BN)*element bytes) FLOP per L2 byte (64 for the 128x128 half tile, 32
+    for the 64x64 one, 16 for fp32); grid (row tiles, output tiles) with row tiles
+    fastest.  Forward: the product, dropout, pooling and t / the row's partial sums of
     squares in the epilogue; backward (``projection_grads``): A and C recomputed, ds
     read, dA and dC written."""
     e, k, R = s.elem, s.ko, s.rows

@@ -238,7 +238,8 @@ def _prepare(tensors, factor, dropout, eps, backend, save_projections=False, nor
     device = tensors[0].device
     routed = route_drop_in(backend, norm_dims, activation, device)
     if routed is not None:
-        # Every drop-in backend (split, torch) keeps any of the projection modes.
+        # split, cuda and torch keep any of the projection modes with these options;
+        # triton refuses save_projections=True with the reason (drop_in_problem).
         return cast_dtype, tensors, backend_name_or_raise(routed, device), mode
     if mode in ("x", "y"):
         # Backends in ONE_PROJECTION_BACKENDS keep one projection.
@@ -412,8 +413,8 @@ def fbp(
         save_projections: ``True`` keeps the two ``(..., factor*o)`` projections for
             backward instead of recomputing them (two GEMMs fewer in backward, ``factor``
             times more activation memory); ``"x"`` or ``"y"`` keeps only that input's
-            (half the memory, one GEMM recomputed; backends ``split``, ``triton`` and
-            ``torch``).
+            (half the memory, one GEMM recomputed; backends ``split``, ``triton``,
+            ``cuda`` and ``torch``).
             Default ``False``: recompute both.  With ``activation`` backend
             ``torch`` keeps the activated projections and ``split`` the pre-activation
             ones (its epilogue applies the activation as it reads them).
@@ -427,9 +428,9 @@ def fbp(
             ``activ_input``; relu's gradient at exactly 0 is 0 (PyTorch's convention).
 
         ``norm_dims != 1`` and ``activation`` run on backends ``split``, ``triton``
-        (its wide kernels; not with ``save_projections=True``) and ``torch``:
+        (its wide kernels; not with ``save_projections=True``), ``cuda`` and ``torch``:
         ``backend="auto"`` takes ``split`` on a CUDA device where Triton runs, else
-        ``torch``; ``"cuda"`` raises ValueError.
+        ``torch``.
 
     Returns:
         ``(..., o)`` with ``o = weight_x.shape[0] // factor``, in the inputs' dtype

@@ -184,16 +184,17 @@ def mfh(
         backend: ``"auto"`` (on CUDA tensors ``triton`` or ``torch``, whichever the
             cost model predicts faster for the call's shape: ``strategy.choose_mfh``;
             ``torch`` on other devices or where triton's tiles cannot hold the
-            factor), ``"triton"`` (FBP's wide kernels, one launch per block, any order)
-            or ``"torch"``.
+            factor), ``"triton"`` (FBP's wide kernels, one launch per block, any order),
+            ``"cuda"`` (FBP's fused C++ kernels per block, any order; never picked by
+            ``"auto"``) or ``"torch"``.
         norm_dims: per block, the L2 norm spans the ``o`` outputs and the last
             ``norm_dims - 1`` batch dimensions (mmf's ``layers.MFH`` normalises all
             regions of a sample together: ``norm_dims=2`` on ``(N, C, ...)``), as in
             :func:`fbp_kernels.fbp`.
         activation: ``None``, ``"relu"`` or ``"tanh"`` on every block's two
             projections (block.bootstrap / mmf ``activ_input``), as in
-            :func:`fbp_kernels.fbp`.  Both options run on ``triton`` and ``torch``;
-            another explicit backend raises ValueError.
+            :func:`fbp_kernels.fbp`.  Both options run on ``triton``, ``cuda`` and
+            ``torch``; another explicit backend raises ValueError.
 
     Returns:
         ``(..., order*o)``: block ``l``'s ``o`` outputs at ``[..., l*o:(l+1)*o]``, in

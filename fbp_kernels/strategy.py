@@ -357,6 +357,12 @@ def explain_mfh(x, y, weights_x, weights_y=None, *, factor: int, backend: str = 
                    f"recomputed, then per block _grad_pooled_kernel + _wide_grad_kernel "
                    f"twice (CARRY/PREV/NEXT) + 4 cuBLAS GEMMs")
         tile = f"forward {tiles(fwd)}; backward {tiles(bwd)}"
+    elif name == "cuda":
+        fbp_kernels_, tile = _describe("cuda", rows, weights_x[0].shape[0] // factor, factor,
+                                       x.dtype, device, False)
+        kernels = (f"per block ({order}): {fbp_kernels_}, the running product multiplied in "
+                   f"and returned (prev/chain); backward: the products recomputed, then per "
+                   f"block the carry in and out (carry/prev/carry_out)")
     else:
         kernels = (f"per block ({order}): F.linear x2, products, pooling, normalisation "
                    f"(hand-written backward, projections recomputed)")

@@ -239,6 +239,19 @@ def test_explain_mfh_on_the_cpu_and_by_name():
         fbp_kernels.explain_mfh(x, y, wx, wy, factor=2, backend="cuda")
 
 
+def test_explain_mfh_names_the_cuda_blocks(monkeypatch):
+    # Where the extension runs (stubbed here): FBP's CUDA kernels per block, chained.
+    from fbp_kernels.backends import cuda_mfh
+
+    monkeypatch.setattr(mfh_ops, "resolve", lambda *a, **k: cuda_mfh)
+    x, y = torch.randn(300, 4).bfloat16(), torch.randn(300, 5).bfloat16()
+    wx = [torch.randn(10, 4).bfloat16() for _ in range(3)]
+    plan = fbp_kernels.explain_mfh(x, y, wx, factor=2, backend="cuda")
+    assert plan.backend == "cuda" and "per block (3)" in plan.kernels
+    assert "fused_forward_kernel" in plan.kernels and "carry" in plan.kernels
+    assert plan.tile.startswith("128x128x32"), plan.tile
+
+
 @pytest.mark.skipif(mfh_ops.unsupported_reason("triton", DEVICE) is not None,
                     reason="backend 'triton' cannot run MFH here")
 def test_explain_mfh_names_the_chained_tiles(monkeypatch):

@@ -18,7 +18,8 @@ class ForwardResult(NamedTuple):
     out:  ``(..., o)`` in the input dtype.
     norm: ``(...)`` row norms ``||t||`` before clamping, fp32 (fp64 for fp64 inputs);
           ``None`` when ``normalize=False``.
-    a, c: the projections ``(..., factor*o)``, only when ``save_projections=True``.
+    a, c: the projections ``(..., factor*o)`` a memory mode keeps (``save_projections``
+          ``True``: both; ``"x"`` / ``"y"``: that input's), else ``None``.
     """
 
     out: Tensor

@@ -9,7 +9,7 @@ group (cuBLAS) and the fused kernels read that projection per row in place of it
 its gradient is summed per group before its GEMMs.  Other broadcasts are materialised
 (:func:`._common.flatten_rows`).
 
-Forward: one fused kernel per (64-row, output) tile computes both projections
+Forward: one fused kernel per (64- or 128-row, output) tile computes both projections
 (tensor cores for fp16/bf16, FMA for fp32/fp64), the product, dropout, the sum
 over ``factor`` consecutive columns and the signed square root; a one-warp-per-row
 kernel finishes ``||t||`` and the L2 normalisation.  No ``(rows, factor*o)``
@@ -33,7 +33,7 @@ this backend; the CPU mirrors of that math are tested (tests/test_cuda_backend.p
 
 Memory modes (``save_projections``): ``True`` / ``"x"`` / ``"y"`` make the fused forward
 also write that projection, ``x W_x^T`` (no bias, before the activation; ``(..., K)`` at
-the broadcast rows, input dtype) from its tile, and the backward's kernel read it
+the input's own rows, input dtype) from its tile, and the backward's kernel read it
 instead of recomputing it (one GEMM fewer per kept side); ``False`` keeps neither.
 
 Dropout: the Triton kernels' stream (:mod:`triton_dropout`), so both GPU backends
