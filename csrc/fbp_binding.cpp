@@ -241,19 +241,22 @@ Staging staging_mode() {
               "'");
 }
 
-// Why x, y and the weights cannot take a cp.async engine ("" when they can).  The
-// compute-capability part applies to CUDA tensors only.
+// Why x, y and the weights cannot take a cp.async engine ("" when they can).  Only the
+// operands a GEMM reads count: a side whose projection is given (kept, or co-attention's
+// shared input projected by cuBLAS) is never staged.  The compute-capability part applies
+// to CUDA tensors only.
 std::string cp_async_refusal(const Tensor& x, const Tensor& y, const Tensor& wx,
-                             const Tensor& wy) {
+                             const Tensor& wy, bool gemm_x = true, bool gemm_y = true) {
   const auto d = x.scalar_type();
   if (d != at::kHalf && d != at::kBFloat16)
     return std::string("the dtype is ") + c10::toString(d) +
            " (only float16 and bfloat16 have a cp.async engine)";
   const Tensor* operands[] = {&x, &y, &wx, &wy};
   const char* names[] = {"x", "y", "weight_x", "weight_y"};
+  const bool staged[] = {gemm_x, gemm_y, gemm_x, gemm_y};
   for (int i = 0; i < 4; ++i) {
     const Tensor& t = *operands[i];
-    if (!cp_async_operand_ok(MatrixArg{t.data_ptr(), t.size(0), t.size(1), t.stride(0),
+    if (staged[i] && !cp_async_operand_ok(MatrixArg{t.data_ptr(), t.size(0), t.size(1), t.stride(0),
                                        t.stride(1)}, 2))
       return std::string(names[i]) + " is not contiguous along its last dimension with "
              "16-byte-aligned rows (strides " + c10::str(t.strides()) + ", data pointer % 16 = " +
@@ -275,12 +278,13 @@ std::string wide_refusal(const Tensor& x) {
          "128x128 engine needs " + std::to_string(wide.smem_bytes);
 }
 
+// The engine for these operands, `rows` broadcast rows, and the sides a GEMM reads.
 Engine choose_engine(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
-                     int64_t rows) {
+                     int64_t rows, bool gemm_x = true, bool gemm_y = true) {
   const Staging mode = staging_mode();
   const auto d = x.scalar_type();
   if (mode == Staging::kSync || (d != at::kHalf && d != at::kBFloat16)) return Engine::kDefault;
-  const std::string refusal = cp_async_refusal(x, y, wx, wy);
+  const std::string refusal = cp_async_refusal(x, y, wx, wy, gemm_x, gemm_y);
   TORCH_CHECK(mode == Staging::kAuto || refusal.empty(), "fbp cuda: FBP_CUDA_STAGING=",
               mode == Staging::kWide ? "wide" : "async", ", but ", refusal);
   if (!refusal.empty()) return Engine::kDefault;
@@ -382,7 +386,7 @@ ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, cons
   const int64_t rows = out.size(0), o = out.size(1);
   if (rows == 0) return {out, norm, a, c, p};
   const DType dtype = kernel_dtype(x.scalar_type());
-  const Engine engine = choose_engine(x, y, wx, wy, rows);
+  const Engine engine = choose_engine(x, y, wx, wy, rows, rows_per_x == 1, rows_per_y == 1);
   const Grid grid = forward_grid(dtype, engine, rows, o, factor);
   check_grid(grid, "out_features", o);
   const Tensor bias_x = maybe_contiguous(bx), bias_y = maybe_contiguous(by);
@@ -511,7 +515,11 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   const DType dtype = kernel_dtype(x.scalar_type());
   const int64_t K = wx.size(0), o = K / factor;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Engine engine = rows > 0 ? choose_engine(x, y, wx, wy, rows) : Engine::kDefault;
+  // The sides a GEMM reads (the others' projections are given: kept, or shared).
+  const bool gemm_x = rows_per_x == 1 && !a.has_value();
+  const bool gemm_y = rows_per_y == 1 && !c.has_value();
+  const Engine engine =
+      rows > 0 ? choose_engine(x, y, wx, wy, rows, gemm_x, gemm_y) : Engine::kDefault;
   const Grid grid = projection_grads_grid(dtype, engine, rows, K);
   check_grid(grid, "factor * out_features", K);
   // dL/ds (rows, o) in the accumulation dtype.
