@@ -36,8 +36,10 @@
 //       (fbp_math.cuh)
 //   torch.ops.fbp_kernels_cuda.cp_async_staging(x, y, weight_x, weight_y) -> bool
 //       whether fp16/bf16 GEMM tiles would be fed by cp.async (FBP_CUDA_STAGING)
-//   torch.ops.fbp_kernels_cuda.gemm_engine(x, y, weight_x, weight_y) -> str
-//       which engine the fused kernels would run: "default", "async" or "wide"
+//   torch.ops.fbp_kernels_cuda.gemm_engine(x, y, weight_x, weight_y, rows=0, gemm_x=True,
+//       gemm_y=True) -> str
+//       which engine the fused kernels would run: "default", "async" or "wide", for
+//       `rows` broadcast rows (0: x's) with GEMMs on the sides gemm_x / gemm_y
 //   torch.ops.fbp_kernels_cuda.engine_tile(engine, dtype) -> int[]
 //       [BM, BN, BK, threads, stages, shared bytes per block] of an engine (fbp_tile.cuh)
 //
@@ -309,9 +311,10 @@ bool cp_async_staging_op(const Tensor& x, const Tensor& y, const Tensor& wx, con
   return choose_engine(x, y, wx, wy, x.size(0)) != Engine::kDefault;
 }
 
-std::string gemm_engine_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy) {
+std::string gemm_engine_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
+                           int64_t rows, bool gemm_x, bool gemm_y) {
   check_operands_2d(x, y, wx, wy, "gemm_engine");
-  switch (choose_engine(x, y, wx, wy, x.size(0))) {
+  switch (choose_engine(x, y, wx, wy, rows > 0 ? rows : x.size(0), gemm_x, gemm_y)) {
     case Engine::kAsyncWide: return "wide";
     case Engine::kAsync: return "async";
     default: return "default";
@@ -803,7 +806,8 @@ TORCH_LIBRARY(fbp_kernels_cuda, m) {
         "-> Tensor");
   m.def("activation(Tensor v, int code) -> (Tensor act, Tensor grad)");
   m.def("cp_async_staging(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y) -> bool");
-  m.def("gemm_engine(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y) -> str");
+  m.def("gemm_engine(Tensor x, Tensor y, Tensor weight_x, Tensor weight_y, int rows=0, "
+        "bool gemm_x=True, bool gemm_y=True) -> str");
   // No tensor arguments, so no dispatch key: one kernel for every backend.
   m.def("engine_tile(str engine, ScalarType dtype) -> int[]", &fbp::engine_tile_op);
 }

@@ -685,6 +685,13 @@ def test_gemm_engine_rule(ops, monkeypatch):
         assert ops.gemm_engine(*_operands(dtype=torch.bfloat16)) == few, mode
         assert ops.gemm_engine(*_operands(rows=above + 1, dtype=torch.bfloat16)) == many, mode
         assert ops.gemm_engine(*_operands(dtype=torch.float64)) == "default", mode
+    # Only the operands a GEMM reads decide: co-attention's shared question (its
+    # projection given), unaligned, leaves the cp.async engines; the broadcast rows count.
+    monkeypatch.delenv("FBP_CUDA_STAGING", raising=False)
+    x, y, wx, wy = _operands(rows=above + 1, n=7)
+    assert ops.gemm_engine(x, y, wx, wy) == "default"
+    assert ops.gemm_engine(x, y, wx, wy, above + 1, True, False) == "wide"
+    assert ops.gemm_engine(*_operands(rows=4), 4 * (above + 1)) == "wide"
 
 
 def test_engine_tiles_are_the_report_and_model_tables(ops):
