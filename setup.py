@@ -5,7 +5,8 @@ Environment flags (read once, here):
 - ``FBP_SKIP_CUDA_BUILD=1``  never build the extension (default: build when CUDA is usable).
 - ``FBP_FORCE_CUDA=1``       build it even without a visible GPU (CI, cross-compiling);
                              needs nvcc and a CUDA build of torch.
-- ``TORCH_CUDA_ARCH_LIST``   architectures, default ``"8.0;9.0"`` (Ampere, Hopper).
+- ``TORCH_CUDA_ARCH_LIST``   architectures, default ``"8.0;9.0a"`` (Ampere; Hopper with
+                             wgmma/TMA, which need the arch-specific 9.0a target).
 - ``MAX_JOBS``               parallel compile jobs for ninja (torch's own flag).
 - ``NVCC_THREADS``           ``nvcc --threads`` per job, default 2.
 
@@ -23,7 +24,7 @@ from setuptools import setup
 
 SKIP_CUDA_BUILD = os.environ.get("FBP_SKIP_CUDA_BUILD", "0") == "1"
 FORCE_CUDA = os.environ.get("FBP_FORCE_CUDA", "0") == "1"
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0a"
 NVCC_THREADS = os.environ.get("NVCC_THREADS", "2")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,7 +82,8 @@ def cuda_extension():
         # Keep these in step with fbp_kernels/backends/cuda_build.py.
         extra_compile_args={
             "cxx": ["-O3"],
-            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", f"--threads={NVCC_THREADS}"],
+            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", f"--threads={NVCC_THREADS}"]
+            + _cuda_build_module().arch_defines(os.environ["TORCH_CUDA_ARCH_LIST"]),
         },
     )
     return ext, BuildExtension

@@ -287,8 +287,8 @@ def refresh_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py") -> int:
 
 
 #: costmodel.CUDA_TILES engine -> the compile report's config for each dtype.
-CUDA_ENGINE_CONFIGS = {"wide": "WmmaWideEngine", "async": "WmmaAsyncEngine",
-                       "fp32": "FmaEngine<float>"}
+CUDA_ENGINE_CONFIGS = {"wgmma": "WgmmaEngine", "wide": "WmmaWideEngine",
+                       "async": "WmmaAsyncEngine", "fp32": "FmaEngine<float>"}
 
 
 def refresh_cuda_facts(path: Path = ROOT / "fbp_kernels" / "costmodel.py",

@@ -27,6 +27,7 @@
 #include "fbp_math.cuh"
 #include "fbp_reduce.cuh"
 #include "fbp_tile.cuh"
+#include "fbp_tma.cuh"
 
 namespace fbp {
 namespace {
@@ -89,6 +90,7 @@ struct ProjectionGradParams {
   uint64_t seed;
   int activation;  // Activation code (fbp_math.cuh), block-uniform
   bool dropout;
+  TmaMaps maps;    // WgmmaEngine's operand maps (zero for the other engines)
 };
 
 // Four consecutive elements of the input dtype to global memory (p 4-element aligned).
@@ -123,10 +125,14 @@ template <typename T> struct BackwardMinBlocks<WmmaAsyncEngine<T>> {
 template <typename T> struct BackwardMinBlocks<WmmaWideEngine<T>> {
   static constexpr int value = 1;
 };
+// One ~196 KiB CTA per SM, as the wide engine.
+template <typename T> struct BackwardMinBlocks<WgmmaEngine<T>> {
+  static constexpr int value = 1;
+};
 
 template <typename T, class E>
 __global__ void __launch_bounds__(E::kThreads, BackwardMinBlocks<E>::value)
-projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
+projection_grads_kernel(const __grid_constant__ ProjectionGradParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;
   unsigned char* smem = tile_smem<E>();
@@ -146,7 +152,7 @@ projection_grads_kernel(const ProjectionGradParams<T, typename E::Acc> p) {
 
   stage_biases<E>(p.bias_x, p.bias_y, col0, K, bx_s, by_s);
   project_tiles<E>(p.x, p.wx, p.src_x, p.div_x, p.y, p.wy, p.src_y, p.div_y, row0, nr, col0,
-                   width, K, smem, pa, pc);
+                   width, K, p.maps, smem, pa, pc);
   __syncthreads();
   DropoutStream drop(p.seed, p.rate);
   // Four consecutive columns per thread (one Philox call per four elements when
@@ -257,8 +263,11 @@ cudaError_t projection_grads_with(const ProjectionGradArgs& a, cudaStream_t stre
   p.scale = static_cast<Acc>(1.0 / (1.0 - a.dropout.rate));
   p.seed = a.dropout.seed;
   p.activation = a.activation;
+  cudaError_t err = operand_maps<E>(a.dtype, a.x, a.weight_x, a.src_x == nullptr, a.y,
+                                    a.weight_y, a.src_y == nullptr, &p.maps);
+  if (err != cudaSuccess) return err;
   int dynamic_smem = 0;
-  const cudaError_t err = launch_smem<E>(projection_grads_kernel<T, E>, &dynamic_smem);
+  err = launch_smem<E>(projection_grads_kernel<T, E>, &dynamic_smem);
   if (err != cudaSuccess) return err;
   projection_grads_kernel<T, E><<<dim3(static_cast<unsigned>(grid.x),
                                        static_cast<unsigned>(grid.y)),

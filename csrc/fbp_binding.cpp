@@ -38,7 +38,7 @@
 //       whether fp16/bf16 GEMM tiles would be fed by cp.async (FBP_CUDA_STAGING)
 //   torch.ops.fbp_kernels_cuda.gemm_engine(x, y, weight_x, weight_y, rows=0, gemm_x=True,
 //       gemm_y=True) -> str
-//       which engine the fused kernels would run: "default", "async" or "wide", for
+//       which engine the fused kernels would run: "default", "async", "wide" or "wgmma", for
 //       `rows` broadcast rows (0: x's) with GEMMs on the sides gemm_x / gemm_y
 //   torch.ops.fbp_kernels_cuda.engine_tile(engine, dtype) -> int[]
 //       [BM, BN, BK, threads, stages, shared bytes per block] of an engine (fbp_tile.cuh)
@@ -222,15 +222,17 @@ Tensor empty_marker(const Tensor& like) { return at::empty({0}, like.options());
 
 // ------------------------------------------------------------------ operand staging
 // FBP_CUDA_STAGING selects the GEMM engine of the fp16/bf16 fused kernels: "auto"
-// (default) the 128x128 cp.async engine (WmmaWideEngine) when every operand allows
-// cp.async, the GPU's per-block shared memory holds it and there are more than
-// kWideEngineAboveRows rows, else the 64x64 cp.async one
-// (WmmaAsyncEngine) when the operands allow it, else the synchronous one; "sync" always
-// the synchronous one; "async" always the 64x64 cp.async one and "wide" always the
-// 128x128 one, an error when their operands or the GPU do not allow it (tests use them
-// to know which path ran; fp32/fp64 have no cp.async engine and are unaffected).  Read
-// per call, so a test can switch it.
-enum class Staging { kAuto, kSync, kAsync, kWide };
+// (default), above kWideEngineAboveRows rows and when every operand a GEMM reads allows
+// cp.async: the wgmma + TMA engine (WgmmaEngine) on an sm_90 GPU with an sm_90a build and
+// operands a tensor map can describe, else the 128x128 cp.async engine (WmmaWideEngine)
+// when the GPU's per-block shared memory holds it; at or below that many rows the 64x64
+// cp.async one (WmmaAsyncEngine); operands cp.async cannot read: the synchronous one.
+// "sync" always the synchronous one; "async", "wide" and "wgmma" always that engine, an
+// error when the operands, the GPU or the build do not allow it (tests use them to know
+// which path ran; fp32/fp64 have no cp.async engine and are unaffected).  Read per call,
+// so a test can switch it.  CPU tensors (the gemm_engine operator) are judged by the
+// operand rules alone; auto then answers as for an sm_80 GPU (no wgmma).
+enum class Staging { kAuto, kSync, kAsync, kWide, kWgmma };
 
 Staging staging_mode() {
   const char* v = std::getenv("FBP_CUDA_STAGING");
@@ -239,8 +241,25 @@ Staging staging_mode() {
   if (mode == "sync") return Staging::kSync;
   if (mode == "async") return Staging::kAsync;
   if (mode == "wide") return Staging::kWide;
-  TORCH_CHECK(false, "fbp cuda: FBP_CUDA_STAGING must be auto, sync, async or wide, got '", mode,
-              "'");
+  if (mode == "wgmma") return Staging::kWgmma;
+  TORCH_CHECK(false, "fbp cuda: FBP_CUDA_STAGING must be auto, sync, async, wide or wgmma, got '",
+              mode, "'");
+}
+
+const char* staging_name(Staging mode) {
+  switch (mode) {
+    case Staging::kSync: return "sync";
+    case Staging::kAsync: return "async";
+    case Staging::kWide: return "wide";
+    case Staging::kWgmma: return "wgmma";
+    default: return "auto";
+  }
+}
+
+constexpr const char* kOperandNames[] = {"x", "y", "weight_x", "weight_y"};
+
+MatrixArg matrix_of(const Tensor& t) {
+  return MatrixArg{t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
 }
 
 // Why x, y and the weights cannot take a cp.async engine ("" when they can).  Only the
@@ -254,13 +273,11 @@ std::string cp_async_refusal(const Tensor& x, const Tensor& y, const Tensor& wx,
     return std::string("the dtype is ") + c10::toString(d) +
            " (only float16 and bfloat16 have a cp.async engine)";
   const Tensor* operands[] = {&x, &y, &wx, &wy};
-  const char* names[] = {"x", "y", "weight_x", "weight_y"};
   const bool staged[] = {gemm_x, gemm_y, gemm_x, gemm_y};
   for (int i = 0; i < 4; ++i) {
     const Tensor& t = *operands[i];
-    if (staged[i] && !cp_async_operand_ok(MatrixArg{t.data_ptr(), t.size(0), t.size(1), t.stride(0),
-                                       t.stride(1)}, 2))
-      return std::string(names[i]) + " is not contiguous along its last dimension with "
+    if (staged[i] && !cp_async_operand_ok(matrix_of(t), 2))
+      return std::string(kOperandNames[i]) + " is not contiguous along its last dimension with "
              "16-byte-aligned rows (strides " + c10::str(t.strides()) + ", data pointer % 16 = " +
              std::to_string(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) + ")";
   }
@@ -269,15 +286,38 @@ std::string cp_async_refusal(const Tensor& x, const Tensor& y, const Tensor& wx,
   return "";
 }
 
-// Why the wide engine does not fit the GPU ("" when it does; CPU tensors: the layout
-// rule alone, as on a GPU with room for it).
-std::string wide_refusal(const Tensor& x) {
+// Why an engine of `bytes` of shared memory per block does not fit the GPU ("" when it
+// does; CPU tensors: as on a GPU with room for it).
+std::string smem_refusal(const Tensor& x, Engine engine, const char* what) {
   if (!x.is_cuda()) return "";
-  const EngineInfo wide = engine_info(kernel_dtype(x.scalar_type()), Engine::kAsyncWide);
+  const EngineInfo info = engine_info(kernel_dtype(x.scalar_type()), engine);
   const size_t limit = at::cuda::getDeviceProperties(x.get_device())->sharedMemPerBlockOptin;
-  if (static_cast<size_t>(wide.smem_bytes) <= limit) return "";
+  if (static_cast<size_t>(info.smem_bytes) <= limit) return "";
   return "the GPU allows " + std::to_string(limit) + " bytes of shared memory per block, the " +
-         "128x128 engine needs " + std::to_string(wide.smem_bytes);
+         what + " engine needs " + std::to_string(info.smem_bytes);
+}
+
+// Why the wgmma + TMA engine cannot run these operands ("" when it can, given that
+// cp_async_refusal is empty): the build, the GPU (CUDA tensors), the tensor-map rules.
+std::string wgmma_refusal(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
+                          bool gemm_x, bool gemm_y) {
+  if (!wgmma_built())
+    return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST must name 9.0a)";
+  if (x.is_cuda()) {
+    const auto* props = at::cuda::getDeviceProperties(x.get_device());
+    if (props->major != 9)
+      return "the GPU's compute capability is " + std::to_string(props->major) + "." +
+             std::to_string(props->minor) + " (wgmma and TMA need 9.0)";
+    const std::string room = smem_refusal(x, Engine::kWgmma, "wgmma");
+    if (!room.empty()) return room;
+  }
+  const Tensor* operands[] = {&x, &y, &wx, &wy};
+  const bool staged[] = {gemm_x, gemm_y, gemm_x, gemm_y};
+  for (int i = 0; i < 4; ++i)
+    if (staged[i] && !tma_operand_ok(matrix_of(*operands[i]), 2))
+      return std::string(kOperandNames[i]) + " (" + c10::str(operands[i]->sizes()) +
+             ") has an empty dimension or one of 2^31 or more (TMA coordinates are 32-bit)";
+  return "";
 }
 
 // The engine for these operands, `rows` broadcast rows, and the sides a GEMM reads.
@@ -288,13 +328,20 @@ Engine choose_engine(const Tensor& x, const Tensor& y, const Tensor& wx, const T
   if (mode == Staging::kSync || (d != at::kHalf && d != at::kBFloat16)) return Engine::kDefault;
   const std::string refusal = cp_async_refusal(x, y, wx, wy, gemm_x, gemm_y);
   TORCH_CHECK(mode == Staging::kAuto || refusal.empty(), "fbp cuda: FBP_CUDA_STAGING=",
-              mode == Staging::kWide ? "wide" : "async", ", but ", refusal);
+              staging_name(mode), ", but ", refusal);
   if (!refusal.empty()) return Engine::kDefault;
   if (mode == Staging::kAsync) return Engine::kAsync;
-  const std::string too_big = wide_refusal(x);
+  if (mode == Staging::kWgmma) {
+    const std::string why = wgmma_refusal(x, y, wx, wy, gemm_x, gemm_y);
+    TORCH_CHECK(why.empty(), "fbp cuda: FBP_CUDA_STAGING=wgmma, but ", why);
+    return Engine::kWgmma;
+  }
+  const std::string too_big = smem_refusal(x, Engine::kAsyncWide, "128x128");
   TORCH_CHECK(mode != Staging::kWide || too_big.empty(), "fbp cuda: FBP_CUDA_STAGING=wide, but ",
               too_big);
   if (mode == Staging::kAuto && rows <= kWideEngineAboveRows) return Engine::kAsync;
+  if (mode == Staging::kAuto && x.is_cuda() && wgmma_refusal(x, y, wx, wy, gemm_x, gemm_y).empty())
+    return Engine::kWgmma;
   return too_big.empty() ? Engine::kAsyncWide : Engine::kAsync;
 }
 
@@ -315,6 +362,7 @@ std::string gemm_engine_op(const Tensor& x, const Tensor& y, const Tensor& wx, c
                            int64_t rows, bool gemm_x, bool gemm_y) {
   check_operands_2d(x, y, wx, wy, "gemm_engine");
   switch (choose_engine(x, y, wx, wy, rows > 0 ? rows : x.size(0), gemm_x, gemm_y)) {
+    case Engine::kWgmma: return "wgmma";
     case Engine::kAsyncWide: return "wide";
     case Engine::kAsync: return "async";
     default: return "default";
@@ -322,15 +370,17 @@ std::string gemm_engine_op(const Tensor& x, const Tensor& y, const Tensor& wx, c
 }
 
 // [BM, BN, BK, threads, stages, shared bytes per block] of engine "default" / "async" /
-// "wide" for `dtype` (empty when the dtype has no such engine): the tile table of the
+// "wide" / "wgmma" for `dtype` (empty when the dtype has no such engine): the tile table of the
 // compile report and the cost model, from the headers themselves.
 std::vector<int64_t> engine_tile_op(c10::string_view engine, at::ScalarType dtype) {
   check_float(at::empty({0}, at::TensorOptions().dtype(dtype)), "dtype");
   const std::string name(engine);
-  TORCH_CHECK(name == "default" || name == "async" || name == "wide",
-              "fbp: engine must be default, async or wide, got '", name, "'");
-  const Engine e = name == "wide" ? Engine::kAsyncWide
-                                  : name == "async" ? Engine::kAsync : Engine::kDefault;
+  TORCH_CHECK(name == "default" || name == "async" || name == "wide" || name == "wgmma",
+              "fbp: engine must be default, async, wide or wgmma, got '", name, "'");
+  const Engine e = name == "wgmma"  ? Engine::kWgmma
+                   : name == "wide" ? Engine::kAsyncWide
+                   : name == "async" ? Engine::kAsync
+                                     : Engine::kDefault;
   const EngineInfo info = engine_info(kernel_dtype(dtype), e);
   if (info.threads == 0) return {};
   return {info.bm, info.bn, info.bk, info.threads, info.stages, info.smem_bytes};

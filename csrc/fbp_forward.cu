@@ -30,14 +30,71 @@
 // fp16/bf16.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #include "fbp_launch.h"
 #include "fbp_math.cuh"
 #include "fbp_reduce.cuh"
 #include "fbp_tile.cuh"
+#include "fbp_tma.cuh"
 
 namespace fbp {
+
+// ------------------------------------------------------------------ TMA tensor maps
+// cuTensorMapEncodeTiled from the driver torch has loaded (the runtime's entry-point
+// query: no link against libcuda), looked up once.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+static EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult status;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                             cudaEnableDefault, &status);
+#else
+    const cudaError_t err =
+        cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &status);
+#endif
+    return err == cudaSuccess && status == cudaDriverEntryPointSuccess
+               ? reinterpret_cast<EncodeTiledFn>(f)
+               : nullptr;
+  }();
+  return fn;
+}
+
+// A (rows, cols) operand, cols contiguous, as a 2-D map with a {kTmaBoxK, kTmaBoxRows}
+// box, 128-byte swizzle (fbp_tma.cuh's layout contract) and zero fill outside.
+cudaError_t encode_operand_map(const MatrixArg& m, DType dtype, CUtensorMap* map) {
+  const EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  if (!tma_operand_ok(m, 2)) return cudaErrorInvalidValue;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(m.cols), static_cast<cuuint64_t>(m.rows)};
+  // One row: its stride is never used, but must be a multiple of 16 bytes.
+  const int64_t row_bytes = m.rows > 1 ? m.stride_row * 2 : (m.cols * 2 + 15) / 16 * 16;
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_bytes)};
+  const cuuint32_t box[2] = {kTmaBoxK, kTmaBoxRows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult res = encode(
+      map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      2, const_cast<void*>(m.ptr), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+bool wgmma_built() {
+#ifdef FBP_SM90A
+  return true;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 template <typename T, typename Acc>
@@ -64,6 +121,7 @@ struct ForwardParams {
   uint64_t seed;
   int activation;          // Activation code (fbp_math.cuh), block-uniform
   bool dropout, normalize;
+  TmaMaps maps;            // WgmmaEngine's operand maps (zero for the other engines)
 };
 
 // CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
@@ -76,13 +134,17 @@ template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
 template <typename T> struct ForwardMinBlocks<WmmaWideEngine<T>> {
   static constexpr int value = 1;
 };
+// One ~196 KiB CTA per SM (shared memory allows no second): 255 registers allowed.
+template <typename T> struct ForwardMinBlocks<WgmmaEngine<T>> {
+  static constexpr int value = 1;
+};
 // fp64 (gradcheck precision): with the kept-projection stores and the given-projection
 // loads it spills at 80 and at 128 registers (3 and 2 CTAs per SM); one CTA allows 255.
 template <> struct ForwardMinBlocks<EngineFor<double>::type> { static constexpr int value = 1; };
 
 template <typename T, class E>
 __global__ void __launch_bounds__(E::kThreads, ForwardMinBlocks<E>::value)
-fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
+fused_forward_kernel(const __grid_constant__ ForwardParams<T, typename E::Acc> p) {
   using Acc = typename E::Acc;
   using Smem = TileSmem<E>;
   unsigned char* smem = tile_smem<E>();
@@ -116,7 +178,7 @@ fused_forward_kernel(const ForwardParams<T, typename E::Acc> p) {
     stage_biases<E>(p.bias_x, p.bias_y, cbeg, K, bx_s, by_s);
     const int width = static_cast<int>(col_end - cbeg < E::BN ? col_end - cbeg : E::BN);
     project_tiles<E>(p.x, p.wx, p.src_x, p.div_x, p.y, p.wy, p.src_y, p.div_y, row0, nr, cbeg,
-                     width, K, smem, pa, pc);
+                     width, K, p.maps, smem, pa, pc);
     __syncthreads();
     const bool last = cbeg + E::BN >= col_end;
 
@@ -310,9 +372,12 @@ cudaError_t forward_with(const ForwardArgs& a, cudaStream_t stream) {
   p.seed = a.dropout.seed;
   p.activation = a.activation;
   p.normalize = a.normalize;
+  cudaError_t err = operand_maps<E>(a.dtype, a.x, a.weight_x, a.src_x == nullptr, a.y,
+                                    a.weight_y, a.src_y == nullptr, &p.maps);
+  if (err != cudaSuccess) return err;
 
   int dynamic_smem = 0;
-  cudaError_t err = launch_smem<E>(fused_forward_kernel<T, E>, &dynamic_smem);
+  err = launch_smem<E>(fused_forward_kernel<T, E>, &dynamic_smem);
   if (err != cudaSuccess) return err;
   fused_forward_kernel<T, E><<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)),
                                E::kThreads, dynamic_smem, stream>>>(p);

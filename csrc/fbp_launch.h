@@ -26,7 +26,14 @@ struct MatrixArg {
 //   kAsync     WmmaAsyncEngine: the 64x64 tile, 3-stage cp.async (fp16/bf16, sm_80+)
 //   kAsyncWide WmmaWideEngine: 128x128, 4-stage cp.async, ~147 KiB of shared memory
 //              (fp16/bf16, GPUs whose per-block opt-in limit holds it: sm_80, sm_90)
-enum class Engine : int { kDefault, kAsync, kAsyncWide };
+//   kWgmma     WgmmaEngine: 128x128x64, wgmma + TMA, 4 stages, ~196 KiB (fp16/bf16,
+//              sm_90 with an sm_90a build: wgmma_built())
+enum class Engine : int { kDefault, kAsync, kAsyncWide, kWgmma };
+
+// Whether this build holds sm_90a machine code (TORCH_CUDA_ARCH_LIST names 9.0a, and
+// cuda_build / setup.py then define FBP_SM90A): without it WgmmaEngine's body is a trap
+// and the binding never chooses it.
+bool wgmma_built();
 
 // FBP_CUDA_STAGING=auto takes the wide engine only above this many rows: up to one
 // 128-row tile, the 64x64 tile's twice-as-many output tiles keep more SMs streaming the
@@ -51,6 +58,16 @@ inline bool cp_async_operand_ok(const MatrixArg& m, int element_bytes) {
   const bool rows_aligned = m.rows <= 1 || m.stride_row % per_chunk == 0;
   return element_bytes == 2 && contiguous_k && rows_aligned &&
          reinterpret_cast<uintptr_t>(m.ptr) % 16 == 0;
+}
+
+// Can this operand be read through a TMA tensor map (WgmmaEngine)?  What cp.async needs
+// (a global stride that is a multiple of 16 bytes, a 16-byte-aligned base), at least one
+// column (a map has no empty dimension), and rows and columns below 2^31 (the copies'
+// coordinates are 32-bit).
+inline bool tma_operand_ok(const MatrixArg& m, int element_bytes) {
+  constexpr int64_t kMaxCoordinate = (int64_t(1) << 31) - 1;
+  return cp_async_operand_ok(m, element_bytes) && m.cols >= 1 && m.rows <= kMaxCoordinate &&
+         m.cols <= kMaxCoordinate;
 }
 
 struct DropoutArg {

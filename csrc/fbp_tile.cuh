@@ -16,6 +16,9 @@
 //     16-byte-aligned operands contiguous along K; never run yet).
 //   WmmaWideEngine<T>: a 128x128x32 tile, 256 threads, 4-stage cp.async pipeline, for
 //     GPUs with >= 147 KiB of shared memory per block (sm_80, sm_90); never run yet.
+//   WgmmaEngine<T>: Hopper's 128x128x64 tile, two warpgroups of wgmma fed by TMA bulk
+//     tensor copies through a 4-stage mbarrier ring (sm_90a, half and bfloat16; never
+//     run yet).  It reads its operands through tensor maps (gemm_tma), not Matrix.
 //
 // The caller provides `in_smem` (kInputBytes) for the staged input tiles; the
 // output tile may alias it (the K loop ends with a barrier before the store).
@@ -28,6 +31,7 @@
 #include <mma.h>
 
 #include "fbp_launch.h"
+#include "fbp_tma.cuh"
 
 #include <cstdint>
 #include <type_traits>
@@ -83,6 +87,7 @@ template <typename T, typename AccT, int BM_, int BN_>
 struct FmaEngine {
   using Acc = AccT;
   static constexpr int BM = BM_, BN = BN_, BK = 16;
+  static constexpr bool kTma = false;   // operands read through Matrix (gemm)
   static constexpr int kStages = 1;     // synchronous staging
   static constexpr int kThreads = 256;  // 16 x 16 threads
   static constexpr int TM = BM / 16, TN = BN / 16;
@@ -174,6 +179,7 @@ template <typename T>
 struct WmmaEngine {
   using Acc = float;
   static constexpr int BM = 64, BN = 64, BK = 32;
+  static constexpr bool kTma = false;
   static constexpr int kStages = 1;      // synchronous: load, barrier, compute, barrier
   static constexpr int kThreads = 128;  // 4 warps, 2 x 2, each 32 x 32
   static constexpr int kLdIn = BK + 8;   // multiple of 8 halves (wmma), staggers banks
@@ -283,6 +289,7 @@ template <typename T, int BM_, int BN_, int kWarpsM_, int kWarpsN_, int kStages_
 struct WmmaPipeline {
   using Acc = float;
   static constexpr int BM = BM_, BN = BN_, BK = 32;
+  static constexpr bool kTma = false;
   static constexpr int kStages = kStages_;
   static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
@@ -403,6 +410,122 @@ struct WmmaAsyncEngine : WmmaPipeline<T, 64, 64, 2, 2, 3> {};
 template <typename T>
 struct WmmaWideEngine : WmmaPipeline<T, 128, 128, 2, 4, 4> {};
 
+// ----------------------------------------------------------------- wgmma + TMA engine
+// Hopper's main loop (sm_90a): a 128x128x64 tile computed by two warpgroups, each owning
+// 64 rows, with wgmma.mma_async m64n128k16 reading both operands straight from shared
+// memory (no ldmatrix, no register staging).  The operand k-tiles arrive by TMA bulk
+// tensor copies (fbp_tma.cuh; one thread issues them, the hardware zero-fills rows and
+// K outside the tensors) into a ring of kStages 128-byte-swizzled stages, each stage's
+// arrival tracked by an mbarrier that counts its bytes.  Per k-tile: wait for the stage,
+// issue its four wgmma, let the previous k-tile's group retire (wait_group 1), one CTA
+// barrier (both warpgroups are done with that stage), refill it with k-tile kt + 3; so
+// the tensor cores run across the barrier and three k-tiles are always in flight.
+//   64 FLOP per staged byte, 3 x 32 KiB = 96 KiB in flight, one CTA per SM (~196 KiB of
+//   shared memory: 4 stages of 32 KiB, the fp32 a tile, biases); 64 accumulator
+//   registers per thread.
+// Operands: tma_operand_ok (fbp_launch.h), maps encoded by the launcher
+// (encode_operand_map) and read from the kernel's __grid_constant__ parameters.
+// NEVER RUN: compiled for sm_90a (cuda_compile reports HGMMA and UTMALDG), no GPU has
+// executed it yet.  FBP_CUDA_STAGING=wide selects the cp.async engine instead.
+template <typename T>
+struct WgmmaEngine {
+  using Acc = float;
+  static constexpr bool kTma = true;
+  static constexpr int BM = kTmaBoxRows, BN = kTmaBoxRows, BK = kTmaBoxK;
+  static constexpr int kStages = 4;
+  static constexpr int kThreads = 256;  // two warpgroups
+  static constexpr int kLdOut = BN + 4;
+  static constexpr int kOperandBytes = kTmaBoxRows * kTmaBoxK * 2;  // one box: 16 KiB
+  static constexpr int kStageBytes = 2 * kOperandBytes;             // A and W k-tiles
+  // The stages start at the first 1024-byte boundary of the buffer (the 128-byte swizzle
+  // repeats every 8 rows of 128 bytes; wgmma's descriptors assume that alignment), so the
+  // buffer has 1 KiB of slack; the mbarriers follow the stages.
+  static constexpr int kAlign = 1024;
+  static constexpr int kBarrierOffset = kAlign + kStages * kStageBytes;
+  static constexpr int kInputBytes = kBarrierOffset + 8 * kStages;
+  static_assert(sizeof(T) == 2, "wgmma engine: half and bfloat16 only");
+  // The c tile aliases the stages from the buffer's start: it must end before the
+  // barriers (which stay initialised only within gemm_tma, but are not generic memory).
+  static_assert(BM * kLdOut * int(sizeof(float)) <= kBarrierOffset, "c tile vs barriers");
+
+  // out = A[row0:row0+BM, :kdim] @ W[col0:col0+BN, :kdim]^T through the maps of A and W.
+  __device__ static void gemm_tma(const CUtensorMap* map_a, const CUtensorMap* map_w,
+                                  int64_t row0, int64_t col0, int64_t kdim,
+                                  unsigned char* in_smem, Acc* out) {
+#if !FBP_WGMMA
+    __trap();
+#else
+    const int tid = threadIdx.x;
+    const int wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+    const uint32_t raw = smem_addr(in_smem);
+    unsigned char* stages = in_smem + (kAlign - raw % kAlign) % kAlign;
+    uint64_t* full = reinterpret_cast<uint64_t*>(in_smem + kBarrierOffset);
+    const int ktiles = static_cast<int>((kdim + BK - 1) / BK);
+    const int r0 = static_cast<int>(row0), c0 = static_cast<int>(col0);  // < 2^31: binding
+
+    // This thread's earlier generic writes to these bytes (the tile that aliased them)
+    // are ordered before the bulk copies issued after the barrier below.
+    fence_proxy_async();
+    if (tid == 0) {
+      // Fresh barriers per call: every phase of the previous call has completed and
+      // been invalidated, so the parity of k-tile kt is simply (kt / kStages) & 1.
+      for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1);
+      fence_mbarrier_init();
+    }
+    __syncthreads();
+    auto issue = [&](int kt) {  // thread 0 only
+      unsigned char* stage = stages + (kt % kStages) * kStageBytes;
+      uint64_t* bar = &full[kt % kStages];
+      mbarrier_arrive_expect_tx(bar, kStageBytes);
+      tma_load_2d(stage, map_a, kt * BK, r0, bar);
+      tma_load_2d(stage + kOperandBytes, map_w, kt * BK, c0, bar);
+    };
+    if (tid == 0)
+      for (int kt = 0; kt < kStages - 1 && kt < ktiles; ++kt) issue(kt);
+
+    float d[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+    for (int kt = 0; kt < ktiles; ++kt) {
+      const int s = kt % kStages;
+      mbarrier_wait(&full[s], static_cast<unsigned>(kt / kStages) & 1u);
+      // This warpgroup's 64 rows of A; all 128 rows (columns of the product) of W.
+      const uint32_t a = smem_addr(stages + s * kStageBytes) + wg * 64 * 128;
+      const uint32_t w = smem_addr(stages + s * kStageBytes + kOperandBytes);
+#pragma unroll
+      for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk)  // 16 elements = 32 bytes along K per step
+        wgmma_m64n128k16<T>(d, wgmma_desc(a + kk * 32), wgmma_desc(w + kk * 32));
+      wgmma_commit();
+      wgmma_wait<1>();  // k-tile kt - 1's group has retired: its stage is read
+#pragma unroll
+      for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
+      __syncthreads();  // ... by both warpgroups
+      if (tid == 0 && kt + kStages - 1 < ktiles) issue(kt + kStages - 1);  // into that stage
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
+    __syncthreads();  // every wgmma has read its stages: the out tile may alias them
+    if (tid == 0)
+      for (int s = 0; s < kStages; ++s) mbarrier_inval(&full[s]);
+    // The m64n128 accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment D"):
+    // warp w of the warpgroup holds rows 16 w + lane / 4 (+ 8), and for each 8-column
+    // chunk j the columns 8 j + 2 (lane % 4) (+ 1): d[4 j .. 4 j + 3].
+    const int row = wg * 64 + warp * 16 + lane / 4;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = 8 * j + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(out + row * kLdOut + col) = make_float2(d[4 * j], d[4 * j + 1]);
+      *reinterpret_cast<float2*>(out + (row + 8) * kLdOut + col) =
+          make_float2(d[4 * j + 2], d[4 * j + 3]);
+    }
+#endif
+  }
+};
+
 // Shared memory of a fused kernel: the staged inputs, aliased by the c tile (used
 // only after the last K stage), then the a tile, then the BN-column slices of both
 // biases (staged once per block and column chunk, not re-read per (pair, column)).
@@ -469,21 +592,26 @@ __device__ __forceinline__ void load_tile(const T* src, int64_t div, int64_t row
 // Both projection tiles of a fused kernel: each side's GEMM, or its given projection
 // (load_tile).  x's side first: the GEMM's stages alias the c tile, which a given c is
 // loaded into only after it (the engines end with a barrier once the stages are read).
+// `maps`: the kernel's operand tensor maps, read by the TMA engine only.
 template <class E, typename T>
 __device__ __forceinline__ void project_tiles(const Matrix<T>& x, const Matrix<T>& wx,
                                               const T* src_x, int64_t div_x,
                                               const Matrix<T>& y, const Matrix<T>& wy,
                                               const T* src_y, int64_t div_y, int64_t row0,
                                               int nr, int64_t col0, int width, int64_t K,
-                                              unsigned char* smem, typename E::Acc* pa,
-                                              typename E::Acc* pc) {
+                                              const TmaMaps& maps, unsigned char* smem,
+                                              typename E::Acc* pa, typename E::Acc* pc) {
   if (src_x != nullptr) {
     load_tile<E>(src_x, div_x, row0, nr, col0, width, K, pa);
+  } else if constexpr (E::kTma) {
+    E::gemm_tma(&maps.x, &maps.wx, row0, col0, x.cols, smem, pa);
   } else {
     E::gemm(x, row0, wx, col0, smem, pa);
   }
   if (src_y != nullptr) {
     load_tile<E>(src_y, div_y, row0, nr, col0, width, K, pc);
+  } else if constexpr (E::kTma) {
+    E::gemm_tma(&maps.y, &maps.wy, row0, col0, y.cols, smem, pc);
   } else {
     E::gemm(y, row0, wy, col0, smem, pc);
   }
@@ -521,6 +649,9 @@ template <typename T> struct AsyncEngineFor { using type = void; };
 template <> struct AsyncEngineFor<__half> { using type = WmmaAsyncEngine<__half>; };
 template <> struct AsyncEngineFor<__nv_bfloat16> { using type = WmmaAsyncEngine<__nv_bfloat16>; };
 template <typename T> struct WideEngineFor { using type = void; };
+template <typename T> struct WgmmaEngineFor { using type = void; };
+template <> struct WgmmaEngineFor<__half> { using type = WgmmaEngine<__half>; };
+template <> struct WgmmaEngineFor<__nv_bfloat16> { using type = WgmmaEngine<__nv_bfloat16>; };
 template <> struct WideEngineFor<__half> { using type = WmmaWideEngine<__half>; };
 template <> struct WideEngineFor<__nv_bfloat16> { using type = WmmaWideEngine<__nv_bfloat16>; };
 static_assert(WmmaAsyncEngine<__half>::BM == WmmaEngine<__half>::BM &&
@@ -530,10 +661,12 @@ static_assert(WmmaAsyncEngine<__half>::BM == WmmaEngine<__half>::BM &&
 // The engine `engine` selects for element type T (void: none for this dtype).
 template <typename T, Engine engine>
 struct EngineSelect {
-  using type = std::conditional_t<engine == Engine::kAsyncWide, typename WideEngineFor<T>::type,
-                                  std::conditional_t<engine == Engine::kAsync,
-                                                     typename AsyncEngineFor<T>::type,
-                                                     typename EngineFor<T>::type>>;
+  using type = std::conditional_t<
+      engine == Engine::kWgmma, typename WgmmaEngineFor<T>::type,
+      std::conditional_t<engine == Engine::kAsyncWide, typename WideEngineFor<T>::type,
+                         std::conditional_t<engine == Engine::kAsync,
+                                            typename AsyncEngineFor<T>::type,
+                                            typename EngineFor<T>::type>>>;
 };
 
 
@@ -563,6 +696,7 @@ R dispatch_engine(DType dtype, Engine engine, R none, F&& f) {
       }
     };
     switch (engine) {
+      case Engine::kWgmma: return call(Tag<typename EngineSelect<T, Engine::kWgmma>::type>{});
       case Engine::kAsyncWide: return call(Tag<typename EngineSelect<T, Engine::kAsyncWide>::type>{});
       case Engine::kAsync: return call(Tag<typename EngineSelect<T, Engine::kAsync>::type>{});
       default: return call(Tag<typename EngineSelect<T, Engine::kDefault>::type>{});

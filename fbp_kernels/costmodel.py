@@ -324,13 +324,14 @@ WIDE_BWD_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
 
 #: The CUDA extension's GEMM engines (csrc/fbp_tile.cuh, cuda_compile.TILES; the names
 #: are FBP_CUDA_STAGING's): engine -> (BM, BN, BK, threads, stages).  Half precision runs
-#: a cp.async engine (its operands 16-byte aligned and contiguous along K, as
-#: nn.Linear's and row-major inputs are): the 128x128 one (WmmaWideEngine, 147 KiB of
-#: shared memory, within the A100's and H100's per-block limit) above
-#: CUDA_WIDE_ABOVE_ROWS rows, the 64x64 one (WmmaAsyncEngine) up to them; fp32 the FMA
-#: engine (IEEE; the extension does not use TF32).
-CUDA_TILES = {"wide": (128, 128, 32, 256, 4), "async": (64, 64, 32, 128, 3),
-              "fp32": (64, 64, 16, 256, 1)}
+#: a cp.async or TMA engine (its operands 16-byte aligned and contiguous along K, as
+#: nn.Linear's and row-major inputs are): above CUDA_WIDE_ABOVE_ROWS rows the 128x128
+#: wgmma + TMA one on sm_90 (WgmmaEngine, 196 KiB of shared memory, an sm_90a build) and
+#: the 128x128 cp.async WMMA one on sm_80 (WmmaWideEngine, 147 KiB, within the A100's
+#: per-block limit), the 64x64 one (WmmaAsyncEngine) up to them; fp32 the FMA engine
+#: (IEEE; the extension does not use TF32).
+CUDA_TILES = {"wgmma": (128, 128, 64, 256, 4), "wide": (128, 128, 32, 256, 4),
+              "async": (64, 64, 32, 128, 3), "fp32": (64, 64, 16, 256, 1)}
 #: csrc/fbp_launch.h kWideEngineAboveRows (the binding's auto rule; a test compares).
 CUDA_WIDE_ABOVE_ROWS = 128
 #: The CUDA kernels' compile facts (``python -m fbp_kernels.backends.cuda_compile``,
@@ -344,9 +345,11 @@ CUDA_COMPILE_FACTS = {
     ("fused_forward", 80, "bf16", "wide"): (210, 150528, "HMMA"),
     ("fused_forward", 90, "fp16", "wide"): (193, 150528, "HMMA"),
     ("fused_forward", 90, "bf16", "wide"): (208, 150528, "HMMA"),
-    ("fused_forward", 80, "fp16", "async"): (136, 48640, "HMMA"),
-    ("fused_forward", 80, "bf16", "async"): (158, 48640, "HMMA"),
-    ("fused_forward", 90, "fp16", "async"): (133, 48640, "HMMA"),
+    ("fused_forward", 90, "fp16", "wgmma"): (114, 200832, "HGMMA"),
+    ("fused_forward", 90, "bf16", "wgmma"): (114, 200832, "HGMMA"),
+    ("fused_forward", 80, "fp16", "async"): (132, 48640, "HMMA"),
+    ("fused_forward", 80, "bf16", "async"): (148, 48640, "HMMA"),
+    ("fused_forward", 90, "fp16", "async"): (131, 48640, "HMMA"),
     ("fused_forward", 90, "bf16", "async"): (146, 48640, "HMMA"),
     ("fused_forward", 80, "fp32", "fp32"): (80, 35328, "none"),
     ("fused_forward", 90, "fp32", "fp32"): (79, 35328, "none"),
@@ -354,6 +357,8 @@ CUDA_COMPILE_FACTS = {
     ("projection_grads", 80, "bf16", "wide"): (150, 150528, "HMMA"),
     ("projection_grads", 90, "fp16", "wide"): (136, 150528, "HMMA"),
     ("projection_grads", 90, "bf16", "wide"): (150, 150528, "HMMA"),
+    ("projection_grads", 90, "fp16", "wgmma"): (90, 200832, "HGMMA"),
+    ("projection_grads", 90, "bf16", "wgmma"): (90, 200832, "HGMMA"),
     ("projection_grads", 80, "fp16", "async"): (96, 48640, "HMMA"),
     ("projection_grads", 80, "bf16", "async"): (96, 48640, "HMMA"),
     ("projection_grads", 90, "fp16", "async"): (98, 48640, "HMMA"),
@@ -1051,12 +1056,15 @@ def _grad_gemms(s: Shape, gpu: GPU) -> List[KernelCost]:
     return out
 
 
-def cuda_engine(dtype: str, rows: int) -> str:
-    """The CUDA_TILES engine the extension's launcher runs for ``dtype`` at ``rows``
-    (FBP_CUDA_STAGING=auto, operands cp.async-eligible).  tf32 runs the fp32 (FMA) one."""
+def cuda_engine(dtype: str, rows: int, arch: int = 80) -> str:
+    """The CUDA_TILES engine the extension's launcher runs for ``dtype`` at ``rows`` on a
+    GPU of compute capability ``arch`` (FBP_CUDA_STAGING=auto, operands cp.async- and
+    TMA-eligible, the default sm_90a build).  tf32 runs the fp32 (FMA) one."""
     if dtype in ("fp32", "tf32"):
         return "fp32"
-    return "wide" if rows > CUDA_WIDE_ABOVE_ROWS else "async"
+    if rows <= CUDA_WIDE_ABOVE_ROWS:
+        return "async"
+    return "wgmma" if arch >= 90 else "wide"
 
 
 def cuda_facts(kernel: str, dtype: str, gpu: GPU, rows: int) -> KernelFacts:
@@ -1065,22 +1073,23 @@ def cuda_facts(kernel: str, dtype: str, gpu: GPU, rows: int) -> KernelFacts:
     (CUDA_COMPILE_FACTS) at the nearest compiled arch."""
     arch = 90 if gpu.arch >= 90 else 80
     fact_dtype = "fp32" if dtype == "tf32" else dtype
-    engine = cuda_engine(dtype, rows)
+    engine = cuda_engine(dtype, rows, gpu.arch)
     bm, bn, bk, threads, stages = CUDA_TILES[engine]
     regs, smem, sass = CUDA_COMPILE_FACTS[(kernel, arch, fact_dtype, engine)]
     warps = threads // 32
     stage = (bm + bn) * bk * DTYPE_BYTES[fact_dtype]
     return KernelFacts(kernel, "cuda", bm, bn, bk, warps, stages, regs, smem,
-                       "mma" if sass == "HMMA" else "none",
+                       {"HGMMA": "wgmma", "HMMA": "mma"}.get(sass, "none"),
                        ctas_per_sm(regs, warps, smem, gpu), stages, stage)
 
 
 def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
     """The CUDA extension's fused kernels (csrc/fbp_forward.cu, fbp_backward.cu): a (BM
     rows, BN projected columns) tile (CUDA_TILES: 128 x 128 for half precision above
-    CUDA_WIDE_ABOVE_ROWS rows, else 64 x 64) covers ``BN // factor`` outputs of every factor group (25 at factor 5, 125
-    of its 128 columns), one GEMM over x and one over y per tile (WMMA 16x16x16, priced
-    as Triton's mma.sync: TRITON_MMA_EFFICIENCY, an assumption),
+    CUDA_WIDE_ABOVE_ROWS rows, else 64 x 64) covers ``BN // factor`` outputs of every
+    factor group (25 at factor 5, 125 of its 128 columns), one GEMM over x and one over y
+    per tile (wgmma on sm_90, WMMA 16x16x16 otherwise, priced as Triton's wgmma /
+    mma.sync: TRITON_MMA_EFFICIENCY, an assumption),
     2*BM*BN/((BM+BN)*element bytes) FLOP per L2 byte (64 for the 128x128 half tile, 32
     for the 64x64 one, 16 for fp32); grid (row tiles, output tiles) with row tiles
     fastest.  Forward: the product, dropout, pooling and t / the row's partial sums of
@@ -1148,7 +1157,7 @@ def _cuda(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool) -> List[KernelC
     if fwd:
         out += _materialise(s, gpu) if shared is None else shared_projection()
         out.append(_cuda_main_loop(s, gpu, backward=False))
-        tile_n = CUDA_TILES[cuda_engine(s.dtype, R)][1]
+        tile_n = CUDA_TILES[cuda_engine(s.dtype, R, gpu.arch)][1]
         n_j = math.ceil(s.o / max(1, tile_n // s.factor))
         t = R * s.o * 4
         t_hbm, t_l2 = (0.0, t) if _resident(t, gpu) else (t, 0.0)

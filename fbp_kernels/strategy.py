@@ -281,9 +281,12 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
         short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
         if dtype not in short:
             return kernels, "FMA 32x64x16, 256 threads (fp64)"
-        engine = costmodel.cuda_engine(short[dtype], rows)
+        arch = (torch.cuda.get_device_capability(device)[0] * 10
+                if device.type == "cuda" else 80)
+        engine = costmodel.cuda_engine(short[dtype], rows, arch)
         bm, bn, bk, threads, stages = costmodel.CUDA_TILES[engine]
-        how = {"wide": "cp.async WMMA, 147 KiB of shared memory",
+        how = {"wgmma": "wgmma + TMA (sm_90a), 196 KiB of shared memory",
+               "wide": "cp.async WMMA, 147 KiB of shared memory",
                "async": "cp.async WMMA", "fp32": "FMA"}[engine]
         note = ("; synchronous WMMA 64x64x32 if an operand is not 16-byte aligned along K"
                 if engine != "fp32" else "")

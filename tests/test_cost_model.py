@@ -322,10 +322,14 @@ def test_cuda_provider_by_hand():
     main = ks[0]
     assert main.ctas == 8 * 40
     assert main.flops == 2.0 * 1024 * 5000 * (2048 + 1024)
+    # sm_90: the wgmma + TMA engine, 128x128x64, 4 stages, 196 KiB: one CTA per SM.
     f = cm.cuda_facts("fused_forward", "bf16", H200, 1024)
-    assert (f.block_m, f.block_o, f.block_k, f.num_warps, f.num_stages) == (128, 128, 32, 8, 4)
-    assert f.ctas_per_sm == 1  # 150528 B of shared memory, 210 registers x 256 threads
-    assert 2 * 128 * 128 * 32 / ((128 + 128) * 32 * 2) == 64.0
+    assert (f.block_m, f.block_o, f.block_k, f.num_warps, f.num_stages) == (128, 128, 64, 8, 4)
+    assert f.ctas_per_sm == 1 and f.tensor_cores == "wgmma"
+    assert 2 * 128 * 128 * 64 / ((128 + 128) * 64 * 2) == 64.0
+    # sm_80: the cp.async WMMA engine, 128x128x32 (150528 B, 210 registers x 256 threads).
+    f80 = cm.cuda_facts("fused_forward", "bf16", cm.GPUS["A100"], 1024)
+    assert (f80.block_k, f80.ctas_per_sm, f80.tensor_cores) == (32, 1, "mma")
     # fp32 keeps the 64x64 FMA tile: 64 // 5 = 12 outputs, 16 x 84 CTAs; half precision
     # up to 128 rows the 64x64 cp.async tile (2 x 84 CTAs at rows 128), above it 128x128.
     fp32 = cm.kernels("cuda", cm.Shape(rows=1024, **{**MFB, "dtype": "fp32"}), H200, "forward")

@@ -661,7 +661,7 @@ def test_cp_async_staging_rule(ops, monkeypatch):
     with pytest.raises(RuntimeError, match="FBP_CUDA_STAGING=wide, but x is not contiguous"):
         ops.cp_async_staging(*_operands(m=7))
     monkeypatch.setenv("FBP_CUDA_STAGING", "fast")
-    with pytest.raises(RuntimeError, match="must be auto, sync, async or wide"):
+    with pytest.raises(RuntimeError, match="must be auto, sync, async, wide or wgmma"):
         ops.cp_async_staging(*_operands())
 
 
@@ -680,8 +680,12 @@ def test_gemm_engine_rule(ops, monkeypatch):
     assert ops.gemm_engine(*_operands(rows=above)) == "async"
     assert ops.gemm_engine(*_operands(rows=above + 1, m=7)) == "default"
     assert ops.gemm_engine(*_operands(rows=above + 1, dtype=torch.float32)) == "default"
-    for mode, few, many in (("sync", "default", "default"), ("async", "async", "async"),
-                            ("wide", "wide", "wide"), ("auto", "async", "wide")):
+    # wgmma where the build holds sm_90a code (the default arch list; CPU tensors: the
+    # operand rules alone, and auto answers as for sm_80).
+    sm90a = bool(cuda_build.arch_defines())
+    modes = [("sync", "default", "default"), ("async", "async", "async"),
+             ("wide", "wide", "wide"), ("auto", "async", "wide")]
+    for mode, few, many in modes + ([("wgmma", "wgmma", "wgmma")] if sm90a else []):
         monkeypatch.setenv("FBP_CUDA_STAGING", mode)
         assert ops.gemm_engine(*_operands(dtype=torch.bfloat16)) == few, mode
         assert ops.gemm_engine(*_operands(rows=above + 1, dtype=torch.bfloat16)) == many, mode
@@ -693,6 +697,14 @@ def test_gemm_engine_rule(ops, monkeypatch):
     assert ops.gemm_engine(x, y, wx, wy) == "default"
     assert ops.gemm_engine(x, y, wx, wy, above + 1, True, False) == "wide"
     assert ops.gemm_engine(*_operands(rows=4), 4 * (above + 1)) == "wide"
+    monkeypatch.setenv("FBP_CUDA_STAGING", "wgmma")
+    with pytest.raises(RuntimeError, match="FBP_CUDA_STAGING=wgmma, but x is not contiguous"):
+        ops.gemm_engine(*_operands(m=7))
+    if sm90a:
+        assert ops.gemm_engine(x, y, wx, wy, above + 1, True, False) == "wgmma"
+    else:
+        with pytest.raises(RuntimeError, match="no sm_90a code"):
+            ops.gemm_engine(x, y, wx, wy, above + 1, True, False)
 
 
 def test_engine_tiles_are_the_report_and_model_tables(ops):
@@ -704,7 +716,7 @@ def test_engine_tiles_are_the_report_and_model_tables(ops):
     from fbp_kernels.backends import cuda_compile as cc
 
     names = {"default": cc.ENGINE_OF_DTYPE, "async": cc.ASYNC_ENGINE_OF_DTYPE,
-             "wide": cc.WIDE_ENGINE_OF_DTYPE}
+             "wide": cc.WIDE_ENGINE_OF_DTYPE, "wgmma": cc.WGMMA_ENGINE_OF_DTYPE}
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
               "fp64": torch.float64}
     for engine, table in names.items():
@@ -720,14 +732,14 @@ def test_engine_tiles_are_the_report_and_model_tables(ops):
             assert (smem > 48 * 1024) == (dynamic is not None), (engine, name, smem)
             if dynamic is not None:
                 assert smem == dynamic
-    for engine, dtype in (("wide", torch.bfloat16), ("async", torch.float16),
-                          ("fp32", torch.float32)):
+    for engine, dtype in (("wgmma", torch.float16), ("wide", torch.bfloat16),
+                          ("async", torch.float16), ("fp32", torch.float32)):
         got = ops.engine_tile("default" if engine == "fp32" else engine, dtype)
         assert cm.CUDA_TILES[engine] == tuple(got[:5]), engine
         name = str(dtype).replace("torch.float", "fp").replace("torch.bfloat", "bf")
         for kernel in ("fused_forward", "projection_grads"):
             assert cm.CUDA_COMPILE_FACTS[(kernel, 90, name, engine)][1] == got[5], engine
-    with pytest.raises(RuntimeError, match="engine must be default, async or wide"):
+    with pytest.raises(RuntimeError, match="engine must be default, async, wide or wgmma"):
         ops.engine_tile("huge", torch.float16)
 
 
@@ -741,14 +753,15 @@ def test_default_kernels_do_not_spill(ops):
     assert wanted <= archs, f"built for {sorted(archs)}, expected {sorted(wanted)}"
     fused = [r for r in rows if "fused_forward_kernel" in r.kernel
              or "projection_grads_kernel" in r.kernel]
-    # 4 dtypes x 2 fused kernels, plus both for each fp16/bf16 cp.async engine, per arch
-    assert len(fused) == 16 * len(wanted), cuda_build.format_resource_usage(fused)
+    # 4 dtypes x 2 fused kernels, plus both for each fp16/bf16 cp.async engine and the
+    # wgmma one (on sm_80 a trap stub: host code instantiates every engine), per arch
+    assert len(fused) == 20 * len(wanted), cuda_build.format_resource_usage(fused)
     spilling = [r for r in rows if r.spills]
     assert not spilling, "kernels spill:\n" + cuda_build.format_resource_usage(spilling)
     # Static shared memory is capped at 48 KiB per CTA (the wide engine's 147 KiB is
     # dynamic); cuobjdump's SHARED counts the 1 KiB system reserve on top of it on sm_90
     # (not on sm_80).
-    assert all(r.shared - (1024 if r.arch == "sm_90" and r.shared else 0) <= 48 * 1024
+    assert all(r.shared - (1024 if r.arch.startswith("sm_90") and r.shared else 0) <= 48 * 1024
                for r in rows), cuda_build.format_resource_usage(rows)
 
 
@@ -819,16 +832,52 @@ ALIGNED_CASES = [LARGE_CASES[0], Case((37,), (37,), 24, 16, 5, 19),
                  Case((9,), (9,), 8, 128, 1, 130, bias=False)]
 
 
+def _skip_unless_wgmma_runs():
+    """The wgmma + TMA engine needs an sm_90 GPU and a build with sm_90a code."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"the wgmma engine needs an sm_90 GPU, this is "
+                    f"{torch.cuda.get_device_name()} (compute capability "
+                    f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    if not cuda_build.arch_defines():
+        pytest.skip(f"TORCH_CUDA_ARCH_LIST={cuda_build.arch_list()!r} builds no sm_90a code")
+
+
 @cuda_only
 @gpu
-@pytest.mark.parametrize("staging", ["wide", "async", "sync"])
+@pytest.mark.parametrize("staging", ["wgmma", "wide", "async", "sync"])
 @pytest.mark.parametrize("case", ALIGNED_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_both_staging_paths_match_reference(case, dtype, staging, monkeypatch):
-    """The cp.async engines (forced: an error if one could not run) and the synchronous
-    one, each against the reference with test_correctness's low-precision bound."""
+    """The wgmma + TMA and cp.async engines (forced: an error if one could not run) and
+    the synchronous one, each against the reference with test_correctness's
+    low-precision bound."""
+    if staging == "wgmma":
+        _skip_unless_wgmma_runs()
     monkeypatch.setenv("FBP_CUDA_STAGING", staging)
     compare(case, dtype, "cuda", torch.device("cuda"))
+
+
+@cuda_only
+@gpu
+@pytest.mark.parametrize("case", ALIGNED_CASES, ids=str)
+def test_wgmma_engine_reads_strided_operands_through_its_tensor_maps(ops, case, monkeypatch):
+    """The TMA tensor maps carry the row stride: x sliced out of a wider buffer (rows 8
+    halves longer than K) gives the contiguous input's forward and gradients bit for bit
+    (the same boxes land in shared memory, zero-filled past K either way)."""
+    _skip_unless_wgmma_runs()
+    monkeypatch.setenv("FBP_CUDA_STAGING", "wgmma")
+    tensors = make_inputs(case, torch.bfloat16, "cuda")
+    wide = torch.zeros(*case.batch_x, case.m + 8, device="cuda", dtype=torch.bfloat16)
+    wide[..., :case.m] = tensors[0].detach()
+    sliced = [wide[..., :case.m].requires_grad_()] + tensors[1:]
+    results = []
+    for inputs in (tensors, sliced):
+        torch.manual_seed(4)
+        out = fbp_kernels.fbp(*inputs, factor=case.factor, dropout=0.2, training=True,
+                              backend="cuda")
+        results.append([out] + grads(out, inputs, torch.ones_like(out)))
+    for name, a, b in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], *results):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
 
 
 @cuda_only

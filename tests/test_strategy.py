@@ -304,8 +304,13 @@ def test_mfh_ops_auto_is_the_device_level_choice(monkeypatch):
 
 def test_explain_names_the_cuda_engine_and_tile():
     """The CUDA backend's plan: its kernels and the engine the launcher runs for the
-    dtype and rows (the binding's rule, mirrored by costmodel.cuda_engine)."""
+    dtype and rows (the binding's rule, mirrored by costmodel.cuda_engine; CPU tensors
+    are described as on sm_80, an sm_90 GPU gets the wgmma engine)."""
+    from fbp_kernels import costmodel as cm
+
     cpu = torch.device("cpu")
+    assert cm.cuda_engine("bf16", 1024, 90) == "wgmma" and cm.cuda_engine("bf16", 128, 90) == "async"
+    assert cm.cuda_engine("bf16", 1024, 80) == "wide" and cm.cuda_engine("tf32", 1024, 90) == "fp32"
     kernels, tile = strategy._describe("cuda", 1024, 1000, 5, torch.bfloat16, cpu, False)
     assert "fused_forward_kernel" in kernels and "projection_grads_kernel" in kernels
     assert tile.startswith("128x128x32, 256 threads, 4 stage(s), cp.async") and "25 outputs" in tile

@@ -22,8 +22,9 @@ Settings (environment):
 - ``CUDA_HOME``: the CUDA toolkit.  When unset it is found from ``nvcc`` on PATH
   (following wrapper scripts) or ``/usr/local/cuda*``; torch's own guess can
   point at ``/usr/local`` and then the link fails on ``-lcudart``.
-- ``TORCH_CUDA_ARCH_LIST``: default ``"8.0;9.0"`` (Ampere, Hopper) plus the
-  architecture of a visible GPU.
+- ``TORCH_CUDA_ARCH_LIST``: default ``"8.0;9.0a"`` (Ampere, and Hopper with its
+  arch-specific instructions: the wgmma + TMA engine needs ``9.0a``; a plain ``9.0``
+  build runs the cp.async engines there) plus the architecture of a visible GPU.
 - ``MAX_JOBS``: parallel compile jobs (torch's flag).  ``NVCC_THREADS``: ``nvcc
   --threads`` (default 2).
 
@@ -50,7 +51,7 @@ from typing import List, Optional
 import torch
 
 EXTENSION_NAME = "fbp_kernels_cuda"
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0a"
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 CXX_FLAGS = ["-O3"]  # torch adds its own -std (c++17 up to 2.11, c++20 after)
@@ -145,9 +146,19 @@ def arch_list() -> str:
     archs = DEFAULT_ARCH_LIST.split(";")
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        if f"{major}.{minor}" not in archs and major >= 8:
-            archs.append(f"{major}.{minor}")
+        local = f"{major}.{minor}"
+        # 9.0a code runs on 9.0 GPUs: no second Hopper build.
+        if local not in archs and local + "a" not in archs and major >= 8:
+            archs.append(local)
     return ";".join(archs)
+
+
+def arch_defines(archs: Optional[str] = None) -> List[str]:
+    """Preprocessor flags the architecture list implies: ``-DFBP_SM90A`` when it names
+    ``9.0a`` (the binding then may choose the wgmma + TMA engine, fbp_launch.h
+    wgmma_built(); the host half of a .cu file cannot see which targets nvcc builds)."""
+    names = [a.strip() for a in (arch_list() if archs is None else archs).split(";")]
+    return ["-DFBP_SM90A"] if any(a.split("+")[0] == "9.0a" for a in names) else []
 
 
 def _include_dirs() -> List[str]:
@@ -250,7 +261,8 @@ def compile_extension(name: str, sources: List[str], directory: Path, *,
     try:
         cpp_extension.load(
             name=name, sources=sources, build_directory=str(directory),
-            extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS + [f"--threads={threads}"],
+            extra_cflags=CXX_FLAGS,
+            extra_cuda_cflags=NVCC_FLAGS + arch_defines() + [f"--threads={threads}"],
             extra_include_paths=_include_dirs(), is_python_module=False, verbose=verbose)
     except Exception as exc:  # RuntimeError from ninja, OSError from dlopen
         raise CudaBuildError(
