@@ -125,7 +125,7 @@ template <typename T> struct BackwardMinBlocks<WmmaAsyncEngine<T>> {
 template <typename T> struct BackwardMinBlocks<WmmaWideEngine<T>> {
   static constexpr int value = 1;
 };
-// One ~196 KiB CTA per SM, as the wide engine.
+// One ~198 KiB CTA per SM, as the wide engine.
 template <typename T> struct BackwardMinBlocks<WgmmaEngine<T>> {
   static constexpr int value = 1;
 };

@@ -44,10 +44,7 @@ namespace fbp {
 // ------------------------------------------------------------------ TMA tensor maps
 // cuTensorMapEncodeTiled from the driver torch has loaded (the runtime's entry-point
 // query: no link against libcuda), looked up once.
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+using EncodeTiledFn = PFN_cuTensorMapEncodeTiled_v12000;
 
 static EncodeTiledFn encode_tiled() {
   static const EncodeTiledFn fn = [] {
@@ -134,7 +131,7 @@ template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
 template <typename T> struct ForwardMinBlocks<WmmaWideEngine<T>> {
   static constexpr int value = 1;
 };
-// One ~196 KiB CTA per SM (shared memory allows no second): 255 registers allowed.
+// One ~198 KiB CTA per SM (shared memory allows no second): 255 registers allowed.
 template <typename T> struct ForwardMinBlocks<WgmmaEngine<T>> {
   static constexpr int value = 1;
 };

@@ -26,7 +26,7 @@ struct MatrixArg {
 //   kAsync     WmmaAsyncEngine: the 64x64 tile, 3-stage cp.async (fp16/bf16, sm_80+)
 //   kAsyncWide WmmaWideEngine: 128x128, 4-stage cp.async, ~147 KiB of shared memory
 //              (fp16/bf16, GPUs whose per-block opt-in limit holds it: sm_80, sm_90)
-//   kWgmma     WgmmaEngine: 128x128x64, wgmma + TMA, 4 stages, ~196 KiB (fp16/bf16,
+//   kWgmma     WgmmaEngine: 128x128x64, wgmma + TMA, 4 stages, ~198 KiB (fp16/bf16,
 //              sm_90 with an sm_90a build: wgmma_built())
 enum class Engine : int { kDefault, kAsync, kAsyncWide, kWgmma };
 

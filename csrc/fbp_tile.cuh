@@ -420,7 +420,7 @@ struct WmmaWideEngine : WmmaPipeline<T, 128, 128, 2, 4, 4> {};
 // issue its four wgmma, let the previous k-tile's group retire (wait_group 1), one CTA
 // barrier (both warpgroups are done with that stage), refill it with k-tile kt + 3; so
 // the tensor cores run across the barrier and three k-tiles are always in flight.
-//   64 FLOP per staged byte, 3 x 32 KiB = 96 KiB in flight, one CTA per SM (~196 KiB of
+//   64 FLOP per staged byte, 3 x 32 KiB = 96 KiB in flight, one CTA per SM (~198 KiB of
 //   shared memory: 4 stages of 32 KiB, the fp32 a tile, biases); 64 accumulator
 //   registers per thread.
 // Operands: tma_operand_ok (fbp_launch.h), maps encoded by the launcher
@@ -434,7 +434,9 @@ struct WgmmaEngine {
   static constexpr int BM = kTmaBoxRows, BN = kTmaBoxRows, BK = kTmaBoxK;
   static constexpr int kStages = 4;
   static constexpr int kThreads = 256;  // two warpgroups
-  static constexpr int kLdOut = BN + 4;
+  // 136 floats: the fragment store's float2 writes (rows lane / 4, columns 2 (lane % 4))
+  // fall on 32 distinct banks per half-warp (BN + 4 would pair rows 0 and 1 on banks 4-7).
+  static constexpr int kLdOut = BN + 8;
   static constexpr int kOperandBytes = kTmaBoxRows * kTmaBoxK * 2;  // one box: 16 KiB
   static constexpr int kStageBytes = 2 * kOperandBytes;             // A and W k-tiles
   // The stages start at the first 1024-byte boundary of the buffer (the 128-byte swizzle
@@ -444,6 +446,9 @@ struct WgmmaEngine {
   static constexpr int kBarrierOffset = kAlign + kStages * kStageBytes;
   static constexpr int kInputBytes = kBarrierOffset + 8 * kStages;
   static_assert(sizeof(T) == 2, "wgmma engine: half and bfloat16 only");
+  static_assert(kTmaBoxK * sizeof(T) == 128, "a box row is one 128-byte swizzle span");
+  static_assert(kOperandBytes % kAlign == 0 && kStageBytes % kAlign == 0,
+                "every operand tile starts on a swizzle-pattern boundary");
   // The c tile aliases the stages from the buffer's start: it must end before the
   // barriers (which stay initialised only within gemm_tma, but are not generic memory).
   static_assert(BM * kLdOut * int(sizeof(float)) <= kBarrierOffset, "c tile vs barriers");

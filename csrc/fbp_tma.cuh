@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the driver)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -41,6 +42,7 @@ namespace fbp {
 struct TmaMaps {
   CUtensorMap x, wx, y, wy;
 };
+static_assert(alignof(TmaMaps) >= 64, "bulk tensor copies read 64-byte-aligned maps");
 
 // Box of every operand map: 64 elements (128 bytes, one swizzle span) along K times 128
 // rows: one operand's k-tile of WgmmaEngine.
@@ -124,6 +126,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
         : "r"(addr), "r"(parity)
         : "memory");
   } while (!done);
+  __syncwarp();  // reconverge before the .aligned wgmma instructions that follow
 #endif
 }
 

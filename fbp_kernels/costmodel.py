@@ -326,7 +326,7 @@ WIDE_BWD_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
 #: are FBP_CUDA_STAGING's): engine -> (BM, BN, BK, threads, stages).  Half precision runs
 #: a cp.async or TMA engine (its operands 16-byte aligned and contiguous along K, as
 #: nn.Linear's and row-major inputs are): above CUDA_WIDE_ABOVE_ROWS rows the 128x128
-#: wgmma + TMA one on sm_90 (WgmmaEngine, 196 KiB of shared memory, an sm_90a build) and
+#: wgmma + TMA one on sm_90 (WgmmaEngine, 198 KiB of shared memory, an sm_90a build) and
 #: the 128x128 cp.async WMMA one on sm_80 (WmmaWideEngine, 147 KiB, within the A100's
 #: per-block limit), the 64x64 one (WmmaAsyncEngine) up to them; fp32 the FMA engine
 #: (IEEE; the extension does not use TF32).
@@ -345,8 +345,8 @@ CUDA_COMPILE_FACTS = {
     ("fused_forward", 80, "bf16", "wide"): (210, 150528, "HMMA"),
     ("fused_forward", 90, "fp16", "wide"): (193, 150528, "HMMA"),
     ("fused_forward", 90, "bf16", "wide"): (208, 150528, "HMMA"),
-    ("fused_forward", 90, "fp16", "wgmma"): (114, 200832, "HGMMA"),
-    ("fused_forward", 90, "bf16", "wgmma"): (114, 200832, "HGMMA"),
+    ("fused_forward", 90, "fp16", "wgmma"): (114, 202880, "HGMMA"),
+    ("fused_forward", 90, "bf16", "wgmma"): (114, 202880, "HGMMA"),
     ("fused_forward", 80, "fp16", "async"): (132, 48640, "HMMA"),
     ("fused_forward", 80, "bf16", "async"): (148, 48640, "HMMA"),
     ("fused_forward", 90, "fp16", "async"): (131, 48640, "HMMA"),
@@ -357,8 +357,8 @@ CUDA_COMPILE_FACTS = {
     ("projection_grads", 80, "bf16", "wide"): (150, 150528, "HMMA"),
     ("projection_grads", 90, "fp16", "wide"): (136, 150528, "HMMA"),
     ("projection_grads", 90, "bf16", "wide"): (150, 150528, "HMMA"),
-    ("projection_grads", 90, "fp16", "wgmma"): (90, 200832, "HGMMA"),
-    ("projection_grads", 90, "bf16", "wgmma"): (90, 200832, "HGMMA"),
+    ("projection_grads", 90, "fp16", "wgmma"): (90, 202880, "HGMMA"),
+    ("projection_grads", 90, "bf16", "wgmma"): (90, 202880, "HGMMA"),
     ("projection_grads", 80, "fp16", "async"): (96, 48640, "HMMA"),
     ("projection_grads", 80, "bf16", "async"): (96, 48640, "HMMA"),
     ("projection_grads", 90, "fp16", "async"): (98, 48640, "HMMA"),

@@ -285,7 +285,7 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
                 if device.type == "cuda" else 80)
         engine = costmodel.cuda_engine(short[dtype], rows, arch)
         bm, bn, bk, threads, stages = costmodel.CUDA_TILES[engine]
-        how = {"wgmma": "wgmma + TMA (sm_90a), 196 KiB of shared memory",
+        how = {"wgmma": "wgmma + TMA (sm_90a), 198 KiB of shared memory",
                "wide": "cp.async WMMA, 147 KiB of shared memory",
                "async": "cp.async WMMA", "fp32": "FMA"}[engine]
         note = ("; synchronous WMMA 64x64x32 if an operand is not 16-byte aligned along K"

@@ -322,7 +322,7 @@ def test_cuda_provider_by_hand():
     main = ks[0]
     assert main.ctas == 8 * 40
     assert main.flops == 2.0 * 1024 * 5000 * (2048 + 1024)
-    # sm_90: the wgmma + TMA engine, 128x128x64, 4 stages, 196 KiB: one CTA per SM.
+    # sm_90: the wgmma + TMA engine, 128x128x64, 4 stages, 198 KiB: one CTA per SM.
     f = cm.cuda_facts("fused_forward", "bf16", H200, 1024)
     assert (f.block_m, f.block_o, f.block_k, f.num_warps, f.num_stages) == (128, 128, 64, 8, 4)
     assert f.ctas_per_sm == 1 and f.tensor_cores == "wgmma"

@@ -105,9 +105,9 @@ SM90A_ENGINES = ("WgmmaEngine",)
 #: them): the stages (4 x 256 rows x 40 halves), the fp32 a tile (128 x 132), the
 #: biases.  Checked against the built extension (torch.ops.fbp_kernels_cuda.engine_tile).
 #: WgmmaEngine: 1 KiB of alignment slack + 4 stages of (128 + 128) x 64 halves + 4
-#: mbarriers (rounded to 128 bytes), the fp32 a tile, the biases.
+#: mbarriers (rounded to 128 bytes), the fp32 a tile (128 x 136), the biases.
 DYNAMIC_SMEM_BYTES = {"WmmaWideEngine": 4 * 256 * 40 * 2 + 128 * 132 * 4 + 2 * 128 * 4,
-                      "WgmmaEngine": 132224 + 128 * 132 * 4 + 2 * 128 * 4}
+                      "WgmmaEngine": 132224 + 128 * 136 * 4 + 2 * 128 * 4}
 
 #: Bytes per element of each input dtype (the operand tiles are loaded in it).
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
