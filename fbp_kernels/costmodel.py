@@ -62,10 +62,12 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
 # ----------------------------------------------------------------------------- assumptions
 # Every efficiency is a fraction of the datasheet peak of the GPU entry.
 
-#: cuBLAS GEMM at its best tile, full waves.  bf16/fp16: ~740 of 989 TFLOP/s on H100
-#: (large GEMMs measured by the community reach 700-800: assumption 0.75); TF32 slightly
-#: lower; fp32 (PyTorch's default: no TF32) SGEMM on CUDA cores reaches ~80% of FMA peak.
-CUBLAS_EFFICIENCY = {"bf16": 0.75, "fp16": 0.75, "tf32": 0.70, "fp32": 0.80}
+#: cuBLAS GEMM at its best tile, full waves.  bf16/fp16: measured on this workplace's
+#: H200 (/work/.library/device/KINDS.md, 2026-10-28 and 2026-11-04): an 8192^3 bf16
+#: torch.matmul ran at 769-798 TFLOP/s on random data, 0.78-0.81 of 989.4 -> 0.79 (was
+#: the assumption 0.75; fp16 assumed the same); TF32 slightly lower (assumption); fp32
+#: (PyTorch's default: no TF32) SGEMM on CUDA cores reaches ~80% of FMA peak.
+CUBLAS_EFFICIENCY = {"bf16": 0.79, "fp16": 0.79, "tf32": 0.70, "fp32": 0.80}
 #: cuBLAS tile candidates (rows, cols, efficiency relative to the best tile).  cuBLAS picks
 #: a tile per shape; the model takes the candidate with the shortest compute time, which is
 #: how wave quantisation is softened.  Relative efficiencies are assumptions.
@@ -82,7 +84,8 @@ CUBLAS_STAGES_IN_FLIGHT = 3
 CUBLAS_L2_MULTICAST = 2
 CUBLAS_BK = 64
 #: Streaming kernels reach ~88% of datasheet HBM bandwidth (STREAM-like copies on
-#: H100/A100 reach 85-92%).
+#: H100/A100 reach 85-92%; measured on this workplace's H200: a device-to-device copy
+#: moved ~4.3 TB/s counting reads and writes, 0.90 of 4.8, KINDS.md).
 HBM_EFFICIENCY = 0.88
 #: Share of the L2 a working set may occupy and still hit (the Hopper/Ampere L2 is two
 #: partitions; data used from both sides may live twice).  Assumption.
@@ -225,7 +228,8 @@ GPUS: Dict[str, GPU] = {
                        "tf32": 494.7, "fp32": 66.9},
         hbm_tbs=4.8,                 # HBM3e, 141 GB, H200 datasheet
         l2_tbs=6.0,                  # assumption, as H100
-        l2_mb=50.0,
+        l2_mb=60.0,                  # measured: PyTorch reports 60 MB on this workplace's
+                                     # H200 (KINDS.md, 2026-10-28); H100 SXM: 50
         smem_per_sm_kb=228,
         regs_per_sm=65536,
         launch_us=2.5,
