@@ -124,7 +124,7 @@ struct ForwardParams {
 // CTAs per SM that ptxas must fit (__launch_bounds__ minBlocks: a register cap of
 // 65536 / (minBlocks * threads)).  The highest value without spills on sm_80 and sm_90
 // (python -m fbp_kernels.backends.cuda_compile; tests/test_cuda_compile.py fails on a
-// spill): 3 for the 64-row engines (WMMA 133-166 registers, fp32 FMA 79-80), except
+// spill): 3 for the 64-row engines (WMMA and mma.sync 114-158 registers, fp32 FMA 79-80), except
 // the ones below.
 template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
 // One 147 KiB CTA per SM: the whole register file (255 per thread) is allowed.

@@ -12,8 +12,9 @@
 //     (no shared-memory bank conflicts, see the bank map in the struct).
 //   WmmaEngine<T>: tensor cores through nvcuda::wmma (16x16x16, fp32 accumulate),
 //     128 threads = 2x2 warps of 32x32; half and bfloat16; synchronous staging.
-//   WmmaAsyncEngine<T>: the same tile fed by a 3-stage cp.async pipeline (sm_80+,
-//     16-byte-aligned operands contiguous along K; never run yet).
+//   WmmaAsyncEngine<T>: the same tile fed by a 3-stage cp.async pipeline, fragments by
+//     ldmatrix into mma.sync (sm_80+, 16-byte-aligned operands contiguous along K; never
+//     run yet).
 //   WmmaWideEngine<T>: a 128x128x32 tile, 256 threads, 4-stage cp.async pipeline, for
 //     GPUs with >= 147 KiB of shared memory per block (sm_80, sm_90); never run yet.
 //   WgmmaEngine<T>: Hopper's 128x128x64 tile, two warpgroups of wgmma fed by TMA bulk
@@ -281,10 +282,53 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// The cp.async WMMA main loop for a (BM, BN) tile computed by kWarpsM x kWarpsN warps,
-// each owning a (BM / kWarpsM, BN / kWarpsN) block of 16x16 accumulator fragments, fed by
-// a kStages-deep pipeline of BK = 32 k-tiles.  Two instances (below): the 64x64 tile of
-// WmmaEngine's grid, and the 128x128 one.
+// Four 8x8 matrices of 16-bit elements from shared memory (ldmatrix.x4): lane l gives
+// the address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned) and receives one
+// 32-bit register (two elements) of each matrix in mma's fragment order.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if FBP_CP_ASYNC
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
+// d += A (16 x 16, row-major fragment a) B (16 x 8, column-major fragment b0, b1), fp32
+// accumulate: the instruction nvcuda::wmma's 16x16x16 tile issues twice (sm_80+).
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                            uint32_t b0, uint32_t b1) {
+#if FBP_CP_ASYNC
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                     uint32_t b0, uint32_t b1) {
+#if FBP_CP_ASYNC
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// The cp.async main loop for a (BM, BN) tile computed by kWarpsM x kWarpsN warps, each
+// owning a (BM / kWarpsM, BN / kWarpsN) block, fed by a kStages-deep pipeline of BK = 32
+// k-tiles.  Fragments are loaded with ldmatrix.x4 (one instruction per 16x16 operand
+// block, fp16 and bf16 alike: nvcuda::wmma loads bf16 fragments with scalar 32-bit
+// loads) and multiplied with mma.sync m16n8k16, the instruction WMMA's 16x16x16 issues
+// twice, over the same k order as WmmaEngine: the results are WmmaEngine's bit for bit.
+// Two instances (below): the 64x64 tile of WmmaEngine's grid, and the 128x128 one.
 template <typename T, int BM_, int BN_, int kWarpsM_, int kWarpsN_, int kStages_>
 struct WmmaPipeline {
   using Acc = float;
@@ -338,17 +382,21 @@ struct WmmaPipeline {
     if constexpr (!FBP_CP_ASYNC || !WmmaSupported<T>::value) {
       __trap();
     } else {
-      using namespace nvcuda;
       T* stages = reinterpret_cast<T*>(in_smem);
-      const int warp = threadIdx.x / 32;
+      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
       const int wr = warp / kWarpsN, wc = warp % kWarpsN;
       constexpr int kWarpRows = BM / kWarpsM, kWarpCols = BN / kWarpsN;
+      constexpr int kN8 = 2 * kFragsN;  // m16n8 accumulators per 16-row block
       const int64_t ktiles = (A.cols + BK - 1) / BK;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragsM][kFragsN];
+      // acc[i][j]: the m16n8 block (16 i, 8 j) of this warp's (kWarpRows, kWarpCols)
+      // part; four fp32 per thread (mma_m16n8k16's fragment).
+      float acc[kFragsM][kN8][4];
 #pragma unroll
       for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-        for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        for (int j = 0; j < kN8; ++j)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
 
       // Prologue: k-tiles 0 .. kStages-2 in flight, one commit group each (empty groups
       // past the end keep the group count uniform for wait_group).
@@ -357,6 +405,13 @@ struct WmmaPipeline {
         if (s < ktiles) load_stage(A, row0, W, col0, int64_t(s) * BK, stages + s * kStageElems);
         cp_async_commit();
       }
+      // ldmatrix row addresses of this lane (ldmatrix_x4: lanes 8q .. 8q + 7 give the rows
+      // of the q-th 8x8 matrix).  A (16 rows x 16 k, row-major): matrices (rows 0-7, k
+      // 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) are mma's a0..a3.
+      // W (16 columns x 16 k, k contiguous: B "col"): (n 0-7, k 0-7), (n 0-7, k 8-15),
+      // (n 8-15, k 0-7), (n 8-15, k 8-15) are b0, b1 of the first n8 block, then the second.
+      const int a_row = lane % 16, a_k = (lane / 16) * 8;
+      const int b_row = lane % 8 + (lane / 16) * 8, b_k = ((lane / 8) % 2) * 8;
       for (int64_t kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<kStages - 2>();  // this thread's copies of k-tile kt have landed
         // Every thread's copies of k-tile kt are visible, and every thread is done with
@@ -370,29 +425,33 @@ struct WmmaPipeline {
         const T* Ws = As + BM * kLdIn;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[kFragsM];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[kFragsN];
+          uint32_t fa[kFragsM][4], fb[kFragsN][4];
 #pragma unroll
           for (int i = 0; i < kFragsM; ++i)
-            wmma::load_matrix_sync(fa[i], As + (wr * kWarpRows + i * 16) * kLdIn + kk, kLdIn);
+            ldmatrix_x4(fa[i], As + (wr * kWarpRows + i * 16 + a_row) * kLdIn + kk + a_k);
 #pragma unroll
           for (int j = 0; j < kFragsN; ++j)
-            wmma::load_matrix_sync(fb[j], Ws + (wc * kWarpCols + j * 16) * kLdIn + kk, kLdIn);
+            ldmatrix_x4(fb[j], Ws + (wc * kWarpCols + j * 16 + b_row) * kLdIn + kk + b_k);
 #pragma unroll
           for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-            for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+            for (int j = 0; j < kN8; ++j)
+              mma_m16n8k16<T>(acc[i][j], fa[i], fb[j / 2][2 * (j % 2)], fb[j / 2][2 * (j % 2) + 1]);
         }
       }
       cp_async_wait<0>();  // only empty groups remain; drain before the aliasing store
       __syncthreads();
+      // mma's m16n8 fp32 fragment: rows lane / 4 (+ 8), columns 2 (lane % 4) (+ 1).
 #pragma unroll
       for (int i = 0; i < kFragsM; ++i)
 #pragma unroll
-        for (int j = 0; j < kFragsN; ++j)
-          wmma::store_matrix_sync(
-              out + (wr * kWarpRows + i * 16) * kLdOut + wc * kWarpCols + j * 16, acc[i][j],
-              kLdOut, wmma::mem_row_major);
+        for (int j = 0; j < kN8; ++j) {
+          const int r = wr * kWarpRows + i * 16 + lane / 4;
+          const int c = wc * kWarpCols + j * 8 + 2 * (lane % 4);
+          *reinterpret_cast<float2*>(out + r * kLdOut + c) = make_float2(acc[i][j][0], acc[i][j][1]);
+          *reinterpret_cast<float2*>(out + (r + 8) * kLdOut + c) =
+              make_float2(acc[i][j][2], acc[i][j][3]);
+        }
     }
   }
 };

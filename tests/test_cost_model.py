@@ -327,7 +327,7 @@ def test_cuda_provider_by_hand():
     assert (f.block_m, f.block_o, f.block_k, f.num_warps, f.num_stages) == (128, 128, 64, 8, 4)
     assert f.ctas_per_sm == 1 and f.tensor_cores == "wgmma"
     assert 2 * 128 * 128 * 64 / ((128 + 128) * 64 * 2) == 64.0
-    # sm_80: the cp.async WMMA engine, 128x128x32 (150528 B, 210 registers x 256 threads).
+    # sm_80: the cp.async mma.sync engine, 128x128x32 (150528 B, 196 registers x 256 threads).
     f80 = cm.cuda_facts("fused_forward", "bf16", cm.GPUS["A100"], 1024)
     assert (f80.block_k, f80.ctas_per_sm, f80.tensor_cores) == (32, 1, "mma")
     # fp32 keeps the 64x64 FMA tile: 64 // 5 = 12 outputs, 16 x 84 CTAs; half precision

@@ -204,6 +204,10 @@ def test_half_precision_gemm_kernels_use_tensor_cores(report):
             assert r["tensor_cores"] in ("HMMA", "HGMMA"), r
             # The cp.async engine really issues LDGSTS; the synchronous one does not.
             assert r["cp_async"] == (r["config"] in ("WmmaAsyncEngine", "WmmaWideEngine")), r
+            # The cp.async engines load their fragments with ldmatrix (bf16 too: wmma's own
+            # bf16 loads are scalar, which is why they issue mma.sync themselves).
+            if r["cp_async"]:
+                assert r["ldmatrix"], r
             # The wgmma engine really is wgmma fed by bulk tensor copies; no other is.
             hopper = r["config"] == "WgmmaEngine"
             assert (r["tensor_cores"] == "HGMMA") == hopper and r["tma"] == hopper, r
