@@ -315,8 +315,10 @@ std::string wgmma_refusal(const Tensor& x, const Tensor& y, const Tensor& wx, co
   const bool staged[] = {gemm_x, gemm_y, gemm_x, gemm_y};
   for (int i = 0; i < 4; ++i)
     if (staged[i] && !tma_operand_ok(matrix_of(*operands[i]), 2))
-      return std::string(kOperandNames[i]) + " (" + c10::str(operands[i]->sizes()) +
-             ") has an empty dimension or one of 2^31 or more (TMA coordinates are 32-bit)";
+      return std::string(kOperandNames[i]) + " (sizes " + c10::str(operands[i]->sizes()) +
+             ", strides " + c10::str(operands[i]->strides()) + ") cannot be read through a "
+             "TMA tensor map: an empty dimension, overlapping rows (a broadcast row), or a "
+             "dimension of 2^31 or more (the copies' coordinates are 32-bit)";
   return "";
 }
 

@@ -61,13 +61,16 @@ inline bool cp_async_operand_ok(const MatrixArg& m, int element_bytes) {
 }
 
 // Can this operand be read through a TMA tensor map (WgmmaEngine)?  What cp.async needs
-// (a global stride that is a multiple of 16 bytes, a 16-byte-aligned base), at least one
-// column (a map has no empty dimension), and rows and columns below 2^31 (the copies'
-// coordinates are 32-bit).
+// (a row stride that is a multiple of 16 bytes, a 16-byte-aligned base), at least one
+// column (a map has no empty dimension), rows that do not overlap (cuTensorMapEncodeTiled
+// wants a row stride of at least a row's bytes, below 2^40: a broadcast row of stride 0
+// is refused), and rows and columns below 2^31 (the copies' coordinates are 32-bit).
 inline bool tma_operand_ok(const MatrixArg& m, int element_bytes) {
   constexpr int64_t kMaxCoordinate = (int64_t(1) << 31) - 1;
-  return cp_async_operand_ok(m, element_bytes) && m.cols >= 1 && m.rows <= kMaxCoordinate &&
-         m.cols <= kMaxCoordinate;
+  const bool rows_ok = m.rows <= 1 || (m.stride_row >= m.cols &&
+                                       m.stride_row * element_bytes < (int64_t(1) << 40));
+  return cp_async_operand_ok(m, element_bytes) && m.cols >= 1 && rows_ok &&
+         m.rows <= kMaxCoordinate && m.cols <= kMaxCoordinate;
 }
 
 struct DropoutArg {

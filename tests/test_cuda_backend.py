@@ -702,6 +702,14 @@ def test_gemm_engine_rule(ops, monkeypatch):
         ops.gemm_engine(*_operands(m=7))
     if sm90a:
         assert ops.gemm_engine(x, y, wx, wy, above + 1, True, False) == "wgmma"
+        # A broadcast row (stride 0) is cp.async's but no tensor map's: forcing wgmma
+        # names it, auto takes the cp.async engine.
+        x, y, wx, wy = _operands(rows=above + 1)
+        shared = y[:1].expand(above + 1, y.shape[1])
+        with pytest.raises(RuntimeError, match="y .*cannot be read through a TMA tensor map"):
+            ops.gemm_engine(x, shared, wx, wy)
+        monkeypatch.delenv("FBP_CUDA_STAGING")
+        assert ops.gemm_engine(x, shared, wx, wy) == "wide"
     else:
         with pytest.raises(RuntimeError, match="no sm_90a code"):
             ops.gemm_engine(x, y, wx, wy, above + 1, True, False)
