@@ -389,8 +389,66 @@ def test_gpu_check_script_passes_the_selection_as_one_expression(tmp_path):
                                    (root / "tests").glob("test_*.py"))
     (bench,) = [c for c in calls if c and c[0] == "benchmarks/run.py"]
     assert bench[bench.index("--sweep") + 1] == "rows,coatt"
-    # no new problem after 100 s: results are written inside the phase's 130 s timeout
-    assert float(bench[bench.index("--time-budget") + 1]) < 130
+    # no new problem after 90 s: results are written inside the phase's 120 s timeout
+    assert float(bench[bench.index("--time-budget") + 1]) < 120
+    # The engine smoke runs before the tests, each engine under its own timeout.
+    (smoke,) = [c for c in calls if c and c[0] == "scripts/gpu_smoke.py"]
+    assert calls.index(smoke) < calls.index(pytest_args)
+    assert float(smoke[smoke.index("--timeout") + 1]) <= 15
+
+
+def _gpu_smoke():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("gpu_smoke", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_smoke_keeps_a_failed_engine_out_of_the_later_phases():
+    """scripts/gpu_smoke.py's rule: nothing changes when every engine that could run
+    passed; an engine that hung, erred or was wrong is listed, and when auto could pick
+    it the later phases are pinned to the most preferred engine that passed."""
+    smoke = _gpu_smoke()
+    ok, bad = {"status": "ok"}, {"status": "hang"}
+    assert smoke.fallback({e: ok for e in smoke.ENGINES}) == {}
+    assert smoke.fallback({"wgmma": {"status": "skipped"}, "wide": ok, "async": ok,
+                           "sync": ok}) == {}
+    assert smoke.fallback({"wgmma": bad, "wide": ok, "async": ok, "sync": ok}) == {
+        "FBP_CUDA_BROKEN_ENGINES": "wgmma", "FBP_CUDA_STAGING": "wide"}
+    assert smoke.fallback({"wgmma": {"status": "wrong"}, "wide": {"status": "error"},
+                           "async": ok, "sync": ok}) == {
+        "FBP_CUDA_BROKEN_ENGINES": "wgmma,wide", "FBP_CUDA_STAGING": "async"}
+    # Only the synchronous engine failed: auto never picks it for aligned operands.
+    assert smoke.fallback({"wgmma": ok, "wide": ok, "async": ok, "sync": bad}) == {
+        "FBP_CUDA_BROKEN_ENGINES": "sync"}
+    assert smoke.fallback({e: bad for e in smoke.ENGINES})["FBP_CUDA_STAGING"] == "sync"
+
+
+def test_gpu_smoke_records_hangs_and_results(tmp_path, monkeypatch):
+    """The parent: one child per engine, FBP_CUDA_STAGING set for it; a timeout is a
+    hang, the child's JSON line its result; smoke.json and staging.env written."""
+    smoke = _gpu_smoke()
+    seen = []
+
+    def fake_run(cmd, env, capture_output, text, timeout):
+        engine = cmd[cmd.index("--engine") + 1]
+        seen.append((engine, env["FBP_CUDA_STAGING"], timeout))
+        if engine == "wgmma":
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        out = {"wide": '{"status": "wrong", "max_rel_err": 0.9}'}.get(engine, '{"status": "ok"}')
+        return subprocess.CompletedProcess(cmd, 0, "log line\n" + out + "\n", "")
+
+    monkeypatch.setattr(smoke.subprocess, "run", fake_run)
+    assert smoke.main(["--out", str(tmp_path), "--timeout", "7"]) == 0
+    assert seen == [(e, e, 7.0) for e in smoke.ENGINES]
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert report["engines"]["wgmma"]["status"] == "hang"
+    assert report["engines"]["wide"]["max_rel_err"] == 0.9
+    assert (tmp_path / "staging.env").read_text() == (
+        "FBP_CUDA_BROKEN_ENGINES=wgmma,wide\nFBP_CUDA_STAGING=async\n")
 
 
 def test_mfh_benchmark_measures_only_mfh_backends(monkeypatch):

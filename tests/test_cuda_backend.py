@@ -7,6 +7,7 @@ Without nvcc the build tests skip with the missing tool named.  With nvcc but no
 ``test_correctness.py`` also runs its whole suite for backend ``cuda``.
 """
 
+import os
 import re
 import stat
 import subprocess
@@ -840,8 +841,18 @@ ALIGNED_CASES = [LARGE_CASES[0], Case((37,), (37,), 24, 16, 5, 19),
                  Case((9,), (9,), 8, 128, 1, 130, bias=False)]
 
 
+def _skip_if_smoke_failed(engine):
+    """make gpu-check's engine smoke (scripts/gpu_smoke.py) found ``engine`` hanging or
+    wrong: forcing it here would hang the test phase or repeat what smoke.json says."""
+    broken = os.environ.get("FBP_CUDA_BROKEN_ENGINES", "").split(",")
+    if engine in broken:
+        pytest.skip(f"gpu_smoke: the {engine} engine hung or was wrong on this GPU "
+                    f"(smoke.json); FBP_CUDA_BROKEN_ENGINES={','.join(broken)}")
+
+
 def _skip_unless_wgmma_runs():
     """The wgmma + TMA engine needs an sm_90 GPU and a build with sm_90a code."""
+    _skip_if_smoke_failed("wgmma")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip(f"the wgmma engine needs an sm_90 GPU, this is "
                     f"{torch.cuda.get_device_name()} (compute capability "
@@ -861,6 +872,7 @@ def test_both_staging_paths_match_reference(case, dtype, staging, monkeypatch):
     low-precision bound."""
     if staging == "wgmma":
         _skip_unless_wgmma_runs()
+    _skip_if_smoke_failed(staging)
     monkeypatch.setenv("FBP_CUDA_STAGING", staging)
     compare(case, dtype, "cuda", torch.device("cuda"))
 
@@ -896,6 +908,8 @@ def test_cp_async_engine_is_bitwise_the_synchronous_one(ops, case, dtype, monkey
     """Both engines run the same WMMA sequence on the same zero-padded tiles, so the
     forward and every gradient agree bit for bit; sliced inputs (row stride 8 halves
     wider than K) included."""
+    for engine in ("async", "sync"):
+        _skip_if_smoke_failed(engine)
     tensors = make_inputs(case, dtype, "cuda")
     wide = torch.randn(*case.batch_x, case.m + 8, device="cuda").to(dtype)
     sliced = [wide[..., :case.m].requires_grad_()] + tensors[1:]
@@ -921,6 +935,8 @@ def test_wide_engine_is_bitwise_the_64x64_one_before_the_norm(ops, case, dtype, 
     the 64x64 one does, and the epilogue sums each group's products in the same order;
     only the row norm's per-tile parts differ with the tile's outputs.  So without the
     norm the forward and every gradient agree bit for bit, dropout included."""
+    for engine in ("wide", "async"):
+        _skip_if_smoke_failed(engine)
     tensors = make_inputs(case, dtype, "cuda")
     results = []
     for staging in ("wide", "async"):

@@ -1,0 +1,139 @@
+"""First contact of the CUDA backend's GEMM engines with a GPU, one engine per process.
+
+``make gpu-check`` runs this before its test phase.  None of the cp.async / TMA engines
+(``FBP_CUDA_STAGING`` = async, wide, wgmma) had run on a GPU when they were written; a
+wrong mbarrier phase or descriptor bit would hang or corrupt the whole test phase and
+spend the GPU session's minutes on nothing.  So each engine first runs one small aligned
+bf16 problem (forward and every gradient against the float64 reference) in its own
+process under its own timeout:
+
+    python scripts/gpu_smoke.py --out DIR [--timeout 15]
+
+Per engine the status is ``ok``, ``wrong`` (runs, but the result is off: the largest
+error relative to the reference's largest value, over the output and gradients, is at
+least ``TOLERANCE``), ``error`` (an exception, e.g. a launch failure), ``hang`` (killed
+at the timeout) or ``skipped`` (cannot run here: no GPU, or the build/GPU lacks the
+engine, with the reason).  DIR/smoke.json holds the results; DIR/staging.env holds the
+settings the later phases should use: ``FBP_CUDA_STAGING`` set to the best engine that
+passed when the one ``auto`` would pick (wgmma on sm_90, else wide) did not, and
+``FBP_CUDA_BROKEN_ENGINES`` (the engines that failed), which the tests that force an
+engine skip with a reason.  Empty when nothing failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+#: Engines in the order auto prefers them above 128 rows (the synchronous one last).
+ENGINES = ("wgmma", "wide", "async", "sync")
+#: Largest error relative to the reference's largest magnitude that still counts as ok:
+#: bf16 rounds each operand at 2^-8; the products of this problem (K 64 and 48, outputs
+#: pooled over 5) stay well below 2% (the engine bugs this looks for give O(1) errors).
+TOLERANCE = 0.05
+
+
+def run_child(engine: str) -> Dict[str, object]:
+    """Forward and backward on ``engine`` (FBP_CUDA_STAGING is set by the parent)."""
+    import torch
+
+    import fbp_kernels
+    from fbp_kernels import reference
+
+    if not torch.cuda.is_available():
+        return {"status": "skipped", "reason": "no CUDA GPU"}
+    torch.manual_seed(0)
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    # 300 rows: three 128-row tiles (the last partial); widths multiples of 8 (aligned
+    # rows for cp.async / TMA), K = 5 * 40 = 200 (a partial 128-column tile).
+    rows, m, n, factor, o = 300, 64, 48, 5, 40
+    x = torch.randn(rows, m, device=dev)
+    y = torch.randn(rows, n, device=dev)
+    wx = torch.randn(factor * o, m, device=dev) / m ** 0.5
+    wy = torch.randn(factor * o, n, device=dev) / n ** 0.5
+    bx = torch.randn(factor * o, device=dev) * 0.1
+    by = torch.randn(factor * o, device=dev) * 0.1
+    inputs = [t.to(dt).requires_grad_() for t in (x, y, wx, wy, bx, by)]
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    try:
+        out = fbp_kernels.fbp(*inputs, factor=factor, backend="cuda")
+        g = torch.randn_like(out)
+        got = [out] + list(torch.autograd.grad(out, inputs, g))
+        torch.cuda.synchronize()
+    except RuntimeError as exc:
+        text = str(exc)
+        if f"FBP_CUDA_STAGING={engine}, but" in text:
+            return {"status": "skipped", "reason": text.splitlines()[0][:300]}
+        return {"status": "error", "reason": text.splitlines()[0][:300]}
+    ref = reference.fbp(*exact, factor=factor)
+    want = [ref] + list(torch.autograd.grad(ref, exact, g.double()))
+    errors = {}
+    for name, a, e in zip(("out", "dx", "dy", "dwx", "dwy", "dbx", "dby"), got, want):
+        scale = e.abs().max().item() or 1.0
+        errors[name] = (a.double() - e).abs().max().item() / scale
+    worst = max(errors.values())
+    ok = worst < TOLERANCE and all(torch.isfinite(a).all().item() for a in got)
+    return {"status": "ok" if ok else "wrong", "max_rel_err": worst, "errors": errors,
+            "device": torch.cuda.get_device_name()}
+
+
+def fallback(results: Dict[str, Dict[str, object]]) -> Dict[str, str]:
+    """The environment the later phases should run with: empty when no engine failed;
+    else the failed engines (FBP_CUDA_BROKEN_ENGINES) and, when an engine auto could
+    pick failed, FBP_CUDA_STAGING = the most preferred engine that passed (``sync`` if
+    none did: the synchronous engine is the one this project's older tests exercised)."""
+    broken = [e for e in ENGINES if results.get(e, {}).get("status") in ("wrong", "error", "hang")]
+    if not broken:
+        return {}
+    env = {"FBP_CUDA_BROKEN_ENGINES": ",".join(broken)}
+    if any(e in broken for e in ENGINES[:3]):  # auto may pick wgmma, wide or async
+        passed = [e for e in ENGINES if results.get(e, {}).get("status") == "ok"]
+        env["FBP_CUDA_STAGING"] = passed[0] if passed else "sync"
+    return env
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=".", help="folder for smoke.json and staging.env")
+    ap.add_argument("--timeout", type=float, default=15.0, help="seconds per engine")
+    ap.add_argument("--engine", help=argparse.SUPPRESS)  # the child's entry point
+    args = ap.parse_args(argv)
+    if args.engine:
+        print(json.dumps(run_child(args.engine)))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, Dict[str, object]] = {}
+    for engine in ENGINES:
+        env = {**os.environ, "FBP_CUDA_STAGING": engine}
+        start = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--engine", engine], env=env,
+                                  capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            res = (json.loads(lines[-1]) if lines else
+                   {"status": "error", "reason": (proc.stderr.strip().splitlines() or
+                                                  ["no output"])[-1][:300]})
+        except subprocess.TimeoutExpired:
+            res = {"status": "hang", "reason": f"killed after {args.timeout:g} s"}
+        res["seconds"] = round(time.monotonic() - start, 1)
+        results[engine] = res
+        print(f"{engine:6} {res['status']:8} {res.get('max_rel_err', '')!s:24} "
+              f"{res.get('reason', '')}", flush=True)
+    env = fallback(results)
+    (out / "smoke.json").write_text(json.dumps({"engines": results, "fallback": env},
+                                               indent=1))
+    (out / "staging.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    print("later phases run with: " + (" ".join(f"{k}={v}" for k, v in env.items())
+                                       or "the defaults (every engine that could run passed)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
