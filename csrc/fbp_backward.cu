@@ -121,7 +121,7 @@ template <typename T> struct BackwardMinBlocks<WmmaEngine<T>> { static constexpr
 template <typename T> struct BackwardMinBlocks<WmmaAsyncEngine<T>> {
   static constexpr int value = 4;
 };
-// One 147 KiB CTA per SM: the whole register file (255 per thread) is allowed.
+// One 149 KiB CTA per SM: the whole register file (255 per thread) is allowed.
 template <typename T> struct BackwardMinBlocks<WmmaWideEngine<T>> {
   static constexpr int value = 1;
 };

@@ -40,6 +40,8 @@
 //       gemm_y=True) -> str
 //       which engine the fused kernels would run: "default", "async", "wide" or "wgmma", for
 //       `rows` broadcast rows (0: x's) with GEMMs on the sides gemm_x / gemm_y
+//   torch.ops.fbp_kernels_cuda.wgmma_built() -> bool
+//       whether the loaded library holds sm_90a code (the wgmma engine can run)
 //   torch.ops.fbp_kernels_cuda.engine_tile(engine, dtype) -> int[]
 //       [BM, BN, BK, threads, stages, shared bytes per block] of an engine (fbp_tile.cuh)
 //
@@ -222,11 +224,12 @@ Tensor empty_marker(const Tensor& like) { return at::empty({0}, like.options());
 
 // ------------------------------------------------------------------ operand staging
 // FBP_CUDA_STAGING selects the GEMM engine of the fp16/bf16 fused kernels: "auto"
-// (default), above kWideEngineAboveRows rows and when every operand a GEMM reads allows
-// cp.async: the wgmma + TMA engine (WgmmaEngine) on an sm_90 GPU with an sm_90a build and
-// operands a tensor map can describe, else the 128x128 cp.async engine (WmmaWideEngine)
-// when the GPU's per-block shared memory holds it; at or below that many rows the 64x64
-// cp.async one (WmmaAsyncEngine); operands cp.async cannot read: the synchronous one.
+// (default), when every operand a GEMM reads allows cp.async: the wgmma + TMA engine
+// (WgmmaEngine) on an sm_90 GPU with an sm_90a build and operands a tensor map can
+// describe, at any row count; else above kWideEngineAboveRows rows the 128x128 cp.async
+// engine (WmmaWideEngine) when the GPU's per-block shared memory holds it, and at or
+// below them the 64x64 cp.async one (WmmaAsyncEngine); operands cp.async cannot read:
+// the synchronous one.
 // "sync" always the synchronous one; "async", "wide" and "wgmma" always that engine, an
 // error when the operands, the GPU or the build do not allow it (tests use them to know
 // which path ran; fp32/fp64 have no cp.async engine and are unaffected).  Read per call,
@@ -305,6 +308,8 @@ std::string wgmma_refusal(const Tensor& x, const Tensor& y, const Tensor& wx, co
     return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST must name 9.0a)";
   if (x.is_cuda()) {
     const auto* props = at::cuda::getDeviceProperties(x.get_device());
+    if (!tma_encoder_available())
+      return "the CUDA driver provides no cuTensorMapEncodeTiled (TMA tensor maps)";
     if (props->major != 9)
       return "the GPU's compute capability is " + std::to_string(props->major) + "." +
              std::to_string(props->minor) + " (wgmma and TMA need 9.0)";
@@ -341,10 +346,30 @@ Engine choose_engine(const Tensor& x, const Tensor& y, const Tensor& wx, const T
   const std::string too_big = smem_refusal(x, Engine::kAsyncWide, "128x128");
   TORCH_CHECK(mode != Staging::kWide || too_big.empty(), "fbp cuda: FBP_CUDA_STAGING=wide, but ",
               too_big);
-  if (mode == Staging::kAuto && rows <= kWideEngineAboveRows) return Engine::kAsync;
   if (mode == Staging::kAuto && x.is_cuda() && wgmma_refusal(x, y, wx, wy, gemm_x, gemm_y).empty())
     return Engine::kWgmma;
+  if (mode == Staging::kAuto && rows <= kWideEngineAboveRows) return Engine::kAsync;
   return too_big.empty() ? Engine::kAsyncWide : Engine::kAsync;
+}
+
+const char* engine_name(Engine engine) {
+  switch (engine) {
+    case Engine::kWgmma: return "wgmma";
+    case Engine::kAsyncWide: return "wide";
+    case Engine::kAsync: return "async";
+    default: return "default";
+  }
+}
+
+// A fused kernel's launch status as an error that names the kernel and its engine (and,
+// for the wgmma engine, what avoids it: its tensor maps are encoded at launch).
+void check_launch(cudaError_t err, const char* kernel, Engine engine) {
+  TORCH_CHECK(err == cudaSuccess, "fbp cuda: the ", kernel, " kernel failed to launch on the ",
+              engine_name(engine), " engine: ", cudaGetErrorString(err),
+              engine == Engine::kWgmma
+                  ? " (its TMA tensor maps are encoded at launch; FBP_CUDA_STAGING=wide runs "
+                    "the cp.async engine instead)"
+                  : "");
 }
 
 void check_operands_2d(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
@@ -363,12 +388,7 @@ bool cp_async_staging_op(const Tensor& x, const Tensor& y, const Tensor& wx, con
 std::string gemm_engine_op(const Tensor& x, const Tensor& y, const Tensor& wx, const Tensor& wy,
                            int64_t rows, bool gemm_x, bool gemm_y) {
   check_operands_2d(x, y, wx, wy, "gemm_engine");
-  switch (choose_engine(x, y, wx, wy, rows > 0 ? rows : x.size(0), gemm_x, gemm_y)) {
-    case Engine::kWgmma: return "wgmma";
-    case Engine::kAsyncWide: return "wide";
-    case Engine::kAsync: return "async";
-    default: return "default";
-  }
+  return engine_name(choose_engine(x, y, wx, wy, rows > 0 ? rows : x.size(0), gemm_x, gemm_y));
 }
 
 // [BM, BN, BK, threads, stages, shared bytes per block] of engine "default" / "async" /
@@ -489,7 +509,7 @@ ForwardOut forward_impl(const Tensor& x, const Tensor& y, const Tensor& wx, cons
   args.activation = static_cast<int>(activation);
   args.norm_group = norm_group;
   args.engine = engine;
-  C10_CUDA_CHECK(launch_forward(args, at::cuda::getCurrentCUDAStream()));
+  check_launch(launch_forward(args, at::cuda::getCurrentCUDAStream()), "fused forward", engine);
   return {out, norm, a, c, p};
 }
 
@@ -623,7 +643,7 @@ Grads backward_impl(const Tensor& grad, const Tensor& x, const Tensor& y, const 
   args.dropout = dropout_arg(dropout, seed);
   args.activation = static_cast<int>(activation);
   args.engine = engine;
-  C10_CUDA_CHECK(launch_projection_grads(args, stream));
+  check_launch(launch_projection_grads(args, stream), "projection-gradient", engine);
   ds.reset();  // the transient buffers go as soon as the GEMMs have consumed them
   px.reset();
   py.reset();
@@ -862,6 +882,7 @@ TORCH_LIBRARY(fbp_kernels_cuda, m) {
         "bool gemm_x=True, bool gemm_y=True) -> str");
   // No tensor arguments, so no dispatch key: one kernel for every backend.
   m.def("engine_tile(str engine, ScalarType dtype) -> int[]", &fbp::engine_tile_op);
+  m.def("wgmma_built() -> bool", &fbp::wgmma_built);
 }
 
 TORCH_LIBRARY_IMPL(fbp_kernels_cuda, CUDA, m) {

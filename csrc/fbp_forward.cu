@@ -84,6 +84,8 @@ cudaError_t encode_operand_map(const MatrixArg& m, DType dtype, CUtensorMap* map
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+bool tma_encoder_available() { return encode_tiled() != nullptr; }
+
 bool wgmma_built() {
 #ifdef FBP_SM90A
   return true;
@@ -127,7 +129,7 @@ struct ForwardParams {
 // spill): 3 for the 64-row engines (WMMA and mma.sync 114-158 registers, fp32 FMA 79-80), except
 // the ones below.
 template <class E> struct ForwardMinBlocks { static constexpr int value = 3; };
-// One 147 KiB CTA per SM: the whole register file (255 per thread) is allowed.
+// One 149 KiB CTA per SM: the whole register file (255 per thread) is allowed.
 template <typename T> struct ForwardMinBlocks<WmmaWideEngine<T>> {
   static constexpr int value = 1;
 };

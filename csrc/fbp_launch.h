@@ -24,7 +24,7 @@ struct MatrixArg {
 // The GEMM engine of the fused kernels (csrc/fbp_tile.cuh):
 //   kDefault   EngineFor<T>: synchronous WMMA 64x64 (fp16/bf16), FMA (fp32/fp64)
 //   kAsync     WmmaAsyncEngine: the 64x64 tile, 3-stage cp.async (fp16/bf16, sm_80+)
-//   kAsyncWide WmmaWideEngine: 128x128, 4-stage cp.async, ~147 KiB of shared memory
+//   kAsyncWide WmmaWideEngine: 128x128, 4-stage cp.async, ~149 KiB of shared memory
 //              (fp16/bf16, GPUs whose per-block opt-in limit holds it: sm_80, sm_90)
 //   kWgmma     WgmmaEngine: 128x128x64, wgmma + TMA, 4 stages, ~198 KiB (fp16/bf16,
 //              sm_90 with an sm_90a build: wgmma_built())
@@ -35,11 +35,18 @@ enum class Engine : int { kDefault, kAsync, kAsyncWide, kWgmma };
 // and the binding never chooses it.
 bool wgmma_built();
 
-// FBP_CUDA_STAGING=auto takes the wide engine only above this many rows: up to one
-// 128-row tile, the 64x64 tile's twice-as-many output tiles keep more SMs streaming the
-// weights (the cost model, H200 bf16 at the MFB widths: forward 31 us against 40 us
-// at rows <= 128, even at 192, 50 against 40 us at 256; costmodel.CUDA_WIDE_ABOVE_ROWS).
+// FBP_CUDA_STAGING=auto takes the cp.async 128x128 engine (WmmaWideEngine) only above
+// this many rows: up to one 128-row tile, the 64x64 tile's twice-as-many output tiles
+// keep more SMs streaming the weights (the cost model, A100 bf16 at the MFB widths:
+// forward 50 us against 64 us at rows <= 128, 94 against 64 us at 256;
+// costmodel.CUDA_WIDE_ABOVE_ROWS).  The wgmma engine has no such threshold: on an H200
+// the model puts it at or below the 64x64 tile at every row count (forward 30.4
+// against 34.6 us at one row, 30.5 against 31.2 us at 16-128 rows).
 constexpr int64_t kWideEngineAboveRows = 128;
+
+// Whether the driver provides cuTensorMapEncodeTiled (the wgmma engine's tensor maps;
+// CUDA 12+ drivers do); looked up once.
+bool tma_encoder_available();
 
 // What the binding needs to know of an engine (host side, fbp_forward.cu): its tile
 // and the shared memory one block of either fused kernel takes (TileSmem); threads == 0
@@ -69,7 +76,7 @@ inline bool tma_operand_ok(const MatrixArg& m, int element_bytes) {
   constexpr int64_t kMaxCoordinate = (int64_t(1) << 31) - 1;
   const bool rows_ok = m.rows <= 1 || (m.stride_row >= m.cols &&
                                        m.stride_row * element_bytes < (int64_t(1) << 40));
-  return cp_async_operand_ok(m, element_bytes) && m.cols >= 1 && rows_ok &&
+  return cp_async_operand_ok(m, element_bytes) && m.rows >= 1 && m.cols >= 1 && rows_ok &&
          m.rows <= kMaxCoordinate && m.cols <= kMaxCoordinate;
 }
 

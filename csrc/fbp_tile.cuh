@@ -16,7 +16,7 @@
 //     ldmatrix into mma.sync (sm_80+, 16-byte-aligned operands contiguous along K; never
 //     run yet).
 //   WmmaWideEngine<T>: a 128x128x32 tile, 256 threads, 4-stage cp.async pipeline, for
-//     GPUs with >= 147 KiB of shared memory per block (sm_80, sm_90); never run yet.
+//     GPUs with >= 149 KiB of shared memory per block (sm_80, sm_90); never run yet.
 //   WgmmaEngine<T>: Hopper's 128x128x64 tile, two warpgroups of wgmma fed by TMA bulk
 //     tensor copies through a 4-stage mbarrier ring (sm_90a, half and bfloat16; never
 //     run yet).  It reads its operands through tensor maps (gemm_tma), not Matrix.
@@ -244,7 +244,7 @@ struct WmmaEngine {
   }
 };
 
-// ----------------------------------------------------------------- cp.async WMMA engines
+// ----------------------------------------------------------------- cp.async engines
 // WMMA tiles fed by a multi-stage cp.async pipeline: 16-byte cp.async.cg.shared.global
 // copies (8 halves), one commit group per k-tile, kStages - 1 k-tiles in flight while
 // one is multiplied, one barrier per k-step.
@@ -341,7 +341,10 @@ struct WmmaPipeline {
   // 40 halves = 80 bytes per row: 16-byte aligned for cp.async and wmma; ldmatrix's
   // 8 rows of 16 bytes start at banks 0, 20, 8, 28, 16, 4, 24, 12: conflict-free.
   static constexpr int kLdIn = BK + 8;
-  static constexpr int kLdOut = BN + 4;
+  // Output rows: the accumulator store's float2 writes (rows lane / 4, columns
+  // 2 (lane % 4)) hit 32 distinct banks per half-warp at BN + 8; the 64-wide tile keeps
+  // BN + 4 (a 2-way conflict once per tile) so that its 47.5 KiB stay a static array.
+  static constexpr int kLdOut = BN >= 128 ? BN + 8 : BN + 4;
   static constexpr int kChunks = BK * int(sizeof(T)) / 16;  // 16-byte chunks per tile row
   static constexpr int kElemsPerChunk = 16 / int(sizeof(T));
   static constexpr int kStageElems = (BM + BN) * kLdIn;
@@ -463,7 +466,7 @@ struct WmmaAsyncEngine : WmmaPipeline<T, 64, 64, 2, 2, 3> {};
 
 // The 128x128x32 tile, 8 warps of 64x32, 4 stages: 64 FLOP per byte staged (twice the
 // 64x64 tile's, which the cost model finds L2-bound at training sizes on an H200) and
-// three 16 KiB k-tiles in flight.  ~147 KiB of dynamic shared memory (one CTA per SM):
+// three 16 KiB k-tiles in flight.  ~149 KiB of dynamic shared memory (one CTA per SM):
 // within sm_80's and sm_90's opt-in limits (163 / 227 KiB), not sm_86/sm_89's (99 KiB),
 // where the binding keeps WmmaAsyncEngine.
 template <typename T>

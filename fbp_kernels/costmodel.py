@@ -329,11 +329,11 @@ WIDE_BWD_TILES = {"sm90-half": (128, 128, 64, 16, 4, 8, True),
 #: The CUDA extension's GEMM engines (csrc/fbp_tile.cuh, cuda_compile.TILES; the names
 #: are FBP_CUDA_STAGING's): engine -> (BM, BN, BK, threads, stages).  Half precision runs
 #: a cp.async or TMA engine (its operands 16-byte aligned and contiguous along K, as
-#: nn.Linear's and row-major inputs are): above CUDA_WIDE_ABOVE_ROWS rows the 128x128
-#: wgmma + TMA one on sm_90 (WgmmaEngine, 198 KiB of shared memory, an sm_90a build) and
-#: the 128x128 cp.async WMMA one on sm_80 (WmmaWideEngine, 147 KiB, within the A100's
-#: per-block limit), the 64x64 one (WmmaAsyncEngine) up to them; fp32 the FMA engine
-#: (IEEE; the extension does not use TF32).
+#: nn.Linear's and row-major inputs are): on sm_90 the 128x128 wgmma + TMA one
+#: (WgmmaEngine, 198 KiB of shared memory, an sm_90a build) at any row count; on sm_80
+#: above CUDA_WIDE_ABOVE_ROWS rows the 128x128 cp.async + mma.sync one (WmmaWideEngine,
+#: 149 KiB, within the A100's per-block limit), the 64x64 one (WmmaAsyncEngine) up to
+#: them; fp32 the FMA engine (IEEE; the extension does not use TF32).
 CUDA_TILES = {"wgmma": (128, 128, 64, 256, 4), "wide": (128, 128, 32, 256, 4),
               "async": (64, 64, 32, 128, 3), "fp32": (64, 64, 16, 256, 1)}
 #: csrc/fbp_launch.h kWideEngineAboveRows (the binding's auto rule; a test compares).
@@ -345,10 +345,10 @@ CUDA_WIDE_ABOVE_ROWS = 128
 #: launcher picks (CUDA_TILES).
 CUDA_COMPILE_FACTS_SOURCE = "nvcc Build cuda_13.0.r13.0/compiler.36424714_0, 2026-12-03"
 CUDA_COMPILE_FACTS = {
-    ("fused_forward", 80, "fp16", "wide"): (196, 150528, "HMMA"),
-    ("fused_forward", 80, "bf16", "wide"): (196, 150528, "HMMA"),
-    ("fused_forward", 90, "fp16", "wide"): (198, 150528, "HMMA"),
-    ("fused_forward", 90, "bf16", "wide"): (198, 150528, "HMMA"),
+    ("fused_forward", 80, "fp16", "wide"): (196, 152576, "HMMA"),
+    ("fused_forward", 80, "bf16", "wide"): (196, 152576, "HMMA"),
+    ("fused_forward", 90, "fp16", "wide"): (198, 152576, "HMMA"),
+    ("fused_forward", 90, "bf16", "wide"): (198, 152576, "HMMA"),
     ("fused_forward", 90, "fp16", "wgmma"): (114, 202880, "HGMMA"),
     ("fused_forward", 90, "bf16", "wgmma"): (114, 202880, "HGMMA"),
     ("fused_forward", 80, "fp16", "async"): (141, 48640, "HMMA"),
@@ -357,10 +357,10 @@ CUDA_COMPILE_FACTS = {
     ("fused_forward", 90, "bf16", "async"): (141, 48640, "HMMA"),
     ("fused_forward", 80, "fp32", "fp32"): (80, 35328, "none"),
     ("fused_forward", 90, "fp32", "fp32"): (79, 35328, "none"),
-    ("projection_grads", 80, "fp16", "wide"): (132, 150528, "HMMA"),
-    ("projection_grads", 80, "bf16", "wide"): (132, 150528, "HMMA"),
-    ("projection_grads", 90, "fp16", "wide"): (138, 150528, "HMMA"),
-    ("projection_grads", 90, "bf16", "wide"): (138, 150528, "HMMA"),
+    ("projection_grads", 80, "fp16", "wide"): (132, 152576, "HMMA"),
+    ("projection_grads", 80, "bf16", "wide"): (132, 152576, "HMMA"),
+    ("projection_grads", 90, "fp16", "wide"): (138, 152576, "HMMA"),
+    ("projection_grads", 90, "bf16", "wide"): (138, 152576, "HMMA"),
     ("projection_grads", 90, "fp16", "wgmma"): (90, 202880, "HGMMA"),
     ("projection_grads", 90, "bf16", "wgmma"): (90, 202880, "HGMMA"),
     ("projection_grads", 80, "fp16", "async"): (89, 48640, "HMMA"),
@@ -1063,12 +1063,15 @@ def _grad_gemms(s: Shape, gpu: GPU) -> List[KernelCost]:
 def cuda_engine(dtype: str, rows: int, arch: int = 80) -> str:
     """The CUDA_TILES engine the extension's launcher runs for ``dtype`` at ``rows`` on a
     GPU of compute capability ``arch`` (FBP_CUDA_STAGING=auto, operands cp.async- and
-    TMA-eligible, the default sm_90a build).  tf32 runs the fp32 (FMA) one."""
+    TMA-eligible, the default sm_90a build): wgmma on sm_90 at any rows (the model puts
+    it at or below the 64x64 tile there at every row count), elsewhere the 64x64
+    cp.async tile up to CUDA_WIDE_ABOVE_ROWS rows and the 128x128 one above (on an sm_100+
+    GPU the binding refuses wgmma too).  tf32 runs the fp32 (FMA) one."""
     if dtype in ("fp32", "tf32"):
         return "fp32"
-    if rows <= CUDA_WIDE_ABOVE_ROWS:
-        return "async"
-    return "wgmma" if arch >= 90 else "wide"
+    if 90 <= arch < 100:  # Hopper (wgmma is sm_90a-only): at any row count
+        return "wgmma"
+    return "async" if rows <= CUDA_WIDE_ABOVE_ROWS else "wide"
 
 
 def cuda_facts(kernel: str, dtype: str, gpu: GPU, rows: int) -> KernelFacts:

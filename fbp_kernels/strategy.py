@@ -286,8 +286,8 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
         engine = costmodel.cuda_engine(short[dtype], rows, arch)
         bm, bn, bk, threads, stages = costmodel.CUDA_TILES[engine]
         how = {"wgmma": "wgmma + TMA (sm_90a), 198 KiB of shared memory",
-               "wide": "cp.async WMMA, 147 KiB of shared memory",
-               "async": "cp.async WMMA", "fp32": "FMA"}[engine]
+               "wide": "cp.async + mma.sync, 149 KiB of shared memory",
+               "async": "cp.async + mma.sync", "fp32": "FMA"}[engine]
         note = ("; synchronous WMMA 64x64x32 if an operand is not 16-byte aligned along K"
                 if engine != "fp32" else "")
         return kernels, (f"{bm}x{bn}x{bk}, {threads} threads, {stages} stage(s), {how}: "

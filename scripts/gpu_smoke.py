@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-#: Engines in the order auto prefers them above 128 rows (the synchronous one last).
+#: Engines in auto's order of preference (wgmma on sm_90; the 128x128 cp.async one above
+#: 128 rows elsewhere; the synchronous one last, for operands cp.async cannot read).
 ENGINES = ("wgmma", "wide", "async", "sync")
 #: Largest error relative to the reference's largest magnitude that still counts as ok:
 #: bf16 rounds each operand at 2^-8; the products of this problem (K 64 and 48, outputs

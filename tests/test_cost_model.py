@@ -311,10 +311,11 @@ def test_every_dtype_predicts():
 
 def test_cuda_provider_by_hand():
     """The CUDA extension's forward at the MFB default, rows 1024: 128-row x 128-column
-    tiles (the cp.async wide engine) of 128 // 5 = 25 outputs -> 8 x 40 = 320 CTAs, two
-    GEMMs' FLOPs on the 125 useful of 128 columns, 64 FLOP per L2 byte per k-step; then
-    the row-norm finish.  Slower than split (its WMMA main loop is priced at mma.sync's
-    efficiency, below cuBLAS's) but never faster than the floor."""
+    tiles (on an H200 the wgmma + TMA engine) of 128 // 5 = 25 outputs -> 8 x 40 = 320
+    CTAs, two GEMMs' FLOPs on the 125 useful of 128 columns, 64 FLOP per L2 byte per
+    k-step; then the row-norm finish.  Slower than split (L2-bound at 64 FLOP per byte,
+    and its wgmma priced at Triton's efficiency, below cuBLAS's) but never faster than
+    the floor."""
     s = cm.Shape(rows=1024, **MFB)
     ks = cm.kernels("cuda", s, H200, "forward")
     assert [k.name.split(" (")[0] for k in ks] == ["cuda fused forward",
@@ -327,15 +328,18 @@ def test_cuda_provider_by_hand():
     assert (f.block_m, f.block_o, f.block_k, f.num_warps, f.num_stages) == (128, 128, 64, 8, 4)
     assert f.ctas_per_sm == 1 and f.tensor_cores == "wgmma"
     assert 2 * 128 * 128 * 64 / ((128 + 128) * 64 * 2) == 64.0
-    # sm_80: the cp.async mma.sync engine, 128x128x32 (150528 B, 196 registers x 256 threads).
-    f80 = cm.cuda_facts("fused_forward", "bf16", cm.GPUS["A100"], 1024)
+    # sm_80: the cp.async mma.sync engine, 128x128x32 (152576 B, 196 registers x 256 threads).
+    a100 = cm.GPUS["A100"]
+    f80 = cm.cuda_facts("fused_forward", "bf16", a100, 1024)
     assert (f80.block_k, f80.ctas_per_sm, f80.tensor_cores) == (32, 1, "mma")
-    # fp32 keeps the 64x64 FMA tile: 64 // 5 = 12 outputs, 16 x 84 CTAs; half precision
-    # up to 128 rows the 64x64 cp.async tile (2 x 84 CTAs at rows 128), above it 128x128.
+    # fp32 keeps the 64x64 FMA tile: 64 // 5 = 12 outputs, 16 x 84 CTAs.  Half precision
+    # on sm_80: up to 128 rows the 64x64 cp.async tile (2 x 84 CTAs at rows 128), above it
+    # 128x128; on sm_90 the 128x128 wgmma tile at every row count.
     fp32 = cm.kernels("cuda", cm.Shape(rows=1024, **{**MFB, "dtype": "fp32"}), H200, "forward")
     assert fp32[0].ctas == 16 * 84
-    assert cm.kernels("cuda", cm.Shape(rows=128, **MFB), H200, "forward")[0].ctas == 2 * 84
-    assert cm.kernels("cuda", cm.Shape(rows=129, **MFB), H200, "forward")[0].ctas == 2 * 40
+    assert cm.kernels("cuda", cm.Shape(rows=128, **MFB), a100, "forward")[0].ctas == 2 * 84
+    assert cm.kernels("cuda", cm.Shape(rows=129, **MFB), a100, "forward")[0].ctas == 2 * 40
+    assert cm.kernels("cuda", cm.Shape(rows=128, **MFB), H200, "forward")[0].ctas == 1 * 40
     for mode in cm.MODES:
         t = {p: cm.predict(p, s, H200, mode).time_us for p in ("floor", "split", "cuda")}
         assert t["floor"] < t["split"] < t["cuda"], (mode, t)

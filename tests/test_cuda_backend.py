@@ -681,9 +681,11 @@ def test_gemm_engine_rule(ops, monkeypatch):
     assert ops.gemm_engine(*_operands(rows=above)) == "async"
     assert ops.gemm_engine(*_operands(rows=above + 1, m=7)) == "default"
     assert ops.gemm_engine(*_operands(rows=above + 1, dtype=torch.float32)) == "default"
-    # wgmma where the build holds sm_90a code (the default arch list; CPU tensors: the
-    # operand rules alone, and auto answers as for sm_80).
-    sm90a = bool(cuda_build.arch_defines())
+    # wgmma where the loaded library holds sm_90a code (the default arch list; CPU
+    # tensors: the operand rules alone, and auto answers as for sm_80).
+    sm90a = ops.wgmma_built()
+    if cuda_build.load() != "fbp_kernels._C":  # built just now from this arch list
+        assert sm90a == bool(cuda_build.arch_defines())
     modes = [("sync", "default", "default"), ("async", "async", "async"),
              ("wide", "wide", "wide"), ("auto", "async", "wide")]
     for mode, few, many in modes + ([("wgmma", "wgmma", "wgmma")] if sm90a else []):
@@ -704,13 +706,11 @@ def test_gemm_engine_rule(ops, monkeypatch):
     if sm90a:
         assert ops.gemm_engine(x, y, wx, wy, above + 1, True, False) == "wgmma"
         # A broadcast row (stride 0) is cp.async's but no tensor map's: forcing wgmma
-        # names it, auto takes the cp.async engine.
+        # names it (auto then takes a cp.async engine; on a GPU, see the GPU tests).
         x, y, wx, wy = _operands(rows=above + 1)
         shared = y[:1].expand(above + 1, y.shape[1])
         with pytest.raises(RuntimeError, match="y .*cannot be read through a TMA tensor map"):
             ops.gemm_engine(x, shared, wx, wy)
-        monkeypatch.delenv("FBP_CUDA_STAGING")
-        assert ops.gemm_engine(x, shared, wx, wy) == "wide"
     else:
         with pytest.raises(RuntimeError, match="no sm_90a code"):
             ops.gemm_engine(x, y, wx, wy, above + 1, True, False)
@@ -767,7 +767,7 @@ def test_default_kernels_do_not_spill(ops):
     assert len(fused) == 20 * len(wanted), cuda_build.format_resource_usage(fused)
     spilling = [r for r in rows if r.spills]
     assert not spilling, "kernels spill:\n" + cuda_build.format_resource_usage(spilling)
-    # Static shared memory is capped at 48 KiB per CTA (the wide engine's 147 KiB is
+    # Static shared memory is capped at 48 KiB per CTA (the 128x128 engines' 149 / 198 KiB are
     # dynamic); cuobjdump's SHARED counts the 1 KiB system reserve on top of it on sm_90
     # (not on sm_80).
     assert all(r.shared - (1024 if r.arch.startswith("sm_90") and r.shared else 0) <= 48 * 1024
@@ -857,8 +857,9 @@ def _skip_unless_wgmma_runs():
         pytest.skip(f"the wgmma engine needs an sm_90 GPU, this is "
                     f"{torch.cuda.get_device_name()} (compute capability "
                     f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
-    if not cuda_build.arch_defines():
-        pytest.skip(f"TORCH_CUDA_ARCH_LIST={cuda_build.arch_list()!r} builds no sm_90a code")
+    if not cuda_build.ops().wgmma_built():
+        pytest.skip(f"the loaded extension ({cuda_build.load()}) holds no sm_90a code "
+                    f"(TORCH_CUDA_ARCH_LIST must name 9.0a)")
 
 
 @cuda_only
@@ -883,7 +884,9 @@ def test_both_staging_paths_match_reference(case, dtype, staging, monkeypatch):
 def test_wgmma_engine_reads_strided_operands_through_its_tensor_maps(ops, case, monkeypatch):
     """The TMA tensor maps carry the row stride: x sliced out of a wider buffer (rows 8
     halves longer than K) gives the contiguous input's forward and gradients bit for bit
-    (the same boxes land in shared memory, zero-filled past K either way)."""
+    (the same boxes land in shared memory, zero-filled past K either way); dW_x, which
+    cuBLAS forms from x itself (another leading dimension may pick another kernel), to
+    the bf16 bound."""
     _skip_unless_wgmma_runs()
     monkeypatch.setenv("FBP_CUDA_STAGING", "wgmma")
     tensors = make_inputs(case, torch.bfloat16, "cuda")
@@ -897,7 +900,13 @@ def test_wgmma_engine_reads_strided_operands_through_its_tensor_maps(ops, case, 
                               backend="cuda")
         results.append([out] + grads(out, inputs, torch.ones_like(out)))
     for name, a, b in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], *results):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        if name == "dwx":  # fp32 sums in another order, rounded to bf16: a few ulps
+            assert_close(a, b, atol=2 ** -6 * b.abs().max().item(), rtol=2 ** -7, name=name)
+        else:
+            assert torch.equal(a, b), name
 
 
 @cuda_only

@@ -264,8 +264,8 @@ def test_derived_fields_are_consistent(report):
 @needs_nvcc
 def test_cost_model_facts_match_the_build(report):
     """costmodel.CUDA_TILES / CUDA_COMPILE_FACTS are the engines the launcher picks on
-    sm_80/sm_90 (for half precision above 128 rows wgmma + TMA on sm_90 and the 128x128
-    cp.async one on sm_80, 64x64 cp.async up to them; FMA for fp32) as this nvcc
+    sm_80/sm_90 (for half precision wgmma + TMA on sm_90; on sm_80 the 128x128 cp.async
+    one above 128 rows, 64x64 cp.async up to them; FMA for fp32) as this nvcc
     compiles them: the cost
     model's CUDA provider cannot drift from the kernels.  (Registers depend on the
     compiler: with another nvcc than the table's the comparison is skipped.)"""
@@ -300,7 +300,7 @@ def test_cost_model_facts_match_the_build(report):
 @needs_nvcc
 def test_hopper_training_main_loops_meet_the_issue12_thresholds(report):
     """Issue 12's thresholds, asserted for the engine FBP_CUDA_STAGING=auto runs on sm_90
-    above 128 rows (WgmmaEngine, fp16 and bf16, forward and backward): HGMMA, TMA bulk
+    (WgmmaEngine, fp16 and bf16, forward and backward): HGMMA, TMA bulk
     tensor copies, >= 64 FLOP per staged byte, >= 64 KiB in flight per SM, >= 4 stages,
     no spills.  The other engines' gaps (rows <= 128, operands TMA cannot read) are
     printed."""

@@ -146,7 +146,7 @@ def test_mfh_captured_graph_replays_match_eager(backend):
 def test_mfh_at_the_mfb_widths_on_the_gpu_matches_the_reference(dtype, question_rows,
                                                                    backend):
     """The compiled chained kernels (triton on sm_90: the 64 x 128 wgmma/TMA tile; cuda:
-    the 128x128 cp.async WMMA engine, its co-attention shared projection) at the MFB
+    on sm_90 the wgmma + TMA engine, on sm_80 the 128x128 cp.async one, its co-attention shared projection) at the MFB
     default widths, order 3, plain rows and co-attention: the output and every gradient
     within twice eager's own error in the same dtype (plus a floor) of the fp64
     reference; gradients at eps 1e-2 (at 1e-6 the signed sqrt's slope makes even eager

@@ -309,8 +309,10 @@ def test_explain_names_the_cuda_engine_and_tile():
     from fbp_kernels import costmodel as cm
 
     cpu = torch.device("cpu")
-    assert cm.cuda_engine("bf16", 1024, 90) == "wgmma" and cm.cuda_engine("bf16", 128, 90) == "async"
-    assert cm.cuda_engine("bf16", 1024, 80) == "wide" and cm.cuda_engine("tf32", 1024, 90) == "fp32"
+    assert cm.cuda_engine("bf16", 1024, 90) == cm.cuda_engine("bf16", 1, 90) == "wgmma"
+    assert cm.cuda_engine("bf16", 1024, 80) == "wide" and cm.cuda_engine("bf16", 128, 80) == "async"
+    assert cm.cuda_engine("bf16", 1024, 100) == "wide"  # wgmma is sm_90a code only
+    assert cm.cuda_engine("tf32", 1024, 90) == "fp32"
     kernels, tile = strategy._describe("cuda", 1024, 1000, 5, torch.bfloat16, cpu, False)
     assert "fused_forward_kernel" in kernels and "projection_grads_kernel" in kernels
     assert tile.startswith("128x128x32, 256 threads, 4 stage(s), cp.async") and "25 outputs" in tile

@@ -14,10 +14,10 @@ Forward: one fused kernel per (64- or 128-row, output) tile computes both projec
 over ``factor`` consecutive columns and the signed square root; a one-warp-per-row
 kernel finishes ``||t||`` and the L2 normalisation.  No ``(rows, factor*o)``
 tensor is written.  fp16/bf16 tiles are fed asynchronously when every operand is
-contiguous along K with 16-byte-aligned rows on an sm_80+ GPU: above 128 rows by TMA
-into wgmma (128x128x64, 4 stages) on sm_90 with an sm_90a build, else by cp.async into
-WMMA (128x128x32 with 4 stages where the GPU's shared memory holds it); up to 128 rows
-by cp.async (64x64x32, 3 stages); otherwise by synchronous loads (``FBP_CUDA_STAGING`` =
+contiguous along K with 16-byte-aligned rows on an sm_80+ GPU: by TMA into wgmma
+(128x128x64, 4 stages) on sm_90 with an sm_90a build; elsewhere by cp.async into
+ldmatrix + mma.sync (128x128x32 with 4 stages above 128 rows where the GPU's shared
+memory holds it, else 64x64x32 with 3); otherwise by synchronous loads (``FBP_CUDA_STAGING`` =
 ``auto`` / ``sync`` / ``async`` / ``wide`` / ``wgmma``; none of these has run on a GPU
 yet, docs/cuda.md).
 
