@@ -13,7 +13,10 @@ Per engine the status is ``ok``, ``wrong`` (runs, but the result is off: the lar
 error relative to the reference's largest value, over the output and gradients, is at
 least ``TOLERANCE``), ``error`` (an exception, e.g. a launch failure), ``hang`` (killed
 at the timeout) or ``skipped`` (cannot run here: no GPU, or the build/GPU lacks the
-engine, with the reason).  DIR/smoke.json holds the results; DIR/staging.env holds the
+engine, with the reason).  An engine that passed is then timed at the MFB default
+(rows 1024, m 2048, n 1024, factor 5, o 1000, bf16: forward and forward+backward, CUDA
+events, the median of 10 after 3 warm-ups) beside the cost model's prediction for that
+engine: the first measurement of each engine.  DIR/smoke.json holds the results; DIR/staging.env holds the
 settings the later phases should use: ``FBP_CUDA_STAGING`` set to the best engine that
 passed when the one ``auto`` would pick (wgmma on sm_90, else wide) did not, and
 ``FBP_CUDA_BROKEN_ENGINES`` (the engines that failed), which the tests that force an
@@ -80,8 +83,75 @@ def run_child(engine: str) -> Dict[str, object]:
         errors[name] = (a.double() - e).abs().max().item() / scale
     worst = max(errors.values())
     ok = worst < TOLERANCE and all(torch.isfinite(a).all().item() for a in got)
-    return {"status": "ok" if ok else "wrong", "max_rel_err": worst, "errors": errors,
-            "device": torch.cuda.get_device_name()}
+    result = {"status": "ok" if ok else "wrong", "max_rel_err": worst, "errors": errors,
+              "device": torch.cuda.get_device_name()}
+    if ok:
+        result["timing"] = time_engine(engine)
+    return result
+
+
+def _median_us(fn, warmup: int = 3, reps: int = 10) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def predicted_us(engine: str, gpu, rows: int = 1024) -> Dict[str, float]:
+    """The cost model's forward and forward+backward microseconds of the CUDA backend on
+    ``engine`` (its cuda_engine rule pinned to it) at the MFB default widths; empty for
+    the synchronous engine, which the model does not price."""
+    from fbp_kernels import costmodel as cm
+
+    if engine not in cm.CUDA_TILES:
+        return {}
+    shape = cm.Shape(rows=rows, m=2048, n=1024, factor=5, o=1000, dtype="bf16")
+    pinned, cm.cuda_engine = cm.cuda_engine, (lambda dtype, r, arch=80: engine)
+    try:
+        return {mode: cm.predict("cuda", shape, gpu, mode).time_us
+                for mode in ("forward", "forward+backward")}
+    finally:
+        cm.cuda_engine = pinned
+
+
+def time_engine(engine: str, rows: int = 1024) -> Dict[str, object]:
+    """Measured and predicted microseconds of ``engine`` at the MFB default widths."""
+    import torch
+
+    import fbp_kernels
+    from fbp_kernels import costmodel as cm
+
+    m, n, factor, o = 2048, 1024, 5, 1000
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    x = torch.randn(rows, m, device=dev, dtype=dt, requires_grad=True)
+    y = torch.randn(rows, n, device=dev, dtype=dt, requires_grad=True)
+    wx = (torch.randn(factor * o, m, device=dev) / m ** 0.5).to(dt).requires_grad_()
+    wy = (torch.randn(factor * o, n, device=dev) / n ** 0.5).to(dt).requires_grad_()
+    bx = torch.zeros(factor * o, device=dev, dtype=dt, requires_grad=True)
+    by = torch.zeros(factor * o, device=dev, dtype=dt, requires_grad=True)
+    args = (x, y, wx, wy, bx, by)
+    g = torch.randn(rows, o, device=dev, dtype=dt)
+
+    def forward():
+        with torch.no_grad():
+            fbp_kernels.fbp(*args, factor=factor, backend="cuda")
+
+    def both():
+        out = fbp_kernels.fbp(*args, factor=factor, backend="cuda")
+        torch.autograd.grad(out, args, g)
+
+    measured = {"forward": _median_us(forward), "forward+backward": _median_us(both)}
+    predicted = predicted_us(engine, cm.gpu_for(dev), rows)
+    return {"rows": rows, "measured_us": measured, "predicted_us": predicted}
 
 
 def fallback(results: Dict[str, Dict[str, object]]) -> Dict[str, str]:
@@ -102,7 +172,7 @@ def fallback(results: Dict[str, Dict[str, object]]) -> Dict[str, str]:
 def main(argv: List[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".", help="folder for smoke.json and staging.env")
-    ap.add_argument("--timeout", type=float, default=15.0, help="seconds per engine")
+    ap.add_argument("--timeout", type=float, default=20.0, help="seconds per engine")
     ap.add_argument("--engine", help=argparse.SUPPRESS)  # the child's entry point
     args = ap.parse_args(argv)
     if args.engine:
@@ -125,8 +195,11 @@ def main(argv: List[str] = None) -> int:
             res = {"status": "hang", "reason": f"killed after {args.timeout:g} s"}
         res["seconds"] = round(time.monotonic() - start, 1)
         results[engine] = res
+        timing = res.get("timing", {})
+        times = " ".join(f"{k} {v:.0f} us (model {timing['predicted_us'].get(k, float('nan')):.0f})"
+                         for k, v in timing.get("measured_us", {}).items())
         print(f"{engine:6} {res['status']:8} {res.get('max_rel_err', '')!s:24} "
-              f"{res.get('reason', '')}", flush=True)
+              f"{res.get('reason', '')}{times}", flush=True)
     env = fallback(results)
     (out / "smoke.json").write_text(json.dumps({"engines": results, "fallback": env},
                                                indent=1))
