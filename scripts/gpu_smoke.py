@@ -50,8 +50,13 @@ def run_child(engine: str) -> Dict[str, object]:
     import fbp_kernels
     from fbp_kernels import reference
 
+    from fbp_kernels import backends
+
     if not torch.cuda.is_available():
         return {"status": "skipped", "reason": "no CUDA GPU"}
+    why = backends.unsupported_reason("cuda", torch.device("cuda"))
+    if why is not None:  # no extension: says nothing of the engine
+        return {"status": "skipped", "reason": f"the cuda backend cannot run: {why}"}
     torch.manual_seed(0)
     dev, dt = torch.device("cuda"), torch.bfloat16
     # 300 rows: three 128-row tiles (the last partial); widths multiples of 8 (aligned
@@ -65,11 +70,16 @@ def run_child(engine: str) -> Dict[str, object]:
     by = torch.randn(factor * o, device=dev) * 0.1
     inputs = [t.to(dt).requires_grad_() for t in (x, y, wx, wy, bx, by)]
     exact = [t.detach().double().requires_grad_() for t in inputs]
+    from fbp_kernels.backends import cuda_build
+
     try:
         out = fbp_kernels.fbp(*inputs, factor=factor, backend="cuda")
         g = torch.randn_like(out)
         got = [out] + list(torch.autograd.grad(out, inputs, g))
         torch.cuda.synchronize()
+    except cuda_build.CudaBuildError as exc:  # no extension: says nothing of the engine
+        return {"status": "skipped", "reason": "the CUDA extension is unavailable: " +
+                str(exc).splitlines()[0][:240]}
     except RuntimeError as exc:
         text = str(exc)
         if f"FBP_CUDA_STAGING={engine}, but" in text:
