@@ -180,6 +180,25 @@ def time_cuda(fn: Callish, device: torch.device, warmup_ms: float = 10.0,
     return summarize(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def median_event_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream by events, with no L2
+    flush and a fixed count: for probes whose data should stay resident or that run far
+    longer than a flush (benchmarks/calibrate.py, scripts/gpu_smoke.py)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
 def time_all(calls: Dict[str, Callish], device: torch.device, *, min_run_time: float = 0.2,
              min_samples: int = 5, warmup_ms: float = 10.0,
              rep_ms: float = 50.0) -> Dict[str, Union[Timing, Exception]]:

@@ -121,12 +121,17 @@ def format_markdown(rows: List[dict], others: Sequence[cm.GPU]) -> List[str]:
 
 
 def assumptions_text(gpu: cm.GPU) -> str:
-    return (f"{gpu.name}: {gpu.sms} SMs, bf16 {gpu.tensor_tflops['bf16']:g} TFLOP/s dense "
-            f"(cuBLAS at {cm.CUBLAS_EFFICIENCY['bf16']:.0%}), HBM {gpu.hbm_tbs:g} TB/s "
-            f"(streams at {cm.HBM_EFFICIENCY:.0%}), L2 {gpu.l2_tbs:g} TB/s (assumed), "
+    tag = " (measured)" if gpu.calibration else " (assumed)"
+    text = (f"{gpu.name}: {gpu.sms} SMs, bf16 {gpu.tensor_tflops['bf16']:g} TFLOP/s dense "
+            f"(cuBLAS at {cm.cublas_efficiency(gpu, 'bf16'):.0%}, Triton's main loop at "
+            f"{cm.mma_efficiency(gpu, cm._native_mma(gpu)[0]):.0%}), HBM {gpu.hbm_tbs:g} "
+            f"TB/s (streams at {cm.hbm_efficiency(gpu):.0%}), L2 {gpu.l2_tbs:.3g} TB/s{tag}, "
             f"{gpu.l2_mb:g} MB L2, latency HBM {gpu.hbm_latency_us} us / L2 "
-            f"{gpu.l2_latency_us} us, {gpu.launch_us} us per launch; compile facts: "
+            f"{gpu.l2_latency_us} us, {gpu.launch_us:.3g} us per launch; compile facts: "
             f"{cm.COMPILE_FACTS_SOURCE}")
+    if gpu.calibration:
+        text += f"; calibrated by {gpu.calibration}"
+    return text
 
 
 # ----------------------------------------------------------------------------- targets
@@ -183,8 +188,9 @@ def predicted_targets(gpu: cm.GPU) -> List[dict]:
 
 
 def format_targets(rows: List[dict], gpu: cm.GPU) -> str:
-    lines = [f"Issue 12's targets as the cost model predicts them ({gpu.name}, bf16, MFB "
-             f"widths; the faster of fused and split; worst shape):",
+    measured = f", calibrated by {gpu.calibration}" if gpu.calibration else ""
+    lines = [f"Issue 12's targets as the cost model predicts them ({gpu.name}{measured}, "
+             f"bf16, MFB widths; the faster of fused and split; worst shape):",
              "| target | worst at rows | provider | predicted | threshold | |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -368,6 +374,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     metavar="FIELD=VALUE",
                     help="override a numeric field of the --gpu entry, e.g. l2_tbs=8 or "
                          "hbm_latency_us=0.5 (to see how much a prediction rests on it)")
+    ap.add_argument("--calibration", type=Path, metavar="FILE",
+                    help="a benchmarks/calibrate.py calibration.json: its GPU's entry with "
+                         "the measured bandwidths and efficiencies in place of the "
+                         "assumptions (it sets --gpu; --set still applies after it)")
     ap.add_argument("--breakdown", action="store_true", help="print every kernel's cost")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
@@ -392,7 +402,13 @@ def main(argv=None) -> int:
         n = refresh_cuda_facts()
         print(f"wrote {n} CUDA compile facts to fbp_kernels/costmodel.py")
         return 0
-    gpu = apply_overrides(cm.GPUS[args.gpu], args.overrides)
+    base = cm.GPUS[args.gpu]
+    if args.calibration is not None:
+        try:
+            base, _ = cm.load_calibration(args.calibration)
+        except ValueError as exc:
+            raise SystemExit(f"--calibration: {exc}")
+    gpu = apply_overrides(base, args.overrides)
     if args.targets:
         print(format_targets(predicted_targets(gpu), gpu))
         return 0

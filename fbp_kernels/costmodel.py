@@ -44,8 +44,10 @@ latencies below; the ratios between providers are firmer than the times.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 PROVIDERS = ("floor", "eager", "compile", "fused", "split", "cuda")
@@ -60,7 +62,9 @@ MODES = ("forward", "backward", "forward+backward")
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
 
 # ----------------------------------------------------------------------------- assumptions
-# Every efficiency is a fraction of the datasheet peak of the GPU entry.
+# Every efficiency is a fraction of the datasheet peak of the GPU entry.  The ones no GPU
+# has measured here (L2 bandwidth, the Triton main loop's efficiency, the launch cost)
+# are what benchmarks/calibrate.py measures; :func:`calibrated` puts its numbers in.
 
 #: cuBLAS GEMM at its best tile, full waves.  bf16/fp16: measured on this workplace's
 #: H200 (/work/.library/device/KINDS.md, 2026-10-28 and 2026-11-04): an 8192^3 bf16
@@ -201,6 +205,14 @@ class GPU:
     max_threads_per_sm: int = 2048
     max_ctas_per_sm: int = 32
     sources: Tuple[str, ...] = ()
+    # Measured replacements of the module's efficiency assumptions (None: the assumption),
+    # set by :func:`calibrated` from benchmarks/calibrate.py's probes on this GPU:
+    # HBM_EFFICIENCY, CUBLAS_EFFICIENCY of fp16/bf16, TRITON_MMA_EFFICIENCY of this
+    # arch's half-precision main loop (wgmma on sm_90, mma.sync on sm_80).
+    hbm_efficiency: Optional[float] = None
+    cublas_efficiency: Optional[float] = None
+    mma_efficiency: Optional[float] = None
+    calibration: str = ""          # where the measured fields come from ("" = none)
 
     def __hash__(self):  # tensor_tflops is a dict: hash by name (entries are unique)
         return hash(self.name)
@@ -253,14 +265,121 @@ GPUS: Dict[str, GPU] = {
 }
 
 
-def gpu_for_name(name: str, capability: Optional[Tuple[int, int]] = None) -> GPU:
+def hbm_efficiency(gpu: GPU) -> float:
+    """Share of ``gpu.hbm_tbs`` a streaming kernel reaches: measured or HBM_EFFICIENCY."""
+    return HBM_EFFICIENCY if gpu.hbm_efficiency is None else gpu.hbm_efficiency
+
+
+def cublas_efficiency(gpu: GPU, dtype: str) -> float:
+    """cuBLAS's share of the ``dtype`` peak: measured (fp16/bf16) or CUBLAS_EFFICIENCY."""
+    if gpu.cublas_efficiency is not None and dtype in ("fp16", "bf16"):
+        return gpu.cublas_efficiency
+    return CUBLAS_EFFICIENCY[dtype]
+
+
+def _native_mma(gpu: GPU) -> Tuple[str, int]:
+    """The TRITON_MMA_EFFICIENCY key of ``gpu``'s own half-precision main loop."""
+    return ("wgmma", 90) if gpu.arch >= 90 else ("mma", 80)
+
+
+def mma_efficiency(gpu: GPU, tensor_cores: str) -> float:
+    """A main loop's share of the tensor-core (or FMA) peak: measured for ``gpu``'s
+    own half-precision instruction (:func:`_native_mma`), else TRITON_MMA_EFFICIENCY."""
+    key = (tensor_cores, 90 if gpu.arch >= 90 else 80)
+    if gpu.mma_efficiency is not None and key == _native_mma(gpu):
+        return gpu.mma_efficiency
+    return TRITON_MMA_EFFICIENCY[key]
+
+
+#: What benchmarks/calibrate.py measures, by its JSON's ``measured`` keys, and the GPU
+#: field each one replaces: the copy bandwidth (reads + writes) -> hbm_efficiency =
+#: measured / hbm_tbs; the aggregate L2 -> SM read bandwidth of an L2-resident buffer
+#: -> l2_tbs; cuBLAS's bf16 rate at 8192^3 -> cublas_efficiency; the Triton main loop of
+#: the wide forward's tile (the kernel's own code, A @ W^T alone) -> mma_efficiency;
+#: the GPU time per launch of a graph of back-to-back tiny kernels -> launch_us.
+CALIBRATION_KEYS = ("hbm_copy_tbs", "l2_read_tbs", "cublas_bf16_tflops",
+                    "triton_mainloop_tflops", "launch_us")
+#: The environment variable naming a calibration file that :func:`gpu_for` (so also
+#: ``backend="auto"``) applies to the GPU it was measured on.
+CALIBRATION_ENV = "FBP_COSTMODEL_CALIBRATION"
+
+
+def calibrated(gpu: GPU, measured: Dict[str, float], source: str = "measured") -> GPU:
+    """``gpu`` with the assumptions ``measured`` replaces (CALIBRATION_KEYS; missing or
+    null keys keep their assumption).  The main-loop rate is a share of the bf16 peak;
+    it is a lower bound of the instruction's efficiency where that probe was L2-bound,
+    and using it keeps predictions of that tile at or above what was measured."""
+    def get(key):
+        v = measured.get(key)
+        if v is None:
+            return None
+        v = float(v)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"calibration {key}={v!r}: expected a positive number")
+        return v
+
+    changes = {}
+    peak = gpu.tensor_tflops["bf16"]
+    if get("hbm_copy_tbs") is not None:
+        changes["hbm_efficiency"] = min(1.0, get("hbm_copy_tbs") / gpu.hbm_tbs)
+    if get("l2_read_tbs") is not None:
+        changes["l2_tbs"] = get("l2_read_tbs")
+    if get("cublas_bf16_tflops") is not None:
+        changes["cublas_efficiency"] = min(1.0, get("cublas_bf16_tflops") / peak)
+    if get("triton_mainloop_tflops") is not None:
+        changes["mma_efficiency"] = min(1.0, get("triton_mainloop_tflops") / peak)
+    if get("launch_us") is not None:
+        changes["launch_us"] = get("launch_us")
+    if not changes:
+        return gpu
+    return replace(gpu, calibration=source, **changes)
+
+
+def load_calibration(path) -> Tuple[GPU, Dict[str, object]]:
+    """A benchmarks/calibrate.py JSON file -> (its GPU's GPUS entry calibrated, the
+    file's content).  Raises ValueError, naming the file, when it is not one."""
+    import json
+
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        name = str(data["gpu"])
+        measured = dict(data["measured"])
+        cap = data.get("capability")
+        gpu = gpu_for_name(name, tuple(cap) if cap else None, calibration=False)
+        return calibrated(gpu, measured, source=f"{path} ({data.get('date', '?')})"), data
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a calibration file from benchmarks/calibrate.py "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
+def gpu_for_name(name: str, capability: Optional[Tuple[int, int]] = None, *,
+                 calibration: bool = True) -> GPU:
     """The GPUS entry for a device name (``torch.cuda.get_device_name()``).
 
     H200 / H100 (and H800) / A100 (and A800) by substring.  Anything else by compute
     capability: 9.x -> H100 (the base Hopper part), >= 10 -> H200 (the newest entry: the
     model then under-predicts a newer GPU), 8.x and older -> A100 (older parts are slower
-    than predicted).  No capability -> H200.
+    than predicted).  No capability -> H200.  With ``calibration``, a file named by
+    ``FBP_COSTMODEL_CALIBRATION`` that was measured on a device of exactly this name
+    replaces the entry's assumptions (:func:`calibrated`).
     """
+    gpu = _gpu_entry(name, capability)
+    path = os.environ.get(CALIBRATION_ENV) if calibration else None
+    if path:
+        measured_on, cal = _env_calibration(path)
+        if measured_on == name and cal.name == gpu.name:
+            return cal
+    return gpu
+
+
+@functools.lru_cache(maxsize=8)
+def _env_calibration(path: str) -> Tuple[str, GPU]:
+    gpu, data = load_calibration(path)
+    return str(data["gpu"]), gpu
+
+
+def _gpu_entry(name: str, capability: Optional[Tuple[int, int]]) -> GPU:
     upper = name.upper()
     for key, aliases in (("H200", ("H200",)), ("H100", ("H100", "H800")),
                          ("A100", ("A100", "A800"))):
@@ -560,7 +679,8 @@ def _cost(name, gpu: GPU, *, flops=0.0, tflops=1.0, hbm=0.0, l2=0.0, ctas=1, per
     t_compute = flops / (tflops * 1e6) * quant if flops else 0.0
     active = min(ctas, slots)
     inflight = active * inflight_cta
-    bw_hbm = min(gpu.hbm_tbs * HBM_EFFICIENCY, inflight / gpu.hbm_latency_us / 1e6)
+    stream = gpu.hbm_tbs * hbm_efficiency(gpu)
+    bw_hbm = min(stream, inflight / gpu.hbm_latency_us / 1e6)
     bw_l2 = min(gpu.l2_tbs, inflight / gpu.l2_latency_us / 1e6)
     l2 = max(l2, hbm)  # every DRAM byte also crosses the L2
     t_hbm = hbm / (bw_hbm * 1e6) if hbm else 0.0
@@ -568,7 +688,7 @@ def _cost(name, gpu: GPU, *, flops=0.0, tflops=1.0, hbm=0.0, l2=0.0, ctas=1, per
     terms = {"compute": t_compute, "hbm": t_hbm, "l2": t_l2}
     bound = max(terms, key=terms.get)
     if bound in ("hbm", "l2") and (bw_hbm if bound == "hbm" else bw_l2) < (
-            gpu.hbm_tbs * HBM_EFFICIENCY if bound == "hbm" else gpu.l2_tbs):
+            stream if bound == "hbm" else gpu.l2_tbs):
         bound += "-latency"  # too few bytes in flight to reach the bandwidth
     body = terms[max(terms, key=terms.get)]
     if tail_us > body:
@@ -590,7 +710,7 @@ def gemm(name: str, M: int, N: int, K: int, dtype: str, gpu: GPU, *, out_bytes=N
     Small grids use split-K (cuBLAS does: fp32 partials written and reduced)."""
     e = DTYPE_BYTES[dtype]
     flops = 2.0 * M * N * K
-    peak = gpu.tensor_tflops[dtype] * CUBLAS_EFFICIENCY[dtype]
+    peak = gpu.tensor_tflops[dtype] * cublas_efficiency(gpu, dtype)
     c_bytes = M * N * (out_bytes if out_bytes is not None else e)
     reuse = CUBLAS_L2_MULTICAST if gpu.arch >= 90 else 1
     best = None
@@ -782,7 +902,7 @@ def _fused_main_loop(name: str, s: Shape, gpu: GPU, f: KernelFacts, *, recompute
         h_wave, h_all = min(1.0, cap / wave_ws), min(1.0, cap / (xy + w / n_o))
         hbm = xy + w + xy * (n_o - 1) * (1 - h_all) + xy * n_o * (s.factor - 1) * (1 - h_wave)
         peak_key = s.dtype if f.tensor_cores != "none" else "fp32"
-        eff = TRITON_MMA_EFFICIENCY[(f.tensor_cores, 90 if gpu.arch >= 90 else 80)]
+        eff = mma_efficiency(gpu, f.tensor_cores)
         tflops = gpu.tensor_tflops[peak_key] * eff * flops / padded  # padding wastes MMAs
         # One pipeline fill (an L2 round trip nothing overlaps) per K loop, 2 per factor
         # group, once per wave.
@@ -903,7 +1023,7 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
     else:
         hbm += scratch                                    # the pooled scratch, written once
     peak_key = s.dtype if f.tensor_cores != "none" else "fp32"
-    eff = TRITON_MMA_EFFICIENCY[(f.tensor_cores, 90 if gpu.arch >= 90 else 80)]
+    eff = mma_efficiency(gpu, f.tensor_cores)
     tflops = gpu.tensor_tflops[peak_key] * eff * flops / padded
     slots = gpu.sms * f.ctas_per_sm
     # Two pipeline fills (x pass, y pass) per tile, once per wave.
@@ -1131,7 +1251,7 @@ def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
         hbm += written
         l2 += written
     peak_key = s.dtype if f.tensor_cores != "none" else "fp32"
-    eff = TRITON_MMA_EFFICIENCY[(f.tensor_cores, 90 if gpu.arch >= 90 else 80)]
+    eff = mma_efficiency(gpu, f.tensor_cores)
     tflops = gpu.tensor_tflops[peak_key] * eff * flops / padded
     slots = gpu.sms * f.ctas_per_sm
     # Two GEMMs (x pass, y pass) per tile, each a pipeline fill, once per wave.

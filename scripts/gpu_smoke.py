@@ -100,20 +100,11 @@ def run_child(engine: str) -> Dict[str, object]:
     return result
 
 
-def _median_us(fn, warmup: int = 3, reps: int = 10) -> float:
-    import torch
+def _median_us(fn) -> float:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the `benchmarks` folder
+    from benchmarks.measure import median_event_ms
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_event_ms(fn) * 1e3
 
 
 def predicted_us(engine: str, gpu, rows: int = 1024) -> Dict[str, float]:

@@ -97,13 +97,13 @@ def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) ->
 _ALIGNED = ("M", "N", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr")
 
 
-def _source(fn, sig: Dict[str, str], consts: Dict[str, object]):
+def _source(fn, sig: Dict[str, str], consts: Dict[str, object], aligned=_ALIGNED):
     from triton.compiler import ASTSource
 
     for k in consts:
         sig[k] = "constexpr"
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-             for k, v in sig.items() if v.startswith("*") or k in _ALIGNED}
+             for k, v in sig.items() if v.startswith("*") or k in aligned}
     return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
 
 
