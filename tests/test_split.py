@@ -272,3 +272,73 @@ def test_keeping_one_projection_is_refused_where_unsupported():
         ops.backend_keep("x", "nope")
     assert ops.backend_keep("y", "triton") == "y" and ops.backend_keep("both", "cuda") is True
     assert ops.backend_keep("x", "cuda") == "x"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows, d1, shared", [(7, 1, False), (12, 3, True), (1, 1, False)])
+@pytest.mark.parametrize("o", [4, 64])
+def test_fused_bias_sums_are_the_column_sums_of_the_gradients(rows, d1, shared, dtype, o):
+    """The backward epilogue's bias sums (per-program partials over BIAS_ROWS_PER_PROGRAM
+    rows, summed after) equal the column sums of the dA / dC it writes, over every
+    broadcast row: rows that are not a multiple of the program's rows, rows in one
+    column block and in several (o 64), dropout, and a projection read through a row
+    map (co-attention's shared C, one row per group)."""
+    factor = 3
+    ko = factor * o
+    mk = lambda *s: torch.randn(*s, dtype=dtype, device=DEVICE)  # noqa: E731
+    g, z = mk(rows, o), mk(rows, o)
+    norm = mk(rows).abs() + 1
+    a = mk(rows, ko)
+    c = mk(rows // d1, ko) if shared else mk(rows, ko)
+    da, dc = torch.empty(rows, ko, dtype=dtype, device=DEVICE), \
+        torch.empty(rows, ko, dtype=dtype, device=DEVICE)
+    c_map = E.RowMap(1, 0) if shared else None
+    assert E.fuses_bias_sums(rows) and not E.fuses_bias_sums(rows, "tanh")
+    blocks = -(-o // E.pick_epilogue_config(rows, o, factor).block_o)
+    assert blocks == (1 if o == 4 else 4)
+    sums = E.epilogue_backward(g, z, norm, a, c, da, dc, factor=factor, dropout=0.25,
+                               seed=11, normalize=True, eps=1e-6, d1=d1, c_map=c_map,
+                               bias_sums=True)
+    assert sums is not None and sums[0].dtype == (torch.float64 if dtype == torch.float64
+                                                  else torch.float32)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else \
+        dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums[0], da.to(sums[0].dtype).sum(0), **tol)
+    torch.testing.assert_close(sums[1], dc.to(sums[1].dtype).sum(0), **tol)
+    assert sums[0].data_ptr() != sums[1].data_ptr()  # two outputs, never views of one
+    # Without the request nothing extra.
+    assert E.epilogue_backward(g, z, norm, a, c, da, dc, factor=factor, dropout=0.0,
+                               seed=None, normalize=True, eps=1e-6, d1=d1,
+                               c_map=c_map) is None
+
+
+@pytest.mark.parametrize("xs, ys", [((3, 4), (3, 1)), ((12,), (12,))])
+def test_bias_gradients_when_only_some_chunks_fuse_them(budget, monkeypatch, xs, ys):
+    """Chunks at or above BIAS_FUSE_MIN_ROWS take the epilogue's sums, the last short
+    chunk a column sum of its dA / dC: the bias gradients add up either way, for a plain
+    operand and for co-attention's shared question (whose other gradients are summed
+    after the chunk loop)."""
+    monkeypatch.setattr(E, "BIAS_FUSE_MIN_ROWS", 5)
+    m, n, factor, o = 5, 4, 3, 4
+    # 20 (rows x K*o) fp64 buffers: chunks of 10 + 2 plain rows, of 8 + 4 co-attention
+    # rows (9 buffer rows per sample: its 4 regions' A, dA, dC's and its question's C)
+    budget(20 * factor * o * 8)
+    calls = []
+    real = E.epilogue_backward
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(E, "epilogue_backward", spy)
+    t = lambda *s: torch.randn(*s, dtype=torch.float64, device=DEVICE,  # noqa: E731
+                               requires_grad=True)
+    args = (t(*xs, m), t(*ys, n), t(factor * o, m), t(factor * o, n), t(factor * o),
+            t(factor * o))
+    z, grads = _run(args, factor)
+    assert True in calls and False in calls, calls
+    ref = fbp_reference(*args, factor=factor)
+    g = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)
+    for a, b in zip(grads, torch.autograd.grad(ref, args, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
