@@ -342,30 +342,3 @@ def test_bias_gradients_when_only_some_chunks_fuse_them(budget, monkeypatch, xs,
     g = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)
     for a, b in zip(grads, torch.autograd.grad(ref, args, g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="the GPU thresholds (2048 rows per chunk) need a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_bias_gradients_at_real_sizes_on_the_gpu(dtype):
-    """On a GPU the epilogue forms the bias gradients from 2048 rows per chunk (here one
-    chunk of 3000 rows at the MFB widths): they match the float64 reference's within a
-    dtype's rounding of a 3000-term sum, and two runs are bitwise equal."""
-    rows, m, n, factor, o = 3000, 2048, 1024, 5, 1000
-    assert E.fuses_bias_sums(rows)
-    t = lambda *s: torch.randn(*s, device=DEVICE) / s[-1] ** 0.5  # noqa: E731
-    base = (t(rows, m), t(rows, n), t(factor * o, m), t(factor * o, n), t(factor * o),
-            t(factor * o))
-    args = [a.to(dtype).requires_grad_() for a in base]
-    _, grads = _run(args, factor)
-    _, again = _run(args, factor)
-    for a, b in zip(grads, again):
-        assert torch.equal(a, b)
-    exact = [a.detach().double().requires_grad_() for a in args]
-    ref = fbp_reference(*exact, factor=factor)
-    g = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype, device=DEVICE).view_as(ref)
-    want = torch.autograd.grad(ref, exact, g)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for got, exp in zip(grads[4:], want[4:]):  # the two bias gradients
-        err = ((got.double() - exp).abs().max() / exp.abs().max()).item()
-        assert err < tol, err
