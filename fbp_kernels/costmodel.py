@@ -113,12 +113,6 @@ ELEMENTWISE_CTAS_PER_SM = 16
 #: and C with ~16 KiB in flight, 8 CTAs per SM (a memory-bound kernel with few registers).
 SPLIT_EPILOGUE_INFLIGHT = 16 * 1024
 SPLIT_EPILOGUE_CTAS_PER_SM = 8
-#: The split backward epilogue fuses the bias sums from SPLIT_BIAS_FUSE_MIN_ROWS rows per
-#: chunk (triton_split.GPU_BIAS_*; a test compares): one program per
-#: SPLIT_BIAS_ROWS_PER_PROGRAM rows writes fp32 partial column sums of dA and dC, and one
-#: small reduction sums them, in place of two column sums reading dA and dC back.
-SPLIT_BIAS_FUSE_MIN_ROWS = 2048
-SPLIT_BIAS_ROWS_PER_PROGRAM = 16
 #: The split strategy's default transient budget for the (chunk, factor*o) projections.
 SPLIT_BUDGET_BYTES = 64 * 2**20
 #: Host (CPU) dispatch cost per launch, microseconds: an eager PyTorch op with autograd
@@ -1376,14 +1370,9 @@ def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = 
             kept_res = res and not saved
             rd = (0 if kept_res else ac) + 2 * c * s.o * e + c * 4
             wr = 0 if res else c * k * e * 2
-            fuse_bias = c >= SPLIT_BIAS_FUSE_MIN_ROWS
-            programs = math.ceil(c / SPLIT_BIAS_ROWS_PER_PROGRAM) if fuse_bias else c
-            partials = 2 * programs * k * 4 if fuse_bias else 0  # fp32, dA's and dC's
-            p_hbm = 0 if _resident(partials, gpu) else partials
-            out.append(_cost("split backward epilogue -> dA, dC" +
-                             (" + bias partials" if fuse_bias else "") + tag, gpu,
-                             hbm=rd + wr + p_hbm, l2=ac + 2 * c * s.o * e + 2 * c * k * e +
-                             partials, ctas=programs, per_sm=ep_ctas_per_sm,
+            out.append(_cost("split backward epilogue -> dA, dC" + tag, gpu, hbm=rd + wr,
+                             l2=ac + 2 * c * s.o * e + 2 * c * k * e, ctas=c,
+                             per_sm=ep_ctas_per_sm,
                              inflight_cta=min(SPLIT_EPILOGUE_INFLIGHT, 2 * k * e),
                              launches=times, host_us=th))
             acc = full + (1 if rest else 0) > 1
@@ -1393,12 +1382,7 @@ def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = 
                     gemm("dy = dC W_y" + tag, cy, s.n, k, d, gpu, a_in_l2=res, launches=times),
                     gemm("dW_y += dC^T y" + tag, k, s.n, cy, d, gpu, accumulate=acc,
                          launches=times),
-                    # Two reductions per chunk: of the partials when the epilogue formed
-                    # them, else of dA and dC (each half of ``ac``).
-                    elementwise("bias partial sums (2)" + tag, p_hbm / 2, k * 4,
-                                programs * k, gpu,
-                                l2_only_bytes=(partials - p_hbm) / 2, elem_bytes=4,
-                                launches=2 * times) if fuse_bias else
+                    # Two reductions per chunk (dA and dC), each half of ``ac``.
                     elementwise("bias sums (2)" + tag, 0 if res else ac / 2, k * 4,
                                 (cx + cy) * k / 2, gpu, l2_only_bytes=ac / 2 if res else 0,
                                 elem_bytes=e, launches=2 * times)]

@@ -444,23 +444,6 @@ def test_model_cli_table_and_coatt_sweep(tmp_path, capsys):
     assert (co.rows, co.rx, co.ry, flat.ry) == (6400, 6400, 64, 6400)
 
 
-def test_split_fused_bias_sums_by_hand():
-    """From SPLIT_BIAS_FUSE_MIN_ROWS rows per chunk the backward epilogue writes fp32
-    partials, one row per 16 rows: at rows 4096 (keep x: one chunk) 256 x 5000 x 4 B x 2
-    = 10.24 MB, L2-resident, so the two bias reductions read no HBM; a 1024-row chunk
-    keeps the column sums of dA and dC (20 MB, also resident there)."""
-    s = cm.Shape(rows=4096, **MFB)
-    ks = cm.kernels("split+keep_x", s, H200, "forward+backward")
-    (ep,) = [k for k in ks if k.name.startswith("split backward epilogue")]
-    assert "bias partials" in ep.name and ep.ctas == 4096 // 16
-    (sums,) = [k for k in ks if k.name.startswith("bias")]
-    # HBM: only the two fp32 results; L2: the partials read, the results written.
-    assert sums.name.startswith("bias partial sums") and sums.hbm_bytes == 2 * 5000 * 4
-    assert sums.l2_bytes == 2 * 256 * 5000 * 4 + 2 * 5000 * 4
-    small = cm.kernels("split+keep_x", cm.Shape(rows=1024, **MFB), H200, "forward+backward")
-    assert [k.name for k in small if k.name.startswith("bias")][0].startswith("bias sums")
-
-
 # ----------------------------------------------------------------------------- vs the kernels
 
 triton_kernels = pytest.importorskip("fbp_kernels.backends.triton_kernels",
@@ -585,10 +568,3 @@ def test_refresh_cuda_facts_rewrites_every_entry(tmp_path):
     regs, smem, tc = cm.CUDA_COMPILE_FACTS[("fused_forward", 90, "bf16", "wide")]
     assert f'("fused_forward", 90, "bf16", "wide"): ({regs + 7}, {smem}, "{tc}")' in new
     assert new.replace(f"({regs + 7}, {smem}", f"({regs}, {smem}", 1) == text
-
-
-def test_split_bias_constants_match_the_kernels():
-    from fbp_kernels.backends import triton_split as E
-
-    assert cm.SPLIT_BIAS_FUSE_MIN_ROWS == E.GPU_BIAS_FUSE_MIN_ROWS
-    assert cm.SPLIT_BIAS_ROWS_PER_PROGRAM == E.GPU_BIAS_ROWS_PER_PROGRAM

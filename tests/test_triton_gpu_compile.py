@@ -64,9 +64,6 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     # the split drop-in variants (activation, joint norm; 9 builds, 7 for fp32 which has no
     # fp32-output variant) at two shapes per arch and dtype
     dropin = 2 * 2 * (9 + 9 + 7)
-    # the backward epilogue with the fused bias sums (plain, joint norm) at the same two
-    # shapes per arch and dtype
-    bias = 2 * 2 * 3 * 2
     # MFH's chained builds of the wide kernels (forward, with tanh, two backward passes,
     # pass 2 with an activation, co-attention's forward and first pass; the forward's
     # tiny tile for half, and on sm_90 its rows <= 64 tile) per arch and dtype
@@ -74,7 +71,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compile_rows):
     # the wide forward with tanh on both projections, at the training tile
     act_fwd = 2 * 3
     assert len(combos) == len(rows) == \
-        3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd + dropin + bias + mfh + act_fwd, log
+        3 * 2 * 3 * 4 + 2 + 2 * 2 * 3 * 5 + wide + wide_bwd + dropin + mfh + act_fwd, log
     assert {r["kernel"] for r in rows} == {"fbp_fwd", "fbp_bwd", "row_dot", "mask",
                                            "split_fwd", "split_bwd", "wide_fwd", "finish",
                                            "wide_bwd", "grad_pool"}

@@ -9,10 +9,7 @@ Forward, per chunk of rows::
 Backward, per chunk: ``A`` and ``C`` recomputed into the same kind of buffers (or the
 saved ones read when ``save_projections=True``), one Triton pass turns them into
 ``dA = dp * C`` and ``dC = dp * A`` in place, then cuBLAS runs ``dx = dA W_x``,
-``dW_x += dA^T x`` (and the same for ``y``).  The bias gradients come from that Triton
-pass when the chunk has at least ``triton_split.BIAS_FUSE_MIN_ROWS`` rows and no
-activation (fp32 column sums per 16 rows, summed in a fixed order: no re-read of dA and
-dC), else from column sums of dA and dC.
+``dW_x += dA^T x`` (and the same for ``y``) and the bias sums.
 
 Transient memory is bounded by the chunk: two ``(chunk, K*o)`` buffers, sized so they
 take at most the split memory budget (default 64 MiB; ``FBP_SPLIT_BUDGET_MIB`` or
@@ -364,28 +361,25 @@ def backward(grad, x, y, weight_x, weight_y, bias_x, bias_y, out, norm, a, c, *,
                 else:
                     grads.append(proj.new_empty((r1 - r0, ko)))
                     maps.append(E.RowMap.plain(lay.d1))
-            # The bias gradients come from the epilogue when it forms them (fp32 column
-            # sums over the chunk's broadcast rows), else from a column sum of dA / dC.
-            sums = E.epilogue_backward(
-                g2[r0:r1], z2[r0:r1], n2[r0:r1] if normalize else None, projs[0],
-                projs[1], grads[0], grads[1], row_offset=r0, da_map=maps[0],
-                dc_map=maps[1], bias_sums=bias_x is not None or bias_y is not None, **opts)
+            E.epilogue_backward(g2[r0:r1], z2[r0:r1], n2[r0:r1] if normalize else None,
+                                projs[0], projs[1], grads[0], grads[1], row_offset=r0,
+                                da_map=maps[0], dc_map=maps[1], **opts)
             for k, (op, w, b) in enumerate(ops):
                 d = grads[k] if op.plain else _reduce_to_source(grads[k], op, n0, lay.d1)
-                if b is not None:  # linear in the rows: per chunk, whatever the layout
-                    db[k].add(sums[k] if sums is not None else d.sum(0))
                 if not op.has0:
                     d_shared[k].add(d)  # shared by every chunk: GEMMs after the loop
                     continue
                 inp = op.rows_for(i0a, i0b)
                 torch.mm(d, w, out=d_src[k][i0a * op.d1:i0b * op.d1])
                 dw[k].add(d.t() @ inp)
+                db[k].add(d.sum(0) if b is not None else None)
         for k, (op, w, b) in enumerate(ops):
             if op.has0:
                 continue
             d = d_shared[k].result(op.src.dtype)
             torch.mm(d, w, out=d_src[k])
             dw[k].add(d.t() @ op.src)
+            db[k].add(d.sum(0) if b is not None else None)
     dx, dy = (_unflatten(d_src[0], x, lay), _unflatten(d_src[1], y, lay))
     return BackwardResult(dx, dy, dw[0].result(weight_x.dtype), dw[1].result(weight_y.dtype),
                           db[0].result(weight_x.dtype), db[1].result(weight_y.dtype))

@@ -166,12 +166,10 @@ def _mask_source():
 
 
 def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: bool,
-                   activation: int = 0, group: bool = False, out_fp32: bool = False,
-                   bias: bool = False):
+                   activation: int = 0, group: bool = False, out_fp32: bool = False):
     """The split strategy's epilogue kernels (``triton_split``) for one tile; with
     ``activation`` / ``group`` (norm_dims > 1) / ``out_fp32`` (the fp32 scratch output a
-    joint norm writes for half inputs) / ``bias`` (the backward's fused bias sums, the
-    launcher's row loop) the drop-in kernels that carry those options."""
+    joint norm writes for half inputs) the drop-in kernels that carry those options."""
     from . import triton_split as E
 
     if kernel == "split_fwd":
@@ -194,15 +192,9 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
                "stride_cr": "i32", "stride_dar": "i32", "stride_dcr": "i32"}
         sig.update({f"{t}_s{i}": "i32" for t in ("a", "c", "da", "dc") for i in (0, 1)})
         sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "sqrt_eps": "fp32"})
-        dropin = activation or group or bias
+        dropin = activation or group
         fn = E._split_bwd_dropin_kernel if dropin else E._split_bwd_kernel
         consts = {"ACTIVATION": activation, "GROUP_ZG": group} if dropin else {}
-        if dropin:  # (constexprs with defaults must be given: ASTSource has no defaults)
-            sig.update({"dba_ptr": "*fp32", "dbc_ptr": "*fp32"})
-            consts.update(ROW_STEPS=1, DB_PARTIAL=False)
-        if bias:
-            consts.update(ROW_STEPS=max(1, E.BIAS_ROWS_PER_PROGRAM // cfg.block_r),
-                          DB_PARTIAL=True)
     consts.update({"FACTOR": 5, "DROPOUT": True, "NORMALIZE": True, "BROADCAST": broadcast,
                    "BLOCK_R": cfg.block_r, "BLOCK_O": cfg.block_o, "BLOCK_F": cfg.block_f})
     return _source(fn, sig, consts)
@@ -303,11 +295,6 @@ SPLIT_DROPIN_VARIANTS = (
     ("group", "split_bwd", 0, True, False), ("relu-group", "split_bwd", 1, True, False),
     ("tanh-group", "split_bwd", 2, True, False),
 )
-#: The backward epilogue with the bias sums fused (``DB_PARTIAL``: the row loop of
-#: BIAS_ROWS_PER_PROGRAM rows, a read-modify-write of the program's partial row per
-#: block, at the launcher's half-size tile), plain and with the joint norm: (tag,
-#: activation, group).  Activations do not fuse them (triton_split.fuses_bias_sums).
-SPLIT_BIAS_VARIANTS = (("bias", 0, False), ("group-bias", 0, True))
 
 #: Epilogue tiles the split launcher picks, by (rows, o, factor, broadcast): the MFB
 #: default (one block per row), a wide row (two passes), a narrow one (many rows per
@@ -552,15 +539,6 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
                         cfg.num_warps, 1,
                         lambda: _split_sources(dtype, cfg, kernel, o <= cfg.block_o, bc,
                                                act, group, f32)))
-                for tag, act, group in SPLIT_BIAS_VARIANTS:
-                    from .triton_split import BIAS_TILE_ELEMENTS
-
-                    cfg = pick_epilogue_config(r, o, f, limit=BIAS_TILE_ELEMENTS)
-                    rows.append(_compile_row(
-                        triton, target, "split_bwd", arch, dtype, f"{shape_name}-{tag}",
-                        cfg.num_warps, 1,
-                        lambda: _split_sources(dtype, cfg, "split_bwd", o <= cfg.block_o,
-                                               bc, act, group, bias=True)))
             for cfg_name, wcfg, f, desc, act, ap, sh in wide_bwd_builds(arch, dtype):
                 rows.append(_compile_row(
                     triton, target, "wide_bwd", arch, dtype, cfg_name, wcfg.num_warps,

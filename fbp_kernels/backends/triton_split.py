@@ -326,19 +326,28 @@ def _pooled_grad(g_base, z_base, o0, rr, r_ok, O, norm, zg, stride_gr, stride_zr
 
 
 @triton.jit
-def _split_bwd_rows(
-    g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr, row0, rows, O, row_offset, D1,
+def _split_bwd_dropin_kernel(
+    # pointers (da/dc may alias a/c: each element is read before it is written)
+    g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr,
+    # sizes
+    rows, O, row_offset, D1,
+    # strides and row maps (in rows) of a, c, da, dc
     stride_gr, stride_zr, stride_ar, stride_cr, stride_dar, stride_dcr,
     a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1,
-    seed, drop_p, keep_scale, sqrt_eps, dba_row, dbc_row, step,
+    # scalars
+    seed, drop_p, keep_scale, sqrt_eps,
+    # meta-parameters
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
     BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_F: tl.constexpr, ACTIVATION: tl.constexpr, GROUP_ZG: tl.constexpr,
-    DB_PARTIAL: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    # ACTIVATION as in the forward: a/c hold the pre-activation projections and da/dc
+    # receive the gradients w.r.t. them.  GROUP_ZG (norm_dims > 1): norm_ptr points at
+    # (rows, 2) pairs (the row's group norm, its group's <z, g>), summed over the group
+    # by the caller, so the kernel skips its own per-row <z, g>.
+    ACTIVATION: tl.constexpr = 0, GROUP_ZG: tl.constexpr = False,
 ):
-    """One block of ``BLOCK_R`` rows from ``row0`` (int64): da and dc written, and with
-    ``DB_PARTIAL`` their column sums added to the program's partial rows ``dba_row`` /
-    ``dbc_row`` (``step`` 0 stores them)."""
+    """The backward epilogue with the drop-in options (see _split_bwd_kernel)."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < rows - row0
     grow = row_offset + row0 + rr  # int64: the dropout index passes 2^31
@@ -384,66 +393,10 @@ def _split_bwd_rows(
         else:
             da = dp * c
             dc = dp * a
-        # With DB_PARTIAL each gradient's column sums go to the program's own partial
-        # row right after the gradient is stored (one of the two live at a time), by a
-        # read-modify-write: no other program touches that row, and the load and the
-        # store share one pointer tensor, so one thread owns each element.  Masked
-        # elements are exact zeros (their loads' `other`).  (Kept in registers across
-        # the steps instead, the two (BLOCK_O, BLOCK_F) sums spilled 24-264 B on
-        # sm_80/sm_90 with Triton 3.6 and 3.8.)
-        later = col_ok & (step > 0)
         da_offs, _, _, _ = _tile_offsets(o0, da_off, O, FACTOR, BLOCK_O, BLOCK_F)
-        tl.store(da_base + da_offs, da.to(da_ptr.dtype.element_ty), mask=msk)
-        if DB_PARTIAL:
-            sa = tl.sum(da, axis=0) + tl.load(dba_row + cols, mask=later, other=0.0)
-            tl.store(dba_row + cols, sa, mask=col_ok)
         dc_offs, _, _, _ = _tile_offsets(o0, dc_off, O, FACTOR, BLOCK_O, BLOCK_F)
+        tl.store(da_base + da_offs, da.to(da_ptr.dtype.element_ty), mask=msk)
         tl.store(dc_base + dc_offs, dc.to(dc_ptr.dtype.element_ty), mask=msk)
-        if DB_PARTIAL:
-            sc = tl.sum(dc, axis=0) + tl.load(dbc_row + cols, mask=later, other=0.0)
-            tl.store(dbc_row + cols, sc, mask=col_ok)
-
-
-@triton.jit
-def _split_bwd_dropin_kernel(
-    # pointers (da/dc may alias a/c: each element is read before it is written)
-    g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr,
-    # sizes
-    rows, O, row_offset, D1,
-    # strides and row maps (in rows) of a, c, da, dc
-    stride_gr, stride_zr, stride_ar, stride_cr, stride_dar, stride_dcr,
-    a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1,
-    # scalars
-    seed, drop_p, keep_scale, sqrt_eps,
-    # DB_PARTIAL: (programs, K*o) fp32 (fp64) column sums of da / dc, written whole
-    dba_ptr, dbc_ptr,
-    # meta-parameters
-    FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
-    BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    # ACTIVATION as in the forward: a/c hold the pre-activation projections and da/dc
-    # receive the gradients w.r.t. them.  GROUP_ZG (norm_dims > 1): norm_ptr points at
-    # (rows, 2) pairs (the row's group norm, its group's <z, g>), summed over the group
-    # by the caller, so the kernel skips its own per-row <z, g>.
-    ACTIVATION: tl.constexpr = 0, GROUP_ZG: tl.constexpr = False,
-    # The bias gradients fused: each program runs ROW_STEPS consecutive row blocks and
-    # writes its column sums of da and dc (before their rounding to the buffer dtype) to
-    # row ``pid`` of dba/dbc; the caller sums those rows (a fixed order: deterministic).
-    ROW_STEPS: tl.constexpr = 1, DB_PARTIAL: tl.constexpr = False,
-):
-    """The backward epilogue with the drop-in options (see _split_bwd_kernel)."""
-    pid = tl.program_id(0)
-    # This program's row of the bias partials (read only with DB_PARTIAL).
-    part = pid.to(tl.int64) * (O * FACTOR)
-    for step in range(ROW_STEPS):
-        row0 = (pid * ROW_STEPS + step).to(tl.int64) * BLOCK_R
-        _split_bwd_rows(
-            g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr, row0, rows, O,
-            row_offset, D1, stride_gr, stride_zr, stride_ar, stride_cr, stride_dar,
-            stride_dcr, a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1, seed, drop_p,
-            keep_scale, sqrt_eps, dba_ptr + part, dbc_ptr + part, step, FACTOR, DROPOUT,
-            NORMALIZE, BROADCAST, BLOCK_R, BLOCK_O, BLOCK_F, ACTIVATION, GROUP_ZG,
-            DB_PARTIAL)
 
 
 @triton.jit
@@ -468,8 +421,8 @@ def _split_bwd_kernel(
         g_ptr, z_ptr, norm_ptr, a_ptr, c_ptr, da_ptr, dc_ptr, rows, O, row_offset, D1,
         stride_gr, stride_zr, stride_ar, stride_cr, stride_dar, stride_dcr,
         a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1,
-        seed, drop_p, keep_scale, sqrt_eps, g_ptr, g_ptr,
-        FACTOR, DROPOUT, NORMALIZE, BROADCAST, BLOCK_R, BLOCK_O, BLOCK_F, 0, False, 1, False)
+        seed, drop_p, keep_scale, sqrt_eps,
+        FACTOR, DROPOUT, NORMALIZE, BROADCAST, BLOCK_R, BLOCK_O, BLOCK_F, 0, False)
 
 
 # ----------------------------------------------------------------------------- launch settings
@@ -599,40 +552,10 @@ def epilogue_forward(a, c, out, norm, *, factor: int, dropout: float, seed, norm
     )
 
 
-#: The bias gradients fused into the backward epilogue: each program covers
-#: BIAS_ROWS_PER_PROGRAM rows and writes one row of fp32 column sums of dA and of dC, so
-#: the partials are 4 / (16 * 2) = 1/8 of the half-precision dA/dC bytes a separate column
-#: sum reads back (from HBM once the chunk outgrows L2, costmodel: 25 us per 3355-row
-#: chunk at the MFB default on an H200).  From BIAS_FUSE_MIN_ROWS rows (>= 128 programs);
-#: below, dA/dC sit in L2 and the column sum after the epilogue is cheap.  The interpreter
-#: takes the fused path from 1 row, 2 rows per program.  Its tile is half the plain
-#: one's (GPU: 4096 elements, so the MFB default's row is two 512-output blocks at 8 warps,
-#: 197-235 registers): at the plain 8192-element / 16-warp tile, ptxas's 128-register cap
-#: spilled 8-48 B (sm_80/sm_90, Triton 3.6/3.8).  Not with an activation (its slim tiles
-#: spilled 8-24 B with the sums): there the column sums stay after the epilogue.
-GPU_BIAS_ROWS_PER_PROGRAM = 16
-GPU_BIAS_FUSE_MIN_ROWS = 2048
-BIAS_ROWS_PER_PROGRAM = 2 if INTERPRET else GPU_BIAS_ROWS_PER_PROGRAM
-BIAS_FUSE_MIN_ROWS = 1 if INTERPRET else GPU_BIAS_FUSE_MIN_ROWS
-BIAS_TILE_ELEMENTS = GPU_TILE_ELEMENTS // 2
-
-
-def fuses_bias_sums(rows: int, activation=None) -> bool:
-    """Whether :func:`epilogue_backward` forms the bias gradients for ``rows`` rows."""
-    return rows >= BIAS_FUSE_MIN_ROWS and activation is None
-
-
-def bias_epilogue_config(rows: int, o: int, factor: int) -> EpilogueConfig:
-    """The backward epilogue's tile when it fuses the bias sums (the interpreter's
-    tiles in the interpreter)."""
-    return pick_epilogue_config(rows, o, factor,
-                                limit=None if INTERPRET else BIAS_TILE_ELEMENTS)
-
-
 def epilogue_backward(g, z, norm, a, c, da, dc, *, factor: int, dropout: float, seed,
                       normalize: bool, eps: float, row_offset: int = 0, d1: int = 1,
                       a_map=None, c_map=None, da_map=None, dc_map=None, activation=None,
-                      group_zg: bool = False, bias_sums: bool = False):
+                      group_zg: bool = False) -> None:
     """Write ``dA = dp * C`` into ``da`` and ``dC = dp * A`` into ``dc`` from
     ``g, z (rows, o)`` and ``norm (rows,)``; every buffer is ``(*, K*o)`` and read or
     written at the rows its map gives (``da``/``dc`` may be ``a``/``c`` themselves when
@@ -640,15 +563,10 @@ def epilogue_backward(g, z, norm, a, c, da, dc, *, factor: int, dropout: float, 
 
     ``activation``: ``a``/``c`` are pre-activation and ``da``/``dc`` get the gradients
     w.r.t. them.  ``group_zg``: ``norm`` is ``(rows, 2)``, each row's group norm and
-    its group's ``<z, g>`` (joint normalisation).
-
-    ``bias_sums``: also return ``(sum over the rows of dA, of dC)`` (``(K*o,)`` each, in
-    fp32, fp64 for fp64 buffers; summed over broadcast rows, as a bias gradient is) when
-    :func:`fuses_bias_sums` says the kernel forms them, else ``None`` (the caller sums
-    ``da``/``dc``).  The per-program partials are summed in a fixed order: repeatable."""
+    its group's ``<z, g>`` (joint normalisation)."""
     rows, o = g.shape
     if rows == 0:
-        return None
+        return
     _check_unit_columns(g, z, a, c, da, dc)
     if group_zg and not (normalize and norm.shape == (rows, 2) and norm.is_contiguous()):
         raise ValueError("group_zg needs normalize and a contiguous (rows, 2) norm buffer")
@@ -660,32 +578,15 @@ def epilogue_backward(g, z, norm, a, c, da, dc, *, factor: int, dropout: float, 
         options["ACTIVATION"] = ACTIVATION_CODES[activation]
     if group_zg:
         options["GROUP_ZG"] = True
-    partials = None
-    fused = bias_sums and fuses_bias_sums(rows, activation)
-    if fused:
-        cfg = bias_epilogue_config(rows, o, factor)
-        steps = max(1, BIAS_ROWS_PER_PROGRAM // cfg.block_r)
-        grid = (triton.cdiv(rows, cfg.block_r * steps),)
-        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-        partials = torch.empty((2, grid[0], factor * o), dtype=acc, device=a.device)
-        options.update(ROW_STEPS=steps, DB_PARTIAL=True)
-    # The drop-in kernel takes the partials' pointers (unread without DB_PARTIAL); the
-    # plain one keeps its original signature.
-    db_ptrs = (partials[0], partials[1]) if fused else (g, g) if options else ()
     launch(_split_bwd_dropin_kernel if options else _split_bwd_kernel, grid,
         g, z, norm if normalize else g, a, c, da, dc,
         rows, o, row_offset, d1,
         g.stride(0), z.stride(0), a.stride(0), c.stride(0), da.stride(0), dc.stride(0),
         *(v for mp in maps for v in (mp.s0, mp.s1)),
         seed if seed is not None else 0, float(dropout), 1.0 / (1.0 - dropout),
-        math.sqrt(eps), *db_ptrs,
+        math.sqrt(eps),
         FACTOR=factor, DROPOUT=seed is not None, NORMALIZE=normalize,
         BROADCAST=_broadcast_needed(cfg, d1, maps, (g, z, a, c, da, dc)),
         BLOCK_R=cfg.block_r, BLOCK_O=cfg.block_o, BLOCK_F=cfg.block_f, **options,
         num_warps=cfg.num_warps,
     )
-    if not fused:
-        return None
-    # torch's reduction: a fixed order per shape.  Two tensors, not views of one (they
-    # become two operator outputs, which must not alias).
-    return partials[0].sum(0), partials[1].sum(0)
