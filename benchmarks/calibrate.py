@@ -17,8 +17,10 @@ Probes (each the median of CUDA-event timings after warm-ups, no L2 flush):
 - ``hbm_copy_tbs``: ``dst.copy_(src)`` of 1 GiB, bytes read + written per second.
 - ``l2_read_tbs``: :func:`_read_kernel` streaming a 16 MiB buffer (well inside the L2's
   resident share on H100/H200/A100) 128 times, ``.cg`` loads (L2, not L1), the blocks
-  rotated per pass so no SM re-reads its own; 16 CTAs per SM keep ~128 KiB in flight per
-  SM.  ``hbm_read_tbs``: the same kernel over 2 GiB once (a diagnostic).
+  rotated per pass so no SM re-reads its own; 8 CTAs per SM (about two 8 KiB blocks
+  each per pass on 132 SMs) keep ~64 KiB in flight per SM, 8.4 MB over the GPU (Little's
+  law: 24 TB/s at the model's 0.35 us L2 latency, so the bandwidth, not the probe, is
+  what bounds it).  ``hbm_read_tbs``: the same kernel over 2 GiB once (a diagnostic).
 - ``cublas_bf16_tflops``: ``torch.matmul`` of 8192^3 bf16 random operands; plus the MFB
   default's larger projection (4096 x 5000 x 2048) beside the model's ``gemm`` price.
 - ``triton_mainloop_tflops``: :func:`_mainloop_kernel`, the wide kernels' own main loop
@@ -63,7 +65,7 @@ from fbp_kernels.backends.triton_wide import _tile_of, _wide_projection  # noqa:
 #: The read probe's launch: BLOCK fp32 elements per load (4 warps: 16 per thread, four
 #: 16-byte loads), CTAS_PER_SM programs per SM.
 READ_BLOCK = 2048
-READ_CTAS_PER_SM = 16
+READ_CTAS_PER_SM = 8
 L2_BUFFER_BYTES = 16 * 2**20
 L2_PASSES = 128
 HBM_BUFFER_BYTES = 2 * 2**30
@@ -174,10 +176,26 @@ def _probe(name: str, ms: float, *, nbytes: float = 0.0, flops: float = 0.0, **e
     return row
 
 
-def probe_all(device: torch.device) -> List[dict]:
-    """Every probe of the module docstring on ``device`` (a CUDA GPU)."""
+class _Rows(list):
+    """The probe rows, handed to ``on_row`` after each one (main writes the JSON then, so
+    a phase cut off by its timeout still leaves what was measured)."""
+
+    def __init__(self, on_row=None):
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row):
+        super().append(row)
+        print(json.dumps(row), flush=True)
+        if self.on_row is not None:
+            self.on_row(list(self))
+
+
+def probe_all(device: torch.device, on_row=None) -> List[dict]:
+    """Every probe of the module docstring on ``device`` (a CUDA GPU); ``on_row(rows)``
+    after each."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    rows: List[dict] = []
+    rows: List[dict] = _Rows(on_row)
 
     src = torch.empty(COPY_BYTES // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
@@ -240,7 +258,7 @@ def probe_all(device: torch.device) -> List[dict]:
     ms = median_event_ms(graph.replay)
     rows.append(_probe("launch", ms, launches=GRAPH_LAUNCHES,
                        us_per_launch=ms * 1e3 / GRAPH_LAUNCHES))
-    return rows
+    return list(rows)
 
 
 # ----------------------------------------------------------------------------- compile check
@@ -275,8 +293,11 @@ def compile_check(archs=(80, 90)) -> List[dict]:
         return make
 
     def read_source():
-        return tc._source(_read_kernel, {"src": "*fp32", "out": "*fp32", "n_elems": "i64",
-                                         "passes": "i32"}, {"BLOCK": READ_BLOCK})
+        # The launch's buffer sizes are multiples of 16 elements (vector loads), as
+        # Triton specialises them; int32 (< 2^31 elements).
+        return tc._source(_read_kernel, {"src": "*fp32", "out": "*fp32", "n_elems": "i32",
+                                         "passes": "i32"}, {"BLOCK": READ_BLOCK},
+                          aligned=("n_elems",))
 
     rows = []
     for arch in archs:
@@ -364,16 +385,20 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    probes = probe_all(device)
-    data = dict(gpu=torch.cuda.get_device_name(device),
+    args.out.mkdir(parents=True, exist_ok=True)
+    head = dict(gpu=torch.cuda.get_device_name(device),
                 capability=list(torch.cuda.get_device_capability(device)),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                torch=torch.__version__, triton=triton.__version__,
-                measured=measured_from(probes), probes=probes)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "calibration.json").write_text(json.dumps(data, indent=1))
-    for p in probes:
-        print(json.dumps(p))
+                torch=torch.__version__, triton=triton.__version__)
+
+    def save(probes):
+        data = dict(head, measured=measured_from(probes), probes=probes)
+        tmp = args.out / "calibration.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(args.out / "calibration.json")
+        return data
+
+    data = save(probe_all(device, on_row=save))
     print(report(data))
     return 0
 

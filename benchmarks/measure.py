@@ -180,21 +180,27 @@ def time_cuda(fn: Callish, device: torch.device, warmup_ms: float = 10.0,
     return summarize(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def median_event_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
+def median_event_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10,
+                    inner: int = 5) -> float:
     """Median milliseconds of ``fn`` on the current CUDA stream by events, with no L2
     flush and a fixed count: for probes whose data should stay resident or that run far
-    longer than a flush (benchmarks/calibrate.py, scripts/gpu_smoke.py)."""
+    longer than a flush (benchmarks/calibrate.py, scripts/gpu_smoke.py).  Each sample
+    times ``inner`` back-to-back calls between one pair of events, so the GPU is busy
+    when the start event is recorded and the host's launch cost (descriptor set-up,
+    Python) stays off the clock."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()  # queued first: the start event is recorded behind real work
         s.record()
-        fn()
+        for _ in range(inner):
+            fn()
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e))
+        times.append(s.elapsed_time(e) / inner)
     times.sort()
     return times[len(times) // 2]
 

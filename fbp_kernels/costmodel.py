@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -282,11 +283,13 @@ def _native_mma(gpu: GPU) -> Tuple[str, int]:
     return ("wgmma", 90) if gpu.arch >= 90 else ("mma", 80)
 
 
-def mma_efficiency(gpu: GPU, tensor_cores: str) -> float:
-    """A main loop's share of the tensor-core (or FMA) peak: measured for ``gpu``'s
-    own half-precision instruction (:func:`_native_mma`), else TRITON_MMA_EFFICIENCY."""
+def mma_efficiency(gpu: GPU, tensor_cores: str, measured: bool = True) -> float:
+    """A Triton main loop's share of the tensor-core (or FMA) peak: measured for
+    ``gpu``'s own half-precision instruction (:func:`_native_mma`), else
+    TRITON_MMA_EFFICIENCY.  ``measured=False``: the assumption (the CUDA engines, which
+    the calibration's Triton probe says nothing about)."""
     key = (tensor_cores, 90 if gpu.arch >= 90 else 80)
-    if gpu.mma_efficiency is not None and key == _native_mma(gpu):
+    if measured and gpu.mma_efficiency is not None and key == _native_mma(gpu):
         return gpu.mma_efficiency
     return TRITON_MMA_EFFICIENCY[key]
 
@@ -367,14 +370,20 @@ def gpu_for_name(name: str, capability: Optional[Tuple[int, int]] = None, *,
     gpu = _gpu_entry(name, capability)
     path = os.environ.get(CALIBRATION_ENV) if calibration else None
     if path:
-        measured_on, cal = _env_calibration(path)
+        try:
+            measured_on, cal = _env_calibration(path, os.path.getmtime(path))
+        except (OSError, ValueError) as exc:
+            # backend="auto" must keep working: the assumptions, and say why.
+            warnings.warn(f"{CALIBRATION_ENV} ignored: {exc}", RuntimeWarning, stacklevel=2)
+            return gpu
         if measured_on == name and cal.name == gpu.name:
             return cal
     return gpu
 
 
 @functools.lru_cache(maxsize=8)
-def _env_calibration(path: str) -> Tuple[str, GPU]:
+def _env_calibration(path: str, mtime: float) -> Tuple[str, GPU]:
+    # Keyed on the file's modification time: a rewritten file is read again.
     gpu, data = load_calibration(path)
     return str(data["gpu"]), gpu
 
@@ -1251,7 +1260,7 @@ def _cuda_main_loop(s: Shape, gpu: GPU, backward: bool) -> KernelCost:
         hbm += written
         l2 += written
     peak_key = s.dtype if f.tensor_cores != "none" else "fp32"
-    eff = mma_efficiency(gpu, f.tensor_cores)
+    eff = mma_efficiency(gpu, f.tensor_cores, measured=False)
     tflops = gpu.tensor_tflops[peak_key] * eff * flops / padded
     slots = gpu.sms * f.ctas_per_sm
     # Two GEMMs (x pass, y pass) per tile, each a pipeline fill, once per wave.

@@ -34,8 +34,11 @@ OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 W=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 PY=${PY:-python3}
+export PYTHONUNBUFFERED=1  # a phase killed by its timeout keeps what it printed
 pack() {  # everything so far into $OUT (at most 8 files come back from a device call)
-  tar -czf "$OUT/gpu-check.tar.gz" -C "$W" . 2>/dev/null
+  # written aside, then renamed: a kill during tar leaves the previous archive whole
+  tar -czf "$OUT/.gpu-check.tar.gz.tmp" -C "$W" . 2>/dev/null &&
+    mv -f "$OUT/.gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz"
   for f in calibration.json smoke.json summary.txt; do
     [ -f "$W/$f" ] && cp "$W/$f" "$OUT/$f"
   done
@@ -57,7 +60,7 @@ FBP_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-deps --no-build-isolation -e 
   > "$W/install.log" 2>&1 || echo "install failed: see install.log"
 
 # The CUDA backend's extension: one build (all cores), so the tests below load it.
-MAX_JOBS=${MAX_JOBS:-16} timeout 90 "$PY" -c \
+MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 90 "$PY" -c \
   "from fbp_kernels.backends import cuda_build; print(cuda_build.load())" \
   > "$W/cuda_build.log" 2>&1
 build_rc=$?
@@ -65,7 +68,7 @@ echo "cuda extension build rc $build_rc (124 = timed out): see cuda_build.log"
 pack
 
 # Each GEMM engine once, alone: a hang or a wrong engine must not eat the test phase.
-timeout 80 "$PY" scripts/gpu_smoke.py --out "$W" --timeout 20 > "$W/smoke.log" 2>&1
+timeout -k 10 80 "$PY" scripts/gpu_smoke.py --out "$W" --timeout 20 > "$W/smoke.log" 2>&1
 echo "engine smoke rc $? (124 = timed out): see smoke.log / smoke.json"
 if [ -s "$W/staging.env" ]; then
   while IFS= read -r setting; do export "${setting?}"; done < "$W/staging.env"
@@ -74,7 +77,7 @@ fi
 pack
 
 # The model's unmeasured assumptions, before the benchmark that prints its predictions.
-timeout 35 "$PY" benchmarks/calibrate.py --out "$W" > "$W/calibrate.log" 2>&1
+timeout -k 10 35 "$PY" benchmarks/calibrate.py --out "$W" > "$W/calibrate.log" 2>&1
 calibrate_rc=$?
 pack
 
@@ -82,18 +85,18 @@ pack
 # files (given a directory too, pytest collects in the directory's order).
 REST=$(for f in tests/test_*.py; do case " $FIRST " in *" $f "*) ;; *) echo "$f" ;; esac; done)
 # shellcheck disable=SC2086
-timeout 165 "$PY" -m pytest $FIRST $REST -q -p no:cacheprovider -rs -k "$TESTS" \
+timeout -k 10 165 "$PY" -m pytest $FIRST $REST -q -p no:cacheprovider -rs -k "$TESTS" \
   --junitxml="$W/tests.xml" > "$W/tests.log" 2>&1
 tests_rc=$?
 pack
 
 # shellcheck disable=SC2086
-timeout 95 "$PY" benchmarks/run.py $BENCH --out "$W/bench" > "$W/bench.log" 2>&1
+timeout -k 10 95 "$PY" benchmarks/run.py $BENCH --out "$W/bench" > "$W/bench.log" 2>&1
 bench_rc=$?
 pack
 
 if [ -s "$W/calibration.json" ]; then
-  timeout 30 "$PY" benchmarks/model.py --calibration "$W/calibration.json" --targets \
+  timeout -k 10 30 "$PY" benchmarks/model.py --calibration "$W/calibration.json" --targets \
     > "$W/targets-calibrated.txt" 2>&1
 fi
 

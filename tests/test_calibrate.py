@@ -248,4 +248,39 @@ def test_probe_kernels_compile_as_the_wide_kernels_do(triton_path):
     hopper = by[("mainloop", 90, "sm90-half")]
     assert hopper["tensor_cores"] == "wgmma" and hopper["tma"], hopper
     assert by[("mainloop", 80, "half")]["cp_async"]
+    for arch in (80, 90):  # the read probe's launch fits: its CTAs per SM are resident
+        assert by[("read", arch, "read")]["ctas_per_sm"] >= calibrate.READ_CTAS_PER_SM
     assert by[("mainloop", 90, "128x256")]["tensor_cores"] == "wgmma"
+
+
+def test_a_bad_env_calibration_warns_and_keeps_the_assumptions(tmp_path, monkeypatch):
+    """``auto`` must keep working when FBP_COSTMODEL_CALIBRATION names a missing or broken
+    file; a rewritten file is read again (the cache is keyed on its mtime)."""
+    cm._env_calibration.cache_clear()
+    try:
+        monkeypatch.setenv(cm.CALIBRATION_ENV, str(tmp_path / "missing.json"))
+        with pytest.warns(RuntimeWarning, match="ignored"):
+            assert cm.gpu_for_name("NVIDIA H200") is cm.GPUS["H200"]
+        path = _write(tmp_path)
+        monkeypatch.setenv(cm.CALIBRATION_ENV, str(path))
+        assert cm.gpu_for_name("NVIDIA H200").l2_tbs == 9.0
+        _write(tmp_path, measured=dict(MEASURED, l2_read_tbs=11.0))
+        os.utime(path, (1, 1))  # a different mtime, whatever the clock's resolution
+        assert cm.gpu_for_name("NVIDIA H200").l2_tbs == 11.0
+        path.write_text("{broken")
+        os.utime(path, (2, 2))
+        with pytest.warns(RuntimeWarning, match="not a calibration file"):
+            assert cm.gpu_for_name("NVIDIA H200") is cm.GPUS["H200"]
+    finally:
+        cm._env_calibration.cache_clear()
+
+
+def test_the_triton_probe_does_not_calibrate_the_cuda_engines():
+    """The main-loop probe runs Triton's loop: the CUDA engines keep their assumed
+    efficiency, while the Triton wide kernels take the measured one."""
+    h200 = cm.GPUS["H200"]
+    fast = cm.calibrated(h200, {"triton_mainloop_tflops": 0.9 * 989.4, "l2_read_tbs": 30.0})
+    only_l2 = cm.calibrated(h200, {"l2_read_tbs": 30.0})
+    s = cm.Shape(rows=4096, m=2048, n=1024, factor=5, o=1000, dtype="bf16")
+    assert cm.predict("cuda", s, fast).time_us == cm.predict("cuda", s, only_l2).time_us
+    assert cm.predict("fused", s, fast).time_us < cm.predict("fused", s, only_l2).time_us
