@@ -49,14 +49,15 @@ def test_mainloop_probe_is_a_matmul(dtype, tma):
     """The probe's kernel (the wide kernels' ``_wide_projection`` and grid order) is
     ``a @ w^T`` at sizes that are not tile multiples, through descriptors and pointers.
     fp32: IEEE products of K = 40 terms, within 1e-5 of float64; bf16: one rounding of
-    the fp32 result to bf16 (the interpreter truncates: below 2^-7 relative)."""
+    the fp32 result to bf16 (the interpreter truncates: below 2^-7 relative, plus the fp32
+    sum's own error; the bound is 2^-6 so no summation order can cross it)."""
     a = torch.randn(37, 40, device=DEVICE).to(dtype)
     w = torch.randn(45, 40, device=DEVICE).to(dtype)
     cfg = dataclasses.replace(calibrate.mainloop_config(DEVICE), tma=tma)
     got = calibrate.mainloop(a, w, cfg)
     assert got.shape == (37, 45) and got.dtype == dtype
     ref = a.double() @ w.double().t()
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
     err = ((got.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
     assert err <= tol, err
 
