@@ -1,13 +1,14 @@
 """Measure the cost model's unmeasured assumptions on this GPU (``make gpu-check`` runs it).
 
-Every forward target the model misses is bounded by two assumptions nobody has measured:
-the aggregate L2 -> SM bandwidth (``l2_tbs``, 6 TB/s assumed: the wide Triton and CUDA
-main loops, 64 FLOP per L2 byte, are L2-bound under it) and the Triton main loop's
-tensor-core efficiency (``TRITON_MMA_EFFICIENCY``, 0.55 assumed for wgmma: what bounds
-them once L2 is not).  At 12 TB/s the model moves the fused forward at rows 4096 from
-2.24x to 1.74x the floor (``benchmarks/model.py --set l2_tbs=12``); which redesign pays
-(2-CTA multicast for L2, warp specialisation for efficiency) depends on which one holds.
-So the first GPU call measures them, in ~30 s:
+Every forward target the model misses is bounded by two numbers nobody has measured on
+this project's GPU: the aggregate L2 -> SM bandwidth (``l2_tbs``: 7.7 TB/s, a lower bound
+a public H100 GEMM measurement implies, ``costmodel.GH100_L2_TBS``; the wide Triton and
+CUDA main loops, 64 FLOP per L2 byte, are L2-bound below ~7.5 TB/s) and the Triton main
+loop's tensor-core efficiency (``TRITON_MMA_EFFICIENCY``, 0.55 assumed for wgmma: what
+bounds them above).  The model puts the fused forward at rows 4096 at 2.24x / 1.76x /
+1.74x the floor at 6 / 7.7 / 12 TB/s (``benchmarks/model.py --set l2_tbs=...``): at the
+bound, the efficiency decides, and so which redesign pays (warp specialisation for
+efficiency, 2-CTA multicast for L2).  So the first GPU call measures them, in ~30 s:
 
     python benchmarks/calibrate.py --out DIR      # DIR/calibration.json, a table
     python benchmarks/model.py --calibration DIR/calibration.json --targets

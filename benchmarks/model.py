@@ -121,7 +121,12 @@ def format_markdown(rows: List[dict], others: Sequence[cm.GPU]) -> List[str]:
 
 
 def assumptions_text(gpu: cm.GPU) -> str:
-    tag = " (measured)" if gpu.calibration else " (assumed)"
+    if gpu.calibration:
+        tag = " (measured)"
+    elif gpu.arch == 90 and gpu.l2_tbs == cm.GH100_L2_TBS:
+        tag = " (a measured lower bound)"
+    else:
+        tag = " (assumed)"
     text = (f"{gpu.name}: {gpu.sms} SMs, bf16 {gpu.tensor_tflops['bf16']:g} TFLOP/s dense "
             f"(cuBLAS at {cm.cublas_efficiency(gpu, 'bf16'):.0%}, Triton's main loop at "
             f"{cm.mma_efficiency(gpu, cm._native_mma(gpu)[0]):.0%}), HBM {gpu.hbm_tbs:g} "

@@ -219,6 +219,17 @@ class GPU:
         return hash(self.name)
 
 
+#: L2 -> SM bandwidth of the GH100 die (H100 SXM5 and H200: the same die, L2, SM count
+#: and clocks).  NVIDIA publishes none.  A public measurement bounds it from below: a
+#: warp-specialised Triton GEMM with 128x256x64 TMA tiles and no clusters (no multicast)
+#: ran (65536, 1024, 1024) fp16 at 672 TFLOP/s on an H100 (facebookexperimental/triton
+#: PR #1065, 2026-03, its "before" row).  Every CTA reads (128 + 256) x 64 x 2 bytes from
+#: L2 per 2 x 128 x 256 x 64 FLOP (85.3 FLOP/B), so L2 delivered at least 672e12 / 85.3
+#: = 7.7 TB/s (2048 CTAs x 768 KiB = 1.61 GB in 210 us).  The model uses that bound
+#: (it was 6 TB/s, a guess, until 2026-12-03); benchmarks/calibrate.py's L2 probe
+#: replaces it with this GPU's own number.
+GH100_L2_TBS = 7.7
+
 GPUS: Dict[str, GPU] = {
     "H100": GPU(
         name="H100",
@@ -226,7 +237,7 @@ GPUS: Dict[str, GPU] = {
         tensor_tflops={"bf16": 989.4, "fp16": 989.4,   # dense, H100 SXM datasheet
                        "tf32": 494.7, "fp32": 66.9},  # (1979/989 are with sparsity)
         hbm_tbs=3.35,                # HBM3, 80 GB, H100 SXM datasheet
-        l2_tbs=6.0,                  # not published; assumption (PERFORMANCE.md: 5.5-8)
+        l2_tbs=GH100_L2_TBS,         # not published: a measured lower bound (above)
         l2_mb=50.0,                  # whitepaper
         smem_per_sm_kb=228,          # whitepaper: 228 KB shared memory per SM
         regs_per_sm=65536,           # 64K 32-bit registers per SM
@@ -240,7 +251,7 @@ GPUS: Dict[str, GPU] = {
         tensor_tflops={"bf16": 989.4, "fp16": 989.4,   # H200 SXM datasheet (dense)
                        "tf32": 494.7, "fp32": 66.9},
         hbm_tbs=4.8,                 # HBM3e, 141 GB, H200 datasheet
-        l2_tbs=6.0,                  # assumption, as H100
+        l2_tbs=GH100_L2_TBS,         # the H100's bound: the same die and L2
         l2_mb=60.0,                  # measured: PyTorch reports 60 MB on this workplace's
                                      # H200 (KINDS.md, 2026-10-28); H100 SXM: 50
         smem_per_sm_kb=228,

@@ -7,8 +7,8 @@ launch configurations and compile facts, for the GPU it recognises) for the shap
 at hand: forward only when no gradient is needed, forward+backward otherwise, in the
 call's memory mode (``save_projections``).  Until
 GPU measurements replace the predictions, the model puts ``split`` ahead at training
-batches of the MFB default (H200, bf16, forward: the wide fused kernel 98 us against
-split 61 and a floor of 54 at 1024 rows) and the wide kernel's weight-streaming tile
+batches of the MFB default (H200, bf16, forward: the wide fused kernel 83 us against
+split 57 and a floor of 52 at 1024 rows) and the wide kernel's weight-streaming tile
 ahead for small-batch inference (13 us against 15 and 12 at rows <= 16; README's
 table); measurements will replace both.
 Without Triton, ``cuda`` (the C++ extension) then ``torch``.  On the CPU ``torch``:

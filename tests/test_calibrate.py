@@ -113,7 +113,7 @@ def test_calibrated_gpu_replaces_each_assumption():
 
 
 def test_calibrated_l2_bandwidth_moves_an_l2_bound_kernel_by_hand():
-    """The CUDA forward at rows 4096 is L2-bound at 6 TB/s (its bytes through L2 over
+    """The CUDA forward at rows 4096 is L2-bound at the model's 7.7 TB/s (its bytes through L2 over
     the bandwidth, plus its tail and one launch); at 12 TB/s that term halves, and the
     kernel is then bound by compute at the calibrated efficiency."""
     h200 = cm.GPUS["H200"]
@@ -127,7 +127,7 @@ def test_calibrated_l2_bandwidth_moves_an_l2_bound_kernel_by_hand():
     assert fast.l2_bytes == fused.l2_bytes and fast.flops == fused.flops
     assert fast.bound == "compute"
     assert fast.time_us < fused.time_us
-    rest = fused.time_us - fused.l2_bytes / 6e12 * 1e6  # its tail and launch
+    rest = fused.time_us - fused.l2_bytes / (h200.l2_tbs * 1e12) * 1e6  # tail and launch
     assert rest >= 0
     assert fast.time_us >= fused.l2_bytes / 12e12 * 1e6 + rest - 1e-9
 
@@ -188,12 +188,12 @@ def test_report_sets_each_assumption_beside_its_measurement():
     data = {"gpu": "NVIDIA H200", "capability": [9, 0], "measured": dict(MEASURED),
             "probes": [dict(name="triton_mainloop", us=400.0, tflops=450.0, l2_bytes=1e9)]}
     text = calibrate.report(data)
-    assert "| L2 -> SM TB/s | 6.00 | 9.00 |" in text
+    assert f"| L2 -> SM TB/s | {cm.GH100_L2_TBS:.2f} | 9.00 |" in text
     assert f"| cuBLAS bf16 share of peak | 0.790 | {782 / 989.4:.3f} |" in text
     # 1 GB at 9 TB/s = 111 us of 400: compute-bound.
     assert "compute-bound at 9.00 TB/s L2" in text
     data["measured"]["l2_read_tbs"] = None
-    assert "| L2 -> SM TB/s | 6.00 | not measured |" in calibrate.report(data)
+    assert f"| L2 -> SM TB/s | {cm.GH100_L2_TBS:.2f} | not measured |" in calibrate.report(data)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

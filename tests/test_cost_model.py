@@ -435,7 +435,7 @@ def test_model_cli_table_and_coatt_sweep(tmp_path, capsys):
     # --set changes one assumption of the --gpu entry: a slower L2 slows the fused kernel
     # (bound by L2 at rows 1024), and an unknown field is refused.
     slow = model.apply_overrides(H200, ["l2_tbs=4"])
-    assert slow.l2_tbs == 4.0 and H200.l2_tbs == 6.0
+    assert slow.l2_tbs == 4.0 and H200.l2_tbs == cm.GH100_L2_TBS
     s1024 = cm.Shape(rows=1024, **MFB)
     assert cm.predict("fused", s1024, slow).time_us > 1.2 * cm.predict("fused", s1024, H200).time_us
     with pytest.raises(SystemExit):
