@@ -115,6 +115,19 @@ def test_cache_key_tracks_sources_and_architectures(tmp_path, monkeypatch):
     assert cuda_build.build_dir() == tmp_path / "cache" / cuda_build.build_key()
 
 
+def test_wgmma_flag_only_when_every_hopper_image_is_sm90a():
+    """-DFBP_SM90A (the binding may pick the wgmma engine) needs 9.0a in the list and
+    no plain 9.0 beside it: that image's wgmma engine is a trap stub, and which of the
+    two images the driver loads on a Hopper GPU is not documented."""
+    assert cuda_build.arch_defines("8.0;9.0a") == ["-DFBP_SM90A"]
+    assert cuda_build.arch_defines("9.0a+PTX") == ["-DFBP_SM90A"]
+    assert cuda_build.arch_defines("8.0; 9.0a ;10.0") == ["-DFBP_SM90A"]
+    assert cuda_build.arch_defines("8.0;9.0;9.0a") == []
+    assert cuda_build.arch_defines("9.0a;9.0+PTX") == []
+    assert cuda_build.arch_defines("8.0;9.0") == []
+    assert cuda_build.arch_defines("8.0") == []
+
+
 def test_build_lock_waits_for_another_process(tmp_path):
     """Two processes building into one cache directory: the second waits (flock)."""
     lock = tmp_path / ".fbp-build.lock"

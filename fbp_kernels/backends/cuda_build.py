@@ -156,9 +156,14 @@ def arch_list() -> str:
 def arch_defines(archs: Optional[str] = None) -> List[str]:
     """Preprocessor flags the architecture list implies: ``-DFBP_SM90A`` when it names
     ``9.0a`` (the binding then may choose the wgmma + TMA engine, fbp_launch.h
-    wgmma_built(); the host half of a .cu file cannot see which targets nvcc builds)."""
-    names = [a.strip() for a in (arch_list() if archs is None else archs).split(";")]
-    return ["-DFBP_SM90A"] if any(a.split("+")[0] == "9.0a" for a in names) else []
+    wgmma_built(); the host half of a .cu file cannot see which targets nvcc builds).
+
+    Not when it also names a plain ``9.0``: the fatbin then holds an sm_90 image whose
+    wgmma engine is a trap stub beside the sm_90a one, and which of the two the driver
+    loads on a Hopper GPU is not documented; without the flag the binding never picks
+    the wgmma engine and the cp.async engines run in either image."""
+    names = [a.strip().split("+")[0] for a in (arch_list() if archs is None else archs).split(";")]
+    return ["-DFBP_SM90A"] if "9.0a" in names and "9.0" not in names else []
 
 
 def _include_dirs() -> List[str]:
