@@ -28,11 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List
+
+# The repository root, so fbp_kernels and benchmarks import without an install (as
+# benchmarks/calibrate.py does): a failed `pip install -e .` must not read as engines
+# that all erred.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 #: Engines in auto's order of preference (wgmma on sm_90; the 128x128 cp.async one above
 #: 128 rows elsewhere; the synchronous one last, for operands cp.async cannot read).
@@ -96,12 +104,14 @@ def run_child(engine: str) -> Dict[str, object]:
     result = {"status": "ok" if ok else "wrong", "max_rel_err": worst, "errors": errors,
               "device": torch.cuda.get_device_name()}
     if ok:
-        result["timing"] = time_engine(engine)
+        try:  # a correct engine stays ok when its timing or its price fails
+            result["timing"] = time_engine(engine)
+        except Exception as exc:
+            result["timing_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return result
 
 
 def _median_us(fn) -> float:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the `benchmarks` folder
     from benchmarks.measure import median_event_ms
 
     return median_event_ms(fn) * 1e3
@@ -170,6 +180,37 @@ def fallback(results: Dict[str, Dict[str, object]]) -> Dict[str, str]:
     return env
 
 
+def run_engine_process(cmd: List[str], env: Dict[str, str], timeout: float):
+    """The child engine run: its CompletedProcess, or subprocess.TimeoutExpired after
+    its whole process group is killed (a child that started an nvcc or ninja build must
+    not leave it writing into the build folder after the timeout)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def write_results(out: Path, results: Dict[str, Dict[str, object]]) -> Dict[str, str]:
+    """smoke.json and staging.env for the engines so far (rewritten after each one, so
+    a parent killed by an outer timeout still leaves what finished)."""
+    env = fallback(results)
+    for name, text in (("smoke.json", json.dumps({"engines": results, "fallback": env},
+                                                  indent=1)),
+                       ("staging.env", "".join(f"{k}={v}\n" for k, v in env.items()))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return env
+
+
 def main(argv: List[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".", help="folder for smoke.json and staging.env")
@@ -186,8 +227,8 @@ def main(argv: List[str] = None) -> int:
         env = {**os.environ, "FBP_CUDA_STAGING": engine}
         start = time.monotonic()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--engine", engine], env=env,
-                                  capture_output=True, text=True, timeout=args.timeout)
+            proc = run_engine_process([sys.executable, __file__, "--engine", engine], env,
+                                      args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             res = (json.loads(lines[-1]) if lines else
                    {"status": "error", "reason": (proc.stderr.strip().splitlines() or
@@ -200,11 +241,8 @@ def main(argv: List[str] = None) -> int:
         times = " ".join(f"{k} {v:.0f} us (model {timing['predicted_us'].get(k, float('nan')):.0f})"
                          for k, v in timing.get("measured_us", {}).items())
         print(f"{engine:6} {res['status']:8} {res.get('max_rel_err', '')!s:24} "
-              f"{res.get('reason', '')}{times}", flush=True)
-    env = fallback(results)
-    (out / "smoke.json").write_text(json.dumps({"engines": results, "fallback": env},
-                                               indent=1))
-    (out / "staging.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+              f"{res.get('reason', '')}{times}{res.get('timing_error', '')}", flush=True)
+        env = write_results(out, results)
     print("later phases run with: " + (" ".join(f"{k}={v}" for k, v in env.items())
                                        or "the defaults (every engine that could run passed)"))
     return 0

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -365,29 +366,50 @@ def test_mfh_problems_get_the_cost_models_mfh_prediction():
         cm.predict("fused", shape, h200, "forward").time_us / 1e3)
 
 
-def test_gpu_check_script_passes_the_selection_as_one_expression(tmp_path):
-    """scripts/gpu_check.sh (``make gpu-check``) with a stub interpreter that records its
-    arguments: pytest gets ``-k`` and the whole selection as one argument (unquoted, the
-    expression's words became file names and nothing was collected), the GPU-only
-    files first and every test file once, and the benchmark its sweeps."""
+def _run_gpu_check(tmp_path, **extra_env):
+    """scripts/gpu_check.sh with a stub interpreter that records its arguments: the
+    calls, one argument list each."""
     log = tmp_path / "calls.txt"
     stub = tmp_path / "py"
     stub.write_text("#!/usr/bin/env bash\nfor a in \"$@\"; do printf '%s\\x1f' \"$a\" >> "
                     f"{log}; done; echo >> {log}\n")
     stub.chmod(0o755)
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PY": str(stub), "OUT": str(tmp_path / "out")}
+    env = {**os.environ, "PY": str(stub), "OUT": str(tmp_path / "out"), **extra_env}
     proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines() if line]
+    return [line.split("\x1f")[:-1] for line in log.read_text().splitlines() if line]
+
+
+def test_gpu_check_passes_a_test_selection_as_one_expression(tmp_path):
+    """GPU_CHECK_TESTS narrows the test phase: pytest gets ``-k`` and the whole
+    expression as one argument (unquoted, its words became file names and nothing was
+    collected)."""
+    calls = _run_gpu_check(tmp_path, GPU_CHECK_TESTS="cuda_graphs or split")
     (pytest_args,) = [c for c in calls if c[:2] == ["-m", "pytest"]]
-    k = pytest_args.index("-k")
-    assert pytest_args[k + 1].startswith("split or strategy or triton"), pytest_args[k + 1]
+    assert pytest_args[pytest_args.index("-k") + 1] == "cuda_graphs or split"
+
+
+def test_gpu_check_script_phases_and_outputs(tmp_path):
+    """scripts/gpu_check.sh (``make gpu-check``) with a stub interpreter that records its
+    arguments: no -k by default; the CUDA engines' files first (they need no Triton
+    compile, which is what eats the phase), no file twice, none that checks CPU-side
+    facts (the ~400-kernel compile report above all); -v and a SIGINT timeout so a cut
+    run still names its tests; the benchmark its sweeps; the phases in order."""
+    root = Path(__file__).resolve().parents[1]
+    calls = _run_gpu_check(tmp_path)
+    (pytest_args,) = [c for c in calls if c[:2] == ["-m", "pytest"]]
+    assert "-k" not in pytest_args and "-v" in pytest_args
     files = [a for a in pytest_args if a.startswith("tests/")]
-    assert files[0] == "tests/test_cuda_graphs.py"
-    assert sorted(files) == sorted(str(p.relative_to(root)) for p in
-                                   (root / "tests").glob("test_*.py"))
+    assert files[:2] == ["tests/test_cuda_graphs.py", "tests/test_cuda_backend.py"]
+    assert len(files) == len(set(files)) and all((root / f).is_file() for f in files)
+    assert {"tests/test_wide.py", "tests/test_split.py", "tests/test_correctness.py",
+            "tests/test_large_offsets.py"} <= set(files)
+    assert not {"tests/test_triton_gpu_compile.py", "tests/test_cuda_compile.py",
+                "tests/test_cost_model.py", "tests/test_benchmark_smoke.py"} & set(files)
+    script = (root / "scripts" / "gpu_check.sh").read_text()
+    assert re.search(r"timeout -s INT -k \d+ \d+ \"\$PY\" -m pytest", script)
     (bench,) = [c for c in calls if c and c[0] == "benchmarks/run.py"]
     assert bench[bench.index("--sweep") + 1] == "rows,coatt"
     # no new problem after 75 s: results are written inside the phase's 95 s timeout
@@ -461,7 +483,7 @@ def test_gpu_smoke_records_hangs_and_results(tmp_path, monkeypatch):
     smoke = _gpu_smoke()
     seen = []
 
-    def fake_run(cmd, env, capture_output, text, timeout):
+    def fake_run(cmd, env, timeout):
         engine = cmd[cmd.index("--engine") + 1]
         seen.append((engine, env["FBP_CUDA_STAGING"], timeout))
         if engine == "wgmma":
@@ -469,7 +491,7 @@ def test_gpu_smoke_records_hangs_and_results(tmp_path, monkeypatch):
         out = {"wide": '{"status": "wrong", "max_rel_err": 0.9}'}.get(engine, '{"status": "ok"}')
         return subprocess.CompletedProcess(cmd, 0, "log line\n" + out + "\n", "")
 
-    monkeypatch.setattr(smoke.subprocess, "run", fake_run)
+    monkeypatch.setattr(smoke, "run_engine_process", fake_run)
     assert smoke.main(["--out", str(tmp_path), "--timeout", "7"]) == 0
     assert seen == [(e, e, 7.0) for e in smoke.ENGINES]
     report = json.loads((tmp_path / "smoke.json").read_text())
@@ -477,6 +499,39 @@ def test_gpu_smoke_records_hangs_and_results(tmp_path, monkeypatch):
     assert report["engines"]["wide"]["max_rel_err"] == 0.9
     assert (tmp_path / "staging.env").read_text() == (
         "FBP_CUDA_BROKEN_ENGINES=wgmma,wide\nFBP_CUDA_STAGING=async\n")
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_gpu_smoke_kills_an_engine_childs_whole_process_group(tmp_path):
+    """An engine child that started a process of its own (a build's nvcc, ninja) and hung:
+    at the timeout the whole group dies, not the child alone; a child that finishes
+    returns its output."""
+    smoke = _gpu_smoke()
+    done = smoke.run_engine_process([sys.executable, "-c", "print(2 + 2)"],
+                                    dict(os.environ), 30.0)
+    assert done.returncode == 0 and done.stdout.strip() == "4"
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(60)\n")
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        smoke.run_engine_process([sys.executable, "-c", code], dict(os.environ), 5.0)
+    assert time.monotonic() - start < 30
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the engine child's own child outlived the timeout"
 
 
 def test_mfh_benchmark_measures_only_mfh_backends(monkeypatch):
