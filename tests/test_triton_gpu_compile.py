@@ -219,3 +219,63 @@ def test_report_fields_are_consistent(compile_rows):
     r = _row(compile_rows[1], "wide_fwd", 90, "bf16", "K5-tma")
     assert (r["flop_per_byte"], r["ctas_per_sm"], r["inflight_bytes_per_sm"]) == \
         (64.0, 1, 3 * 32768)
+
+
+_SEED_ONE = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from fbp_kernels.backends import triton_compile as TC, triton_kernels as K
+from fbp_kernels.backends.triton_split import GPU_TILE_ELEMENTS, pick_epilogue_config
+
+plain = TC._source
+
+
+def seed_one(fn, sig, consts, aligned=TC._ALIGNED):
+    # What a launch with seed=1 compiles: Triton turns an integer argument equal to 1
+    # into the constexpr 1 (the interpreter never does).
+    if "seed" in sig:
+        sig = {k: v for k, v in sig.items() if k != "seed"}
+        consts = {**consts, "seed": 1}
+    return plain(fn, sig, consts, aligned)
+
+
+TC._source = seed_one
+target = GPUTarget("cuda", 90, 32)
+r, o, f, bc = TC.SPLIT_SHAPES["mfb"]
+scfg = pick_epilogue_config(r, o, f, limit=GPU_TILE_ELEMENTS)
+fcfg = next(iter(K.CONFIGS["half"].values()))
+builds = [("mask", TC._mask_source),
+          ("split_fwd", lambda: TC._split_sources("bf16", scfg, "split_fwd", o <= scfg.block_o, bc)),
+          ("split_bwd", lambda: TC._split_sources("bf16", scfg, "split_bwd", o <= scfg.block_o, bc)),
+          ("fbp_fwd", lambda: TC._fwd_source("bf16", fcfg, "ieee")),
+          ("fbp_bwd", lambda: TC._bwd_source("bf16", fcfg, "ieee"))]
+for name, wcfg, fac, desc, sh in TC.wide_builds(90, "bf16")[:1]:
+    builds.append(("wide_fwd", lambda: TC._wide_source("bf16", wcfg, fac, "ieee", desc, sh)))
+for name, wcfg, fac, desc, act, ap, sh in TC.wide_bwd_builds(90, "bf16")[:1]:
+    builds.append(("wide_bwd", lambda: TC._wide_bwd_source("bf16", wcfg, fac, "ieee", desc, act, ap, sh)))
+for kernel, make in builds:
+    triton.compile(make(), target=target, options={"num_warps": 4})
+    print(kernel, "ok")
+print("triton", triton.__version__)
+'''
+
+
+@pytest.mark.parametrize("triton_path", list(_versions()))
+def test_dropout_kernels_compile_with_seed_one(triton_path, tmp_path):
+    """Every kernel that draws dropout compiles when its seed is 1, which a GPU launch
+    passes as the constexpr 1 (a `.to` on it failed the build: only seeds other than 1
+    had ever been compiled)."""
+    script = tmp_path / "seed_one.py"
+    script.write_text(_SEED_ONE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(([str(triton_path)] if triton_path else []) +
+                                        [root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    for kernel in ("mask", "split_fwd", "split_bwd", "fbp_fwd", "fbp_bwd", "wide_fwd",
+                   "wide_bwd"):
+        assert f"{kernel} ok" in proc.stdout, proc.stdout
+    if triton_path is not None:
+        assert "triton 3.6" in proc.stdout, proc.stdout
