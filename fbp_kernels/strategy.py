@@ -34,6 +34,7 @@ from typing import Dict, Optional
 import torch
 
 from . import backends
+from .backends import _common
 
 #: The shape the device-level default (and the compiled path) is chosen for: the MFB
 #: default of openvqa at a training batch (rows 1024, m 2048, n 1024, factor 5, o 1000).
@@ -83,7 +84,7 @@ class Plan:
 
 def _model_dtype(dtype: torch.dtype) -> Optional[str]:
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+        return "tf32" if _common.matmul_allows_tf32() else "fp32"
     return _MODEL_DTYPES.get(dtype)
 
 

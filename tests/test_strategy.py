@@ -323,3 +323,32 @@ def test_explain_names_the_cuda_engine_and_tile():
     kernels, tile = strategy._describe("cuda", 8, 10, 2, torch.float64, cpu, True)
     assert "kept projections" in kernels and "fp64" in tile
 
+
+
+@pytest.mark.parametrize("setting, tf32", [
+    ("pass", False),
+    ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    ("torch.set_float32_matmul_precision('high')", True),
+    ("torch.set_float32_matmul_precision('highest')", False),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+     "torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+])
+def test_fp32_matmul_precision_is_read_through_either_api(setting, tf32):
+    """auto's model dtype for fp32 (and the Triton kernels' tl.dot precision) follow
+    PyTorch's setting whichever API set it; after the new one, reading the legacy
+    allow_tf32 raises, which failed every fp32 call.  One process per setting: the APIs
+    leave process-wide state."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n" + setting + "\n"
+            "from fbp_kernels import strategy\n"
+            "from fbp_kernels.backends import _common\n"
+            "print(_common.matmul_allows_tf32(), strategy._model_dtype(torch.float32))\n")
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision") and "fp32_precision" in setting:
+        pytest.skip("this torch has no fp32_precision API")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(tf32), "tf32" if tf32 else "fp32"], proc.stdout

@@ -44,6 +44,24 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def matmul_allows_tf32() -> bool:
+    """PyTorch's setting for fp32 CUDA matmuls: may they run in TF32?
+
+    The new API (``torch.backends.cuda.matmul.fp32_precision``: "tf32", "ieee", or
+    "none" = inherit ``torch.backends.fp32_precision``) where this torch has it: once a
+    program has used it, reading the legacy ``allow_tf32`` raises ("mix of the legacy
+    and new APIs"), while the new attribute reflects both (``allow_tf32 = True`` and
+    ``set_float32_matmul_precision("high")`` read back as "tf32").  Older torch: the
+    legacy flag."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def broadcast_batch(a, b) -> torch.Size:
     """``torch.broadcast_shapes(a, b)`` for two shapes, without its per-call cost
     (~40 us: it runs the Python reference implementation); raises ValueError."""

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from .triton_dropout import keep_elements
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -419,7 +420,7 @@ def pick_config(rows: int, o: int, dtype: torch.dtype, device: torch.device) -> 
 def dot_settings(dtype: torch.dtype):
     """(upcast operands to fp32 before tl.dot?, tl.dot input_precision)."""
     dot_fp32 = INTERPRET and dtype == torch.bfloat16
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+    if dtype == torch.float32 and not INTERPRET and _common.matmul_allows_tf32():
         return dot_fp32, "tf32"  # honour PyTorch's matmul precision setting
     return dot_fp32, "ieee"
 
