@@ -263,10 +263,18 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
             bwd = W.pick_wide_bwd_config(dtype, device)
             tiles = lambda c: (f"{c.block_m}x{c.block_n}x{c.block_k}, {c.num_warps} warps, "  # noqa: E731
                                f"{c.num_stages} stages{', TMA' if c.tma else ''}")
+            ptr = ""
+            if wide.tma:  # the launcher's fallback (forward_config, bwd_config_family)
+                alt = W.pick_wide_config(dtype, device, rows, descriptors=False)
+                if W.supports(factor, alt):
+                    ptr = (f"; forward {tiles(alt)} and backward "
+                           f"{tiles(W.pick_wide_bwd_config(dtype, device, descriptors=False))}"
+                           f" where an operand cannot be read through TMA (rows not 16-byte "
+                           f"aligned, a stride-0 broadcast)")
             return ("Triton _wide_fwd_kernel + _finish_kernel (backward: _grad_pooled_kernel "
                     "+ _wide_grad_kernel twice, one pass per projection, + 4 cuBLAS GEMMs)",
                     f"forward {tiles(wide)} ({W.tile_outputs(wide, factor)[0]} outputs per "
-                    f"tile); backward {tiles(bwd)}")
+                    f"tile); backward {tiles(bwd)}{ptr}")
         cfg = K.pick_config(rows, o, dtype, device)
         return ("Triton _fbp_fwd_kernel, one launch (backward: _fbp_bwd_kernel + 4 cuBLAS "
                 "GEMMs)",

@@ -235,6 +235,38 @@ def test_backward_tile_families():
     assert W.pick_wide_bwd_config(bf16, None, "relu", False) is W.INTERPRETER_WIDE
 
 
+def test_forward_tile_for_operands_tma_cannot_read(monkeypatch):
+    """sm_90's forward tile is the 128 x 128 TMA one for operands a descriptor can read;
+    otherwise (rows not 16-byte aligned, a broadcast row stride of 0) the pointer-loop
+    tile, whose build without stride hints does not spill (the TMA-sized one did: 336 B);
+    at the chained and small-batch tiles nothing changes."""
+    bf16 = torch.bfloat16
+    fam = W.config_family
+    assert fam(bf16, (9, 0)) == "sm90-half" and fam(bf16, (9, 0), descriptors=False) == "half"
+    assert fam(bf16, (9, 0), chained=True, descriptors=False) == "sm90-half-chain"
+    assert fam(bf16, (9, 0), rows=1, descriptors=False) == "tiny"
+    assert fam(bf16, (8, 0), descriptors=False) == fam(bf16, (8, 0)) == "half"
+    # descriptor_ok: aligned rows yes; 600-byte rows (bf16 m = 300), a stride-0 broadcast
+    # of one row, a non-unit K stride no.
+    aligned = torch.zeros(64, 304, dtype=bf16)
+    assert W.descriptor_ok(aligned)
+    assert not W.descriptor_ok(torch.zeros(64, 300, dtype=bf16))
+    assert not W.descriptor_ok(torch.zeros(304, dtype=bf16).expand(64, 304))
+    assert not W.descriptor_ok(torch.zeros(304, 64, dtype=bf16).t())
+    # forward_config as a Hopper launch would pick it (the interpreter runs its own tile).
+    monkeypatch.setattr(W, "INTERPRET", False)
+    monkeypatch.setattr(W, "_capability", lambda device: (9, 0))
+    w = torch.zeros(5 * 40, 304, dtype=bf16)
+    assert W.forward_config(aligned, aligned, w, w, 5, 4096) is W.WIDE_CONFIGS["sm90-half"]
+    odd = torch.zeros(64, 300, dtype=bf16)
+    w_odd = torch.zeros(5 * 40, 300, dtype=bf16)
+    assert W.forward_config(odd, odd, w_odd, w_odd, 5, 4096) is W.WIDE_CONFIGS["half"]
+    # A factor the pointer tile (64 columns) cannot hold keeps the wide tile.
+    assert not W.supports(17, W.WIDE_CONFIGS["half"]) and W.supports(17, W.WIDE_CONFIGS["sm90-half"])
+    w17 = torch.zeros(17 * 4, 300, dtype=bf16)
+    assert W.forward_config(odd, odd, w17, w17, 17, 4096) is W.WIDE_CONFIGS["sm90-half"]
+
+
 def test_coattention_layout():
     """Which input is shared by how many consecutive broadcast rows, and what stays a
     plain broadcast (materialised)."""
@@ -473,3 +505,45 @@ def test_every_gpu_tile_runs_in_the_interpreter(monkeypatch, family):
         rel = ((a.double() - b).norm() / b.norm()).item()
         rel_eager = ((e.double() - b).norm() / b.norm()).item()
         assert rel <= 2 * rel_eager + floor, (family, name, rel, rel_eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("expand_x", [False, True], ids=["rows-600B", "x-expanded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_operands_tma_cannot_read_on_the_gpu(dtype, expand_x):
+    """Operands no TMA descriptor can read at a training row count: rows of 600 bytes
+    (m = 300 in half precision) and an x given as one row expand()ed over the batch
+    (row stride 0; no co-attention layout, so the view reaches the kernel).  On sm_90
+    they take the pointer-loop tile (forward_config); forward and every gradient within
+    twice the eager reference's own error in that dtype plus a floor of a few ulp (the
+    rule of test_correctness), without the normalisation."""
+    from helpers import detached64, error_vs, grads
+
+    floor = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.manual_seed(0)
+    rows, m, n, factor, o = 200, 300, 200, 5, 40
+    dev = torch.device("cuda")
+    x = torch.randn(1 if expand_x else rows, m, device=dev, dtype=torch.float64)
+    y = torch.randn(rows, n, device=dev, dtype=torch.float64)
+    wx = torch.randn(factor * o, m, device=dev, dtype=torch.float64) * m ** -0.5
+    wy = torch.randn(factor * o, n, device=dev, dtype=torch.float64) * n ** -0.5
+    bx = torch.randn(factor * o, device=dev, dtype=torch.float64) * 0.1
+    by = torch.randn(factor * o, device=dev, dtype=torch.float64) * 0.1
+    leaves = [t.to(dtype).requires_grad_() for t in (x, y, wx, wy, bx, by)]
+
+    def inputs(ts):
+        return [ts[0].expand(rows, m) if expand_x else ts[0], *ts[1:]]
+
+    def run(ts, fn):
+        # normalize=False: the main loop and pooling this test is about, without the
+        # signed square root, whose slope near 0 turns rounding into noise that a
+        # ratio to eager's error cannot bound.
+        out = fn(*inputs(ts), factor=factor, normalize=False)
+        return [out] + grads(out, ts, g.to(out.dtype))
+
+    g = torch.randn(rows, o, device=dev, dtype=torch.float64)
+    exact = run(detached64(leaves), fbp_reference)
+    eager = run(leaves, fbp_reference)
+    got = run(leaves, lambda *a, **k: fbp_kernels.fbp(*a, backend="triton", **k))
+    for name, a, e, ex in zip(("out", "dx", "dy", "dwx", "dwy", "dbx", "dby"), got, eager, exact):
+        assert error_vs(a, ex) <= 2 * error_vs(e, ex) + floor, name

@@ -201,10 +201,13 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
 
 
 def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = False,
-                 shared: bool = False, **overrides):
+                 shared: bool = False, aligned_strides: bool = True, **overrides):
     """The wide fused forward (``triton_wide``) for one tile and factor; ``desc``: x, y
     and the weights as TMA tensor descriptors (the launcher's choice for aligned,
-    unit-stride operands on sm_90); ``shared``: co-attention (C read per group)."""
+    unit-stride operands on sm_90); ``shared``: co-attention (C read per group);
+    ``aligned_strides=False``: no multiple-of-16 hints on the row strides (sm_90's
+    pointer fallback, which runs for operands TMA cannot read, typically rows that are
+    not 16-byte aligned)."""
     from . import triton_wide as W
 
     sig = _common_signature(dtype)
@@ -230,7 +233,8 @@ def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = Fals
               "BLOCK_JP": block_jp, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
               "X_DESC": desc, "W_DESC": desc, "ACTIVATION": 0, "IDX64": False,
               "SHARED": shared, "PREV": False, "CHAIN": False, **overrides}
-    return _source(W._wide_fwd_kernel, sig, consts)
+    aligned = _ALIGNED if aligned_strides else tuple(a for a in _ALIGNED if "stride" not in a)
+    return _source(W._wide_fwd_kernel, sig, consts, aligned)
 
 
 def _wide_bwd_source(dtype: str, cfg, factor: int, precision: str, desc: bool = False,
@@ -325,8 +329,9 @@ def wide_builds(arch: int, dtype: str):
     f0 = WIDE_FACTORS[0]
     tag = "-tma" if cfg.tma else ""
     builds = [(f"K{f}{tag}", cfg, f, cfg.tma, False) for f in WIDE_FACTORS]
-    if cfg.tma:
-        builds.append((f"K{f0}-ptr", cfg, f0, False, False))
+    if cfg.tma:  # the pointer fallback's own tile (triton_wide.forward_config)
+        ptr = W.WIDE_CONFIGS[W.config_family(tdt, cap, descriptors=False)]
+        builds.append((f"K{f0}-ptr", ptr, f0, False, False))
     builds.append((f"K{f0}-coatt{tag}", cfg, f0, cfg.tma, True))
     if small != cfg:
         builds.append((f"K{f0}-small", small, f0, small.tma, False))
@@ -551,7 +556,9 @@ def compile_all(archs=ARCHS, dtypes=tuple(DTYPES)) -> List[CompileRow]:
             for cfg_name, wcfg, f, desc, sh in wide_builds(arch, dtype):
                 rows.append(_compile_row(
                     triton, target, "wide_fwd", arch, dtype, cfg_name, wcfg.num_warps,
-                    wcfg.num_stages, lambda: _wide_source(dtype, wcfg, f, precision, desc, sh),
+                    wcfg.num_stages,
+                    lambda: _wide_source(dtype, wcfg, f, precision, desc, sh,
+                                         aligned_strides=not cfg_name.endswith("-ptr")),
                     MainLoop(wcfg.block_m, wcfg.block_n, wcfg.block_k, wcfg.num_stages,
                              elem[dtype])))
             rows.append(_compile_row(triton, target, "finish", arch, dtype, "default", 4, 1,

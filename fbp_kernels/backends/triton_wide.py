@@ -115,8 +115,10 @@ def _unpool(s, FACTOR: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr,
         e = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_M, BLOCK_N // FACTOR, FACTOR)),
                        (BLOCK_M, BLOCK_N))
     else:
-        cc = tl.arange(0, BLOCK_N)
-        e = tl.gather(s, tl.broadcast_to((cc // FACTOR)[None, :], (BLOCK_M, BLOCK_N)), axis=1)
+        # Columns past the last whole group (e.g. 112-127 at factor 7: 18 > 15) are
+        # masked by the caller; clamped so the gather never indexes past s.
+        cc = tl.minimum(tl.arange(0, BLOCK_N) // FACTOR, s.shape[1] - 1)
+        e = tl.gather(s, tl.broadcast_to(cc[None, :], (BLOCK_M, BLOCK_N)), axis=1)
     return e
 
 
@@ -627,17 +629,24 @@ TINY_ROWS = 16
 
 
 def config_family(dtype: torch.dtype, capability=(9, 0), rows=None,
-                  chained: bool = False) -> str:
+                  chained: bool = False, descriptors: bool = True) -> str:
     """The ``WIDE_CONFIGS`` key for a dtype on a device of this compute capability, for
     ``rows`` rows (None: a training-sized batch); ``chained``: an MFH block that reads
-    or stores a running product."""
+    or stores a running product; ``descriptors``: whether the operands qualify for TMA
+    (:func:`descriptor_ok`).  sm_90's 128 x 128 / 16-warp tile is sized for descriptor
+    loads: through pointers without 16-byte row-stride hints (rows TMA cannot read,
+    e.g. bf16 m = 300) it spilled 336 B (Triton 3.6 and 3.8), so such operands take the
+    pointer-loop tile (sm_80's "half": 243-254 registers there, no spills), as the
+    backward's do."""
     if dtype not in (torch.float16, torch.bfloat16):
         return "fp32"
     if rows is not None and rows <= TINY_ROWS:
         return "tiny"
     small = rows is not None and rows <= SMALL_ROWS
     if tuple(capability) >= (9, 0) and not small:
-        return "sm90-half-chain" if chained else "sm90-half"
+        if chained:
+            return "sm90-half-chain"
+        return "sm90-half" if descriptors else "half"
     return "half"
 
 
@@ -647,10 +656,23 @@ def _capability(device):
 
 
 def pick_wide_config(dtype: torch.dtype, device=None, rows=None,
-                     chained: bool = False) -> WideConfig:
+                     chained: bool = False, descriptors: bool = True) -> WideConfig:
     if INTERPRET:
         return INTERPRETER_WIDE
-    return WIDE_CONFIGS[config_family(dtype, _capability(device), rows, chained)]
+    return WIDE_CONFIGS[config_family(dtype, _capability(device), rows, chained,
+                                      descriptors)]
+
+
+def forward_config(x2, y2, wx, wy, factor: int, rows: int, chained: bool = False) -> WideConfig:
+    """The forward's tile for these operands: :func:`pick_wide_config`'s, with the
+    pointer-loop tile on sm_90 when an operand cannot be read through TMA (and that tile
+    holds a factor group; otherwise the TMA-sized tile runs through pointers)."""
+    cfg = pick_wide_config(x2.dtype, x2.device, rows, chained)
+    if cfg.tma and not all(descriptor_ok(t) for t in (x2, y2, wx, wy)):
+        ptr = pick_wide_config(x2.dtype, x2.device, rows, chained, descriptors=False)
+        if supports(factor, ptr):
+            return ptr
+    return cfg
 
 
 def bwd_config_family(dtype: torch.dtype, capability=(9, 0), activation=None,
@@ -681,8 +703,11 @@ def descriptor_ok(t: torch.Tensor) -> bool:
     along K, 16-byte aligned base and row stride, TMA's int32 coordinates (rows below
     2^31).  Otherwise the kernel reads it through pointers (any strides)."""
     e = t.element_size()
+    # Rows must not overlap: a broadcast view (stride 0, e.g. expand) passes the
+    # alignment test but is no tensor a TMA map can describe.
     return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
-            and (t.stride(0) * e) % 16 == 0 and t.shape[0] < 2 ** 31 and t.shape[1] < 2 ** 31)
+            and (t.stride(0) * e) % 16 == 0 and t.stride(0) >= t.shape[1]
+            and t.shape[0] < 2 ** 31 and t.shape[1] < 2 ** 31)
 
 
 def _operand(t: torch.Tensor, use_desc: bool, block):
@@ -773,7 +798,7 @@ def wide_pooled(x2, y2, wx, wy, bx, by, s, *, factor, dropout, seed, activation=
     if rows == 0:
         return
     chained = prev is not None or chain is not None
-    cfg = pick_wide_config(x2.dtype, x2.device, rows, chained)
+    cfg = forward_config(x2, y2, wx, wy, factor, rows, chained)
     block_j, block_jp = tile_outputs(cfg, factor)
     x2, y2, wx, wy = _checked_operands(cfg, x2, y2, wx, wy, factor)
     bx_, by_, has_bias = _bias_args(bx, by, wx)
