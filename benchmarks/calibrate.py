@@ -16,12 +16,14 @@ efficiency, 2-CTA multicast for L2).  So the first GPU call measures them, in ~3
 Probes (each the median of CUDA-event timings after warm-ups, no L2 flush):
 
 - ``hbm_copy_tbs``: ``dst.copy_(src)`` of 1 GiB, bytes read + written per second.
-- ``l2_read_tbs``: :func:`_read_kernel` streaming a 16 MiB buffer (well inside the L2's
-  resident share on H100/H200/A100) 128 times, ``.cg`` loads (L2, not L1), the blocks
-  rotated per pass so no SM re-reads its own; 8 CTAs per SM (about two 8 KiB blocks
-  each per pass on 132 SMs) keep ~64 KiB in flight per SM, 8.4 MB over the GPU (Little's
-  law: 24 TB/s at the model's 0.35 us L2 latency, so the bandwidth, not the probe, is
-  what bounds it).  ``hbm_read_tbs``: the same kernel over 2 GiB once (a diagnostic).
+- ``l2_read_tbs``: :func:`_read_kernel` streaming a buffer of two 8 KiB blocks per
+  program (17.3 MB on 132 SMs: well inside the L2's resident share on H100/H200/A100)
+  128 times, ``.cg`` loads (L2, not L1), unmasked (four 16-byte loads per thread in
+  flight), the blocks rotated per pass so no SM re-reads its own; at 4 and at 8 CTAs
+  per SM (32 / 64 KiB in flight per SM, 4.3 / 8.7 MB over the GPU: by Little's law 12 /
+  25 TB/s at the model's 0.35 us L2 latency), the faster kept; ``latency_bound`` when
+  the second is still >10% faster (the probe, not the L2, may then bound it).
+  ``hbm_read_tbs``: the same kernel over 2 GiB once (a diagnostic).
 - ``cublas_bf16_tflops``: ``torch.matmul`` of 8192^3 bf16 random operands; plus the MFB
   default's larger projection (4096 x 5000 x 2048) beside the model's ``gemm`` price.
 - ``triton_mainloop_tflops``: :func:`_mainloop_kernel`, the wide kernels' own main loop
@@ -64,15 +66,25 @@ from fbp_kernels.backends import triton_wide  # noqa: E402
 from fbp_kernels.backends.triton_wide import _tile_of, _wide_projection  # noqa: E402
 
 #: The read probe's launch: BLOCK fp32 elements per load (4 warps: 16 per thread, four
-#: 16-byte loads), CTAS_PER_SM programs per SM.
+#: 16-byte loads, issued back to back when the buffer is a whole number of blocks:
+#: ``EVEN``), CTAS_PER_SM programs per SM (the sm_90 build: 44 registers, so 8 fit).  It
+#: runs at each of READ_CTA_LEVELS (bytes in flight: 32 / 64 KiB per SM) and keeps the
+#: faster: a rate still growing with the bytes in flight is marked latency-bound.
 READ_BLOCK = 2048
 READ_CTAS_PER_SM = 8
-L2_BUFFER_BYTES = 16 * 2**20
+READ_CTA_LEVELS = (4, 8)
+#: Blocks per program per pass at READ_CTAS_PER_SM: the L2 buffer is sized from the SM
+#: count so every program reads the same number (2 x 8 KiB; 17.3 MB on 132 SMs, inside
+#: the resident share of a 50-60 MB L2).
+L2_BLOCKS_PER_CTA = 2
 L2_PASSES = 128
 HBM_BUFFER_BYTES = 2 * 2**30
 COPY_BYTES = 2**30
-#: The main-loop probe's problem: compute-bound for cuBLAS, ~0.2 ms at 800 TFLOP/s.
-MAINLOOP_SHAPE = (8192, 5120, 2048)
+#: The main-loop probe's problem: compute-bound for cuBLAS, ~0.2 ms at 800 TFLOP/s.  M
+#: 8448 = 66 x 128: 66 x 40 = 2640 = 20 x 132 tiles of 128 x 128 (1320 of 128 x 256),
+#: whole waves on 132 SMs, so the measured rate carries no wave tail of its own (the
+#: model adds the wide kernels' own).
+MAINLOOP_SHAPE = (8448, 5120, 2048)
 #: The 85 FLOP/B comparison tile (Triton tutorial 09's Hopper tile).
 WIDE_N_TILE = triton_wide.WideConfig(block_m=128, block_n=256, block_k=64, num_warps=8,
                                      num_stages=3, tma=True)
@@ -83,12 +95,15 @@ GRAPH_LAUNCHES = 256
 
 
 @triton.jit
-def _read_kernel(src, out, n_elems, passes, BLOCK: tl.constexpr):
+def _read_kernel(src, out, n_elems, passes, BLOCK: tl.constexpr, EVEN: tl.constexpr):
     """Every program sums its blocks of ``src`` (fp32, ``n_elems``) over ``passes``
     passes into ``out[pid, :]``: pass ``p`` gives program ``pid`` blocks ``(pid + i *
     nprog + p * shift) % nblocks``, so the grid reads the whole buffer once per pass
     and an SM never re-reads the blocks it read the pass before (``.cg``: through L2
-    only).  ``sum(out) == passes * sum(src)`` (the tests check it: every byte is read)."""
+    only).  ``sum(out) == passes * sum(src)`` (the tests check it: every byte is read).
+    ``EVEN`` (``n_elems`` a multiple of BLOCK): no mask, so the four 16-byte loads of a
+    thread issue back to back (masked, their zero fill let ptxas reuse two register
+    quads and serialise them: half the bytes in flight)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     nblocks = tl.cdiv(n_elems, BLOCK)
@@ -99,7 +114,10 @@ def _read_kernel(src, out, n_elems, passes, BLOCK: tl.constexpr):
         for b in range(pid, nblocks, nprog):
             blk = (b + p * shift) % nblocks
             idx = blk.to(tl.int64) * BLOCK + offs
-            acc += tl.load(src + idx, mask=idx < n_elems, other=0.0, cache_modifier=".cg")
+            if EVEN:
+                acc += tl.load(src + idx, cache_modifier=".cg")
+            else:
+                acc += tl.load(src + idx, mask=idx < n_elems, other=0.0, cache_modifier=".cg")
     tl.store(out + pid.to(tl.int64) * BLOCK + offs, acc)
 
 
@@ -141,7 +159,8 @@ def _tiny_kernel(ptr):
 def read_sum(src: torch.Tensor, passes: int, ctas: int) -> torch.Tensor:
     """(ctas, READ_BLOCK) fp32 partial sums of ``passes`` reads of ``src`` (fp32)."""
     out = torch.empty((ctas, READ_BLOCK), dtype=torch.float32, device=src.device)
-    _read_kernel[(ctas,)](src, out, src.numel(), passes, BLOCK=READ_BLOCK, num_warps=4)
+    _read_kernel[(ctas,)](src, out, src.numel(), passes, BLOCK=READ_BLOCK,
+                          EVEN=src.numel() % READ_BLOCK == 0, num_warps=4)
     return out
 
 
@@ -205,10 +224,19 @@ def probe_all(device: torch.device, on_row=None) -> List[dict]:
     del src, dst
 
     ctas = sms * READ_CTAS_PER_SM
-    buf = torch.ones(L2_BUFFER_BYTES // 4, dtype=torch.float32, device=device)
-    rows.append(_probe("l2_read", median_event_ms(lambda: read_sum(buf, L2_PASSES, ctas)),
-                       nbytes=L2_BUFFER_BYTES * L2_PASSES, buffer_mb=L2_BUFFER_BYTES / 1e6,
-                       passes=L2_PASSES, ctas=ctas))
+    l2_bytes = ctas * L2_BLOCKS_PER_CTA * READ_BLOCK * 4
+    buf = torch.ones(l2_bytes // 4, dtype=torch.float32, device=device)
+    levels = []
+    for per_sm in READ_CTA_LEVELS:
+        ms = median_event_ms(lambda: read_sum(buf, L2_PASSES, sms * per_sm))
+        levels.append(_probe(f"l2_read_{per_sm}_per_sm", ms, nbytes=l2_bytes * L2_PASSES,
+                             ctas=sms * per_sm))
+    best = max(levels, key=lambda r: r["tbs"])
+    # Still growing with twice the bytes in flight: the probe, not L2, may bound it.
+    growing = levels[-1]["tbs"] > 1.1 * levels[0]["tbs"]
+    rows.append(dict(best, name="l2_read", buffer_mb=l2_bytes / 1e6, passes=L2_PASSES,
+                     levels={r["ctas"] // sms: round(r["tbs"], 3) for r in levels},
+                     latency_bound=growing))
     big = torch.ones(HBM_BUFFER_BYTES // 4, dtype=torch.float32, device=device)
     rows.append(_probe("hbm_read", median_event_ms(lambda: read_sum(big, 1, ctas), reps=5),
                        nbytes=HBM_BUFFER_BYTES))
@@ -297,7 +325,7 @@ def compile_check(archs=(80, 90)) -> List[dict]:
         # The launch's buffer sizes are multiples of 16 elements (vector loads), as
         # Triton specialises them; int32 (< 2^31 elements).
         return tc._source(_read_kernel, {"src": "*fp32", "out": "*fp32", "n_elems": "i32",
-                                         "passes": "i32"}, {"BLOCK": READ_BLOCK},
+                                         "passes": "i32"}, {"BLOCK": READ_BLOCK, "EVEN": True},
                           aligned=("n_elems",))
 
     rows = []

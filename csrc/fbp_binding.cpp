@@ -182,9 +182,16 @@ void check_backward_args(const Tensor& grad, const Tensor& x, const Tensor& wx,
   TORCH_CHECK(grad.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
               "fbp: grad and out must have x's dtype ", x.scalar_type(), ", got ",
               grad.scalar_type(), " and ", out.scalar_type());
+  // Raw pointers of all three reach the kernels: another device would be an illegal
+  // address (or a silent cross-device read), not an error.
+  TORCH_CHECK(grad.device() == x.device() && out.device() == x.device(),
+              "fbp: grad and out must be on x's device ", x.device(), ", got ", grad.device(),
+              " and ", out.device());
   if (normalize) {
     TORCH_CHECK(norm.dim() == 1 && norm.size(0) == rows, "fbp: norm must have shape (", rows,
                 ",) when normalize=True, got ", norm.sizes());
+    TORCH_CHECK(norm.device() == x.device(), "fbp: norm must be on x's device ", x.device(),
+                ", got ", norm.device());
     TORCH_CHECK(norm.scalar_type() == acc_type(x.scalar_type()), "fbp: norm must be ",
                 acc_type(x.scalar_type()), " for ", x.scalar_type(), " inputs, got ",
                 norm.scalar_type());

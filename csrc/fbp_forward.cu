@@ -57,6 +57,7 @@ static EncodeTiledFn encode_tiled() {
     const cudaError_t err =
         cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &status);
 #endif
+    if (err != cudaSuccess) (void)cudaGetLastError();  // reported as "no encoder", once
     return err == cudaSuccess && status == cudaDriverEntryPointSuccess
                ? reinterpret_cast<EncodeTiledFn>(f)
                : nullptr;

@@ -781,7 +781,12 @@ cudaError_t launch_smem(Kernel kernel, int* bytes) {
   if constexpr (TileSmem<E>::kDynamic) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TileSmem<E>::kBytes);
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) {
+      // Returned to the caller, who raises it: cleared here, so that the next,
+      // unrelated launch check does not report it again against the wrong op.
+      (void)cudaGetLastError();
+      return err;
+    }
     *bytes = TileSmem<E>::kBytes;
   }
   return cudaSuccess;

@@ -366,6 +366,14 @@ def dropout_seed(training: bool, dropout: float) -> Optional[Tensor]:
     and a CPU scalar never synchronises the GPU.  Kernels regenerate the mask from it.
     """
     if training and dropout > 0:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # The seed reaches the kernels as an argument, which a CUDA graph freezes:
+            # every replay would draw the captured call's mask, silently.
+            raise RuntimeError(
+                "fbp: dropout while capturing a CUDA graph would replay one dropout mask "
+                "on every replay (the seed is a kernel argument, frozen by the capture); "
+                "capture with dropout=0 or the module in eval mode, or run this step "
+                "outside the graph")
         return torch.randint(0, 2**62, (), dtype=torch.int64)
     return None
 

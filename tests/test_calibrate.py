@@ -32,11 +32,13 @@ MEASURED = {"hbm_copy_tbs": 4.32, "l2_read_tbs": 9.0, "cublas_bf16_tflops": 782.
 
 
 @pytest.mark.parametrize("n, passes, ctas", [(5000, 3, 7), (2048, 1, 1), (300, 2, 5),
-                                             (3 * 2048 + 1, 4, 2)])
+                                             (3 * 2048 + 1, 4, 2), (4 * 2048, 3, 3),
+                                             (4 * 2048, 2, 2)])
 def test_read_probe_reads_every_byte_once_per_pass(n, passes, ctas):
-    """Buffers that are not a multiple of the block, grids larger and smaller than the
-    block count: the partial sums add up to ``passes`` times the buffer's sum (small
-    integers, so fp32 sums are exact in any order)."""
+    """Buffers that are and are not a multiple of the block (the unmasked EVEN path the
+    GPU run takes, and the masked one), grids larger and smaller than the block count:
+    the partial sums add up to ``passes`` times the buffer's sum (small integers, so fp32
+    sums are exact in any order)."""
     src = torch.randint(0, 4, (n,), device=DEVICE).float()
     out = calibrate.read_sum(src, passes, ctas)
     assert out.shape == (ctas, calibrate.READ_BLOCK)

@@ -295,6 +295,18 @@ def test_meta_kernels_keep_the_projections(ops, keep_x, keep_y):
                          c=torch.empty(4, 6, device="meta"))
 
 
+def test_backward_refuses_a_gradient_on_another_device(ops):
+    """grad, out and norm reach the kernels as raw pointers: on another device than x
+    they must be refused by name, not read as if they were x's (meta x, CPU grad: the
+    dispatcher picks the meta kernel, which runs the same checks)."""
+    args = _meta_args()
+    out, norm = torch.empty(4, 2, device="meta"), torch.empty(4, device="meta")
+    with pytest.raises(RuntimeError, match="grad and out must be on x's device"):
+        ops.fbp_backward(torch.empty(4, 2), *args, out, norm, 3, 0.0, None, True, 1e-6, 0, 1)
+    with pytest.raises(RuntimeError, match="norm must be on x's device"):
+        ops.fbp_backward(out, *args, out, torch.empty(4), 3, 0.0, None, True, 1e-6, 0, 1)
+
+
 def test_philox_known_answers(ops):
     """Random123's known-answer vectors for Philox4x32-10 (kat_vectors)."""
     counters = torch.tensor([[0, 0, 0, 0], [0xFFFFFFFF] * 4,

@@ -550,3 +550,23 @@ def test_docs_pin_known_problems_only_with_xfails_that_exist():
         text = doc.read_text()
         if not has_xfail:
             assert "xfail" not in text, f"{doc.name} describes xfails, but no test has one"
+
+
+def test_dropout_while_capturing_a_cuda_graph_is_refused(monkeypatch):
+    """The dropout seed is a kernel argument: a captured graph would replay one mask on
+    every replay, silently.  So fbp and mfh refuse dropout during stream capture (the
+    CPU cannot capture: the capture state is simulated), and run without it or outside
+    a capture as before."""
+    x, y = torch.randn(4, 6), torch.randn(4, 5)
+    wx, wy = torch.randn(3 * 2, 6), torch.randn(3 * 2, 5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for call in (lambda **kw: fbp_kernels.fbp(x, y, wx, wy, factor=3, backend="torch", **kw),
+                 lambda **kw: fbp_kernels.mfh(x, y, [wx, wx], [wy, wy], factor=3,
+                                              backend="torch", **kw)):
+        with pytest.raises(RuntimeError, match="capturing a CUDA graph"):
+            call(dropout=0.1, training=True)
+        call(dropout=0.1, training=False)  # eval: no mask, nothing to freeze
+        call(dropout=0.0, training=True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fbp_kernels.fbp(x, y, wx, wy, factor=3, backend="torch", dropout=0.1, training=True)
