@@ -575,3 +575,20 @@ def test_check_returns_lists_of_order_length():
     wx, wy, bx, by = check_mfh_inputs(inp.x, inp.y, tuple(inp.wx), inp.wy, None, inp.by, 2,
                                       None, 0.0, 1e-6)
     assert len(wx) == len(wy) == len(bx) == len(by) == 3 and bx == [None] * 3
+
+
+def test_mfh_block_columns_stay_int32_safe_in_the_wide_kernels():
+    """A block's columns of the (rows, order * o) gradient / output: the strided view,
+    unless its row stride times a tile's rows could pass int32 (the kernels scale it by
+    an in-tile row index in 32 bits), then a contiguous copy; the bound covers every
+    tile the wide kernels run."""
+    from fbp_kernels.backends import triton_mfh, triton_wide as W
+
+    tiles = [*W.WIDE_CONFIGS.values(), *W.WIDE_BWD_CONFIGS.values(), W.INTERPRETER_WIDE]
+    assert max(c.block_m for c in tiles) <= triton_mfh.MAX_TILE_ROWS
+    small = torch.empty(8, 3 * 40, device="meta")
+    assert triton_mfh._block_cols(small, slice(40, 80)).stride(0) == 3 * 40  # a view
+    o = 2 ** 31 // triton_mfh.MAX_TILE_ROWS // 3 + 1  # 3 * o * MAX_TILE_ROWS > 2^31
+    big = torch.empty(2, 3 * o, device="meta")
+    part = triton_mfh._block_cols(big, slice(o, 2 * o))
+    assert part.shape == (2, o) and part.stride(0) == o

@@ -547,3 +547,15 @@ def test_operands_tma_cannot_read_on_the_gpu(dtype, expand_x):
     got = run(leaves, lambda *a, **k: fbp_kernels.fbp(*a, backend="triton", **k))
     for name, a, e, ex in zip(("out", "dx", "dy", "dwx", "dwy", "dbx", "dby"), got, eager, exact):
         assert error_vs(a, ex) <= 2 * error_vs(e, ex) + floor, name
+
+
+def test_first_kernel_grid_refuses_too_many_output_tiles():
+    """The one-launch kernels put output tiles on the grid's second dimension, which CUDA
+    caps at 65535: beyond it a clear ValueError naming the alternatives, not a launch
+    failure (the interpreter has no such limit, so the rule is checked directly)."""
+    from fbp_kernels.backends import triton_kernels as K
+
+    cfg = next(iter(K.CONFIGS["fp32"].values()))
+    assert K._first_kernel_grid(100, cfg.block_o * K.MAX_GRID_Y, cfg)[1] == K.MAX_GRID_Y
+    with pytest.raises(ValueError, match="backend='split'"):
+        K._first_kernel_grid(100, cfg.block_o * K.MAX_GRID_Y + 1, cfg)

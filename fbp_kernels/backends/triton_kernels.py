@@ -417,6 +417,23 @@ def pick_config(rows: int, o: int, dtype: torch.dtype, device: torch.device) -> 
     return family["large"]
 
 
+#: CUDA's limit on a grid's second dimension (the first kernel's output tiles).
+MAX_GRID_Y = 65535
+
+
+def _first_kernel_grid(rows: int, o: int, cfg):
+    """(row tiles, output tiles) of the one-launch kernels; an output count whose tiles
+    pass CUDA's 65535 limit on the grid's second dimension (o above ~2-4 million, where
+    the launch itself would fail with 'invalid argument') is refused by name."""
+    grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
+    if grid[1] > MAX_GRID_Y:
+        raise ValueError(
+            f"fbp: {o} outputs make {grid[1]} output tiles of {cfg.block_o}, above CUDA's "
+            f"{MAX_GRID_Y} for the one-launch Triton kernel (save_projections=True or a "
+            f"factor the wide kernels do not take); use backend='split' or 'torch'")
+    return grid
+
+
 def dot_settings(dtype: torch.dtype):
     """(upcast operands to fp32 before tl.dot?, tl.dot input_precision)."""
     dot_fp32 = INTERPRET and dtype == torch.bfloat16
@@ -528,7 +545,7 @@ def fused_forward(x2, y2, wx, wy, bx, by, *, factor, dropout, seed, normalize, e
                 a, c)
     cfg = pick_config(rows, o, x2.dtype, x2.device)
     x2, y2, wx, wy = _int32_safe(cfg, x2, y2, wx, wy, factor)
-    grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
+    grid = _first_kernel_grid(rows, o, cfg)
     if normalize:
         t = torch.empty((rows, o), dtype=acc, device=x2.device)
         # Per output tile and row: sum((t/max)^2), then (second half) max |t|.
@@ -569,7 +586,7 @@ def fused_backward_products(grad, x2, y2, wx, wy, bx, by, out, norm, a, c, *, fa
         return da, dc
     cfg = pick_config(rows, o, x2.dtype, x2.device)
     x2, y2, wx, wy = _int32_safe(cfg, x2, y2, wx, wy, factor)
-    grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(o, cfg.block_o))
+    grid = _first_kernel_grid(rows, o, cfg)
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
     if normalize:
         zg = torch.empty((rows,), dtype=acc, device=x2.device)

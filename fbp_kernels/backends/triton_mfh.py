@@ -122,7 +122,10 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
     # in-place ops on views created inside the op).
     out = torch.empty((*batch, order * o), dtype=x.dtype, device=x.device)
     out2 = out.view(rows, order * o)
-    s = torch.empty((rows, order * o), dtype=acc, device=x.device)
+    # One (rows, o) block of pooled sums per MFH block, each contiguous: a column slice
+    # of a (rows, order * o) buffer has row stride order * o, which the kernels scale by
+    # an in-tile row index in int32 (their size check bounds block_m * K * o, not that).
+    s = torch.empty((order, rows, o), dtype=acc, device=x.device)
     norms = torch.empty((order, rows), dtype=acc, device=x.device) if normalize else None
     prev = None
     with TB._device_guard(x.device):
@@ -131,15 +134,26 @@ def forward(x, y, weights_x, weights_y, biases_x, biases_y, *, factor: int, drop
             chain = torch.empty((rows, ko), dtype=x.dtype, device=x.device) \
                 if l < order - 1 else None
             cols = slice(l * o, (l + 1) * o)
-            W.wide_pooled(lay.x2, lay.y2, wx, wy, bx, by, s[:, cols], factor=factor,
+            W.wide_pooled(lay.x2, lay.y2, wx, wy, bx, by, s[l], factor=factor,
                           dropout=dropout, seed=_seed(seed, l), activation=activation,
                           shared=lay.r, prev=prev, chain=chain)
-            W.finish_rows(s[:, cols], out2[:, cols], norms[l] if normalize else None,
+            W.finish_rows(s[l], out2[:, cols], norms[l] if normalize else None,
                           normalize=normalize, eps=eps, group=group)
             prev = chain
     if not normalize:
         return MFHForwardResult(out, None)
     return MFHForwardResult(out, norms.t().contiguous().view(*batch, order))
+
+
+def _block_cols(t: torch.Tensor, cols: slice) -> torch.Tensor:
+    """Block ``cols`` of a (rows, order * o) tensor: the view, unless its row stride
+    times a tile's rows could pass int32 (the kernels' in-tile offsets), then a copy."""
+    view = t[:, cols]
+    return view if view.stride(0) * MAX_TILE_ROWS < 2 ** 31 else view.contiguous()
+
+
+#: An upper bound of every wide / finishing tile's rows (BLOCK_M), for _block_cols.
+MAX_TILE_ROWS = 256
 
 
 def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *,
@@ -188,7 +202,7 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
         for l in reversed(range(order)):
             wx, wy, bx, by = blocks[l]
             cols = slice(l * o, (l + 1) * o)
-            ds = W.pooled_grad(g2[:, cols], z2[:, cols] if normalize else None,
+            ds = W.pooled_grad(_block_cols(g2, cols), _block_cols(z2, cols) if normalize else None,
                                n2[:, l].contiguous() if normalize else None,
                                normalize=normalize, eps=eps, group=group)
             da = torch.empty((rows, ko), dtype=x.dtype, device=x.device)
