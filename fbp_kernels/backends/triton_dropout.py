@@ -63,7 +63,7 @@ def _philox_word(seed, g, lane):
     # A kernel argument (i64), but one equal to 1 reaches a GPU build as the constexpr
     # 1 (Triton specialises integer arguments of value 1; the interpreter does not), and
     # a constexpr has no .to: make it a tensor first.
-    seed = tl.core.to_tensor(seed).to(tl.uint64)
+    seed = tl.cast(seed, tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     a0, a1, a2, a3 = tl.random.philox_impl(c0, c1, zero, zero, k0, k1, 8)
