@@ -86,7 +86,7 @@ def test_one_block_and_multi_block_rows_match_the_reference(o, factor, blocks):
     z, grads = _run(args, factor)
     ref = fbp_reference(*[a for a in args], factor=factor)
     torch.testing.assert_close(z, ref.detach(), rtol=1e-12, atol=1e-12)
-    g = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)
+    g = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype, device=ref.device).view_as(ref)
     for a, b in zip(grads, torch.autograd.grad(ref, args, g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -178,7 +178,7 @@ def test_broadcast_layouts_match_the_reference(budget, xs, ys, dropout):
     if dropout == 0.0:
         ref = fbp_reference(*args, factor=factor)
         torch.testing.assert_close(z, ref.detach(), rtol=1e-12, atol=1e-12)
-        g = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)
+        g = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype, device=ref.device).view_as(ref)
         for a, b in zip(grads, torch.autograd.grad(ref, args, g)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -224,7 +224,8 @@ def test_every_memory_mode_gives_the_same_gradients(budget, keep):
     y = torch.randn(3, 1, 4, dtype=torch.float64, device=DEVICE)
     wx = torch.randn(6, 5, dtype=torch.float64, device=DEVICE)
     wy = torch.randn(6, 4, dtype=torch.float64, device=DEVICE)
-    bx, by = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    bx = torch.randn(6, dtype=torch.float64, device=DEVICE)
+    by = torch.randn(6, dtype=torch.float64, device=DEVICE)
     opts = dict(factor=2, dropout=0.25, seed=9, normalize=True, eps=1e-6)
     res = S.forward(x, y, wx, wy, bx, by, save_projections=keep, **opts)
     assert (res.a is not None) == (keep in (True, "x"))
