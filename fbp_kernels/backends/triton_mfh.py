@@ -202,7 +202,8 @@ def backward(grad, x, y, weights_x, weights_y, biases_x, biases_y, out, norms, *
         for l in reversed(range(order)):
             wx, wy, bx, by = blocks[l]
             cols = slice(l * o, (l + 1) * o)
-            ds = W.pooled_grad(_block_cols(g2, cols), _block_cols(z2, cols) if normalize else None,
+            ds = W.pooled_grad(_block_cols(g2, cols),
+                               _block_cols(z2, cols) if normalize else None,
                                n2[:, l].contiguous() if normalize else None,
                                normalize=normalize, eps=eps, group=group)
             da = torch.empty((rows, ko), dtype=x.dtype, device=x.device)
