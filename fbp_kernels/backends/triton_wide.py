@@ -798,7 +798,10 @@ def wide_pooled(x2, y2, wx, wy, bx, by, s, *, factor, dropout, seed, activation=
     if rows == 0:
         return
     chained = prev is not None or chain is not None
-    cfg = forward_config(x2, y2, wx, wy, factor, rows, chained)
+    # Co-attention's y main loop does not run (its projection is read per group): only
+    # the operands a main loop reads decide whether TMA can.
+    cfg = forward_config(x2, x2 if shared else y2, wx, wx if shared else wy, factor, rows,
+                         chained)
     block_j, block_jp = tile_outputs(cfg, factor)
     x2, y2, wx, wy = _checked_operands(cfg, x2, y2, wx, wy, factor)
     bx_, by_, has_bias = _bias_args(bx, by, wx)
