@@ -122,8 +122,8 @@ def _fwd_source(dtype: str, cfg, precision: str):
     for name in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
                  "stride_or", "stride_tr"):
         sig[name] = "i32"
-    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "eps": "fp32",
-                "sqrt_eps": "fp32"})
+    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp64", "eps": "fp64",
+                "sqrt_eps": "fp64"})
     consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
               "FACTOR": 5, "HAS_BIAS": True, "DROPOUT": True, "NORMALIZE": True,
               "STORE_AC": False, "DOT_FP32": False, "PRECISION": precision,
@@ -141,7 +141,7 @@ def _bwd_source(dtype: str, cfg, precision: str):
     for name in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
                  "stride_gr", "stride_zr"):
         sig[name] = "i32"
-    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "sqrt_eps": "fp32"})
+    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp64", "sqrt_eps": "fp64"})
     consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
               "FACTOR": 5, "HAS_BIAS": True, "DROPOUT": True, "NORMALIZE": True,
               "LOAD_AC": False, "DOT_FP32": False, "PRECISION": precision,
@@ -177,7 +177,7 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
                "norm_ptr": "*fp32", "rows": "i32", "O": "i32", "row_offset": "i64",
                "D1": "i32", "stride_ar": "i32", "stride_cr": "i32", "stride_or": "i32",
                "a_s0": "i32", "a_s1": "i32", "c_s0": "i32", "c_s1": "i32", "seed": "i64",
-               "drop_p": "fp32", "keep_scale": "fp32", "eps": "fp32", "sqrt_eps": "fp32"}
+               "drop_p": "fp32", "keep_scale": "fp64", "eps": "fp64", "sqrt_eps": "fp64"}
         if out_fp32:
             sig["out_ptr"] = "*fp32"
         fn = E._split_fwd_dropin_kernel if (activation or out_fp32) else E._split_fwd_kernel
@@ -191,7 +191,7 @@ def _split_sources(dtype: str, cfg, kernel: str, one_block: bool, broadcast: boo
                "D1": "i32", "stride_gr": "i32", "stride_zr": "i32", "stride_ar": "i32",
                "stride_cr": "i32", "stride_dar": "i32", "stride_dcr": "i32"}
         sig.update({f"{t}_s{i}": "i32" for t in ("a", "c", "da", "dc") for i in (0, 1)})
-        sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "sqrt_eps": "fp32"})
+        sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp64", "sqrt_eps": "fp64"})
         dropin = activation or group
         fn = E._split_bwd_dropin_kernel if dropin else E._split_bwd_kernel
         consts = {"ACTIVATION": activation, "GROUP_ZG": group} if dropin else {}
@@ -223,7 +223,7 @@ def _wide_source(dtype: str, cfg, factor: int, precision: str, desc: bool = Fals
     for name in ("rows", "M", "N", "O", "stride_xr", "stride_yr", "stride_wxr", "stride_wyr",
                  "stride_sr"):
         sig[name] = "i32"
-    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "ps_ptr": f"*{dtype}",
+    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp64", "ps_ptr": f"*{dtype}",
                 "group_r": "i32", "prev_ptr": f"*{dtype}", "chain_ptr": f"*{dtype}"})
     block_j, block_jp = W.tile_outputs(cfg, factor)
     consts = {"stride_xk": 1, "stride_yk": 1, "stride_wxk": 1, "stride_wyk": 1,
@@ -255,7 +255,7 @@ def _wide_bwd_source(dtype: str, cfg, factor: int, precision: str, desc: bool = 
                 "this_ptr": f"*{dtype}"})
     for name in ("rows", "WIDTH", "O", "stride_ir", "stride_wr", "stride_dr"):
         sig[name] = "i32"
-    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp32", "ps_ptr": f"*{dtype}",
+    sig.update({"seed": "i64", "drop_p": "fp32", "keep_scale": "fp64", "ps_ptr": f"*{dtype}",
                 "group_r": "i32", "carry_ptr": f"*{dtype}", "prev_ptr": f"*{dtype}",
                 "next_ptr": f"*{dtype}"})
     block_j, block_jp = W.tile_outputs(cfg, factor)
@@ -274,7 +274,7 @@ def _grad_pooled_source(dtype: str, group: bool = False):
 
     sig = {"g_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "norm_ptr": "*fp32", "zg_ptr": "*fp32",
            "ds_ptr": "*fp32", "O": "i32", "stride_gr": "i32", "stride_zr": "i32",
-           "stride_dr": "i32", "sqrt_eps": "fp32"}
+           "stride_dr": "i32", "sqrt_eps": "fp64"}
     return _source(W._grad_pooled_kernel, sig, {"GROUP_ZG": group, "BLOCK_O": 1024})
 
 
@@ -282,8 +282,8 @@ def _finish_source(dtype: str):
     from . import triton_wide as W
 
     sig = {"s_ptr": "*fp32", "out_ptr": f"*{dtype}", "norm_ptr": "*fp32", "rows": "i32",
-           "O": "i32", "stride_sr": "i32", "stride_or": "i32", "eps": "fp32",
-           "sqrt_eps": "fp32"}
+           "O": "i32", "stride_sr": "i32", "stride_or": "i32", "eps": "fp64",
+           "sqrt_eps": "fp64"}
     return _source(W._finish_kernel, sig, {"NORMALIZE": True, "BLOCK_R": 1, "BLOCK_O": 1024})
 
 

@@ -133,8 +133,8 @@ def _fbp_fwd_kernel(
     # strides
     stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
     stride_or, stride_tr,
-    # scalars
-    seed, drop_p, keep_scale, eps, sqrt_eps,
+    # scalars (fp64: Triton would type a Python float fp32, rounding fp64 runs' scalars)
+    seed, drop_p, keep_scale: tl.float64, eps: tl.float64, sqrt_eps: tl.float64,
     # meta-parameters
     FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     NORMALIZE: tl.constexpr, STORE_AC: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -152,6 +152,10 @@ def _fbp_fwd_kernel(
     tile_mask = m_mask[:, None] & o_mask[None, :]
     KO = O * FACTOR
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # The fp64 scalars converted once to the accumulation dtype (exact for fp64).
+    keep_scale = tl.full((), keep_scale, acc_dtype)
+    eps = tl.full((), eps, acc_dtype)
+    sqrt_eps = tl.full((), sqrt_eps, acc_dtype)
     x_base = x_ptr + row0 * stride_xr
     y_base = y_ptr + row0 * stride_yr
     wx_base = wx_ptr + col0 * stride_wxr
@@ -271,8 +275,8 @@ def _fbp_bwd_kernel(
     # strides
     stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
     stride_gr, stride_zr,
-    # scalars
-    seed, drop_p, keep_scale, sqrt_eps,
+    # scalars (fp64, as in the forward)
+    seed, drop_p, keep_scale: tl.float64, sqrt_eps: tl.float64,
     # meta-parameters
     FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     NORMALIZE: tl.constexpr, LOAD_AC: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -290,6 +294,8 @@ def _fbp_bwd_kernel(
     tile_mask = m_mask[:, None] & o_mask[None, :]
     KO = O * FACTOR
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    keep_scale = tl.full((), keep_scale, acc_dtype)  # the fp64 scalars, as in the forward
+    sqrt_eps = tl.full((), sqrt_eps, acc_dtype)
 
     g = tl.load(g_ptr + row0 * stride_gr + rm[:, None] * stride_gr + offs_o[None, :],
                 mask=tile_mask, other=0.0).to(acc_dtype)

@@ -218,7 +218,7 @@ def _split_fwd_dropin_kernel(
     # the row maps of the two projections, in rows
     stride_ar, stride_cr, stride_or, a_s0, a_s1, c_s0, c_s1,
     # scalars
-    seed, drop_p, keep_scale, eps, sqrt_eps,
+    seed, drop_p, keep_scale: tl.float64, eps: tl.float64, sqrt_eps: tl.float64,
     # meta-parameters
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
     ONE_BLOCK: tl.constexpr, BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -235,6 +235,11 @@ def _split_fwd_dropin_kernel(
     c_base, c_off = _row_map(c_ptr, row0, rr, D1, c_s0, c_s1, stride_cr, BROADCAST)
     out_base = out_ptr + row0 * stride_or
     acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # fp64 arguments (Triton would type a Python float fp32, rounding fp64 runs'
+    # scalars): converted once to the accumulation dtype, exact for fp64.
+    keep_scale = tl.full((), keep_scale, acc_dtype)
+    eps = tl.full((), eps, acc_dtype)
+    sqrt_eps = tl.full((), sqrt_eps, acc_dtype)
     if not NORMALIZE:
         for o0 in range(0, O, BLOCK_O):
             s, o_ok = _pooled_t(a_base, a_off, c_base, c_off, o0, grow, r_ok, O, seed,
@@ -282,7 +287,7 @@ def _split_fwd_kernel(
     # the row maps of the two projections, in rows
     stride_ar, stride_cr, stride_or, a_s0, a_s1, c_s0, c_s1,
     # scalars
-    seed, drop_p, keep_scale, eps, sqrt_eps,
+    seed, drop_p, keep_scale: tl.float64, eps: tl.float64, sqrt_eps: tl.float64,
     # meta-parameters
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
     ONE_BLOCK: tl.constexpr, BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -335,7 +340,7 @@ def _split_bwd_dropin_kernel(
     stride_gr, stride_zr, stride_ar, stride_cr, stride_dar, stride_dcr,
     a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1,
     # scalars
-    seed, drop_p, keep_scale, sqrt_eps,
+    seed, drop_p, keep_scale: tl.float64, sqrt_eps: tl.float64,
     # meta-parameters
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
     BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -352,6 +357,9 @@ def _split_bwd_dropin_kernel(
     r_ok = rr < rows - row0
     grow = row_offset + row0 + rr  # int64: the dropout index passes 2^31
     acc_dtype = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
+    # fp64 arguments, converted once (see _split_fwd_dropin_kernel).
+    keep_scale = tl.full((), keep_scale, acc_dtype)
+    sqrt_eps = tl.full((), sqrt_eps, acc_dtype)
     g_base = g_ptr + row0 * stride_gr
     z_base = z_ptr + row0 * stride_zr
     a_base, a_off = _row_map(a_ptr, row0, rr, D1, a_s0, a_s1, stride_ar, BROADCAST)
@@ -409,7 +417,7 @@ def _split_bwd_kernel(
     stride_gr, stride_zr, stride_ar, stride_cr, stride_dar, stride_dcr,
     a_s0, a_s1, c_s0, c_s1, da_s0, da_s1, dc_s0, dc_s1,
     # scalars
-    seed, drop_p, keep_scale, sqrt_eps,
+    seed, drop_p, keep_scale: tl.float64, sqrt_eps: tl.float64,
     # meta-parameters
     FACTOR: tl.constexpr, DROPOUT: tl.constexpr, NORMALIZE: tl.constexpr,
     BROADCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,

@@ -237,8 +237,9 @@ def _wide_fwd_kernel(
     # strides (unused for descriptor operands)
     stride_xr, stride_xk, stride_yr, stride_yk, stride_wxr, stride_wxk, stride_wyr, stride_wyk,
     stride_sr,
-    # scalars
-    seed, drop_p, keep_scale,
+    # scalars (keep_scale fp64: Triton would type a Python float fp32, rounding fp64
+    # runs' scale)
+    seed, drop_p, keep_scale: tl.float64,
     # SHARED: C read from ps_ptr (groups, K*o), group_r broadcast rows per group
     ps_ptr, group_r,
     # MFH's running product, (rows, K*o) row-major: PREV multiplies the previous block's
@@ -255,6 +256,8 @@ def _wide_fwd_kernel(
     ACTIVATION: tl.constexpr = 0, IDX64: tl.constexpr = False, SHARED: tl.constexpr = False,
     PREV: tl.constexpr = False, CHAIN: tl.constexpr = False,
 ):
+    # s is in the accumulation dtype: the fp64 scale converted once (exact for fp64).
+    keep_scale = tl.full((), keep_scale, s_ptr.dtype.element_ty)
     row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
         rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
@@ -342,8 +345,8 @@ def _wide_grad_kernel(
     rows, WIDTH, O,
     # strides (the input's and the weight's unused for descriptor operands)
     stride_ir, stride_ik, stride_wr, stride_wk, stride_dr,
-    # scalars
-    seed, drop_p, keep_scale,
+    # scalars (keep_scale fp64, as in the forward)
+    seed, drop_p, keep_scale: tl.float64,
     # SHARED: P read from ps_ptr (groups, K*o), group_r broadcast rows per group
     ps_ptr, group_r,
     # MFH (row-major (rows, K*o)): the gradient carried from the later blocks, the
@@ -380,6 +383,7 @@ def _wide_grad_kernel(
     ``p_{l-1}`` (``PREV``) the previous block's running product.  The carry for block
     ``l-1`` is ``u * act(A) * act(C)``, ``u = drop(e_l + carry)``: pass 1 stores
     ``u * act(C)`` (``NEXT`` 1), pass 2 multiplies it by ``act(A)`` (``NEXT`` 2)."""
+    keep_scale = tl.full((), keep_scale, ds_ptr.dtype.element_ty)  # fp64 -> accumulation
     row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
         rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
@@ -448,7 +452,8 @@ def _wide_grad_kernel(
 
 @triton.jit
 def _grad_pooled_kernel(g_ptr, z_ptr, norm_ptr, zg_ptr, ds_ptr, O, stride_gr, stride_zr,
-                        stride_dr, sqrt_eps, GROUP_ZG: tl.constexpr, BLOCK_O: tl.constexpr):
+                        stride_dr, sqrt_eps: tl.float64, GROUP_ZG: tl.constexpr,
+                        BLOCK_O: tl.constexpr):
     """One row per program: ``ds = dL/ds`` from the cotangent ``g``, the output ``z`` and
     ``r = ||t||``: ``dt = (g - z <z, g>) / r`` (zero for a degenerate row, ``r <= delta``),
     ``ds = dt * 0.5 / (|t| + sqrt(eps))`` with ``t = z r``.  ``GROUP_ZG`` (joint
@@ -456,6 +461,7 @@ def _grad_pooled_kernel(g_ptr, z_ptr, norm_ptr, zg_ptr, ds_ptr, O, stride_gr, st
     ``<z, g>``, precomputed over whole groups; otherwise the row's own dot is taken."""
     row = tl.program_id(0).to(tl.int64)
     acc_dtype = ds_ptr.dtype.element_ty
+    sqrt_eps = tl.full((), sqrt_eps, acc_dtype)  # fp64 argument, converted once
     if GROUP_ZG:
         dot = tl.load(zg_ptr + row)
     else:
@@ -481,8 +487,9 @@ def _grad_pooled_kernel(g_ptr, z_ptr, norm_ptr, zg_ptr, ds_ptr, O, stride_gr, st
 
 
 @triton.jit
-def _finish_kernel(s_ptr, out_ptr, norm_ptr, rows, O, stride_sr, stride_or, eps, sqrt_eps,
-                   NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+def _finish_kernel(s_ptr, out_ptr, norm_ptr, rows, O, stride_sr, stride_or, eps: tl.float64,
+                   sqrt_eps: tl.float64, NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_O: tl.constexpr):
     """Whole rows per program: ``z = t / max(||t||, delta)``, ``t = signed_sqrt(s)``,
     with the overflow-safe running-max norm; or ``s`` cast when not normalising."""
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
@@ -491,6 +498,9 @@ def _finish_kernel(s_ptr, out_ptr, norm_ptr, rows, O, stride_sr, stride_or, eps,
     s_base = s_ptr + row0 * stride_sr
     out_base = out_ptr + row0 * stride_or
     acc_dtype = s_ptr.dtype.element_ty
+    # fp64 arguments (a Python float would be typed fp32), converted once: exact in fp64.
+    eps = tl.full((), eps, acc_dtype)
+    sqrt_eps = tl.full((), sqrt_eps, acc_dtype)
     mx = tl.zeros((BLOCK_R,), dtype=acc_dtype)
     ssq = tl.zeros((BLOCK_R,), dtype=acc_dtype)
     inv = tl.full((BLOCK_R,), 1.0, dtype=acc_dtype)
