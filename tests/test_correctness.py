@@ -117,3 +117,18 @@ def test_rows_of_zeros_give_finite_output_and_gradients(backend, device):
             assert torch.isfinite(g).all()
     exact = reference_fbp(detached64(tensors), case)
     assert_close(out, exact, atol=1e-10, rtol=1e-8, name="out")
+
+
+def test_norms_below_the_clamp_use_delta_exactly_in_fp64(backend, device):
+    """Rows whose ||t|| lies in (0, 1e-12) are divided by the clamp delta = 1e-12 itself:
+    in fp64 that constant must be the fp64 1e-12 (``tl.maximum`` with a Python constant
+    made it fp32's 9.99999996e-13, a 4e-9 relative error in every such row)."""
+    case = CASES[1]
+    x, y, wx, wy, bx, by = make_inputs(case, torch.float64, device, requires_grad=False)
+    tensors = (x * 3e-10, y * 3e-10, wx, wy, bx * 3e-10, by * 3e-10)
+    t = reference_fbp(tensors, case, normalize=False)
+    t = t / (torch.sqrt(t.abs() + 1e-12) + 1e-6)  # the signed square root
+    norms = t.norm(dim=-1)
+    assert bool(((norms > 0) & (norms < 1e-12)).all()), norms  # the regime under test
+    out = fbp_kernels.fbp(*tensors, factor=case.factor, backend=backend)
+    assert_close(out, reference_fbp(tensors, case), atol=0, rtol=1e-11, name="out")

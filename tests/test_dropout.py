@@ -7,7 +7,7 @@ import torch
 
 import fbp_kernels
 from fbp_kernels import backends, reference
-from helpers import Case, assert_close, detached64, grads, make_inputs
+from helpers import Case, assert_close, detached64, error_vs, grads, make_inputs
 
 RATE = 0.3
 CASE = Case((5, 2), (5, 1), 7, 6, 3, 5)
@@ -79,3 +79,46 @@ def test_keep_rate_and_scaling_preserve_the_mean(backend, device):
                                         training=True, normalize=False, backend=backend)
                         for _ in range(200)])
     assert (runs.mean(0) - exact).abs().max() < 0.25 * exact.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_half_precision_dropout_backward_uses_the_fp32_scale(dtype, normalize, backend, device):
+    """Half inputs with dropout, forward and every gradient against the fp64 reference fed
+    the backend's own mask: within twice eager's error in that dtype plus a few ulp.
+    Without normalisation the wide backward's pooled cotangent is the half-precision
+    grad itself; the 1/(1-p) scale must still be applied in the accumulation dtype (an
+    earlier conversion to ds's dtype rounded it to bf16, -0.16% at p = 0.1, and failed
+    to build in the interpreter)."""
+    rate = 0.1
+    case = Case((6, 2), (6, 2), 16, 12, 3, 8)
+    tensors = make_inputs(case, dtype, device)
+    torch.manual_seed(3)
+    out = fbp_kernels.fbp(*tensors, factor=case.factor, dropout=rate, training=True,
+                          normalize=normalize, backend=backend)
+    impl = backends.resolve(backend, torch.device(device))
+    mask = impl.dropout_mask(_drawn_seed(3), (*out.shape[:-1], case.factor * case.o), rate,
+                             torch.device(device))
+    g = torch.randn(out.shape, dtype=torch.float64, device=out.device)
+    exact_in = detached64(tensors)
+    exact = reference.fbp(*exact_in, factor=case.factor, dropout=rate, dropout_mask=mask,
+                          normalize=normalize)
+    eager = reference.fbp(*tensors, factor=case.factor, dropout=rate, dropout_mask=mask,
+                          normalize=normalize)
+    floor = {torch.float16: 4e-3, torch.bfloat16: 3.2e-2}[dtype]
+    got = [out] + grads(out, tensors, g.to(dtype))
+    ref = [eager] + grads(eager, tensors, g.to(dtype))
+    ex = [exact] + grads(exact, exact_in, g)
+    for name, a, e, x in zip(("out", "dx", "dy", "dwx", "dwy", "dbx", "dby"), got, ref, ex):
+        assert error_vs(a, x) <= 2 * error_vs(e, x) + floor, name
+
+
+def test_mask_kernel_refuses_more_column_tiles_than_cuda_allows():
+    """The mask kernel puts column tiles on the grid's second dimension (CUDA: at most
+    65535): past it a clear ValueError before any launch, not 'invalid argument' (the
+    interpreter has no such limit, so the rule is checked here)."""
+    from fbp_kernels.backends import triton_kernels as K
+
+    bc = 16 if K.INTERPRET else K.MASK_BLOCKS[1]
+    with pytest.raises(ValueError, match="65535"):
+        K.dropout_keep_mask(1, 1, bc * K.MAX_GRID_Y + 1, 0.5, torch.device("cpu"))

@@ -58,6 +58,14 @@ NORM_DELTA = 1e-12
 _NORM_DELTA = tl.constexpr(NORM_DELTA)  # usable inside kernels
 
 
+@triton.jit
+def _clamp_norm(norm):
+    """``max(norm, delta)`` with delta in ``norm``'s dtype (``tl.maximum`` would make the
+    Python constant an fp32 one first: 1e-12 rounded in fp64 kernels), and delta for a
+    NaN norm on every target, as the reference's clamp does."""
+    return tl.where(norm > _NORM_DELTA, norm, _NORM_DELTA)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -232,7 +240,7 @@ def _finish_normalised(s, rm, offs_o, m_mask, tile_mask, pid_m, pid_o, row0, row
             big = nbig
         norm = big * tl.sqrt(sumsq)
         tl.store(norm_ptr + row0 + rm, norm, mask=m_mask)
-        inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
+        inv = 1.0 / _clamp_norm(norm)
         for j in range(0, n_tiles):
             cols_o = j * BLOCK_O + tl.arange(0, BLOCK_O)
             msk = m_mask[:, None] & (cols_o < O)[None, :]
@@ -304,7 +312,7 @@ def _fbp_bwd_kernel(
                     mask=tile_mask, other=0.0).to(acc_dtype)
         norm = tl.load(norm_ptr + row0 + rm, mask=m_mask, other=1.0)
         zg = tl.load(zg_ptr + row0 + rm, mask=m_mask, other=0.0)
-        r = tl.maximum(norm, _NORM_DELTA)
+        r = _clamp_norm(norm)
         # d z / d t: project out z and divide by r; a degenerate row (norm <= delta)
         # gets zero gradient, the convention of reference.py (finite in every dtype).
         dt = tl.where((norm > _NORM_DELTA)[:, None], (g - z * zg[:, None]) / r[:, None],
@@ -629,7 +637,12 @@ def dropout_keep_mask(seed: int, rows: int, ko: int, rate: float, device) -> tor
     mask = torch.empty((rows, ko), dtype=torch.int8, device=device)
     if rows and ko:
         bm, bc = (16, 16) if INTERPRET else MASK_BLOCKS
-        launch(_dropout_mask_kernel, (triton.cdiv(rows, bm), triton.cdiv(ko, bc)),
+        grid = (triton.cdiv(rows, bm), triton.cdiv(ko, bc))
+        if grid[1] > MAX_GRID_Y:  # the launch would fail with 'invalid argument'
+            raise ValueError(
+                f"fbp: a dropout mask of {ko} columns needs {grid[1]} column tiles of {bc}, "
+                f"above CUDA's {MAX_GRID_Y} on the grid's second dimension")
+        launch(_dropout_mask_kernel, grid,
             mask, seed, rows, ko, float(rate), BLOCK_M=bm, BLOCK_C=bc,
             **one_cta_registers(4))
     return mask.bool()

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ._common import ACTIVATION_CODES
-from .triton_kernels import INTERPRET, NORM_DELTA, launch, one_cta_registers
+from .triton_kernels import INTERPRET, NORM_DELTA, _clamp_norm, launch, one_cta_registers
 from .triton_dropout import keep_elements
 
 _NORM_DELTA = tl.constexpr(NORM_DELTA)
@@ -264,7 +264,7 @@ def _split_fwd_dropin_kernel(
                                   BLOCK_O, BLOCK_F, ACTIVATION)
                 mx, ssq = _scaled_sumsq(tb, mx, ssq)
         norm = mx * tl.sqrt(ssq)
-        inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
+        inv = 1.0 / _clamp_norm(norm)
         if ONE_BLOCK:
             _store_rows(out_base, rr, r_ok, 0, t * inv[:, None], o_ok, stride_or, BLOCK_O)
         else:
@@ -320,7 +320,7 @@ def _pooled_grad(g_base, z_base, o0, rr, r_ok, O, norm, zg, stride_gr, stride_zr
     if NORMALIZE:
         z = tl.load(z_base + rr[:, None] * stride_zr + jj[None, :], mask=msk,
                     other=0.0).to(ACC)
-        r = tl.maximum(norm, _NORM_DELTA)
+        r = _clamp_norm(norm)
         # d z / d t: project out z and divide by r; a degenerate row (norm <= delta) gets
         # zero gradient, the convention of reference.py (finite in every dtype).
         dt = tl.where((norm > _NORM_DELTA)[:, None], (g - z * zg[:, None]) / r[:, None],

@@ -65,11 +65,11 @@ import triton
 import triton.language as tl
 
 from .triton_dropout import keep_tile
-from .triton_kernels import INTERPRET, launch
+from .triton_kernels import INTERPRET, NORM_DELTA, _clamp_norm, launch
 from ._common import ACTIVATION_CODES
 from .triton_split import _activate, _activate_with_grad, _scaled_sumsq
 
-_NORM_DELTA = tl.constexpr(1e-12)
+_NORM_DELTA = tl.constexpr(NORM_DELTA)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -158,7 +158,10 @@ def _tile_of(pid, rows, O, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
     in_group = GROUP_M * num_j
     first_m = (pid // in_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
+    # int32 tile indices even when ``rows`` arrives as an i64 (>= 2^31): they are below
+    # 2^31 / BLOCK_M, and TMA descriptor coordinates must be 32-bit.
+    return ((first_m + (pid % in_group) % group_size).to(tl.int32),
+            ((pid % in_group) // group_size).to(tl.int32))
 
 
 @triton.jit
@@ -256,8 +259,9 @@ def _wide_fwd_kernel(
     ACTIVATION: tl.constexpr = 0, IDX64: tl.constexpr = False, SHARED: tl.constexpr = False,
     PREV: tl.constexpr = False, CHAIN: tl.constexpr = False,
 ):
-    # s is in the accumulation dtype: the fp64 scale converted once (exact for fp64).
-    keep_scale = tl.full((), keep_scale, s_ptr.dtype.element_ty)
+    # The fp64 scale converted once to the accumulation dtype (exact for fp64).
+    keep_scale = tl.full((), keep_scale,
+                         tl.float64 if s_ptr.dtype.element_ty == tl.float64 else tl.float32)
     row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
         rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
@@ -383,7 +387,10 @@ def _wide_grad_kernel(
     ``p_{l-1}`` (``PREV``) the previous block's running product.  The carry for block
     ``l-1`` is ``u * act(A) * act(C)``, ``u = drop(e_l + carry)``: pass 1 stores
     ``u * act(C)`` (``NEXT`` 1), pass 2 multiplies it by ``act(A)`` (``NEXT`` 2)."""
-    keep_scale = tl.full((), keep_scale, ds_ptr.dtype.element_ty)  # fp64 -> accumulation
+    # The fp64 scale converted once to the accumulation dtype.  Not ds's dtype: without
+    # normalisation ds is the cotangent itself, in the input dtype.
+    keep_scale = tl.full((), keep_scale,
+                         tl.float64 if ds_ptr.dtype.element_ty == tl.float64 else tl.float32)
     row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
         rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
@@ -474,7 +481,7 @@ def _grad_pooled_kernel(g_ptr, z_ptr, norm_ptr, zg_ptr, ds_ptr, O, stride_gr, st
             zg += z * g
         dot = tl.sum(zg, axis=0)
     norm = tl.load(norm_ptr + row)
-    r = tl.maximum(norm, _NORM_DELTA)
+    r = _clamp_norm(norm)
     live = norm > _NORM_DELTA
     for o0 in range(0, O, BLOCK_O):
         jj = o0 + tl.arange(0, BLOCK_O)
@@ -513,7 +520,7 @@ def _finish_kernel(s_ptr, out_ptr, norm_ptr, rows, O, stride_sr, stride_or, eps:
             mx, ssq = _scaled_sumsq(t, mx, ssq)
         norm = mx * tl.sqrt(ssq)
         tl.store(norm_ptr + row0 + rr, norm, mask=r_ok)
-        inv = 1.0 / tl.maximum(norm, _NORM_DELTA)
+        inv = 1.0 / _clamp_norm(norm)
     for o0 in range(0, O, BLOCK_O):
         jj = o0 + tl.arange(0, BLOCK_O)
         msk = r_ok[:, None] & (jj < O)[None, :]
