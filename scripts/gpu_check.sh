@@ -17,9 +17,11 @@
 #      against the reference, auto, split, wide; then MFH, dropout, determinism...):
 #      the interpreter cannot see the GPU compiler's arithmetic, the ticket protocol or
 #      CUDA graphs.  Cold Triton compiles (~1-2 s each, ~200 in test_wide/test_split
-#      alone) dominate it, so the CUDA files, which need none, run first, the files
-#      run in parallel (pytest-xdist, 8 workers, when installed), and a timeout sends
-#      SIGINT, so pytest still prints its failures and writes tests.xml     <= 150 s
+#      alone) dominate it, so the CUDA files, which need none, run first, the tests
+#      run in parallel (pytest-xdist, 8 workers, when installed; handed out one by one
+#      in file order, not a file per worker, which would put test_wide's compiles in
+#      one worker's series), and a timeout sends SIGINT, so pytest still prints its
+#      failures and writes tests.xml                                        <= 150 s
 #   6. the benchmark (measured beside the cost model's prediction; no compile report,
 #      which alone is ~400 compiles)                                         <= 90 s
 #   7. issue 12's targets as the model predicts them with phase 4's measurements
@@ -59,7 +61,7 @@ pack() {  # everything so far into $OUT (at most 8 files come back from a device
 }
 TESTS=${GPU_CHECK_TESTS:-}
 FIRST="tests/test_cuda_graphs.py tests/test_cuda_backend.py tests/test_large_offsets.py tests/test_correctness.py tests/test_strategy.py tests/test_split.py tests/test_wide.py"
-THEN="tests/test_cuda_mfh.py tests/test_split_dropin.py tests/test_dropout.py tests/test_determinism.py tests/test_mfh.py tests/test_gradcheck.py tests/test_memory.py tests/test_ops.py tests/test_autocast.py tests/test_dropin.py tests/test_module.py tests/test_bad_input.py tests/test_robustness.py"
+THEN="tests/test_cuda_mfh.py tests/test_split_dropin.py tests/test_dropout.py tests/test_dropout_stream.py tests/test_determinism.py tests/test_mfh.py tests/test_gradcheck.py tests/test_memory.py tests/test_ops.py tests/test_autocast.py tests/test_dropin.py tests/test_module.py tests/test_bad_input.py tests/test_robustness.py"
 BENCH=${GPU_CHECK_BENCH:-"--sweep rows,coatt --no-compile --time-budget 60"}
 
 {
@@ -104,7 +106,7 @@ pack
 SELECT=()
 [ -n "$TESTS" ] && SELECT=(-k "$TESTS")
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8 --dist loadfile)
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8 --dist load)
 # shellcheck disable=SC2086
 timeout -s INT -k 15 150 "$PY" -m pytest $FIRST $THEN -v -p no:cacheprovider -rfEs \
   ${XDIST[@]+"${XDIST[@]}"} ${SELECT[@]+"${SELECT[@]}"} --junitxml="$W/tests.xml" \

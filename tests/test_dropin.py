@@ -413,10 +413,11 @@ def test_direct_operator_use_is_refused(backend):
     from fbp_kernels.backends import triton_wide as W
 
     wide = 4 * W.pick_wide_config(x.dtype, x.device).block_n  # no tile holds one group
-    xw, yw = torch.randn(2, 3, dtype=x.dtype), torch.randn(2, 4, dtype=x.dtype)
+    like = dict(dtype=x.dtype, device=x.device)
+    xw, yw = torch.randn(2, 3, **like), torch.randn(2, 4, **like)
     with pytest.raises(ValueError, match=f"factor={wide + 1}"):
-        ops.fbp_forward(xw, yw, torch.randn((wide + 1) * 2, 3, dtype=x.dtype),
-                        torch.randn((wide + 1) * 2, 4, dtype=x.dtype), None, None, None,
+        ops.fbp_forward(xw, yw, torch.randn((wide + 1) * 2, 3, **like),
+                        torch.randn((wide + 1) * 2, 4, **like), None, None, None,
                         wide + 1, 0.0, True, 1e-6, "none", backend, 1, "relu")
 
 

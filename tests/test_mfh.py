@@ -394,8 +394,9 @@ def test_opcheck(mfh_backend):
 def test_torch_compile_fullgraph_matches_eager(mfh_backend):
     mod = fbp_kernels.MultimodalFactorizedHighOrderPooling(6, 5, 4, factor=3, order=3,
                                                           backend=mfh_backend).double()
-    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(2, 1, 5, dtype=torch.float64, requires_grad=True)
+    mod = mod.to(DEVICE)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = torch.randn(2, 1, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
     got = compiled(x, y)
     want = mod(x, y)

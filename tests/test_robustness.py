@@ -11,7 +11,7 @@ import torch
 
 import fbp_kernels
 from fbp_kernels import mfh_ops
-from conftest import backend_param
+from conftest import DEVICE, backend_param
 
 M, N, FACTOR, O, ROWS = 5, 4, 2, 3, 3
 KO = FACTOR * O
@@ -19,11 +19,14 @@ KO = FACTOR * O
 MFH_BACKENDS = [backend_param(n, mfh_ops.unsupported_reason) for n in ("torch", "triton")]
 
 
-def _tensors(dtype=torch.float64, rows=ROWS, m=M, n=N, bias=True, seed=0):
+def _tensors(dtype=torch.float64, rows=ROWS, m=M, n=N, bias=True, seed=0, device=DEVICE):
+    # Drawn on the CPU (the same values everywhere), then moved to the device the
+    # backend fixture runs on (a GPU run has triton/split/cuda only there).
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(
+            device=device, dtype=dtype).requires_grad_()
 
     return (r(rows, m), r(rows, n), r(KO, m), r(KO, n),
             r(KO) if bias else None, r(KO) if bias else None)
@@ -34,7 +37,7 @@ def _tensors(dtype=torch.float64, rows=ROWS, m=M, n=N, bias=True, seed=0):
 def _second_order(fn, x, wx):
     """A gradient penalty: d/dW_x of ||d out / d x||^2."""
     out = fn()
-    w = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
+    w = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=out.device)
     (gx,) = torch.autograd.grad((out * w).sum(), x, create_graph=True)
     return torch.autograd.grad(gx.pow(2).sum(), wx)
 
@@ -117,7 +120,8 @@ def test_compile_eps_changed_after_compiling():
 
 def test_compile_eps_as_argument():
     x, y = _xy()
-    _, _, wx, wy, bx, by = (t.detach() if t is not None else None for t in _tensors())
+    _, _, wx, wy, bx, by = (t.detach() if t is not None else None
+                            for t in _tensors(device="cpu"))  # beside _xy's CPU rows
 
     def f(x, y, eps):
         return fbp_kernels.fbp(x, y, wx, wy, bx, by, factor=FACTOR, eps=eps, backend="torch")
@@ -151,7 +155,8 @@ def _check_zero_row_grads(grads, names, x_grad, dtype, zero_row=1):
 def test_zero_row_gives_finite_zero_gradient_in_every_dtype(dtype, backend):
     tensors = _zero_row_problem(dtype)
     out = fbp_kernels.fbp(*tensors, factor=FACTOR, backend=backend)
-    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(dtype)
+    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64,
+                       device=out.device).view_as(out).to(dtype)
     grads = torch.autograd.grad(out, tensors, g)
     _check_zero_row_grads(grads, ("x", "y", "weight_x", "weight_y"), grads[0], dtype)
     if dtype == torch.float64:
@@ -192,7 +197,7 @@ def _zero_width(which):
 
 def _check_against_reference(out, ref_out, inputs, ref_inputs):
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
-    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     got = torch.autograd.grad(out, inputs, g)
     want = torch.autograd.grad(ref_out, ref_inputs, g)
     for a, b, t in zip(got, want, inputs):
@@ -233,7 +238,7 @@ def _huge_problem():
     y = torch.tensor([[1.5e19], [1.5e19], [1.5e19]], dtype=torch.float64)
     wx = torch.rand(4, 1, generator=gen, dtype=torch.float64) * 0.5 + 0.5
     wy = torch.rand(4, 1, generator=gen, dtype=torch.float64) * 0.5 + 0.5
-    return x, y, wx, wy
+    return tuple(t.to(DEVICE) for t in (x, y, wx, wy))
 
 
 def _check_huge(run):
@@ -243,7 +248,7 @@ def _check_huge(run):
     out, want = run(*got), run(*ref, reference=True)
     # Each output is O(1) and each step is a handful of fp32 roundings: 1e-5 relative.
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
-    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(want)
+    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device=want.device).view_as(want)
     # The weights' gradients are O(1) (z ~ sqrt(w_x w_y) per column); x's and y's are
     # not compared: z does not depend on their scale, so the exact dx is ~0 and fp32
     # gives rounding noise around it.  Intermediates of the backward reach ~1e-39,
@@ -360,7 +365,7 @@ def _inplace_relu_grads(run, reference_run):
     tensors = _tensors()
     out = run(*tensors)
     torch.nn.ReLU(inplace=True)(out)
-    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     got = torch.autograd.grad(out, tensors, g)
     ref = [t.detach().requires_grad_() for t in tensors]
     want = torch.autograd.grad(torch.relu(reference_run(*ref)), ref, g)
@@ -385,7 +390,7 @@ def test_inplace_op_on_normalized_output_names_the_cause(call, backend):
         if backend != "torch":
             pytest.skip("one MFH run per MFH backend is enough")
         backend = call.split("-")[1]
-        if mfh_ops.unsupported_reason(backend, torch.device("cpu")):
+        if mfh_ops.unsupported_reason(backend, DEVICE):
             pytest.skip(f"no MFH backend {backend} here")
     run = (_fbp_call if call == "fbp" else _mfh_call)(backend, normalize=True)
     out = run(*_tensors())
@@ -397,7 +402,8 @@ def test_inplace_op_on_normalized_output_names_the_cause(call, backend):
 # ------------------------------------------------------------------ R10 errors under torch.compile
 
 def _valid_kwargs():
-    x, y, wx, wy, bx, by = (t.detach() for t in _tensors(torch.float32))
+    # CPU: the refused changes below are CPU tensors, and the calls use backend torch
+    x, y, wx, wy, bx, by = (t.detach() for t in _tensors(torch.float32, device="cpu"))
     return dict(x=x, y=y, weight_x=wx, weight_y=wy, bias_x=bx, bias_y=by, factor=FACTOR)
 
 
@@ -459,7 +465,7 @@ def test_triton_backend_from_two_threads(op):
     from fbp_kernels import backends
     if backends.unsupported_reason("triton", torch.device("cpu")):
         pytest.skip("the Triton interpreter is not on (a GPU run launches natively)")
-    x, y, wx, wy, bx, by = (t.detach() for t in _tensors(rows=40))
+    x, y, wx, wy, bx, by = (t.detach() for t in _tensors(rows=40, device="cpu"))
 
     def run():
         if op == "fbp":

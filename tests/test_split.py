@@ -79,7 +79,14 @@ def test_chunk_rows_respects_the_budget(budget):
 
 
 @pytest.mark.parametrize("o, factor, blocks", [(5, 3, 1), (20, 3, 2), (9, 1, 1), (70, 2, 3)])
-def test_one_block_and_multi_block_rows_match_the_reference(o, factor, blocks):
+def test_one_block_and_multi_block_rows_match_the_reference(monkeypatch, o, factor, blocks):
+    # The interpreter's tile size everywhere: a GPU's 8192-element tile would hold each
+    # of these rows in one block, and the multi-block path is what is under test.
+    real = E.pick_epilogue_config
+    monkeypatch.setattr(E, "pick_epilogue_config",
+                        lambda rows, o, f, limit=None, activation=None:
+                        real(rows, o, f, limit=E.INTERPRETER_TILE_ELEMENTS,
+                             activation=activation))
     cfg = E.pick_epilogue_config(4, o, factor)
     assert -(-o // cfg.block_o) == blocks  # the path this case is meant to cover
     args = _problem(4, 7, 5, factor, o)
