@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -190,6 +191,69 @@ def predicted_targets(gpu: cm.GPU) -> List[dict]:
                         rows=co.rows, provider=t["co"][0], value=value, threshold=1.3,
                         met=value >= 1.3))
     return out
+
+
+def _least(meets, hi: float) -> float:
+    """The least x in (0, hi] with ``meets(x)`` (monotone: true above some x), or inf."""
+    if not meets(hi):
+        return math.inf
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    return hi
+
+
+def forward_needs(gpu: cm.GPU) -> List[dict]:
+    """What the fused forward's main loop would have to reach for each forward target
+    with a ``floor`` or ``eager`` ratio, at each of its row counts, solved on the model
+    itself: the least Triton main-loop efficiency (share of the datasheet peak) that
+    meets the target with L2 unlimited, and the least L2 -> SM bandwidth that meets it
+    at full efficiency, stated as FLOP per L2 byte at ``gpu.l2_tbs`` (the intensity the
+    tile would need at today's L2); beside what the model assumes and the shipped tile
+    gives.  ``left_us``: the target's time minus the prediction's other kernels.  A
+    design target for the next main loop, in the model's own terms (inf: unreachable
+    even at full efficiency / unlimited bandwidth)."""
+    import dataclasses
+
+    out = []
+    for label, rows_list, mode, suffix, ratio, threshold in TARGETS:
+        if mode != "forward" or suffix or min(rows_list) <= 16:
+            continue
+        for rows in rows_list:
+            shape = cm.Shape(rows=rows, **MFB)
+            fused = cm.predict("fused", shape, gpu, mode)
+            main = max(fused.kernels, key=lambda k: k.flops)
+            base = cm.predict("floor" if ratio == "floor" else "eager", shape, gpu, mode)
+            allowed = base.time_us * threshold if ratio == "floor" else base.time_us / threshold
+
+            def meets(**change):
+                g = dataclasses.replace(gpu, **change)
+                return cm.predict("fused", shape, g, mode).time_us <= allowed
+
+            eff = _least(lambda e: meets(mma_efficiency=e, l2_tbs=1e6), 1.0)
+            l2 = _least(lambda b: meets(mma_efficiency=1.0, l2_tbs=b), 1e6)
+            now = main.flops / main.l2_bytes
+            out.append(dict(target=label, rows=rows,
+                            left_us=allowed - (fused.time_us - main.time_us),
+                            efficiency=eff, l2_tbs=l2, flop_per_byte=now * l2 / gpu.l2_tbs,
+                            assumed_efficiency=cm.mma_efficiency(
+                                gpu, "wgmma" if gpu.arch >= 90 else "mma"),
+                            flop_per_byte_now=now))
+    return out
+
+
+def format_needs(rows: List[dict], gpu: cm.GPU) -> str:
+    lines = [f"What the fused forward's main loop would need ({gpu.name}, L2 {gpu.l2_tbs:g} "
+             f"TB/s; time left = the target's time minus the other kernels):",
+             "| target | rows | time left (us) | efficiency >= | FLOP per L2 byte >= | "
+             "today (assumed efficiency, FLOP per L2 byte) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['rows']} | {r['left_us']:.0f} | "
+                     f"{r['efficiency']:.2f} | {r['flop_per_byte']:.0f} | "
+                     f"{r['assumed_efficiency']:.2f}, {r['flop_per_byte_now']:.0f} |")
+    return "\n".join(lines)
 
 
 def format_targets(rows: List[dict], gpu: cm.GPU) -> str:
@@ -416,6 +480,8 @@ def main(argv=None) -> int:
     gpu = apply_overrides(base, args.overrides)
     if args.targets:
         print(format_targets(predicted_targets(gpu), gpu))
+        print()
+        print(format_needs(forward_needs(gpu), gpu))
         return 0
     others = [gpu if k == gpu.name else cm.GPUS[k] for k in ("H100", "H200", "A100")]
     modes = cm.MODES if args.mode == "all" else (args.mode,)
