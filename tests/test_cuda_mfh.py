@@ -145,23 +145,25 @@ def test_cuda_is_an_mfh_backend_with_the_drop_in_options():
 
 def test_block_masks_are_the_triton_kernels_stream():
     """Every block draws the stream the Triton MFH kernels draw (block 0: FBP's mask), so
-    both GPU backends drop the same elements for one seed (the extension's CPU mask
-    operator against the Triton kernels through the interpreter)."""
+    both GPU backends drop the same elements for one seed (on a GPU: both backends'
+    GPU kernels; elsewhere the extension's CPU mask operator against the Triton kernels
+    through the interpreter)."""
     from fbp_kernels import backends
     from fbp_kernels.backends import cuda_build
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     missing = cuda_build.missing_requirements()
     if missing:
         pytest.skip("cannot build the CUDA extension here: " + "; ".join(missing))
-    why = backends.unsupported_reason("triton", torch.device("cpu"))
+    why = backends.unsupported_reason("triton", device)
     if why is not None:
         pytest.skip(f"backend 'triton': {why}")
     from fbp_kernels.backends import triton_mfh
 
     cuda_build.load()
     shape, seed = (3, 7, 10), 2**40 + 5
-    got = cuda_mfh.block_masks(seed, shape, 0.3, 3, "cpu")
-    want = triton_mfh.block_masks(seed, shape, 0.3, 3, "cpu")
+    got = cuda_mfh.block_masks(seed, shape, 0.3, 3, device)
+    want = triton_mfh.block_masks(seed, shape, 0.3, 3, device)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert not torch.equal(got[0], got[1])  # the blocks' streams differ
 
