@@ -240,7 +240,10 @@ Tensor empty_marker(const Tensor& like) { return at::empty({0}, like.options());
 // "sync" always the synchronous one; "async", "wide" and "wgmma" always that engine, an
 // error when the operands, the GPU or the build do not allow it (tests use them to know
 // which path ran; fp32/fp64 have no cp.async engine and are unaffected).  Read per call,
-// so a test can switch it.  CPU tensors (the gemm_engine operator) are judged by the
+// so a test can switch it.  FBP_CUDA_BROKEN_ENGINES (comma-separated wgmma, wide, async:
+// what make gpu-check's engine smoke found wrong or hanging) takes those engines out of
+// auto's choice, which then falls back to the next one the operands allow; forced modes
+// are not affected.  CPU tensors (the gemm_engine operator) are judged by the
 // operand rules alone; auto then answers as for an sm_80 GPU (no wgmma).
 enum class Staging { kAuto, kSync, kAsync, kWide, kWgmma };
 
@@ -254,6 +257,14 @@ Staging staging_mode() {
   if (mode == "wgmma") return Staging::kWgmma;
   TORCH_CHECK(false, "fbp cuda: FBP_CUDA_STAGING must be auto, sync, async, wide or wgmma, got '",
               mode, "'");
+}
+
+// Whether FBP_CUDA_BROKEN_ENGINES names `engine` (read per call, like the mode).
+bool engine_broken(const char* engine) {
+  const char* v = std::getenv("FBP_CUDA_BROKEN_ENGINES");
+  if (v == nullptr) return false;
+  const std::string list = std::string(",") + v + ",";
+  return list.find(std::string(",") + engine + ",") != std::string::npos;
 }
 
 const char* staging_name(Staging mode) {
@@ -353,10 +364,17 @@ Engine choose_engine(const Tensor& x, const Tensor& y, const Tensor& wx, const T
   const std::string too_big = smem_refusal(x, Engine::kAsyncWide, "128x128");
   TORCH_CHECK(mode != Staging::kWide || too_big.empty(), "fbp cuda: FBP_CUDA_STAGING=wide, but ",
               too_big);
-  if (mode == Staging::kAuto && x.is_cuda() && wgmma_refusal(x, y, wx, wy, gemm_x, gemm_y).empty())
-    return Engine::kWgmma;
-  if (mode == Staging::kAuto && rows <= kWideEngineAboveRows) return Engine::kAsync;
-  return too_big.empty() ? Engine::kAsyncWide : Engine::kAsync;
+  if (mode == Staging::kAuto) {
+    if (x.is_cuda() && !engine_broken("wgmma") &&
+        wgmma_refusal(x, y, wx, wy, gemm_x, gemm_y).empty())
+      return Engine::kWgmma;
+    const bool wide_ok = too_big.empty() && !engine_broken("wide");
+    const bool async_ok = !engine_broken("async");
+    if (rows <= kWideEngineAboveRows)
+      return async_ok ? Engine::kAsync : wide_ok ? Engine::kAsyncWide : Engine::kDefault;
+    return wide_ok ? Engine::kAsyncWide : async_ok ? Engine::kAsync : Engine::kDefault;
+  }
+  return Engine::kAsyncWide;  // kWide (its refusals checked above)
 }
 
 const char* engine_name(Engine engine) {

@@ -16,11 +16,11 @@ at the timeout) or ``skipped`` (cannot run here: no GPU, or the build/GPU lacks 
 engine, with the reason).  An engine that passed is then timed at the MFB default
 (rows 1024, m 2048, n 1024, factor 5, o 1000, bf16: forward and forward+backward, CUDA
 events, the median of 10 after 3 warm-ups) beside the cost model's prediction for that
-engine: the first measurement of each engine.  DIR/smoke.json holds the results; DIR/staging.env holds the
-settings the later phases should use: ``FBP_CUDA_STAGING`` set to the best engine that
-passed when the one ``auto`` would pick (wgmma on sm_90, else wide) did not, and
-``FBP_CUDA_BROKEN_ENGINES`` (the engines that failed), which the tests that force an
-engine skip with a reason.  Empty when nothing failed.
+engine: the first measurement of each engine.  DIR/smoke.json holds the results;
+DIR/staging.env the setting the later phases should use: ``FBP_CUDA_BROKEN_ENGINES``
+(the engines that failed), which the extension's ``auto`` passes over for the next
+engine the operands allow and which the tests that force an engine skip with a reason.
+Empty when nothing failed.
 """
 
 from __future__ import annotations
@@ -167,17 +167,12 @@ def time_engine(engine: str, rows: int = 1024) -> Dict[str, object]:
 
 def fallback(results: Dict[str, Dict[str, object]]) -> Dict[str, str]:
     """The environment the later phases should run with: empty when no engine failed;
-    else the failed engines (FBP_CUDA_BROKEN_ENGINES) and, when an engine auto could
-    pick failed, FBP_CUDA_STAGING = the most preferred engine that passed (``sync`` if
-    none did: the synchronous engine is the one this project's older tests exercised)."""
+    else the failed engines (FBP_CUDA_BROKEN_ENGINES), which the extension's auto mode
+    then passes over for the next engine the operands allow (fbp_binding.cpp
+    choose_engine).  Not a forced FBP_CUDA_STAGING: a forced engine refuses operands it
+    cannot stage (unaligned widths), which would turn every such test into an error."""
     broken = [e for e in ENGINES if results.get(e, {}).get("status") in ("wrong", "error", "hang")]
-    if not broken:
-        return {}
-    env = {"FBP_CUDA_BROKEN_ENGINES": ",".join(broken)}
-    if any(e in broken for e in ENGINES[:3]):  # auto may pick wgmma, wide or async
-        passed = [e for e in ENGINES if results.get(e, {}).get("status") == "ok"]
-        env["FBP_CUDA_STAGING"] = passed[0] if passed else "sync"
-    return env
+    return {"FBP_CUDA_BROKEN_ENGINES": ",".join(broken)} if broken else {}
 
 
 def run_engine_process(cmd: List[str], env: Dict[str, str], timeout: float):

@@ -442,22 +442,20 @@ def _gpu_smoke():
 
 def test_gpu_smoke_keeps_a_failed_engine_out_of_the_later_phases():
     """scripts/gpu_smoke.py's rule: nothing changes when every engine that could run
-    passed; an engine that hung, erred or was wrong is listed, and when auto could pick
-    it the later phases are pinned to the most preferred engine that passed."""
+    passed; an engine that hung, erred or was wrong is listed (auto then passes over
+    it), and no engine is forced (a forced one refuses operands it cannot stage)."""
     smoke = _gpu_smoke()
     ok, bad = {"status": "ok"}, {"status": "hang"}
     assert smoke.fallback({e: ok for e in smoke.ENGINES}) == {}
     assert smoke.fallback({"wgmma": {"status": "skipped"}, "wide": ok, "async": ok,
                            "sync": ok}) == {}
     assert smoke.fallback({"wgmma": bad, "wide": ok, "async": ok, "sync": ok}) == {
-        "FBP_CUDA_BROKEN_ENGINES": "wgmma", "FBP_CUDA_STAGING": "wide"}
+        "FBP_CUDA_BROKEN_ENGINES": "wgmma"}
     assert smoke.fallback({"wgmma": {"status": "wrong"}, "wide": {"status": "error"},
                            "async": ok, "sync": ok}) == {
-        "FBP_CUDA_BROKEN_ENGINES": "wgmma,wide", "FBP_CUDA_STAGING": "async"}
-    # Only the synchronous engine failed: auto never picks it for aligned operands.
-    assert smoke.fallback({"wgmma": ok, "wide": ok, "async": ok, "sync": bad}) == {
-        "FBP_CUDA_BROKEN_ENGINES": "sync"}
-    assert smoke.fallback({e: bad for e in smoke.ENGINES})["FBP_CUDA_STAGING"] == "sync"
+        "FBP_CUDA_BROKEN_ENGINES": "wgmma,wide"}
+    assert smoke.fallback({e: bad for e in smoke.ENGINES}) == {
+        "FBP_CUDA_BROKEN_ENGINES": ",".join(smoke.ENGINES)}
 
 
 def test_gpu_smoke_prices_each_engine_with_the_model():
@@ -497,8 +495,7 @@ def test_gpu_smoke_records_hangs_and_results(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert report["engines"]["wgmma"]["status"] == "hang"
     assert report["engines"]["wide"]["max_rel_err"] == 0.9
-    assert (tmp_path / "staging.env").read_text() == (
-        "FBP_CUDA_BROKEN_ENGINES=wgmma,wide\nFBP_CUDA_STAGING=async\n")
+    assert (tmp_path / "staging.env").read_text() == "FBP_CUDA_BROKEN_ENGINES=wgmma,wide\n"
 
 
 def _alive(pid: int) -> bool:

@@ -73,6 +73,60 @@ def test_gpu_without_toolchain_or_with_a_failed_build_says_why(monkeypatch):
         cuda_build.load()
 
 
+def _fresh_loader(monkeypatch, tmp_path):
+    """cuda_build.load() as in a new process, with its cache under tmp_path."""
+    monkeypatch.setenv("FBP_CUDA_CACHE", str(tmp_path))
+    monkeypatch.setattr(cuda_build, "_loaded", None)
+    monkeypatch.setattr(cuda_build, "_failure", None)
+    monkeypatch.setattr(cuda_build, "_try_aot", lambda: None)
+
+
+def test_no_build_mode_loads_only_an_existing_build(monkeypatch, tmp_path):
+    """FBP_CUDA_NO_BUILD=1 (make gpu-check after its build phase): no compiler run, and
+    without a build of this tree a CudaBuildError at once that says so."""
+    _fresh_loader(monkeypatch, tmp_path)
+    monkeypatch.setenv("FBP_CUDA_NO_BUILD", "1")
+
+    def never(*a, **k):
+        raise AssertionError("compiled in FBP_CUDA_NO_BUILD mode")
+
+    monkeypatch.setattr(cuda_build, "compile_extension", never)
+    with pytest.raises(cuda_build.CudaBuildError, match="FBP_CUDA_NO_BUILD=1 and no build"):
+        cuda_build.load()
+    with pytest.raises(cuda_build.CudaBuildError, match="FBP_CUDA_NO_BUILD"):
+        cuda_build.load()  # remembered: not retried
+
+
+def test_a_killed_builds_stale_torch_lock_is_removed_before_building(monkeypatch, tmp_path):
+    """torch's build lock file outlives a killed build and would make every later build
+    wait forever; under the package's own lock it is stale and removed."""
+    _fresh_loader(monkeypatch, tmp_path)
+    monkeypatch.delenv("FBP_CUDA_NO_BUILD", raising=False)
+    directory = cuda_build.build_dir()
+    directory.mkdir(parents=True)
+    (directory / "lock").write_text("")
+    seen = []
+
+    def fake(name, sources, where, verbose=False):
+        seen.append((where / "lock").exists())
+        return where / "fake.so"
+
+    monkeypatch.setattr(cuda_build, "compile_extension", fake)
+    assert cuda_build.load() == str(directory / "fake.so")
+    assert seen == [False]
+
+
+def test_arch_list_takes_torchs_spellings(monkeypatch):
+    """Space- or comma-separated lists (torch accepts them; images export them) read as
+    the ';' list, so 9.0a is seen by arch_defines and by the resource check."""
+    for spelled in ("8.0 9.0a", "8.0,9.0a", " 8.0; 9.0a "):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", spelled)
+        assert cuda_build.arch_list() == "8.0;9.0a"
+        assert cuda_build.arch_defines() == ["-DFBP_SM90A"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0 9.0a")
+    assert cuda_build.arch_defines() == []
+
+
 def _fake_toolkit(root):
     home = root / "cuda-99.9"
     (home / "bin").mkdir(parents=True)
@@ -718,6 +772,17 @@ def test_gemm_engine_rule(ops, monkeypatch):
         assert ops.gemm_engine(*_operands(dtype=torch.bfloat16)) == few, mode
         assert ops.gemm_engine(*_operands(rows=above + 1, dtype=torch.bfloat16)) == many, mode
         assert ops.gemm_engine(*_operands(dtype=torch.float64)) == "default", mode
+    # Engines the GPU smoke found broken leave auto's choice (the next one the operands
+    # allow); a forced engine is still that engine.
+    monkeypatch.setenv("FBP_CUDA_STAGING", "auto")
+    for broken, few, many in (("wide", "async", "async"), ("async", "wide", "wide"),
+                              ("wgmma,wide,async", "default", "default"), ("sync", "async", "wide")):
+        monkeypatch.setenv("FBP_CUDA_BROKEN_ENGINES", broken)
+        assert ops.gemm_engine(*_operands(dtype=torch.bfloat16)) == few, broken
+        assert ops.gemm_engine(*_operands(rows=above + 1, dtype=torch.bfloat16)) == many, broken
+    monkeypatch.setenv("FBP_CUDA_STAGING", "wide")
+    assert ops.gemm_engine(*_operands(dtype=torch.bfloat16)) == "wide"
+    monkeypatch.delenv("FBP_CUDA_BROKEN_ENGINES")
     # Only the operands a GEMM reads decide: co-attention's shared question (its
     # projection given), unaligned, leaves the cp.async engines; the broadcast rows count.
     monkeypatch.delenv("FBP_CUDA_STAGING", raising=False)
@@ -968,7 +1033,10 @@ def test_wide_engine_is_bitwise_the_64x64_one_before_the_norm(ops, case, dtype, 
     """The 128x128 engine runs each element's WMMA sequence (k-tiles of 32, in order) as
     the 64x64 one does, and the epilogue sums each group's products in the same order;
     only the row norm's per-tile parts differ with the tile's outputs.  So without the
-    norm the forward and every gradient agree bit for bit, dropout included."""
+    norm the forward and every gradient agree bit for bit, dropout included -- except
+    the pooled output of a factor group wider than 64 columns: the 64x64 engine sums it
+    in chunks (a carried partial), the 128x128 one in one sequence, so its fp32 sums
+    may differ in the last bit and the output by one unit in the last place."""
     for engine in ("wide", "async"):
         _skip_if_smoke_failed(engine)
     tensors = make_inputs(case, dtype, "cuda")
@@ -982,7 +1050,12 @@ def test_wide_engine_is_bitwise_the_64x64_one_before_the_norm(ops, case, dtype, 
                               normalize=False, backend="cuda")
         results.append([out] + grads(out, tensors, torch.ones_like(out)))
     for name, a, b in zip(["out", "dx", "dy", "dwx", "dwy", "dbx", "dby"], *results):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+        assert (a is None) == (b is None), name
+        if a is not None and name == "out" and case.factor > 64:
+            fi = torch.finfo(dtype)
+            torch.testing.assert_close(a, b, rtol=fi.eps, atol=fi.tiny)  # one ulp
+        elif a is not None:
+            assert torch.equal(a, b), name
 
 
 @cuda_only
@@ -1007,14 +1080,15 @@ def test_memory_modes_give_the_lean_gradients_bitwise(ops, dtype, keep):
         x, y, wx, wy = (t.detach() for t in tensors[:4])
         res = cuda_backend.forward(x, y, wx, wy, None, None, factor=case.factor, dropout=0.0,
                                    seed=None, normalize=True, eps=1e-6, save_projections=keep)
-        batch = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+        # A kept projection has its input's own leading shape (co-attention's shared
+        # side is kept once per group, not per region: ops.py's fake says the same).
         for got, inp, w, wanted in ((res.a, x, wx, keep in (True, "x")),
                                     (res.c, y, wy, keep in (True, "y"))):
             if not wanted:
                 assert got is None
                 continue
-            assert got.shape == (*batch, w.shape[0])
-            assert_close(got, (inp @ w.t()).expand_as(got), atol=1e-5, rtol=1e-5, name="kept")
+            assert got.shape == (*inp.shape[:-1], w.shape[0])
+            assert_close(got, inp @ w.t(), atol=1e-5, rtol=1e-5, name="kept")
 
 
 @cuda_only

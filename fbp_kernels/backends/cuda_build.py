@@ -27,6 +27,9 @@ Settings (environment):
   build runs the cp.async engines there) plus the architecture of a visible GPU.
 - ``MAX_JOBS``: parallel compile jobs (torch's flag).  ``NVCC_THREADS``: ``nvcc
   --threads`` (default 2).
+- ``FBP_CUDA_NO_BUILD=1``: never compile; load this tree's existing build or fail at
+  once (``make gpu-check`` sets it after its build phase, so a failed build is not
+  retried by every test process).
 
 :func:`resource_usage` reports each compiled kernel's registers, spill stack,
 local and shared memory per architecture (``cuobjdump --dump-resource-usage``).
@@ -141,8 +144,10 @@ def missing_requirements() -> List[str]:
 def arch_list() -> str:
     """TORCH_CUDA_ARCH_LIST for the build: the user's, else the default plus a local GPU."""
     env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if env:
-        return env
+    if env and env.strip():
+        # torch also takes spaces (container images often export "8.0 8.6 9.0"): one
+        # spelling, so arch_defines and the resource check read every entry.
+        return ";".join(env.replace(",", " ").replace(";", " ").split())
     archs = DEFAULT_ARCH_LIST.split(";")
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
@@ -304,13 +309,35 @@ def load(verbose: bool = False) -> str:
         directory.mkdir(parents=True, exist_ok=True)
         try:
             with _file_lock(directory / ".fbp-build.lock"):
-                path = compile_extension(EXTENSION_NAME, [str(p) for p in source_files()],
-                                         directory, verbose=verbose)
+                if os.environ.get("FBP_CUDA_NO_BUILD") == "1":
+                    path = _load_existing(directory)
+                else:
+                    # torch's own build lock ("lock", a file that exists while it
+                    # builds) is left behind when a build is killed, and every later
+                    # build would wait on it forever; under our lock no build of ours
+                    # is running here, so one that exists is stale.
+                    (directory / "lock").unlink(missing_ok=True)
+                    path = compile_extension(EXTENSION_NAME,
+                                             [str(p) for p in source_files()], directory,
+                                             verbose=verbose)
         except CudaBuildError as exc:
             _failure = str(exc)
             raise
         _loaded = str(path)
         return _loaded
+
+
+def _load_existing(directory: Path) -> Path:
+    """FBP_CUDA_NO_BUILD=1: load the library an earlier build left in ``directory``."""
+    path = directory / f"{EXTENSION_NAME}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+    if not path.exists():
+        raise CudaBuildError(f"FBP_CUDA_NO_BUILD=1 and no build of this tree in {directory} "
+                             f"(unset it to build; make gpu-check's build phase failed?)")
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as exc:
+        raise CudaBuildError(f"loading {path} failed: {exc}") from exc
+    return path
 
 
 def ops():
