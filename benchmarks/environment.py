@@ -81,7 +81,13 @@ def describe(device: torch.device) -> Dict[str, object]:
         info["sm_count"] = props.multi_processor_count
         info["memory_gib"] = round(props.total_memory / 2**30, 1)
         # Whether fp32 matmuls of the baseline may use TF32 (PyTorch's default: no).
-        info["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        # (the package's reader: the legacy flag raises once the new API was used)
+        from fbp_kernels.backends._common import matmul_allows_tf32
+
+        info["matmul_tf32"] = matmul_allows_tf32()
+        # The CUDA backend's engine settings (make gpu-check's smoke may set them).
+        info["cuda_engine_env"] = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                                           if k.startswith("FBP_CUDA_")) or "none"
     return info
 
 

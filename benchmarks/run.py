@@ -12,6 +12,7 @@ See benchmarks/README.md for what the numbers mean.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -57,6 +58,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--sweep", type=_csv_list, default=None,
                     help="comma-separated sweeps: rows, m, n (or width), factor, o, dtype, "
                          "aver, all (default: all on GPU; rows,factor,aver on CPU)")
+    ap.add_argument("--rows", type=_csv_list, default=None,
+                    help="comma-separated row counts of the rows sweep, measured in this "
+                         "order (default: the plan's; make gpu-check puts the training "
+                         "batches first so a cut run keeps them)")
     ap.add_argument("--dtypes", type=_csv_list, default=None,
                     help="dtypes of the sweeps (default bf16 on GPU, fp32 on CPU); "
                          "the dtype sweep always covers fp32, fp16, bf16 on GPU")
@@ -93,6 +98,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.op == "mfh" and args.order < 2:
         ap.error("--op mfh needs --order >= 2 (order 1 is FBP)")
+    if args.rows is not None:
+        try:
+            args.rows = tuple(int(r) for r in args.rows)
+        except ValueError:
+            ap.error(f"--rows takes integers, got {','.join(args.rows)}")
+        if not args.rows or min(args.rows) < 1:
+            ap.error("--rows takes positive integers")
     try:
         expand_sweep_names(args.sweep or [])
         sweep_problems(SMOKE_PLAN, [], args.dtypes or [])  # validates the dtype names
@@ -243,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(threads)
     gpu = device.type == "cuda"
     plan = SMOKE_PLAN if args.smoke else (GPU_PLAN if gpu else CPU_PLAN)
+    if args.rows is not None:
+        plan = dataclasses.replace(plan, values={**plan.values, "rows": args.rows})
     sweeps = args.sweep or DEFAULT_SWEEPS["smoke" if args.smoke else device.type]
     dtypes = args.dtypes or [plan.centre.dtype]
     order = args.order if args.op == "mfh" else 1
@@ -288,8 +302,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     def on_problem(problem, rows):
         new_rows.extend(rows)
         print(summary.terminal_table(problem, rows), flush=True)
-        # Partial results survive a killed run.
-        results.write_csv(out_dir / "results.csv", results.merge_rows(old_rows, new_rows))
+        # Partial results survive a killed run (a hung kernel ends in SIGKILL, which
+        # skips the final write): the rows, and the summary of what was measured so far.
+        merged = results.merge_rows(old_rows, new_rows)
+        results.write_csv(out_dir / "results.csv", merged)
+        (out_dir / "summary.md").write_text(summary.markdown(merged, env, command, None,
+                                                             args.peak_bandwidth))
 
     start = time.monotonic()
     # A `timeout` (as on the lent GPU machine) sends SIGTERM: stop measuring, but

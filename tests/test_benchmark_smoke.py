@@ -543,3 +543,26 @@ def test_mfh_benchmark_measures_only_mfh_backends(monkeypatch):
                         lambda name, dev, *a: None if name == "torch" else "not built")
     assert run.backend_names("mfh", torch.device("cuda")) == ["torch"]
     assert run.backend_names("mfh", torch.device("cpu")) == ["torch"]
+
+
+def test_rows_option_orders_the_rows_sweep(tmp_path):
+    """--rows replaces the rows sweep's values and keeps their order (make gpu-check
+    measures the training batches first); bad lists are refused by name."""
+    import csv
+
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke",
+                           "--rows", "8,2,5", "--sweep", "rows", "--no-plots", "--no-compile",
+                           "--providers", "torch", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out / "results.csv") as fh:
+        seen = []
+        for row in csv.DictReader(fh):
+            if row["sweep"] == "rows" and int(row["rows"]) not in seen:
+                seen.append(int(row["rows"]))
+    assert seen == [8, 2, 5]
+    for bad in ("2,x", "0"):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", bad],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2 and "--rows" in proc.stderr
