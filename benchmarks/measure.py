@@ -210,8 +210,11 @@ def time_all(calls: Dict[str, Callish], device: torch.device, *, min_run_time: f
              rep_ms: float = 50.0) -> Dict[str, Union[Timing, Exception]]:
     """Time every call on the problem's device: a Timing per name, or the exception
     it raised.  CPU calls are interleaved; GPU calls are timed one after another
-    (a GPU is not shared with other processes here, and its events time only the
-    GPU's own work)."""
+    (a GPU is not shared with other processes here).  A GPU timing spans the call's
+    work from the start event on: where the host's dispatch of a call outlasts the L2
+    flush queued before it (small batches, several launches), the exposed host time is
+    inside it, as it is for a user of the call; the cost model's host term predicts
+    that part (its "host" bound)."""
     if device.type != "cuda":
         return time_cpu_interleaved(calls, min_run_time=min_run_time, min_samples=min_samples)
     out: Dict[str, Union[Timing, Exception]] = {}
