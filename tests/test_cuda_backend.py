@@ -719,6 +719,7 @@ def test_cp_async_staging_rule(ops, monkeypatch):
     """Which fp16/bf16 operands the cp.async engine takes (the CPU form of the rule:
     contiguous along K, 16-byte-aligned rows; the GPU adds compute capability >= 8)."""
     monkeypatch.delenv("FBP_CUDA_STAGING", raising=False)
+    monkeypatch.delenv("FBP_CUDA_BROKEN_ENGINES", raising=False)  # gpu-check may set it
     assert ops.cp_async_staging(*_operands())
     assert ops.cp_async_staging(*_operands(dtype=torch.bfloat16))
     assert not ops.cp_async_staging(*_operands(dtype=torch.float32))
@@ -756,6 +757,7 @@ def test_gemm_engine_rule(ops, monkeypatch):
     above = int(re.search(r"kWideEngineAboveRows = (\d+);", header).group(1))
     assert above == cm.CUDA_WIDE_ABOVE_ROWS
     monkeypatch.delenv("FBP_CUDA_STAGING", raising=False)
+    monkeypatch.delenv("FBP_CUDA_BROKEN_ENGINES", raising=False)  # gpu-check may set it
     assert ops.gemm_engine(*_operands(rows=above + 1)) == "wide"
     assert ops.gemm_engine(*_operands(rows=above)) == "async"
     assert ops.gemm_engine(*_operands(rows=above + 1, m=7)) == "default"

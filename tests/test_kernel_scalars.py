@@ -116,3 +116,36 @@ def test_the_compile_report_builds_the_declared_signatures(tmp_path):
             assert sig.get(param) == ty, (kernel, param, sig.get(param), ty)
             checked += 1
     assert checked > 100  # every build of the ten kernels above
+
+
+_HALF_DS = r"""
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from fbp_kernels.backends import triton_compile as tc, triton_wide as W
+
+cfg = W.WIDE_BWD_CONFIGS["half"]
+out = []
+for dtype in ("bf16", "fp16"):
+    # normalize=False: ds is the cotangent itself, in the input dtype
+    src = tc._wide_bwd_source(dtype, cfg, 5, "ieee")
+    src.signature["ds_ptr"] = "*" + dtype
+    ptx = triton.compile(src, target=GPUTarget("cuda", 80, 32),
+                         options={"num_warps": cfg.num_warps,
+                                  "num_stages": cfg.num_stages}).asm["ptx"]
+    out.append(f"{dtype} {'cvt.rn.f32.f64' in ptx} {('cvt.rn.' + dtype + '.f64') in ptx}")
+print("\n".join(out))
+"""
+
+
+def test_wide_backward_scales_half_cotangents_by_an_fp32_scale(tmp_path):
+    """Without normalisation the wide backward's ds is the half-precision cotangent; its
+    fp64 dropout scale must still become an fp32 one (cvt.rn.f32.f64), never a bf16/fp16
+    one (bf16(1/0.9) = 1.109375: a -0.16% bias on every gradient, which no tolerance
+    against the eager reference can see).  A compile fact (sm_80, no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _HALF_DS], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["bf16", "True", "False", "fp16", "True", "False"], proc.stdout

@@ -104,7 +104,9 @@ def _record_launches(monkeypatch):
 
 def test_tma_descriptors_and_pointers_give_the_same_result(monkeypatch):
     """Aligned, unit-stride operands go through TMA descriptors (the interpreter's
-    config, like sm_90's, has tma=True); the pointer path gives the same numbers."""
+    config, like sm_90's, has tma=True); the pointer path gives the same numbers.  (On a
+    GPU the fp64 tile reads through pointers both times: there the descriptor path is
+    the bf16 tests', test_cuda_graphs.py and test_operands_tma_cannot_read_on_the_gpu.)"""
     import dataclasses
 
     seen = _record_launches(monkeypatch)
@@ -571,3 +573,28 @@ def test_first_kernel_grid_refuses_too_many_output_tiles():
     assert K._first_kernel_grid(100, cfg.block_o * K.MAX_GRID_Y, cfg)[1] == K.MAX_GRID_Y
     with pytest.raises(ValueError, match="backend='split'"):
         K._first_kernel_grid(100, cfg.block_o * K.MAX_GRID_Y + 1, cfg)
+
+
+def test_tile_origins_past_2_31_rows_do_not_wrap():
+    """With rows >= 2^31 (an i64 argument) the row tile's origin passes 2^31: it must be
+    computed in 64 bits (an int32 row-tile index wrapped it negative), while the output
+    tile stays int32 (the weights' TMA coordinate).  Checked on _tile_frame with the
+    last row tile's program id (one output tile: program id = row tile)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, pid, rows, O, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
+        row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = W._tile_frame(
+            pid, rows, O, 5, BLOCK_M, 128, BLOCK_J, 8)
+        tl.store(out_ptr, row0_32.to(tl.int64))
+        tl.store(out_ptr + 1, row0)
+        tl.store(out_ptr + 2, tl.sum(m_mask.to(tl.int64), axis=0))
+        tl.store(out_ptr + 3, col0)
+
+    rows = 2**31 + 4100
+    last = -(-rows // 128) - 1
+    out = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    probe[(1,)](out, last, rows, 20, BLOCK_M=128, BLOCK_J=24)
+    assert last * 128 > 2**31
+    assert out.tolist() == [last * 128, last * 128, rows - last * 128, 0]

@@ -158,23 +158,26 @@ def _tile_of(pid, rows, O, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
     in_group = GROUP_M * num_j
     first_m = (pid // in_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
-    # int32 tile indices even when ``rows`` arrives as an i64 (>= 2^31): they are below
-    # 2^31 / BLOCK_M, and TMA descriptor coordinates must be 32-bit.
-    return ((first_m + (pid % in_group) % group_size).to(tl.int32),
-            ((pid % in_group) // group_size).to(tl.int32))
+    # The output tile in int32 even when ``rows`` arrives as an i64 (>= 2^31 rows make
+    # group_size i64): it is below 2^31 / BLOCK_J and gives the weights' TMA
+    # coordinate, which must be 32-bit.  The row tile stays as wide as ``rows``: its
+    # origin passes 2^31 there (x is then read through pointers, descriptor_ok).
+    return first_m + (pid % in_group) % group_size, ((pid % in_group) // group_size).to(tl.int32)
 
 
 @triton.jit
-def _tile_frame(rows, O, FACTOR: tl.constexpr, BLOCK_M: tl.constexpr,
+def _tile_frame(pid, rows, O, FACTOR: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's tile of the (rows, K*o) products, for the forward and both
+    """Program ``pid``'s tile of the (rows, K*o) products, for the forward and both
     backward passes: ``(row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok)``.
 
-    Tile origins come twice: int32 where they are TMA coordinates (the launcher checks
-    rows and K*o < 2^31), int64 where they scale a stride.  ``m_mask`` compares in int32
-    (rows < 2^31): in int64 the 16-warp tile spilled 112-184 B.  ``n_ok`` keeps the
+    Tile origins come twice: int32 where they are TMA coordinates (rows and K*o < 2^31
+    wherever x or the weights are descriptors, :func:`descriptor_ok`),
+    int64 where they scale a stride.  ``row0_32`` and ``m_mask`` are int32 while rows
+    < 2^31 (in int64 the 16-warp tile spilled 112-184 B) and int64 beyond (``rows`` then
+    arrives as an i64 argument, and the row tile's index with it).  ``n_ok`` keeps the
     tile's whole factor groups (``BLOCK_J * FACTOR`` columns) inside K*o."""
-    pid_m, pid_j = _tile_of(tl.program_id(0), rows, O, BLOCK_M, BLOCK_J, GROUP_M)
+    pid_m, pid_j = _tile_of(pid, rows, O, BLOCK_M, BLOCK_J, GROUP_M)
     row0_32 = pid_m * BLOCK_M
     row0 = row0_32.to(tl.int64)
     j0 = pid_j * BLOCK_J
@@ -263,7 +266,7 @@ def _wide_fwd_kernel(
     keep_scale = tl.full((), keep_scale,
                          tl.float64 if s_ptr.dtype.element_ty == tl.float64 else tl.float32)
     row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
-        rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
+        tl.program_id(0), rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
     if SHARED:
         # Co-attention: y's projection was formed once per group (cuBLAS, bias included)
@@ -392,7 +395,7 @@ def _wide_grad_kernel(
     keep_scale = tl.full((), keep_scale,
                          tl.float64 if ds_ptr.dtype.element_ty == tl.float64 else tl.float32)
     row0_32, row0, j0, col0_32, col0, KO, rm, rn, m_mask, n_ok = _tile_frame(
-        rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
+        tl.program_id(0), rows, O, FACTOR, BLOCK_M, BLOCK_N, BLOCK_J, GROUP_M)
 
     if SHARED:
         # Co-attention's shared side: its projection per group (bias included), no loop.
