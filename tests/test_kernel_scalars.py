@@ -10,6 +10,7 @@ the keep decision compares an fp32 uniform with it, as torch compares a float32
 tensor with a Python scalar.
 """
 
+import inspect
 import json
 import os
 import subprocess
@@ -35,8 +36,6 @@ def _python_function(fn):
 
 def _annotations(fn):
     """``{parameter: Triton type}`` of the annotated, non-constexpr parameters."""
-    import inspect
-
     out = {}
     for name, param in inspect.signature(_python_function(fn)).parameters.items():
         if param.annotation is not inspect.Parameter.empty:
@@ -57,8 +56,6 @@ KERNELS = dict(_launched_kernels())
 
 
 def test_the_kernels_taking_the_scalars_are_all_found():
-    import inspect
-
     taking = sorted(n for n, fn in KERNELS.items()
                     if set(inspect.signature(_python_function(fn)).parameters) & set(FP64_SCALARS))
     assert taking == sorted([
@@ -71,8 +68,6 @@ def test_the_kernels_taking_the_scalars_are_all_found():
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_float_scalars_are_declared_fp64(name):
-    import inspect
-
     params = inspect.signature(_python_function(KERNELS[name])).parameters
     declared = _annotations(KERNELS[name])
     for p in FP64_SCALARS:
@@ -80,6 +75,15 @@ def test_float_scalars_are_declared_fp64(name):
             assert declared.get(p) == "fp64", (name, p, declared.get(p))
     if "drop_p" in params:
         assert "drop_p" not in declared, (name, "drop_p is compared in fp32")
+
+
+def _jit_env():
+    """The environment of a JIT-mode subprocess (triton.compile needs real JIT kernels)
+    that imports the package from this checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    return env
 
 
 _COLLECT = r"""
@@ -101,9 +105,7 @@ json.dump(seen, open(sys.argv[1], "w"))
 def test_the_compile_report_builds_the_declared_signatures(tmp_path):
     # Builds every ASTSource of the report (no compilation) in a JIT-mode subprocess.
     out = tmp_path / "sigs.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env = _jit_env()
     proc = subprocess.run([sys.executable, "-c", _COLLECT, str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,7 +121,7 @@ def test_the_compile_report_builds_the_declared_signatures(tmp_path):
 
 
 _HALF_DS = r"""
-import sys, triton
+import triton
 from triton.backends.compiler import GPUTarget
 from fbp_kernels.backends import triton_compile as tc, triton_wide as W
 
@@ -142,9 +144,7 @@ def test_wide_backward_scales_half_cotangents_by_an_fp32_scale(tmp_path):
     fp64 dropout scale must still become an fp32 one (cvt.rn.f32.f64), never a bf16/fp16
     one (bf16(1/0.9) = 1.109375: a -0.16% bias on every gradient, which no tolerance
     against the eager reference can see).  A compile fact (sm_80, no GPU needed)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env = _jit_env()
     proc = subprocess.run([sys.executable, "-c", _HALF_DS], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
