@@ -253,5 +253,38 @@ def providers_for(op: str, backend_names: List[str], include_compile: bool = Tru
         for saved in variants:
             out.append(Provider(name + ("+saved" if saved else ""), "backend",
                                 make_forward=_backend_forward(op, name, saved)))
+    if op == "fbp" and "triton" in backend_names and _gluon_device():
+        # The opt-in warp-specialised forward main loop (fbp_kernels/backends/
+        # gluon_wide.py); backward is the triton provider's.
+        out.append(Provider("triton-gluon", "backend",
+                            make_forward=_with_env(_backend_forward(op, "triton", False),
+                                                   "FBP_WIDE_ENGINE", "gluon")))
     out.append(Provider("floor", "floor", make_modes=_floor_modes))
     return out
+
+
+def _gluon_device() -> bool:
+    """Whether the Gluon engine can run here: a CUDA device of compute capability 9+."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _with_env(make, name: str, value: str):
+    """``make`` whose callables run with the environment variable ``name`` set to
+    ``value`` (restored after each call; a few microseconds of host time per call)."""
+    import os
+
+    def wrapped(problem: Problem, inp: Inputs) -> Callable[[], Tensor]:
+        fn = make(problem, inp)
+
+        def call():
+            old = os.environ.get(name)
+            os.environ[name] = value
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = old
+        return call
+    return wrapped

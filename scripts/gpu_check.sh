@@ -60,12 +60,12 @@ pack() {  # everything so far into $OUT (at most 8 files come back from a device
   return 0
 }
 TESTS=${GPU_CHECK_TESTS:-}
-FIRST="tests/test_cuda_graphs.py tests/test_cuda_backend.py tests/test_large_offsets.py tests/test_correctness.py tests/test_strategy.py tests/test_split.py tests/test_wide.py"
+FIRST="tests/test_cuda_graphs.py tests/test_cuda_backend.py tests/test_large_offsets.py tests/test_correctness.py tests/test_strategy.py tests/test_split.py tests/test_wide.py tests/test_gluon_wide.py"
 THEN="tests/test_cuda_mfh.py tests/test_split_dropin.py tests/test_dropout.py tests/test_dropout_stream.py tests/test_determinism.py tests/test_mfh.py tests/test_gradcheck.py tests/test_memory.py tests/test_ops.py tests/test_autocast.py tests/test_dropin.py tests/test_module.py tests/test_bad_input.py tests/test_robustness.py"
 # The issue's rows and the targets' 4096 (training batches first, so a cut run keeps
 # them), co-attention, the providers the model predicts (reference and floor are always
 # kept), 20 ms per timing.
-BENCH=${GPU_CHECK_BENCH:-"--sweep rows,coatt --rows 1024,16384,4096,1,16,256 --providers triton,triton+saved,split,split+saved,cuda --no-compile --time-budget 60 --rep-ms 20"}
+BENCH=${GPU_CHECK_BENCH:-"--sweep rows,coatt --rows 1024,16384,4096,1,16,256 --providers triton,triton-gluon,triton+saved,split,split+saved,cuda --no-compile --time-budget 60 --rep-ms 20"}
 
 {
   date -u

@@ -58,6 +58,7 @@ weight tile while it is in L2.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -818,6 +819,15 @@ def wide_pooled(x2, y2, wx, wy, bx, by, s, *, factor, dropout, seed, activation=
     if rows == 0:
         return
     chained = prev is not None or chain is not None
+    if os.environ.get("FBP_WIDE_ENGINE", "") == "gluon" and not INTERPRET:
+        # Opt-in: the warp-specialised Gluon main loop (gluon_wide: compiled, not yet
+        # measured), for the calls it covers; every other call runs the kernel below.
+        from . import gluon_wide
+
+        if gluon_wide.applies(x2, y2, wx, wy, factor, dropout=dropout, seed=seed,
+                              activation=activation, shared=shared, chained=chained):
+            gluon_wide.gluon_pooled(x2, y2, wx, wy, bx, by, s, factor=factor)
+            return
     # Co-attention's y main loop does not run (its projection is read per group): only
     # the operands a main loop reads decide whether TMA can.
     cfg = forward_config(x2, x2 if shared else y2, wx, wx if shared else wy, factor, rows,
