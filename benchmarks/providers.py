@@ -29,6 +29,7 @@ from torch import Tensor
 
 import fbp_kernels
 from fbp_kernels import reference
+from fbp_kernels.backends._common import WIDE_ENGINE_ENV
 
 from .measure import Call
 from .problems import Problem
@@ -258,7 +259,7 @@ def providers_for(op: str, backend_names: List[str], include_compile: bool = Tru
         # gluon_wide.py); backward is the triton provider's.
         out.append(Provider("triton-gluon", "backend",
                             make_forward=_with_env(_backend_forward(op, "triton", False),
-                                                   "FBP_WIDE_ENGINE", "gluon")))
+                                                   WIDE_ENGINE_ENV, "gluon")))
     out.append(Provider("floor", "floor", make_modes=_floor_modes))
     return out
 

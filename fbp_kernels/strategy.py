@@ -230,6 +230,18 @@ def auto_backend(device: torch.device) -> str:
     return choose(device, *DEFAULT_SHAPE, torch.bfloat16, True)[0]
 
 
+def _gluon_engine(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the opt-in Gluon forward (backends/gluon_wide.py) is switched on and the
+    shape's device, dtype and batch are its (the call's operands decide the rest)."""
+    import os
+
+    from .backends._common import WIDE_ENGINE_ENV
+
+    return (os.environ.get(WIDE_ENGINE_ENV, "") == "gluon" and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9
+            and dtype in (torch.float16, torch.bfloat16) and rows > 64)
+
+
 def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
               device: torch.device, save_projections: bool):
     """(kernels, tile) of backend ``name`` for this shape, from its own launch heuristics."""
@@ -271,7 +283,13 @@ def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,
                            f"{tiles(W.pick_wide_bwd_config(dtype, device, descriptors=False))}"
                            f" where an operand cannot be read through TMA (rows not 16-byte "
                            f"aligned, a stride-0 broadcast)")
-            return ("Triton _wide_fwd_kernel + _finish_kernel (backward: _grad_pooled_kernel "
+            fwd_kernel = "_wide_fwd_kernel"
+            if _gluon_engine(rows, dtype, device):
+                fwd_kernel = ("_gluon_wide_fwd_kernel (FBP_WIDE_ENGINE=gluon: warp-"
+                              "specialised, 128x128x64, 6 stages, TMA + wgmma; without "
+                              "dropout or activation, for operands TMA can read, else "
+                              "_wide_fwd_kernel)")
+            return (f"Triton {fwd_kernel} + _finish_kernel (backward: _grad_pooled_kernel "
                     "+ _wide_grad_kernel twice, one pass per projection, + 4 cuBLAS GEMMs)",
                     f"forward {tiles(wide)} ({W.tile_outputs(wide, factor)[0]} outputs per "
                     f"tile); backward {tiles(bwd)}{ptr}")

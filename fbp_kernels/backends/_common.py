@@ -154,6 +154,10 @@ def kept(save_projections) -> Tuple[bool, bool]:
 
 #: ``activation`` -> the kernels' code for it (the Triton kernels' ``ACTIVATION``
 #: constexpr and the CUDA kernels' ``Activation``, csrc/fbp_math.cuh).
+#: The opt-in switch of the wide forward's warp-specialised Gluon main loop (read per
+#: call): ``gluon`` runs backends/gluon_wide.py wherever it applies.
+WIDE_ENGINE_ENV = "FBP_WIDE_ENGINE"
+
 ACTIVATION_CODES = {None: 0, "relu": 1, "tanh": 2}
 
 

@@ -39,8 +39,6 @@ test compares it with the reference and with the Triton kernel on the first GPU.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -48,9 +46,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
+from ._common import WIDE_ENGINE_ENV
+
 #: The opt-in switch (read per call): ``gluon`` runs this kernel wherever it applies
 #: (:func:`applies`), anything else the Triton kernel.
-ENGINE_ENV = "FBP_WIDE_ENGINE"
+ENGINE_ENV = WIDE_ENGINE_ENV
 
 
 @gluon.constexpr_function
@@ -219,10 +219,6 @@ BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NUM_WARPS, GROUP_M = 128, 128, 64, 6, 8, 8
 #: Registers per thread the whole CTA is compiled for (the consumers get what the
 #: producer warpgroup leaves: 12 warps x 32 x 168 <= 65536).
 MAXNREG = 168
-
-
-def enabled() -> bool:
-    return os.environ.get(ENGINE_ENV, "") == "gluon"
 
 
 def applies(x2, y2, wx, wy, factor, *, dropout, seed, activation, shared, chained) -> bool:

@@ -67,7 +67,7 @@ import triton.language as tl
 
 from .triton_dropout import keep_tile
 from .triton_kernels import INTERPRET, NORM_DELTA, _clamp_norm, launch
-from ._common import ACTIVATION_CODES
+from ._common import ACTIVATION_CODES, WIDE_ENGINE_ENV
 from .triton_split import _activate, _activate_with_grad, _scaled_sumsq
 
 _NORM_DELTA = tl.constexpr(NORM_DELTA)
@@ -819,7 +819,7 @@ def wide_pooled(x2, y2, wx, wy, bx, by, s, *, factor, dropout, seed, activation=
     if rows == 0:
         return
     chained = prev is not None or chain is not None
-    if os.environ.get("FBP_WIDE_ENGINE", "") == "gluon" and not INTERPRET:
+    if os.environ.get(WIDE_ENGINE_ENV, "") == "gluon" and not INTERPRET:
         # Opt-in: the warp-specialised Gluon main loop (gluon_wide: compiled, not yet
         # measured), for the calls it covers; every other call runs the kernel below.
         from . import gluon_wide
