@@ -15,7 +15,8 @@ from .targets import check_targets
 
 #: Benchmark provider -> cost-model provider (fbp_kernels.costmodel.PROVIDERS).
 MODEL_PROVIDERS = {"reference": "eager", "compile": "compile", "floor": "floor",
-                   "triton": "fused", "triton+saved": "fused+saved", "split": "split",
+                   "triton": "fused", "triton-gluon": "fused-ws", "triton+saved": "fused+saved",
+                   "split": "split",
                    "split+saved": "split+saved", "cuda": "cuda"}
 #: The shapes of the predicted GPU table a CPU run prints: the MFB default, bf16.
 PREDICTED_ROWS = (1, 16, 256, 1024, 16384)

@@ -102,6 +102,16 @@ L2_RESIDENT_FRACTION = 0.6
 #: tl.dot on FMA units, operands in registers): 0.50 of the fp32 FMA peak.
 TRITON_MMA_EFFICIENCY = {("wgmma", 90): 0.55, ("mma", 90): 0.40, ("mma", 80): 0.60,
                          ("none", 90): 0.50, ("none", 80): 0.50}
+#: The warp-specialised Gluon forward (backends/gluon_wide.py, provider "fused-ws",
+#: opt-in): its tile and compile facts (sm_90, bf16, factor 5, Triton 3.6 and 3.8:
+#: 8 consumer warps + a producer warpgroup, 168 registers per thread compiled, 204900 B
+#: of shared memory, 6 stages; tests/test_gluon_wide.py asserts them) and its
+#: tensor-core efficiency, an assumption taken from a public measurement of a
+#: warp-specialised Triton GEMM without multicast (672 TFLOP/s on an H100 = 0.68 of the
+#: dense bf16 peak; the GH100_L2_TBS source below).  A GPU run of the triton-gluon
+#: benchmark provider replaces it.
+WS_TILE = (128, 128, 64, 12, 6, 168, 204900)  # bm, bn, bk, warps, stages, regs, smem
+WS_MMA_EFFICIENCY = 0.68
 #: L2 write amplification of 2-byte stores at stride ``factor`` (the fused backward's
 #: dA/dC and the +saved forward's A/C): each 32-byte sector is written once per factor
 #: group, so min(factor, 32 / element bytes) sectors per useful sector.
@@ -1001,9 +1011,22 @@ def _tile_traffic(e: int, R: int, width: int, k: int, bm: int, bn: int, n_m: int
     return l2, hbm
 
 
+def ws_applies(s: Shape, gpu: GPU) -> bool:
+    """Whether the opt-in Gluon forward runs this shape (gluon_wide.applies: sm_90+,
+    half precision, rows > 64; operands assumed TMA-readable)."""
+    return gpu.arch >= 90 and s.dtype in ("bf16", "fp16") and s.rows > 64
+
+
+def _ws_facts(s: Shape, gpu: GPU) -> KernelFacts:
+    bm, bn, bk, warps, stages, regs, smem = WS_TILE
+    stage = (bm + bn) * bk * DTYPE_BYTES[s.dtype]
+    return KernelFacts("gluon_wide_fwd", "ws", bm, bn, bk, warps, stages, regs, smem,
+                       "wgmma", ctas_per_sm(regs, warps, smem, gpu), stages, stage)
+
+
 def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
                     shared: Optional[str] = None,
-                    shared_rows: Optional[int] = None) -> List[KernelCost]:
+                    shared_rows: Optional[int] = None, ws: bool = False) -> List[KernelCost]:
     """The wide forward (triton_wide.py): a (BLOCK_M, BLOCK_N) tile covers BLOCK_N //
     factor outputs of every factor group, one K loop over x and one over y (no factor
     re-reads), grouped tile order; then the row-finishing kernel over the fp32 pooled
@@ -1014,9 +1037,12 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
     ``shared`` (co-attention, or the projection the middle memory mode keeps): that
     input's main loop does not run; its projection, formed by cuBLAS (not priced here)
     with ``shared_rows`` rows (default: that input's), is read once from HBM and per row
-    from L2."""
+    from L2.  ``ws``: the forward's warp-specialised Gluon main loop where it applies
+    (same tile and traffic; its own stages and efficiency, WS_MMA_EFFICIENCY)."""
     e, k, R = s.elem, s.ko, s.rows
-    f = wide_facts(s.dtype, gpu, R, "wide_bwd" if backward else "wide_fwd")
+    ws = ws and not backward and shared is None and ws_applies(s, gpu)
+    f = _ws_facts(s, gpu) if ws else \
+        wide_facts(s.dtype, gpu, R, "wide_bwd" if backward else "wide_fwd")
     bm, bn = f.block_m, f.block_o
     group = WIDE_TILES[wide_family(s.dtype, 90 if gpu.arch >= 90 else 80, R)][5]
     bj = wide_tile_outputs(bn, s.factor)
@@ -1043,13 +1069,14 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
     else:
         hbm += scratch                                    # the pooled scratch, written once
     peak_key = s.dtype if f.tensor_cores != "none" else "fp32"
-    eff = mma_efficiency(gpu, f.tensor_cores)
+    eff = WS_MMA_EFFICIENCY if ws else mma_efficiency(gpu, f.tensor_cores)
     tflops = gpu.tensor_tflops[peak_key] * eff * flops / padded
     slots = gpu.sms * f.ctas_per_sm
     # Two pipeline fills (x pass, y pass) per tile, once per wave.
     tail = math.ceil(ctas / slots) * 2 * gpu.l2_latency_us
     inflight = max(1, f.num_stages - 1) * (min(R, bm) + bn) * f.block_k * e
-    name = "wide dA/dC (2 passes: C -> dA, A -> dC)" if backward else "wide forward"
+    name = "wide dA/dC (2 passes: C -> dA, A -> dC)" if backward else \
+        "wide forward, warp-specialised (Gluon)" if ws else "wide forward"
     main = _cost(f"{name} ({bm}x{bn}x{f.block_k}, {bj} outputs/tile, {f.num_warps} "
                  f"warps, {f.ctas_per_sm} CTA/SM)", gpu, flops=flops, tflops=tflops,
                  hbm=hbm, l2=l2 + (0 if backward else scratch), ctas=ctas,
@@ -1069,7 +1096,8 @@ def _wide_main_loop(s: Shape, gpu: GPU, backward: bool = False,
 
 
 def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
-           saved: bool = False, keep: Optional[str] = None) -> List[KernelCost]:
+           saved: bool = False, keep: Optional[str] = None,
+           ws: bool = False) -> List[KernelCost]:
     """The Triton backend.  Forward: the wide main loop + row finish (the one-launch
     kernel when both projections are kept, or the factor exceeds the wide tile);
     backward: the wide kernels' ds + two passes (or the one-launch dA/dC kernel loading
@@ -1117,7 +1145,7 @@ def _fused(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool,
 
     if wide_fwd:
         out += shared_projection("forward")
-        out += _wide_main_loop(s, gpu, shared=slot, shared_rows=co_rows)
+        out += _wide_main_loop(s, gpu, shared=slot, shared_rows=co_rows, ws=ws)
     elif fwd:
         store_ac = saved and train
         out += copies()
@@ -1412,7 +1440,9 @@ def _split(s: Shape, gpu: GPU, train: bool, fwd: bool, bwd: bool, saved: bool = 
 
 
 _BUILDERS = {"floor": _floor, "eager": _eager, "compile": _compile, "fused": _fused,
-             "split": _split, "cuda": _cuda}
+             "split": _split, "cuda": _cuda,
+             # The opt-in Gluon forward (not in PROVIDERS: auto never picks it yet).
+             "fused-ws": functools.partial(_fused, ws=True)}
 
 
 @dataclass(frozen=True)
@@ -1461,7 +1491,7 @@ def kernels(provider: str, shape: Shape, gpu: GPU, mode: str = "forward", *,
     if base == "split":
         return build(shape, gpu, train, fwd, bwd, saved=saved, budget_bytes=split_budget_bytes,
                      keep=keep)
-    if base == "fused":
+    if base in ("fused", "fused-ws"):
         return build(shape, gpu, train, fwd, bwd, saved=saved, keep=keep)
     return build(shape, gpu, train, fwd, bwd)
 

@@ -611,3 +611,31 @@ def test_forward_needs_are_what_the_model_needs_to_meet_the_target(gpu_name):
         misses = cm.predict("fused", s, gpu).time_us > allowed
         assert misses == (r["efficiency"] > r["assumed_efficiency"]
                           or r["flop_per_byte"] > r["flop_per_byte_now"]), r
+
+
+def test_gluon_forward_model_matches_its_kernel_and_is_l2_bound_at_training_batches():
+    """The fused-ws provider prices backends/gluon_wide.py: the model's tile is the
+    kernel's, it applies where the kernel does, and it changes only the forward.  At the
+    128x128 tile (64 FLOP per L2 byte) the model puts it L2-bound from rows 1024 on the
+    H200 (7.7 TB/s x 64 = 493 TFLOP/s, 0.50 of peak, below WS_MMA_EFFICIENCY), so it gains
+    only where the Triton loop was compute-bound: the larger tile is the next step."""
+    from fbp_kernels.backends import gluon_wide as G
+
+    assert cm.WS_TILE[:3] == (G.BLOCK_M, G.BLOCK_N, G.BLOCK_K)
+    assert cm.WS_TILE[3:6] == (G.NUM_WARPS + 4, G.STAGES, G.MAXNREG)
+    gpu = cm.GPUS["H200"]
+    for rows in (256, 1024, 4096):
+        s = cm.Shape(rows, 2048, 1024, 5, 1000, "bf16")
+        fused, ws = (cm.predict(p, s, gpu) for p in ("fused", "fused-ws"))
+        assert ws.time_us <= fused.time_us
+        assert cm.predict("fused-ws", s, gpu, "backward").time_us == \
+            cm.predict("fused", s, gpu, "backward").time_us
+    s = cm.Shape(256, 2048, 1024, 5, 1000, "bf16")
+    assert cm.predict("fused-ws", s, gpu).time_us < cm.predict("fused", s, gpu).time_us
+    s = cm.Shape(4096, 2048, 1024, 5, 1000, "bf16")
+    assert cm.predict("fused-ws", s, gpu).bound == "l2"
+    # Not on sm_80, not in fp32, not at small batches: the Triton kernel's prediction.
+    for gpu_, s in ((cm.GPUS["A100"], cm.Shape(1024, 2048, 1024, 5, 1000, "bf16")),
+                    (gpu, cm.Shape(1024, 2048, 1024, 5, 1000, "fp32")),
+                    (gpu, cm.Shape(16, 2048, 1024, 5, 1000, "bf16"))):
+        assert cm.predict("fused-ws", s, gpu_).time_us == cm.predict("fused", s, gpu_).time_us
