@@ -31,6 +31,16 @@ into bf16 ``hi + lo`` parts (16 significant bits: ~1e-5 relative, far below the 
 outputs' rounding), for every K > 1 (one code path; 2 x 128 x 128 x 32 MACs per tile
 against 128 x 128 x (m + n) for the main loops, 2% at the MFB default).
 
+The tile is the Triton kernel's 128 x 128 (64 FLOP per L2 byte), which the cost model
+puts L2-bound at rows >= 1024 (provider ``fused-ws``: 7.7 TB/s x 64 = 0.50 of peak, below
+this loop's assumed 0.68), so it gains where the Triton loop was compute-bound (rows
+256-1024) and the next step is 128 x 256 (85 FLOP/B).  Tried (2026-12-05), not shipped:
+A parked in registers beside a 128 x 256 accumulator spilled 776-888 B; accumulators as
+two 128-column halves with A parked in shared memory (3 stages of 48 KiB + 64 KiB) were
+spill-free at factors 1, 4 and 16 with Triton 3.6 but spilled 544-576 B at factors 5 and
+7 (with the pooling operands in shared memory too, and not from the selection matrix),
+and Triton 3.8 refuses ``_reinterpret`` of a sliced view (the hi parts over A's halves).
+
 Status: compiled for sm_90 with both Triton versions in CI (tests/test_gluon_wide.py:
 wgmma, TMA, the producer/consumer split as ``setmaxnreg``, no spills); Gluon has no
 interpreter, so it has never run: it is opt-in (``FBP_WIDE_ENGINE=gluon``) and its GPU
