@@ -79,27 +79,30 @@ LOAD_REGS = gl.constexpr(40)
 
 
 @gluon.jit
+def _load_operand(in_desc, w_desc, in_bufs, w_bufs, ready, empty, it, row0, col0, width,
+                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """One projection's (input, weight) tiles over ``width`` into the ring, from step
+    ``it`` on.  A stage is refilled once the consumer has released it (``empty``; a
+    fresh mbarrier counts as having completed phase 1, so the first pass does not wait)."""
+    nbytes: gl.constexpr = in_desc.block_type.nbytes + w_desc.block_type.nbytes
+    for k in range(0, width, BLOCK_K):
+        idx = it % STAGES
+        mbarrier.wait(empty.index(idx), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(idx), nbytes)
+        tma.async_copy_global_to_shared(in_desc, [row0, k], ready.index(idx), in_bufs.index(idx))
+        tma.async_copy_global_to_shared(w_desc, [col0, k], ready.index(idx), w_bufs.index(idx))
+        it += 1
+    return it
+
+
+@gluon.jit
 def _load_partition(x_desc, y_desc, wx_desc, wy_desc, in_bufs, w_bufs, ready, empty,
                     row0, col0, M, N, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """The producer warp: (x, Wx) tiles over m, then (y, Wy) tiles over n, into the ring.
-    A stage is refilled once the consumer has released it (``empty``; a fresh mbarrier
-    counts as having completed phase 1, so the first pass does not wait)."""
-    nbytes: gl.constexpr = x_desc.block_type.nbytes + wx_desc.block_type.nbytes
-    it = gl.to_tensor(0)
-    for k in range(0, M, BLOCK_K):
-        idx = it % STAGES
-        mbarrier.wait(empty.index(idx), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(idx), nbytes)
-        tma.async_copy_global_to_shared(x_desc, [row0, k], ready.index(idx), in_bufs.index(idx))
-        tma.async_copy_global_to_shared(wx_desc, [col0, k], ready.index(idx), w_bufs.index(idx))
-        it += 1
-    for k in range(0, N, BLOCK_K):
-        idx = it % STAGES
-        mbarrier.wait(empty.index(idx), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(ready.index(idx), nbytes)
-        tma.async_copy_global_to_shared(y_desc, [row0, k], ready.index(idx), in_bufs.index(idx))
-        tma.async_copy_global_to_shared(wy_desc, [col0, k], ready.index(idx), w_bufs.index(idx))
-        it += 1
+    """The producer warp: (x, Wx) tiles over m, then (y, Wy) tiles over n."""
+    it = _load_operand(x_desc, wx_desc, in_bufs, w_bufs, ready, empty, gl.to_tensor(0),
+                       row0, col0, M, BLOCK_K, STAGES)
+    _load_operand(y_desc, wy_desc, in_bufs, w_bufs, ready, empty, it, row0, col0, N,
+                  BLOCK_K, STAGES)
 
 
 @gluon.jit
