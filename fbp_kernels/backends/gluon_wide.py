@@ -40,6 +40,16 @@ two 128-column halves with A parked in shared memory (3 stages of 48 KiB + 64 Ki
 spill-free at factors 1, 4 and 16 with Triton 3.6 but spilled 544-576 B at factors 5 and
 7 (with the pooling operands in shared memory too, and not from the selection matrix),
 and Triton 3.8 refuses ``_reinterpret`` of a sliced view (the hi parts over A's halves).
+Then, with the accumulators starting at the bias, only the second half's columns masked
+(past K*o TMA and the masked bias give 0), A parked as a (2, 128, 128) buffer and the
+pooling operands (hi/lo parts in the input dtype, the selection matrix) written into A's
+halves and the weight stages: no spills with Triton 3.8 at factors 1, 4, 5, 7, 16 B at
+factor 5 with Triton 3.6.  Not finished because the model says it would not pay:
+``fused-ws`` at 128 x 256 x 64 / 3 stages predicts 90 us at rows 1024 (48 outputs per
+tile: 1.27 waves), 261 us at 4096 and 923 us at 16384 (1.74 / 1.56 / 1.41x the floor)
+against split's 57 / 206 / 799 us (H200, bf16, MFB default).  A fused loop beats split
+only near cuBLAS's own efficiency (0.80-0.86 of peak, ``model.py --targets``) with a
+persistent schedule; a warp-specialised Triton loop is assumed at 0.68.
 
 Status: compiled for sm_90 with both Triton versions in CI (tests/test_gluon_wide.py:
 wgmma, TMA, the producer/consumer split as ``setmaxnreg``, no spills); Gluon has no
