@@ -119,7 +119,7 @@ def test_applies_only_to_the_calls_it_covers():
         assert not G.applies(*d, 5, **{**kw, "seed": 1})
         assert not G.applies(*d, 5, **{**kw, "activation": "relu"})
         assert not G.applies(*d, 5, **{**kw, "shared": 4})
-        assert not G.applies(*d[:1], d[1][:, :-3], *d[2:], 5, **kw)  # 266-byte rows: no TMA
+        assert not G.applies(*d[:1], d[1][:, :-3].contiguous(), *d[2:], 5, **kw)  # 266-B rows
         assert not G.applies(d[0][:64], d[1][:64], *d[2:], 5, **kw)  # small batch
 
 
@@ -136,7 +136,7 @@ def test_matches_the_reference_and_the_triton_kernel(monkeypatch, dtype, factor,
     """Sizes that are not tile multiples (rows 300, m 200 and n 136: K tails of 8 and
     rows past the last 128-row tile, o 37), normalised and not: within twice the eager
     reference's own error against float64 plus a floor of a few ulp (test_correctness's
-    rule), and within the same bound of the Triton kernel, which it replaces."""
+    rule), and so within twice that of the Triton kernel, which it replaces."""
     from helpers import error_vs
     from fbp_kernels.backends import gluon_wide as G
 
@@ -158,7 +158,8 @@ def test_matches_the_reference_and_the_triton_kernel(monkeypatch, dtype, factor,
         torch.cuda.synchronize()
         bound = 2 * error_vs(eager, exact) + floor
         assert error_vs(got, exact) <= bound, (normalize, error_vs(got, exact), bound)
-        assert error_vs(got, triton_out.double()) <= bound, normalize
+        # Both within `bound` of the exact result, so within twice it of each other.
+        assert error_vs(got, triton_out.double()) <= 2 * bound, normalize
     assert len(launched) == 2  # the Gluon kernel ran, once per call
 
 
