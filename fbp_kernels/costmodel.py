@@ -1013,8 +1013,8 @@ def _tile_traffic(e: int, R: int, width: int, k: int, bm: int, bn: int, n_m: int
 
 def ws_applies(s: Shape, gpu: GPU) -> bool:
     """Whether the opt-in Gluon forward runs this shape (gluon_wide.applies: sm_90+,
-    half precision, rows > 64; operands assumed TMA-readable)."""
-    return gpu.arch >= 90 and s.dtype in ("bf16", "fp16") and s.rows > 64
+    half precision, rows > WIDE_SMALL_ROWS; operands assumed TMA-readable)."""
+    return gpu.arch >= 90 and s.dtype in ("bf16", "fp16") and s.rows > WIDE_SMALL_ROWS
 
 
 def _ws_facts(s: Shape, gpu: GPU) -> KernelFacts:

@@ -231,15 +231,17 @@ def auto_backend(device: torch.device) -> str:
 
 
 def _gluon_engine(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the opt-in Gluon forward (backends/gluon_wide.py) is switched on and the
-    shape's device, dtype and batch are its (the call's operands decide the rest)."""
+    """Whether the opt-in Gluon forward (backends/gluon_wide.py) is switched on and
+    covers the shape (the call's operands decide the rest)."""
     import os
 
     from .backends._common import WIDE_ENGINE_ENV
 
-    return (os.environ.get(WIDE_ENGINE_ENV, "") == "gluon" and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9
-            and dtype in (torch.float16, torch.bfloat16) and rows > 64)
+    if os.environ.get(WIDE_ENGINE_ENV, "") != "gluon":
+        return False
+    from .backends import gluon_wide
+
+    return gluon_wide.covers(rows, dtype, device)
 
 
 def _describe(name: str, rows: int, o: int, factor: int, dtype: torch.dtype,

@@ -113,6 +113,7 @@ def test_applies_only_to_the_calls_it_covers():
     x, y, wx, wy, _, _ = _problem(torch.bfloat16, "cpu")
     kw = dict(dropout=0.0, seed=None, activation=None, shared=0, chained=False)
     assert not G.applies(x, y, wx, wy, 5, **kw)  # a CPU tensor
+    assert not G.covers(1024, torch.bfloat16, "cpu")
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
         d = [t.cuda() for t in (x, y, wx, wy)]
         assert G.applies(*d, 5, **kw)
@@ -121,6 +122,8 @@ def test_applies_only_to_the_calls_it_covers():
         assert not G.applies(*d, 5, **{**kw, "shared": 4})
         assert not G.applies(*d[:1], d[1][:, :-3].contiguous(), *d[2:], 5, **kw)  # 266-B rows
         assert not G.applies(d[0][:64], d[1][:64], *d[2:], 5, **kw)  # small batch
+        assert G.covers(65, torch.float16, d[0].device)
+        assert not G.covers(1024, torch.float32, d[0].device)
 
 
 GPU90 = pytest.mark.skipif(

@@ -152,12 +152,12 @@ def kept(save_projections) -> Tuple[bool, bool]:
     return bool(save_projections), bool(save_projections)
 
 
-#: ``activation`` -> the kernels' code for it (the Triton kernels' ``ACTIVATION``
-#: constexpr and the CUDA kernels' ``Activation``, csrc/fbp_math.cuh).
 #: The opt-in switch of the wide forward's warp-specialised Gluon main loop (read per
 #: call): ``gluon`` runs backends/gluon_wide.py wherever it applies.
 WIDE_ENGINE_ENV = "FBP_WIDE_ENGINE"
 
+#: ``activation`` -> the kernels' code for it (the Triton kernels' ``ACTIVATION``
+#: constexpr and the CUDA kernels' ``Activation``, csrc/fbp_math.cuh).
 ACTIVATION_CODES = {None: 0, "relu": 1, "tanh": 2}
 
 

@@ -244,16 +244,25 @@ BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NUM_WARPS, GROUP_M = 128, 128, 64, 6, 8, 8
 MAXNREG = 168
 
 
+def covers(rows: int, dtype: torch.dtype, device) -> bool:
+    """The shape-level part of :func:`applies`: a CUDA device of compute capability 9+,
+    half precision, more than SMALL_ROWS rows (below, the Triton kernel's narrower tiles
+    fill the SMs)."""
+    from .triton_wide import SMALL_ROWS
+
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and dtype in (torch.float16, torch.bfloat16) and rows > SMALL_ROWS)
+
+
 def applies(x2, y2, wx, wy, factor, *, dropout, seed, activation, shared, chained) -> bool:
-    """Whether this kernel computes the call (else the Triton kernel runs): sm_90 or
-    later, half precision, every operand readable by TMA, the plain FBP forward."""
+    """Whether this kernel computes the call (else the Triton kernel runs): what
+    :func:`covers` says, every operand readable by TMA, the plain FBP forward."""
     from .triton_wide import descriptor_ok
 
-    if x2.device.type != "cuda" or torch.cuda.get_device_capability(x2.device)[0] < 9:
-        return False
-    return (x2.dtype in (torch.float16, torch.bfloat16) and seed is None
+    return (covers(x2.shape[0], x2.dtype, x2.device) and seed is None
             and activation is None and not shared and not chained
-            and x2.shape[0] > 64 and config_outputs(factor)[0] >= 1
+            and config_outputs(factor)[0] >= 1
             and all(descriptor_ok(t) for t in (x2, y2, wx, wy)))
 
 
